@@ -1,0 +1,1 @@
+"""speccascade: speculative cascades of language models, served."""
