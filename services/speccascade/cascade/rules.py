@@ -1,0 +1,190 @@
+"""Deferral rules and the target distributions they define.
+
+For one position, `q` is the drafter's next-token distribution and `p` the expert's, both
+`[..., V]` over the same vocabulary. A rule decides whether the position *defers* to the expert
+(`r = 1`); the speculative cascade then samples against the target
+
+    pi = (1 - r) * q + r * p                       (chow, diff, opt)
+    pi(v) = q(v) * 1[v in A] + p(v) * q(A^c)       (token; A = {v : p(v) >= (1 - alpha) max p})
+
+`lossless` is pi = p (ordinary speculative decoding). `lossy` speculative decoding has no mixture
+target; `target_distribution("lossy", ...)` returns the distribution its acceptance rule actually
+produces, so it can be tested the same way.
+
+alpha is the trade-off knob; larger alpha always means more lenient (fewer deferrals).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Mass below this counts as "none" when deciding whether a token-rule target differs from q: a
+# softmax never produces exact zeros, and mass of 1e-6 changes nothing observable.
+NEGLIGIBLE_MASS = 1e-6
+
+
+class Rule(str, enum.Enum):
+    LOSSLESS = "lossless"
+    CHOW = "chow"
+    DIFF = "diff"
+    OPT = "opt"
+    TOKEN = "token"
+    LOSSY = "lossy"
+
+    @classmethod
+    def parse(cls, name: "str | Rule") -> "Rule":
+        if isinstance(name, Rule):
+            return name
+        try:
+            return cls(str(name).strip().lower())
+        except ValueError:
+            valid = ", ".join(r.value for r in cls)
+            raise ValueError(f"unknown rule {name!r}; expected one of: {valid}") from None
+
+    @property
+    def needs_expert_to_decide(self) -> bool:
+        """Whether the deferral decision needs p. Only chow decides from the drafter alone,
+        which is what lets a confident block skip the expert entirely."""
+        return self is not Rule.CHOW
+
+
+@dataclass(frozen=True)
+class AlphaRange:
+    low: float
+    high: float
+    high_inclusive: bool = True
+    meaning: str = ""
+
+    def contains(self, alpha: float) -> bool:
+        upper_ok = alpha <= self.high if self.high_inclusive else alpha < self.high
+        return self.low <= alpha and upper_ok
+
+    def __str__(self) -> str:
+        return f"[{self.low:g}, {self.high:g}{']' if self.high_inclusive else ')'}"
+
+
+# chow:  alpha=0 defers unless the drafter is certain, alpha=1 never defers.
+# diff:  alpha=-1 always defers (max q < max p + 1), alpha=1 never (max p - 1 <= 0).
+# opt:   max p - max q <= D_TV(p, q), so alpha=1 never defers; alpha=0 is diff at 0.
+# token: alpha=0 keeps only the expert's argmax set, alpha=1 makes A the whole vocabulary (pi = q).
+# lossy: alpha=0 is lossless; alpha -> 1 accepts everything (alpha=1 would divide by zero).
+ALPHA_RANGES: dict[Rule, AlphaRange] = {
+    Rule.LOSSLESS: AlphaRange(0.0, 1.0, meaning="ignored"),
+    Rule.CHOW: AlphaRange(0.0, 1.0, meaning="defer iff max q < 1 - alpha"),
+    Rule.DIFF: AlphaRange(-1.0, 1.0, meaning="defer iff max q < max p - alpha"),
+    Rule.OPT: AlphaRange(0.0, 1.0, meaning="defer iff max q < max p - alpha * D_TV(p, q)"),
+    Rule.TOKEN: AlphaRange(0.0, 1.0, meaning="A = {v : p(v) >= (1 - alpha) max p}"),
+    Rule.LOSSY: AlphaRange(0.0, 1.0, high_inclusive=False, meaning="accept min(1, p/((1-alpha) q))"),
+}
+
+# The alpha at which each rule never defers (output = drafter-only where the rule can skip the
+# expert) and, where one exists, the alpha at which it always defers (output = lossless).
+NEVER_DEFER_ALPHA = {Rule.CHOW: 1.0, Rule.DIFF: 1.0, Rule.OPT: 1.0, Rule.TOKEN: 1.0}
+ALWAYS_DEFER_ALPHA = {Rule.LOSSLESS: 0.0, Rule.CHOW: 0.0, Rule.DIFF: -1.0, Rule.LOSSY: 0.0}
+
+
+def validate_alpha(rule: "str | Rule", alpha: float) -> float:
+    rule = Rule.parse(rule)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha):
+        raise ValueError(f"alpha must be a number, got {alpha!r}")
+    allowed = ALPHA_RANGES[rule]
+    if not allowed.contains(float(alpha)):
+        raise ValueError(
+            f"alpha={alpha!r} is out of range for rule {rule.value!r}: expected {allowed} "
+            f"({allowed.meaning})"
+        )
+    return float(alpha)
+
+
+def total_variation(p: Tensor, q: Tensor) -> Tensor:
+    """D_TV(p, q) = sum_v max(0, q(v) - p(v)) over the last dim: [..., V] -> [...]."""
+    return (q - p).clamp_min(0).sum(dim=-1)
+
+
+def token_accept_set(p: Tensor, alpha: float) -> Tensor:
+    """A = {v : p(v) >= (1 - alpha) max p}, the tokens the expert finds nearly as good as its
+    best: [..., V] -> [..., V] bool."""
+    return p >= (1.0 - alpha) * p.amax(dim=-1, keepdim=True)
+
+
+def mixture_defers(rule: Rule, q: Tensor, p: Tensor | None, alpha: float) -> Tensor:
+    """r for the mixture rules (lossless, chow, diff, opt): [..., V] -> [...] bool."""
+    max_q = q.amax(dim=-1)
+    if rule is Rule.LOSSLESS:
+        return torch.ones_like(max_q, dtype=torch.bool)
+    if rule is Rule.CHOW:
+        return max_q < 1.0 - alpha
+    if p is None:
+        raise ValueError(f"rule {rule.value!r} needs the expert distribution p to decide")
+    max_p = p.amax(dim=-1)
+    if rule is Rule.DIFF:
+        return max_q < max_p - alpha
+    if rule is Rule.OPT:
+        return max_q < max_p - alpha * total_variation(p, q)
+    raise ValueError(f"rule {rule.value!r} is not a mixture rule")
+
+
+def token_target(q: Tensor, p: Tensor, accept_set: Tensor) -> Tensor:
+    """pi(v) = q(v) 1[v in A] + p(v) q(A^c): keep the drafter's mass on tokens in A and hand the
+    rest to the expert. Rows sum to 1 because sum_v p(v) = 1."""
+    kept = torch.where(accept_set, q, torch.zeros_like(q))
+    handed_over = 1.0 - kept.sum(dim=-1, keepdim=True)
+    return kept + p * handed_over.clamp_min(0)
+
+
+def token_defers(q: Tensor, accept_set: Tensor) -> Tensor:
+    """For the token rule a position 'defers' when its target differs from q, i.e. q puts
+    non-negligible mass outside A: [..., V] -> [...] bool."""
+    outside = torch.where(accept_set, torch.zeros_like(q), q).sum(dim=-1)
+    return outside > NEGLIGIBLE_MASS
+
+
+def lossy_accept_probability(q: Tensor, p: Tensor, alpha: float) -> Tensor:
+    """Per-token acceptance of lossy speculative decoding, min(1, p / ((1 - alpha) q)): [..., V]."""
+    return (p / ((1.0 - alpha) * q)).nan_to_num(nan=1.0, posinf=1.0).clamp(max=1.0)
+
+
+def residual(target: Tensor, q: Tensor) -> Tensor:
+    """norm(max(0, target - q)) over the last dim, the distribution a rejected position is
+    resampled from. A row with no positive mass (target == q up to rounding; a rejection cannot
+    happen there) falls back to the target itself."""
+    diff = (target - q).clamp_min(0)
+    mass = diff.sum(dim=-1, keepdim=True)
+    return torch.where(mass > 0, diff / mass.clamp_min(torch.finfo(diff.dtype).tiny), target)
+
+
+def defers(rule: "str | Rule", q: Tensor, p: Tensor, alpha: float) -> Tensor:
+    """The deferral decision r per position: [..., V] x [..., V] -> [...] bool.
+
+    For `token`, r says whether the position's target differs from q. For `lossy`, every position
+    is checked against p, so every position defers.
+    """
+    rule = Rule.parse(rule)
+    alpha = validate_alpha(rule, alpha)
+    if rule is Rule.TOKEN:
+        return token_defers(q, token_accept_set(p, alpha))
+    if rule is Rule.LOSSY:
+        return torch.ones(q.shape[:-1], dtype=torch.bool, device=q.device)
+    return mixture_defers(rule, q, p, alpha)
+
+
+def target_distribution(rule: "str | Rule", q: Tensor, p: Tensor, alpha: float) -> Tensor:
+    """The distribution pi [..., V] that speculative sampling against (q, p) reproduces."""
+    rule = Rule.parse(rule)
+    alpha = validate_alpha(rule, alpha)
+    q = q.float()
+    p = p.float()
+    if rule is Rule.TOKEN:
+        return token_target(q, p, token_accept_set(p, alpha))
+    if rule is Rule.LOSSY:
+        # P(emit v) = q(v) * accept(v) + P(reject) * residual(v), with residual norm(max(0, p - q)).
+        kept = q * lossy_accept_probability(q, p, alpha)
+        rejected_mass = (1.0 - kept.sum(dim=-1, keepdim=True)).clamp_min(0)
+        return kept + rejected_mass * residual(p, q)
+    r = mixture_defers(rule, q, p, alpha).unsqueeze(-1)
+    return torch.where(r, p, q)

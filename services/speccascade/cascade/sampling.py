@@ -1,0 +1,103 @@
+"""Sampling parameters and the transforms applied identically to the drafter's and expert's
+distributions (temperature, top-k, top-p), plus drawing a token from a distribution.
+
+Everything works on probabilities over the last dimension (`[..., vocab]`). A probability vector
+is turned back into logits with `log`, so `adjust_probs(softmax(z))` equals processing the logits
+`z` directly (up to floating-point rounding); this lets the verification math accept plain
+temperature-1 distributions and derive the sampling distributions itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Larger than any vocabulary in use; a bigger top_k is a mistake rather than "no filtering".
+MAX_TOP_K = 1 << 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn. `temperature == 0` means greedy (argmax) decoding."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 disables top-k filtering
+    top_p: float = 1.0  # 1.0 disables nucleus filtering
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be in [0, {MAX_TOP_K}] (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not math.isfinite(self.top_p):
+            raise ValueError(f"top_p must be a finite number, got {self.top_p!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_full_distributions(self) -> bool:
+        """Whether verification needs whole distributions rather than a few scalars.
+
+        Greedy decoding only ever compares argmaxes and probabilities at known tokens.
+        """
+        return not self.is_greedy
+
+
+GREEDY = SamplingParams()
+
+
+def one_hot_argmax(probs: Tensor) -> Tensor:
+    """[..., V] -> [..., V] one-hot at the argmax (first index on ties)."""
+    out = torch.zeros_like(probs)
+    out.scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
+    return out
+
+
+def adjust_probs(probs: Tensor, params: SamplingParams) -> Tensor:
+    """Temperature-1 distributions [..., V] -> the distributions tokens are actually drawn from.
+
+    Greedy gives the one-hot argmax. Otherwise: temperature, then top-k, then top-p, renormalised.
+    """
+    if params.is_greedy:
+        return one_hot_argmax(probs)
+    probs = probs.float()
+    if params.temperature != 1.0:
+        # softmax(log p / T) == p^(1/T) / sum, computed in log space so small p do not underflow.
+        probs = torch.softmax(torch.log(probs) / params.temperature, dim=-1)
+    if params.top_k and params.top_k < probs.shape[-1]:
+        kth = probs.topk(params.top_k, dim=-1).values[..., -1:]
+        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(dim=-1)
+        # Keep a token if the mass strictly before it is below top_p: the smallest prefix whose
+        # mass reaches top_p, always at least the most likely token.
+        keep_sorted = (cumulative - sorted_probs) < params.top_p * cumulative[..., -1:]
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def logits_to_probs(logits: Tensor) -> Tensor:
+    """Model logits [..., V] -> temperature-1 probabilities in float32."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def sample(probs: Tensor, generator: torch.Generator | None, *, greedy: bool) -> Tensor:
+    """Draw one token per row of [..., V]; returns [...] int64. Greedy takes the argmax."""
+    if greedy:
+        return probs.argmax(dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    drawn = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+    return drawn.reshape(probs.shape[:-1])

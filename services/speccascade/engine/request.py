@@ -1,0 +1,119 @@
+"""A generation request, validated where it enters the system."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field
+
+from ..cascade import Rule, SamplingParams, validate_alpha
+
+# Acceptance decays geometrically along a block; past a few dozen positions drafting is wasted
+# work, so a larger block size is almost certainly a mistake.
+MAX_BLOCK_SIZE = 64
+DEFAULT_MAX_NEW_TOKENS = 256
+MAX_NEW_TOKENS_CAP = 32768
+MAX_STOP_STRINGS = 16
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Defaults: the paper's best rule at a middle alpha.
+DEFAULT_RULE = Rule.TOKEN
+DEFAULT_ALPHA = 0.5
+DEFAULT_BLOCK_SIZE = 5
+
+
+class Method(str, enum.Enum):
+    """What produces the tokens: a speculative cascade (with a rule) or one of the baselines."""
+
+    CASCADE = "cascade"
+    EXPERT_ONLY = "expert"
+    DRAFTER_ONLY = "drafter"
+    TOKEN_CASCADE = "token-cascade"
+    SEQUENCE_CASCADE = "sequence-cascade"
+
+    @classmethod
+    def parse(cls, name: "str | Method") -> "Method":
+        if isinstance(name, Method):
+            return name
+        try:
+            return cls(str(name).strip().lower())
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown method {name!r}; expected one of: {valid}") from None
+
+
+def _check_messages(messages: list[dict]) -> tuple[dict, ...]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"}:
+            raise ValueError(f"messages[{i}] must be a dict with keys 'role' and 'content', got {message!r}")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role={role!r} is not one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        checked.append({"role": role, "content": content})
+    if not any(m["content"].strip() for m in checked):
+        raise ValueError("messages are all empty: the prompt must contain some text")
+    return tuple(checked)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str | None = None
+    messages: tuple[dict, ...] | None = None
+    method: Method = Method.CASCADE
+    rule: Rule = DEFAULT_RULE
+    alpha: float = DEFAULT_ALPHA
+    block_size: int = DEFAULT_BLOCK_SIZE
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.prompt is not None:
+            if not isinstance(self.prompt, str) or not self.prompt.strip():
+                raise ValueError(f"prompt must be non-empty text, got {self.prompt!r}")
+        else:
+            set_("messages", _check_messages(self.messages))
+        set_("method", Method.parse(self.method))
+        set_("rule", Rule.parse(self.rule))
+        # The classic cascades defer when confidence < 1 - alpha, the same knob as chow.
+        alpha_rule = self.rule if self.method is Method.CASCADE else Rule.CHOW
+        set_("alpha", validate_alpha(alpha_rule, self.alpha))
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise ValueError(f"block_size must be an integer, got {self.block_size!r}")
+        if not 1 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block_size={self.block_size} is out of range: expected 1..{MAX_BLOCK_SIZE}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} is out of range: expected 1..{MAX_NEW_TOKENS_CAP}"
+            )
+        if not isinstance(self.sampling, SamplingParams):
+            raise ValueError(f"sampling must be SamplingParams, got {type(self.sampling).__name__}")
+        if self.seed is None:
+            set_("seed", secrets.randbits(63))
+        elif isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty text, got {s!r}")
+        set_("stop", stop)
+
+    def describe(self) -> str:
+        if self.method is Method.CASCADE:
+            return f"{self.rule.value}(alpha={self.alpha:g}, gamma={self.block_size})"
+        if self.method in (Method.TOKEN_CASCADE, Method.SEQUENCE_CASCADE):
+            return f"{self.method.value}(alpha={self.alpha:g})"
+        return f"{self.method.value}-only"
