@@ -282,6 +282,26 @@ def test_gguf_second_resolve_is_fast(smol_converted, monkeypatch):
     assert time.perf_counter() - t < 0.5  # the file hash is remembered, not recomputed
 
 
+@pytest.mark.real_model
+def test_packaged_pair_shares_tokenizer():
+    """Runs on the real packaged pair when it is already converted in the default cache, or when
+    SPECCASCADE_REAL_MODELS=1 (then it downloads and converts it, ~1.6 GB and a few minutes)."""
+    import os
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    ready = all((cache_dir() / "models" / n / MARKER_NAME).is_file() for n in (DRAFTER_DEFAULT, EXPERT_DEFAULT))
+    if not ready and os.environ.get("SPECCASCADE_REAL_MODELS") != "1":
+        pytest.skip("packaged pair not in the cache; set SPECCASCADE_REAL_MODELS=1 to fetch and convert it")
+    d, e = resolve_model(DRAFTER_DEFAULT), resolve_model(EXPERT_DEFAULT)
+    td, te = AutoTokenizer.from_pretrained(d.path), AutoTokenizer.from_pretrained(e.path)
+    check_same_tokenizer(td, te, drafter_name=DRAFTER_DEFAULT, expert_name=EXPERT_DEFAULT)
+    assert len(td) == 151936 and td.convert_ids_to_tokens(td.eos_token_id) == "<|im_end|>"
+    assert "<|im_start|>assistant" in td.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert GenerationConfig.from_pretrained(e.path).eos_token_id == [151645, 151643]
+
+
 # --------------------------------------------------------------------------------------------
 # check_same_tokenizer
 # --------------------------------------------------------------------------------------------

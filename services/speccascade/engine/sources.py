@@ -158,7 +158,7 @@ def resolve_model(source: str, *, cache: Path | None = None, progress: bool = Tr
         )
     if source.lower().endswith(".gguf"):
         raise ModelSourceError(f"GGUF file {source!r} does not exist (looked for {str(p.absolute())!r})")
-    if _HUB_ID.match(source) and not source.startswith((".", "~")):
+    if _HUB_ID.match(source):
         return ResolvedModel(source=source, kind="hub", path=source)
     raise ModelSourceError(
         f"model source {source!r} is neither a packaged model ({', '.join(PACKAGED)}), an existing "
