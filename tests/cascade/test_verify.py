@@ -1,0 +1,165 @@
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from speccascade.cascade import GREEDY, Rule, SamplingParams, adjust_probs, target_distribution, verify_block
+from speccascade.cascade.rules import mixture_defers, token_accept_set, token_target
+
+V = 5
+
+
+def one_hot(i: int, n: int = V) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(i), n).float()
+
+
+def soft(*values: float) -> torch.Tensor:
+    t = torch.tensor(values)
+    return t / t.sum()
+
+
+# --- hand-built greedy cases -------------------------------------------------------------
+
+def test_perfect_match_accepts_all_and_adds_bonus():
+    q = torch.stack([soft(1, 8, 1, 1, 1), soft(1, 1, 1, 8, 1)])
+    p = torch.stack([soft(1, 9, 1, 1, 1), soft(1, 1, 1, 9, 1), soft(9, 1, 1, 1, 1)])
+    v = verify_block("lossless", 0.0, torch.tensor([1, 3]), q, p, GREEDY)
+    assert (v.num_accepted, v.next_token, v.is_bonus) == (2, 0, True)
+
+
+def test_early_mismatch_stops_at_first_rejection_with_expert_token():
+    q = torch.stack([soft(1, 8, 1, 1, 1), soft(1, 1, 1, 8, 1), soft(8, 1, 1, 1, 1)])
+    p = torch.stack([soft(1, 9, 1, 1, 1), soft(1, 1, 9, 1, 1), soft(9, 1, 1, 1, 1), soft(1, 1, 1, 1, 9)])
+    v = verify_block("lossless", 0.0, torch.tensor([1, 3, 0]), q, p, GREEDY)
+    assert (v.num_accepted, v.next_token, v.is_bonus) == (1, 2, False)
+
+
+def test_nothing_deferred_keeps_the_whole_block_even_where_the_expert_disagrees():
+    q = torch.stack([soft(1, 30, 1, 1, 1), soft(1, 1, 1, 30, 1)])  # max q ~0.88
+    p = torch.stack([soft(9, 1, 1, 1, 1), soft(9, 1, 1, 1, 1), soft(1, 1, 1, 1, 9)])
+    v = verify_block("chow", 0.2, torch.tensor([1, 3]), q, p, GREEDY)
+    assert (v.num_accepted, v.next_token, v.is_bonus) == (2, 4, True)
+    assert v.num_deferred == 0
+
+
+def test_everything_deferred_is_lossless():
+    q = torch.stack([soft(1, 2, 1, 1, 1), soft(1, 1, 1, 2, 1)])  # unsure drafter
+    p = torch.stack([soft(1, 9, 1, 1, 1), soft(9, 1, 1, 1, 1), soft(1, 1, 1, 1, 9)])
+    v = verify_block("chow", 0.2, torch.tensor([1, 3]), q, p, GREEDY)
+    assert (v.num_accepted, v.next_token, v.is_bonus) == (1, 0, False)
+    assert v.num_deferred == 2
+
+
+def test_token_rule_accepts_a_draft_the_expert_rates_nearly_as_good():
+    q = torch.stack([soft(1, 8, 1, 1, 1)])
+    p = torch.stack([soft(1, 4, 5, 1, 1), soft(1, 1, 1, 1, 9)])  # p(1) = 0.8 max p
+    assert verify_block("token", 0.3, torch.tensor([1]), q, p, GREEDY).num_accepted == 1
+    v = verify_block("token", 0.1, torch.tensor([1]), q, p, GREEDY)
+    assert (v.num_accepted, v.next_token) == (0, 2)
+
+
+def test_greedy_draws_nothing_from_the_generator():
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    q = torch.stack([soft(1, 2, 3, 4, 5)])
+    p = torch.stack([soft(5, 4, 3, 2, 1), soft(1, 1, 1, 1, 1)])
+    verify_block("opt", 0.5, torch.tensor([4]), q, p, GREEDY, gen)
+    assert torch.equal(gen.get_state(), state)
+
+
+def test_shape_mismatch_is_reported():
+    with pytest.raises(ValueError, match="p \\[gamma \\+ 1, V\\]"):
+        verify_block("lossless", 0.0, torch.tensor([1, 2]), torch.rand(2, V), torch.rand(2, V), GREEDY)
+
+
+# --- statistical: the first emitted token follows the target ------------------------------
+
+TRIALS = 4000
+
+
+def emitted_tokens(rule, alpha, q, p, sampling, trials=TRIALS, seed=0):
+    """Run verify_block on drafts drawn from q; returns the first two emitted tokens per trial
+    (the second is -1 when the round emitted only one)."""
+    gen = torch.Generator().manual_seed(seed)
+    q_sample = adjust_probs(q, sampling)
+    drafts = torch.stack([torch.multinomial(q_sample[t], trials, replacement=True, generator=gen)
+                          for t in range(q.shape[0])], dim=1)  # [trials, gamma]
+    first, second = [], []
+    for draft in drafts:
+        v = verify_block(rule, alpha, draft, q, p, sampling, gen)
+        out = draft[: v.num_accepted].tolist() + [v.next_token]
+        first.append(out[0])
+        second.append(out[1] if len(out) > 1 else -1)
+    return torch.tensor(first), torch.tensor(second)
+
+
+def expected_target(rule, alpha, q, p, sampling):
+    """pi with decisions on the temperature-1 distributions and mass on the sampling ones."""
+    q_s, p_s = adjust_probs(q, sampling), adjust_probs(p, sampling)
+    if rule == "lossy":
+        return target_distribution("lossy", q_s, p_s, alpha)
+    if rule == "token":
+        return token_target(q_s, p_s, token_accept_set(p, alpha))
+    r = mixture_defers(Rule.parse(rule), q, p, alpha).unsqueeze(-1)
+    return torch.where(r, p_s, q_s)
+
+
+def assert_follows(samples: torch.Tensor, dist: torch.Tensor):
+    support = dist > 0
+    counts = torch.bincount(samples, minlength=V).float()
+    assert counts[~support].sum() == 0, "sampled a token outside the target's support"
+    _, pvalue = chisquare(counts[support].numpy(), (dist[support] * counts.sum()).numpy())
+    assert pvalue > 1e-3, (counts.tolist(), (dist * counts.sum()).tolist())
+
+
+Q = torch.stack([soft(5, 2, 1, 1, 1), soft(1, 4, 3, 1, 1)])
+P = torch.stack([soft(2, 3, 1, 3, 1), soft(1, 1, 5, 2, 1), soft(1, 2, 3, 4, 5)])
+SAMPLINGS = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9),
+             SamplingParams(temperature=1.3, top_k=4)]
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["t1", "t0.7-p0.9", "t1.3-k4"])
+def test_lossless_reproduces_the_expert_distribution(sampling):
+    first, second = emitted_tokens("lossless", 0.0, Q, P, sampling)
+    p_s = adjust_probs(P, sampling)
+    assert_follows(first, p_s[0])
+    assert_follows(second[second >= 0], p_s[1])
+
+
+@pytest.mark.parametrize("rule,alpha", [("chow", 0.5), ("diff", 0.0), ("opt", 0.4), ("token", 0.5),
+                                        ("token", 0.2), ("lossy", 0.3)])
+@pytest.mark.parametrize("sampling", SAMPLINGS[:2], ids=["t1", "t0.7-p0.9"])
+def test_cascade_reproduces_its_target(rule, alpha, sampling):
+    first, _ = emitted_tokens(rule, alpha, Q, P, sampling)
+    assert_follows(first, expected_target(rule, alpha, Q, P[:2], sampling)[0])
+
+
+def test_second_position_follows_its_target_given_the_first_was_kept():
+    first, second = emitted_tokens("token", 0.5, Q, P, SamplingParams(temperature=1.0))
+    assert_follows(second[second >= 0], target_distribution("token", Q[1], P[1], 0.5))
+
+
+def test_bonus_comes_from_the_expert_after_a_fully_kept_block():
+    # token rule at alpha=1 keeps every draft (pi = q), so the emitted token after the block
+    # is always the bonus, distributed as p at position gamma + 1.
+    gen = torch.Generator().manual_seed(5)
+    sampling = SamplingParams(temperature=1.0)
+    bonus = []
+    for _ in range(TRIALS // 2):
+        draft = torch.multinomial(Q, 1, generator=gen).squeeze(-1)
+        v = verify_block("token", 1.0, draft, Q, P, sampling, gen)
+        assert v.is_bonus and v.num_accepted == 2
+        bonus.append(v.next_token)
+    assert_follows(torch.tensor(bonus), P[2])
+
+
+def test_the_statistical_check_detects_a_wrong_distribution():
+    first, _ = emitted_tokens("lossless", 0.0, Q, P, SamplingParams(temperature=1.0), trials=3000)
+    with pytest.raises(AssertionError):
+        assert_follows(first, Q[0])  # lossless output must not look like the drafter's
+
+
+def test_same_seed_same_verdicts():
+    sampling = SamplingParams(temperature=0.9, top_p=0.95)
+    a = emitted_tokens("token", 0.4, Q, P, sampling, trials=300, seed=11)
+    b = emitted_tokens("token", 0.4, Q, P, sampling, trials=300, seed=11)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
