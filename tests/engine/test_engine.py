@@ -1,0 +1,165 @@
+import pytest
+import torch
+
+from speccascade.cascade import SamplingParams
+from speccascade.engine.request import GenerationRequest, Method
+from speccascade.engine.stats import Source
+
+from ..conftest import make_engine
+
+PROMPTS = ["def add(a, b):", "import numpy as np\n\n# Compute the mean of a list of numbers, then print it\n" * 3]
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.95)
+
+
+def run(engine, prompt=PROMPTS[0], **kwargs):
+    kwargs.setdefault("max_new_tokens", 24)
+    kwargs.setdefault("seed", 0)
+    return engine.generate(GenerationRequest(prompt=prompt, **kwargs))
+
+
+def expert_greedy_reference(engine, prompt, n):
+    """The expert's own greedy output via Hugging Face generate (no cache tricks of ours)."""
+    ids = torch.tensor([engine.encode(GenerationRequest(prompt=prompt))])
+    out = engine.expert.model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 8])
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["short", "long"])
+def test_greedy_lossless_equals_expert_greedy(engine, gamma, prompt):
+    result = run(engine, prompt, rule="lossless", block_size=gamma, max_new_tokens=30)
+    assert result.token_ids == expert_greedy_reference(engine, prompt, 30)
+    assert result.stats.accepted > 0  # the drafter's tokens were really used
+    assert result.stats.expert_passes < 30
+
+
+def test_expert_only_baseline_equals_expert_greedy(engine):
+    assert run(engine, method="expert", max_new_tokens=30).token_ids == expert_greedy_reference(engine, PROMPTS[0], 30)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SAMPLED], ids=["greedy", "sampled"])
+def test_chow_never_defer_end_equals_drafter_only_and_skips_the_expert(engine, sampling):
+    cascade = run(engine, rule="chow", alpha=1.0, sampling=sampling, seed=7)
+    drafter_only = run(engine, method="drafter", sampling=sampling, seed=7)
+    assert cascade.token_ids == drafter_only.token_ids
+    assert cascade.stats.expert_passes == 0 and cascade.stats.skipped_blocks > 0
+    assert set(cascade.sources) == {Source.DRAFTER}
+
+
+@pytest.mark.parametrize("rule,alpha", [("chow", 0.0), ("diff", -1.0), ("lossy", 0.0)])
+def test_always_defer_end_equals_lossless(engine, rule, alpha):
+    lossless = run(engine, rule="lossless", max_new_tokens=30)
+    assert run(engine, rule=rule, alpha=alpha, max_new_tokens=30).token_ids == lossless.token_ids
+
+
+@pytest.mark.parametrize("rule", ["token", "chow", "opt", "lossy"])
+def test_same_seed_same_output(engine, rule):
+    alpha = 0.3
+    a = run(engine, rule=rule, alpha=alpha, sampling=SAMPLED, seed=123)
+    b = run(engine, rule=rule, alpha=alpha, sampling=SAMPLED, seed=123)
+    assert a.token_ids == b.token_ids and a.text == b.text
+    others = {tuple(run(engine, rule=rule, alpha=alpha, sampling=SAMPLED, seed=s).token_ids) for s in (1, 2, 3)}
+    assert len(others | {tuple(a.token_ids)}) > 1
+
+
+def test_lenient_token_rule_keeps_more_drafter_tokens_than_lossless(engine):
+    lossless = run(engine, rule="lossless", max_new_tokens=60)
+    lenient = run(engine, rule="token", alpha=0.9, max_new_tokens=60)
+    assert lenient.stats.tokens_from_drafter > lossless.stats.tokens_from_drafter
+    assert lenient.stats.deferred < lenient.stats.drafted
+
+
+def test_stats_add_up(engine):
+    r = run(engine, rule="opt", alpha=0.2, sampling=SAMPLED, max_new_tokens=50)
+    s = r.stats
+    assert len(r.token_ids) == len(r.sources) == s.tokens_from_drafter + s.tokens_from_expert
+    assert s.tokens_from_drafter == r.sources.count(Source.DRAFTER)
+    assert s.accepted <= s.drafted == s.drafter_passes == s.rounds * 5
+    assert s.expert_passes == s.rounds == s.corrected + s.bonus
+    assert s.tokens_from_expert <= s.corrected + s.bonus
+    assert s.wall_seconds >= s.drafter_seconds + s.expert_seconds > 0
+
+
+def test_max_new_tokens_is_exact(engine):
+    r = run(engine, rule="token", max_new_tokens=13)
+    assert len(r.token_ids) == 13 and r.finish_reason == "length"
+
+
+def test_stop_string_cuts_the_text_and_finishes(engine):
+    full = run(engine, rule="lossless", max_new_tokens=40)
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert stop.strip(), full.text
+    r = run(engine, rule="lossless", max_new_tokens=40, stop=(stop,))
+    assert r.finish_reason == "stop"
+    assert r.text == full.text[: full.text.index(stop)]
+
+
+def test_eos_finishes_without_being_emitted(tokenizer):
+    engine = make_engine(tokenizer)
+    full = run(engine, rule="lossless", max_new_tokens=20)
+    eos = full.token_ids[5]
+    engine.eos_ids = frozenset({eos})
+    r = run(engine, rule="lossless", max_new_tokens=20)
+    assert r.finish_reason == "stop"
+    assert r.token_ids == full.token_ids[: full.token_ids.index(eos)]
+
+
+def test_stream_chunks_add_up_to_the_result(engine):
+    chunks = list(engine.stream(GenerationRequest(prompt=PROMPTS[0], rule="token", max_new_tokens=40, seed=0)))
+    result = chunks[-1].result
+    assert result is not None and all(c.result is None for c in chunks[:-1])
+    assert "".join(c.text for c in chunks) == result.text
+    assert [t for c in chunks for t in c.token_ids] == result.token_ids
+    assert [s for c in chunks for s in c.sources] == result.sources
+    assert {seg.source for c in chunks for seg in c.segments} == {Source.DRAFTER, Source.EXPERT}
+
+
+def test_chat_messages_use_the_chat_template(engine):
+    request = GenerationRequest(messages=[{"role": "user", "content": "Say hi"}], max_new_tokens=5)
+    prompt = engine.tokenizer.decode(engine.encode(request))
+    assert "<|im_start|>user\nSay hi<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert len(engine.generate(request).token_ids) == 5
+
+
+@pytest.mark.parametrize("method", [m for m in Method if m is not Method.CASCADE])
+def test_every_baseline_runs(engine, method):
+    r = run(engine, method=method, alpha=0.5, max_new_tokens=12)
+    assert len(r.token_ids) == 12
+
+
+def test_sequence_cascade_defers_the_whole_answer_when_unsure(engine):
+    drafter = run(engine, method="drafter", max_new_tokens=12)
+    expert = run(engine, method="expert", max_new_tokens=12)
+    assert run(engine, method="sequence-cascade", alpha=1.0, max_new_tokens=12).token_ids == drafter.token_ids
+    assert run(engine, method="sequence-cascade", alpha=0.0, max_new_tokens=12).token_ids == expert.token_ids
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"rule": "nope"}, "unknown rule 'nope'"),
+    ({"alpha": float("nan")}, "alpha must be a number"),
+    ({"rule": "chow", "alpha": 2.0}, "alpha=2.0 is out of range for rule 'chow'"),
+    ({"block_size": 0}, "block_size=0 is out of range"),
+    ({"block_size": 10_000}, "block_size=10000 is out of range"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0 is out of range"),
+    ({"prompt": "   "}, "prompt must be non-empty"),
+    ({"method": "beam"}, "unknown method 'beam'"),
+    ({"stop": ("",)}, "stop strings must be non-empty"),
+    ({"seed": -1}, "seed must be an integer"),
+])
+def test_bad_requests_name_the_bad_value(kwargs, fragment):
+    kwargs.setdefault("prompt", "hello")
+    with pytest.raises(ValueError, match=fragment):
+        GenerationRequest(**kwargs)
+
+
+def test_prompt_longer_than_the_context_window_is_refused(engine):
+    long_prompt = "word " * 600  # the tiny models have a 512-token window
+    with pytest.raises(ValueError, match=r"prompt of \d+ tokens is too long: the context window is 512"):
+        run(engine, long_prompt)
+
+
+def test_generation_stops_at_the_context_window(engine):
+    prompt = "word " * 480
+    r = run(engine, prompt, max_new_tokens=100, block_size=4)
+    assert r.finish_reason == "length"
+    assert r.prompt_tokens + len(r.token_ids) <= 512 - 5
