@@ -1,0 +1,118 @@
+"""Typed configuration of the Serve application: validated once, at the edge (the builder's
+`args`, the Helm chart's `serveConfigV2`, the CLI). Every field documents itself; validators name
+the bad value."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..cascade import Rule, validate_alpha
+from ..engine.request import DEFAULT_ALPHA, DEFAULT_BLOCK_SIZE, DEFAULT_RULE, MAX_BLOCK_SIZE, MAX_NEW_TOKENS_CAP
+from ..engine.sources import DRAFTER_DEFAULT, EXPERT_DEFAULT
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Placement(_Strict):
+    """Where a deployment's replicas run: Ray actor options for each replica."""
+
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica (0 lets tiers share a small machine).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions allowed).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Ray custom resources per replica, e.g. {"expert_tier": 1} to pin to a node group.',
+    )
+    accelerator_type: str | None = Field(None, description='Ray accelerator type, e.g. "A100" or "L4".')
+    memory_bytes: int | None = Field(None, ge=0, description="Heap memory reserved per replica, in bytes.")
+
+    @field_validator("resources")
+    @classmethod
+    def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not name or not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount <= 0:
+                raise ValueError(f"resource {name!r}={amount!r} must be a positive number")
+        return value
+
+    def ray_actor_options(self) -> dict:
+        options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        if self.accelerator_type:
+            options["accelerator_type"] = self.accelerator_type
+        if self.memory_bytes:
+            options["memory"] = self.memory_bytes
+        return options
+
+
+class Replicas(_Strict):
+    """Replica count bounds of a deployment; min == max gives a fixed count."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (default: min_replicas).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Replicas":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas={self.initial_replicas} is outside [{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+
+class TierConfig(_Strict):
+    """A model tier (drafter or expert)."""
+
+    model: str = Field(description="Model source: packaged name, local directory, .gguf file or hub id.")
+    dtype: Literal["bf16", "fp32"] = Field("bf16", description="Weights and compute dtype.")
+    placement: Placement = Field(default_factory=Placement, description="Where each replica runs.")
+    replicas: Replicas = Field(default_factory=Replicas, description="Replica bounds.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most tier calls batched into one forward pass.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
+    kv_cache_budget_mb: int = Field(1024, ge=1, description="KV cache memory per replica before LRU eviction.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Concurrent calls a replica accepts.")
+
+
+class RouterConfig(_Strict):
+    """The router deployment: gRPC ingress and the draft-then-verify loop. Holds no model."""
+
+    placement: Placement = Field(default_factory=Placement, description="Where each router replica runs.")
+    replicas: Replicas = Field(default_factory=Replicas, description="Router replica bounds.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Concurrent requests a router replica accepts.")
+
+
+class CascadePolicy(_Strict):
+    """Defaults for requests that do not set their own policy, and the limits requests must obey."""
+
+    rule: Rule = Field(DEFAULT_RULE, description="Default deferral rule.")
+    alpha: float = Field(DEFAULT_ALPHA, description="Default alpha for the default rule.")
+    block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=MAX_BLOCK_SIZE, description="Default block size gamma.")
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS_CAP, description="Default max_new_tokens.")
+    max_new_tokens_cap: int = Field(2048, ge=1, le=MAX_NEW_TOKENS_CAP, description="Largest max_new_tokens allowed.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CascadePolicy":
+        validate_alpha(self.rule, self.alpha)
+        if self.max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} is above max_new_tokens_cap={self.max_new_tokens_cap}"
+            )
+        return self
+
+
+class AppConfig(_Strict):
+    """The whole speccascade Serve application (the `args` of `speccascade.tiers.app:build_app`)."""
+
+    drafter: TierConfig = Field(default_factory=lambda: TierConfig(model=DRAFTER_DEFAULT),
+                                description="The drafter tier (small model, cheap accelerators).")
+    expert: TierConfig = Field(default_factory=lambda: TierConfig(model=EXPERT_DEFAULT),
+                               description="The expert tier (large model, large accelerators).")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="The router / gRPC ingress.")
+    policy: CascadePolicy = Field(default_factory=CascadePolicy, description="Default cascade policy and limits.")
