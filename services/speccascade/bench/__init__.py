@@ -1,0 +1,1 @@
+"""Benchmarks; each module exposes register(subparsers) for `speccascade bench NAME`."""
