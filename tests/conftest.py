@@ -73,3 +73,18 @@ def engine(tokenizer):
 def _quiet_threads():
     # Tiny models gain nothing from threads, and the machine is shared.
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tokenizer, tmp_path_factory):
+    """The tiny drafter/expert pair saved as Hugging Face directories (model + tokenizer), for
+    code that loads models by source like users do. Returns (drafter_dir, expert_dir)."""
+    expert = tiny_qwen2(TOKENIZER_VOCAB, seed=0)
+    drafter = perturbed_copy(expert, seed=1, scale=0.1)
+    dirs = []
+    for name, model in (("drafter", drafter), ("expert", expert)):
+        path = tmp_path_factory.mktemp(f"tiny-{name}")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs.append(str(path))
+    return tuple(dirs)
