@@ -1,0 +1,303 @@
+{{/* Chart name, truncated to the 63 characters Kubernetes names allow. */}}
+{{- define "speccascade.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: <release>-<chart> unless the release name already contains the chart name. Kept to
+40 characters because KubeRay derives longer names (cluster, head service, pods) from it.
+*/}}
+{{- define "speccascade.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "speccascade.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "speccascade.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "speccascade.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "speccascade.labels" -}}
+helm.sh/chart: {{ include "speccascade.chart" . }}
+{{ include "speccascade.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the KubeRay-managed Service in front of Serve's proxies (gRPC and HTTP). */}}
+{{- define "speccascade.serveServiceName" -}}
+{{- printf "%s-serve" (include "speccascade.fullname" .) }}
+{{- end }}
+
+{{- define "speccascade.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- end }}
+
+{{/*
+Value of the `resources` rayStartParam: KubeRay pastes it into the `ray start` shell command, so
+it is a JSON object wrapped in one more pair of quotes with the inner quotes escaped, e.g.
+"{\"drafter_tier\":1}" (the form the Ray autoscaler parses back).
+*/}}
+{{- define "speccascade.rayResourcesParam" -}}
+{{- printf "%q" (toJson .) }}
+{{- end }}
+
+{{/*
+Fails rendering unless a group's container resources set both requests and limits.
+Arguments: dict "resources" <map> "path" <values path for the message>.
+*/}}
+{{- define "speccascade.requireResources" -}}
+{{- $resources := .resources | default dict }}
+{{- if not (and $resources.requests $resources.limits) }}
+{{- fail (printf "%s must set both requests and limits (cpu, memory, and %s for a GPU tier); got %s" .path .gpuResourceName (toJson .resources)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The one pod template of every Ray group (head and workers). Arguments (dict):
+  root           the chart's top-level context
+  group          the group's values (resources, nodeSelector, tolerations, affinity, pod labels
+                 and annotations, env, volumes, volumeMounts)
+  component      `head` or the tier name, used as the component label
+  containerName  ray-head or ray-worker
+  ports          container ports of this group besides metrics
+*/}}
+{{- define "speccascade.podTemplate" -}}
+{{- $root := .root }}
+{{- $values := $root.Values }}
+{{- $group := .group }}
+{{- $annotations := dict }}
+{{- if $values.metrics.podAnnotations }}
+{{- $_ := set $annotations "prometheus.io/scrape" "true" }}
+{{- $_ := set $annotations "prometheus.io/port" ($values.metrics.port | toString) }}
+{{- $_ := set $annotations "prometheus.io/path" "/metrics" }}
+{{- end }}
+{{- $annotations = merge (deepCopy ($group.podAnnotations | default dict)) $annotations -}}
+metadata:
+  labels:
+    {{- include "speccascade.selectorLabels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+    {{- with $values.commonLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with $group.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- with $values.serviceAccountName }}
+  serviceAccountName: {{ . }}
+  {{- end }}
+  {{- with $values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .containerName }}
+      image: {{ include "speccascade.image" $root }}
+      imagePullPolicy: {{ $values.image.pullPolicy }}
+      resources:
+        {{- toYaml $group.resources | nindent 8 }}
+      ports:
+        {{- range .ports }}
+        - name: {{ .name }}
+          containerPort: {{ .port }}
+          protocol: TCP
+        {{- end }}
+        - name: metrics
+          containerPort: {{ $values.metrics.port }}
+          protocol: TCP
+      {{- $env := concat ($values.env | default list) ($group.env | default list) }}
+      {{- if or $env $values.tenantAuth.existingSecret }}
+      env:
+        {{- with $values.tenantAuth.existingSecret }}
+        - name: {{ $values.tenantAuth.envVar }}
+          valueFrom:
+            secretKeyRef:
+              name: {{ . }}
+              key: {{ $values.tenantAuth.secretKey }}
+        {{- end }}
+        {{- with $env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- end }}
+      lifecycle:
+        preStop:
+          exec:
+            command: ["/bin/sh", "-c", "ray stop"]
+      volumeMounts:
+        - name: shared-memory
+          mountPath: /dev/shm
+        {{- with $group.volumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: shared-memory
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $values.sharedMemorySize }}
+    {{- with $group.volumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+
+{{/*
+A tier's Ray Serve placement: what each replica asks Ray for. The worker group of the tier
+advertises the same custom resource (see speccascade.workerGroup).
+*/}}
+{{- define "speccascade.tierPlacement" -}}
+{{- $deployment := .deployment }}
+{{- $placement := dict "num_cpus" $deployment.numCpus "num_gpus" $deployment.numGpus "resources" (dict .rayResource.name .rayResource.perReplica) }}
+{{- with $deployment.acceleratorType }}
+{{- $_ := set $placement "accelerator_type" . }}
+{{- end }}
+{{- if not (kindIs "invalid" $deployment.memoryBytes) }}
+{{- $_ := set $placement "memory_bytes" $deployment.memoryBytes }}
+{{- end }}
+{{- toYaml $placement }}
+{{- end }}
+
+{{/* Replica bounds in AppConfig's shape. Argument: values with minReplicas, maxReplicas, initialReplicas. */}}
+{{- define "speccascade.replicaBounds" -}}
+{{- $replicas := dict "min_replicas" .minReplicas "max_replicas" .maxReplicas }}
+{{- if not (kindIs "invalid" .initialReplicas) }}
+{{- $_ := set $replicas "initial_replicas" .initialReplicas }}
+{{- end }}
+{{- toYaml $replicas }}
+{{- end }}
+
+{{/* One tier's `args` entry (speccascade.tiers.config.TierConfig). Argument: the tier's values. */}}
+{{- define "speccascade.tierArgs" -}}
+{{- $deployment := .deployment }}
+{{- $args := dict
+  "model" (required "tiers.<tier>.model must name a model source" .model)
+  "dtype" .dtype
+  "placement" (include "speccascade.tierPlacement" . | fromYaml)
+  "replicas" (include "speccascade.replicaBounds" $deployment | fromYaml)
+  "max_batch_size" $deployment.maxBatchSize
+  "batch_wait_timeout_s" $deployment.batchWaitTimeoutS
+  "kv_cache_budget_mb" $deployment.kvCacheBudgetMb
+  "max_ongoing_requests" $deployment.maxOngoingRequests }}
+{{- toYaml $args }}
+{{- end }}
+
+{{/*
+The Serve config (ServeDeploySchema) embedded as the RayService's serveConfigV2. The one
+application's `args` follow speccascade.tiers.config.AppConfig.
+*/}}
+{{- define "speccascade.serveConfig" -}}
+{{- $v := .Values }}
+{{- $router := dict
+  "placement" (dict "num_cpus" $v.router.numCpus "resources" ($v.router.rayResources | default dict))
+  "replicas" (dict "min_replicas" $v.router.minReplicas "max_replicas" $v.router.maxReplicas)
+  "max_ongoing_requests" $v.router.maxOngoingRequests }}
+{{- $policy := dict
+  "rule" $v.policy.rule
+  "alpha" $v.policy.alpha
+  "block_size" $v.policy.blockSize
+  "max_new_tokens" $v.policy.maxNewTokens
+  "max_new_tokens_cap" $v.policy.maxNewTokensCap }}
+{{- $args := dict
+  "drafter" (include "speccascade.tierArgs" $v.tiers.drafter | fromYaml)
+  "expert" (include "speccascade.tierArgs" $v.tiers.expert | fromYaml)
+  "router" $router
+  "policy" $policy }}
+{{- $application := dict
+  "name" $v.serve.applicationName
+  "import_path" $v.serve.importPath
+  "route_prefix" "/"
+  "runtime_env" ($v.serve.runtimeEnv | default dict)
+  "args" $args }}
+{{- /* Application-level autoscaling policy: owned by the autoscaling settings, passed through verbatim. */}}
+{{- with $v.autoscaling.autoscalingPolicy }}
+{{- $_ := set $application "autoscaling_policy" . }}
+{{- end }}
+{{- $grpc := dict "port" $v.serve.grpcPort "grpc_servicer_functions" $v.serve.grpcServicerFunctions }}
+{{- if not (kindIs "invalid" $v.serve.grpcRequestTimeoutS) }}
+{{- $_ := set $grpc "request_timeout_s" $v.serve.grpcRequestTimeoutS }}
+{{- end }}
+{{- $config := dict
+  "proxy_location" $v.serve.proxyLocation
+  "http_options" (dict "host" "0.0.0.0" "port" $v.serve.httpPort)
+  "grpc_options" $grpc
+  "applications" (list $application) }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/*
+A worker group for one tier, with the checks that keep it consistent with the tier's deployment.
+Arguments: dict "root" <context> "tierName" <drafter|expert> "tier" <the tier's values>.
+*/}}
+{{- define "speccascade.workerGroup" -}}
+{{- $root := .root }}
+{{- $tierName := .tierName }}
+{{- $tier := .tier }}
+{{- $group := $tier.workerGroup }}
+{{- $deployment := $tier.deployment }}
+{{- $gpuName := $root.Values.gpuResourceName }}
+{{- include "speccascade.requireResources" (dict "resources" $group.resources "path" (printf "tiers.%s.workerGroup.resources" $tierName) "gpuResourceName" $gpuName) }}
+{{- $perReplica := $tier.rayResource.perReplica }}
+{{- if or (not (kindIs "float64" $perReplica)) (lt (float64 $perReplica) 1.0) (ne (float64 (int $perReplica)) (float64 $perReplica)) }}
+{{- fail (printf "tiers.%s.rayResource.perReplica must be a whole number >= 1 (the Ray autoscaler reads custom resources as integers); got %v" $tierName $perReplica) }}
+{{- end }}
+{{- $perPod := int $group.replicasPerPod }}
+{{- if lt $perPod 1 }}
+{{- fail (printf "tiers.%s.workerGroup.replicasPerPod must be >= 1; got %v" $tierName $group.replicasPerPod) }}
+{{- end }}
+{{- if gt (int $deployment.maxReplicas) (mul (int $group.maxReplicas) $perPod) }}
+{{- fail (printf "tiers.%s.deployment.maxReplicas=%v cannot fit: workerGroup.maxReplicas=%v pods x replicasPerPod=%v" $tierName $deployment.maxReplicas $group.maxReplicas $perPod) }}
+{{- end }}
+{{- $gpusNeeded := mulf $deployment.numGpus $perPod }}
+{{- $gpusInPod := float64 (index ($group.resources.limits | default dict) $gpuName | default 0) }}
+{{- if gt $gpusNeeded $gpusInPod }}
+{{- fail (printf "tiers.%s needs %v GPUs per pod (deployment.numGpus=%v x replicasPerPod=%v) but workerGroup.resources.limits[%q] is %v" $tierName $gpusNeeded $deployment.numGpus $perPod $gpuName $gpusInPod) }}
+{{- end }}
+{{- if hasKey ($group.rayStartParams | default dict) "resources" }}
+{{- fail (printf "tiers.%s.workerGroup.rayStartParams.resources is set by the chart from tiers.%s.rayResource; remove it" $tierName $tierName) }}
+{{- end }}
+{{- $advertised := dict $tier.rayResource.name (mul (int $perReplica) $perPod) }}
+{{- $startParams := merge (dict "resources" (include "speccascade.rayResourcesParam" $advertised) "metrics-export-port" ($root.Values.metrics.port | toString)) ($group.rayStartParams | default dict) -}}
+- groupName: {{ $group.groupName }}
+  minReplicas: {{ $group.minReplicas }}
+  maxReplicas: {{ $group.maxReplicas }}
+  replicas: {{ $group.replicas | default $group.minReplicas }}
+  {{- with $group.idleTimeoutSeconds }}
+  idleTimeoutSeconds: {{ . }}
+  {{- end }}
+  rayStartParams:
+    {{- range $key, $value := $startParams }}
+    {{ $key }}: {{ $value | toString | quote }}
+    {{- end }}
+  template:
+    {{- include "speccascade.podTemplate" (dict "root" $root "group" $group "component" $tierName "containerName" "ray-worker" "ports" list) | nindent 4 }}
+{{- end }}
