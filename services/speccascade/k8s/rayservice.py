@@ -1,0 +1,279 @@
+"""Read and apply a KubeRay RayService (`ray.io/v1`, plural `rayservices`) through the Kubernetes
+API with the `kubernetes` client's CustomObjectsApi and CoreV1Api."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from kubernetes.client import CoreV1Api, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+
+RAY_GROUP = "ray.io"
+RAY_VERSION = "v1"
+RAYSERVICE_PLURAL = "rayservices"
+RAYCLUSTER_PLURAL = "rayclusters"
+# Custom resources take JSON merge patches (RFC 7386), not strategic merge patches.
+MERGE_PATCH = "application/merge-patch+json"
+FIELD_MANAGER = "speccascade"
+# Labels KubeRay puts on the pods it creates, and the chart's tier label on each group's pods.
+CLUSTER_LABEL = "ray.io/cluster"
+GROUP_LABEL = "ray.io/group"
+NODE_TYPE_LABEL = "ray.io/node-type"
+TIER_LABEL = "app.kubernetes.io/component"
+SERVE_RUNNING = "RUNNING"
+DEPLOYMENT_HEALTHY = "HEALTHY"
+
+
+# ----------------------------------------------------------------------------------------- apply
+
+def merge_patch(live: dict, desired: dict) -> dict:
+    """The JSON merge patch (RFC 7386) that turns `live` into `desired`: changed or new keys carry
+    the desired value, keys missing from `desired` become null (deleted), nested objects recurse,
+    lists are replaced whole. Empty when nothing differs."""
+    patch: dict = {}
+    for key, value in desired.items():
+        if key not in live:
+            patch[key] = value
+        elif isinstance(value, dict) and isinstance(live[key], dict):
+            nested = merge_patch(live[key], value)
+            if nested:
+                patch[key] = nested
+        elif live[key] != value:
+            patch[key] = value
+    for key in live:
+        if key not in desired:
+            patch[key] = None
+    return patch
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    action: str  # "created", "patched" or "unchanged"
+    name: str
+    namespace: str
+    body: dict | None  # what was sent (the object on create, the merge patch on patch)
+
+
+def apply_rayservice(api: CustomObjectsApi, desired: dict, namespace: str, *, dry_run: bool = False) -> ApplyResult:
+    """Create the RayService if it does not exist, else merge-patch it to `desired`.
+
+    The patch replaces `spec` (fields gone from the rendered object are deleted) and sets the
+    chart's labels and annotations without touching metadata others own. It carries the live
+    `resourceVersion`, so a concurrent change makes the server answer 409 instead of losing it.
+    """
+    if desired.get("apiVersion") != f"{RAY_GROUP}/{RAY_VERSION}" or desired.get("kind") != "RayService":
+        raise ValueError(
+            f"expected a {RAY_GROUP}/{RAY_VERSION} RayService, got {desired.get('apiVersion')}/{desired.get('kind')}"
+        )
+    name = desired.get("metadata", {}).get("name")
+    if not name:
+        raise ValueError("the RayService has no metadata.name")
+    desired = {**desired, "metadata": {**desired["metadata"], "namespace": namespace}}
+    dry = "All" if dry_run else None
+    try:
+        live = api.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYSERVICE_PLURAL, name)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        api.create_namespaced_custom_object(
+            RAY_GROUP, RAY_VERSION, namespace, RAYSERVICE_PLURAL, desired, dry_run=dry, field_manager=FIELD_MANAGER
+        )
+        return ApplyResult("created", name, namespace, desired)
+
+    live_meta = live.get("metadata", {})
+    metadata_patch: dict = {}
+    for key in ("labels", "annotations"):
+        wanted = desired["metadata"].get(key) or {}
+        changed = {k: v for k, v in wanted.items() if (live_meta.get(key) or {}).get(k) != v}
+        if changed:
+            metadata_patch[key] = changed
+    spec_patch = merge_patch(live.get("spec") or {}, desired.get("spec") or {})
+    if not metadata_patch and not spec_patch:
+        return ApplyResult("unchanged", name, namespace, None)
+    body: dict = {"metadata": {**metadata_patch, "resourceVersion": live_meta.get("resourceVersion")}}
+    if spec_patch:
+        body["spec"] = spec_patch
+    api.patch_namespaced_custom_object(
+        RAY_GROUP, RAY_VERSION, namespace, RAYSERVICE_PLURAL, name, body,
+        dry_run=dry, field_manager=FIELD_MANAGER, _content_type=MERGE_PATCH,
+    )
+    return ApplyResult("patched", name, namespace, body)
+
+
+# ---------------------------------------------------------------------------------------- status
+
+@dataclass(frozen=True)
+class TierReplicas:
+    """One worker group: the autoscaler's target pod count, its bounds, and the pods that exist."""
+
+    tier: str
+    group: str
+    desired: int
+    min_replicas: int
+    max_replicas: int
+    pods: int
+    ready_pods: int
+
+
+@dataclass(frozen=True)
+class ApplicationHealth:
+    name: str
+    status: str
+    message: str
+    deployments: dict[str, str]  # deployment name -> status (HEALTHY, UPDATING, UNHEALTHY, ...)
+    deployment_messages: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == SERVE_RUNNING and all(s == DEPLOYMENT_HEALTHY for s in self.deployments.values())
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    namespace: str
+    service_status: str  # KubeRay's serviceStatus, e.g. "Running"
+    ready: bool | None  # the Ready condition; None when the operator sets no conditions
+    conditions: list[dict]
+    active_cluster: str | None
+    pending_cluster: str | None
+    num_serve_endpoints: int
+    applications: list[ApplicationHealth]
+    tiers: list[TierReplicas]
+
+    @property
+    def healthy(self) -> bool:
+        service_up = self.ready if self.ready is not None else self.service_status == "Running"
+        return bool(service_up and self.applications and all(app.healthy for app in self.applications))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "healthy": self.healthy}
+
+
+def _condition(conditions: list[dict], kind: str) -> bool | None:
+    for condition in conditions:
+        if condition.get("type") == kind:
+            return condition.get("status") == "True"
+    return None
+
+
+def _applications(cluster_status: dict) -> list[ApplicationHealth]:
+    apps = []
+    for app_name, app in sorted((cluster_status.get("applicationStatuses") or {}).items()):
+        deployments = app.get("serveDeploymentStatuses") or {}
+        apps.append(ApplicationHealth(
+            name=app_name,
+            status=app.get("status", ""),
+            message=app.get("message", ""),
+            deployments={name: d.get("status", "") for name, d in sorted(deployments.items())},
+            deployment_messages={name: d["message"] for name, d in sorted(deployments.items()) if d.get("message")},
+        ))
+    return apps
+
+
+def _pod_ready(pod: Any) -> bool:
+    status = pod.status
+    if status is None or status.phase != "Running":
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
+
+
+def _tiers(group_specs: list[dict], pods: list[Any]) -> list[TierReplicas]:
+    pods_per_group: Counter = Counter()
+    ready_per_group: Counter = Counter()
+    for pod in pods:
+        group = (pod.metadata.labels or {}).get(GROUP_LABEL)
+        pods_per_group[group] += 1
+        ready_per_group[group] += _pod_ready(pod)
+    tiers = []
+    for spec in group_specs:
+        group = spec["groupName"]
+        labels = (spec.get("template") or {}).get("metadata", {}).get("labels") or {}
+        tiers.append(TierReplicas(
+            tier=labels.get(TIER_LABEL, group),
+            group=group,
+            desired=int(spec.get("replicas", spec.get("minReplicas", 0)) or 0),
+            min_replicas=int(spec.get("minReplicas", 0) or 0),
+            max_replicas=int(spec.get("maxReplicas", 0) or 0),
+            pods=pods_per_group[group],
+            ready_pods=ready_per_group[group],
+        ))
+    return tiers
+
+
+def read_status(custom: CustomObjectsApi, core: CoreV1Api, namespace: str, name: str) -> ServiceStatus:
+    """The RayService's status, each tier's worker pods (from the active RayCluster, whose replica
+    counts the Ray autoscaler sets) and the Serve applications' health."""
+    service = custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYSERVICE_PLURAL, name)
+    status = service.get("status") or {}
+    active = status.get("activeServiceStatus") or {}
+    pending = status.get("pendingServiceStatus") or {}
+    conditions = status.get("conditions") or []
+    cluster_name = active.get("rayClusterName") or None
+
+    group_specs = (service.get("spec") or {}).get("rayClusterConfig", {}).get("workerGroupSpecs") or []
+    pods: list[Any] = []
+    if cluster_name:
+        try:
+            cluster = custom.get_namespaced_custom_object(
+                RAY_GROUP, RAY_VERSION, namespace, RAYCLUSTER_PLURAL, cluster_name
+            )
+            group_specs = (cluster.get("spec") or {}).get("workerGroupSpecs") or group_specs
+        except ApiException as error:
+            if error.status != 404:
+                raise
+        pods = core.list_namespaced_pod(
+            namespace, label_selector=f"{CLUSTER_LABEL}={cluster_name},{NODE_TYPE_LABEL}=worker"
+        ).items
+
+    return ServiceStatus(
+        name=name,
+        namespace=namespace,
+        service_status=status.get("serviceStatus") or "",
+        ready=_condition(conditions, "Ready"),
+        conditions=[{k: c.get(k) for k in ("type", "status", "reason", "message") if c.get(k)} for c in conditions],
+        active_cluster=cluster_name,
+        pending_cluster=pending.get("rayClusterName") or None,
+        num_serve_endpoints=int(status.get("numServeEndpoints") or 0),
+        applications=_applications(active),
+        tiers=_tiers(group_specs, pods),
+    )
+
+
+def format_status(status: ServiceStatus) -> str:
+    """A short human-readable report of `read_status`'s answer."""
+    ready = {True: "Ready", False: "NotReady", None: "-"}[status.ready]
+    lines = [
+        f"RayService {status.namespace}/{status.name}: {status.service_status or '-'} ({ready}), "
+        f"{status.num_serve_endpoints} serve endpoint(s), {'healthy' if status.healthy else 'NOT healthy'}",
+        f"  active cluster: {status.active_cluster or '-'}"
+        + (f"   pending (upgrade): {status.pending_cluster}" if status.pending_cluster else ""),
+    ]
+    for condition in status.conditions:
+        if condition.get("status") != "True" or condition.get("type") != "Ready":
+            detail = ": ".join(str(condition[k]) for k in ("reason", "message") if condition.get(k))
+            lines.append(f"  condition {condition.get('type')}={condition.get('status')}" + (f" ({detail})" if detail else ""))
+    lines.append("  tiers (worker pods ready / existing / autoscaler target, bounds):")
+    if not status.tiers:
+        lines.append("    none")
+    for tier in status.tiers:
+        lines.append(
+            f"    {tier.tier:<10} group={tier.group:<12} {tier.ready_pods}/{tier.pods}/{tier.desired} "
+            f"[{tier.min_replicas}..{tier.max_replicas}]"
+        )
+    lines.append("  serve applications:")
+    if not status.applications:
+        lines.append("    none reported yet")
+    for app in status.applications:
+        lines.append(f"    {app.name}: {app.status}" + (f" ({app.message})" if app.message else ""))
+        for deployment, state in app.deployments.items():
+            message = app.deployment_messages.get(deployment)
+            lines.append(f"      {deployment}: {state}" + (f" ({message})" if message else ""))
+    return "\n".join(lines)
+
+
+def status_json(status: ServiceStatus) -> str:
+    return json.dumps(status.to_dict(), indent=2, sort_keys=True)
