@@ -1,0 +1,390 @@
+"""The chart's rendered output, validated offline: the RayService against KubeRay's CRD schema,
+serveConfigV2 against Ray Serve's schema and the project's AppConfig, built-in kinds against the
+Kubernetes schemas; plus the behaviours values promise (GPU placement, pinning, failures)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from speccascade.k8s import HelmError, select_kind
+
+from .conftest import CHART_DIR, GPU_EXAMPLE, KUBERNETES_VERSION
+
+# Deployment replicas each worker pod hosts, per values file (the pod advertises this many units).
+CASES = {
+    "default": {"values_files": (), "replicas_per_pod": {"drafter": 1, "expert": 1}},
+    "gpu-production": {"values_files": (GPU_EXAMPLE,), "replicas_per_pod": {"drafter": 1, "expert": 2}},
+}
+
+
+def rayservice_of(objects: list[dict]) -> dict:
+    (service,) = select_kind(objects, "RayService", "ray.io/v1")
+    return service
+
+
+def serve_config_of(service: dict) -> dict:
+    return yaml.safe_load(service["spec"]["serveConfigV2"])
+
+
+def app_of(service: dict) -> dict:
+    (app,) = serve_config_of(service)["applications"]
+    return app
+
+
+def worker_groups(service: dict) -> dict[str, dict]:
+    """Worker groups by the tier label the chart puts on their pods."""
+    groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return {g["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: g for g in groups}
+
+
+def pod_templates(service: dict) -> list[dict]:
+    cluster = service["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
+def ray_resources_of(group_spec: dict, is_head: bool) -> dict:
+    """What the Ray autoscaler believes a pod of this group provides (its own parser)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
+
+    return _get_ray_resources_from_group_spec(copy.deepcopy(group_spec), is_head)
+
+
+def strict(schema: dict) -> dict:
+    """The CRD schema with unknown fields rejected, as the API server's strict field validation
+    does (a structural schema otherwise prunes a misspelt field silently)."""
+    schema = copy.deepcopy(schema)
+
+    def visit(node):
+        if isinstance(node, dict):
+            if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(schema)
+    return schema
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, render):
+    spec = CASES[request.param]
+    return {**spec, "name": request.param, "objects": render(values_files=spec["values_files"])}
+
+
+# ------------------------------------------------------------------------------- offline validation
+
+@pytest.mark.parametrize("values_files", [(), (GPU_EXAMPLE,)], ids=["default", "gpu-production"])
+def test_helm_lint_strict(helm, values_files):
+    command = [str(helm), "lint", "--strict", str(CHART_DIR)]
+    for values_file in values_files:
+        command += ["--values", str(values_file)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rayservice_matches_kuberay_crd_schema(case, rayservice_schema):
+    service = rayservice_of(case["objects"])
+    jsonschema.Draft7Validator(strict(rayservice_schema)).validate(service)
+
+
+def test_strict_crd_schema_rejects_a_misspelt_field(case, rayservice_schema):
+    service = copy.deepcopy(rayservice_of(case["objects"]))
+    service["spec"]["rayClusterConfig"]["enableInTreeAutoScaling"] = True
+    with pytest.raises(jsonschema.ValidationError, match="enableInTreeAutoScaling"):
+        jsonschema.Draft7Validator(strict(rayservice_schema)).validate(service)
+
+
+def test_serve_config_is_valid_for_ray_serve_and_app_config(case):
+    from ray.serve.schema import ServeDeploySchema
+
+    from speccascade.tiers.config import AppConfig
+
+    config = ServeDeploySchema.model_validate(serve_config_of(rayservice_of(case["objects"])))
+    (app,) = config.applications
+    assert app.import_path == "speccascade.tiers.app:build_app"
+    assert config.grpc_options.grpc_servicer_functions == [
+        "speccascade.api.v1.speccascade_pb2_grpc.add_SpecCascadeServicer_to_server"
+    ]
+    AppConfig.model_validate(app.args)
+
+
+def test_builtin_kinds_are_valid_kubernetes(case):
+    service = rayservice_of(case["objects"])
+    builtin = [obj for obj in case["objects"] if "." not in obj["apiVersion"].split("/")[0] or
+               obj["apiVersion"].startswith("networking.k8s.io/")]
+    # The gRPC Service KubeRay creates from spec.serveService, and every Ray pod template.
+    serve_service = {"apiVersion": "v1", "kind": "Service", **service["spec"]["serveService"]}
+    pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"pod-{i}", **t["metadata"]}, "spec": t["spec"]}
+            for i, t in enumerate(pod_templates(service))]
+    for obj in builtin + [serve_service] + pods:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    if case["name"] == "gpu-production":
+        assert {obj["kind"] for obj in builtin} == {"Service", "Ingress"}
+
+
+def test_kubernetes_validate_catches_a_broken_service(case):
+    service = rayservice_of(case["objects"])
+    broken = {"apiVersion": "v1", "kind": "Service", **copy.deepcopy(service["spec"]["serveService"])}
+    broken["spec"]["ports"][0]["port"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+# ------------------------------------------------------------------------ placement and resources
+
+def test_each_group_advertises_exactly_its_tier_resources(case):
+    from speccascade.tiers.config import AppConfig
+
+    service = rayservice_of(case["objects"])
+    args = AppConfig.model_validate(app_of(service)["args"])
+    groups = worker_groups(service)
+    assert set(groups) == {"drafter", "expert"}
+    tier_resources = {tier: dict(getattr(args, tier).placement.resources) for tier in groups}
+    assert tier_resources["drafter"].keys() != tier_resources["expert"].keys()
+
+    for tier, group in groups.items():
+        placement = getattr(args, tier).placement
+        per_pod = case["replicas_per_pod"][tier]
+        provided = ray_resources_of(group, is_head=False)
+        custom = {k: v for k, v in provided.items() if k not in {"CPU", "GPU", "memory"}}
+        # Exactly this tier's custom resources, scaled by the replicas a pod hosts: replicas of
+        # the tier fit only here, and the autoscaler adds pods of this group for them.
+        assert custom == {name: amount * per_pod for name, amount in placement.resources.items()}
+        assert provided.get("GPU", 0) >= placement.num_gpus * per_pod
+        assert provided["CPU"] >= placement.num_cpus * per_pod
+
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    head_custom = set(ray_resources_of(head, is_head=True)) - {"CPU", "GPU", "memory"}
+    assert not head_custom & (tier_resources["drafter"].keys() | tier_resources["expert"].keys())
+
+
+def test_router_fits_on_some_group(case):
+    from speccascade.tiers.config import AppConfig
+
+    service = rayservice_of(case["objects"])
+    router = AppConfig.model_validate(app_of(service)["args"]).router.placement
+    cluster = service["spec"]["rayClusterConfig"]
+    offers = [ray_resources_of(cluster["headGroupSpec"], is_head=True)]
+    offers += [ray_resources_of(g, is_head=False) for g in cluster["workerGroupSpecs"]]
+    assert any(offer["CPU"] >= router.num_cpus and all(offer.get(k, 0) >= v for k, v in router.resources.items())
+               for offer in offers)
+
+
+def test_gpu_settings_land_in_the_right_group(render):
+    service = rayservice_of(render(values_files=(GPU_EXAMPLE,)))
+    groups = worker_groups(service)
+    drafter, expert = groups["drafter"]["template"]["spec"], groups["expert"]["template"]["spec"]
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+
+    assert drafter["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert expert["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
+    assert drafter["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert expert["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
+    assert head["nodeSelector"] == {"node.kubernetes.io/pool": "cpu-system"}
+    assert "tolerations" not in head and drafter["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "affinity" in expert and "affinity" not in drafter
+    assert {v["name"] for v in expert["volumes"]} == {"shared-memory", "model-cache"}
+    assert {v["name"] for v in drafter["volumes"]} == {"shared-memory"}
+    assert ray_resources_of(groups["expert"], is_head=False)["GPU"] == 4
+
+    args = app_of(service)["args"]
+    assert (args["drafter"]["placement"]["num_gpus"], args["drafter"]["placement"]["accelerator_type"]) == (1, "L4")
+    assert (args["expert"]["placement"]["num_gpus"], args["expert"]["placement"]["accelerator_type"]) == (2, "A100")
+    assert args["expert"]["model"] == "Qwen/Qwen2.5-Coder-32B-Instruct"
+    assert groups["expert"]["idleTimeoutSeconds"] == 900
+    assert (groups["drafter"]["minReplicas"], groups["drafter"]["maxReplicas"]) == (2, 8)
+
+
+def test_renamed_tier_resources_follow_into_both_sides(render):
+    service = rayservice_of(render(set_values=["tiers.expert.rayResource.name=big_gpu_pool"]))
+    assert app_of(service)["args"]["expert"]["placement"]["resources"] == {"big_gpu_pool": 1}
+    assert ray_resources_of(worker_groups(service)["expert"], is_head=False)["big_gpu_pool"] == 1
+
+
+# -------------------------------------------------------------------------------- clear failures
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tiers": {"expert": {"workerGroup": {"resources": None}}}},
+         "tiers.expert.workerGroup.resources must set both requests and limits"),
+        ({"tiers": {"drafter": {"workerGroup": {"resources": {"requests": {"cpu": "1"}, "limits": None}}}}},
+         "tiers.drafter.workerGroup.resources must set both requests and limits"),
+        ({"head": {"resources": None}}, "head.resources must set both requests and limits"),
+        ({"tiers": {"expert": {"deployment": {"numGpus": 1}}}},
+         'tiers.expert needs 1 GPUs per pod .*limits\\["nvidia.com/gpu"\\] is 0'),
+        ({"tiers": {"drafter": {"deployment": {"maxReplicas": 5}}}},
+         "tiers.drafter.deployment.maxReplicas=5 cannot fit"),
+        ({"tiers": {"drafter": {"rayResource": {"perReplica": 0.5}}}},
+         "tiers.drafter.rayResource.perReplica must be a whole number"),
+        ({"tiers": {"drafter": {"rayResource": {"name": "expert_tier"}}}},
+         "rayResource.name must differ"),
+        ({"tiers": {"drafter": {"workerGroup": {"rayStartParams": {"resources": "x"}}}}},
+         "tiers.drafter.workerGroup.rayStartParams.resources is set by the chart"),
+    ],
+    ids=["tier-without-resources", "tier-without-limits", "head-without-resources", "gpus-missing",
+         "replicas-cannot-fit", "fractional-ray-resource", "shared-ray-resource", "own-resources-param"],
+)
+def test_inconsistent_values_fail_with_a_clear_message(render, tmp_path, overrides, message):
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(overrides))
+    with pytest.raises(HelmError, match=message):
+        render(values_files=(values,))
+
+
+# ------------------------------------------------------------------------------ values behaviours
+
+def test_image_overrides_reach_every_container(render):
+    service = rayservice_of(render(set_values=[
+        "image.repository=registry.internal/ml/speccascade", "image.tag=1.2.3", "image.pullPolicy=Always",
+        "imagePullSecrets[0].name=regcred",
+    ]))
+    templates = pod_templates(service)
+    assert len(templates) == 3
+    for template in templates:
+        (container,) = template["spec"]["containers"]
+        assert container["image"] == "registry.internal/ml/speccascade:1.2.3"
+        assert container["imagePullPolicy"] == "Always"
+        assert template["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_default_image_tag_is_the_app_version(render):
+    app_version = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())["appVersion"]
+    for template in pod_templates(rayservice_of(render())):
+        assert template["spec"]["containers"][0]["image"] == f"speccascade:{app_version}"
+        assert "imagePullSecrets" not in template["spec"]
+
+
+def test_ingress_is_off_by_default(render):
+    assert select_kind(render(), "Ingress") == []
+
+
+def test_ingress_routes_grpc_to_the_serve_service_with_tls(render):
+    objects = render(set_values=[
+        "ingress.enabled=true", "ingress.className=nginx", "ingress.host=llm.corp.test",
+        "ingress.tls[0].secretName=llm-tls", "ingress.tls[0].hosts[0]=llm.corp.test",
+    ])
+    (ingress,) = select_kind(objects, "Ingress", "networking.k8s.io/v1")
+    kubernetes_validate.validate(ingress, KUBERNETES_VERSION, strict=True)
+    serve_service = rayservice_of(objects)["spec"]["serveService"]
+    (rule,) = ingress["spec"]["rules"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert rule["host"] == "llm.corp.test"
+    assert backend["name"] == serve_service["metadata"]["name"]
+    grpc_port = {p["name"]: p for p in serve_service["spec"]["ports"]}[backend["port"]["name"]]
+    assert grpc_port["targetPort"] == serve_config_of(rayservice_of(objects))["grpc_options"]["port"]
+    assert ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.corp.test"]}]
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+
+
+def test_grpc_port_is_exposed_end_to_end(render):
+    service = rayservice_of(render(set_values=["serve.grpcPort=9100"]))
+    assert serve_config_of(service)["grpc_options"]["port"] == 9100
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "grpc", "containerPort": 9100, "protocol": "TCP"} in head["ports"]
+    ports = {p["name"]: p for p in service["spec"]["serveService"]["spec"]["ports"]}
+    assert ports["grpc"]["targetPort"] == 9100 and ports["grpc"]["appProtocol"] == "grpc"
+
+
+def test_autoscaling_policy_is_rendered_only_when_set(render, tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    assert "autoscaling_policy" not in app_of(rayservice_of(render()))
+    policy = {"policy_function": "speccascade.autoscale.policy:deferral_policy"}
+    values = tmp_path / "autoscaling.yaml"
+    values.write_text(yaml.safe_dump({"autoscaling": {"autoscalingPolicy": policy}}))
+    config = serve_config_of(rayservice_of(render(values_files=(values,))))
+    assert config["applications"][0]["autoscaling_policy"] == policy
+    ServeDeploySchema.model_validate(config)
+
+
+def test_policy_values_become_app_config_defaults(render):
+    from speccascade.tiers.config import AppConfig
+
+    service = rayservice_of(render(set_values=["policy.rule=chow", "policy.alpha=0.2", "policy.blockSize=7"]))
+    policy = AppConfig.model_validate(app_of(service)["args"]).policy
+    assert (policy.rule.value, policy.alpha, policy.block_size) == ("chow", 0.2, 7)
+
+
+def test_tenant_api_keys_come_from_the_referenced_secret(render):
+    for template in pod_templates(rayservice_of(render())):
+        assert "env" not in template["spec"]["containers"][0]
+    service = rayservice_of(render(set_values=["tenantAuth.existingSecret=tenant-keys"]))
+    for template in pod_templates(service):
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["SPECCASCADE_TENANT_API_KEYS"]["valueFrom"]["secretKeyRef"] == {
+            "name": "tenant-keys", "key": "api-keys"}
+
+
+def test_every_ray_pod_is_scraped_on_its_metrics_port(case):
+    service = rayservice_of(case["objects"])
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+        template = group["template"]
+        annotations = template["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert str(ports["metrics"]) == annotations["prometheus.io/port"] == group["rayStartParams"]["metrics-export-port"]
+
+
+def test_service_monitor_selects_the_metrics_service_which_selects_ray_pods(render):
+    objects = render(set_values=["metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom"])
+    (monitor,) = select_kind(objects, "ServiceMonitor", "monitoring.coreos.com/v1")
+    (metrics_service,) = [s for s in select_kind(objects, "Service") if s["metadata"]["name"].endswith("-metrics")]
+    kubernetes_validate.validate(metrics_service, KUBERNETES_VERSION, strict=True)
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= metrics_service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == metrics_service["spec"]["ports"][0]["name"]
+    for template in pod_templates(rayservice_of(objects)):
+        assert metrics_service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    assert select_kind(render(), "ServiceMonitor") == []
+
+
+# ------------------------------------------------------------------------------------ chart hygiene
+
+def test_one_pod_template_serves_every_group():
+    templates = "\n".join(p.read_text() for p in (CHART_DIR / "templates").iterdir() if p.is_file())
+    assert templates.count("containers:") == 1
+
+
+def test_every_value_is_documented():
+    """Each value carries a `# --` comment, on itself or on an enclosing value (a documented map
+    like `resources` covers its inline contents); plain sections need none."""
+    lines = (CHART_DIR / "values.yaml").read_text().splitlines()
+    key = re.compile(r"^(\s*)([\w./-]+):(.*)$")
+    undocumented = []
+    documented_ancestors: list[tuple[int, bool]] = []  # (indent, documented) of enclosing keys
+    for index, line in enumerate(lines):
+        match = key.match(line)
+        if not match:
+            continue
+        indent, name, rest = len(match.group(1)), match.group(2), match.group(3)
+        while documented_ancestors and documented_ancestors[-1][0] >= indent:
+            documented_ancestors.pop()
+        comments = []
+        for previous in reversed(lines[:index]):
+            if not previous.strip().startswith("#"):
+                break
+            comments.append(previous.strip())
+        documented = any(c.startswith("# --") for c in comments)
+        covered = documented or any(d for _, d in documented_ancestors)
+        following = next((l for l in lines[index + 1:] if l.strip() and not l.strip().startswith("#")), "")
+        is_section = (not rest.strip() and bool(key.match(following))
+                      and len(following) - len(following.lstrip()) > indent)
+        if not is_section and not covered:
+            undocumented.append(f"line {index + 1}: {name}")
+        documented_ancestors.append((indent, documented))
+    assert undocumented == []
