@@ -1,0 +1,1 @@
+"""Deferral-rate autoscaling of the drafter and expert tiers (see policy.py)."""
