@@ -122,3 +122,20 @@ def test_tokens_covering_stops_at_the_kept_text(tokenizer):
     assert tokenizer.decode(covering).startswith(kept)
     assert not tokenizer.decode(covering[:-1]).startswith(kept)
     assert tokens_covering(tokenizer, ids, "") == []
+
+
+def test_alpha_overrides_replace_one_sweep_and_bad_ones_are_named():
+    from speccascade.bench.tradeoff_configs import parse_alpha_overrides
+
+    overrides = parse_alpha_overrides(["token=0.1,0.3", "chow=0.5"])
+    assert overrides == {"token": (0.1, 0.3), "chow": (0.5,)}
+    configs = build_configs(methods=("token", "chow", "opt"), samplings=("greedy",), block_size=5,
+                            max_new_tokens=64, alphas=overrides)
+    assert [(c.method, c.alpha) for c in configs if c.method != "opt"] == [("token", 0.1), ("token", 0.3),
+                                                                           ("chow", 0.5)]
+    assert len([c for c in configs if c.method == "opt"]) > 1
+    with pytest.raises(ValueError, match="expert=0.1"):
+        parse_alpha_overrides(["expert=0.1"])
+    with pytest.raises(ValueError, match="lossy"):
+        build_configs(methods=("lossy",), samplings=("greedy",), block_size=5, max_new_tokens=64,
+                      alphas={"lossy": (1.0,)})

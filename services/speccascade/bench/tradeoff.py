@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from .humaneval import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECONDS, load_problems
-from .tradeoff_configs import METHODS, SAMPLINGS, BenchConfig, build_configs, parse_list
+from .tradeoff_configs import METHODS, SAMPLINGS, BenchConfig, build_configs, parse_alpha_overrides, parse_list
 from .tradeoff_report import (
     QUALITY_MEASURES,
     markdown_summary,
@@ -34,7 +34,8 @@ from .tradeoff_records import CALIBRATION_FILE, RECORDS_FILE, SUMMARY_FILE, Reco
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path("benchmarks/tradeoff")
+DEFAULT_OUT = Path("benchmarks/tradeoff/humaneval")
+QUICK_OUT = Path("benchmarks/tradeoff/quick")
 DEFAULT_MAX_NEW_TOKENS = 384  # the longest canonical HumanEval solution is ~300 Qwen tokens
 QUICK_LIMIT = 3
 QUICK_MAX_NEW_TOKENS = 64
@@ -44,21 +45,24 @@ QUICK_SAMPLINGS = ("greedy",)
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "tradeoff", help="quality vs latency of every rule and baseline on HumanEval",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--drafter", default=None, help="drafter source (default: the packaged drafter)")
     parser.add_argument("--expert", default=None, help="expert source (default: the packaged expert)")
-    parser.add_argument("--dtype", default="bf16", help="bf16 or fp32")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (resumable)")
+    parser.add_argument("--dtype", default="bf16", help="bf16 (default) or fp32")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output directory, resumable (default: {DEFAULT_OUT}, quick: {QUICK_OUT})")
     parser.add_argument("--limit", type=int, default=None, help="first N HumanEval problems (default: all 164)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
-    parser.add_argument("--samplings", default=",".join(SAMPLINGS), help="comma-separated sampling settings")
-    parser.add_argument("--block-size", type=int, default=5, help="gamma, also for hf-assisted")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
+    parser.add_argument("--samplings", default=",".join(SAMPLINGS), help=f"comma-separated sampling settings (default: all; quick: {','.join(QUICK_SAMPLINGS)})")
+    parser.add_argument("--alphas", action="append", metavar="METHOD=A[,B...]",
+                        help="replace one method's alpha sweep (repeatable), e.g. --alphas token=0.1,0.3")
+    parser.add_argument("--block-size", type=int, default=5, help="gamma, also for hf-assisted (default: 5)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"token budget per completion (default {DEFAULT_MAX_NEW_TOKENS}, quick {QUICK_MAX_NEW_TOKENS})")
-    parser.add_argument("--seed", type=int, default=1234, help="base seed; each problem gets its own")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help="seconds per test run")
-    parser.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB, help="address-space limit per test run")
+    parser.add_argument("--seed", type=int, default=1234, help="base seed; each problem gets its own (default: 1234)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS, help=f"seconds per test run (default: {DEFAULT_TIMEOUT_SECONDS:g})")
+    parser.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB, help=f"address-space limit per test run (default: {DEFAULT_MEMORY_MB})")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_LIMIT} problems, greedy, few alphas, {QUICK_MAX_NEW_TOKENS} tokens")
     parser.add_argument("--report-only", action="store_true", help="rebuild summary, table and plots; load no model")
@@ -73,9 +77,10 @@ def handle(args: argparse.Namespace) -> int:
     if quick and args.samplings == ",".join(SAMPLINGS):
         samplings = QUICK_SAMPLINGS
     configs = build_configs(methods=parse_list(args.methods, METHODS, "method"), samplings=samplings,
-                            quick=quick, block_size=args.block_size, max_new_tokens=max_new_tokens)
+                            quick=quick, block_size=args.block_size, max_new_tokens=max_new_tokens,
+                            alphas=parse_alpha_overrides(args.alphas))
     problems = load_problems(limit)
-    out: Path = args.out
+    out: Path = args.out or (QUICK_OUT if quick else DEFAULT_OUT)
     if not args.report_only:
         from ..engine.engine import CascadeEngine
 

@@ -111,13 +111,33 @@ def parse_list(text: str, valid: tuple[str, ...], what: str) -> tuple[str, ...]:
     return names
 
 
+def parse_alpha_overrides(items: list[str] | None) -> dict[str, tuple[float, ...]]:
+    """`["token=0.1,0.3", "chow=0.5"]` -> {"token": (0.1, 0.3), "chow": (0.5,)}."""
+    overrides: dict[str, tuple[float, ...]] = {}
+    for item in items or []:
+        method, sep, values = item.partition("=")
+        method = method.strip()
+        if not sep or method not in FULL_ALPHAS:
+            raise ValueError(f"--alphas {item!r}: expected METHOD=A[,B...] with METHOD one of "
+                             f"{', '.join(FULL_ALPHAS)}")
+        try:
+            overrides[method] = tuple(float(v) for v in values.split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"--alphas {item!r}: alphas must be numbers") from None
+        if not overrides[method]:
+            raise ValueError(f"--alphas {item!r}: no alpha given")
+    return overrides
+
+
 def build_configs(*, methods: tuple[str, ...] = METHODS, samplings: tuple[str, ...] = tuple(SAMPLINGS),
-                  quick: bool = False, block_size: int, max_new_tokens: int) -> list[BenchConfig]:
-    """Every configuration, grouped by sampling setting, methods in METHODS order.
+                  quick: bool = False, block_size: int, max_new_tokens: int,
+                  alphas: dict[str, tuple[float, ...]] | None = None) -> list[BenchConfig]:
+    """Every configuration, grouped by sampling setting, methods in METHODS order; `alphas`
+    replaces the sweep of the methods it names.
 
     Each configuration is validated by building its engine request once, so a bad alpha fails
     before any model work."""
-    alphas = QUICK_ALPHAS if quick else FULL_ALPHAS
+    alphas = {**(QUICK_ALPHAS if quick else FULL_ALPHAS), **(alphas or {})}
     configs = []
     for sampling in samplings:
         for method in (m for m in METHODS if m in methods):

@@ -112,6 +112,7 @@ def generate_with_hf_assisted(engine, config: BenchConfig, prompt: str, seed: in
     configure_assistant(drafter_model, config.block_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(engine.eos_ids)
     generation_config = hf_generation_config(config, engine.eos_ids, pad_id)
+    stop_criteria = hf_stop_criteria(tokenizer)  # built outside the timed region
     input_ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
     torch.manual_seed(seed)
     with _ForwardCounter(drafter_model) as drafter_calls, _ForwardCounter(expert_model) as expert_calls:
@@ -119,7 +120,7 @@ def generate_with_hf_assisted(engine, config: BenchConfig, prompt: str, seed: in
         with torch.inference_mode():
             sequences = expert_model.generate(
                 input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config,
-                assistant_model=drafter_model, stopping_criteria=hf_stop_criteria(tokenizer),
+                assistant_model=drafter_model, stopping_criteria=stop_criteria,
             )
         wall = time.perf_counter() - started
     new_ids = sequences[0, input_ids.shape[1]:].tolist()
