@@ -141,3 +141,31 @@ def test_plot_file_is_written(tmp_path, measure):
     assert path.exists()
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
+
+
+def test_report_only_command_rebuilds_outputs_without_models(tmp_path, capsys):
+    import argparse
+    import json
+
+    from speccascade.bench import tradeoff
+
+    with (tmp_path / "records.jsonl").open("w") as f:
+        for r in _sweep_records():
+            f.write(json.dumps({**r, "dtype": "torch.bfloat16"}) + "\n")
+    machine = {"cpu": "test cpu", "cores": 2, "torch_threads": 2, "torch": "2.13.0"}
+    with (tmp_path / "calibration.jsonl").open("w") as f:
+        for c in (0.4, 0.5, 0.6):
+            f.write(json.dumps({"c": c, "drafter_step_ms": 100 * c, "expert_step_ms": 100, "machine": machine,
+                                "drafter_model": "d", "expert_model": "e"}) + "\n")
+    parser = argparse.ArgumentParser()
+    tradeoff.register(parser.add_subparsers())
+    args = parser.parse_args(["tradeoff", "--report-only", "--out", str(tmp_path)])
+    assert args.handler(args) == 0
+    table = (tmp_path / "table.md").read_text()
+    assert "c = 0.500 (median over 3 invocation(s)" in table
+    assert "test cpu" in table
+    assert (tmp_path / "pass-at-1_greedy.png").exists()
+    summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    token = next(s for s in summary if s["method"] == "token" and s["alpha"] == 0.5)
+    assert token["relative_cost"] == pytest.approx(1.0)  # same passes as expert in these records
+    assert "## pass@1, greedy" in capsys.readouterr().out
