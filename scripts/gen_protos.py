@@ -4,8 +4,9 @@ services/speccascade/api/v1/ (never edit those files by hand; rerun this script)
     python scripts/gen_protos.py           # regenerate
     python scripts/gen_protos.py --check   # exit 1 if the committed stubs are out of date
 
-protoc names imports after the .proto's path (`from speccascade.v1 import ...`); the generated
-package lives at `speccascade.api.v1`, so that one import prefix is rewritten.
+protoc names Python modules after the .proto's path (`speccascade.v1.speccascade_pb2`); the
+generated package lives at `speccascade.api.v1`, so that module path is rewritten in imports and
+in the module name the message classes are built under (pickling, e.g. through Ray, needs it).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def generate() -> dict[str, str]:
             if status != 0:
                 raise SystemExit(f"protoc failed on {relative} (exit {status})")
             for generated in sorted((Path(tmp) / PROTO_PACKAGE).glob(f"{proto.stem}_pb2*")):
-                text = generated.read_text().replace(IMPORT_FROM, IMPORT_TO)
+                module = f"{PROTO_PACKAGE.replace('/', '.')}.{proto.stem}_pb2"
+                text = (generated.read_text().replace(IMPORT_FROM, IMPORT_TO)
+                        .replace(f"'{module}'", f"'{IMPORT_TO.split()[1]}.{proto.stem}_pb2'"))
                 outputs[generated.name] = HEADER.format(proto=relative) + text
     return outputs
 

@@ -76,10 +76,15 @@ def verify_block(
     p: Tensor,  # [gamma + 1, V] expert distributions (temperature 1); the last is the bonus position
     sampling: SamplingParams,
     generator: torch.Generator | None = None,
+    q_sample: Tensor | None = None,  # [gamma, V] adjust_probs(q, sampling), if already known
 ) -> BlockVerdict:
     """Accept a prefix of the drafted block and produce one more token from the expert side.
 
     With greedy sampling this is deterministic and draws nothing from `generator`.
+
+    `q_sample` lets a caller that only has the drafter's sampling distributions (e.g. sparse
+    top-k / top-p rows shipped over the network) pass them directly; `q` is then only used to
+    decide deferral (its max for chow/diff, all of it for opt).
     """
     rule = Rule.parse(rule)
     alpha = validate_alpha(rule, alpha)
@@ -91,7 +96,7 @@ def verify_block(
         )
     q = q.float()
     p = p.float()
-    q_sample = adjust_probs(q, sampling)
+    q_sample = adjust_probs(q, sampling) if q_sample is None else q_sample.float()
     p_sample = adjust_probs(p, sampling)
 
     accept_table, residual_source, deferred = acceptance(

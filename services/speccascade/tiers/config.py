@@ -86,6 +86,13 @@ class RouterConfig(_Strict):
     placement: Placement = Field(default_factory=Placement, description="Where each router replica runs.")
     replicas: Replicas = Field(default_factory=Replicas, description="Router replica bounds.")
     max_ongoing_requests: int = Field(64, ge=1, description="Concurrent requests a router replica accepts.")
+    tier_call_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for one tier call (routing + queueing + compute) before retrying.")
+    tier_call_attempts: int = Field(
+        3, ge=1, le=20, description="Tries per tier call; a failed or timed-out call is retried (recomputed).")
+    tier_down_cooldown_s: float = Field(
+        10.0, ge=0, description="After a tier is found without running replicas, how long to answer "
+                                "UNAVAILABLE (or decode expert-only) without trying it again.")
 
 
 class CascadePolicy(_Strict):

@@ -1,0 +1,91 @@
+"""A Python client of the speccascade gRPC API.
+
+    with SpecCascadeClient("localhost:9000") as client:
+        for chunk in client.stream(prompt="def fib(n):", rule="chow", alpha=0.3, max_new_tokens=64):
+            print(chunk.text, end="")
+        print(chunk.stats)
+
+Unset options take the server's defaults. Errors surface as `grpc.RpcError` with the server's
+status code (INVALID_ARGUMENT names the bad field).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .v1 import speccascade_pb2 as pb
+from .v1 import speccascade_pb2_grpc as pb_grpc
+
+RULES = {name.removeprefix("RULE_").lower(): value for name, value in pb.Rule.items() if value}
+SOURCES = {pb.SOURCE_DRAFTER: "drafter", pb.SOURCE_EXPERT: "expert"}
+FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+
+
+def build_request(
+    prompt: str | None = None, *, messages: Sequence[dict] | None = None, rule: str | None = None,
+    alpha: float | None = None, block_size: int | None = None, max_new_tokens: int | None = None,
+    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+    seed: int | None = None, stop: Sequence[str] = (),
+) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(stop=list(stop))
+    if messages is not None:
+        request.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    elif prompt is not None:
+        request.prompt = prompt
+    if rule is not None:
+        if rule.lower() not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; expected one of: {', '.join(RULES)}")
+        request.policy.rule = RULES[rule.lower()]
+    for message, field, value in (
+        (request.policy, "alpha", alpha), (request.policy, "block_size", block_size),
+        (request, "max_new_tokens", max_new_tokens), (request.sampling, "temperature", temperature),
+        (request.sampling, "top_k", top_k), (request.sampling, "top_p", top_p), (request.sampling, "seed", seed),
+    ):
+        if value is not None:
+            setattr(message, field, value)
+    return request
+
+
+class SpecCascadeClient:
+    def __init__(self, target: str = "localhost:9000", *, application: str | None = None,
+                 timeout: float | None = None, channel: grpc.Channel | None = None):
+        """`application` selects a Serve application when the cluster runs several; `timeout` is
+        the default deadline (seconds) per call."""
+        self.channel = channel or grpc.insecure_channel(target)
+        self.metadata = (("application", application),) if application else ()
+        self.timeout = timeout
+        self._stub = pb_grpc.SpecCascadeStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> "SpecCascadeClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _request(self, request: pb.GenerateRequest | None, options: dict) -> pb.GenerateRequest:
+        return request if request is not None else build_request(**options)
+
+    def generate(self, request: pb.GenerateRequest | None = None, *, timeout: float | None = None,
+                 **options) -> pb.GenerateResponse:
+        return self._stub.Generate(self._request(request, options), metadata=self.metadata,
+                                   timeout=timeout or self.timeout)
+
+    def stream(self, request: pb.GenerateRequest | None = None, *, timeout: float | None = None,
+               **options) -> Iterator[pb.GenerateStreamResponse]:
+        """Chunks as they are produced; the last one carries finish reason, usage and stats.
+        The returned iterator is also a grpc call: `.cancel()` stops generation on the server."""
+        return self._stub.GenerateStream(self._request(request, options), metadata=self.metadata,
+                                         timeout=timeout or self.timeout)
+
+    def health(self, service: str = "", *, timeout: float = 5.0) -> str:
+        """SERVING / NOT_SERVING / ... for the application (service "" or speccascade.v1.SpecCascade)."""
+        response = self._health.Check(health_pb2.HealthCheckRequest(service=service), metadata=self.metadata,
+                                      timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

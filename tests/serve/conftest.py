@@ -1,0 +1,105 @@
+"""A local Ray cluster (one per test session) serving the application on tiny random models
+saved to disk, the way a user points the tiers at model directories."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import grpc
+import pytest
+import torch
+
+from ..conftest import TOKENIZER_VOCAB, perturbed_copy, tiny_qwen2
+
+SERVE_APP = "speccascade"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tokenizer, tmp_path_factory):
+    """(drafter dir, expert dir): the engine tests' tiny fp32 pair plus the shared tokenizer."""
+    root = tmp_path_factory.mktemp("tiny-pair")
+    expert = tiny_qwen2(TOKENIZER_VOCAB, seed=0).to(torch.float32)
+    drafter = perturbed_copy(expert, seed=1, scale=0.1)
+    paths = []
+    for name, model in (("drafter", drafter), ("expert", expert)):
+        path = root / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return tuple(paths)
+
+
+def app_args(drafter_dir: str, expert_dir: str, **overrides) -> dict:
+    tier = {"dtype": "fp32", "kv_cache_budget_mb": 64, "batch_wait_timeout_s": 0.002}
+    args = {
+        "drafter": {"model": drafter_dir, **tier},
+        "expert": {"model": expert_dir, **tier},
+        "router": {"tier_call_timeout_s": 20.0},
+        "policy": {"rule": "lossless", "alpha": 0.0, "block_size": 4, "max_new_tokens": 32,
+                   "max_new_tokens_cap": 400},
+    }
+    for key, value in overrides.items():
+        args[key] = {**args.get(key, {}), **value}
+    return args
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray import serve
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-sc-serve-", dir="/tmp")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, log_to_driver=False)
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def grpc_port(ray_cluster):
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from speccascade.tiers.app import GRPC_SERVICER_FUNCTIONS
+
+    port = free_port()
+    serve.start(http_options=HTTPOptions(port=free_port()),
+                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    return port
+
+
+@pytest.fixture(scope="session")
+def served(grpc_port, tiny_pair):
+    """The application on the tiny pair; returns the gRPC target."""
+    from ray import serve
+
+    from speccascade.tiers.app import build_app
+
+    serve.run(build_app(app_args(*tiny_pair)), name=SERVE_APP, route_prefix="/speccascade")
+    return f"127.0.0.1:{grpc_port}"
+
+
+@pytest.fixture
+def client(served):
+    from speccascade.api.client import SpecCascadeClient
+
+    with SpecCascadeClient(served, application=SERVE_APP) as c:
+        yield c
+
+
+@pytest.fixture
+def tier_handles(served):
+    from ray import serve
+
+    return {name: serve.get_deployment_handle(name, app_name=SERVE_APP) for name in ("Drafter", "Expert", "Router")}
