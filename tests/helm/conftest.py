@@ -1,7 +1,7 @@
 """Fixtures for the chart tests: the helm binary, rendering, and the KubeRay CRD schemas.
 
 Tests skip (with the reason) when helm is not installed locally; CI installs it with
-scripts/install_helm.sh. The CRD schemas are the copy in the shared directory beside the
+scripts/install_helm.sh, and under CI (CI=true) a missing helm or CRD copy fails instead. The CRD schemas are the copy in the shared directory beside the
 repository (`../shared/kuberay-crds/`), or $SPECCASCADE_KUBERAY_CRDS.
 """
 
@@ -32,12 +32,18 @@ def _crd_dir() -> Path | None:
     return None
 
 
+def skip_or_fail_in_ci(reason: str):
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"{reason}; CI must provide it")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def helm() -> Path:
     try:
         return find_helm()
     except HelmError as error:
-        pytest.skip(f"helm is not installed ({error})")
+        skip_or_fail_in_ci(f"helm is not installed ({error})")
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +61,7 @@ def render(helm):
 def rayservice_schema() -> dict:
     crd_dir = _crd_dir()
     if crd_dir is None:
-        pytest.skip(f"KubeRay CRDs not found beside the repository ({REPO_ROOT.parent / 'shared' / 'kuberay-crds'})")
+        skip_or_fail_in_ci(f"KubeRay CRDs not found beside the repository ({REPO_ROOT.parent / 'shared' / 'kuberay-crds'})")
     crd = yaml.safe_load((crd_dir / "ray.io_rayservices.yaml").read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]

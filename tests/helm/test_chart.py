@@ -143,6 +143,17 @@ def test_kubernetes_validate_catches_a_broken_service(case):
 
 # ------------------------------------------------------------------------ placement and resources
 
+def replica_demand(placement) -> dict:
+    """What Ray asks of a node for one replica with this placement (Ray's own conversion)."""
+    from ray._common.utils import resources_from_ray_options
+
+    return resources_from_ray_options(placement.ray_actor_options())
+
+
+def fits(demand: dict, offer: dict, times: int = 1) -> bool:
+    return all(offer.get(name, 0) >= amount * times for name, amount in demand.items() if amount)
+
+
 def test_each_group_advertises_exactly_its_tier_resources(case):
     from speccascade.tiers.config import AppConfig
 
@@ -150,23 +161,35 @@ def test_each_group_advertises_exactly_its_tier_resources(case):
     args = AppConfig.model_validate(app_of(service)["args"])
     groups = worker_groups(service)
     assert set(groups) == {"drafter", "expert"}
-    tier_resources = {tier: dict(getattr(args, tier).placement.resources) for tier in groups}
-    assert tier_resources["drafter"].keys() != tier_resources["expert"].keys()
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    offers = {tier: ray_resources_of(group, is_head=False) for tier, group in groups.items()}
+    offers["head"] = ray_resources_of(head, is_head=True)
 
-    for tier, group in groups.items():
+    for tier in ("drafter", "expert"):
         placement = getattr(args, tier).placement
         per_pod = case["replicas_per_pod"][tier]
-        provided = ray_resources_of(group, is_head=False)
-        custom = {k: v for k, v in provided.items() if k not in {"CPU", "GPU", "memory"}}
-        # Exactly this tier's custom resources, scaled by the replicas a pod hosts: replicas of
-        # the tier fit only here, and the autoscaler adds pods of this group for them.
-        assert custom == {name: amount * per_pod for name, amount in placement.resources.items()}
-        assert provided.get("GPU", 0) >= placement.num_gpus * per_pod
-        assert provided["CPU"] >= placement.num_cpus * per_pod
+        # The tier's pinning resources, advertised exactly: perReplica x replicas per pod (and the
+        # accelerator type, which Ray itself would only detect once the pod runs).
+        custom = {k: v for k, v in offers[tier].items() if k not in {"CPU", "GPU", "memory"}}
+        expected = {name: amount * per_pod for name, amount in placement.resources.items()}
+        if placement.accelerator_type:
+            expected[f"accelerator_type:{placement.accelerator_type}"] = 1
+        assert custom == expected
+        # A pod of the tier's group holds replicas_per_pod replicas; no other group holds even one.
+        demand = replica_demand(placement)
+        assert fits(demand, offers[tier], per_pod)
+        assert not any(fits(demand, offer) for name, offer in offers.items() if name != tier)
 
-    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
-    head_custom = set(ray_resources_of(head, is_head=True)) - {"CPU", "GPU", "memory"}
-    assert not head_custom & (tier_resources["drafter"].keys() | tier_resources["expert"].keys())
+
+def test_set_values_with_integers_render_like_values_files(render):
+    service = rayservice_of(render(set_values=[
+        "tiers.drafter.rayResource.perReplica=2", "tiers.drafter.workerGroup.replicasPerPod=2",
+        "tiers.drafter.workerGroup.replicas=2",
+    ]))
+    assert app_of(service)["args"]["drafter"]["placement"]["resources"] == {"drafter_tier": 2}
+    drafter = worker_groups(service)["drafter"]
+    assert ray_resources_of(drafter, is_head=False)["drafter_tier"] == 4
+    assert drafter["replicas"] == 2
 
 
 def test_router_fits_on_some_group(case):
@@ -225,6 +248,8 @@ def test_renamed_tier_resources_follow_into_both_sides(render):
         ({"head": {"resources": None}}, "head.resources must set both requests and limits"),
         ({"tiers": {"expert": {"deployment": {"numGpus": 1}}}},
          'tiers.expert needs 1 GPUs per pod .*limits\\["nvidia.com/gpu"\\] is 0'),
+        ({"tiers": {"drafter": {"workerGroup": {"replicas": 3}}}},
+         "tiers.drafter.workerGroup needs minReplicas <= replicas <= maxReplicas; got 1 <= 3 <= 2"),
         ({"tiers": {"drafter": {"deployment": {"maxReplicas": 5}}}},
          "tiers.drafter.deployment.maxReplicas=5 cannot fit"),
         ({"tiers": {"drafter": {"rayResource": {"perReplica": 0.5}}}},
@@ -235,6 +260,7 @@ def test_renamed_tier_resources_follow_into_both_sides(render):
          "tiers.drafter.workerGroup.rayStartParams.resources is set by the chart"),
     ],
     ids=["tier-without-resources", "tier-without-limits", "head-without-resources", "gpus-missing",
+         "initial-pods-out-of-bounds",
          "replicas-cannot-fit", "fractional-ray-resource", "shared-ray-resource", "own-resources-param"],
 )
 def test_inconsistent_values_fail_with_a_clear_message(render, tmp_path, overrides, message):
@@ -302,7 +328,8 @@ def test_autoscaling_policy_is_rendered_only_when_set(render, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     assert "autoscaling_policy" not in app_of(rayservice_of(render()))
-    policy = {"policy_function": "speccascade.autoscale.policy:deferral_policy"}
+    policy = {"policy_function": "speccascade.autoscale.policy:DeferralAwarePolicy",
+              "policy_kwargs": {"target_utilization": 0.7}}
     values = tmp_path / "autoscaling.yaml"
     values.write_text(yaml.safe_dump({"autoscaling": {"autoscalingPolicy": policy}}))
     config = serve_config_of(rayservice_of(render(values_files=(values,))))

@@ -9,6 +9,8 @@ import pytest
 
 from speccascade.k8s import HelmError, find_helm, render_chart, select_kind
 
+from ..helm.conftest import skip_or_fail_in_ci
+
 
 def test_find_helm_prefers_the_environment_variable(tmp_path, monkeypatch):
     fake = tmp_path / "helm"
@@ -32,7 +34,7 @@ def test_render_passes_release_and_namespace_through():
     try:
         helm = find_helm()
     except HelmError as error:
-        pytest.skip(f"helm is not installed ({error})")
+        skip_or_fail_in_ci(f"helm is not installed ({error})")
     objects = render_chart(release="prod", namespace="ml", helm=helm, set_values={"fullnameOverride": "llm"})
     (service,) = select_kind(objects, "RayService", "ray.io/v1")
     assert service["metadata"]["name"] == "llm"

@@ -10,6 +10,7 @@ import pytest
 from speccascade.cli import main
 from speccascade.k8s import HelmError, find_helm, render_chart, select_kind
 
+from ..helm.conftest import skip_or_fail_in_ci
 from .test_rayservice import COLLECTION_PATH, NAMESPACE, SERVICE_PATH, live_service, route_cluster
 
 
@@ -18,7 +19,7 @@ def helm():
     try:
         return find_helm()
     except HelmError as error:
-        pytest.skip(f"helm is not installed ({error})")
+        skip_or_fail_in_ci(f"helm is not installed ({error})")
 
 
 def test_status_prints_tiers_and_app_health(apiserver, kubeconfig, capsys):

@@ -267,12 +267,17 @@ Arguments: dict "root" <context> "tierName" <drafter|expert> "tier" <the tier's 
 {{- $gpuName := $root.Values.gpuResourceName }}
 {{- include "speccascade.requireResources" (dict "resources" $group.resources "path" (printf "tiers.%s.workerGroup.resources" $tierName) "gpuResourceName" $gpuName) }}
 {{- $perReplica := $tier.rayResource.perReplica }}
-{{- if or (not (kindIs "float64" $perReplica)) (lt (float64 $perReplica) 1.0) (ne (float64 (int $perReplica)) (float64 $perReplica)) }}
+{{- $isNumber := or (kindIs "float64" $perReplica) (kindIs "int64" $perReplica) (kindIs "int" $perReplica) }}
+{{- if or (not $isNumber) (lt (float64 $perReplica) 1.0) (ne (float64 (int $perReplica)) (float64 $perReplica)) }}
 {{- fail (printf "tiers.%s.rayResource.perReplica must be a whole number >= 1 (the Ray autoscaler reads custom resources as integers); got %v" $tierName $perReplica) }}
 {{- end }}
 {{- $perPod := int $group.replicasPerPod }}
 {{- if lt $perPod 1 }}
 {{- fail (printf "tiers.%s.workerGroup.replicasPerPod must be >= 1; got %v" $tierName $group.replicasPerPod) }}
+{{- end }}
+{{- $initialPods := $group.replicas | default $group.minReplicas }}
+{{- if or (gt (int $group.minReplicas) (int $group.maxReplicas)) (lt (int $initialPods) (int $group.minReplicas)) (gt (int $initialPods) (int $group.maxReplicas)) }}
+{{- fail (printf "tiers.%s.workerGroup needs minReplicas <= replicas <= maxReplicas; got %v <= %v <= %v" $tierName $group.minReplicas $initialPods $group.maxReplicas) }}
 {{- end }}
 {{- if gt (int $deployment.maxReplicas) (mul (int $group.maxReplicas) $perPod) }}
 {{- fail (printf "tiers.%s.deployment.maxReplicas=%v cannot fit: workerGroup.maxReplicas=%v pods x replicasPerPod=%v" $tierName $deployment.maxReplicas $group.maxReplicas $perPod) }}
@@ -286,11 +291,16 @@ Arguments: dict "root" <context> "tierName" <drafter|expert> "tier" <the tier's 
 {{- fail (printf "tiers.%s.workerGroup.rayStartParams.resources is set by the chart from tiers.%s.rayResource; remove it" $tierName $tierName) }}
 {{- end }}
 {{- $advertised := dict $tier.rayResource.name (mul (int $perReplica) $perPod) }}
+{{- /* Ray detects `accelerator_type:<T>` on a GPU node only once it runs; advertising it lets the
+autoscaler see that this group can host replicas that ask for accelerator type T. */}}
+{{- with $deployment.acceleratorType }}
+{{- $_ := set $advertised (printf "accelerator_type:%s" .) 1 }}
+{{- end }}
 {{- $startParams := merge (dict "resources" (include "speccascade.rayResourcesParam" $advertised) "metrics-export-port" ($root.Values.metrics.port | toString)) ($group.rayStartParams | default dict) -}}
 - groupName: {{ $group.groupName }}
   minReplicas: {{ $group.minReplicas }}
   maxReplicas: {{ $group.maxReplicas }}
-  replicas: {{ $group.replicas | default $group.minReplicas }}
+  replicas: {{ $initialPods }}
   {{- with $group.idleTimeoutSeconds }}
   idleTimeoutSeconds: {{ . }}
   {{- end }}
