@@ -202,7 +202,7 @@ def serve_autoscaling(settings: AutoscalingSettings) -> ServeAutoscaling:
     ]
     policy = None
     if settings.policy == "deferral":
-        policy = {"policy_function": DEFERRAL_POLICY_FUNCTION, "policy_kwargs": settings.model_dump(mode="json")}
+        policy = {"policy_function": DEFERRAL_POLICY_FUNCTION, "policy_kwargs": settings.model_dump(mode="json", exclude_none=True)}
     return ServeAutoscaling(autoscaling_policy=policy, deployments=deployments)
 
 
