@@ -44,6 +44,11 @@ def worker_groups(service: dict) -> dict[str, dict]:
     return {g["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: g for g in groups}
 
 
+def grpc_service_of(objects: list[dict]) -> dict:
+    (service,) = [s for s in select_kind(objects, "Service", "v1") if s["metadata"]["name"].endswith("-grpc")]
+    return service
+
+
 def pod_templates(service: dict) -> list[dict]:
     cluster = service["spec"]["rayClusterConfig"]
     return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
@@ -123,19 +128,17 @@ def test_builtin_kinds_are_valid_kubernetes(case):
     service = rayservice_of(case["objects"])
     builtin = [obj for obj in case["objects"] if "." not in obj["apiVersion"].split("/")[0] or
                obj["apiVersion"].startswith("networking.k8s.io/")]
-    # The gRPC Service KubeRay creates from spec.serveService, and every Ray pod template.
-    serve_service = {"apiVersion": "v1", "kind": "Service", **service["spec"]["serveService"]}
+    # Every Ray pod template, as the Pod KubeRay will create from it.
     pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"pod-{i}", **t["metadata"]}, "spec": t["spec"]}
             for i, t in enumerate(pod_templates(service))]
-    for obj in builtin + [serve_service] + pods:
+    for obj in builtin + pods:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-    if case["name"] == "gpu-production":
-        assert {obj["kind"] for obj in builtin} == {"Service", "Ingress"}
+    expected_kinds = {"default": ["Service"], "gpu-production": ["Ingress", "Service", "Service"]}[case["name"]]
+    assert sorted(obj["kind"] for obj in builtin) == expected_kinds
 
 
 def test_kubernetes_validate_catches_a_broken_service(case):
-    service = rayservice_of(case["objects"])
-    broken = {"apiVersion": "v1", "kind": "Service", **copy.deepcopy(service["spec"]["serveService"])}
+    broken = copy.deepcopy(grpc_service_of(case["objects"]))
     broken["spec"]["ports"][0]["port"] = "grpc"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
@@ -304,24 +307,44 @@ def test_ingress_routes_grpc_to_the_serve_service_with_tls(render):
     ])
     (ingress,) = select_kind(objects, "Ingress", "networking.k8s.io/v1")
     kubernetes_validate.validate(ingress, KUBERNETES_VERSION, strict=True)
-    serve_service = rayservice_of(objects)["spec"]["serveService"]
+    grpc_service = grpc_service_of(objects)
     (rule,) = ingress["spec"]["rules"]
     backend = rule["http"]["paths"][0]["backend"]["service"]
     assert rule["host"] == "llm.corp.test"
-    assert backend["name"] == serve_service["metadata"]["name"]
-    grpc_port = {p["name"]: p for p in serve_service["spec"]["ports"]}[backend["port"]["name"]]
-    assert grpc_port["targetPort"] == serve_config_of(rayservice_of(objects))["grpc_options"]["port"]
+    assert backend["name"] == grpc_service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in grpc_service["spec"]["ports"]}
     assert ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.corp.test"]}]
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
 
 
 def test_grpc_port_is_exposed_end_to_end(render):
-    service = rayservice_of(render(set_values=["serve.grpcPort=9100"]))
+    objects = render(set_values=["serve.grpcPort=9100", "serve.httpPort=8100", "service.grpcPort=443"])
+    service = rayservice_of(objects)
     assert serve_config_of(service)["grpc_options"]["port"] == 9100
-    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {"name": "grpc", "containerPort": 9100, "protocol": "TCP"} in head["ports"]
-    ports = {p["name"]: p for p in service["spec"]["serveService"]["spec"]["ports"]}
-    assert ports["grpc"]["targetPort"] == 9100 and ports["grpc"]["appProtocol"] == "grpc"
+    assert serve_config_of(service)["http_options"]["port"] == 8100
+    (port,) = grpc_service_of(objects)["spec"]["ports"]
+    assert (port["port"], port["targetPort"], port["appProtocol"]) == (443, "grpc", "grpc")
+    # Serve proxies run on every node, so every pod names both Serve ports; KubeRay probes a
+    # proxy's health over HTTP on the port named `serve`.
+    for template in pod_templates(service):
+        ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert (ports["grpc"], ports["serve"]) == (9100, 8100)
+
+
+def test_grpc_service_selects_the_serving_ray_pods_of_this_release(case):
+    selector = dict(grpc_service_of(case["objects"])["spec"]["selector"])
+    # KubeRay sets ray.io/serve=true on worker pods (gated by their proxy readiness probe) and
+    # flips it on the head pod by the same health check.
+    assert selector.pop("ray.io/serve") == "true"
+    assert selector == {"app.kubernetes.io/name": "speccascade", "app.kubernetes.io/instance": "speccascade"}
+    for template in pod_templates(rayservice_of(case["objects"])):
+        assert selector.items() <= template["metadata"]["labels"].items()
+
+
+def test_grpc_service_of_another_release_selects_other_pods(render):
+    selector = grpc_service_of(render(release="other"))["spec"]["selector"]
+    for template in pod_templates(rayservice_of(render())):
+        assert not selector.items() <= {**template["metadata"]["labels"], "ray.io/serve": "true"}.items()
 
 
 def test_autoscaling_policy_is_rendered_only_when_set(render, tmp_path):

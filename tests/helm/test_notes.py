@@ -34,7 +34,7 @@ def render_notes(helm, tmp_path):
 
 def test_notes_show_a_port_forward_and_a_grpc_call_by_default(render_notes):
     notes = render_notes()
-    assert "kubectl -n serving port-forward svc/llm-speccascade-serve 9000:9000" in notes
+    assert "kubectl -n serving port-forward svc/llm-speccascade-grpc 9000:9000" in notes
     assert "grpcurl -plaintext localhost:9000 list" in notes
     assert "localhost:9000 speccascade.v1.SpecCascade/Generate" in notes
     assert "speccascade k8s status --namespace serving --name llm-speccascade" in notes

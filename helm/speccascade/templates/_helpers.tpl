@@ -39,9 +39,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* Name of the KubeRay-managed Service in front of Serve's proxies (gRPC and HTTP). */}}
-{{- define "speccascade.serveServiceName" -}}
-{{- printf "%s-serve" (include "speccascade.fullname" .) }}
+{{/* Name of the Service in front of Serve's gRPC proxies. */}}
+{{- define "speccascade.grpcServiceName" -}}
+{{- printf "%s-grpc" (include "speccascade.fullname" .) }}
 {{- end }}
 
 {{- define "speccascade.image" -}}
@@ -75,7 +75,9 @@ The one pod template of every Ray group (head and workers). Arguments (dict):
                  and annotations, env, volumes, volumeMounts)
   component      `head` or the tier name, used as the component label
   containerName  ray-head or ray-worker
-  ports          container ports of this group besides metrics
+  ports          container ports of this group besides Serve's (serve, grpc) and metrics
+Every group gets Serve's ports: proxies run on every node, and KubeRay probes a proxy's health
+over HTTP on the container port named `serve`.
 */}}
 {{- define "speccascade.podTemplate" -}}
 {{- $root := .root }}
@@ -134,6 +136,12 @@ spec:
           containerPort: {{ .port }}
           protocol: TCP
         {{- end }}
+        - name: serve
+          containerPort: {{ $values.serve.httpPort }}
+          protocol: TCP
+        - name: grpc
+          containerPort: {{ $values.serve.grpcPort }}
+          protocol: TCP
         - name: metrics
           containerPort: {{ $values.metrics.port }}
           protocol: TCP
