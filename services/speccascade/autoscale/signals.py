@@ -15,23 +15,22 @@ sum(rate(ray_speccascade_drafted_positions_total[1m]))`.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 
-# Router counters.
+# Router counters (the names of `speccascade.tiers.metrics.WindowCounters`).
 ROUNDS = "rounds"  # draft-then-verify rounds
-DRAFTED = "drafted"  # drafted positions
-DEFERRED = "deferred"  # drafted positions where the rule deferred (r = 1)
+DRAFTED = "drafted_positions"
+DEFERRED = "deferred_positions"  # drafted positions where the rule deferred (r = 1)
 SKIPPED_BLOCKS = "skipped_blocks"  # blocks emitted with no expert pass (chow)
-ACCEPTED = "accepted"  # drafted tokens kept, including whole skipped blocks
+ACCEPTED = "accepted_tokens"  # drafted tokens kept, including whole skipped blocks
 SKIPPABLE_ROUNDS = "skippable_rounds"  # rounds under a rule that decides without p (chow)
 ROUTER_COUNTERS = (ROUNDS, DRAFTED, DEFERRED, SKIPPED_BLOCKS, ACCEPTED, SKIPPABLE_ROUNDS)
 
 # Router-side view of the tier calls it made (latency includes the RPC and any queueing).
 DRAFTER_CALLS = "drafter_calls"
-DRAFTER_SECONDS = "drafter_seconds"
+DRAFTER_SECONDS = "drafter_service_seconds"
 EXPERT_CALLS = "expert_calls"
-EXPERT_SECONDS = "expert_seconds"
+EXPERT_SECONDS = "expert_service_seconds"
 ROUTER_CALL_COUNTERS = (DRAFTER_CALLS, DRAFTER_SECONDS, EXPERT_CALLS, EXPERT_SECONDS)
 
 # Tier replica counters (drafter and expert replicas report these about themselves).
@@ -40,24 +39,17 @@ TIER_BUSY_SECONDS = "tier_busy_seconds"  # compute seconds spent serving them
 TIER_COUNTERS = (TIER_CALLS, TIER_BUSY_SECONDS)
 
 
-class SignalCounters:
-    """Cumulative counters of one replica, returned as they are by `record_autoscaling_stats()`.
-    Thread-safe: tier methods may run in Serve's thread pool."""
+class CumulativeCounters:
+    """Running totals of counters kept per window elsewhere (the router's `WindowCounters`, which a
+    consumer drains with `take()`): `absorb` each drained window, and report the totals
+    `including` the window still open, so what `record_autoscaling_stats()` returns only grows."""
 
     def __init__(self, names: tuple[str, ...]):
-        self._values = {name: 0.0 for name in names}
-        self._lock = threading.Lock()
+        self._totals = dict.fromkeys(names, 0.0)
 
-    def add(self, increments: Mapping[str, float]) -> None:
-        with self._lock:
-            for name, amount in increments.items():
-                if name not in self._values:
-                    raise KeyError(f"unknown autoscaling signal {name!r}; known: {sorted(self._values)}")
-                if amount < 0:
-                    raise ValueError(f"counter {name!r} cannot decrease (got increment {amount})")
-                self._values[name] += amount
+    def absorb(self, window: Mapping[str, float]) -> None:
+        for name in self._totals:
+            self._totals[name] += float(window.get(name, 0.0))
 
-    def snapshot(self) -> dict[str, float]:
-        """The values to return from `record_autoscaling_stats()`."""
-        with self._lock:
-            return dict(self._values)
+    def including(self, window: Mapping[str, float]) -> dict[str, float]:
+        return {name: total + float(window.get(name, 0.0)) for name, total in self._totals.items()}

@@ -43,6 +43,7 @@ class WindowCounters:
     drafted_positions: int = 0
     deferred_positions: int = 0
     skipped_blocks: int = 0
+    skippable_rounds: int = 0  # rounds under a rule that decides without the expert (chow)
     accepted_tokens: int = 0
     drafter_calls: int = 0
     expert_calls: int = 0
@@ -100,9 +101,11 @@ class TierMetrics:
                                          boundaries=LATENCY_BOUNDARIES_S, tag_keys=("tier",))
         self.batches = 0
         self.batched_requests = 0
+        self.busy_seconds = 0.0  # forward-pass seconds, for autoscaling (tier_busy_seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batches += 1
         self.batched_requests += size
+        self.busy_seconds += seconds
         self.batch_size.observe(size, tags=self.tags)
         self.forward_seconds.observe(seconds, tags=self.tags)

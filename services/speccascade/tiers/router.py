@@ -29,6 +29,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 
 from ..api.v1 import speccascade_pb2 as pb
+from ..autoscale import signals as autoscale_signals
 from ..cascade import Rule
 from ..cascade.rules import mixture_defers
 from ..engine.engine import GenerationChunk, GenerationResult
@@ -147,6 +148,8 @@ class Router:
         self.context_window = int(min(windows))
         self.metrics = RouterMetrics()
         self.window = WindowCounters()
+        self.window_totals = autoscale_signals.CumulativeCounters(
+            autoscale_signals.ROUTER_COUNTERS + autoscale_signals.ROUTER_CALL_COUNTERS)
         self.drafter = TierClient(drafter, tier="drafter", config=config.router, metrics=self.metrics)
         self.expert = TierClient(expert, tier="expert", config=config.router, metrics=self.metrics)
         self._background: set[asyncio.Task] = set()
@@ -186,6 +189,8 @@ class Router:
         for round_index in range(1 << 62):
             stats.rounds += 1
             self.window.rounds += 1
+            if rule is Rule.CHOW:
+                self.window.skippable_rounds += 1
             context = encode_tokens(tokens)
             block = EMPTY_BLOCK
             if not serving.expert_only_fallback:
@@ -384,7 +389,14 @@ class Router:
 
     async def take_window(self) -> dict[str, float]:
         """The raw counters since the previous call (for autoscaling), and restart the window."""
-        return self.window.take().as_dict()
+        window = self.window.take().as_dict()
+        self.window_totals.absorb(window)
+        return window
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook for custom autoscaling metrics: the router's counters since it
+        started (cumulative; `speccascade.autoscale.policy` turns them into rates)."""
+        return self.window_totals.including(self.window.as_dict())
 
     async def active_session_count(self) -> int:
         return len(self.active_sessions)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from ray import serve
 
+from ..autoscale.signals import TIER_BUSY_SECONDS, TIER_CALLS
 from ..cascade import Rule, SamplingParams, adjust_probs, sample, verify_block
 from ..engine.runner import ModelRunner
 from ..engine.sources import resolve_model
@@ -53,6 +54,7 @@ class ModelTier:
         self._score_batch.set_max_batch_size(config.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.metrics = TierMetrics(role)
+        self.calls = 0  # draft / verify calls served, for autoscaling
         log.info("%s tier loaded %s (%s)", role, resolved.source, config.dtype)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
@@ -79,6 +81,11 @@ class ModelTier:
     async def vocab_size(self) -> int:
         return self.runner.vocab_size
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook for custom autoscaling metrics: calls served and forward-pass seconds
+        since the replica started (cumulative; see `speccascade.autoscale.signals`)."""
+        return {TIER_CALLS: float(self.calls), TIER_BUSY_SECONDS: self.metrics.busy_seconds}
+
 
 class Drafter(ModelTier):
     def __init__(self, config: TierConfig):
@@ -89,6 +96,7 @@ class Drafter(ModelTier):
         payload: DraftPayload,
     ) -> DraftedBlock:
         """Draft `gamma` tokens after `tokens` ([n] int32), one model step each."""
+        self.calls += 1
         context = tokens.tolist()
         generator = generator_for(seed)
         drafted: list[int] = []
@@ -113,6 +121,7 @@ class Expert(ModelTier):
     ) -> VerifyOutcome:
         """Score `tokens` ([n] int32: context + the drafted block starting at `start`) and verify the
         block. An empty block (expert-only decoding) just samples the next token."""
+        self.calls += 1
         p = await self._score(session_id, tokens.tolist(), start)  # [gamma + 1, V]
         q, q_sample = densify(block, self.runner.vocab_size)
         verdict = verify_block(
