@@ -7,7 +7,7 @@ import json
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 import yaml
@@ -36,15 +36,16 @@ class FakeApiServer:
         class Handler(BaseHTTPRequestHandler):
             def _serve(self) -> None:
                 url = urlsplit(self.path)
+                path = unquote(url.path)  # the API server routes on the decoded path, as Go's net/http does
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 fake.requests.append(RecordedRequest(
-                    method=self.command, path=url.path,
+                    method=self.command, path=path,
                     query={k: v[-1] for k, v in parse_qs(url.query).items()},
                     content_type=self.headers.get("Content-Type"),
                     body=json.loads(raw) if raw else None,
                 ))
-                status, answer = fake._routes.get((self.command, url.path)) or not_found(url.path)
+                status, answer = fake._routes.get((self.command, path)) or not_found(path)
                 payload = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -11,7 +11,14 @@ from speccascade.cli import main
 from speccascade.k8s import HelmError, find_helm, render_chart, select_kind
 
 from ..helm.conftest import skip_or_fail_in_ci
-from .test_rayservice import COLLECTION_PATH, NAMESPACE, SERVICE_PATH, live_service, route_cluster
+from .test_rayservice import (
+    COLLECTION_PATH,
+    NAMESPACE,
+    SERVICE_PATH,
+    live_service,
+    route_cluster,
+    route_serve_details,
+)
 
 
 @pytest.fixture
@@ -25,6 +32,7 @@ def helm():
 def test_status_prints_tiers_and_app_health(apiserver, kubeconfig, capsys):
     apiserver.route("GET", SERVICE_PATH, 200, live_service())
     route_cluster(apiserver)
+    route_serve_details(apiserver)
 
     code = main(["k8s", "status", "--kubeconfig", str(kubeconfig), "-n", NAMESPACE])
 
@@ -32,6 +40,7 @@ def test_status_prints_tiers_and_app_health(apiserver, kubeconfig, capsys):
     assert code == 0
     assert "RayService serving/speccascade: Running (Ready)" in out
     assert "expert" in out and "2/3/3 [1..4]" in out
+    assert "Expert [expert]: HEALTHY, 2/3 replicas" in out
     assert apiserver.requests[0].path == SERVICE_PATH
 
 
@@ -46,6 +55,7 @@ def test_status_json_and_exit_code_when_unhealthy(apiserver, kubeconfig, capsys)
     assert report["healthy"] is False
     assert report["applications"][0]["deployments"]["Expert"] == "UNHEALTHY"
     assert {t["tier"]: t["pods"] for t in report["tiers"]} == {"drafter": 1, "expert": 3}
+    assert report["replicas"] is None and "404" in report["replicas_error"]  # Serve API not routed
 
 
 def test_status_of_a_missing_rayservice_is_a_clear_error(apiserver, kubeconfig, capsys):

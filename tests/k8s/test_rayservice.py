@@ -17,6 +17,15 @@ COLLECTION_PATH = f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices"
 CLUSTER = "speccascade-raycluster-abcde"
 CLUSTER_PATH = f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayclusters/{CLUSTER}"
 PODS_PATH = f"/api/v1/namespaces/{NAMESPACE}/pods"
+SERVE_DETAILS_PATH = f"/api/v1/namespaces/{NAMESPACE}/services/speccascade-head-svc:dashboard/proxy/api/serve/applications/"
+SERVE_CONFIG = """\
+applications:
+- name: speccascade
+  import_path: speccascade.tiers.app:build_app
+  args:
+    drafter: {model: small, placement: {num_gpus: 1, resources: {drafter_tier: 1}}}
+    expert: {model: large, placement: {num_gpus: 2, resources: {expert_tier: 1}}}
+"""
 
 
 def worker_group(tier: str, replicas: int, low: int, high: int) -> dict:
@@ -33,7 +42,7 @@ def desired_service() -> dict:
         "apiVersion": "ray.io/v1", "kind": "RayService",
         "metadata": {"name": "speccascade", "labels": {"app.kubernetes.io/instance": "speccascade"}},
         "spec": {
-            "serveConfigV2": "applications: []\n",
+            "serveConfigV2": SERVE_CONFIG,
             "rayClusterConfig": {
                 "rayVersion": "2.60.0", "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"idleTimeoutSeconds": 300},
@@ -100,7 +109,7 @@ def test_apply_merge_patches_an_existing_rayservice(apiserver, api_client):
     live = copy.deepcopy(desired)
     live["metadata"].update(namespace=NAMESPACE, resourceVersion="4711",
                             annotations={"owned-by-someone-else": "keep"}, labels={"team": "ml"})
-    live["spec"]["serveConfigV2"] = "applications: [old]\n"
+    live["spec"]["serveConfigV2"] = "applications: []\n"
     live["spec"]["upgradeStrategy"] = {"type": "NewCluster"}  # removed from the chart's values since
     live["spec"]["rayClusterConfig"]["autoscalerOptions"]["upscalingMode"] = "Aggressive"
     live["status"] = {"serviceStatus": "Running"}
@@ -118,7 +127,7 @@ def test_apply_merge_patches_an_existing_rayservice(apiserver, api_client):
         # Only the chart's own label is set; others' labels and annotations are left alone.
         "metadata": {"labels": {"app.kubernetes.io/instance": "speccascade"}, "resourceVersion": "4711"},
         "spec": {
-            "serveConfigV2": "applications: []\n",
+            "serveConfigV2": SERVE_CONFIG,
             "upgradeStrategy": None,
             "rayClusterConfig": {"autoscalerOptions": {"upscalingMode": None}},
         },
@@ -206,15 +215,30 @@ def route_cluster(apiserver) -> None:
     ]})
 
 
-def test_status_reads_service_cluster_and_pods(apiserver, api_client):
+def serve_deployment(resources: dict, states: list[str], target: int) -> dict:
+    return {"status": "HEALTHY", "target_num_replicas": target,
+            "deployment_config": {"name": "x", "ray_actor_options": {"num_cpus": 1, "resources": resources}},
+            "replicas": [{"replica_id": f"r{i}", "state": state} for i, state in enumerate(states)]}
+
+
+def route_serve_details(apiserver) -> None:
+    apiserver.route("GET", SERVE_DETAILS_PATH, 200, {"applications": {"speccascade": {"status": "RUNNING", "deployments": {
+        "Router": serve_deployment({}, ["RUNNING"], 1),
+        "Drafter": serve_deployment({"drafter_tier": 1}, ["RUNNING"], 1),
+        "Expert": serve_deployment({"expert_tier": 1}, ["RUNNING", "RUNNING", "STARTING"], 3),
+    }}}})
+
+
+def test_status_reads_service_cluster_pods_and_serve_replicas(apiserver, api_client):
     apiserver.route("GET", SERVICE_PATH, 200, live_service())
     route_cluster(apiserver)
+    route_serve_details(apiserver)
 
     status = read_status(CustomObjectsApi(api_client), CoreV1Api(api_client), NAMESPACE, "speccascade")
 
     assert [(r.method, r.path) for r in apiserver.requests] == [
-        ("GET", SERVICE_PATH), ("GET", CLUSTER_PATH), ("GET", PODS_PATH)]
-    assert apiserver.requests[-1].query == {"labelSelector": f"ray.io/cluster={CLUSTER},ray.io/node-type=worker"}
+        ("GET", SERVICE_PATH), ("GET", CLUSTER_PATH), ("GET", PODS_PATH), ("GET", SERVE_DETAILS_PATH)]
+    assert apiserver.requests[2].query == {"labelSelector": f"ray.io/cluster={CLUSTER},ray.io/node-type=worker"}
     assert status.healthy and status.ready and status.active_cluster == CLUSTER
     tiers = {t.tier: t for t in status.tiers}
     assert (tiers["drafter"].ready_pods, tiers["drafter"].pods, tiers["drafter"].desired) == (1, 1, 1)
@@ -222,8 +246,23 @@ def test_status_reads_service_cluster_and_pods(apiserver, api_client):
     assert (tiers["expert"].min_replicas, tiers["expert"].max_replicas, tiers["expert"].group) == (1, 4, "expert-group")
     (app,) = status.applications
     assert app.deployments == {"Drafter": "HEALTHY", "Expert": "HEALTHY", "Router": "HEALTHY"}
+    replicas = {r.deployment: (r.tier, r.running, r.target) for r in status.replicas}
+    assert replicas == {"Router": (None, 1, 1), "Drafter": ("drafter", 1, 1), "Expert": ("expert", 2, 3)}
     text = format_status(status)
     assert "speccascade: RUNNING" in text and "2/3/3 [1..4]" in text and " healthy" in text
+    assert "Expert [expert]: HEALTHY, 2/3 replicas" in text and "Router: HEALTHY, 1/1 replicas" in text
+
+
+def test_status_without_serve_api_access_still_reports_the_rest(apiserver, api_client):
+    apiserver.route("GET", SERVICE_PATH, 200, live_service())
+    route_cluster(apiserver)
+    apiserver.route("GET", SERVE_DETAILS_PATH, 403, {"kind": "Status", "code": 403, "reason": "Forbidden"})
+
+    status = read_status(CustomObjectsApi(api_client), CoreV1Api(api_client), NAMESPACE, "speccascade")
+
+    assert status.replicas is None and status.replicas_error.startswith("Serve API unreachable: 403")
+    assert status.healthy and len(status.tiers) == 2
+    assert "serve replica counts unavailable: Serve API unreachable: 403" in format_status(status)
 
 
 def test_status_reports_an_unhealthy_deployment(apiserver, api_client):

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import yaml
 from kubernetes.client import CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
@@ -25,6 +26,13 @@ NODE_TYPE_LABEL = "ray.io/node-type"
 TIER_LABEL = "app.kubernetes.io/component"
 SERVE_RUNNING = "RUNNING"
 DEPLOYMENT_HEALTHY = "HEALTHY"
+REPLICA_RUNNING = "RUNNING"
+TIERS = ("drafter", "expert")
+# Serve's REST API on the head's dashboard port, reached through the API server's service proxy
+# (KubeRay names a RayService's head Service <name>-head-svc).
+HEAD_SERVICE_SUFFIX = "-head-svc"
+DASHBOARD_PORT_NAME = "dashboard"
+SERVE_DETAILS_PATH = "api/serve/applications/"
 
 
 # ----------------------------------------------------------------------------------------- apply
@@ -119,6 +127,17 @@ class TierReplicas:
 
 
 @dataclass(frozen=True)
+class DeploymentReplicas:
+    """One Serve deployment's replicas, from Serve's own API: running now and Serve's target."""
+
+    application: str
+    deployment: str
+    tier: str | None  # drafter / expert by the Ray resource pinning it; None for the router
+    running: int
+    target: int
+
+
+@dataclass(frozen=True)
 class ApplicationHealth:
     name: str
     status: str
@@ -143,6 +162,9 @@ class ServiceStatus:
     num_serve_endpoints: int
     applications: list[ApplicationHealth]
     tiers: list[TierReplicas]
+    # Serve's replica counts; None (with the reason) when its API could not be reached.
+    replicas: list[DeploymentReplicas] | None = None
+    replicas_error: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -204,9 +226,57 @@ def _tiers(group_specs: list[dict], pods: list[Any]) -> list[TierReplicas]:
     return tiers
 
 
+def _tier_of_resource(service: dict) -> dict[str, str]:
+    """Ray resource name -> tier, from the tiers' placement in the RayService's Serve config."""
+    try:
+        config = yaml.safe_load((service.get("spec") or {}).get("serveConfigV2") or "") or {}
+    except yaml.YAMLError:
+        return {}
+    tiers = {}
+    for app in config.get("applications") or []:
+        args = app.get("args") or {}
+        for tier in TIERS:
+            for resource in ((args.get(tier) or {}).get("placement") or {}).get("resources") or {}:
+                tiers[resource] = tier
+    return tiers
+
+
+def _serve_replicas(details: dict, tier_of_resource: dict[str, str]) -> list[DeploymentReplicas]:
+    replicas = []
+    for app_name, app in sorted((details.get("applications") or {}).items()):
+        for name, deployment in sorted((app.get("deployments") or {}).items()):
+            options = (deployment.get("deployment_config") or {}).get("ray_actor_options") or {}
+            tiers = {tier_of_resource[r] for r in options.get("resources") or {} if r in tier_of_resource}
+            replicas.append(DeploymentReplicas(
+                application=app_name,
+                deployment=name,
+                tier=tiers.pop() if len(tiers) == 1 else None,
+                running=sum(r.get("state") == REPLICA_RUNNING for r in deployment.get("replicas") or []),
+                target=int(deployment.get("target_num_replicas") or 0),
+            ))
+    return replicas
+
+
+def read_serve_replicas(core: CoreV1Api, namespace: str, name: str, service: dict) -> list[DeploymentReplicas]:
+    """Each Serve deployment's running and target replicas, from Serve's REST API on the head
+    (through the API server's service proxy; needs `get` on `services/proxy`)."""
+    # Unparsed: the client would turn the JSON body into the str() of a dict.
+    response = core.connect_get_namespaced_service_proxy_with_path(
+        f"{name}{HEAD_SERVICE_SUFFIX}:{DASHBOARD_PORT_NAME}", namespace, SERVE_DETAILS_PATH, _preload_content=False
+    )
+    try:
+        details = json.loads(response.data)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Serve details are not JSON: {error}") from None
+    if not isinstance(details, dict):
+        raise ValueError(f"unexpected Serve details: {str(details)[:200]}")
+    return _serve_replicas(details, _tier_of_resource(service))
+
+
 def read_status(custom: CustomObjectsApi, core: CoreV1Api, namespace: str, name: str) -> ServiceStatus:
     """The RayService's status, each tier's worker pods (from the active RayCluster, whose replica
-    counts the Ray autoscaler sets) and the Serve applications' health."""
+    counts the Ray autoscaler sets), the Serve applications' health and, when Serve's API answers,
+    each deployment's replica counts."""
     service = custom.get_namespaced_custom_object(RAY_GROUP, RAY_VERSION, namespace, RAYSERVICE_PLURAL, name)
     status = service.get("status") or {}
     active = status.get("activeServiceStatus") or {}
@@ -228,6 +298,14 @@ def read_status(custom: CustomObjectsApi, core: CoreV1Api, namespace: str, name:
         pods = core.list_namespaced_pod(
             namespace, label_selector=f"{CLUSTER_LABEL}={cluster_name},{NODE_TYPE_LABEL}=worker"
         ).items
+        try:
+            replicas, replicas_error = read_serve_replicas(core, namespace, name, service), None
+        except ApiException as error:
+            replicas, replicas_error = None, f"Serve API unreachable: {error.status} {error.reason}"
+        except ValueError as error:
+            replicas, replicas_error = None, f"Serve API answer unreadable: {error}"
+    else:
+        replicas, replicas_error = None, "no active Ray cluster yet"
 
     return ServiceStatus(
         name=name,
@@ -240,6 +318,8 @@ def read_status(custom: CustomObjectsApi, core: CoreV1Api, namespace: str, name:
         num_serve_endpoints=int(status.get("numServeEndpoints") or 0),
         applications=_applications(active),
         tiers=_tiers(group_specs, pods),
+        replicas=replicas,
+        replicas_error=replicas_error,
     )
 
 
@@ -264,14 +344,20 @@ def format_status(status: ServiceStatus) -> str:
             f"    {tier.tier:<10} group={tier.group:<12} {tier.ready_pods}/{tier.pods}/{tier.desired} "
             f"[{tier.min_replicas}..{tier.max_replicas}]"
         )
-    lines.append("  serve applications:")
+    counts = {(r.application, r.deployment): r for r in status.replicas or []}
+    lines.append("  serve applications (deployment: health, replicas running/target):")
     if not status.applications:
         lines.append("    none reported yet")
     for app in status.applications:
         lines.append(f"    {app.name}: {app.status}" + (f" ({app.message})" if app.message else ""))
         for deployment, state in app.deployments.items():
             message = app.deployment_messages.get(deployment)
-            lines.append(f"      {deployment}: {state}" + (f" ({message})" if message else ""))
+            replicas = counts.get((app.name, deployment))
+            count = f", {replicas.running}/{replicas.target} replicas" if replicas else ""
+            tier = f" [{replicas.tier}]" if replicas and replicas.tier else ""
+            lines.append(f"      {deployment}{tier}: {state}{count}" + (f" ({message})" if message else ""))
+    if status.replicas_error:
+        lines.append(f"  serve replica counts unavailable: {status.replicas_error}")
     return "\n".join(lines)
 
 
