@@ -51,9 +51,11 @@ EMPTY_BLOCK = DraftedBlock(tokens=encode_tokens([]), max_q=np.zeros(0, dtype=np.
 
 
 class TierUnavailableError(RuntimeError):
-    def __init__(self, tier: str, reason: str):
-        super().__init__(f"the {tier} tier has no healthy replica: {reason}")
-        self.tier = tier
+    """A tier has no healthy replica. (Message-only, so it pickles across Ray.)"""
+
+    @classmethod
+    def of(cls, tier: str, reason: str) -> "TierUnavailableError":
+        return cls(f"the {tier} tier has no healthy replica: {reason}")
 
 
 @dataclass
@@ -92,7 +94,7 @@ class TierClient:
 
     async def call(self, method: str, session_id: str, *args, rule: str, serving: ServingStats):
         if time.monotonic() < self._down_until:
-            raise TierUnavailableError(self.tier, "it was found without running replicas moments ago")
+            raise TierUnavailableError.of(self.tier, "it was found without running replicas moments ago")
         last_error: BaseException | None = None
         for attempt in range(self.config.tier_call_attempts):
             if attempt:
@@ -110,7 +112,7 @@ class TierClient:
                 last_error = error
                 if await self.running_replicas() == 0:
                     self._down_until = time.monotonic() + self.config.tier_down_cooldown_s
-                    raise TierUnavailableError(
+                    raise TierUnavailableError.of(
                         self.tier, f"deployment {self.deployment!r} has no running replica "
                                    f"(a {method} call waited {self.config.tier_call_timeout_s:g}s)"
                     ) from error
@@ -118,7 +120,7 @@ class TierClient:
             self.metrics.tier_call_seconds.observe(time.perf_counter() - started,
                                                    tags={"tier": self.tier, "rule": rule})
             return result
-        raise TierUnavailableError(
+        raise TierUnavailableError.of(
             self.tier, f"{self.config.tier_call_attempts} attempts of {method} failed; last: {last_error!r}")
 
     def release(self, session_id: str):

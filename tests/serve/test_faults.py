@@ -1,0 +1,90 @@
+"""Faults: a replica killed mid-request, a tier with no replica that can be placed."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import ray
+from ray import serve
+
+from speccascade.api.client import SpecCascadeClient
+from speccascade.engine.request import GenerationRequest
+
+from .conftest import SERVE_APP, app_args
+from .test_grpc import PROMPT, local_engine  # noqa: F401 (fixture)
+
+
+def replica_actor_names(app: str, deployment: str) -> list[str]:
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
+def test_replica_killed_mid_request_still_gives_the_correct_output(client, local_engine, tier_handles):
+    expected = local_engine.generate(GenerationRequest(prompt=PROMPT, method="expert", max_new_tokens=200))
+    call = client.stream(prompt=PROMPT, rule="lossless", block_size=1, max_new_tokens=200)
+    chunks = [next(call)]
+    (victim,) = replica_actor_names(SERVE_APP, "Expert")
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    chunks += list(call)
+    assert [t for c in chunks for t in c.token_ids] == expected.token_ids
+    assert replica_actor_names(SERVE_APP, "Expert") != [victim]  # Serve replaced the replica...
+    # ...and the replacement finished the request by recomputing the session from scratch (a call
+    # in flight at the kill is retried by the router, one not yet routed by Serve's handle).
+    assert tier_handles["Expert"].cache_stats.remote().result().misses >= 1
+
+
+def wait_for_running(app: str, deployments: list[str], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app)
+        if status is not None and all(
+            status.deployments.get(d) and status.deployments[d].replica_states.get("RUNNING", 0) > 0
+            for d in deployments
+        ):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{deployments} of {app} not running after {timeout}s")
+
+
+@pytest.fixture
+def app_with_unplaceable_tier(grpc_port, tiny_pair, request):
+    """An application whose `request.param` tier needs a Ray resource no node has, so it never gets
+    a running replica (a node group with no nodes)."""
+    from speccascade.tiers.app import build_app
+
+    missing_tier = request.param
+    name = f"speccascade-no-{missing_tier}"
+    args = app_args(*tiny_pair, router={"tier_call_timeout_s": 2.0, "tier_call_attempts": 1},
+                    **{missing_tier: {"placement": {"resources": {f"{missing_tier}_tier": 1}}}})
+    # serve.run waits for every deployment to be healthy; this one never is by construction.
+    serve._run(build_app(args), name=name, route_prefix=f"/{name}", _blocking=False)
+    present = {"drafter": "Expert", "expert": "Drafter"}[missing_tier]
+    wait_for_running(name, ["Router", present])
+    try:
+        with SpecCascadeClient(f"127.0.0.1:{grpc_port}", application=name) as app_client:
+            yield app_client
+    finally:
+        serve.delete(name)
+
+
+@pytest.mark.parametrize("app_with_unplaceable_tier", ["expert"], indirect=True)
+def test_expert_tier_without_replicas_is_unavailable(app_with_unplaceable_tier):
+    for call in (lambda: app_with_unplaceable_tier.generate(prompt=PROMPT, max_new_tokens=8),
+                 lambda: list(app_with_unplaceable_tier.stream(prompt=PROMPT, max_new_tokens=8))):
+        with pytest.raises(grpc.RpcError) as error:
+            call()
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "expert tier has no healthy replica" in error.value.details()
+    assert app_with_unplaceable_tier.health() == "NOT_SERVING"
+
+
+@pytest.mark.parametrize("app_with_unplaceable_tier", ["drafter"], indirect=True)
+def test_drafter_tier_without_replicas_degrades_to_expert_only(app_with_unplaceable_tier, local_engine):
+    response = app_with_unplaceable_tier.generate(prompt=PROMPT, rule="lossless", max_new_tokens=16)
+    expected = local_engine.generate(GenerationRequest(prompt=PROMPT, method="expert", max_new_tokens=16))
+    assert list(response.token_ids) == expected.token_ids
+    assert response.stats.expert_only_fallback
+    assert response.stats.tokens_from_drafter == 0 and response.stats.drafted == 0
+    assert app_with_unplaceable_tier.health() == "SERVING"
