@@ -115,13 +115,27 @@ def test_serve_config_is_valid_for_ray_serve_and_app_config(case):
 
     from speccascade.tiers.config import AppConfig
 
+    from speccascade.tiers.app import GRPC_SERVICER_FUNCTIONS
+
     config = ServeDeploySchema.model_validate(serve_config_of(rayservice_of(case["objects"])))
     (app,) = config.applications
     assert app.import_path == "speccascade.tiers.app:build_app"
-    assert config.grpc_options.grpc_servicer_functions == [
-        "speccascade.api.v1.speccascade_pb2_grpc.add_SpecCascadeServicer_to_server"
-    ]
+    assert config.grpc_options.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS
     AppConfig.model_validate(app.args)
+
+
+def serve_deployments(args: dict) -> dict[str, dict]:
+    """Deployment name -> ray_actor_options, as the application builder really sets them."""
+    from ray.serve.deployment import Application
+
+    from speccascade.tiers.app import build_app
+
+    options, pending = {}, [build_app(args)]
+    while pending:
+        deployment = pending.pop()._bound_deployment
+        options[deployment.name] = deployment.ray_actor_options
+        pending += [a for a in (*deployment.init_args, *deployment.init_kwargs.values()) if isinstance(a, Application)]
+    return options
 
 
 def test_builtin_kinds_are_valid_kubernetes(case):
@@ -146,11 +160,11 @@ def test_kubernetes_validate_catches_a_broken_service(case):
 
 # ------------------------------------------------------------------------ placement and resources
 
-def replica_demand(placement) -> dict:
-    """What Ray asks of a node for one replica with this placement (Ray's own conversion)."""
+def replica_demand(ray_actor_options: dict) -> dict:
+    """What Ray asks of a node for one replica with these options (Ray's own conversion)."""
     from ray._common.utils import resources_from_ray_options
 
-    return resources_from_ray_options(placement.ray_actor_options())
+    return resources_from_ray_options(ray_actor_options)
 
 
 def fits(demand: dict, offer: dict, times: int = 1) -> bool:
@@ -158,10 +172,13 @@ def fits(demand: dict, offer: dict, times: int = 1) -> bool:
 
 
 def test_each_group_advertises_exactly_its_tier_resources(case):
+    from speccascade.tiers.app import DRAFTER_DEPLOYMENT, EXPERT_DEPLOYMENT
     from speccascade.tiers.config import AppConfig
 
     service = rayservice_of(case["objects"])
     args = AppConfig.model_validate(app_of(service)["args"])
+    deployments = serve_deployments(app_of(service)["args"])
+    deployment_of = {"drafter": DRAFTER_DEPLOYMENT, "expert": EXPERT_DEPLOYMENT}
     groups = worker_groups(service)
     assert set(groups) == {"drafter", "expert"}
     head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
@@ -178,8 +195,10 @@ def test_each_group_advertises_exactly_its_tier_resources(case):
         if placement.accelerator_type:
             expected[f"accelerator_type:{placement.accelerator_type}"] = 1
         assert custom == expected
-        # A pod of the tier's group holds replicas_per_pod replicas; no other group holds even one.
-        demand = replica_demand(placement)
+        # A pod of the tier's group holds replicas_per_pod replicas of the deployment the builder
+        # makes; no other group holds even one.
+        demand = replica_demand(deployments[deployment_of[tier]])
+        assert demand.get("GPU", 0) == placement.num_gpus
         assert fits(demand, offers[tier], per_pod)
         assert not any(fits(demand, offer) for name, offer in offers.items() if name != tier)
 
@@ -196,15 +215,14 @@ def test_set_values_with_integers_render_like_values_files(render):
 
 
 def test_router_fits_on_some_group(case):
-    from speccascade.tiers.config import AppConfig
+    from speccascade.tiers.app import ROUTER_DEPLOYMENT
 
     service = rayservice_of(case["objects"])
-    router = AppConfig.model_validate(app_of(service)["args"]).router.placement
+    demand = replica_demand(serve_deployments(app_of(service)["args"])[ROUTER_DEPLOYMENT])
     cluster = service["spec"]["rayClusterConfig"]
     offers = [ray_resources_of(cluster["headGroupSpec"], is_head=True)]
     offers += [ray_resources_of(g, is_head=False) for g in cluster["workerGroupSpecs"]]
-    assert any(offer["CPU"] >= router.num_cpus and all(offer.get(k, 0) >= v for k, v in router.resources.items())
-               for offer in offers)
+    assert any(fits(demand, offer) for offer in offers)
 
 
 def test_gpu_settings_land_in_the_right_group(render):
@@ -366,6 +384,17 @@ def test_policy_values_become_app_config_defaults(render):
     service = rayservice_of(render(set_values=["policy.rule=chow", "policy.alpha=0.2", "policy.blockSize=7"]))
     policy = AppConfig.model_validate(app_of(service)["args"]).policy
     assert (policy.rule.value, policy.alpha, policy.block_size) == ("chow", 0.2, 7)
+
+
+def test_router_values_become_app_config(render):
+    from speccascade.tiers.config import AppConfig
+
+    service = rayservice_of(render(set_values=[
+        "router.tierCallTimeoutS=30", "router.tierCallAttempts=5", "router.tierDownCooldownS=2",
+        "router.minReplicas=2", "router.maxReplicas=3"]))
+    router = AppConfig.model_validate(app_of(service)["args"]).router
+    assert (router.tier_call_timeout_s, router.tier_call_attempts, router.tier_down_cooldown_s) == (30, 5, 2)
+    assert (router.replicas.min_replicas, router.replicas.max_replicas) == (2, 3)
 
 
 def test_tenant_api_keys_come_from_the_referenced_secret(render):

@@ -228,7 +228,10 @@ application's `args` follow speccascade.tiers.config.AppConfig.
 {{- $router := dict
   "placement" (dict "num_cpus" $v.router.numCpus "resources" ($v.router.rayResources | default dict))
   "replicas" (dict "min_replicas" $v.router.minReplicas "max_replicas" $v.router.maxReplicas)
-  "max_ongoing_requests" $v.router.maxOngoingRequests }}
+  "max_ongoing_requests" $v.router.maxOngoingRequests
+  "tier_call_timeout_s" $v.router.tierCallTimeoutS
+  "tier_call_attempts" $v.router.tierCallAttempts
+  "tier_down_cooldown_s" $v.router.tierDownCooldownS }}
 {{- $policy := dict
   "rule" $v.policy.rule
   "alpha" $v.policy.alpha
