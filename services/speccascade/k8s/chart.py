@@ -59,7 +59,7 @@ def render_chart(
     """
     chart = Path(chart_dir) if chart_dir is not None else default_chart_dir()
     if not (chart / "Chart.yaml").is_file():
-        raise HelmError(f"{chart} is not a Helm chart (no Chart.yaml)")
+        raise HelmError(f"{chart} is not a Helm chart (no Chart.yaml); outside a source checkout pass the chart directory")
     command = [str(helm or find_helm()), "template", release, str(chart), "--namespace", namespace]
     for values_file in values_files:
         if not Path(values_file).is_file():
