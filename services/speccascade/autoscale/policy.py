@@ -51,7 +51,9 @@ Turning a desired (fractional) count into the next target, per tier:
 - scale up to ⌈desired⌉ once that has been wanted for `upscale_delay_s`;
 - scale down to ⌈desired·(1 + hysteresis)⌉ once that has been wanted for `downscale_delay_s`
   (the margin keeps a demand hovering near an integer from flapping);
-- move at most `max_step` replicas per decision (the delay restarts after each step);
+- move at most `max_step` replicas per step; while the same direction is still wanted, the next
+  step follows one look-back window later (time for the signals to show the last step), or the
+  delay if that is shorter;
 - stay within [min_replicas, max_replicas] (Ray's capacity-adjusted bounds).
 With no router counters yet (nothing reported), a tier holds its target, floor aside.
 
@@ -217,8 +219,9 @@ def measured_service_time(tier: CounterWindow, router: CounterWindow, calls_key:
 @dataclass(frozen=True)
 class Step:
     replicas: int
-    pending: str | None  # "up" / "down" while a change waits for its delay
-    pending_since: float | None
+    pending: str | None  # "up" / "down": the direction wanted, while it lasts
+    pending_since: float | None  # since when it has been wanted
+    stepped_at: float | None  # the last step of this run of same-direction steps
     reason: str
 
 
@@ -228,14 +231,18 @@ def queue_floor(ongoing_requests: float, per_replica: float) -> int:
 
 def next_target(
     desired: float, floor: int, target: int, lower: int, upper: int, scaling: TierScaling,
-    pending: str | None, pending_since: float | None, now: float,
+    pending: str | None, pending_since: float | None, stepped_at: float | None, now: float, settle_s: float,
 ) -> Step:
-    """Apply bounds, hysteresis, delays and the step limit to a desired replica count."""
+    """Apply bounds, hysteresis, delays and the step limit to a desired replica count.
+
+    A run of steps in one direction starts once that direction has been wanted for its delay;
+    while it is still wanted, the next step follows `settle_s` (one look-back window, so the
+    signals reflect the previous step) or the delay, whichever is shorter."""
     def bounded(n: int) -> int:
         return max(lower, min(upper, n))
 
     if bounded(target) != target:
-        return Step(bounded(target), None, None, "bounds")
+        return Step(bounded(target), None, None, None, "bounds")
     up_to = bounded(max(math.ceil(desired - _EPS), floor))
     down_to = bounded(max(math.ceil(desired * (1.0 + scaling.hysteresis) - _EPS), floor))
     if up_to > target:
@@ -246,13 +253,15 @@ def next_target(
     elif down_to < target:
         direction, wanted, delay, reason = "down", down_to, scaling.downscale_delay_s, "demand"
     else:
-        return Step(target, None, None, "hold")
+        return Step(target, None, None, None, "hold")
     if pending != direction or pending_since is None:
-        pending_since = now
-    if now - pending_since + 1e-6 < delay:
-        return Step(target, direction, pending_since, f"{reason}: waiting {delay - (now - pending_since):.0f}s")
+        pending_since, stepped_at = now, None
+    waited_since, wait = (pending_since, delay) if stepped_at is None else (stepped_at, min(delay, settle_s))
+    if now - waited_since + 1e-6 < wait:
+        return Step(target, direction, pending_since, stepped_at,
+                    f"{reason}: waiting {wait - (now - waited_since):.0f}s")
     change = max(-scaling.max_step, min(scaling.max_step, wanted - target))
-    return Step(target + change, None, None, reason)
+    return Step(target + change, direction, pending_since, now, reason)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +321,8 @@ def decide(contexts: Mapping, settings: AutoscalingSettings) -> tuple[dict, dict
                 desired = calls_per_s * service_time / scaling.target_utilization
         step = next_target(
             desired, floor, ctx.target_num_replicas, ctx.capacity_adjusted_min_replicas,
-            ctx.capacity_adjusted_max_replicas, scaling, state.get("pending"), state.get("pending_since"), now,
+            ctx.capacity_adjusted_max_replicas, scaling, state.get("pending"), state.get("pending_since"),
+            state.get("stepped_at"), now, settings.look_back_period_s,
         )
         tier_record = {
             "deployment": ctx.deployment_name,
@@ -326,7 +336,8 @@ def decide(contexts: Mapping, settings: AutoscalingSettings) -> tuple[dict, dict
             "target_utilization": scaling.target_utilization,
             "reason": step.reason,
         }
-        state.update(pending=step.pending, pending_since=step.pending_since, decision=tier_record)
+        state.update(pending=step.pending, pending_since=step.pending_since, stepped_at=step.stepped_at,
+                     decision=tier_record)
         if service_time is not None:
             state["service_time_s"] = service_time
         decisions[dep_id] = step.replicas

@@ -1,0 +1,108 @@
+"""`speccascade status`: each tier's running and target replicas, and why the autoscaler chose them
+(the inputs of its last decision), read from a running Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from ..autoscale.policy import DECISION_KV_NAMESPACE, ROLES, decision_kv_key
+
+DEFAULT_APP = "speccascade"
+
+DEMAND_LABELS = (  # (key in the decision record, label, format)
+    ("tokens_per_s", "tokens/s T", "{:.1f}"),
+    ("deferral_rate", "deferral rate δ", "{:.3f}"),
+    ("block_size", "block size γ", "{:.2f}"),
+    ("skippable_share", "chow share f", "{:.2f}"),
+    ("accepted_length", "accepted length a", "{:.2f}"),
+    ("expert_calls_per_round", "expert calls/round n", "{:.3f}"),
+    ("tokens_per_round", "tokens/round τ", "{:.2f}"),
+    ("rounds_per_s", "rounds/s R", "{:.2f}"),
+    ("expert_calls_per_s", "expert calls/s E", "{:.2f}"),
+    ("drafter_calls_per_s", "drafter calls/s D", "{:.2f}"),
+)
+
+
+def running_replicas(app_status) -> dict[str, int]:
+    """Deployment name -> replicas in the RUNNING state, from `serve.status()`."""
+    out = {}
+    for name, deployment in (app_status.deployments if app_status else {}).items():
+        out[name] = sum(n for state, n in deployment.replica_states.items()
+                        if str(getattr(state, "value", state)) == "RUNNING")
+    return out
+
+
+def format_status(app: str, running: dict[str, int], record: dict | None, *, now: float) -> str:
+    lines = [f"application {app!r}"]
+    if record is None:
+        lines.append("  no deferral-aware autoscaling decision recorded (policy `queue`, or not autoscaling yet)")
+        for name, count in sorted(running.items()):
+            lines.append(f"  {name:<10} running {count}")
+        return "\n".join(lines)
+    lines[0] += f": deferral-aware autoscaling, last decision {max(0.0, now - record['time']):.1f}s ago"
+    header = f"  {'tier':<8} {'deployment':<12} {'running':>7} {'target':>6} {'desired':>8} {'floor':>5} " \
+             f"{'ongoing':>8} {'s/call':>9} {'util':>5}  reason"
+    lines.append(header)
+    for role in ROLES:
+        tier = record["tiers"].get(role)
+        if tier is None:
+            continue
+        service = tier["service_time_s"]
+        service_text = f"{service * 1000:.1f}ms" if service is not None else "-"
+        utilisation = f"{tier['target_utilization']:.2f}" if role != "router" else "-"
+        lines.append(
+            f"  {role:<8} {tier['deployment']:<12} {running.get(tier['deployment'], tier['current_replicas']):>7} "
+            f"{tier['target_replicas']:>6} {tier['desired_replicas']:>8.2f} {tier['queue_floor']:>5} "
+            f"{tier['ongoing_requests']:>8.2f} {service_text:>9} {utilisation:>5}  {tier['reason']}"
+        )
+    demand = record.get("demand")
+    if demand is None:
+        lines.append("  demand: no router counters reported yet (targets held)")
+    else:
+        parts = [f"{label} " + (fmt.format(demand[key]) if demand.get(key) is not None else "-")
+                 for key, label, fmt in DEMAND_LABELS]
+        lines.append("  demand: " + " · ".join(parts))
+        lines.append("  expert = E × s/call / util, drafter = D × s/call / util (see docs/autoscaling.md)")
+    return "\n".join(lines)
+
+
+def read_decision(app: str) -> dict | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(decision_kv_key(app), namespace=DECISION_KV_NAMESPACE)
+    return json.loads(raw) if raw else None
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("status", help="tier replicas and the autoscaler's last decision",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    parser.add_argument("--app", default=DEFAULT_APP, help=f"Serve application name (default {DEFAULT_APP})")
+    parser.add_argument("--json", action="store_true", help="print the decision record as JSON")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        status = serve.status()
+        app_status = status.applications.get(args.app)
+        if app_status is None:
+            raise ValueError(f"no Serve application {args.app!r}; running: {sorted(status.applications) or 'none'}")
+        running = running_replicas(app_status)
+        record = read_decision(args.app)
+    finally:
+        if connected_here:
+            ray.shutdown()
+    if args.json:
+        print(json.dumps({"application": args.app, "running": running, "decision": record}, indent=2))
+    else:
+        print(format_status(args.app, running, record, now=time.time()))
+    return 0
