@@ -3,29 +3,27 @@
 Calls are stateless for correctness (each carries the whole token sequence) and fast by
 affinity: the replica keeps a KV cache per session id (`SessionStore`), and the router sends a
 session's calls to the same replica (`affinity.SessionAffinityRouter`). Concurrent calls are
-scored together: every call is split into scoring steps (`_score`), which `serve.batch` gathers
-across sessions into one forward pass (`batched_forward.distributions_batch`).
+scored together: every call is split into scoring steps (`_score`), which are gathered across
+sessions into one forward pass (`batching.ContinuousBatcher` + `batched_forward.distributions_batch`).
 
 The classes are plain; `app.build_app` turns them into deployments with options from config.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from ray import serve
 
 from ..autoscale.signals import TIER_BUSY_SECONDS, TIER_CALLS
 from ..cascade import Rule, SamplingParams, adjust_probs, sample, verify_block
 from ..engine.runner import ModelRunner
 from ..engine.sources import resolve_model
 from .batched_forward import ScoreJob, distributions_batch
+from .batching import ContinuousBatcher
 from .config import TierConfig
 from .metrics import TierMetrics
 from .sessions import CacheStats, SessionStore
@@ -48,28 +46,24 @@ class ModelTier:
         resolved = resolve_model(config.model, progress=False)
         self.runner = ModelRunner.load(resolved.path, dtype=config.dtype, name=resolved.source)
         self.sessions = SessionStore(self.runner, budget_mb=config.kv_cache_budget_mb)
-        # Forward passes run off the event loop (torch releases the GIL), one at a time, so calls
-        # keep arriving and queue into the next batch while a pass runs.
-        self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-forward")
-        self._score_batch.set_max_batch_size(config.max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.metrics = TierMetrics(role)
         self.calls = 0  # draft / verify calls served, for autoscaling
+        self.batcher = ContinuousBatcher(self._forward, max_batch_size=config.max_batch_size,
+                                         wait_s=config.batch_wait_timeout_s, name=role)
         log.info("%s tier loaded %s (%s)", role, resolved.source, config.dtype)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _score_batch(self, requests: list[_ScoreRequest]) -> list[torch.Tensor]:
-        jobs = [ScoreJob(self.sessions.get(r.session_id), r.tokens, r.start) for r in requests]
+    def _forward(self, requests: list[_ScoreRequest]) -> list[torch.Tensor]:
+        """One batched forward pass (on the batcher's thread)."""
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        rows = await loop.run_in_executor(self._forward_thread, distributions_batch, self.runner, jobs)
+        jobs = [ScoreJob(self.sessions.get(r.session_id), r.tokens, r.start) for r in requests]
+        rows = distributions_batch(self.runner, jobs)
         self.metrics.observe_batch(len(requests), time.perf_counter() - started)
         self.sessions.evict_to_budget(keep=frozenset(r.session_id for r in requests))
         return rows
 
     async def _score(self, session_id: str, tokens: list[int], start: int) -> torch.Tensor:
         """[len(tokens) - start + 1, V] next-token distributions (temperature 1)."""
-        return await self._score_batch(_ScoreRequest(session_id, tokens, start))
+        return await self.batcher.submit(_ScoreRequest(session_id, tokens, start))
 
     async def release(self, session_id: str) -> bool:
         """Free the session's cache (request finished or cancelled)."""
@@ -77,6 +71,12 @@ class ModelTier:
 
     async def cache_stats(self) -> CacheStats:
         return self.sessions.stats()
+
+    async def batch_stats(self) -> dict[str, int]:
+        """Forward passes and the scoring requests they served since start (mean batch size is
+        the ratio); `forward_calls` counts every model call, batched or not."""
+        return {"batches": self.metrics.batches, "batched_requests": self.metrics.batched_requests,
+                "forward_calls": self.runner.forward_calls}
 
     async def vocab_size(self) -> int:
         return self.runner.vocab_size

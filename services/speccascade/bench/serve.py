@@ -1,0 +1,262 @@
+"""`speccascade bench serve`: the served system over gRPC against the in-process engine, same
+pair, same rule, same greedy requests, in one run.
+
+Prints: time to first token and per-token latency (p50/p95) in-process vs served (one stream);
+aggregate tokens/s at 1, 4 and 8 concurrent streams (with the tiers' mean batch size); bytes on
+the wire per round. Loads the real pair twice in turn (in-process, then the tiers): run it under
+the shared lock, `flock /tmp/speccascade-real-model.lock speccascade bench serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+TASKS = [
+    "Write a Python function that checks whether a number is prime.",
+    "Write a Python function that reverses the words in a sentence.",
+    "Write a Python function that returns the n-th Fibonacci number iteratively.",
+    "Write a Python function that counts the vowels in a string.",
+    "Write a Python function that flattens a nested list.",
+    "Write a Python function that merges two sorted lists.",
+    "Write a Python function that computes the factorial of n.",
+    "Write a Python function that removes duplicates from a list, keeping order.",
+]
+
+
+@dataclass
+class StreamTiming:
+    ttft_s: float
+    token_gaps_s: list[float]  # per token after the first chunk: chunk gap / tokens in the chunk
+    tokens: int
+    wall_s: float
+    rounds: int = 0
+    wire_bytes: int = 0
+    context_bytes: int = 0
+
+
+def time_stream(chunks) -> StreamTiming:
+    """Consume a stream of chunks (objects with `token_ids`) and time it."""
+    started = time.perf_counter()
+    first = previous = None
+    gaps: list[float] = []
+    tokens = 0
+    last = None
+    for chunk in chunks:
+        now = time.perf_counter()
+        count = len(chunk.token_ids)
+        if count:
+            if first is None:
+                first = now
+            else:
+                gaps += [(now - previous) / count] * count
+            previous = now
+            tokens += count
+        last = chunk
+    end = time.perf_counter()
+    timing = StreamTiming(ttft_s=(first or end) - started, token_gaps_s=gaps, tokens=tokens, wall_s=end - started)
+    stats = getattr(last, "stats", None)
+    if stats is not None and hasattr(stats, "wire_bytes"):
+        timing.rounds, timing.wire_bytes, timing.context_bytes = stats.rounds, stats.wire_bytes, stats.context_bytes
+    return timing
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class LatencySummary:
+    ttft_p50_ms: float
+    token_p50_ms: float
+    token_p95_ms: float
+    tokens_per_s: float
+
+    @classmethod
+    def of(cls, timings: list[StreamTiming]) -> "LatencySummary":
+        gaps = [g for t in timings for g in t.token_gaps_s]
+        return cls(
+            ttft_p50_ms=1000 * statistics.median(t.ttft_s for t in timings),
+            token_p50_ms=1000 * percentile(gaps, 0.5), token_p95_ms=1000 * percentile(gaps, 0.95),
+            tokens_per_s=sum(t.tokens for t in timings) / sum(t.wall_s for t in timings),
+        )
+
+
+@dataclass
+class ConcurrencyResult:
+    streams: int
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    mean_drafter_batch: float
+    mean_expert_batch: float
+
+
+@dataclass
+class Report:
+    rule: str
+    alpha: float
+    block_size: int
+    max_new_tokens: int
+    dtype: str
+    in_process: LatencySummary | None = None
+    served: LatencySummary | None = None
+    concurrency: list[ConcurrencyResult] = field(default_factory=list)
+    wire_bytes_per_round: float = 0.0
+    wire_bytes_per_round_without_context: float = 0.0
+
+
+def run_in_process(args, tasks) -> LatencySummary:
+    from ..engine.engine import CascadeEngine
+    from ..engine.request import GenerationRequest
+
+    engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype)
+
+    def request(task, n):
+        return GenerationRequest(messages=[{"role": "user", "content": task}], rule=args.rule, alpha=args.alpha,
+                                 block_size=args.block_size, max_new_tokens=n, seed=0)
+
+    engine.generate(request(tasks[0], 4))  # warm-up
+    timings = [time_stream(engine.stream(request(task, args.max_new_tokens))) for task in tasks]
+    del engine
+    gc.collect()
+    return LatencySummary.of(timings)
+
+
+def batch_means(handles) -> dict[str, tuple[int, int]]:
+    return {name: (s["batches"], s["batched_requests"])
+            for name, s in ((n, h.batch_stats.remote().result()) for n, h in handles.items())}
+
+
+def run_served(args, tasks, report: Report) -> None:
+    from ray import serve
+
+    from ..api.client import SpecCascadeClient, build_request
+    from ..commands.serve import app_args_with_overrides, load_serve_config, shutdown, start
+
+    schema = load_serve_config(args.config)
+    (app,) = schema.applications
+    serve_args = argparse.Namespace(drafter=args.drafter, expert=args.expert, dtype=args.dtype,
+                                    grpc_port=args.grpc_port, http_port=args.http_port, num_cpus=None,
+                                    verbose=False)
+    port, app_name = start(schema, serve_args, app_args=app_args_with_overrides(app.args, serve_args))
+    handles = {name: serve.get_deployment_handle(name, app_name=app_name) for name in ("Drafter", "Expert")}
+    target = f"localhost:{port}"
+
+    def request(task, n):
+        return build_request(messages=[{"role": "user", "content": task}], rule=args.rule, alpha=args.alpha,
+                             block_size=args.block_size, max_new_tokens=n, temperature=0.0, seed=0)
+
+    try:
+        with SpecCascadeClient(target, application=app_name) as client:
+            client.generate(request(tasks[0], 4))  # warm-up
+            timings = [time_stream(client.stream(request(task, args.max_new_tokens))) for task in tasks]
+        report.served = LatencySummary.of(timings)
+        rounds = sum(t.rounds for t in timings)
+        report.wire_bytes_per_round = sum(t.wire_bytes for t in timings) / rounds
+        report.wire_bytes_per_round_without_context = sum(t.wire_bytes - t.context_bytes for t in timings) / rounds
+
+        for streams in args.streams:
+            before = batch_means(handles)
+            results: list[StreamTiming] = []
+            lock = threading.Lock()
+
+            def one(i):
+                with SpecCascadeClient(target, application=app_name) as c:
+                    timing = time_stream(c.stream(request(TASKS[i % len(TASKS)], args.max_new_tokens)))
+                with lock:
+                    results.append(timing)
+
+            started = time.perf_counter()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - started
+            after = batch_means(handles)
+            means = {}
+            for name in handles:
+                batches = after[name][0] - before[name][0]
+                means[name] = (after[name][1] - before[name][1]) / batches if batches else 0.0
+            tokens = sum(r.tokens for r in results)
+            report.concurrency.append(ConcurrencyResult(streams, tokens, wall, tokens / wall,
+                                                        means["Drafter"], means["Expert"]))
+    finally:
+        from rich.console import Console
+
+        shutdown(Console(stderr=True))
+
+
+def print_report(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]bench serve[/]: {report.rule}(alpha={report.alpha:g}, gamma={report.block_size}), "
+                  f"greedy, {report.max_new_tokens} new tokens, {report.dtype}")
+    latency = Table(title="one stream: in-process vs served over gRPC")
+    for column in ("", "TTFT p50 ms", "per-token p50 ms", "per-token p95 ms", "tokens/s"):
+        latency.add_column(column, justify="right")
+    rows = [("in-process", report.in_process), ("served (gRPC)", report.served)]
+    for name, summary in rows:
+        if summary:
+            latency.add_row(name, f"{summary.ttft_p50_ms:.0f}", f"{summary.token_p50_ms:.0f}",
+                            f"{summary.token_p95_ms:.0f}", f"{summary.tokens_per_s:.2f}")
+    if report.in_process and report.served:
+        a, b = report.in_process, report.served
+        latency.add_row("overhead", f"{b.ttft_p50_ms / a.ttft_p50_ms - 1:+.0%}", f"{b.token_p50_ms / a.token_p50_ms - 1:+.0%}",
+                        f"{b.token_p95_ms / a.token_p95_ms - 1:+.0%}", f"{b.tokens_per_s / a.tokens_per_s - 1:+.0%}")
+    console.print(latency)
+    if report.concurrency:
+        table = Table(title="aggregate throughput (served)")
+        for column in ("streams", "tokens", "wall s", "tokens/s", "x vs 1", "drafter batch", "expert batch"):
+            table.add_column(column, justify="right")
+        base = report.concurrency[0].tokens_per_s
+        for c in report.concurrency:
+            table.add_row(str(c.streams), str(c.tokens), f"{c.wall_s:.1f}", f"{c.tokens_per_s:.2f}",
+                          f"{c.tokens_per_s / base:.2f}", f"{c.mean_drafter_batch:.2f}", f"{c.mean_expert_batch:.2f}")
+        console.print(table)
+    console.print(f"bytes on the wire per round: {report.wire_bytes_per_round:,.0f} "
+                  f"({report.wire_bytes_per_round_without_context:,.0f} without the resent context)")
+
+
+def run(args: argparse.Namespace) -> int:
+    tasks = TASKS[: args.prompts]
+    report = Report(args.rule, args.alpha, args.block_size, args.max_new_tokens, args.dtype)
+    if not args.skip_in_process:
+        report.in_process = run_in_process(args, tasks)
+    run_served(args, tasks, report)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(asdict(report), indent=2))
+    return 0
+
+
+def register(benches) -> None:
+    from pathlib import Path
+
+    parser = benches.add_parser("serve", help="served (gRPC) vs in-process latency, throughput at 1/4/8 streams")
+    parser.add_argument("--drafter", help="drafter model source (default: the packaged pair)")
+    parser.add_argument("--expert", help="expert model source")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--config", type=Path, help="Serve config (default: deploy/local-cpu.yaml)")
+    parser.add_argument("--rule", default="token")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--block-size", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--prompts", type=int, default=3, help="prompts for the one-stream latency comparison")
+    parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
+    parser.add_argument("--grpc-port", type=int, default=9411)
+    parser.add_argument("--http-port", type=int, default=8411)
+    parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    parser.set_defaults(handler=run)

@@ -1,0 +1,70 @@
+"""`speccascade client`: send a request to a running speccascade server, stream the answer
+coloured by which model produced each piece, and print the request's stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+    from rich.console import Console
+
+    from ..api.client import SOURCES, FINISH_REASONS, SpecCascadeClient, build_request
+    from .generate import print_legend, print_segment, print_stats, request_from_args
+
+    local = request_from_args(args)  # the same validation as in-process, before any network call
+    if local.method.value != "cascade":
+        raise ValueError(f"--method {local.method.value!r} runs in-process only (speccascade generate); "
+                         "the server decodes speculative cascades")
+    request = build_request(
+        local.prompt, messages=local.messages, rule=local.rule.value, alpha=local.alpha,
+        block_size=local.block_size, max_new_tokens=local.max_new_tokens,
+        temperature=local.sampling.temperature, top_k=local.sampling.top_k, top_p=local.sampling.top_p,
+        seed=args.seed, stop=local.stop,
+    )
+    console = Console(no_color=args.no_color, highlight=False)
+    err = Console(stderr=True, highlight=False)
+    try:
+        with SpecCascadeClient(args.target, application=args.application, timeout=args.timeout) as client:
+            if args.json:
+                response = client.generate(request)
+                print(json.dumps(MessageToDict(response, preserving_proto_field_name=True)))
+                return 0
+            print_legend(err)
+            for chunk in client.stream(request):
+                for segment in chunk.segments:
+                    print_segment(console, segment.text, SOURCES.get(segment.source, ""))
+                if chunk.finish_reason:
+                    console.print()
+                    stats = MessageToDict(chunk.stats, preserving_proto_field_name=True,
+                                          always_print_fields_with_no_presence=True)
+                    stats["other_seconds"] = max(0.0, chunk.stats.wall_seconds - chunk.stats.drafter_seconds
+                                                 - chunk.stats.expert_seconds)
+                    print_stats(err, stats, finish_reason=FINISH_REASONS[chunk.finish_reason],
+                                seed=chunk.stats.seed, prompt_tokens=chunk.usage.prompt_tokens)
+                    rounds = max(chunk.stats.rounds, 1)
+                    err.print(f"[dim]served:[/] {chunk.stats.wire_bytes / rounds:,.0f} bytes/round on the wire "
+                              f"({(chunk.stats.wire_bytes - chunk.stats.context_bytes) / rounds:,.0f} without the "
+                              f"resent context), {chunk.stats.tier_retries} tier retries"
+                              + (", [bold yellow]expert-only (drafter tier down)[/]"
+                                 if chunk.stats.expert_only_fallback else ""))
+    except grpc.RpcError as error:
+        err.print(f"[bold red]{error.code().name}[/]: {error.details()}")
+        return 1
+    return 0
+
+
+def register(subparsers) -> None:
+    from .generate import add_generation_arguments
+
+    parser = subparsers.add_parser("client", help="stream a response from a running speccascade server")
+    add_generation_arguments(parser)
+    parser.add_argument("--target", default="localhost:9000", help="server address (default: localhost:9000)")
+    parser.add_argument("--application", help="Serve application name, when the cluster runs several")
+    parser.add_argument("--timeout", type=float, help="deadline in seconds")
+    parser.add_argument("--json", action="store_true", help="print the unary response as JSON")
+    parser.add_argument("--no-color", action="store_true", help="plain text output")
+    parser.set_defaults(handler=run)

@@ -1,0 +1,112 @@
+"""`speccascade serve`: start a local Ray cluster and the speccascade application with its gRPC
+port open, print how to call it, and run until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+LOCAL_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local-cpu.yaml"
+
+
+def load_serve_config(path: Path | None):
+    """The Serve config (deploy/local-cpu.yaml by default) as a validated ServeDeploySchema."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from ..tiers.app import APP_NAME, DEFAULT_GRPC_PORT, GRPC_SERVICER_FUNCTIONS
+
+    if path is None and LOCAL_CONFIG.exists():
+        path = LOCAL_CONFIG
+    if path is None:  # an installed package without the repository's deploy/ directory
+        raw = {"grpc_options": {"port": DEFAULT_GRPC_PORT, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
+               "applications": [{"name": APP_NAME, "route_prefix": "/speccascade",
+                                 "import_path": "speccascade.tiers.app:build_app", "args": {}}]}
+    else:
+        raw = yaml.safe_load(Path(path).read_text())
+    return ServeDeploySchema.model_validate(raw)
+
+
+def app_args_with_overrides(args_dict: dict, args: argparse.Namespace) -> dict:
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in (args_dict or {}).items()}
+    for tier in ("drafter", "expert"):
+        tier_args = out.setdefault(tier, {})
+        if getattr(args, tier):
+            tier_args["model"] = getattr(args, tier)
+        if args.dtype:
+            tier_args["dtype"] = args.dtype
+    return out
+
+
+def start(schema, args: argparse.Namespace, *, app_args: dict) -> tuple[int, str]:
+    """Start Ray, Serve's proxies and the application; returns (gRPC port, application name)."""
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from ..tiers.app import build_app
+    from ..tiers.config import AppConfig
+
+    (app,) = schema.applications
+    config = AppConfig.model_validate(app_args)  # fail fast, naming the bad value
+    grpc_port = args.grpc_port or schema.grpc_options.port
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.verbose)
+    serve.start(
+        http_options=HTTPOptions(host=schema.http_options.host, port=args.http_port or schema.http_options.port),
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=schema.grpc_options.grpc_servicer_functions),
+    )
+    serve.run(build_app(config), name=app.name, route_prefix=app.route_prefix)
+    return grpc_port, app.name
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    schema = load_serve_config(args.config)
+    (app,) = schema.applications
+    app_args = app_args_with_overrides(app.args, args)
+    with console.status("starting Ray and the speccascade application (loading both tiers)..."):
+        grpc_port, app_name = start(schema, args, app_args=app_args)
+    target = f"localhost:{grpc_port}"
+    console.print(f"[bold green]speccascade is serving[/] gRPC on [bold]{target}[/] (application {app_name!r})\n")
+    console.print("call it with:")
+    console.print(f"  speccascade client --target {target} 'Write a Python function that reverses a string.'")
+    console.print(f"  grpcurl -plaintext {target} list")
+    console.print(f"  grpcurl -plaintext {target} grpc.health.v1.Health/Check")
+    console.print(f"  grpcurl -plaintext -d '{{\"prompt\": \"def fib(n):\", \"max_new_tokens\": 32}}' "
+                  f"{target} speccascade.v1.SpecCascade/Generate")
+    console.print("\nCtrl-C to stop.")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutdown(console)
+    return 0
+
+
+def shutdown(console) -> None:
+    import ray
+    from ray import serve
+
+    console.print("\nshutting down...")
+    serve.shutdown()
+    ray.shutdown()
+    console.print("stopped.")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="serve the cascade over gRPC on a local Ray cluster")
+    parser.add_argument("--config", type=Path, help=f"Serve config (default: {LOCAL_CONFIG.name} values)")
+    parser.add_argument("--drafter", help="override the drafter model source")
+    parser.add_argument("--expert", help="override the expert model source")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="override both tiers' dtype")
+    parser.add_argument("--grpc-port", type=int, help="override the gRPC port (default from the config: 9000)")
+    parser.add_argument("--http-port", type=int, help="override the HTTP port")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
+    parser.set_defaults(handler=run)

@@ -1,0 +1,71 @@
+"""Continuous batching of scoring steps inside a tier replica.
+
+While the model runs one batch, new requests queue up; as soon as it is free, everything queued
+(up to `max_batch_size`) runs as the next batch. Only when the model was idle does the first
+request wait up to `wait_s` for company. (`serve.batch` forms the next batch while the previous
+one still runs, after its short timeout, so a busy replica kept getting batches of one.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class ContinuousBatcher(Generic[Item, Result]):
+    def __init__(self, run_batch: Callable[[list[Item]], list[Result]], *, max_batch_size: int, wait_s: float,
+                 name: str):
+        """`run_batch` is blocking (a forward pass); it runs on one worker thread, so the event loop
+        keeps accepting requests meanwhile."""
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-forward")
+        self._pending: list[tuple[Item, asyncio.Future]] = []
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self.batches = 0
+        self.batched_items = 0
+
+    async def submit(self, item: Item) -> Result:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._run_forever())
+        future = loop.create_future()
+        self._pending.append((item, future))
+        self._arrived.set()
+        return await future
+
+    async def _run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = True
+        while True:
+            if not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+                idle = True
+            if idle and self.wait_s and len(self._pending) < self.max_batch_size:
+                await asyncio.sleep(self.wait_s)
+            taken, self._pending = self._pending[: self.max_batch_size], self._pending[self.max_batch_size:]
+            taken = [(item, future) for item, future in taken if not future.done()]  # drop cancelled callers
+            idle = False
+            if not taken:
+                continue
+            try:
+                results = await loop.run_in_executor(self._thread, self.run_batch, [item for item, _ in taken])
+            except Exception as error:  # the whole batch failed: every caller gets the error
+                for _, future in taken:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self.batches += 1
+            self.batched_items += len(taken)
+            for (_, future), result in zip(taken, results):
+                if not future.done():
+                    future.set_result(result)
