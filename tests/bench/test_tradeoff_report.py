@@ -28,6 +28,24 @@ def record(method, task, *, passed, wall, alpha=None, drafter=0, expert=10, logp
     }
 
 
+def test_step_cost_from_records_pairs_drafter_and_expert_only_on_common_problems():
+    from speccascade.bench.tradeoff_report import step_cost_from_records
+
+    def timed(method, task, passes, seconds):
+        r = record(method, task, passed=True, wall=seconds, drafter=passes if method == "drafter" else 0,
+                   expert=passes if method == "expert" else 0)
+        r["stats"] = {"drafter_seconds": seconds if method == "drafter" else 0.0,
+                      "expert_seconds": seconds if method == "expert" else 0.0}
+        return r
+
+    records = [timed("expert", "T/0", 10, 5.0), timed("drafter", "T/0", 20, 4.0),
+               timed("expert", "T/1", 10, 5.0), timed("drafter", "T/1", 10, 1.0),
+               timed("drafter", "T/2", 10, 100.0)]  # no expert-only record for T/2: not used
+    # drafter: 5 s / 30 passes; expert: 10 s / 20 passes.
+    assert step_cost_from_records(records) == pytest.approx((5.0 / 30) / (10.0 / 20))
+    assert math.isnan(step_cost_from_records(records[:1]))
+
+
 def test_wilson_interval_matches_known_values():
     # 8 of 10: the textbook Wilson interval is [0.490, 0.943].
     low, high = wilson_interval(8, 10)
@@ -162,7 +180,8 @@ def test_report_only_command_rebuilds_outputs_without_models(tmp_path, capsys):
     args = parser.parse_args(["tradeoff", "--report-only", "--out", str(tmp_path)])
     assert args.handler(args) == 0
     table = (tmp_path / "table.md").read_text()
-    assert "c = 0.500 (median over 3 invocation(s)" in table
+    assert "c = 0.500, from the start-of-run calibration" in table
+    assert "median 0.500 over 3 invocation(s)" in table
     assert "test cpu" in table
     assert (tmp_path / "pass-at-1_greedy.png").exists()
     summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]

@@ -55,7 +55,8 @@ def test_run_writes_every_pair_and_a_rerun_skips_them(engine, problems, tmp_path
     for r in records:
         seeds[r["task_id"]].add(r["seed"])
     assert all(len(s) == 1 for s in seeds.values())
-    assert step_cost_ratio(tmp_path) > 0
+    c, source = step_cost_ratio(tmp_path)
+    assert c > 0 and source == "start-of-run calibration"  # no drafter-only records yet
 
     before = (tmp_path / RECORDS_FILE).read_text()
     assert run_benchmark(engine, configs, problems, tmp_path, base_seed=7, progress=False) == 0
@@ -68,6 +69,8 @@ def test_run_writes_every_pair_and_a_rerun_skips_them(engine, problems, tmp_path
                          max_new_tokens=MAX_TOKENS)
     assert run_benchmark(engine, configs + more, problems, tmp_path, base_seed=7, progress=False) == len(problems)
 
+    c, source = step_cost_ratio(tmp_path)
+    assert c > 0 and "records" in source
     text = write_report(tmp_path)
     assert "## pass@1, greedy" in text and "| token |" in text
     assert (tmp_path / "pass-at-1_greedy.png").exists()

@@ -27,6 +27,7 @@ from .tradeoff_report import (
     markdown_summary,
     markdown_table,
     plot_tradeoff,
+    step_cost_from_records,
     summarize,
     summary_records,
 )
@@ -149,10 +150,20 @@ def _warm_up(engine, configs: list[BenchConfig], prompt: str) -> None:
             generate_with_hf_assisted(engine, short, prompt, seed=0)
 
 
-def step_cost_ratio(out: Path) -> float:
-    """c for the records in `out`: the median over the invocations that produced them."""
+def calibrated_step_cost(out: Path) -> float:
+    """c from the per-invocation calibrations: their median."""
     values = [r["c"] for r in read_jsonl(out / CALIBRATION_FILE)]
     return statistics.median(values) if values else math.nan
+
+
+def step_cost_ratio(out: Path, records: list[dict] | None = None) -> tuple[float, str]:
+    """The c used for costs, and where it came from: measured over the whole run from the
+    expert-only and drafter-only records when there are any (it then averages over the same
+    machine load as the results), else the calibrations' median."""
+    from_run = step_cost_from_records(records if records is not None else read_jsonl(out / RECORDS_FILE))
+    if not math.isnan(from_run):
+        return from_run, "expert-only and drafter-only records of this run"
+    return calibrated_step_cost(out), "start-of-run calibration"
 
 
 def write_report(out: Path) -> str:
@@ -160,7 +171,7 @@ def write_report(out: Path) -> str:
     records = read_jsonl(out / RECORDS_FILE)
     if not records:
         raise ValueError(f"no records in {out}: run the benchmark first")
-    c = step_cost_ratio(out)
+    c, c_source = step_cost_ratio(out, records)
     calibrations = read_jsonl(out / CALIBRATION_FILE)
     summaries = summarize(records, c)
     with (out / SUMMARY_FILE).open("w") as f:
@@ -174,9 +185,12 @@ def write_report(out: Path) -> str:
             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
             f"({machine['torch_threads']} threads). Pair: drafter `{calibrations[-1]['drafter_model']}`, "
             f"expert `{calibrations[-1]['expert_model']}`, dtype {records[-1]['dtype']}.",
-            f"Step cost ratio c = {c:.3f} (median over {len(calibrations)} invocation(s); "
+            f"Step cost ratio c = {c:.3f}, from the {c_source}. Start-of-run calibrations: median "
+            f"{calibrated_step_cost(out):.3f} over {len(calibrations)} invocation(s) ("
             + ", ".join(f"{r['drafter_step_ms']:.0f}/{r['expert_step_ms']:.0f} ms" for r in calibrations)
-            + " drafter/expert per decode step).",
+            + " drafter/expert per decode step; load averages at start "
+            + ", ".join(f"{r['machine']['load_average'][0]:.1f}" for r in calibrations if 'load_average' in r['machine'])
+            + ").",
             "",
         ]
     for sampling in samplings:

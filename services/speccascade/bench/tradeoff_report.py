@@ -76,6 +76,24 @@ def reference_group(record: dict) -> tuple:
     return record["sampling"], record["max_new_tokens"]
 
 
+def step_cost_from_records(records: list[dict]) -> float:
+    """c measured over the whole run: seconds per drafter pass in drafter-only decoding over
+    seconds per expert pass in expert-only decoding, on the problems both have done (each
+    total includes one prefill pass per problem). nan without such pairs."""
+    by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in records:
+        if r["method"] in (EXPERT, "drafter"):
+            by_key[(reference_group(r), r["task_id"])][r["method"]] = r
+    pairs = [v for v in by_key.values() if len(v) == 2]
+    drafter_passes = sum(v["drafter"]["drafter_passes"] for v in pairs)
+    expert_passes = sum(v[EXPERT]["expert_passes"] for v in pairs)
+    if not pairs or drafter_passes == 0 or expert_passes == 0:
+        return math.nan
+    drafter_step = sum(v["drafter"]["stats"]["drafter_seconds"] for v in pairs) / drafter_passes
+    expert_step = sum(v[EXPERT]["stats"]["expert_seconds"] for v in pairs) / expert_passes
+    return drafter_step / expert_step
+
+
 def _cost(record: dict, c: float) -> float:
     return record["drafter_passes"] * c + record["expert_passes"]
 
