@@ -37,6 +37,11 @@ def register(subparsers) -> None:
                         help=f"per-call service times JSON (default {DEFAULT_OUT / SERVICE_TIMES})")
     parser.add_argument("--trace", type=Path, default=None,
                         help="a recorded trace JSON (bin_s, request_rate, deferral); default: synthetic day")
+    parser.add_argument("--record-trace", type=float, default=None, metavar="MINUTES",
+                        help="first record a trace from the served real pair for MINUTES (takes the real-model "
+                             "lock) into OUT/recorded_trace.json, then replay it")
+    parser.add_argument("--stretch", type=float, default=6.0,
+                        help="a recorded trace's bins last this many times longer in the simulation (default 6)")
     parser.add_argument("--hours", type=float, default=6.0, help="simulated length of the synthetic day (default 6)")
     parser.add_argument("--peak-request-rate", type=float, default=0.9, help="requests/s at the day's peak")
     parser.add_argument("--max-drafter", type=int, default=32, help="drafter max_replicas in the simulation")
@@ -59,15 +64,25 @@ def policy_settings(kind: str, *, max_drafter: int, max_expert: int, knob: float
     return settings_from_dict(document, source=f"{kind}.yaml")
 
 
-def load_trace(path: Path):
+def load_trace(path: Path, *, peak_request_rate: float, stretch: float):
+    """A recorded trace, its bins stretched in time and its request rate scaled so that the busiest
+    minute (3-bin average, to not chase one noisy bin) matches `peak_request_rate`; the deferral
+    rates are replayed as recorded."""
     from ..autoscale.simulate import Trace
 
-    data = json.loads(path.read_text())
     try:
-        return Trace(bin_s=float(data["bin_s"]), request_rate=[float(x) for x in data["request_rate"]],
-                     deferral=[float(x) for x in data["deferral"]], name=data.get("name", path.stem))
+        data = json.loads(path.read_text())
+        rates = [float(x) for x in data["request_rate"]]
+        deferral = [float(x) for x in data["deferral"]]
+        bin_s = float(data["bin_s"]) * stretch
+    except FileNotFoundError:
+        raise ValueError(f"trace file {str(path)!r} does not exist") from None
     except KeyError as missing:
         raise ValueError(f"trace {str(path)!r} lacks key {missing}") from None
+    smoothed = [sum(rates[max(0, i - 1): i + 2]) / len(rates[max(0, i - 1): i + 2]) for i in range(len(rates))]
+    scale = peak_request_rate / max(smoothed) if max(smoothed, default=0) > 0 else 0.0
+    return Trace(bin_s=bin_s, request_rate=[r * scale for r in smoothed], deferral=deferral,
+                 name=data.get("name", path.stem))
 
 
 def headline(results: list[dict]) -> list[dict]:
@@ -142,7 +157,7 @@ def plot_frontier(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for policy, marker in (("deferral", "o"), ("queue", "s")):
-        points = sorted((r for r in results if r["policy"] == policy), key=lambda r: r["expert_replica_s"])
+        points = sorted((r for r in results if r["policy"] == policy), key=lambda r: float(r["knob"]))
         xs = [r["expert_replica_s"] / 3600 for r in points]
         ys = [r["expert_wait_p95_s"] * 1000 for r in points]
         ax.plot(xs, ys, marker=marker, label=policy)
@@ -150,7 +165,7 @@ def plot_frontier(results: list[dict], path: Path) -> None:
             ax.annotate(r["knob"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("expert replica-hours")
     ax.set_ylabel("expert p95 queueing delay (ms)")
-    ax.set_yscale("log")
+    ax.set_yscale("symlog", linthresh=1.0)  # some operating points never queue at the 95th percentile
     ax.set_title("Operating points (labels: utilisation / ongoing target)")
     ax.legend()
     fig.tight_layout()
@@ -171,9 +186,18 @@ def handle(args: argparse.Namespace) -> int:
         print(f"measured: drafter step {times.drafter_step_s * 1000:.0f} ms, draft call "
               f"{times.drafter_call_s * 1000:.0f} ms, expert verify {times.expert_verify_s * 1000:.0f} ms -> {times_path}")
     times = ServiceTimes.load(times_path)
+    trace_path = args.trace
+    if args.record_trace:
+        from ..autoscale.record_trace import record, save
+
+        trace_path = out / "recorded_trace.json"
+        save(record(minutes=args.record_trace), trace_path)
+        print(f"recorded {trace_path}")
     hours = QUICK_HOURS if args.quick else args.hours
-    trace = load_trace(args.trace) if args.trace else synthetic_day(
-        duration_s=hours * 3600, peak_request_rate=args.peak_request_rate, seed=args.seed)
+    if trace_path is not None:
+        trace = load_trace(trace_path, peak_request_rate=args.peak_request_rate, stretch=args.stretch)
+    else:
+        trace = synthetic_day(duration_s=hours * 3600, peak_request_rate=args.peak_request_rate, seed=args.seed)
     points = [("deferral", None), ("queue", None)]
     if not args.quick:
         points += [("deferral", u) for u in DEFERRAL_UTILISATIONS] + [("queue", q) for q in QUEUE_TARGETS]
@@ -200,7 +224,7 @@ def handle(args: argparse.Namespace) -> int:
     rows = headline(results)
     print()
     print_table(results, rows)
-    stem = "quick" if args.quick else trace.name.replace(" ", "_")
+    stem = "quick" if args.quick else (trace_path.stem if trace_path is not None else "synthetic_day")
     summary = {
         "trace": {"name": trace.name, "hours": trace.duration_s / 3600, "bin_s": trace.bin_s,
                   "peak_request_rate": max(trace.request_rate)},
