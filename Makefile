@@ -23,7 +23,8 @@ install: $(INSTALLED)
 
 tools: .tools/bin/helm
 
-run: generate
+run: install
+	$(VENV)/bin/speccascade serve
 
 generate: install
 	$(VENV)/bin/speccascade generate

@@ -39,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
                     print_segment(console, segment.text, SOURCES.get(segment.source, ""))
                 if chunk.finish_reason:
                     console.print()
-                    stats = MessageToDict(chunk.stats, preserving_proto_field_name=True,
-                                          always_print_fields_with_no_presence=True)
+                    stats = {f.name: getattr(chunk.stats, f.name) for f in chunk.stats.DESCRIPTOR.fields}
                     stats["other_seconds"] = max(0.0, chunk.stats.wall_seconds - chunk.stats.drafter_seconds
                                                  - chunk.stats.expert_seconds)
                     print_stats(err, stats, finish_reason=FINISH_REASONS[chunk.finish_reason],

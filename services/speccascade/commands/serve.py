@@ -80,11 +80,11 @@ def run(args: argparse.Namespace) -> int:
                   f"{target} speccascade.v1.SpecCascade/Generate")
     console.print("\nCtrl-C to stop.")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(timeout=1.0):
+            pass
     finally:
         shutdown(console)
     return 0
