@@ -67,3 +67,14 @@ def test_affinity_keeps_sessions_on_their_replica_when_others_come_and_go():
     grown = {s: rank_by_affinity(s, replicas + ["r4"])[0] for s in sessions}  # r4 joined
     assert all(grown[s] in (before[s], "r4") for s in sessions)
     assert any(grown[s] == "r4" for s in sessions)
+
+
+def test_window_counters_take_returns_the_counts_and_restarts():
+    from speccascade.tiers.metrics import WindowCounters
+
+    window = WindowCounters()
+    window.rounds, window.deferred_positions, window.expert_service_seconds = 3, 5, 0.25
+    taken = window.take()
+    assert (taken.rounds, taken.deferred_positions, taken.expert_service_seconds) == (3, 5, 0.25)
+    assert window.rounds == 0 and window.deferred_positions == 0 and window.expert_service_seconds == 0.0
+    assert taken.as_dict()["window_seconds"] >= 0

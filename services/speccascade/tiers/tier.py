@@ -72,6 +72,12 @@ class ModelTier:
     async def cache_stats(self) -> CacheStats:
         return self.sessions.stats()
 
+    async def replica_cache_stats(self) -> tuple[str, CacheStats]:
+        """(this replica's id, its cache stats): for seeing where sessions live."""
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id, self.sessions.stats()
+
     async def batch_stats(self) -> dict[str, int]:
         """Forward passes and the scoring requests they served since start (mean batch size is
         the ratio); `forward_calls` counts every model call, batched or not."""
