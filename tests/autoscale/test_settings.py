@@ -12,6 +12,7 @@ from speccascade.autoscale.policy import DeferralAwarePolicy
 from speccascade.autoscale.settings import (
     DEFERRAL_POLICY_FUNCTION,
     apply_to_application,
+    helm_values,
     load_settings,
     serve_autoscaling,
     settings_from_dict,
@@ -90,3 +91,29 @@ def test_queue_policy_uses_rays_per_deployment_policy_and_delays():
     assert config.policy.is_default_policy_function()
     assert (config.target_ongoing_requests, config.upscale_delay_s, config.downscale_delay_s) == (1, 30, 300)
     assert serve_autoscaling(settings).autoscaling_policy is None
+
+
+@pytest.mark.parametrize("name", ["deferral.yaml", "queue.yaml"])
+def test_helm_values_carry_the_same_pieces(name):
+    settings = load_settings(POLICY_DIR / name)
+    values = helm_values(settings)["autoscaling"]
+    pieces = serve_autoscaling(settings)
+    assert values["deployments"] == pieces.deployments
+    assert values["autoscalingPolicy"] == (pieces.autoscaling_policy or {})
+    # What the chart renders from them is a valid Serve config.
+    application = {"name": "speccascade", "import_path": "speccascade.tiers.app:build_app",
+                   "deployments": values["deployments"]}
+    if values["autoscalingPolicy"]:
+        application["autoscaling_policy"] = values["autoscalingPolicy"]
+    ServeDeploySchema.model_validate({"applications": [application]})
+
+
+def test_settings_module_prints_helm_values_or_names_the_bad_key(tmp_path, capsys):
+    from speccascade.autoscale.settings import main
+
+    assert main([str(POLICY_DIR / "deferral.yaml")]) == 0
+    assert "policy_function: speccascade.autoscale.policy:DeferralAwarePolicy" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("drafter:\n  max_step: 0\n")
+    assert main([str(bad)]) == 2
+    assert "drafter.max_step" in capsys.readouterr().err

@@ -225,3 +225,33 @@ def apply_to_application(application: dict, settings: AutoscalingSettings) -> di
             entry.pop("num_replicas", None)
             entry["autoscaling_config"] = copy.deepcopy(piece["autoscaling_config"])
     return out
+
+
+def helm_values(settings: AutoscalingSettings) -> dict:
+    """The chart's `autoscaling:` values for a policy: both Serve config pieces, which the chart
+    passes through verbatim (`autoscalingPolicy` onto the application, `deployments` merged into
+    its deployments by name)."""
+    pieces = serve_autoscaling(settings)
+    return {"autoscaling": {"autoscalingPolicy": pieces.autoscaling_policy or {}, "deployments": pieces.deployments}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m speccascade.autoscale.settings POLICY.yaml`: validate a policy file and print the
+    Helm values that carry it (`helm install ... -f <this output>`)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m speccascade.autoscale.settings", description=main.__doc__)
+    parser.add_argument("policy", type=Path, help="an operator policy file, e.g. deploy/autoscaling/deferral.yaml")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.policy)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(helm_values(settings), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
