@@ -78,6 +78,10 @@ class TierConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
     kv_cache_budget_mb: int = Field(1024, ge=1, description="KV cache memory per replica before LRU eviction.")
     max_ongoing_requests: int = Field(32, ge=1, description="Concurrent calls a replica accepts.")
+    torch_threads: int | None = Field(
+        None, ge=1, le=256,
+        description="Intra-op threads for forward passes. Default: torch's, which Ray caps at the replica's "
+                    "num_cpus (and at 1 when num_cpus < 1) through OMP_NUM_THREADS.")
 
 
 class RouterConfig(_Strict):

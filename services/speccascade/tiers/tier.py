@@ -43,6 +43,8 @@ class ModelTier:
     def __init__(self, config: TierConfig, role: str):
         self.config = config
         self.role = role
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
         resolved = resolve_model(config.model, progress=False)
         self.runner = ModelRunner.load(resolved.path, dtype=config.dtype, name=resolved.source)
         self.sessions = SessionStore(self.runner, budget_mb=config.kv_cache_budget_mb)
@@ -50,7 +52,7 @@ class ModelTier:
         self.calls = 0  # draft / verify calls served, for autoscaling
         self.batcher = ContinuousBatcher(self._forward, max_batch_size=config.max_batch_size,
                                          wait_s=config.batch_wait_timeout_s, name=role)
-        log.info("%s tier loaded %s (%s)", role, resolved.source, config.dtype)
+        log.info("%s tier loaded %s (%s, %d threads)", role, resolved.source, config.dtype, torch.get_num_threads())
 
     def _forward(self, requests: list[_ScoreRequest]) -> list[torch.Tensor]:
         """One batched forward pass (on the batcher's thread)."""
