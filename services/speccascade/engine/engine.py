@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .loop import Generators, Participant, rounds_for
+from .prompt import encode_prompt, generation_limit
 from .request import GenerationRequest
 from .runner import ModelRunner
 from .stats import GenerationStats, Source
@@ -36,6 +37,40 @@ class GenerationChunk:
     @property
     def text(self) -> str:
         return "".join(s.text for s in self.segments)
+
+
+class StreamAssembler:
+    """Feeds rounds of emitted (token, source) pairs into an OutputBuilder, counts output tokens
+    by source, and turns what each round added into a chunk; the last chunk carries the result."""
+
+    def __init__(self, output: OutputBuilder, stats: GenerationStats):
+        self.output = output
+        self.stats = stats
+        self._new_tokens: list[int] = []
+        self._new_sources: list[Source] = []
+
+    def absorb(self, emitted: list[tuple[int, Source]]) -> bool:
+        """Add one round's tokens; returns True once the output is finished."""
+        first_new = len(self.output.tokens)
+        for token, source in emitted:
+            if self.output.add(token, source):
+                break
+        self._new_tokens = self.output.tokens[first_new:]
+        self._new_sources = self.output.sources[first_new:]
+        for source in self._new_sources:
+            self.stats.count_output(source)
+        return self.output.finished
+
+    def chunk(self) -> GenerationChunk:
+        return GenerationChunk(self.output.take_segments(), self._new_tokens, self._new_sources)
+
+    def final_chunk(self, *, prompt_tokens: int, seed: int) -> GenerationChunk:
+        result = GenerationResult(
+            text=self.output.text, token_ids=list(self.output.tokens), sources=list(self.output.sources),
+            finish_reason=self.output.finish_reason or "length", prompt_tokens=prompt_tokens, seed=seed,
+            stats=self.stats,
+        )
+        return GenerationChunk(self.output.take_segments(), self._new_tokens, self._new_sources, result=result)
 
 
 class CascadeEngine:
@@ -72,23 +107,10 @@ class CascadeEngine:
         )
 
     def encode(self, request: GenerationRequest) -> list[int]:
-        if request.messages is not None:
-            text = self.tokenizer.apply_chat_template(
-                list(request.messages), add_generation_prompt=True, tokenize=False
-            )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(request.prompt)["input_ids"])
+        return encode_prompt(self.tokenizer, request)
 
     def generation_limit(self, prompt_tokens: int, request: GenerationRequest) -> int:
-        """max_new_tokens, reduced so that a last full round still fits the context window."""
-        room = self.context_window - prompt_tokens - request.block_size - 1
-        if room < 1:
-            raise ValueError(
-                f"prompt of {prompt_tokens} tokens is too long: the context window is "
-                f"{self.context_window} tokens and a round of block_size={request.block_size} "
-                f"needs {request.block_size + 1} more"
-            )
-        return min(request.max_new_tokens, room)
+        return generation_limit(self.context_window, prompt_tokens, request)
 
     def _output_builder(self, limit: int, request: GenerationRequest) -> OutputBuilder:
         return OutputBuilder(self.tokenizer, eos_ids=self.eos_ids, max_new_tokens=limit, stop=request.stop)
@@ -100,8 +122,6 @@ class CascadeEngine:
         stats = GenerationStats()
         output = self._output_builder(limit, request)
         probe = self._output_builder(limit, request)  # the sequence cascade's drafter answer
-        new_tokens: list[int] = []
-        new_sources: list[Source] = []
 
         def answer_is_complete(answer: list[int]) -> bool:
             return probe.add(answer[-1], Source.DRAFTER)
@@ -110,27 +130,16 @@ class CascadeEngine:
         expert = Participant(self.expert, self.expert.new_session())
         rounds = rounds_for(request, drafter, expert, prompt, stats, Generators.from_seed(request.seed),
                             answer_is_complete)
+        assembler = StreamAssembler(output, stats)
         try:
             for emitted in rounds:
-                first_new = len(output.tokens)
-                for token, source in emitted:
-                    if output.add(token, source):
-                        break
-                new_tokens, new_sources = output.tokens[first_new:], output.sources[first_new:]
-                for source in new_sources:
-                    stats.count_output(source)
-                if output.finished:
+                if assembler.absorb(emitted):
                     break
-                yield GenerationChunk(output.take_segments(), new_tokens, new_sources)
+                yield assembler.chunk()
         finally:
             rounds.close()
             stats.wall_seconds = time.perf_counter() - started
-        result = GenerationResult(
-            text=output.text, token_ids=list(output.tokens), sources=list(output.sources),
-            finish_reason=output.finish_reason or "length", prompt_tokens=len(prompt),
-            seed=request.seed, stats=stats,
-        )
-        yield GenerationChunk(output.take_segments(), new_tokens, new_sources, result=result)
+        yield assembler.final_chunk(prompt_tokens=len(prompt), seed=request.seed)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         for chunk in self.stream(request):
