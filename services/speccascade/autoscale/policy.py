@@ -417,9 +417,17 @@ class DeferralAwarePolicy:
     def __init__(self, **policy_kwargs):
         self.settings = settings_from_dict(policy_kwargs, source="autoscaling_policy.policy_kwargs")
         self._publisher = DecisionPublisher()
+        self._warned_missing = False
 
     def __call__(self, contexts: Mapping) -> tuple[dict, dict]:
         decisions, states, record = decide(contexts, self.settings)
+        missing = set(ROLES) - set(record["tiers"])
+        if missing and not self._warned_missing:
+            self._warned_missing = True
+            present = sorted(ctx.deployment_name for ctx in contexts.values())
+            log.warning("autoscaling: no autoscaling deployment for %s (configured names %s; autoscaling "
+                        "deployments: %s); those tiers are not scaled by this policy",
+                        sorted(missing), self.settings.deployments.model_dump(), present)
         app_name = next(iter(contexts.values())).app_name if contexts else None
         self._publisher.publish(record, app_name)
         return decisions, states
