@@ -150,20 +150,10 @@ def _warm_up(engine, configs: list[BenchConfig], prompt: str) -> None:
             generate_with_hf_assisted(engine, short, prompt, seed=0)
 
 
-def calibrated_step_cost(out: Path) -> float:
-    """c from the per-invocation calibrations: their median."""
+def step_cost_ratio(out: Path) -> float:
+    """c for the records in `out`: the median of the invocations' calibrations."""
     values = [r["c"] for r in read_jsonl(out / CALIBRATION_FILE)]
     return statistics.median(values) if values else math.nan
-
-
-def step_cost_ratio(out: Path, records: list[dict] | None = None) -> tuple[float, str]:
-    """The c used for costs, and where it came from: measured over the whole run from the
-    expert-only and drafter-only records when there are any (it then averages over the same
-    machine load as the results), else the calibrations' median."""
-    from_run = step_cost_from_records(records if records is not None else read_jsonl(out / RECORDS_FILE))
-    if not math.isnan(from_run):
-        return from_run, "expert-only and drafter-only records of this run"
-    return calibrated_step_cost(out), "start-of-run calibration"
 
 
 def write_report(out: Path) -> str:
@@ -171,7 +161,8 @@ def write_report(out: Path) -> str:
     records = read_jsonl(out / RECORDS_FILE)
     if not records:
         raise ValueError(f"no records in {out}: run the benchmark first")
-    c, c_source = step_cost_ratio(out, records)
+    c = step_cost_ratio(out)
+    c_in_run = step_cost_from_records(records)
     calibrations = read_jsonl(out / CALIBRATION_FILE)
     summaries = summarize(records, c)
     with (out / SUMMARY_FILE).open("w") as f:
@@ -185,12 +176,12 @@ def write_report(out: Path) -> str:
             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
             f"({machine['torch_threads']} threads). Pair: drafter `{calibrations[-1]['drafter_model']}`, "
             f"expert `{calibrations[-1]['expert_model']}`, dtype {records[-1]['dtype']}.",
-            f"Step cost ratio c = {c:.3f}, from the {c_source}. Start-of-run calibrations: median "
-            f"{calibrated_step_cost(out):.3f} over {len(calibrations)} invocation(s) ("
-            + ", ".join(f"{r['drafter_step_ms']:.0f}/{r['expert_step_ms']:.0f} ms" for r in calibrations)
-            + " drafter/expert per decode step; load averages at start "
-            + ", ".join(f"{r['machine']['load_average'][0]:.1f}" for r in calibrations if 'load_average' in r['machine'])
-            + ").",
+            f"Step cost ratio c = {c:.3f}: median over {len(calibrations)} start-of-run calibration(s) ("
+            + ", ".join(f"c={r['c']:.3f} at {r['drafter_step_ms']:.0f}/{r['expert_step_ms']:.0f} ms" for r in calibrations)
+            + " drafter/expert per decode step; 1-minute load averages at start: "
+            + ", ".join(f"{r['machine']['load_average'][0]:.1f}" for r in calibrations if "load_average" in r["machine"])
+            + f"). Cross-check inside lossless speculative rounds (drafter step / expert verify step): "
+            f"{c_in_run:.3f}.",
             "",
         ]
     for sampling in samplings:

@@ -76,21 +76,15 @@ def reference_group(record: dict) -> tuple:
     return record["sampling"], record["max_new_tokens"]
 
 
-def step_cost_from_records(records: list[dict]) -> float:
-    """c measured over the whole run: seconds per drafter pass in drafter-only decoding over
-    seconds per expert pass in expert-only decoding, on the problems both have done (each
-    total includes one prefill pass per problem). nan without such pairs."""
-    by_key: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for r in records:
-        if r["method"] in (EXPERT, "drafter"):
-            by_key[(reference_group(r), r["task_id"])][r["method"]] = r
-    pairs = [v for v in by_key.values() if len(v) == 2]
-    drafter_passes = sum(v["drafter"]["drafter_passes"] for v in pairs)
-    expert_passes = sum(v[EXPERT]["expert_passes"] for v in pairs)
-    if not pairs or drafter_passes == 0 or expert_passes == 0:
+def step_cost_from_records(records: list[dict], method: str = "lossless") -> float:
+    """A cross-check of c from inside a speculative run: seconds per drafter pass over seconds per
+    expert (verify) pass, summed over `method`'s records. Drafting and verifying alternate every
+    round, so both see the same machine load. nan without such records."""
+    rows = [r for r in records if r["method"] == method and r["drafter_passes"] and r["expert_passes"]]
+    if not rows:
         return math.nan
-    drafter_step = sum(v["drafter"]["stats"]["drafter_seconds"] for v in pairs) / drafter_passes
-    expert_step = sum(v[EXPERT]["stats"]["expert_seconds"] for v in pairs) / expert_passes
+    drafter_step = sum(r["stats"]["drafter_seconds"] for r in rows) / sum(r["drafter_passes"] for r in rows)
+    expert_step = sum(r["stats"]["expert_seconds"] for r in rows) / sum(r["expert_passes"] for r in rows)
     return drafter_step / expert_step
 
 

@@ -189,32 +189,29 @@ def run_one(engine, config: BenchConfig, problem: Problem, seed: int, *, run_id:
     }
 
 
-def _step_seconds(runner, prompt_ids: list[int], steps: int) -> list[float]:
-    """Seconds of each of `steps` one-token forward passes after a (untimed) prefill."""
-    session = runner.new_session()
-    tokens = list(prompt_ids)
-    dist = runner.next_distribution(session, tokens)
-    times = []
-    for _ in range(steps):
-        tokens.append(int(dist.argmax()))
-        started = time.perf_counter()
-        dist = runner.next_distribution(session, tokens)
-        times.append(time.perf_counter() - started)
-    return times
-
-
 def measure_step_cost(engine, prompt: str, *, steps: int = CALIBRATION_STEPS,
                       repeats: int = CALIBRATION_REPEATS) -> dict:
-    """Median single-token decode step of each model, interleaved so both see the same machine
-    load; c = drafter step / expert step."""
+    """c = drafter step / expert step for one-token decode steps after a prefill of `prompt`.
+
+    The two models' steps alternate one by one and c is the median of the per-pair ratios, so a
+    change in machine load (the machine may be shared) hits both sides of each ratio alike."""
     prompt_ids = list(engine.tokenizer(prompt)["input_ids"])
     drafter_times, expert_times = [], []
     for _ in range(repeats):
-        drafter_times += _step_seconds(engine.drafter, prompt_ids, steps)
-        expert_times += _step_seconds(engine.expert, prompt_ids, steps)
-    drafter_step, expert_step = statistics.median(drafter_times), statistics.median(expert_times)
-    return {"drafter_step_ms": 1e3 * drafter_step, "expert_step_ms": 1e3 * expert_step,
-            "c": drafter_step / expert_step, "steps": len(drafter_times)}
+        sessions = {runner: runner.new_session() for runner in (engine.drafter, engine.expert)}
+        tokens = list(prompt_ids)
+        for runner, session in sessions.items():
+            runner.next_distribution(session, tokens)  # prefill, not timed
+        for _ in range(steps):
+            tokens.append(int(tokens[-1]))  # any token will do; a repeat keeps both models in-vocabulary
+            for runner, times in ((engine.drafter, drafter_times), (engine.expert, expert_times)):
+                started = time.perf_counter()
+                runner.next_distribution(sessions[runner], tokens)
+                times.append(time.perf_counter() - started)
+    ratios = [d / e for d, e in zip(drafter_times, expert_times)]
+    return {"drafter_step_ms": 1e3 * statistics.median(drafter_times),
+            "expert_step_ms": 1e3 * statistics.median(expert_times),
+            "c": statistics.median(ratios), "steps": len(ratios), "method": "paired-steps"}
 
 
 def describe_machine() -> dict:
