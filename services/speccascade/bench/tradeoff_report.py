@@ -247,10 +247,11 @@ def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, p
 
     value_field, low_field, high_field, name = QUALITY_MEASURES[measure]
     here = [s for s in summaries if s.sampling == sampling and not math.isnan(getattr(s, value_field))]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.8), sharey=True)
+    markers = "osD^vP<>Xhd"  # distinct shapes, since points of different methods often coincide
     for ax, x_field, x_name in ((axes[0], "relative_latency", "wall-clock latency relative to expert-only"),
                                 (axes[1], "relative_cost", "cost relative to expert-only (drafter passes·c + expert passes)")):
-        for method in METHODS:
+        for number, method in enumerate(METHODS):
             points = sorted((s for s in here if s.method == method and not math.isnan(getattr(s, x_field))),
                             key=lambda s: getattr(s, x_field))
             if not points:
@@ -262,13 +263,14 @@ def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, p
                 ax.axhspan(getattr(e, low_field), getattr(e, high_field), color="grey", alpha=0.15)
                 ax.plot(xs, ys, marker="*", markersize=14, linestyle="none", color="black", label="expert-only")
                 continue
-            ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.2, label=method)
+            ax.plot(xs, ys, marker=markers[number % len(markers)], markersize=5, linewidth=1.2, alpha=0.85,
+                    label=method)
         ax.set_xlabel(x_name)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{name} (HumanEval)")
     n = max((s.problems for s in here), default=0)
     fig.suptitle(f"Quality vs cost, {sampling}, up to {n} problems (band: expert-only 95% CI)")
-    axes[1].legend(fontsize=8, loc="best")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
