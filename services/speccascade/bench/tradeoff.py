@@ -132,22 +132,17 @@ def run_benchmark(engine, configs: list[BenchConfig], problems, out: Path, *, ba
 
 
 def _warm_up(engine, configs: list[BenchConfig], prompt: str) -> None:
-    """One short generation per distinct code path, so one-off costs (allocations, kernel
-    selection) are not charged to the first configuration."""
-    from dataclasses import replace
-
+    """A few tokens with each model alone (and through transformers if hf-assisted is measured),
+    so one-off costs (allocations, kernel selection) are not charged to the first configuration."""
+    from .tradeoff_configs import DRAFTER, EXPERT, HF_ASSISTED
     from .tradeoff_run import generate_with_engine, generate_with_hf_assisted
 
-    seen = set()
-    for config in configs:
-        if config.method in seen:
-            continue
-        seen.add(config.method)
-        short = replace(config, max_new_tokens=min(4, config.max_new_tokens))
-        if config.uses_engine:
-            generate_with_engine(engine, short, prompt, seed=0)
-        else:
-            generate_with_hf_assisted(engine, short, prompt, seed=0)
+    template = configs[0]
+    for method in (EXPERT, DRAFTER):
+        generate_with_engine(engine, BenchConfig(method, None, "greedy", template.block_size, 4), prompt, seed=0)
+    if any(c.method == HF_ASSISTED for c in configs):
+        generate_with_hf_assisted(engine, BenchConfig(HF_ASSISTED, None, "greedy", template.block_size, 4),
+                                  prompt, seed=0)
 
 
 def step_cost_ratio(out: Path) -> float:

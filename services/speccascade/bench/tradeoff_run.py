@@ -8,6 +8,7 @@ cost: drafter passes * c + expert passes.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -87,10 +88,12 @@ def hf_generation_config(config: BenchConfig, eos_ids: Iterable[int], pad_id: in
                             **options)
 
 
+@functools.lru_cache(maxsize=4)
 def hf_stop_criteria(tokenizer):
     """The stop sequences as a stopping criterion for the expert's loop only. (transformers 5.23
     copies a `stop_strings` generation setting into the assistant's own `generate` call, which has
-    no tokenizer and raises; the drafter needs no stop test anyway, the expert checks every round.)"""
+    no tokenizer and raises; the drafter needs no stop test anyway, the expert checks every round.)
+    Cached per tokenizer: building it scans the whole vocabulary (~3 s for Qwen's)."""
     from transformers import StoppingCriteriaList, StopStringCriteria
 
     return StoppingCriteriaList([StopStringCriteria(tokenizer=tokenizer, stop_strings=list(STOP_SEQUENCES))])
