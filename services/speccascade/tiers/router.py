@@ -32,7 +32,8 @@ from ..api.v1 import speccascade_pb2 as pb
 from ..autoscale import signals as autoscale_signals
 from ..cascade import Rule
 from ..cascade.rules import mixture_defers
-from ..engine.engine import GenerationChunk, GenerationResult
+from ..engine.engine import GenerationChunk, GenerationResult, StreamAssembler
+from ..engine.prompt import encode_prompt, generation_limit
 from ..engine.request import GenerationRequest
 from ..engine.stats import GenerationStats, Source
 from ..engine.text import OutputBuilder, eos_token_ids
@@ -159,26 +160,10 @@ class Router:
 
     # ---- request preparation (errors here are the client's: INVALID_ARGUMENT) ----
 
-    def _encode(self, request: GenerationRequest) -> list[int]:
-        if request.messages is not None:
-            text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True,
-                                                      tokenize=False)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(request.prompt)["input_ids"])
-
-    def _generation_limit(self, prompt_tokens: int, request: GenerationRequest) -> int:
-        room = self.context_window - prompt_tokens - request.block_size - 1
-        if room < 1:
-            raise ValueError(
-                f"prompt of {prompt_tokens} tokens is too long: the context window is {self.context_window} "
-                f"tokens and a round of block_size={request.block_size} needs {request.block_size + 1} more"
-            )
-        return min(request.max_new_tokens, room)
-
     def prepare(self, message: pb.GenerateRequest) -> tuple[GenerationRequest, list[int], int]:
         request = request_from_proto(message, self.policy)
-        prompt = self._encode(request)
-        return request, prompt, self._generation_limit(len(prompt), request)
+        prompt = encode_prompt(self.tokenizer, request)
+        return request, prompt, generation_limit(self.context_window, len(prompt), request)
 
     # ---- the loop ----
 
@@ -259,32 +244,19 @@ class Router:
         started = time.perf_counter()
         stats, serving = GenerationStats(), ServingStats()
         output = OutputBuilder(self.tokenizer, eos_ids=self.eos_ids, max_new_tokens=limit, stop=request.stop)
-        new_tokens: list[int] = []
-        new_sources: list[Source] = []
+        assembler = StreamAssembler(output, stats)
         rounds = self._rounds(session_id, prompt, request, stats, serving)
         try:
             async for emitted in rounds:
-                first_new = len(output.tokens)
-                for token, source in emitted:
-                    if output.add(token, source):
-                        break
-                new_tokens, new_sources = output.tokens[first_new:], output.sources[first_new:]
-                for source in new_sources:
-                    stats.count_output(source)
-                if output.finished:
+                if assembler.absorb(emitted):
                     break
-                yield GenerationChunk(output.take_segments(), new_tokens, new_sources), serving
+                yield assembler.chunk(), serving
         finally:
             await rounds.aclose()
             stats.wall_seconds = time.perf_counter() - started
             self._release(session_id)
             self._record(request, stats, serving)
-        result = GenerationResult(
-            text=output.text, token_ids=list(output.tokens), sources=list(output.sources),
-            finish_reason=output.finish_reason or "length", prompt_tokens=len(prompt), seed=request.seed,
-            stats=stats,
-        )
-        yield GenerationChunk(output.take_segments(), new_tokens, new_sources, result=result), serving
+        yield assembler.final_chunk(prompt_tokens=len(prompt), seed=request.seed), serving
 
     def _release(self, session_id: str) -> None:
         """Free the session in both tiers, in the background: this also runs while the request's
