@@ -101,6 +101,22 @@ class ConcurrencyResult:
 
 
 @dataclass
+class WireBytes:
+    sampling: str
+    rounds: int
+    bytes_per_round: float
+    bytes_per_round_without_context: float
+
+
+# Sampling modes and what the drafter ships for them (see tiers/wire.py).
+WIRE_MODES = {
+    "greedy (ids + max q)": dict(temperature=0.0),
+    "top-p 0.95, T=0.7 (sparse rows)": dict(temperature=0.7, top_p=0.95),
+    "T=1.0 (full float16 rows)": dict(temperature=1.0),
+}
+
+
+@dataclass
 class Report:
     rule: str
     alpha: float
@@ -112,6 +128,7 @@ class Report:
     concurrency: list[ConcurrencyResult] = field(default_factory=list)
     wire_bytes_per_round: float = 0.0
     wire_bytes_per_round_without_context: float = 0.0
+    wire_by_sampling: list[WireBytes] = field(default_factory=list)
 
 
 def run_in_process(args, tasks) -> LatencySummary:
@@ -163,6 +180,15 @@ def run_served(args, tasks, report: Report) -> None:
         rounds = sum(t.rounds for t in timings)
         report.wire_bytes_per_round = sum(t.wire_bytes for t in timings) / rounds
         report.wire_bytes_per_round_without_context = sum(t.wire_bytes - t.context_bytes for t in timings) / rounds
+
+        with SpecCascadeClient(target, application=app_name) as client:
+            for mode, sampling in WIRE_MODES.items():
+                final = list(client.stream(build_request(
+                    messages=[{"role": "user", "content": tasks[0]}], rule=args.rule, alpha=args.alpha,
+                    block_size=args.block_size, max_new_tokens=16, seed=0, **sampling)))[-1].stats
+                report.wire_by_sampling.append(WireBytes(
+                    mode, final.rounds, final.wire_bytes / final.rounds,
+                    (final.wire_bytes - final.context_bytes) / final.rounds))
 
         for streams in args.streams:
             before = batch_means(handles)
@@ -227,6 +253,13 @@ def print_report(report: Report) -> None:
         console.print(table)
     console.print(f"bytes on the wire per round: {report.wire_bytes_per_round:,.0f} "
                   f"({report.wire_bytes_per_round_without_context:,.0f} without the resent context)")
+    if report.wire_by_sampling:
+        table = Table(title="bytes on the wire per round, by sampling (16 tokens, first prompt)")
+        for column in ("sampling", "rounds", "bytes/round", "without resent context"):
+            table.add_column(column, justify="right")
+        for w in report.wire_by_sampling:
+            table.add_row(w.sampling, str(w.rounds), f"{w.bytes_per_round:,.0f}", f"{w.bytes_per_round_without_context:,.0f}")
+        console.print(table)
 
 
 def run(args: argparse.Namespace) -> int:
