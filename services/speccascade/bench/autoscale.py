@@ -24,6 +24,7 @@ POLICY_DIR = Path(__file__).resolve().parents[3] / "deploy" / "autoscaling"
 DEFERRAL_UTILISATIONS = (0.5, 0.55, 0.6, 0.7, 0.8, 0.9)
 QUEUE_TARGETS = (0.5, 0.6, 0.75, 1.0, 1.5, 2.0)
 QUICK_HOURS = 1.0
+SIM_QUEUE_FLOOR = 2.0
 
 
 def register(subparsers) -> None:
@@ -58,6 +59,11 @@ def policy_settings(kind: str, *, max_drafter: int, max_expert: int, knob: float
     document = yaml.safe_load((POLICY_DIR / f"{kind}.yaml").read_text())
     document["drafter"]["max_replicas"] = max_drafter
     document["expert"]["max_replicas"] = max_expert
+    if kind == "deferral":
+        # The simulated replicas serve one call at a time (the shipped files assume batching tiers
+        # that hold max_batch_size = 8 calls), so the burst floor counts 2 ongoing calls a replica.
+        document["drafter"]["queue_floor_ongoing_per_replica"] = SIM_QUEUE_FLOOR
+        document["expert"]["queue_floor_ongoing_per_replica"] = SIM_QUEUE_FLOOR
     if knob is not None:
         key = "target_utilization" if kind == "deferral" else "target_ongoing_requests"
         document["drafter"][key] = document["expert"][key] = knob
