@@ -42,7 +42,7 @@ def app_args(drafter_dir: str, expert_dir: str, **overrides) -> dict:
     args = {
         "drafter": {"model": drafter_dir, **tier},
         "expert": {"model": expert_dir, **tier},
-        "router": {"tier_call_timeout_s": 20.0},
+        "router": {"tier_call_timeout_s": 60.0},  # generous: a replica restart on a loaded machine
         "policy": {"rule": "lossless", "alpha": 0.0, "block_size": 4, "max_new_tokens": 32,
                    "max_new_tokens_cap": 400},
     }
