@@ -117,3 +117,18 @@ def test_settings_module_prints_helm_values_or_names_the_bad_key(tmp_path, capsy
     bad.write_text("drafter:\n  max_step: 0\n")
     assert main([str(bad)]) == 2
     assert "drafter.max_step" in capsys.readouterr().err
+
+
+def test_settings_module_merges_the_policy_into_a_serve_config(capsys):
+    import yaml
+
+    from speccascade.autoscale.settings import main
+
+    serve_config = POLICY_DIR.parent / "gpu-cluster.yaml"
+    assert main([str(POLICY_DIR / "deferral.yaml"), "--serve-config", str(serve_config)]) == 0
+    merged = yaml.safe_load(capsys.readouterr().out)
+    ServeDeploySchema.model_validate(merged)
+    (app,) = merged["applications"]
+    assert app["autoscaling_policy"]["policy_function"] == DEFERRAL_POLICY_FUNCTION
+    assert app["args"] == yaml.safe_load(serve_config.read_text())["applications"][0]["args"]  # untouched
+    assert {d["name"] for d in app["deployments"]} == {"Router", "Drafter", "Expert"}

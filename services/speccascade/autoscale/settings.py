@@ -236,20 +236,34 @@ def helm_values(settings: AutoscalingSettings) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m speccascade.autoscale.settings POLICY.yaml`: validate a policy file and print the
-    Helm values that carry it (`helm install ... -f <this output>`)."""
+    """`python -m speccascade.autoscale.settings POLICY.yaml [--serve-config CONFIG.yaml]`: validate
+    a policy file and print the Helm values that carry it (`helm install ... -f <this output>`),
+    or, with --serve-config, that Serve config with the policy merged into every application
+    (for `serve deploy`)."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m speccascade.autoscale.settings", description=main.__doc__)
     parser.add_argument("policy", type=Path, help="an operator policy file, e.g. deploy/autoscaling/deferral.yaml")
+    parser.add_argument("--serve-config", type=Path, default=None,
+                        help="a Serve config (e.g. deploy/gpu-cluster.yaml) to print with the policy merged in")
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.policy)
+        if args.serve_config is None:
+            out = helm_values(settings)
+        else:
+            try:
+                out = yaml.safe_load(args.serve_config.read_text())
+            except FileNotFoundError:
+                raise ValueError(f"Serve config {str(args.serve_config)!r} does not exist") from None
+            if not isinstance(out, dict) or not isinstance(out.get("applications"), list):
+                raise ValueError(f"Serve config {str(args.serve_config)!r} has no `applications:` list")
+            out["applications"] = [apply_to_application(app, settings) for app in out["applications"]]
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(yaml.safe_dump(helm_values(settings), sort_keys=False), end="")
+    print(yaml.safe_dump(out, sort_keys=False), end="")
     return 0
 
 
