@@ -200,8 +200,8 @@ def markdown_table(summaries: list[ConfigSummary], sampling: str, measure: str =
         f"Expert-only ({sampling}): {name} = {_fmt_quality(expert, measure)} over {expert.problems} problems, "
         f"{expert.seconds_per_problem:.1f} s/problem.",
         "",
-        f"| method | lowest rel. latency reaching expert {name} (α; {name}; rel. cost) "
-        f"| best {name} within expert latency (α; rel. latency) |",
+        f"| method | lowest rel. latency reaching expert-only {name} (α; {name}; rel. cost) "
+        f"| best {name} within expert-only latency (α; rel. latency) |",
         "|---|---|---|",
     ]
     for row in rows:
