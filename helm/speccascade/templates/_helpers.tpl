@@ -220,6 +220,63 @@ advertises the same custom resource (see speccascade.workerGroup).
 {{- end }}
 
 {{/*
+The deployments `speccascade.tiers.app:build_app` creates, by Serve name, each with the tier whose
+worker group hosts it (the router has none: it runs wherever router.rayResources allow).
+*/}}
+{{- define "speccascade.appDeployments" -}}
+Router: ""
+Drafter: drafter
+Expert: expert
+{{- end }}
+
+{{/*
+The application's `deployments` entries (a YAML list): each autoscaling.deployments[] entry's
+`autoscaling_config`, under the name of the deployment it configures. Ray only collects a
+deployment's record_autoscaling_stats() when it autoscales, so the entries are passed through
+verbatim; the chart checks that each names a deployment of the application, once, and that a
+tier's max_replicas fits its worker group. No entry sets num_replicas: the autoscaling_config
+replaces the replica count the application's args give the deployment.
+*/}}
+{{- define "speccascade.deploymentOverrides" -}}
+{{- $v := .Values }}
+{{- $known := include "speccascade.appDeployments" . | fromYaml }}
+{{- $seen := dict }}
+{{- $overrides := list }}
+{{- range $index, $entry := $v.autoscaling.deployments | default list }}
+{{- $path := printf "autoscaling.deployments[%d]" $index }}
+{{- if not (kindIs "map" $entry) }}
+{{- fail (printf "%s must be a map with name and autoscaling_config; got %s" $path (toJson $entry)) }}
+{{- end }}
+{{- $name := $entry.name | default "" | toString }}
+{{- if not (hasKey $known $name) }}
+{{- fail (printf "%s.name=%q is not a deployment of the application; expected one of %s" $path $name (keys $known | sortAlpha | join ", ")) }}
+{{- end }}
+{{- if hasKey $seen $name }}
+{{- fail (printf "%s.name=%q is listed twice in autoscaling.deployments" $path $name) }}
+{{- end }}
+{{- $_ := set $seen $name true }}
+{{- $unknown := without (keys $entry | sortAlpha) "name" "autoscaling_config" }}
+{{- if $unknown }}
+{{- fail (printf "%s (%s) has keys %s; only name and autoscaling_config are merged into the deployment" $path $name (join ", " $unknown)) }}
+{{- end }}
+{{- $config := $entry.autoscaling_config }}
+{{- if not (and (kindIs "map" $config) $config) }}
+{{- fail (printf "%s (%s).autoscaling_config must be a non-empty map; got %s" $path $name (toJson $config)) }}
+{{- end }}
+{{- $tierName := index $known $name }}
+{{- if and $tierName (hasKey $config "max_replicas") }}
+{{- $group := (index $v.tiers $tierName).workerGroup }}
+{{- $capacity := mul (int $group.maxReplicas) (int $group.replicasPerPod) }}
+{{- if gt (int $config.max_replicas) $capacity }}
+{{- fail (printf "%s (%s).autoscaling_config.max_replicas=%v cannot fit: tiers.%s.workerGroup.maxReplicas=%v pods x replicasPerPod=%v" $path $name $config.max_replicas $tierName $group.maxReplicas $group.replicasPerPod) }}
+{{- end }}
+{{- end }}
+{{- $overrides = append $overrides (dict "name" $name "autoscaling_config" $config) }}
+{{- end }}
+{{- toYaml $overrides }}
+{{- end }}
+
+{{/*
 The Serve config (ServeDeploySchema) embedded as the RayService's serveConfigV2. The one
 application's `args` follow speccascade.tiers.config.AppConfig.
 */}}
@@ -252,6 +309,9 @@ application's `args` follow speccascade.tiers.config.AppConfig.
 {{- /* Application-level autoscaling policy: owned by the autoscaling settings, passed through verbatim. */}}
 {{- with $v.autoscaling.autoscalingPolicy }}
 {{- $_ := set $application "autoscaling_policy" . }}
+{{- end }}
+{{- with include "speccascade.deploymentOverrides" . | fromYamlArray }}
+{{- $_ := set $application "deployments" . }}
 {{- end }}
 {{- $grpc := dict "port" $v.serve.grpcPort "grpc_servicer_functions" $v.serve.grpcServicerFunctions }}
 {{- if not (kindIs "invalid" $v.serve.grpcRequestTimeoutS) }}
