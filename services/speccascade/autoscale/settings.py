@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..bounds import check_replica_bounds
+
 DEFERRAL_POLICY_FUNCTION = "speccascade.autoscale.policy:DeferralAwarePolicy"
 RAY_METRICS_INTERVAL_DEFAULT_S = 10.0  # Ray's AutoscalingConfig.metrics_interval_s default
 
@@ -55,12 +57,7 @@ class TierScaling(_Strict):
 
     @model_validator(mode="after")
     def _ordered(self) -> "TierScaling":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
-        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise ValueError(
-                f"initial_replicas={self.initial_replicas} is outside [{self.min_replicas}, {self.max_replicas}]"
-            )
+        check_replica_bounds(self.min_replicas, self.max_replicas, self.initial_replicas)
         return self
 
 

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..bounds import check_replica_bounds
 from ..cascade import Rule, validate_alpha
 from ..engine.request import DEFAULT_ALPHA, DEFAULT_BLOCK_SIZE, DEFAULT_RULE, MAX_BLOCK_SIZE, MAX_NEW_TOKENS_CAP
 from ..engine.sources import DRAFTER_DEFAULT, EXPERT_DEFAULT
@@ -58,12 +59,7 @@ class Replicas(_Strict):
 
     @model_validator(mode="after")
     def _ordered(self) -> "Replicas":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
-        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise ValueError(
-                f"initial_replicas={self.initial_replicas} is outside [{self.min_replicas}, {self.max_replicas}]"
-            )
+        check_replica_bounds(self.min_replicas, self.max_replicas, self.initial_replicas)
         return self
 
 
