@@ -66,7 +66,8 @@ def register(subparsers) -> None:
     parser.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB, help=f"address-space limit per test run (default: {DEFAULT_MEMORY_MB})")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_LIMIT} problems, greedy, few alphas, {QUICK_MAX_NEW_TOKENS} tokens")
-    parser.add_argument("--report-only", action="store_true", help="rebuild summary, table and plots; load no model")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild summary, table and plots (of the first --limit problems); load no model")
     parser.set_defaults(handler=handle)
 
 
@@ -89,7 +90,7 @@ def handle(args: argparse.Namespace) -> int:
         engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype)
         run_benchmark(engine, configs, problems, out, base_seed=args.seed, timeout=args.timeout,
                       memory_mb=args.memory_mb)
-    report = write_report(out)
+    report = write_report(out, task_ids={p.task_id for p in problems})
     print(report)
     return 0
 
@@ -151,9 +152,10 @@ def step_cost_ratio(out: Path) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def write_report(out: Path) -> str:
-    """summary.jsonl, table.md and plots from the records in `out`; returns the markdown."""
-    records = read_jsonl(out / RECORDS_FILE)
+def write_report(out: Path, task_ids: set[str] | None = None) -> str:
+    """summary.jsonl, table.md and plots from the records in `out` (only those of `task_ids`, if
+    given: `--limit N` reports on the first N problems); returns the markdown."""
+    records = [r for r in read_jsonl(out / RECORDS_FILE) if task_ids is None or r["task_id"] in task_ids]
     if not records:
         raise ValueError(f"no records in {out}: run the benchmark first")
     c = step_cost_ratio(out)
