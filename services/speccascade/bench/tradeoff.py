@@ -90,7 +90,7 @@ def handle(args: argparse.Namespace) -> int:
         engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype)
         run_benchmark(engine, configs, problems, out, base_seed=args.seed, timeout=args.timeout,
                       memory_mb=args.memory_mb)
-    report = write_report(out, task_ids={p.task_id for p in problems})
+    report = write_report(out, task_ids={p.task_id for p in problems} if limit is not None else None)
     print(report)
     return 0
 
