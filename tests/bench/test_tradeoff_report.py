@@ -184,3 +184,19 @@ def test_report_only_command_rebuilds_outputs_without_models(tmp_path, capsys):
     token = next(s for s in summary if s["method"] == "token" and s["alpha"] == 0.5)
     assert token["relative_cost"] == pytest.approx(1.0)  # same passes as expert in these records
     assert "## pass@1, greedy" in capsys.readouterr().out
+
+
+def test_report_can_be_restricted_to_some_problems(tmp_path):
+    import json
+
+    from speccascade.bench.tradeoff import write_report
+
+    with (tmp_path / "records.jsonl").open("w") as f:
+        for r in _sweep_records():
+            f.write(json.dumps({**r, "dtype": "torch.bfloat16"}) + "\n")
+    write_report(tmp_path, task_ids={f"T/{i}" for i in range(5)})
+    summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    assert {s["problems"] for s in summary} == {5}
+    write_report(tmp_path)
+    summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    assert {s["problems"] for s in summary} == {20}
