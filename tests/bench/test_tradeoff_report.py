@@ -129,7 +129,8 @@ def test_table_picks_cheapest_reaching_point_and_best_within_expert_latency():
     assert expert.pass_low == pytest.approx(wilson_interval(12, 20)[0])
     by_method = {row.method: row for row in rows}
     token = by_method["token"]
-    # 9/20 = 0.45 >= CI low 0.387, so the faster alpha=0.5 point already reaches expert quality.
+    # 9/20 loses 3 problems, but the paired interval still reaches 0: the faster alpha=0.5 point
+    # reaches expert quality.
     assert token.reaches.alpha == 0.5 and token.reaches.relative_latency == pytest.approx(0.3)
     assert token.best_within.alpha == 0.1 and token.best_within.pass_at_1 == 0.6
     chow = by_method["chow"]
@@ -140,6 +141,30 @@ def test_table_picks_cheapest_reaching_point_and_best_within_expert_latency():
     text = markdown_table(summaries, "greedy")
     assert "| chow | not reached | none within 1.00× |" in text
     assert "**0.30×**" in text
+
+
+def test_quality_is_compared_with_expert_problem_by_problem():
+    # 20 problems; expert passes T/0..T/11 (12/20, Wilson low 0.387).
+    records = [record("expert", f"T/{i}", passed=i < 12, wall=10.0, logprob=-0.5) for i in range(20)]
+    # "shifted": as many passes on other problems; "losing": 8/20 = 0.40, above the expert's
+    # unpaired lower bound, but it fails 4 problems the expert solves and solves none it does not.
+    records += [record("token", f"T/{i}", passed=i >= 8, wall=5.0, alpha=0.1, logprob=-0.5 - 0.1 * (i % 2))
+                for i in range(20)]
+    records += [record("token", f"T/{i}", passed=i < 8, wall=4.0, alpha=0.5) for i in range(20)]
+    summaries = {s.alpha: s for s in summarize(records, c=0.4) if s.method == "token"}
+    shifted, losing = summaries[0.1], summaries[0.5]
+    assert shifted.pass_delta == 0.0 and shifted.pass_delta_low < 0 < shifted.pass_delta_high
+    assert shifted.logprob_delta == pytest.approx(-0.05)
+    assert losing.pass_delta == pytest.approx(-0.2)
+    # four -1s in twenty: sd 0.4104, half-width 1.96 * 0.4104 / sqrt(20) = 0.180
+    assert losing.pass_delta_high == pytest.approx(-0.2 + 0.1799, abs=1e-3)
+    assert losing.pass_at_1 >= wilson_interval(12, 20)[0]  # the unpaired test would have let it through
+    _, rows = tradeoff_table(list(summarize(records, c=0.4)), "greedy")
+    token = next(row for row in rows if row.method == "token")
+    assert token.reaches.alpha == 0.1  # the faster alpha=0.5 is significantly worse, paired
+    expert = next(s for s in summarize(records, c=0.4) if s.method == "expert")
+    assert (expert.pass_delta, expert.pass_delta_low, expert.pass_delta_high) == (0.0, 0.0, 0.0)
+    assert "Δ +0.000 [" in markdown_table(list(summarize(records, c=0.4)), "greedy")
 
 
 def test_table_without_expert_reference_says_so():

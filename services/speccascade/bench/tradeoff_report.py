@@ -5,6 +5,11 @@ best quality within expert-only latency), and quality-vs-latency plots.
 Latency and cost of a configuration are relative to expert-only decoding *on the same problems*
 (same sampling setting and token budget): the ratio of total seconds (or total cost) over the
 problems both have finished.
+
+Quality is compared with expert-only *paired*, problem by problem: every configuration solves the
+same problems, so the per-problem difference (pass or fail, log-likelihood) cancels how hard each
+problem is, and its 95% interval is far narrower than the gap between two unpaired intervals. A
+configuration "reaches expert-only quality" when that interval does not lie wholly below zero.
 """
 
 from __future__ import annotations
@@ -58,6 +63,14 @@ class ConfigSummary:
     mean_logprob: float  # mean over problems of the expert's mean log-prob per token
     logprob_low: float
     logprob_high: float
+    # Paired differences from expert-only over the common problems, with 95% intervals (nan without
+    # an expert reference). pass: mean of (passed - expert passed); logprob: of the per-problem means.
+    pass_delta: float
+    pass_delta_low: float
+    pass_delta_high: float
+    logprob_delta: float
+    logprob_delta_low: float
+    logprob_delta_high: float
     relative_latency: float  # vs expert-only on the common problems; nan without an expert reference
     relative_cost: float  # (drafter passes * c + expert passes) vs expert-only's, same problems
     seconds_per_problem: float
@@ -110,6 +123,11 @@ def summarize(records: list[dict], c: float) -> list[ConfigSummary]:
         lp, lp_low, lp_high = mean_interval(logprobs)
         reference = expert_by_group.get(reference_group(first), {})
         common = [t for t in rows if t in reference]
+        pass_delta = mean_interval([float(bool(rows[t]["passed"])) - float(bool(reference[t]["passed"]))
+                                    for t in common])
+        logprob_delta = mean_interval([rows[t]["expert_mean_logprob"] - reference[t]["expert_mean_logprob"]
+                                       for t in common if rows[t]["expert_mean_logprob"] is not None
+                                       and reference[t]["expert_mean_logprob"] is not None])
         if common:
             relative_latency = (sum(rows[t]["wall_seconds"] for t in common)
                                 / sum(reference[t]["wall_seconds"] for t in common))
@@ -123,6 +141,8 @@ def summarize(records: list[dict], c: float) -> list[ConfigSummary]:
             block_size=first["block_size"], max_new_tokens=first["max_new_tokens"], problems=n, passed=passed,
             pass_at_1=passed / n, pass_low=low, pass_high=high,
             mean_logprob=lp, logprob_low=lp_low, logprob_high=lp_high,
+            pass_delta=pass_delta[0], pass_delta_low=pass_delta[1], pass_delta_high=pass_delta[2],
+            logprob_delta=logprob_delta[0], logprob_delta_low=logprob_delta[1], logprob_delta_high=logprob_delta[2],
             relative_latency=relative_latency, relative_cost=relative_cost,
             seconds_per_problem=statistics.fmean(r["wall_seconds"] for r in values),
             output_tokens=statistics.fmean(r["generated_tokens"] for r in values),
@@ -141,6 +161,18 @@ QUALITY_MEASURES = {
     "pass_at_1": ("pass_at_1", "pass_low", "pass_high", "pass@1"),
     "mean_logprob": ("mean_logprob", "logprob_low", "logprob_high", "expert log-lik./token"),
 }
+# Their paired differences from expert-only: (difference field, its 95% interval fields).
+QUALITY_DELTAS = {
+    "pass_at_1": ("pass_delta", "pass_delta_low", "pass_delta_high"),
+    "mean_logprob": ("logprob_delta", "logprob_delta_low", "logprob_delta_high"),
+}
+
+
+def reaches_expert(s: ConfigSummary, measure: str) -> bool:
+    """Not significantly worse than expert-only: the paired 95% interval of the difference reaches 0."""
+    _, _, high_field = QUALITY_DELTAS[measure]
+    high = getattr(s, high_field)
+    return not math.isnan(high) and high >= 0.0
 
 
 @dataclass(frozen=True)
@@ -153,24 +185,23 @@ class TableRow:
 def tradeoff_table(summaries: list[ConfigSummary], sampling: str, measure: str = "pass_at_1",
                    max_new_tokens: int | None = None) -> tuple[ConfigSummary | None, list[TableRow]]:
     """Table 2 for one sampling setting: per method, (a) the lowest relative latency among its
-    configurations whose quality reaches expert-only's within the expert's 95% interval (quality >=
-    its lower bound), (b) its best quality among configurations no slower than expert-only.
+    configurations that reach expert-only quality (`reaches_expert`: the paired 95% interval of the
+    difference reaches 0), (b) its best quality among configurations no slower than expert-only.
 
     Returns the expert-only summary (None if missing: then nothing can be compared) and the rows."""
-    value_field, low_field, _, _ = QUALITY_MEASURES[measure]
+    value_field = QUALITY_MEASURES[measure][0]
     rows_here = [s for s in summaries if s.sampling == sampling
                  and (max_new_tokens is None or s.max_new_tokens == max_new_tokens)]
     expert = next((s for s in rows_here if s.method == EXPERT), None)
     if expert is None:
         return None, []
-    threshold = getattr(expert, low_field)
     table = []
     for method in [m for m in METHODS if m != EXPERT]:
         points = [s for s in rows_here if s.method == method and not math.isnan(s.relative_latency)
                   and not math.isnan(getattr(s, value_field))]
         if not points:
             continue
-        reaching = [s for s in points if getattr(s, value_field) >= threshold]
+        reaching = [s for s in points if reaches_expert(s, measure)]
         within = [s for s in points if s.relative_latency <= 1.0]
         table.append(TableRow(
             method=method,
@@ -187,6 +218,15 @@ def _fmt_quality(s: ConfigSummary, measure: str) -> str:
     return f"{getattr(s, value_field):.3f} [{getattr(s, low_field):.3f}, {getattr(s, high_field):.3f}]"
 
 
+def _fmt_delta(s: ConfigSummary, measure: str) -> str:
+    """The paired difference from expert-only, e.g. `-0.050 [-0.118, +0.018]`."""
+    value_field, low_field, high_field = QUALITY_DELTAS[measure]
+    value = getattr(s, value_field)
+    if math.isnan(value):
+        return "–"
+    return f"{value:+.3f} [{getattr(s, low_field):+.3f}, {getattr(s, high_field):+.3f}]"
+
+
 def _fmt_alpha(s: ConfigSummary) -> str:
     return "–" if s.alpha is None else f"{s.alpha:g}"
 
@@ -200,7 +240,7 @@ def markdown_table(summaries: list[ConfigSummary], sampling: str, measure: str =
         f"Expert-only ({sampling}): {name} = {_fmt_quality(expert, measure)} over {expert.problems} problems, "
         f"{expert.seconds_per_problem:.1f} s/problem.",
         "",
-        f"| method | lowest rel. latency reaching expert-only {name} (α; {name}; rel. cost) "
+        f"| method | lowest rel. latency reaching expert-only {name} (α; {name}; Δ vs expert, paired; rel. cost) "
         f"| best {name} within expert-only latency (α; rel. latency) |",
         "|---|---|---|",
     ]
@@ -210,7 +250,7 @@ def markdown_table(summaries: list[ConfigSummary], sampling: str, measure: str =
         else:
             s = row.reaches
             reach = (f"**{s.relative_latency:.2f}×** (α={_fmt_alpha(s)}; {_fmt_quality(s, measure)}; "
-                     f"{s.relative_cost:.2f}×)")
+                     f"Δ {_fmt_delta(s, measure)}; {s.relative_cost:.2f}×)")
         if row.best_within is None:
             best = "none within 1.00×"
         else:
@@ -222,15 +262,17 @@ def markdown_table(summaries: list[ConfigSummary], sampling: str, measure: str =
 
 def markdown_summary(summaries: list[ConfigSummary]) -> str:
     lines = [
-        "| sampling | method | α | n | pass@1 [95% CI] | expert log-lik./token [95% CI] | rel. latency "
+        "| sampling | method | α | n | pass@1 [95% CI] | Δpass@1 vs expert [paired 95% CI] "
+        "| expert log-lik./token [95% CI] | Δlog-lik. vs expert [paired 95% CI] | rel. latency "
         "| rel. cost | s/problem | tokens | drafter passes | expert passes | drafter token share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         share = "–" if math.isnan(s.drafter_token_share) else f"{s.drafter_token_share:.2f}"
         lines.append(
             f"| {s.sampling} | {s.method} | {_fmt_alpha(s)} | {s.problems} | {_fmt_quality(s, 'pass_at_1')} "
-            f"| {_fmt_quality(s, 'mean_logprob')} | {s.relative_latency:.2f} | {s.relative_cost:.2f} "
+            f"| {_fmt_delta(s, 'pass_at_1')} | {_fmt_quality(s, 'mean_logprob')} | {_fmt_delta(s, 'mean_logprob')} "
+            f"| {s.relative_latency:.2f} | {s.relative_cost:.2f} "
             f"| {s.seconds_per_problem:.1f} | {s.output_tokens:.0f} | {s.drafter_passes:.0f} "
             f"| {s.expert_passes:.0f} | {share} |"
         )
