@@ -139,7 +139,7 @@ def test_table_picks_cheapest_reaching_point_and_best_within_expert_latency():
     assert sequence.reaches.relative_latency == pytest.approx(1.1)
     assert sequence.best_within is None
     text = markdown_table(summaries, "greedy")
-    assert "| chow | not reached | none within 1.00× |" in text
+    assert "| chow | not reached | not reached | none within 1.00× |" in text
     assert "**0.30×**" in text
 
 
@@ -165,6 +165,26 @@ def test_quality_is_compared_with_expert_problem_by_problem():
     expert = next(s for s in summarize(records, c=0.4) if s.method == "expert")
     assert (expert.pass_delta, expert.pass_delta_low, expert.pass_delta_high) == (0.0, 0.0, 0.0)
     assert "Δ +0.000 [" in markdown_table(list(summarize(records, c=0.4)), "greedy")
+
+
+def test_wall_clock_is_only_compared_within_one_invocation():
+    records = [dict(record("expert", f"T/{i}", passed=True, wall=10.0, expert=10), run_id="first")
+               for i in range(3)]
+    # Added by a later invocation on a slower machine: its cost compares, its seconds do not.
+    records += [dict(record("token", f"T/{i}", passed=True, wall=50.0, alpha=0.1, drafter=10, expert=2),
+                     run_id="later") for i in range(3)]
+    records += [dict(record("token", f"T/{i}", passed=True, wall=6.0, alpha=0.3, drafter=10, expert=4),
+                     run_id="first") for i in range(3)]
+    summaries = summarize(records, c=0.5)
+    later, same = (next(s for s in summaries if s.alpha == a) for a in (0.1, 0.3))
+    assert math.isnan(later.relative_latency) and later.relative_cost == pytest.approx((10 * 0.5 + 2) / 10)
+    assert same.relative_latency == pytest.approx(0.6)
+    _, rows = tradeoff_table(summaries, "greedy")
+    token = rows[0]
+    assert token.reaches.alpha == 0.3 and token.cheapest.alpha == 0.1
+    only_later = [r for r in records if r.get("alpha") != 0.3]
+    text = markdown_table(summarize(only_later, c=0.5), "greedy")
+    assert "| token | no latency from the expert's run | **0.70×** (α=0.1) | none within 1.00× |" in text
 
 
 def test_table_without_expert_reference_says_so():
