@@ -55,13 +55,14 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(out)
 
 
-def make_engine(tokenizer, *, dtype=torch.float32, drafter_noise: float = 0.1):
+def make_engine(tokenizer, *, dtype=torch.float32, drafter_noise: float = 0.1, backend: str = "hf"):
+    from speccascade.engine.backends import backend_class
     from speccascade.engine.engine import CascadeEngine
-    from speccascade.engine.runner import ModelRunner
 
     expert = tiny_qwen2(TOKENIZER_VOCAB, seed=0).to(dtype)
     drafter = perturbed_copy(expert, seed=1, scale=drafter_noise).to(dtype)
-    return CascadeEngine(ModelRunner(drafter, name="tiny-drafter"), ModelRunner(expert, name="tiny-expert"), tokenizer)
+    cls = backend_class(backend)
+    return CascadeEngine(cls(drafter, name="tiny-drafter"), cls(expert, name="tiny-expert"), tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -163,3 +163,21 @@ def test_generation_stops_at_the_context_window(engine):
     r = run(engine, prompt, max_new_tokens=100, block_size=4)
     assert r.finish_reason == "length"
     assert r.prompt_tokens + len(r.token_ids) <= 512 - 5
+
+
+@pytest.fixture(scope="module")
+def static_engine(tokenizer):
+    return make_engine(tokenizer, backend="static")
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SAMPLED], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("method,rule,alpha", [
+    ("cascade", "lossless", 0.0), ("cascade", "chow", 0.3), ("cascade", "diff", 0.1), ("cascade", "opt", 0.3),
+    ("cascade", "token", 0.3), ("cascade", "lossy", 0.3), ("expert", "token", 0.5), ("drafter", "token", 0.5),
+    ("token-cascade", "token", 0.3), ("sequence-cascade", "token", 0.3),
+])
+def test_static_backend_decodes_like_hf(engine, static_engine, method, rule, alpha, sampling):
+    options = dict(method=method, rule=rule, alpha=alpha, sampling=sampling, seed=11, max_new_tokens=30)
+    expected, got = run(engine, **options), run(static_engine, **options)
+    assert got.token_ids == expected.token_ids
+    assert got.sources == expected.sources

@@ -13,7 +13,7 @@ from speccascade.api.client import SpecCascadeClient
 from speccascade.engine.request import GenerationRequest
 
 from .conftest import SERVE_APP, app_args
-from .test_grpc import PROMPT, local_engine  # noqa: F401 (fixture)
+from .test_grpc import PROMPT, in_process_policy, local_engine  # noqa: F401 (fixture)
 
 
 def replica_actor_names(app: str, deployment: str) -> list[str]:
@@ -21,9 +21,17 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
 
 
-def test_replica_killed_mid_request_still_gives_the_correct_output(client, local_engine, tier_handles):
-    expected = local_engine.generate(GenerationRequest(prompt=PROMPT, method="expert", max_new_tokens=200))
-    call = client.stream(prompt=PROMPT, rule="lossless", block_size=1, max_new_tokens=200)
+@pytest.mark.parametrize("rule,alpha,sampling", [
+    ("lossless", 0.0, {}),
+    ("token", 0.3, dict(temperature=0.7, top_p=0.95)),
+], ids=["greedy-lossless", "sampled-token"])
+def test_replica_killed_mid_request_still_gives_the_in_process_output(client, local_engine, tier_handles, rule,
+                                                                      alpha, sampling):
+    options = dict(seed=9, max_new_tokens=200, block_size=1)
+    expected = in_process_policy(local_engine, "cascade", rule, alpha, sampling, **options)
+    if rule == "lossless" and not sampling:  # lossless greedy is the expert's own greedy output
+        assert expected.token_ids == in_process_policy(local_engine, "expert", rule, alpha, sampling, **options).token_ids
+    call = client.stream(prompt=PROMPT, rule=rule, alpha=alpha, **options, **sampling)
     chunks = [next(call)]
     (victim,) = replica_actor_names(SERVE_APP, "Expert")
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)

@@ -11,7 +11,9 @@ from grpc_health.v1 import health_pb2
 
 from speccascade.api.client import build_request
 from speccascade.api.v1 import speccascade_pb2 as pb
-from speccascade.engine.request import GenerationRequest
+from speccascade.cascade import SamplingParams
+from speccascade.engine.request import GenerationRequest, Method
+from speccascade.tiers.convert import PROTO_BY_METHOD, PROTO_BY_SOURCE
 
 from .conftest import SERVE_APP
 
@@ -22,16 +24,30 @@ PROMPT = "def add(a, b):"
 def local_engine(tiny_pair, tokenizer):
     """The in-process engine on the very same model directories."""
     from speccascade.engine.engine import CascadeEngine
-    from speccascade.engine.runner import ModelRunner
 
     drafter_dir, expert_dir = tiny_pair
-    return CascadeEngine(ModelRunner.load(drafter_dir, dtype="fp32"), ModelRunner.load(expert_dir, dtype="fp32"),
-                         tokenizer)
+    return CascadeEngine.load(drafter_dir, expert_dir, dtype="fp32", device="cpu", progress=False)
 
 
 def in_process(engine, method="expert", **kwargs):
     kwargs.setdefault("max_new_tokens", 32)
     return engine.generate(GenerationRequest(prompt=kwargs.pop("prompt", PROMPT), method=method, **kwargs))
+
+
+# Every rule and every baseline; the server's block size is 4 (conftest.app_args).
+POLICIES = [
+    ("cascade", "lossless", 0.0), ("cascade", "chow", 0.3), ("cascade", "diff", 0.1), ("cascade", "opt", 0.3),
+    ("cascade", "token", 0.3), ("cascade", "lossy", 0.3), ("expert", "lossless", 0.3), ("drafter", "lossless", 0.3),
+    ("token-cascade", "lossless", 0.3), ("sequence-cascade", "lossless", 0.3),
+]
+SAMPLINGS = {"greedy": {}, "sampled": dict(temperature=0.7, top_p=0.95)}
+
+
+def in_process_policy(engine, method, rule, alpha, sampling: dict, *, seed: int, max_new_tokens: int,
+                      block_size: int = 4):
+    return engine.generate(GenerationRequest(
+        prompt=PROMPT, method=method, rule=rule, alpha=alpha, block_size=block_size, max_new_tokens=max_new_tokens,
+        sampling=SamplingParams(**sampling), seed=seed))
 
 
 def wait_until(condition, timeout=15.0, period=0.1):
@@ -57,6 +73,35 @@ def test_served_lossless_greedy_equals_in_process_expert_greedy(client, local_en
     assert response.finish_reason == pb.FINISH_REASON_LENGTH
     assert response.usage.completion_tokens == 40
     assert set(response.sources) == {pb.SOURCE_DRAFTER, pb.SOURCE_EXPERT}
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
+@pytest.mark.parametrize("method,rule,alpha", POLICIES)
+def test_served_output_equals_in_process_output(client, local_engine, method, rule, alpha, sampling):
+    response = client.generate(prompt=PROMPT, method=method, rule=rule, alpha=alpha, max_new_tokens=24, seed=3,
+                               **sampling)
+    expected = in_process_policy(local_engine, method, rule, alpha, sampling, seed=3, max_new_tokens=24)
+    assert list(response.token_ids) == expected.token_ids
+    assert list(response.sources) == [PROTO_BY_SOURCE[s] for s in expected.sources]
+    stats = response.stats
+    assert stats.method == PROTO_BY_METHOD[Method(method)]
+    assert (stats.rule != pb.RULE_UNSPECIFIED) == (method == "cascade")
+    for name in ("rounds", "drafted", "accepted", "deferred", "corrected", "bonus", "skipped_blocks",
+                 "expert_passes", "drafter_passes", "tokens_from_drafter", "tokens_from_expert"):
+        assert getattr(stats, name) == getattr(expected.stats, name), name
+    if method == "expert":
+        assert stats.drafter_passes == 0 and set(response.sources) == {pb.SOURCE_EXPERT}
+    if method == "drafter":
+        assert stats.expert_passes == 0 and set(response.sources) == {pb.SOURCE_DRAFTER}
+
+
+def test_unknown_method_value_is_invalid_argument(client):
+    request = build_request(PROMPT)
+    request.policy.method = 42
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "policy.method=42" in error.value.details()
 
 
 def test_stream_chunks_add_up_to_the_unary_response(client):

@@ -20,12 +20,16 @@ from .v1 import speccascade_pb2 as pb
 from .v1 import speccascade_pb2_grpc as pb_grpc
 
 RULES = {name.removeprefix("RULE_").lower(): value for name, value in pb.Rule.items() if value}
+# The method names of the in-process engine (`speccascade.engine.request.Method`).
+METHODS = {"cascade": pb.METHOD_CASCADE, "expert": pb.METHOD_EXPERT_ONLY, "drafter": pb.METHOD_DRAFTER_ONLY,
+           "token-cascade": pb.METHOD_TOKEN_CASCADE, "sequence-cascade": pb.METHOD_SEQUENCE_CASCADE}
 SOURCES = {pb.SOURCE_DRAFTER: "drafter", pb.SOURCE_EXPERT: "expert"}
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
 
 def build_request(
-    prompt: str | None = None, *, messages: Sequence[dict] | None = None, rule: str | None = None,
+    prompt: str | None = None, *, messages: Sequence[dict] | None = None, method: str | None = None,
+    rule: str | None = None,
     alpha: float | None = None, block_size: int | None = None, max_new_tokens: int | None = None,
     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
     seed: int | None = None, stop: Sequence[str] = (),
@@ -35,6 +39,10 @@ def build_request(
         request.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
     elif prompt is not None:
         request.prompt = prompt
+    if method is not None:
+        if method.lower() not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
+        request.policy.method = METHODS[method.lower()]
     if rule is not None:
         if rule.lower() not in RULES:
             raise ValueError(f"unknown rule {rule!r}; expected one of: {', '.join(RULES)}")

@@ -14,11 +14,11 @@ From the router's counters (see `signals.py`), the policy takes over the look-ba
 (`look_back_period_s`) the output-token rate, and over the shorter, most recent window w
 (`deferral_window_s`) the ratios that describe how blocks go:
 
-    T   = (accepted_tokens + rounds - skipped_blocks) / W       output tokens/s (demand)
-    δ   = deferred_positions / drafted_positions         deferral rate           (window w)
-    γ   = drafted_positions / rounds                     mean block size         (window w)
+    T   = (accepted + rounds - skipped_blocks) / W       output tokens/s (demand)
+    δ   = deferred / drafted                             deferral rate           (window w)
+    γ   = drafted / rounds                               mean block size         (window w)
     f   = skippable_rounds / rounds                      share of rounds under `chow` (window w)
-    a   = (accepted_tokens - γ·skipped_blocks) / (rounds - skipped_blocks)
+    a   = (accepted - γ·skipped_blocks) / (rounds - skipped_blocks)
                                                          accepted length of a verified block (w)
 
 A block needs the expert unless no position defers. Under `chow` that is ≈ 1 − (1 − δ)^γ (exact

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import signals as sig
+
 APP = "speccascade-record"
 DEFAULT_SCHEDULE = ((0.5, 0.25), (0.15, 0.25), (0.85, 0.25), (0.4, 0.25))  # (alpha, share of the run)
 
@@ -47,9 +49,9 @@ class Recording:
         rates, deferrals, last = [], [], 0.0
         for b in self.bins:
             rates.append(b.requests_started / self.bin_s)
-            drafted = b.window.get("drafted_positions", 0.0)
+            drafted = b.window.get(sig.DRAFTED, 0.0)
             if drafted:
-                last = b.window.get("deferred_positions", 0.0) / drafted
+                last = b.window.get(sig.DEFERRED, 0.0) / drafted
             deferrals.append(last)
         return {"name": name, "bin_s": self.bin_s, "request_rate": rates, "deferral": deferrals,
                 "alpha": [b.alpha for b in self.bins], "windows": [b.window for b in self.bins]}
@@ -121,10 +123,10 @@ def record(*, minutes: float = 10.0, bin_s: float = 10.0, clients: int = 2, max_
                     started_in_bin, counts["started"] = counts["started"], 0
                 elapsed = next_edge - started
                 recording.bins.append(RecordedBin(elapsed, started_in_bin, window, alpha_at(elapsed - bin_s / 2)))
-                drafted = window.get("drafted_positions", 0)
+                drafted = window.get(sig.DRAFTED, 0)
                 progress(f"  t={elapsed:5.0f}s alpha={recording.bins[-1].alpha:.2f} requests={started_in_bin} "
                          f"rounds={window.get('rounds', 0)} deferral="
-                         f"{window.get('deferred_positions', 0) / drafted if drafted else float('nan'):.2f}")
+                         f"{window.get(sig.DEFERRED, 0) / drafted if drafted else float('nan'):.2f}")
                 next_edge += bin_s
             stop.set()
             if errors:

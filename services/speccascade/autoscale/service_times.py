@@ -64,38 +64,39 @@ def real_model_lock():
 
 def measure(*, block_size: int = 5, repeats: int = 12, prompt_tokens: int = 128, dtype: str = "bf16",
             threads: int = 2) -> ServiceTimes:
-    """Load the packaged pair (under the lock) and time drafter steps and expert verify passes
-    in steady state: warm caches, the context growing by one block per repeat."""
+    """Load the packaged pair (under the lock) and time the decoding loop's own draft and verify
+    calls (lossless, greedy) in steady state: warm caches, the context growing by a block a round."""
+    import asyncio
+
     import torch
 
-    from ..engine.runner import ModelRunner
-    from ..engine.sources import DRAFTER_DEFAULT, EXPERT_DEFAULT, resolve_model
+    from ..engine.engine import CascadeEngine
+    from ..engine.loop import speculative_rounds
+    from ..engine.request import GenerationRequest
+    from ..engine.roles import LocalDrafter, LocalExpert
+    from ..engine.sources import DRAFTER_DEFAULT, EXPERT_DEFAULT
 
     torch.set_num_threads(threads)
-    with real_model_lock():
-        drafter = ModelRunner.load(resolve_model(DRAFTER_DEFAULT).path, dtype=dtype, name=DRAFTER_DEFAULT)
-        expert = ModelRunner.load(resolve_model(EXPERT_DEFAULT).path, dtype=dtype, name=EXPERT_DEFAULT)
-        gen = torch.Generator().manual_seed(0)
-        tokens = torch.randint(100, 20000, (prompt_tokens,), generator=gen).tolist()
-        d_session, e_session = drafter.new_session(), expert.new_session()
-        drafter.next_distribution(d_session, tokens)  # prefill, not timed
-        expert.next_distribution(e_session, tokens)
+    request = GenerationRequest(prompt="service-time probe", rule="lossless", block_size=block_size, seed=0)
+    prompt = torch.randint(100, 20000, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    async def time_rounds(engine: CascadeEngine) -> tuple[list[float], list[float]]:
         steps, verifies = [], []
-        for repeat in range(repeats + 1):  # the first block warms up kernels and is not kept
-            block = []
-            for _ in range(block_size):
-                start = time.perf_counter()
-                q = drafter.next_distribution(d_session, tokens + block)
-                elapsed = time.perf_counter() - start
-                block.append(int(q.argmax()))
-                if repeat:
-                    steps.append(elapsed)
-            start = time.perf_counter()
-            expert.distributions(e_session, tokens + block, start=len(tokens))
-            elapsed = time.perf_counter() - start
-            if repeat:
-                verifies.append(elapsed)
-            tokens = tokens + block + [int(torch.randint(100, 20000, (1,), generator=gen))]
+        rounds = speculative_rounds(LocalDrafter(engine.drafter), LocalExpert(engine.expert), prompt, request)
+        warm = False
+        async for record in rounds:  # the first round prefills and warms up kernels: not kept
+            if warm:
+                steps.append(record.drafter_seconds / record.drafter_passes)
+                verifies.append(record.expert_seconds)
+            warm = True
+            if len(verifies) == repeats:
+                break
+        await rounds.aclose()
+        return steps, verifies
+
+    with real_model_lock():
+        engine = CascadeEngine.load(DRAFTER_DEFAULT, EXPERT_DEFAULT, dtype=dtype, device="cpu")
+        steps, verifies = asyncio.run(time_rounds(engine))
     step = statistics.median(steps)
     return ServiceTimes(
         block_size=block_size, drafter_step_s=step, drafter_call_s=step * block_size,

@@ -9,29 +9,29 @@ correctly and a replica restart (a counter reset) only loses the increase before
 Router replicas report the decoding counters; drafter and expert replicas report the calls they
 served and the compute seconds they spent on them. The same figures are Prometheus counters
 exported by the tiers (`speccascade.tiers.metrics`, labelled by rule), e.g. the deferral rate the
-policy sees is `sum(rate(ray_speccascade_deferred_positions_total[1m])) /
-sum(rate(ray_speccascade_drafted_positions_total[1m]))`.
+policy sees is `sum(rate(ray_speccascade_deferred_total[1m])) /
+sum(rate(ray_speccascade_drafted_total[1m]))`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-# Router counters (the names of `speccascade.tiers.metrics.WindowCounters`).
-ROUNDS = "rounds"  # draft-then-verify rounds
-DRAFTED = "drafted_positions"
-DEFERRED = "deferred_positions"  # drafted positions where the rule deferred (r = 1)
+# Router counters: the decoding loop's round counts (`speccascade.engine.stats.RoundCounts`, kept per
+# window by the router's `WindowCounters`), under their own names.
+ROUNDS = "rounds"  # decoding rounds
+DRAFTED = "drafted"  # drafted positions
+DEFERRED = "deferred"  # drafted positions where the rule deferred (r = 1)
 SKIPPED_BLOCKS = "skipped_blocks"  # blocks emitted with no expert pass (chow)
-ACCEPTED = "accepted_tokens"  # drafted tokens kept, including whole skipped blocks
-SKIPPABLE_ROUNDS = "skippable_rounds"  # rounds under a rule that decides without p (chow)
-ROUTER_COUNTERS = (ROUNDS, DRAFTED, DEFERRED, SKIPPED_BLOCKS, ACCEPTED, SKIPPABLE_ROUNDS)
-
-# Router-side view of the tier calls it made (latency includes the RPC and any queueing).
+ACCEPTED = "accepted"  # drafted tokens kept, including whole skipped blocks
+SKIPPABLE_ROUNDS = "skippable_rounds"  # rounds decided without p when the drafter is confident (chow)
+# The router's view of the tier calls it made (latency includes the RPC and any queueing).
 DRAFTER_CALLS = "drafter_calls"
-DRAFTER_SECONDS = "drafter_service_seconds"
-EXPERT_CALLS = "expert_calls"
-EXPERT_SECONDS = "expert_service_seconds"
-ROUTER_CALL_COUNTERS = (DRAFTER_CALLS, DRAFTER_SECONDS, EXPERT_CALLS, EXPERT_SECONDS)
+DRAFTER_SECONDS = "drafter_seconds"
+EXPERT_CALLS = "expert_passes"
+EXPERT_SECONDS = "expert_seconds"
+ROUTER_COUNTERS = (ROUNDS, DRAFTED, DEFERRED, SKIPPED_BLOCKS, ACCEPTED, SKIPPABLE_ROUNDS,
+                   DRAFTER_CALLS, DRAFTER_SECONDS, EXPERT_CALLS, EXPERT_SECONDS)
 
 # Tier replica counters (drafter and expert replicas report these about themselves).
 TIER_CALLS = "tier_calls"  # calls served

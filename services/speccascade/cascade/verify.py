@@ -54,7 +54,7 @@ def acceptance(
     """
     if rule is Rule.LOSSY:
         accept_table = lossy_accept_probability(q_sample, p_sample, alpha)
-        deferred = torch.ones(q_sample.shape[:-1], dtype=torch.bool)
+        deferred = torch.ones(q_sample.shape[:-1], dtype=torch.bool, device=q_sample.device)
         return accept_table, p_sample, deferred
     if rule is Rule.TOKEN:
         accept_set = token_accept_set(p_decide, alpha)
@@ -106,7 +106,7 @@ def verify_block(
     if sampling.is_greedy:
         accepted = accept_prob > 0.5  # exactly 0 or 1 with one-hot distributions
     else:
-        accepted = torch.rand(gamma, generator=generator) < accept_prob
+        accepted = torch.rand(gamma, generator=generator, device=accept_prob.device) < accept_prob
     rejected_at = (~accepted).nonzero()
     num_accepted = int(rejected_at[0, 0]) if rejected_at.numel() else gamma
 

@@ -16,11 +16,8 @@ def run(args: argparse.Namespace) -> int:
     from .generate import print_legend, print_segment, print_stats, request_from_args
 
     local = request_from_args(args)  # the same validation as in-process, before any network call
-    if local.method.value != "cascade":
-        raise ValueError(f"--method {local.method.value!r} runs in-process only (speccascade generate); "
-                         "the server decodes speculative cascades")
     request = build_request(
-        local.prompt, messages=local.messages, rule=local.rule.value, alpha=local.alpha,
+        local.prompt, messages=local.messages, method=local.method.value, rule=local.rule.value, alpha=local.alpha,
         block_size=local.block_size, max_new_tokens=local.max_new_tokens,
         temperature=local.sampling.temperature, top_k=local.sampling.top_k, top_p=local.sampling.top_p,
         seed=args.seed, stop=local.stop,

@@ -1,199 +1,192 @@
-"""The decoding loops: speculative cascades and the baselines they are measured against.
+"""The decoding loop, written once: speculative cascades and the baselines they are measured
+against, over a drafter role and an expert role (`roles.py`), in-process or served.
 
-Each loop is a generator of rounds; a round is the list of (token, source) it emits. The caller
-decides when to stop (EOS, length, stop strings) by closing the generator, so no loop does more
-than one round of work past the end of the output.
+Each method is an async generator of `RoundRecord`s; a record carries the tokens the round emits
+and everything it did, and is the only place decoding is counted. The caller decides when to stop
+(EOS, length, stop strings) by closing the generator, so no loop does more than one round of
+work past the end of the output.
+
+A drafter that returns an empty block (its tier is down) turns any round into an expert step, so
+every method degrades to expert-only decoding rather than failing.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
-from ..cascade import Rule, SamplingParams, adjust_probs, sample, sequence_cascade_defers, verify_block
-from ..cascade.baselines import token_cascade_defers
+from ..cascade import Rule, sequence_cascade_defers, token_cascade_defers
 from ..cascade.rules import mixture_defers
+from .blocks import EMPTY_BLOCK, SCALAR_BYTES, TOKEN_BYTES, DraftedBlock, DraftPayload, VerifyOutcome
 from .request import GenerationRequest, Method
-from .runner import KVSession, ModelRunner
-from .stats import GenerationStats, Source
+from .roles import Drafter, Expert
+from .stats import RoundRecord, Source
 
-Round = list[tuple[int, Source]]
-
-
-@dataclass
-class Generators:
-    """Independent random streams per request, so that e.g. chow at its never-defer alpha draws
-    exactly the same drafter tokens as drafter-only decoding with the same seed."""
-
-    draft: torch.Generator
-    verify: torch.Generator
-
-    @classmethod
-    def from_seed(cls, seed: int) -> "Generators":
-        return cls(torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed ^ 0x5DEECE66D))
-
-
-@dataclass
-class Participant:
-    """A model and its KV session for one request."""
-
-    runner: ModelRunner
-    session: KVSession
+Rounds = AsyncIterator[RoundRecord]
 
 
 @contextmanager
-def _timed(stats: GenerationStats, field: str):
-    start = time.perf_counter()
+def _timed(record: RoundRecord, field: str):
+    started = time.perf_counter()
     try:
         yield
     finally:
-        setattr(stats, field, getattr(stats, field) + time.perf_counter() - start)
+        setattr(record, field, getattr(record, field) + time.perf_counter() - started)
 
 
-def draft_block(
-    drafter: Participant, tokens: list[int], gamma: int, sampling: SamplingParams,
-    generator: torch.Generator, stats: GenerationStats,
-) -> tuple[list[int], torch.Tensor]:
-    """Draft gamma tokens after `tokens`; returns them and q (temperature 1) at each, [gamma, V]."""
-    drafted: list[int] = []
-    rows = []
-    with _timed(stats, "drafter_seconds"):
-        for _ in range(gamma):
-            q = drafter.runner.next_distribution(drafter.session, tokens + drafted)
-            rows.append(q)
-            drafted.append(int(sample(adjust_probs(q, sampling), generator, greedy=sampling.is_greedy)))
-    stats.drafter_passes += gamma
-    stats.drafted += gamma
-    return drafted, torch.stack(rows)
+async def _draft(drafter: Drafter, tokens: list[int], gamma: int, request: GenerationRequest,
+                 payload: DraftPayload, record: RoundRecord) -> DraftedBlock:
+    with _timed(record, "drafter_seconds"):
+        block = await drafter.draft(tokens, gamma, request.sampling, request.seed, payload)
+    if block.gamma:
+        record.drafter_calls += 1
+        record.drafter_passes += block.gamma
+        record.drafted += block.gamma
+        record.context_bytes += TOKEN_BYTES * len(tokens)
+        record.wire_bytes += TOKEN_BYTES * len(tokens) + 3 * SCALAR_BYTES + block.nbytes()
+    return block
 
 
-def speculative_rounds(
-    drafter: Participant, expert: Participant, prompt: list[int], request: GenerationRequest,
-    stats: GenerationStats, generators: Generators,
-) -> Iterator[Round]:
+async def _verify(expert: Expert, tokens: list[int], block: DraftedBlock, rule: Rule, alpha: float,
+                  request: GenerationRequest, record: RoundRecord) -> VerifyOutcome:
+    """Verify `block` after `tokens`; records the outcome and emits its tokens into `record`."""
+    sequence = tokens + list(block.tokens)
+    with _timed(record, "expert_seconds"):
+        outcome = await expert.verify(sequence, len(tokens), block, rule, alpha, request.sampling, request.seed)
+    record.expert_passes += 1
+    record.context_bytes += TOKEN_BYTES * len(tokens)
+    record.wire_bytes += TOKEN_BYTES * len(sequence) + 4 * SCALAR_BYTES + block.nbytes() + VerifyOutcome.NBYTES
+    record.accepted += outcome.num_accepted
+    record.deferred += outcome.num_deferred
+    if outcome.is_bonus:
+        record.bonus += 1
+    else:
+        record.corrected += 1
+    record.emitted += [(t, Source.DRAFTER) for t in block.tokens[: outcome.num_accepted]]
+    record.emitted.append((outcome.next_token, Source.EXPERT))
+    return outcome
+
+
+def _keep_drafted(record: RoundRecord, block: DraftedBlock) -> None:
+    """Emit the whole block as the drafter's, with no expert call."""
+    record.skipped_blocks += 1
+    record.accepted += block.gamma
+    record.emitted += [(t, Source.DRAFTER) for t in block.tokens]
+
+
+def _chow_keeps(block: DraftedBlock, alpha: float) -> bool:
+    # chow decides from max q alone, so [gamma, 1] rows of max q decide like full q.
+    return not bool(mixture_defers(Rule.CHOW, block.max_q.unsqueeze(-1), None, alpha).any())
+
+
+async def speculative_rounds(drafter: Drafter, expert: Expert, prompt: list[int],
+                             request: GenerationRequest) -> Rounds:
     """Draft gamma tokens, score them with one expert pass, keep what the rule accepts."""
     tokens = list(prompt)
-    rule, alpha, gamma, sampling = request.rule, request.alpha, request.block_size, request.sampling
+    rule, alpha = request.rule, request.alpha
+    payload = DraftPayload.for_request(rule, request.sampling)
     while True:
-        stats.rounds += 1
-        drafted, q = draft_block(drafter, tokens, gamma, sampling, generators.draft, stats)
-        if rule is Rule.CHOW:
-            deferred = mixture_defers(Rule.CHOW, q, None, alpha)
-            if not bool(deferred.any()):
-                # Confident everywhere: pi = q at every position, so every token is kept and the
-                # expert is not needed. It catches up on these tokens in its next pass.
-                stats.skipped_blocks += 1
-                stats.accepted += gamma
-                tokens += drafted
-                yield [(t, Source.DRAFTER) for t in drafted]
-                continue
-        with _timed(stats, "expert_seconds"):
-            p = expert.runner.distributions(expert.session, tokens + drafted, start=len(tokens))
-        stats.expert_passes += 1
-        verdict = verify_block(rule, alpha, torch.tensor(drafted), q, p, sampling, generators.verify)
-        stats.accepted += verdict.num_accepted
-        stats.deferred += verdict.num_deferred
-        if verdict.is_bonus:
-            stats.bonus += 1
+        record = RoundRecord(skippable_rounds=int(not rule.needs_expert_to_decide))
+        block = await _draft(drafter, tokens, request.block_size, request, payload, record)
+        if rule is Rule.CHOW and block.gamma and _chow_keeps(block, alpha):
+            # Confident everywhere: pi = q at every position, so every token is kept and the
+            # expert is not needed. It catches up on these tokens in its next pass.
+            _keep_drafted(record, block)
         else:
-            stats.corrected += 1
-        kept = drafted[: verdict.num_accepted]
-        tokens += kept + [verdict.next_token]
-        yield [(t, Source.DRAFTER) for t in kept] + [(verdict.next_token, Source.EXPERT)]
+            await _verify(expert, tokens, block, rule, alpha, request, record)
+        tokens += [t for t, _ in record.emitted]
+        yield record
 
 
-def autoregressive_steps(
-    model: Participant, source: Source, prompt: list[int], sampling: SamplingParams,
-    generator: torch.Generator, stats: GenerationStats,
-) -> Iterator[Round]:
-    """Plain decoding with one model, one token per forward pass."""
+async def expert_steps(expert: Expert, prompt: list[int], request: GenerationRequest) -> Rounds:
+    """Plain decoding with the expert: an empty block per round, one token per forward pass."""
     tokens = list(prompt)
-    seconds_field = "drafter_seconds" if source is Source.DRAFTER else "expert_seconds"
-    passes_field = "drafter_passes" if source is Source.DRAFTER else "expert_passes"
     while True:
-        stats.rounds += 1
-        with _timed(stats, seconds_field):
-            dist = model.runner.next_distribution(model.session, tokens)
-        setattr(stats, passes_field, getattr(stats, passes_field) + 1)
-        token = int(sample(adjust_probs(dist, sampling), generator, greedy=sampling.is_greedy))
-        tokens.append(token)
-        yield [(token, source)]
+        record = RoundRecord()
+        await _verify(expert, tokens, EMPTY_BLOCK, Rule.LOSSLESS, 0.0, request, record)
+        tokens += [t for t, _ in record.emitted]
+        yield record
 
 
-def token_cascade_steps(
-    drafter: Participant, expert: Participant, prompt: list[int], request: GenerationRequest,
-    stats: GenerationStats, generators: Generators,
-) -> Iterator[Round]:
+async def drafter_steps(drafter: Drafter, expert: Expert, prompt: list[int], request: GenerationRequest) -> Rounds:
+    """Plain decoding with the drafter, one token per forward pass."""
+    tokens = list(prompt)
+    payload = DraftPayload.for_request(Rule.CHOW, request.sampling)
+    while True:
+        record = RoundRecord(skippable_rounds=1)
+        block = await _draft(drafter, tokens, 1, request, payload, record)
+        if block.gamma:
+            _keep_drafted(record, block)
+        else:
+            await _verify(expert, tokens, block, Rule.LOSSLESS, 0.0, request, record)
+        tokens += [t for t, _ in record.emitted]
+        yield record
+
+
+async def token_cascade_steps(drafter: Drafter, expert: Expert, prompt: list[int],
+                              request: GenerationRequest) -> Rounds:
     """Per token: the drafter's token if it is confident, otherwise the expert's, computed
     sequentially (the expert catches up on every token since its last call)."""
     tokens = list(prompt)
-    sampling = request.sampling
+    payload = DraftPayload.for_request(Rule.CHOW, request.sampling)
     while True:
-        stats.rounds += 1
-        with _timed(stats, "drafter_seconds"):
-            q = drafter.runner.next_distribution(drafter.session, tokens)
-        stats.drafter_passes += 1
-        if bool(token_cascade_defers(q, request.alpha)):
-            stats.deferred += 1
-            with _timed(stats, "expert_seconds"):
-                p = expert.runner.next_distribution(expert.session, tokens)
-            stats.expert_passes += 1
-            token = int(sample(adjust_probs(p, sampling), generators.verify, greedy=sampling.is_greedy))
-            source = Source.EXPERT
+        record = RoundRecord(skippable_rounds=1)
+        block = await _draft(drafter, tokens, 1, request, payload, record)
+        if block.gamma and not bool(token_cascade_defers(block.max_q.unsqueeze(-1), request.alpha)):
+            _keep_drafted(record, block)
         else:
-            token = int(sample(adjust_probs(q, sampling), generators.draft, greedy=sampling.is_greedy))
-            source = Source.DRAFTER
-        tokens.append(token)
-        yield [(token, source)]
+            record.deferred += block.gamma
+            await _verify(expert, tokens, EMPTY_BLOCK, Rule.LOSSLESS, 0.0, request, record)
+        tokens += [t for t, _ in record.emitted]
+        yield record
 
 
-def sequence_cascade_rounds(
-    drafter: Participant, expert: Participant, prompt: list[int], request: GenerationRequest,
-    stats: GenerationStats, generators: Generators, answer_is_complete: Callable[[list[int]], bool],
-) -> Iterator[Round]:
+async def sequence_cascade_rounds(drafter: Drafter, expert: Expert, prompt: list[int], request: GenerationRequest,
+                                  answer_is_complete: Callable[[list[int]], bool]) -> Rounds:
     """The drafter answers in full; if its confidence is low the expert answers from scratch.
 
     `answer_is_complete(tokens)` applies the request's stop conditions to the drafter's answer.
+    Drafting the answer is one round per token; its verdict (all kept, or all deferred) is one
+    more round, which emits the answer when it is kept.
     """
-    tokens = list(prompt)
-    sampling = request.sampling
+    payload = DraftPayload.for_request(Rule.CHOW, request.sampling, token_probs=True)
     answer: list[int] = []
-    logprobs: list[float] = []
+    token_q: list[torch.Tensor] = []
     while True:
-        stats.rounds += 1
-        with _timed(stats, "drafter_seconds"):
-            q = drafter.runner.next_distribution(drafter.session, tokens + answer)
-        stats.drafter_passes += 1
-        token = int(sample(adjust_probs(q, sampling), generators.draft, greedy=sampling.is_greedy))
-        answer.append(token)
-        logprobs.append(float(torch.log(q[token].clamp_min(1e-30))))
-        if answer_is_complete(answer):
+        record = RoundRecord()
+        block = await _draft(drafter, prompt + answer, 1, request, payload, record)
+        if not block.gamma:  # no drafter: the expert answers
             break
-    stats.drafted += len(answer)
-    if not sequence_cascade_defers(torch.tensor(logprobs), request.alpha):
-        stats.accepted += len(answer)
-        yield [(t, Source.DRAFTER) for t in answer]
-        return
-    stats.deferred += len(answer)
-    yield from autoregressive_steps(expert, Source.EXPERT, prompt, sampling, generators.verify, stats)
+        answer += block.tokens
+        token_q.append(block.token_q.cpu())
+        complete = answer_is_complete(answer)
+        if complete:
+            if not sequence_cascade_defers(torch.log(torch.cat(token_q).clamp_min(1e-30)), request.alpha):
+                record.accepted += len(answer)
+                record.skipped_blocks += 1
+                record.emitted += [(t, Source.DRAFTER) for t in answer]
+                yield record
+                return
+            record.deferred += len(answer)
+        yield record
+        if complete:
+            break
+    async for record in expert_steps(expert, prompt, request):
+        yield record
 
 
-def rounds_for(
-    request: GenerationRequest, drafter: Participant | None, expert: Participant | None,
-    prompt: list[int], stats: GenerationStats, generators: Generators,
-    answer_is_complete: Callable[[list[int]], bool],
-) -> Iterator[Round]:
+def rounds_for(request: GenerationRequest, drafter: Drafter, expert: Expert, prompt: list[int],
+               answer_is_complete: Callable[[list[int]], bool]) -> Rounds:
     method = request.method
     if method is Method.EXPERT_ONLY:
-        return autoregressive_steps(expert, Source.EXPERT, prompt, request.sampling, generators.draft, stats)
+        return expert_steps(expert, prompt, request)
     if method is Method.DRAFTER_ONLY:
-        return autoregressive_steps(drafter, Source.DRAFTER, prompt, request.sampling, generators.draft, stats)
+        return drafter_steps(drafter, expert, prompt, request)
     if method is Method.TOKEN_CASCADE:
-        return token_cascade_steps(drafter, expert, prompt, request, stats, generators)
+        return token_cascade_steps(drafter, expert, prompt, request)
     if method is Method.SEQUENCE_CASCADE:
-        return sequence_cascade_rounds(drafter, expert, prompt, request, stats, generators, answer_is_complete)
-    return speculative_rounds(drafter, expert, prompt, request, stats, generators)
+        return sequence_cascade_rounds(drafter, expert, prompt, request, answer_is_complete)
+    return speculative_rounds(drafter, expert, prompt, request)

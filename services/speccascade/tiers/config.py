@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..bounds import check_replica_bounds
 from ..cascade import Rule, validate_alpha
+from ..engine.backends import BackendKind
 from ..engine.request import DEFAULT_ALPHA, DEFAULT_BLOCK_SIZE, DEFAULT_RULE, MAX_BLOCK_SIZE, MAX_NEW_TOKENS_CAP
 from ..engine.sources import DRAFTER_DEFAULT, EXPERT_DEFAULT
 
@@ -63,11 +64,28 @@ class Replicas(_Strict):
         return self
 
 
+class StaticBackendConfig(_Strict):
+    """Settings of the `static` backend: preallocated per-slot K/V buffers."""
+
+    slots: int = Field(16, ge=1, le=1024, description="Sessions whose caches one replica holds at once; more are "
+                                                       "reclaimed least-recently-used (and recompute).")
+    max_len: int | None = Field(None, ge=16, description="Tokens per slot (default: the model's context window, "
+                                                          "at most 4096).")
+    cuda_graphs: bool = Field(True, description="Replay decode and verify steps as captured CUDA graphs (GPU only).")
+
+
 class TierConfig(_Strict):
     """A model tier (drafter or expert)."""
 
     model: str = Field(description="Model source: packaged name, local directory, .gguf file or hub id.")
     dtype: Literal["bf16", "fp32"] = Field("bf16", description="Weights and compute dtype.")
+    backend: BackendKind = Field("hf", description="Model execution: `hf` (transformers over a dynamic cache per "
+                                                   "session) or `static` (preallocated slots, CUDA graphs on GPUs).")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="Where the model runs: auto (CUDA when the replica has a GPU), cpu, cuda or "
+                                    "cuda:N. With several GPUs and auto, the model is placed across them.")
+    static: StaticBackendConfig = Field(default_factory=StaticBackendConfig,
+                                        description="Settings of the static backend.")
     placement: Placement = Field(default_factory=Placement, description="Where each replica runs.")
     replicas: Replicas = Field(default_factory=Replicas, description="Replica bounds.")
     max_batch_size: int = Field(8, ge=1, le=256, description="Most tier calls batched into one forward pass.")
@@ -78,6 +96,10 @@ class TierConfig(_Strict):
         None, ge=1, le=256,
         description="Intra-op threads for forward passes. Default: torch's, which Ray caps at the replica's "
                     "num_cpus (and at 1 when num_cpus < 1) through OMP_NUM_THREADS.")
+
+    def backend_options(self) -> dict:
+        """Keyword arguments of the chosen backend beyond the common ones."""
+        return self.static.model_dump() if self.backend == "static" else {}
 
 
 class RouterConfig(_Strict):

@@ -1,19 +1,20 @@
 """Prometheus metrics of the served system (through `ray.serve.metrics`) and the router's
-per-window raw counters for autoscaling.
+per-window raw counters for autoscaling. Both observe the decoding loop's round records
+(`engine.stats.RoundRecord`) under the record's own names.
 
-Only raw counters and histograms are exported, all named `speccascade_*` and labelled by `rule`
-where a request has one; Ray adds the `ray_` prefix, Prometheus the `_total` suffix of counters,
-and Serve the `application`, `deployment` and `replica` labels. Rates are derived at query time,
-so replicas aggregate correctly:
+Only raw counters and histograms are exported, all named `speccascade_*` and labelled by `method`
+and `rule` (empty for the baselines, which have none); Ray adds the `ray_` prefix, Prometheus the
+`_total` suffix of counters, and Serve the `application`, `deployment` and `replica` labels. Rates
+are derived at query time, so replicas aggregate correctly:
 
     # deferral rate: deferred drafted positions per drafted position
-    sum by (rule) (rate(ray_speccascade_deferred_positions_total[5m]))
-      / sum by (rule) (rate(ray_speccascade_drafted_positions_total[5m]))
+    sum by (rule) (rate(ray_speccascade_deferred_total[5m]))
+      / sum by (rule) (rate(ray_speccascade_drafted_total[5m]))
     # acceptance rate: drafted tokens kept per drafted token
-    sum by (rule) (rate(ray_speccascade_accepted_tokens_total[5m]))
-      / sum by (rule) (rate(ray_speccascade_drafted_positions_total[5m]))
+    sum by (rule) (rate(ray_speccascade_accepted_total[5m]))
+      / sum by (rule) (rate(ray_speccascade_drafted_total[5m]))
     # mean accepted length: drafted tokens kept per round
-    sum by (rule) (rate(ray_speccascade_accepted_tokens_total[5m]))
+    sum by (rule) (rate(ray_speccascade_accepted_total[5m]))
       / sum by (rule) (rate(ray_speccascade_rounds_total[5m]))
     # share of blocks that skipped the expert (chow)
     sum(rate(ray_speccascade_skipped_blocks_total[5m])) / sum(rate(ray_speccascade_rounds_total[5m]))
@@ -26,70 +27,94 @@ so replicas aggregate correctly:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ray.serve.metrics import Counter, Histogram
 
+from ..engine.request import GenerationRequest, Method
+from ..engine.stats import COUNTER_NAMES, GenerationStats, RoundCounts, RoundRecord, Source
+
 LATENCY_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BATCH_SIZE_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128]
+REQUEST_TAGS = ("method", "rule")
+
+# What each round counter counts, for its Prometheus help text.
+COUNTER_HELP = {
+    "drafted": "Tokens drafted.",
+    "accepted": "Drafted tokens kept (including blocks emitted without the expert).",
+    "deferred": "Drafted positions deferred to the expert.",
+    "corrected": "Tokens resampled from the residual after a rejection.",
+    "bonus": "Tokens sampled from the expert after a fully accepted (or empty) block.",
+    "skipped_blocks": "Blocks emitted without an expert call.",
+    "skippable_rounds": "Rounds decided from the drafter alone when it is confident (chow and baselines).",
+    "drafter_calls": "Draft calls to the drafter tier.",
+    "drafter_passes": "Drafter forward steps.",
+    "expert_passes": "Expert calls (one forward pass each).",
+    "drafter_seconds": "Seconds the router waited on drafter calls.",
+    "expert_seconds": "Seconds the router waited on expert calls.",
+    "wire_bytes": "Payload bytes exchanged with the tiers.",
+    "context_bytes": "Of wire_bytes: context token ids sent with tier calls.",
+}
+
+
+def metric_tags(request: GenerationRequest) -> dict[str, str]:
+    """Labels of a request's metrics: its method, and its rule when it decodes a cascade."""
+    return {"method": request.method.value, "rule": request.rule.value if request.method is Method.CASCADE else ""}
 
 
 @dataclass
-class WindowCounters:
-    """Raw counts the router accumulated since the last `take()`: what an autoscaling policy
+class WindowCounters(RoundCounts):
+    """Round counts the router accumulated since the last `take()`: what an autoscaling policy
     needs to estimate each tier's demand (see DESIGN.md section 3)."""
 
-    rounds: int = 0
-    drafted_positions: int = 0
-    deferred_positions: int = 0
-    skipped_blocks: int = 0
-    skippable_rounds: int = 0  # rounds under a rule that decides without the expert (chow)
-    accepted_tokens: int = 0
-    drafter_calls: int = 0
-    expert_calls: int = 0
-    drafter_service_seconds: float = 0.0
-    expert_service_seconds: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
 
     def take(self) -> "WindowCounters":
         """A copy of the counts so far; the window restarts empty."""
-        snapshot = WindowCounters(**asdict(self))
+        snapshot = WindowCounters(**{f.name: getattr(self, f.name) for f in fields(self)})
         fresh = WindowCounters()
-        for name, value in asdict(fresh).items():
-            setattr(self, name, value)
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
         return snapshot
 
     def as_dict(self) -> dict[str, float]:
-        out = asdict(self)
-        out["window_seconds"] = time.monotonic() - out.pop("started_at")
+        out = self.counts()
+        out["window_seconds"] = time.monotonic() - self.started_at
         return out
 
 
 class RouterMetrics:
     def __init__(self) -> None:
-        rule = ("rule",)
         self.requests = Counter("speccascade_requests", "Generation requests finished, by status code.",
-                                tag_keys=("rule", "code"))
+                                tag_keys=(*REQUEST_TAGS, "code"))
         self.output_tokens = Counter("speccascade_output_tokens", "Output tokens, by the model that produced them.",
-                                     tag_keys=("rule", "source"))
-        self.rounds = Counter("speccascade_rounds", "Draft-then-verify rounds.", tag_keys=rule)
-        self.drafted = Counter("speccascade_drafted_positions", "Tokens drafted.", tag_keys=rule)
-        self.accepted = Counter("speccascade_accepted_tokens", "Drafted tokens kept.", tag_keys=rule)
-        self.deferred = Counter("speccascade_deferred_positions", "Drafted positions deferred to the expert.",
-                                tag_keys=rule)
-        self.expert_passes = Counter("speccascade_expert_passes", "Expert verify calls.", tag_keys=rule)
-        self.skipped_blocks = Counter("speccascade_skipped_blocks", "Blocks emitted without an expert call.",
-                                      tag_keys=rule)
+                                     tag_keys=(*REQUEST_TAGS, "source"))
+        self.rounds = Counter("speccascade_rounds", "Decoding rounds (draft-then-verify blocks, baseline steps).",
+                              tag_keys=REQUEST_TAGS)
+        self.round_counters = {name: Counter(f"speccascade_{name}", COUNTER_HELP[name], tag_keys=REQUEST_TAGS)
+                               for name in COUNTER_NAMES}
         self.fallbacks = Counter("speccascade_expert_only_fallbacks",
                                  "Requests decoded expert-only because the drafter tier was unavailable.",
-                                 tag_keys=rule)
+                                 tag_keys=("rule",))
         self.tier_retries = Counter("speccascade_tier_retries", "Tier calls retried after a failure.",
                                     tag_keys=("tier",))
-        self.wire_bytes = Counter("speccascade_wire_bytes", "Payload bytes exchanged with the tiers.", tag_keys=rule)
         self.tier_call_seconds = Histogram(
             "speccascade_tier_call_seconds", "Latency of tier calls as seen by the router.",
             boundaries=LATENCY_BOUNDARIES_S, tag_keys=("tier", "rule"),
         )
+
+    def observe(self, record: RoundRecord, tags: dict[str, str]) -> None:
+        self.rounds.inc(tags=tags)
+        for name, counter in self.round_counters.items():
+            value = getattr(record, name)
+            if value:
+                counter.inc(value, tags=tags)
+
+    def observe_output(self, stats: GenerationStats, tags: dict[str, str]) -> None:
+        """Output tokens are counted once the request's output is final (tokens past a stop are not)."""
+        for source, value in ((Source.DRAFTER, stats.tokens_from_drafter), (Source.EXPERT, stats.tokens_from_expert)):
+            if value:
+                self.output_tokens.inc(value, tags={**tags, "source": source.value})
 
 
 class TierMetrics:

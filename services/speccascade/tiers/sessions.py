@@ -2,6 +2,7 @@
 
 Only an optimisation: every tier call carries the whole token sequence, so a session that is
 missing here (another replica answered before, evicted, restarted) is recomputed from scratch.
+The caches themselves belong to the replica's model backend; this store keys them by session id.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..engine.runner import KVSession, ModelRunner
+from ..engine.backends import BackendSession, ModelBackend
 
 MIB = 1 << 20
 
@@ -23,39 +24,48 @@ class CacheStats:
 
 
 class SessionStore:
-    def __init__(self, runner: ModelRunner, *, budget_mb: int):
-        self.runner = runner
+    def __init__(self, backend: ModelBackend, *, budget_mb: int):
+        self.backend = backend
         self.budget_bytes = budget_mb * MIB
-        self._sessions: OrderedDict[str, KVSession] = OrderedDict()
+        self._sessions: OrderedDict[str, BackendSession] = OrderedDict()
         self.evictions = 0
         self.misses = 0
 
-    def get(self, session_id: str) -> KVSession:
+    def get(self, session_id: str) -> BackendSession:
         """The session's cache, most recently used now; a fresh one if this replica has none."""
         session = self._sessions.get(session_id)
         if session is None:
-            session = self.runner.new_session()
+            session = self.backend.new_session()
             self._sessions[session_id] = session
             self.misses += 1
         self._sessions.move_to_end(session_id)
         return session
 
     def release(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        self.backend.release(session)
+        return True
+
+    def _bytes(self, session: BackendSession) -> int:
+        return self.backend.session_bytes(session)
 
     def evict_to_budget(self, keep: frozenset[str] = frozenset()) -> None:
         """Drop least-recently-used sessions (other than `keep`) until the caches fit the budget."""
-        total = sum(s.nbytes() for s in self._sessions.values())
+        total = sum(self._bytes(s) for s in self._sessions.values())
         for session_id in list(self._sessions):
             if total <= self.budget_bytes:
                 break
             if session_id in keep:
                 continue
-            total -= self._sessions.pop(session_id).nbytes()
+            session = self._sessions.pop(session_id)
+            total -= self._bytes(session)
+            self.backend.release(session)
             self.evictions += 1
 
     def stats(self) -> CacheStats:
         return CacheStats(
-            sessions=len(self._sessions), nbytes=sum(s.nbytes() for s in self._sessions.values()),
+            sessions=len(self._sessions), nbytes=sum(self._bytes(s) for s in self._sessions.values()),
             evictions=self.evictions, misses=self.misses,
         )

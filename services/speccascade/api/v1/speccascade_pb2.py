@@ -25,39 +25,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n speccascade/v1/speccascade.proto\x12\x0especcascade.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.speccascade.v1.ChatMessage\"\x8c\x01\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"y\n\rCascadePolicy\x12\"\n\x04rule\x18\x01 \x01(\x0e\x32\x14.speccascade.v1.Rule\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nblock_size\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06_alphaB\r\n\x0b_block_size\"\xf3\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12,\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1c.speccascade.v1.ChatMessagesH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.speccascade.v1.Sampling\x12-\n\x06policy\x18\x05 \x01(\x0b\x32\x1d.speccascade.v1.CascadePolicy\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05inputB\x11\n\x0f_max_new_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xac\x03\n\x0fGenerationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\x03\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x03\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x04 \x01(\x03\x12\x11\n\tcorrected\x18\x05 \x01(\x03\x12\r\n\x05\x62onus\x18\x06 \x01(\x03\x12\x16\n\x0eskipped_blocks\x18\x07 \x01(\x03\x12\x15\n\rexpert_passes\x18\x08 \x01(\x03\x12\x16\n\x0e\x64rafter_passes\x18\t \x01(\x03\x12\x1b\n\x13tokens_from_drafter\x18\n \x01(\x03\x12\x1a\n\x12tokens_from_expert\x18\x0b \x01(\x03\x12\x17\n\x0f\x64rafter_seconds\x18\x0c \x01(\x01\x12\x16\n\x0e\x65xpert_seconds\x18\r \x01(\x01\x12\x14\n\x0cwall_seconds\x18\x0e \x01(\x01\x12\x1c\n\x14\x65xpert_only_fallback\x18\x0f \x01(\x08\x12\x14\n\x0ctier_retries\x18\x10 \x01(\x03\x12\x12\n\nwire_bytes\x18\x11 \x01(\x03\x12\x0c\n\x04seed\x18\x12 \x01(\x04\x12\x15\n\rcontext_bytes\x18\x13 \x01(\x03\"\xe7\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\'\n\x07sources\x18\x03 \x03(\x0e\x32\x16.speccascade.v1.Source\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.speccascade.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.speccascade.v1.Usage\x12.\n\x05stats\x18\x06 \x01(\x0b\x32\x1f.speccascade.v1.GenerationStats\"C\n\x0bTextSegment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\x06source\x18\x02 \x01(\x0e\x32\x16.speccascade.v1.Source\"\x9c\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12-\n\x08segments\x18\x02 \x03(\x0b\x32\x1b.speccascade.v1.TextSegment\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\'\n\x07sources\x18\x04 \x03(\x0e\x32\x16.speccascade.v1.Source\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.speccascade.v1.FinishReason\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.speccascade.v1.Usage\x12.\n\x05stats\x18\x07 \x01(\x0b\x32\x1f.speccascade.v1.GenerationStats*{\n\x04Rule\x12\x14\n\x10RULE_UNSPECIFIED\x10\x00\x12\x11\n\rRULE_LOSSLESS\x10\x01\x12\r\n\tRULE_CHOW\x10\x02\x12\r\n\tRULE_DIFF\x10\x03\x12\x0c\n\x08RULE_OPT\x10\x04\x12\x0e\n\nRULE_TOKEN\x10\x05\x12\x0e\n\nRULE_LOSSY\x10\x06*G\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSOURCE_DRAFTER\x10\x01\x12\x11\n\rSOURCE_EXPERT\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb9\x01\n\x0bSpecCascade\x12M\n\x08Generate\x12\x1f.speccascade.v1.GenerateRequest\x1a .speccascade.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.speccascade.v1.GenerateRequest\x1a&.speccascade.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n speccascade/v1/speccascade.proto\x12\x0especcascade.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"=\n\x0c\x43hatMessages\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.speccascade.v1.ChatMessage\"\x8c\x01\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa1\x01\n\rCascadePolicy\x12\"\n\x04rule\x18\x01 \x01(\x0e\x32\x14.speccascade.v1.Rule\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nblock_size\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12&\n\x06method\x18\x04 \x01(\x0e\x32\x16.speccascade.v1.MethodB\x08\n\x06_alphaB\r\n\x0b_block_size\"\xf3\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12,\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1c.speccascade.v1.ChatMessagesH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.speccascade.v1.Sampling\x12-\n\x06policy\x18\x05 \x01(\x0b\x32\x1d.speccascade.v1.CascadePolicy\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x07\n\x05inputB\x11\n\x0f_max_new_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xa9\x04\n\x0fGenerationStats\x12\x0e\n\x06rounds\x18\x01 \x01(\x03\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x03\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x04 \x01(\x03\x12\x11\n\tcorrected\x18\x05 \x01(\x03\x12\r\n\x05\x62onus\x18\x06 \x01(\x03\x12\x16\n\x0eskipped_blocks\x18\x07 \x01(\x03\x12\x15\n\rexpert_passes\x18\x08 \x01(\x03\x12\x16\n\x0e\x64rafter_passes\x18\t \x01(\x03\x12\x1b\n\x13tokens_from_drafter\x18\n \x01(\x03\x12\x1a\n\x12tokens_from_expert\x18\x0b \x01(\x03\x12\x17\n\x0f\x64rafter_seconds\x18\x0c \x01(\x01\x12\x16\n\x0e\x65xpert_seconds\x18\r \x01(\x01\x12\x14\n\x0cwall_seconds\x18\x0e \x01(\x01\x12\x1c\n\x14\x65xpert_only_fallback\x18\x0f \x01(\x08\x12\x14\n\x0ctier_retries\x18\x10 \x01(\x03\x12\x12\n\nwire_bytes\x18\x11 \x01(\x03\x12\x0c\n\x04seed\x18\x12 \x01(\x04\x12\x15\n\rcontext_bytes\x18\x13 \x01(\x03\x12&\n\x06method\x18\x14 \x01(\x0e\x32\x16.speccascade.v1.Method\x12\"\n\x04rule\x18\x15 \x01(\x0e\x32\x14.speccascade.v1.Rule\x12\x15\n\rdrafter_calls\x18\x16 \x01(\x03\x12\x18\n\x10skippable_rounds\x18\x17 \x01(\x03\"\xe7\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\'\n\x07sources\x18\x03 \x03(\x0e\x32\x16.speccascade.v1.Source\x12\x33\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1c.speccascade.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.speccascade.v1.Usage\x12.\n\x05stats\x18\x06 \x01(\x0b\x32\x1f.speccascade.v1.GenerationStats\"C\n\x0bTextSegment\x12\x0c\n\x04text\x18\x01 \x01(\t\x12&\n\x06source\x18\x02 \x01(\x0e\x32\x16.speccascade.v1.Source\"\x9c\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12-\n\x08segments\x18\x02 \x03(\x0b\x32\x1b.speccascade.v1.TextSegment\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\'\n\x07sources\x18\x04 \x03(\x0e\x32\x16.speccascade.v1.Source\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.speccascade.v1.FinishReason\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.speccascade.v1.Usage\x12.\n\x05stats\x18\x07 \x01(\x0b\x32\x1f.speccascade.v1.GenerationStats*{\n\x04Rule\x12\x14\n\x10RULE_UNSPECIFIED\x10\x00\x12\x11\n\rRULE_LOSSLESS\x10\x01\x12\r\n\tRULE_CHOW\x10\x02\x12\r\n\tRULE_DIFF\x10\x03\x12\x0c\n\x08RULE_OPT\x10\x04\x12\x0e\n\nRULE_TOKEN\x10\x05\x12\x0e\n\nRULE_LOSSY\x10\x06*\x9c\x01\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x12\n\x0eMETHOD_CASCADE\x10\x01\x12\x16\n\x12METHOD_EXPERT_ONLY\x10\x02\x12\x17\n\x13METHOD_DRAFTER_ONLY\x10\x03\x12\x18\n\x14METHOD_TOKEN_CASCADE\x10\x04\x12\x1b\n\x17METHOD_SEQUENCE_CASCADE\x10\x05*G\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSOURCE_DRAFTER\x10\x01\x12\x11\n\rSOURCE_EXPERT\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xb9\x01\n\x0bSpecCascade\x12M\n\x08Generate\x12\x1f.speccascade.v1.GenerateRequest\x1a .speccascade.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.speccascade.v1.GenerateRequest\x1a&.speccascade.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'speccascade.api.v1.speccascade_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RULE']._serialized_start=1753
-  _globals['_RULE']._serialized_end=1876
-  _globals['_SOURCE']._serialized_start=1878
-  _globals['_SOURCE']._serialized_end=1949
-  _globals['_FINISHREASON']._serialized_start=1951
-  _globals['_FINISHREASON']._serialized_end=2046
+  _globals['_RULE']._serialized_start=1919
+  _globals['_RULE']._serialized_end=2042
+  _globals['_METHOD']._serialized_start=2045
+  _globals['_METHOD']._serialized_end=2201
+  _globals['_SOURCE']._serialized_start=2203
+  _globals['_SOURCE']._serialized_end=2274
+  _globals['_FINISHREASON']._serialized_start=2276
+  _globals['_FINISHREASON']._serialized_end=2371
   _globals['_CHATMESSAGE']._serialized_start=52
   _globals['_CHATMESSAGE']._serialized_end=96
   _globals['_CHATMESSAGES']._serialized_start=98
   _globals['_CHATMESSAGES']._serialized_end=159
   _globals['_SAMPLING']._serialized_start=162
   _globals['_SAMPLING']._serialized_end=302
-  _globals['_CASCADEPOLICY']._serialized_start=304
-  _globals['_CASCADEPOLICY']._serialized_end=425
-  _globals['_GENERATEREQUEST']._serialized_start=428
-  _globals['_GENERATEREQUEST']._serialized_end=671
-  _globals['_USAGE']._serialized_start=673
-  _globals['_USAGE']._serialized_end=730
-  _globals['_GENERATIONSTATS']._serialized_start=733
-  _globals['_GENERATIONSTATS']._serialized_end=1161
-  _globals['_GENERATERESPONSE']._serialized_start=1164
-  _globals['_GENERATERESPONSE']._serialized_end=1395
-  _globals['_TEXTSEGMENT']._serialized_start=1397
-  _globals['_TEXTSEGMENT']._serialized_end=1464
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1467
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1751
-  _globals['_SPECCASCADE']._serialized_start=2049
-  _globals['_SPECCASCADE']._serialized_end=2234
+  _globals['_CASCADEPOLICY']._serialized_start=305
+  _globals['_CASCADEPOLICY']._serialized_end=466
+  _globals['_GENERATEREQUEST']._serialized_start=469
+  _globals['_GENERATEREQUEST']._serialized_end=712
+  _globals['_USAGE']._serialized_start=714
+  _globals['_USAGE']._serialized_end=771
+  _globals['_GENERATIONSTATS']._serialized_start=774
+  _globals['_GENERATIONSTATS']._serialized_end=1327
+  _globals['_GENERATERESPONSE']._serialized_start=1330
+  _globals['_GENERATERESPONSE']._serialized_end=1561
+  _globals['_TEXTSEGMENT']._serialized_start=1563
+  _globals['_TEXTSEGMENT']._serialized_end=1630
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1633
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1917
+  _globals['_SPECCASCADE']._serialized_start=2374
+  _globals['_SPECCASCADE']._serialized_end=2559
 # @@protoc_insertion_point(module_scope)

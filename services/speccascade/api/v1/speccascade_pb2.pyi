@@ -18,6 +18,15 @@ class Rule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RULE_TOKEN: _ClassVar[Rule]
     RULE_LOSSY: _ClassVar[Rule]
 
+class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METHOD_UNSPECIFIED: _ClassVar[Method]
+    METHOD_CASCADE: _ClassVar[Method]
+    METHOD_EXPERT_ONLY: _ClassVar[Method]
+    METHOD_DRAFTER_ONLY: _ClassVar[Method]
+    METHOD_TOKEN_CASCADE: _ClassVar[Method]
+    METHOD_SEQUENCE_CASCADE: _ClassVar[Method]
+
 class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SOURCE_UNSPECIFIED: _ClassVar[Source]
@@ -36,6 +45,12 @@ RULE_DIFF: Rule
 RULE_OPT: Rule
 RULE_TOKEN: Rule
 RULE_LOSSY: Rule
+METHOD_UNSPECIFIED: Method
+METHOD_CASCADE: Method
+METHOD_EXPERT_ONLY: Method
+METHOD_DRAFTER_ONLY: Method
+METHOD_TOKEN_CASCADE: Method
+METHOD_SEQUENCE_CASCADE: Method
 SOURCE_UNSPECIFIED: Source
 SOURCE_DRAFTER: Source
 SOURCE_EXPERT: Source
@@ -70,14 +85,16 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class CascadePolicy(_message.Message):
-    __slots__ = ("rule", "alpha", "block_size")
+    __slots__ = ("rule", "alpha", "block_size", "method")
     RULE_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     rule: Rule
     alpha: float
     block_size: int
-    def __init__(self, rule: _Optional[_Union[Rule, str]] = ..., alpha: _Optional[float] = ..., block_size: _Optional[int] = ...) -> None: ...
+    method: Method
+    def __init__(self, rule: _Optional[_Union[Rule, str]] = ..., alpha: _Optional[float] = ..., block_size: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "chat", "max_new_tokens", "sampling", "policy", "stop")
@@ -104,7 +121,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("rounds", "drafted", "accepted", "deferred", "corrected", "bonus", "skipped_blocks", "expert_passes", "drafter_passes", "tokens_from_drafter", "tokens_from_expert", "drafter_seconds", "expert_seconds", "wall_seconds", "expert_only_fallback", "tier_retries", "wire_bytes", "seed", "context_bytes")
+    __slots__ = ("rounds", "drafted", "accepted", "deferred", "corrected", "bonus", "skipped_blocks", "expert_passes", "drafter_passes", "tokens_from_drafter", "tokens_from_expert", "drafter_seconds", "expert_seconds", "wall_seconds", "expert_only_fallback", "tier_retries", "wire_bytes", "seed", "context_bytes", "method", "rule", "drafter_calls", "skippable_rounds")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +141,10 @@ class GenerationStats(_message.Message):
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_CALLS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPABLE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted: int
     accepted: int
@@ -143,7 +164,11 @@ class GenerationStats(_message.Message):
     wire_bytes: int
     seed: int
     context_bytes: int
-    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., deferred: _Optional[int] = ..., corrected: _Optional[int] = ..., bonus: _Optional[int] = ..., skipped_blocks: _Optional[int] = ..., expert_passes: _Optional[int] = ..., drafter_passes: _Optional[int] = ..., tokens_from_drafter: _Optional[int] = ..., tokens_from_expert: _Optional[int] = ..., drafter_seconds: _Optional[float] = ..., expert_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., expert_only_fallback: _Optional[bool] = ..., tier_retries: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., context_bytes: _Optional[int] = ...) -> None: ...
+    method: Method
+    rule: Rule
+    drafter_calls: int
+    skippable_rounds: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., deferred: _Optional[int] = ..., corrected: _Optional[int] = ..., bonus: _Optional[int] = ..., skipped_blocks: _Optional[int] = ..., expert_passes: _Optional[int] = ..., drafter_passes: _Optional[int] = ..., tokens_from_drafter: _Optional[int] = ..., tokens_from_expert: _Optional[int] = ..., drafter_seconds: _Optional[float] = ..., expert_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., expert_only_fallback: _Optional[bool] = ..., tier_retries: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., context_bytes: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., rule: _Optional[_Union[Rule, str]] = ..., drafter_calls: _Optional[int] = ..., skippable_rounds: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "sources", "finish_reason", "usage", "stats")

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from speccascade.cascade import Rule, SamplingParams, adjust_probs, sample, verify_block
-from speccascade.tiers.wire import (
-    DraftPayload, Role, SampleRows, densify, generator_for, round_seed, summarize_draft,
-)
+from speccascade.engine.blocks import EMPTY_BLOCK, DraftPayload, SampleRows, densify, summarize_draft
+from speccascade.engine.seeding import Purpose, draw_generator, draw_seed
 
 VOCAB, GAMMA = 50, 4
 
@@ -20,7 +19,7 @@ def peaked(seed: int, rows: int) -> torch.Tensor:
 
 def draft(q: torch.Tensor, sampling: SamplingParams, seed: int) -> tuple[list[int], torch.Tensor]:
     q_sample = adjust_probs(q, sampling)
-    gen = generator_for(seed)
+    gen = draw_generator(seed, 0, Purpose.DRAFT)
     return [int(sample(row, gen, greedy=sampling.is_greedy)) for row in q_sample], q_sample
 
 
@@ -38,10 +37,11 @@ def test_verdict_from_the_payload_equals_the_verdict_from_full_q(sampling, rows,
     for trial in range(20):
         q, p = peaked(trial, GAMMA), peaked(1000 + trial, GAMMA + 1)
         tokens, q_sample = draft(q, sampling, seed=trial)
-        block = summarize_draft(tokens, q, q_sample, payload)
-        q_wire, q_sample_wire = densify(block, VOCAB)
-        expected = verify_block(rule, alpha, torch.tensor(tokens), q, p, sampling, generator_for(trial))
-        got = verify_block(rule, alpha, torch.tensor(tokens), q_wire, p, sampling, generator_for(trial),
+        block = summarize_draft(tokens, q, None if sampling.is_greedy else q_sample, payload)
+        q_wire, q_sample_wire = densify(block, VOCAB, "cpu")
+        generator = lambda: draw_generator(trial, 0, Purpose.VERIFY)  # noqa: E731
+        expected = verify_block(rule, alpha, torch.tensor(tokens), q, p, sampling, generator())
+        got = verify_block(rule, alpha, torch.tensor(tokens), q_wire, p, sampling, generator(),
                            q_sample=q_sample_wire)
         assert (got.num_accepted, got.next_token, got.is_bonus) == (
             expected.num_accepted, expected.next_token, expected.is_bonus), trial
@@ -51,22 +51,38 @@ def test_verdict_from_the_payload_equals_the_verdict_from_full_q(sampling, rows,
 def test_greedy_payload_is_tokens_and_max_q_only():
     q = peaked(0, GAMMA)
     tokens, q_sample = draft(q, SamplingParams(), seed=0)
-    block = summarize_draft(tokens, q, q_sample, DraftPayload.for_request(Rule.TOKEN, SamplingParams()))
+    block = summarize_draft(tokens, q, None, DraftPayload.for_request(Rule.TOKEN, SamplingParams()))
     assert block.nbytes() == GAMMA * (4 + 4)
+
+
+def test_sequence_cascade_payload_adds_q_at_each_drafted_token():
+    q = peaked(1, GAMMA)
+    tokens, _ = draft(q, SamplingParams(), seed=0)
+    block = summarize_draft(tokens, q, None, DraftPayload.for_request(Rule.CHOW, SamplingParams(), token_probs=True))
+    torch.testing.assert_close(block.token_q, q[torch.arange(GAMMA), torch.tensor(tokens)])
+    assert block.nbytes() == GAMMA * (4 + 4 + 4)
+
+
+def test_sparse_rows_travel_as_int32_indices():
+    q = peaked(2, GAMMA)
+    sampling = SamplingParams(temperature=0.8, top_k=5)
+    tokens, q_sample = draft(q, sampling, seed=0)
+    block = summarize_draft(tokens, q, q_sample, DraftPayload.for_request(Rule.TOKEN, sampling))
+    assert block.sample_indices.dtype == torch.int32 and block.sample_indices.shape == (GAMMA, 5)
+    assert block.nbytes() == GAMMA * (4 + 4) + GAMMA * 5 * (4 + 4)
 
 
 def test_an_empty_block_verifies_to_the_experts_own_token():
     """Expert-only decoding sends no draft: the answer is the expert's next token."""
     p = peaked(3, 1)
-    block = summarize_draft([], torch.zeros(0, VOCAB), torch.zeros(0, VOCAB),
-                            DraftPayload.for_request(Rule.LOSSLESS, SamplingParams()))
-    q, q_sample = densify(block, VOCAB)
+    q, q_sample = densify(EMPTY_BLOCK, VOCAB, "cpu")
     verdict = verify_block("lossless", 0.0, torch.zeros(0, dtype=torch.long), q, p, SamplingParams(),
                            q_sample=q_sample)
     assert (verdict.num_accepted, verdict.next_token, verdict.is_bonus) == (0, int(p[0].argmax()), True)
 
 
-def test_round_seeds_are_deterministic_and_independent():
-    assert round_seed(7, 3, Role.DRAFT) == round_seed(7, 3, Role.DRAFT)
-    seeds = {round_seed(7, r, role) for r in range(100) for role in Role}
+def test_draw_seeds_are_deterministic_and_independent():
+    assert draw_seed(7, 3, Purpose.DRAFT) == draw_seed(7, 3, Purpose.DRAFT)
+    seeds = {draw_seed(7, position, purpose) for position in range(100) for purpose in Purpose}
     assert len(seeds) == 200 and all(0 <= s < 2**63 for s in seeds)
+    assert draw_seed(8, 3, Purpose.DRAFT) != draw_seed(7, 3, Purpose.DRAFT)

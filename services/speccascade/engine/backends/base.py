@@ -1,0 +1,252 @@
+"""The model-backend interface: how the engine and the tiers run a causal LM.
+
+A backend scores token sequences for sessions. Every job names the *whole* token sequence of its
+session and where scoring starts; the backend keeps the longest cached prefix it can reuse, drops
+the rest (rollback after a rejection is just this), and runs the model on the new suffix only. So
+a call is always answerable from scratch, and a warm session only makes it cheaper. Several
+sessions' jobs are scored in one forward pass.
+
+The plan for one job (what to keep, what to run, which rows to return) is made here, once, for
+every backend; a backend only implements how a planned batch runs (`_forward`) and how a
+session's cache is cut back (`_truncate`).
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ...cascade import logits_to_probs
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_dtype(name: "str | torch.dtype") -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of: bf16, fp32") from None
+
+
+def resolve_device(name: "str | torch.device" = "auto") -> torch.device:
+    """"auto": the first CUDA device when there is one, else the CPU; or any torch device name."""
+    if isinstance(name, torch.device):
+        return name
+    text = str(name).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}; expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):  # the usual case (the cache is a prefix), at C speed
+        return n
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass(frozen=True)
+class CacheKwargs:
+    """How this transformers version's model call takes a cache: transformers 5.2x renamed
+    `past_key_values` to `cache` and dropped `cache_position`, 5.1x needs both old names."""
+
+    cache_name: str
+    takes_cache_position: bool
+
+    @classmethod
+    def of(cls, model) -> "CacheKwargs":
+        parameters = inspect.signature(model.forward).parameters
+        return cls("cache" if "cache" in parameters else "past_key_values", "cache_position" in parameters)
+
+    def __call__(self, cache, positions: Tensor | None = None) -> dict:
+        """Keyword arguments passing `cache`, and where the new tokens go ([n]) if the model takes it."""
+        kwargs = {self.cache_name: cache}
+        if self.takes_cache_position and positions is not None:
+            kwargs["cache_position"] = positions
+        return kwargs
+
+
+@dataclass(eq=False)
+class BackendSession:
+    """The cached state of one sequence in one backend."""
+
+    tokens: list[int] = field(default_factory=list)  # the tokens whose keys/values are cached
+    last_row: Tensor | None = None  # [V] distribution after `tokens`, if known
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def cached_length(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    session: BackendSession
+    tokens: Sequence[int]
+    start: int
+
+
+@dataclass
+class Plan:
+    """One job's share of a forward pass."""
+
+    job: ScoreJob
+    first_row: Tensor | None  # [V] reused from the session, if scoring starts where its cache ends
+    new_tokens: list[int]  # run the model on these, after the kept cache
+    rows_needed: int  # distributions to take from this pass, for the last positions of new_tokens
+
+    @property
+    def session(self) -> BackendSession:
+        return self.job.session
+
+
+class ModelBackend(abc.ABC):
+    """A causal LM with per-session caches, scoring batches of jobs into next-token distributions.
+
+    Distributions are float32 probabilities at temperature 1 over the first `vocab_size` output
+    ids (a pair compares distributions over the ids its tokenizer has; rows past them are padding
+    and get no mass), on the backend's device.
+    """
+
+    kind: str = ""
+
+    def __init__(self, model, *, name: str, vocab_size: int | None = None):
+        self.model = model.eval()
+        self.name = name
+        self.config = model.config
+        self.output_rows = int(model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = self.output_rows if vocab_size is None else int(vocab_size)
+        if not 0 < self.vocab_size <= self.output_rows:
+            raise ValueError(
+                f"model {name!r} has {self.output_rows} output rows, fewer than the {self.vocab_size} ids of its "
+                "tokenizer: it cannot score every token"
+            )
+        self.context_window = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 1 << 30
+        first = next(model.parameters())
+        self.dtype: torch.dtype = first.dtype
+        self.device: torch.device = first.device
+        self.forward_calls = 0
+        self.cache_kwargs = CacheKwargs.of(model)
+
+    # ---- what a backend implements ----
+
+    @abc.abstractmethod
+    def new_session(self) -> BackendSession:
+        """An empty session."""
+
+    @abc.abstractmethod
+    def session_bytes(self, session: BackendSession) -> int:
+        """Device memory the session's cache holds."""
+
+    def release(self, session: BackendSession) -> None:
+        """Free the session's cache; the session stays usable (it recomputes)."""
+        self.truncate(session, 0)
+
+    @abc.abstractmethod
+    def _truncate(self, session: BackendSession, keep: int) -> None:
+        """Cut the session's cached keys/values back to its first `keep` tokens."""
+
+    @abc.abstractmethod
+    def _forward(self, plans: list[Plan]) -> list[Tensor]:
+        """Run each plan's new tokens after its session's kept cache, in one pass, extending the
+        caches; return the distributions at each plan's last `rows_needed` positions,
+        [rows_needed, vocab_size] float32 (see `probabilities`)."""
+
+    def _prepare(self, sessions: list[BackendSession]) -> None:
+        """Before planning a pass over `sessions`: make room for them (a backend with a fixed number of
+        cache slots frees and assigns slots here, so the plans see each session's true cache)."""
+
+    # ---- shared ----
+
+    def truncate(self, session: BackendSession, keep: int) -> None:
+        if keep < session.cached_length:
+            self._truncate(session, keep)
+            del session.tokens[keep:]
+            session.last_row = None
+
+    @torch.inference_mode()
+    def score(self, jobs: Sequence[ScoreJob]) -> list[Tensor]:
+        """For each job, the next-token distributions for tokens[start], ..., and the token after
+        the last one: [len(tokens) - start + 1, vocab_size] float32.
+
+        A session named by several jobs is scored in successive passes, in job order."""
+        results: list[Tensor | None] = [None] * len(jobs)
+        pending = list(range(len(jobs)))
+        while pending:
+            wave, later, seen = [], [], set()
+            for i in pending:
+                (later if id(jobs[i].session) in seen else wave).append(i)
+                seen.add(id(jobs[i].session))
+            for i, rows in zip(wave, self._score_wave([jobs[i] for i in wave])):
+                results[i] = rows
+            pending = later
+        return results  # type: ignore[return-value]
+
+    def distributions(self, session: BackendSession, tokens: Sequence[int], start: int) -> Tensor:
+        return self.score([ScoreJob(session, tokens, start)])[0]
+
+    def next_distribution(self, session: BackendSession, tokens: Sequence[int]) -> Tensor:
+        """[V]: the distribution of the token after `tokens`."""
+        return self.distributions(session, tokens, len(tokens))[0]
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """[..., output_rows] logits -> [..., vocab_size] float32 probabilities."""
+        return logits_to_probs(logits[..., : self.vocab_size])
+
+    def plan(self, job: ScoreJob) -> Plan:
+        session, tokens, start = job.session, job.tokens, job.start
+        if not 1 <= start <= len(tokens):
+            raise ValueError(f"start={start} must be in [1, {len(tokens)}] for {len(tokens)} tokens")
+        session.last_used = time.monotonic()
+        common = common_prefix_length(session.tokens, tokens)
+        if common == session.cached_length == start and session.last_row is not None:
+            # The cache ends exactly where scoring starts: its stored row is the first one.
+            first_row, keep = session.last_row, start
+        else:
+            # Keep what is cached and still valid, but recompute at least position start - 1,
+            # whose logits give the first wanted row.
+            first_row, keep = None, min(common, start - 1)
+        self.truncate(session, keep)
+        rows_wanted = len(tokens) - start + 1
+        return Plan(job, first_row, list(tokens[keep:]), rows_wanted - (first_row is not None))
+
+    def _score_wave(self, jobs: list[ScoreJob]) -> list[Tensor]:
+        """Jobs of distinct sessions, in one forward pass."""
+        self._prepare([job.session for job in jobs])
+        plans = [self.plan(job) for job in jobs]
+        to_run = [plan for plan in plans if plan.new_tokens]
+        computed = iter(self._forward(to_run) if to_run else [])
+        results = []
+        for plan in plans:
+            if not plan.new_tokens:
+                results.append(plan.first_row.unsqueeze(0))
+                continue
+            rows = next(computed)  # [rows_needed, V]
+            plan.session.tokens.extend(plan.new_tokens)
+            plan.session.last_row = rows[-1]
+            if plan.first_row is not None:
+                rows = torch.cat([plan.first_row.unsqueeze(0), rows], dim=0)
+            results.append(rows)
+        return results

@@ -1,0 +1,207 @@
+"""Every model backend against a plain full forward pass: cold, warm, after rollback, batched."""
+
+import pytest
+import torch
+
+from speccascade.engine.backends import BACKEND_KINDS, ModelBackend, backend_class, common_prefix_length
+
+from ..conftest import tiny_qwen2
+
+VOCAB = 300
+
+
+@pytest.fixture(scope="module", params=BACKEND_KINDS)
+def runner(request):
+    return backend_class(request.param)(tiny_qwen2(VOCAB, seed=3), name="tiny")
+
+
+def scratch(runner: ModelBackend, tokens: list[int], start: int) -> torch.Tensor:
+    with torch.no_grad():
+        logits = runner.model(torch.tensor([tokens])).logits[0]
+    return torch.softmax(logits.float(), -1)[start - 1 :]
+
+
+def seq(n: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_cold_scoring_equals_a_full_forward(runner):
+    tokens = seq(20, 0)
+    got = runner.distributions(runner.new_session(), tokens, start=15)
+    assert got.shape == (6, VOCAB)
+    torch.testing.assert_close(got, scratch(runner, tokens, 15))
+
+
+def test_scoring_after_rollback_equals_scoring_from_scratch(runner):
+    session = runner.new_session()
+    prefix = seq(12, 1)
+    runner.distributions(session, prefix + seq(6, 2), start=12)  # a rejected block
+    block = seq(5, 3)
+    got = runner.distributions(session, prefix + block, start=12)
+    assert session.cached_length == 17
+    torch.testing.assert_close(got, scratch(runner, prefix + block, 12))
+
+
+def test_prefix_extension_reuses_the_cache_and_stays_exact(runner):
+    session = runner.new_session()
+    tokens = seq(30, 4)
+    runner.distributions(session, tokens[:10], start=10)
+    calls = runner.forward_calls
+    got = runner.distributions(session, tokens, start=10)  # catch up 20 tokens in one pass
+    assert runner.forward_calls == calls + 1
+    torch.testing.assert_close(got, scratch(runner, tokens, 10))
+
+
+def test_next_distribution_at_the_cache_end_needs_no_forward(runner):
+    session = runner.new_session()
+    tokens = seq(8, 5)
+    first = runner.next_distribution(session, tokens)
+    calls = runner.forward_calls
+    again = runner.next_distribution(session, tokens)
+    assert runner.forward_calls == calls
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(first, scratch(runner, tokens, 8)[0])
+
+
+def test_start_out_of_range_is_refused(runner):
+    with pytest.raises(ValueError, match="start=0"):
+        runner.distributions(runner.new_session(), [1, 2, 3], start=0)
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix_length([], [1]) == 0
+    assert common_prefix_length([1, 2], [1, 2]) == 2
+
+
+# ---- static equals hf (fp32): batches of sessions at different lengths, rollbacks, reclaimed slots ----
+
+def random_tokens(seed: int, n: int) -> list[int]:
+    return seq(n, seed)
+
+
+@pytest.fixture(scope="module")
+def pair_of_backends():
+    """The same tiny model behind both backends; the static one with only three slots."""
+    model = tiny_qwen2(VOCAB, seed=3)
+    return backend_class("hf")(model, name="hf"), backend_class("static")(model, name="static", slots=3, max_len=128)
+
+
+def assert_same_rows(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+def score_both(pair, sessions, sequences, starts):
+    from speccascade.engine.backends import ScoreJob
+
+    hf, static = pair
+    return [backend.score([ScoreJob(s, t, st) for s, t, st in zip(ss, sequences, starts)])
+            for backend, ss in ((hf, sessions[0]), (static, sessions[1]))]
+
+
+def test_batched_scoring_equals_one_session_at_a_time_and_static_equals_hf(pair_of_backends):
+    hf, static = pair_of_backends
+    sequences = [random_tokens(i, n) for i, n in enumerate((5, 17, 30))]
+    alone = [hf.new_session() for _ in sequences]
+    sessions = ([hf.new_session() for _ in sequences], [static.new_session() for _ in sequences])
+    # Different cache states: two sessions warm, one fresh.
+    for session, tokens in zip(alone, sequences):
+        hf.distributions(session, tokens[: len(tokens) // 2], 1)
+    for backend, batch in zip(pair_of_backends, sessions):
+        for session, tokens in zip(batch[:2], sequences[:2]):
+            backend.distributions(session, tokens[: len(tokens) // 2], 1)
+    for step in range(4):
+        starts = [max(1, len(t) - 3) for t in sequences]
+        expected = [hf.distributions(s, t, st) for s, t, st in zip(alone, sequences, starts)]
+        got_hf, got_static = score_both(pair_of_backends, sessions, sequences, starts)
+        assert_same_rows(got_hf, expected)
+        assert_same_rows(got_static, expected)
+        assert [s.tokens for s in sessions[1]] == [s.tokens for s in alone]
+        sequences = [t + random_tokens(100 * step + i, k) for i, (t, k) in enumerate(zip(sequences, (1, 3, 2)))]
+
+
+def test_static_rollback_and_prefix_extension_equal_scratch(pair_of_backends):
+    _, static = pair_of_backends
+    session = static.new_session()
+    prefix = random_tokens(11, 40)
+    for block_seed in (12, 13, 14):  # three rejected blocks of different lengths, then an accepted one
+        static.distributions(session, prefix + random_tokens(block_seed, block_seed - 8), start=len(prefix))
+    block = random_tokens(15, 6)
+    got = static.distributions(session, prefix + block, start=len(prefix))
+    torch.testing.assert_close(got, scratch(static, prefix + block, len(prefix)), atol=1e-5, rtol=1e-4)
+    longer = prefix + block + random_tokens(16, 25)  # catch up 25 tokens in one pass
+    got = static.distributions(session, longer, start=len(prefix) + 3)
+    torch.testing.assert_close(got, scratch(static, longer, len(prefix) + 3), atol=1e-5, rtol=1e-4)
+    static.release(session)
+
+
+def test_static_reclaims_the_least_recently_used_slot_and_the_loser_recomputes(pair_of_backends):
+    _, static = pair_of_backends
+    sessions = [static.new_session() for _ in range(4)]  # one more than the slots
+    sequences = [random_tokens(20 + i, 10 + i) for i in range(4)]
+    for session, tokens in zip(sessions, sequences):
+        static.distributions(session, tokens, start=len(tokens))
+    assert static.occupied_slots == 3
+    assert sessions[0].slot is None and sessions[0].cached_length == 0  # the oldest lost its slot
+    longer = sequences[0] + [7, 8]
+    got = static.distributions(sessions[0], longer, start=len(longer) - 1)  # recomputes from scratch
+    torch.testing.assert_close(got, scratch(static, longer, len(longer) - 1), atol=1e-5, rtol=1e-4)
+    assert sessions[0].slot is not None and sessions[1].slot is None
+    for session in sessions:
+        static.release(session)
+
+
+def test_static_release_keeps_the_slots_compact_and_moves_caches_intact(pair_of_backends):
+    _, static = pair_of_backends
+    sessions = [static.new_session() for _ in range(3)]
+    sequences = [random_tokens(30 + i, 12 + 3 * i) for i in range(3)]
+    for session, tokens in zip(sessions, sequences):
+        static.distributions(session, tokens, start=len(tokens))
+    static.release(sessions[0])
+    extended = sequences[2] + [5, 6, 7]
+    got = static.distributions(sessions[2], extended, start=len(sequences[2]))  # moved into slot 0 first
+    assert sessions[2].slot == 0 and static.occupied_slots == 2
+    torch.testing.assert_close(got, scratch(static, extended, len(sequences[2])), atol=1e-5, rtol=1e-4)
+    for session in sessions[1:]:
+        static.release(session)
+
+
+def test_static_refuses_a_sequence_longer_than_its_slots():
+    static = backend_class("static")(tiny_qwen2(VOCAB, seed=3), name="static", slots=2, max_len=32)
+    assert static.context_window == 32
+    with pytest.raises(ValueError, match="max_len of 32"):
+        static.distributions(static.new_session(), random_tokens(1, 40), start=40)
+
+
+def test_vocabulary_is_cut_to_the_tokenizer_ids():
+    """Output rows past the tokenizer's ids are padding: distributions have no entry for them."""
+    model = tiny_qwen2(VOCAB + 44, seed=5)
+    for kind in BACKEND_KINDS:
+        backend = backend_class(kind)(model, name=kind, vocab_size=VOCAB)
+        rows = backend.distributions(backend.new_session(), random_tokens(2, 9), start=5)
+        assert rows.shape == (5, VOCAB)
+        torch.testing.assert_close(rows.sum(-1), torch.ones(5))
+    with pytest.raises(ValueError, match="fewer than the"):
+        backend_class("hf")(model, name="small", vocab_size=VOCAB + 45)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+def test_static_cuda_graphs_equal_eager_on_the_gpu():
+    model = tiny_qwen2(VOCAB, seed=3).cuda()
+    eager = backend_class("static")(model, name="eager", slots=4, max_len=128, cuda_graphs=False)
+    graphed = backend_class("static")(model, name="graphed", slots=4, max_len=128, cuda_graphs=True)
+    assert graphed.use_graphs
+    sessions = ([eager.new_session() for _ in range(3)], [graphed.new_session() for _ in range(3)])
+    sequences = [random_tokens(40 + i, 8 + 5 * i) for i in range(3)]
+    from speccascade.engine.backends import ScoreJob
+
+    for step in range(5):
+        starts = [max(1, len(t) - 2) for t in sequences]
+        a, b = (backend.score([ScoreJob(s, t, st) for s, t, st in zip(ss, sequences, starts)])
+                for backend, ss in zip((eager, graphed), sessions))
+        assert_same_rows([x.cpu() for x in b], [x.cpu() for x in a])
+        sequences = [t + random_tokens(200 + step, 2) for t in sequences]
+    assert graphed._graphs  # the decode/verify steps were replayed from captured graphs
