@@ -81,11 +81,36 @@ def tiny_model_dirs(tokenizer, tmp_path_factory):
     """The tiny drafter/expert pair saved as Hugging Face directories (model + tokenizer), for
     code that loads models by source like users do. Returns (drafter_dir, expert_dir)."""
     expert = tiny_qwen2(TOKENIZER_VOCAB, seed=0)
-    drafter = perturbed_copy(expert, seed=1, scale=0.1)
+    return save_pair(tmp_path_factory, "tiny", tokenizer, perturbed_copy(expert, seed=1, scale=0.1), expert)
+
+
+def save_pair(tmp_path_factory, prefix: str, tokenizer, drafter, expert) -> tuple[str, str]:
+    """Save a drafter/expert pair with their tokenizer as Hugging Face directories."""
     dirs = []
     for name, model in (("drafter", drafter), ("expert", expert)):
-        path = tmp_path_factory.mktemp(f"tiny-{name}")
+        path = tmp_path_factory.mktemp(f"{prefix}-{name}")
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         dirs.append(str(path))
-    return tuple(dirs)
+    return dirs[0], dirs[1]
+
+
+QWEN_SMALL_ROWS, QWEN_LARGE_ROWS = 151_936, 152_064  # Qwen2.5 0.5B-3B vs 7B-72B output layers
+
+
+@pytest.fixture(scope="session")
+def qwen_shaped_pair(tmp_path_factory):
+    """(drafter dir, expert dir): tiny random models with the real Qwen2.5 output-layer sizes of a
+    0.5B drafter and a 7B expert (151,936 and 152,064 rows) and the real Qwen2.5 tokenizer (~151,665
+    ids), taken from the packaged drafter. The pair shares a tokenizer but not an output size."""
+    from transformers import AutoTokenizer
+
+    from speccascade.engine.sources import DRAFTER_DEFAULT, resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(DRAFTER_DEFAULT, progress=False).path)
+    expert = tiny_qwen2(QWEN_LARGE_ROWS, seed=0)
+    drafter = tiny_qwen2(QWEN_SMALL_ROWS, seed=0)
+    with torch.no_grad():  # the drafter: the expert's weights on the shared rows, perturbed
+        for (name, param), source in zip(drafter.named_parameters(), expert.parameters()):
+            param.copy_(source[: param.shape[0]] if param.shape != source.shape else source)
+    return save_pair(tmp_path_factory, "qwen-shaped", tokenizer, perturbed_copy(drafter, seed=1, scale=0.1), expert)

@@ -3,15 +3,10 @@ saved to disk, the way a user points the tiers at model directories."""
 
 from __future__ import annotations
 
-import os
 import socket
 import tempfile
 
-import grpc
 import pytest
-import torch
-
-from ..conftest import TOKENIZER_VOCAB, perturbed_copy, tiny_qwen2
 
 SERVE_APP = "speccascade"
 
@@ -23,18 +18,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def tiny_pair(tokenizer, tmp_path_factory):
+def tiny_pair(tiny_model_dirs):
     """(drafter dir, expert dir): the engine tests' tiny fp32 pair plus the shared tokenizer."""
-    root = tmp_path_factory.mktemp("tiny-pair")
-    expert = tiny_qwen2(TOKENIZER_VOCAB, seed=0).to(torch.float32)
-    drafter = perturbed_copy(expert, seed=1, scale=0.1)
-    paths = []
-    for name, model in (("drafter", drafter), ("expert", expert)):
-        path = root / name
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths.append(str(path))
-    return tuple(paths)
+    return tiny_model_dirs
 
 
 def app_args(drafter_dir: str, expert_dir: str, **overrides) -> dict:

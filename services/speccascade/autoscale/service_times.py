@@ -11,7 +11,6 @@ import fcntl
 import json
 import platform
 import statistics
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -1,9 +1,12 @@
 """`speccascade bench engine`: the in-process engine against expert-only, drafter-only and
-Hugging Face assisted generation, side by side in one run on HumanEval prompts, plus the expert's
-verify latency at a long context over a short one (is the KV cache really reused?).
+Hugging Face assisted generation, on both model backends (`hf`, `static`, sharing one copy of the
+weights), side by side in one run on HumanEval prompts, plus the expert's verify latency at a long
+context over a short one (is the KV cache really reused?).
 
-All figures are reported as ratios to expert-only measured in the same run: the machine is shared
-and absolute speeds drift, ratios much less.
+Methods run interleaved prompt by prompt (prompt 1: every method, prompt 2: every method, ...):
+the machine is shared and drifts by tens of percent between minutes, so figures are ratios
+measured on the same prompt a few seconds apart, reported as the median over prompts with their
+spread, and as totals over the run.
 """
 
 from __future__ import annotations
@@ -39,21 +42,15 @@ def humaneval_prompts(count: int) -> list[str]:
     return [problems[key]["prompt"] for key in sorted(problems, key=lambda k: int(k.split("/")[1]))[:count]]
 
 
-def run_engine_method(engine, name: str, prompts: list[str], request_options: dict, progress) -> MethodResult:
+def engine_generation(engine, prompt: str, options: dict) -> MethodResult:
     from ..engine.request import GenerationRequest
 
-    total = MethodResult(name, 0, 0.0)
-    for prompt in prompts:
-        result = engine.generate(GenerationRequest(prompt=prompt, **request_options))
-        total.tokens += len(result.token_ids)
-        total.seconds += result.stats.wall_seconds
-        total.expert_passes += result.stats.expert_passes
-        total.drafter_passes += result.stats.drafter_passes
-        progress.update(1)
-    return total
+    result = engine.generate(GenerationRequest(prompt=prompt, **options))
+    return MethodResult("", len(result.token_ids), result.stats.wall_seconds, result.stats.expert_passes,
+                        result.stats.drafter_passes)
 
 
-def run_assisted_generation(engine, prompts: list[str], gamma: int, max_new_tokens: int, progress) -> MethodResult:
+def assisted_generation(engine, prompt: str, gamma: int, max_new_tokens: int) -> MethodResult:
     """transformers' own speculative decoding with the drafter as assistant, fixed gamma."""
     import torch
 
@@ -61,20 +58,20 @@ def run_assisted_generation(engine, prompts: list[str], gamma: int, max_new_toke
     assistant.generation_config.num_assistant_tokens = gamma
     assistant.generation_config.num_assistant_tokens_schedule = "constant"
     assistant.generation_config.assistant_confidence_threshold = 0.0  # no dynamic early stop
-    total = MethodResult("hf-assisted", 0, 0.0)
-    for prompt in prompts:
-        ids = torch.tensor([engine.tokenizer(prompt)["input_ids"]])
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = engine.expert.model.generate(
-                ids, attention_mask=torch.ones_like(ids), assistant_model=assistant,
-                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=engine.tokenizer.pad_token_id,
-                eos_token_id=sorted(engine.eos_ids),
-            )
-        total.seconds += time.perf_counter() - start
-        total.tokens += out.shape[1] - ids.shape[1]
-        progress.update(1)
-    return total
+    ids = torch.tensor([engine.tokenizer(prompt)["input_ids"]])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = engine.expert.model.generate(
+            ids, attention_mask=torch.ones_like(ids), assistant_model=assistant,
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=engine.tokenizer.pad_token_id,
+            eos_token_id=sorted(engine.eos_ids),
+        )
+    return MethodResult("", out.shape[1] - ids.shape[1], time.perf_counter() - start)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1]}
 
 
 def verify_latency(engine, context_tokens: list[int], gamma: int, repeats: int) -> float:
@@ -107,31 +104,45 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
     from tqdm import tqdm
 
+    from ..engine.backends import backend_class
     from ..engine.engine import CascadeEngine
+    from ..engine.request import GenerationRequest
 
     console = Console()
     with console.status("loading the model pair"):
-        engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype)
+        engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, backend="hf")
+    # The same weights behind the static backend (two slots: one request at a time in-process).
+    static_cls = backend_class("static")
+    static = CascadeEngine(static_cls(engine.drafter.model, name=engine.drafter.name, slots=2,
+                                      vocab_size=engine.drafter.vocab_size),
+                           static_cls(engine.expert.model, name=engine.expert.name, slots=2,
+                                      vocab_size=engine.expert.vocab_size),
+                           engine.tokenizer, eos_ids=engine.eos_ids)
     prompts = humaneval_prompts(args.prompts)
     gamma = args.block_size
     base = dict(max_new_tokens=args.max_new_tokens, block_size=gamma, seed=0)
-    methods = [
-        ("expert-only", dict(method="expert")),
-        ("drafter-only", dict(method="drafter")),
-        ("lossless", dict(rule="lossless", alpha=0.0)),
-        (f"token(alpha={args.alpha:g})", dict(rule="token", alpha=args.alpha)),
-    ]
-    # Warm-up so the first measured method does not pay one-time costs (allocator, kernels).
-    from ..engine.request import GenerationRequest
+    token = f"token(alpha={args.alpha:g})"
+    methods = {
+        "expert-only": lambda p: engine_generation(engine, p, {**base, "method": "expert"}),
+        "drafter-only": lambda p: engine_generation(engine, p, {**base, "method": "drafter"}),
+        "hf-assisted": lambda p: assisted_generation(engine, p, gamma, args.max_new_tokens),
+        "lossless (hf backend)": lambda p: engine_generation(engine, p, {**base, "rule": "lossless", "alpha": 0.0}),
+        "lossless (static backend)": lambda p: engine_generation(static, p, {**base, "rule": "lossless",
+                                                                              "alpha": 0.0}),
+        f"{token} (static backend)": lambda p: engine_generation(static, p, {**base, "rule": "token",
+                                                                             "alpha": args.alpha}),
+    }
+    # Warm-up so the first measured prompt does not pay one-time costs (allocator, kernels).
+    for warm in (engine, static):
+        for options in (dict(method="expert"), dict(method="drafter"), dict(rule="lossless", alpha=0.0)):
+            warm.generate(GenerationRequest(prompt=prompts[0], max_new_tokens=8, **options))
 
-    for options in (dict(method="expert"), dict(method="drafter"), dict(rule="lossless", alpha=0.0)):
-        engine.generate(GenerationRequest(prompt=prompts[0], max_new_tokens=8, **options))
-
-    results: dict[str, MethodResult] = {}
-    with tqdm(total=len(prompts) * (len(methods) + 1), desc="bench engine", unit="gen") as progress:
-        for name, options in methods:
-            results[name] = run_engine_method(engine, name, prompts, {**base, **options}, progress)
-        results["hf-assisted"] = run_assisted_generation(engine, prompts, gamma, args.max_new_tokens, progress)
+    per_prompt: dict[str, list[MethodResult]] = {name: [] for name in methods}
+    with tqdm(total=len(prompts) * len(methods), desc="bench engine (interleaved)", unit="gen") as progress:
+        for prompt in prompts:
+            for name, generate in methods.items():
+                per_prompt[name].append(generate(prompt))
+                progress.update(1)
 
     short = long_context(engine, args.short_context)
     long = long_context(engine, args.long_context)
@@ -139,21 +150,38 @@ def run(args: argparse.Namespace) -> int:
         short_latency = verify_latency(engine, short, gamma, args.repeats)
         long_latency = verify_latency(engine, long, gamma, args.repeats)
 
-    expert_speed = results["expert-only"].tokens_per_second
+    def total(name: str) -> MethodResult:
+        runs = per_prompt[name]
+        return MethodResult(name, sum(r.tokens for r in runs), sum(r.seconds for r in runs),
+                            sum(r.expert_passes for r in runs), sum(r.drafter_passes for r in runs))
+
+    def ratios(name: str, baseline: str) -> list[float]:
+        return [a.tokens_per_second / b.tokens_per_second for a, b in zip(per_prompt[name], per_prompt[baseline])]
+
     table = Table(title=f"bench engine: {len(prompts)} HumanEval prompts x {args.max_new_tokens} tokens, "
-                        f"gamma={gamma}, {args.dtype}")
-    for column in ("method", "tokens", "seconds", "tok/s", "vs expert-only", "expert passes"):
+                        f"gamma={gamma}, {args.dtype}, methods interleaved prompt by prompt")
+    for column in ("method", "tokens", "seconds", "tok/s", "vs expert-only (total)",
+                   "vs expert-only per prompt: median [min-max]", "expert passes"):
         table.add_column(column, justify="right" if column != "method" else "left")
-    order = ["expert-only", "drafter-only", "hf-assisted", "lossless", methods[-1][0]]
-    for name in order:
-        r = results[name]
+    expert_speed = total("expert-only").tokens_per_second
+    for name in methods:
+        r, per = total(name), spread(ratios(name, "expert-only"))
         table.add_row(name, str(r.tokens), f"{r.seconds:.1f}", f"{r.tokens_per_second:.2f}",
-                      f"{r.tokens_per_second / expert_speed:.2f}x", str(r.expert_passes or "-"))
+                      f"{r.tokens_per_second / expert_speed:.2f}x",
+                      f"{per['median']:.2f}x [{per['min']:.2f}-{per['max']:.2f}]", str(r.expert_passes or "-"))
     console.print(table)
-    lossless_vs_hf = results["lossless"].tokens_per_second / results["hf-assisted"].tokens_per_second
+    comparisons = {}
+    for backend in ("hf", "static"):
+        name = f"lossless ({backend} backend)"
+        per = spread(ratios(name, "hf-assisted"))
+        overall = total(name).tokens_per_second / total("hf-assisted").tokens_per_second
+        comparisons[backend] = {"total": overall, **per}
+        console.print(f"lossless ({backend} backend) vs hf-assisted: {overall:.2f}x over the run, per prompt "
+                      f"median {per['median']:.2f}x [{per['min']:.2f}-{per['max']:.2f}]")
+    best = max(comparisons, key=lambda b: comparisons[b]["total"])
+    console.print(f"faster backend: {best}; lossless vs hf-assisted {comparisons[best]['total']:.2f}x "
+                  f"(target >= 1.00: {'met' if comparisons[best]['total'] >= 1 else 'NOT met'})")
     ratio = long_latency / short_latency
-    console.print(f"lossless vs hf-assisted: {lossless_vs_hf:.2f}x (target >= 1.00: "
-                  f"{'met' if lossless_vs_hf >= 1 else 'NOT met'})")
     console.print(f"expert verify of {gamma + 1} tokens: {short_latency * 1000:.0f} ms at {len(short)} tokens of "
                   f"context, {long_latency * 1000:.0f} ms at {len(long)}: ratio {ratio:.2f} (target <= 1.30: "
                   f"{'met' if ratio <= 1.3 else 'NOT met'})")
@@ -161,10 +189,12 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version()},
         "settings": {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "block_size": gamma,
-                     "alpha": args.alpha, "dtype": args.dtype},
-        "methods": {name: {**asdict(r), "tokens_per_second": r.tokens_per_second,
-                           "ratio_to_expert_only": r.tokens_per_second / expert_speed} for name, r in results.items()},
-        "lossless_vs_hf_assisted": lossless_vs_hf,
+                     "alpha": args.alpha, "dtype": args.dtype, "order": "interleaved prompt by prompt"},
+        "methods": {name: {**asdict(total(name)), "tokens_per_second": total(name).tokens_per_second,
+                           "ratio_to_expert_only": total(name).tokens_per_second / expert_speed,
+                           "ratio_to_expert_only_per_prompt": ratios(name, "expert-only"),
+                           "per_prompt": [asdict(r) for r in per_prompt[name]]} for name in methods},
+        "lossless_vs_hf_assisted": comparisons,
         "verify_latency": {"short_context": len(short), "long_context": len(long), "short_seconds": short_latency,
                            "long_seconds": long_latency, "ratio": ratio},
     }
@@ -176,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("engine", help="in-process engine vs expert-only, drafter-only and HF assisted generation")
-    parser.add_argument("--prompts", type=int, default=4, help="HumanEval prompts to generate from")
+    parser.add_argument("--prompts", type=int, default=6, help="HumanEval prompts to generate from")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--block-size", "-g", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=0.5, help="alpha of the token rule")

@@ -1,16 +1,18 @@
 """`speccascade bench serve`: the served system over gRPC against the in-process engine, same
-pair, same rule, same greedy requests, in one run.
+pair, same rule, same requests, in one run.
 
-Prints: time to first token and per-token latency (p50/p95) in-process vs served (one stream);
-aggregate tokens/s at 1, 4 and 8 concurrent streams (with the tiers' mean batch size); bytes on
-the wire per round. Loads the real pair twice in turn (in-process, then the tiers): run it under
-the shared lock, `flock /tmp/speccascade-real-model.lock speccascade bench serve`.
+The in-process engine and the served application are loaded side by side and each request runs
+on both, prompt by prompt (in-process, served, in-process, served, ...; greedy and sampled with a
+fixed seed), so the machine's drift hits both alike. Prints: per-token latency and time to first
+token, served / in-process, per request with its spread; how many outputs were identical token
+for token; aggregate tokens/s at 1, 4 and 8 concurrent streams (with the tiers' mean batch size);
+bytes on the wire per round. Holds the real pair twice (~8 GiB): run it under the shared lock,
+`flock /tmp/speccascade-real-model.lock speccascade bench serve`.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import threading
@@ -117,12 +119,38 @@ WIRE_MODES = {
 
 
 @dataclass
+class PairedRequest:
+    """One request run in-process and served, back to back."""
+
+    task: str
+    sampling: str
+    in_process_token_p50_ms: float
+    served_token_p50_ms: float
+    in_process_ttft_ms: float
+    served_ttft_ms: float
+    identical: bool
+
+    @property
+    def token_ratio(self) -> float:
+        return self.served_token_p50_ms / self.in_process_token_p50_ms
+
+    @property
+    def ttft_ratio(self) -> float:
+        return self.served_ttft_ms / self.in_process_ttft_ms
+
+
+# What each request is run with besides its rule (both sides get the same seed).
+PAIRED_SAMPLINGS = {"greedy": dict(temperature=0.0), "T=0.7, top-p 0.95": dict(temperature=0.7, top_p=0.95)}
+
+
+@dataclass
 class Report:
     rule: str
     alpha: float
     block_size: int
     max_new_tokens: int
     dtype: str
+    paired: list[PairedRequest] = field(default_factory=list)
     in_process: LatencySummary | None = None
     served: LatencySummary | None = None
     concurrency: list[ConcurrencyResult] = field(default_factory=list)
@@ -131,26 +159,42 @@ class Report:
     wire_by_sampling: list[WireBytes] = field(default_factory=list)
 
 
-def run_in_process(args, tasks) -> LatencySummary:
-    from ..engine.engine import CascadeEngine
-    from ..engine.request import GenerationRequest
-
-    engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype)
-
-    def request(task, n):
-        return GenerationRequest(messages=[{"role": "user", "content": task}], rule=args.rule, alpha=args.alpha,
-                                 block_size=args.block_size, max_new_tokens=n, seed=0)
-
-    engine.generate(request(tasks[0], 4))  # warm-up
-    timings = [time_stream(engine.stream(request(task, args.max_new_tokens))) for task in tasks]
-    del engine
-    gc.collect()
-    return LatencySummary.of(timings)
-
-
 def batch_means(handles) -> dict[str, tuple[int, int]]:
     return {name: (s["batches"], s["batched_requests"])
             for name, s in ((n, h.batch_stats.remote().result()) for n, h in handles.items())}
+
+
+def run_paired(engine, client, tasks, args, report: Report) -> None:
+    """Each request in-process then served, prompt by prompt; latency ratios and identical outputs."""
+    from ..api.client import build_request
+    from ..cascade import SamplingParams
+    from ..engine.request import GenerationRequest
+
+    in_process_timings, served_timings = [], []
+    for task in tasks:
+        for label, sampling in PAIRED_SAMPLINGS.items():
+            options = dict(messages=[{"role": "user", "content": task}], rule=args.rule, alpha=args.alpha,
+                           block_size=args.block_size, max_new_tokens=args.max_new_tokens, seed=0)
+            local_chunks: list = []
+            local = time_stream(_collect(engine.stream(GenerationRequest(**options, sampling=SamplingParams(**sampling))),
+                                         local_chunks))
+            remote_chunks: list = []
+            remote = time_stream(_collect(client.stream(build_request(**options, **sampling)), remote_chunks))
+            identical = ([t for c in local_chunks for t in c.token_ids]
+                         == [t for c in remote_chunks for t in c.token_ids])
+            in_process_timings.append(local)
+            served_timings.append(remote)
+            report.paired.append(PairedRequest(
+                task, label, 1000 * percentile(local.token_gaps_s, 0.5), 1000 * percentile(remote.token_gaps_s, 0.5),
+                1000 * local.ttft_s, 1000 * remote.ttft_s, identical))
+    report.in_process = LatencySummary.of(in_process_timings)
+    report.served = LatencySummary.of(served_timings)
+
+
+def _collect(chunks, into: list):
+    for chunk in chunks:
+        into.append(chunk)
+        yield chunk
 
 
 def run_served(args, tasks, report: Report) -> None:
@@ -158,12 +202,13 @@ def run_served(args, tasks, report: Report) -> None:
 
     from ..api.client import SpecCascadeClient, build_request
     from ..commands.serve import app_args_with_overrides, load_serve_config, shutdown, start
+    from ..engine.engine import CascadeEngine
 
     schema = load_serve_config(args.config)
     (app,) = schema.applications
     serve_args = argparse.Namespace(drafter=args.drafter, expert=args.expert, dtype=args.dtype,
-                                    grpc_port=args.grpc_port, http_port=args.http_port, num_cpus=None,
-                                    verbose=False)
+                                    backend=None, device=None, grpc_port=args.grpc_port, http_port=args.http_port,
+                                    num_cpus=None, verbose=False)
     port, app_name = start(schema, serve_args, app_args=app_args_with_overrides(app.args, serve_args))
     handles = {name: serve.get_deployment_handle(name, app_name=app_name) for name in ("Drafter", "Expert")}
     target = f"localhost:{port}"
@@ -173,10 +218,21 @@ def run_served(args, tasks, report: Report) -> None:
                              block_size=args.block_size, max_new_tokens=n, temperature=0.0, seed=0)
 
     try:
+        engine = None
+        if not args.skip_in_process:
+            engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, device="cpu")
         with SpecCascadeClient(target, application=app_name) as client:
             client.generate(request(tasks[0], 4))  # warm-up
+            if engine is not None:
+                from ..engine.request import GenerationRequest
+
+                engine.generate(GenerationRequest(messages=[{"role": "user", "content": tasks[0]}],
+                                                  max_new_tokens=4))
+                run_paired(engine, client, tasks, args, report)
             timings = [time_stream(client.stream(request(task, args.max_new_tokens))) for task in tasks]
-        report.served = LatencySummary.of(timings)
+        engine = None
+        if report.served is None:
+            report.served = LatencySummary.of(timings)
         rounds = sum(t.rounds for t in timings)
         report.wire_bytes_per_round = sum(t.wire_bytes for t in timings) / rounds
         report.wire_bytes_per_round_without_context = sum(t.wire_bytes - t.context_bytes for t in timings) / rounds
@@ -229,7 +285,21 @@ def print_report(report: Report) -> None:
     console = Console()
     console.print(f"[bold]bench serve[/]: {report.rule}(alpha={report.alpha:g}, gamma={report.block_size}), "
                   f"greedy, {report.max_new_tokens} new tokens, {report.dtype}")
-    latency = Table(title="one stream: in-process vs served over gRPC")
+    if report.paired:
+        paired = Table(title="each request in-process, then served (interleaved): served / in-process")
+        for column in ("request", "sampling", "per-token p50 ms (in / served)", "ratio", "TTFT ratio", "identical"):
+            paired.add_column(column, justify="right")
+        for p in report.paired:
+            paired.add_row(p.task[:40], p.sampling, f"{p.in_process_token_p50_ms:.0f} / {p.served_token_p50_ms:.0f}",
+                           f"{p.token_ratio:.2f}", f"{p.ttft_ratio:.2f}", "yes" if p.identical else "NO")
+        console.print(paired)
+        ratios = sorted(p.token_ratio for p in report.paired)
+        ttft = sorted(p.ttft_ratio for p in report.paired)
+        console.print(f"per-token latency served / in-process: median {statistics.median(ratios):.2f} "
+                      f"[{ratios[0]:.2f}-{ratios[-1]:.2f}] over {len(ratios)} requests; TTFT median "
+                      f"{statistics.median(ttft):.2f} [{ttft[0]:.2f}-{ttft[-1]:.2f}]; identical outputs "
+                      f"{sum(p.identical for p in report.paired)}/{len(report.paired)}")
+    latency = Table(title="one stream: in-process vs served over gRPC (all paired requests)")
     for column in ("", "TTFT p50 ms", "per-token p50 ms", "per-token p95 ms", "tokens/s"):
         latency.add_column(column, justify="right")
     rows = [("in-process", report.in_process), ("served (gRPC)", report.served)]
@@ -265,12 +335,13 @@ def print_report(report: Report) -> None:
 def run(args: argparse.Namespace) -> int:
     tasks = TASKS[: args.prompts]
     report = Report(args.rule, args.alpha, args.block_size, args.max_new_tokens, args.dtype)
-    if not args.skip_in_process:
-        report.in_process = run_in_process(args, tasks)
     run_served(args, tasks, report)
     print_report(report)
     if args.json:
-        args.json.write_text(json.dumps(asdict(report), indent=2))
+        data = asdict(report)
+        for entry, paired in zip(data["paired"], report.paired):
+            entry.update(token_ratio=paired.token_ratio, ttft_ratio=paired.ttft_ratio)
+        args.json.write_text(json.dumps(data, indent=2))
     return 0
 
 
@@ -286,10 +357,11 @@ def register(benches) -> None:
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--block-size", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--prompts", type=int, default=3, help="prompts for the one-stream latency comparison")
+    parser.add_argument("--prompts", type=int, default=3,
+                        help="prompts for the paired comparison (each greedy and sampled)")
     parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     parser.add_argument("--grpc-port", type=int, default=9411)
     parser.add_argument("--http-port", type=int, default=8411)
-    parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--skip-in-process", action="store_true", help="served figures only (half the memory)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.set_defaults(handler=run)

@@ -103,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
     request = request_from_args(args)  # validate before loading models
     console = Console(no_color=args.no_color, highlight=False)
     err = Console(stderr=True)
-    with err.status(f"loading {args.drafter or 'default drafter'} + {args.expert or 'default expert'} ({args.dtype})"):
-        engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype)
+    with err.status(f"loading {args.drafter or 'default drafter'} + {args.expert or 'default expert'} "
+                    f"({args.dtype}, {args.backend} backend, device {args.device})"):
+        engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, backend=args.backend,
+                                    device=args.device)
     if args.json:
         result = engine.generate(request)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids,
@@ -123,11 +125,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from .serve import add_execution_arguments
+
     parser = subparsers.add_parser("generate", help="generate text in-process with a speculative cascade")
     add_generation_arguments(parser)
     parser.add_argument("--drafter", help="drafter model source (default: packaged Qwen2.5-Coder-0.5B-Instruct)")
     parser.add_argument("--expert", help="expert model source (default: packaged Qwen2.5-Coder-1.5B-Instruct)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    add_execution_arguments(parser, overrides_config=False)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--no-color", action="store_true", help="plain text output")
     parser.set_defaults(handler=run)

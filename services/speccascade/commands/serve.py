@@ -11,6 +11,19 @@ from pathlib import Path
 LOCAL_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local-cpu.yaml"
 
 
+def add_execution_arguments(parser: argparse.ArgumentParser, *, overrides_config: bool) -> None:
+    """--backend and --device, for every command that runs the models (for `serve` they override
+    the Serve config's values for both tiers)."""
+    from ..engine.backends import BACKEND_KINDS
+
+    suffix = "; overrides the config for both tiers" if overrides_config else ""
+    parser.add_argument("--backend", choices=BACKEND_KINDS, default=None if overrides_config else "hf",
+                        help="model execution: hf (transformers, dynamic caches) or static (preallocated slots, "
+                             "CUDA graphs on GPUs)" + suffix)
+    parser.add_argument("--device", default=None if overrides_config else "auto",
+                        help="auto (CUDA when present), cpu, cuda or cuda:N" + suffix)
+
+
 def load_serve_config(path: Path | None):
     """The Serve config (deploy/local-cpu.yaml by default) as a validated ServeDeploySchema."""
     import yaml
@@ -35,8 +48,9 @@ def app_args_with_overrides(args_dict: dict, args: argparse.Namespace) -> dict:
         tier_args = out.setdefault(tier, {})
         if getattr(args, tier):
             tier_args["model"] = getattr(args, tier)
-        if args.dtype:
-            tier_args["dtype"] = args.dtype
+        for option in ("dtype", "backend", "device"):
+            if getattr(args, option, None):
+                tier_args[option] = getattr(args, option)
     return out
 
 
@@ -106,6 +120,7 @@ def register(subparsers) -> None:
     parser.add_argument("--drafter", help="override the drafter model source")
     parser.add_argument("--expert", help="override the expert model source")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="override both tiers' dtype")
+    add_execution_arguments(parser, overrides_config=True)
     parser.add_argument("--grpc-port", type=int, help="override the gRPC port (default from the config: 9000)")
     parser.add_argument("--http-port", type=int, help="override the HTTP port")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")

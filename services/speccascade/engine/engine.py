@@ -14,6 +14,10 @@ from .text import eos_token_ids
 
 __all__ = ["CascadeEngine", "GenerationChunk", "GenerationResult", "StreamAssembler"]
 
+# In-process decoding holds one session per model at a time; a second slot lets a caller interleave
+# two streams without either losing its cache. (Tiers size their slots in `TierConfig.static`.)
+IN_PROCESS_STATIC_SLOTS = 2
+
 
 class CascadeEngine(TextGeneration):
     def __init__(self, drafter: ModelBackend, expert: ModelBackend, tokenizer,
@@ -39,6 +43,8 @@ class CascadeEngine(TextGeneration):
 
         pair = PairInfo.load(drafter or DRAFTER_DEFAULT, expert or EXPERT_DEFAULT, progress=progress)
         options = dict(dtype=dtype, device=device, vocab_size=pair.vocab_size)
+        if backend == "static":
+            options["slots"] = IN_PROCESS_STATIC_SLOTS
         return cls(
             load_backend(backend, pair.drafter_path, name=pair.drafter_name, **options),
             load_backend(backend, pair.expert_path, name=pair.expert_name, **options),
@@ -49,10 +55,12 @@ class CascadeEngine(TextGeneration):
         """Chunks of the response as rounds complete; the last one carries the result."""
         prompt, limit = self.prepare(request)
         drafter, expert = LocalDrafter(self.drafter), LocalExpert(self.expert)
+        chunks = self.stream_rounds(request, prompt, limit, drafter, expert)
         try:
-            async for chunk in self.stream_rounds(request, prompt, limit, drafter, expert):
+            async for chunk in chunks:
                 yield chunk
         finally:
+            await chunks.aclose()  # a consumer that stops early must not leave it to the garbage collector
             drafter.release()
             expert.release()
 

@@ -71,12 +71,14 @@ class Router:
         drafter = RemoteDrafter(self.drafter, session_id, transport, tag=tags["rule"])
         expert = RemoteExpert(self.expert, session_id, transport, tag=tags["rule"])
         observers = (self.window.observe, lambda record: self.metrics.observe(record, tags))
+        chunks = self.generation.stream_rounds(request, prompt, limit, drafter, expert, observers)
         try:
-            async for chunk in self.generation.stream_rounds(request, prompt, limit, drafter, expert, observers):
+            async for chunk in chunks:
                 if chunk.result is not None:
                     self.metrics.observe_output(chunk.result.stats, tags)
                 yield chunk, transport
         finally:
+            await chunks.aclose()
             self._release(session_id)
 
     def _release(self, session_id: str) -> None:
