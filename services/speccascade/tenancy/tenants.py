@@ -1,0 +1,244 @@
+"""Tenants: who may call, with which keys, under which policy and limits.
+
+A tenants file (YAML) lists tenants; each has an id, the sha256 digests of its API keys (several,
+so a key can be rotated without downtime), a fair-share weight, limits and a policy:
+
+    tenants:
+      - id: acme
+        key_sha256: [3f5c...]             # `speccascade tenants add acme` prints a key once, stores this
+        weight: 2.0                       # share of the tiers under contention, relative to others
+        limits: {max_concurrent_requests: 8, output_tokens_per_minute: 20000, max_new_tokens: 1024}
+        policy:
+          rules: [lossless]               # held to the expert's exact distribution
+          default_rule: lossless
+
+Keys are never stored or logged in clear: a request's key is hashed and the digest compared with
+every stored digest in constant time. `TenantRegistry.admit` authenticates a request's key and
+checks the request against its tenant's policy; its errors say which status a caller should answer
+with (UNAUTHENTICATED, PERMISSION_DENIED naming the field).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..cascade import Rule, validate_alpha
+from ..engine.request import GenerationRequest, Method
+
+KEY_PREFIX = "sc-"  # makes a leaked key recognisable in logs and secret scanners
+DIGEST_PATTERN = r"^[0-9a-f]{64}$"
+TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class TenancyError(Exception):
+    """Base of the errors a caller turns into a status code."""
+
+
+class Unauthenticated(TenancyError):
+    """No key, or a key no tenant has (gRPC UNAUTHENTICATED, HTTP 401)."""
+
+
+class PermissionDenied(TenancyError):
+    """A disabled tenant, or a request outside its tenant's allowance (PERMISSION_DENIED, HTTP 403)."""
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AlphaRange(_Strict):
+    min: float = Field(description="Smallest alpha a request may ask for.")
+    max: float = Field(description="Largest alpha a request may ask for.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AlphaRange":
+        if not self.min <= self.max:
+            raise ValueError(f"alpha range min={self.min} is above max={self.max}")
+        return self
+
+    def __str__(self) -> str:
+        return f"[{self.min:g}, {self.max:g}]"
+
+
+class TenantLimits(_Strict):
+    max_concurrent_requests: int | None = Field(None, ge=1, description="Requests in flight at once (unset: no limit).")
+    output_tokens_per_minute: int | None = Field(
+        None, ge=1, description="Output tokens per minute, per router replica (unset: no limit).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Largest max_new_tokens a request may ask for.")
+
+
+class TenantPolicy(_Strict):
+    """What a tenant may ask for, and its defaults for requests that do not say."""
+
+    rules: list[Rule] | None = Field(None, description="Rules it may ask for (unset: every rule).")
+    methods: list[Method] | None = Field(None, description="Methods it may ask for (unset: every method).")
+    alpha: AlphaRange | None = Field(None, description="Alphas it may ask for (unset: each rule's whole range).")
+    default_rule: Rule | None = Field(None, description="Rule of requests that set none (unset: the server's).")
+    default_alpha: float | None = Field(None, description="Alpha of requests that set none (unset: the server's).")
+    default_block_size: int | None = Field(None, ge=1, le=64, description="Block size of requests that set none.")
+
+    @field_validator("rules", "methods")
+    @classmethod
+    def _not_empty(cls, value):
+        if value is not None and not value:
+            raise ValueError("an empty list allows nothing; leave it unset to allow everything")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_allowed(self) -> "TenantPolicy":
+        if self.default_rule is not None and self.rules is not None and self.default_rule not in self.rules:
+            raise ValueError(f"default_rule={self.default_rule.value!r} is not among the allowed rules "
+                             f"{[r.value for r in self.rules]}")
+        if self.default_alpha is not None:
+            if self.default_rule is not None:
+                validate_alpha(self.default_rule, self.default_alpha)
+            if self.alpha is not None and not self.alpha.min <= self.default_alpha <= self.alpha.max:
+                raise ValueError(f"default_alpha={self.default_alpha} is outside the allowed alpha {self.alpha}")
+        return self
+
+
+class Tenant(_Strict):
+    id: str = Field(pattern=TENANT_ID_PATTERN, description="Tenant id: metric label and log name (never a key).")
+    key_sha256: list[str] = Field(min_length=1, description="sha256 hex digests of the tenant's API keys.")
+    weight: float = Field(1.0, gt=0, le=1000, description="Fair-share weight under contention.")
+    disabled: bool = Field(False, description="A disabled tenant's requests are refused (PERMISSION_DENIED).")
+    limits: TenantLimits = Field(default_factory=TenantLimits, description="Quotas.")
+    policy: TenantPolicy = Field(default_factory=TenantPolicy, description="Allowed rules, methods, alphas; defaults.")
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _digests(cls, value: list[str]) -> list[str]:
+        import re
+
+        for digest in value:
+            if not re.match(DIGEST_PATTERN, digest):
+                raise ValueError(f"key_sha256 entries are 64 lowercase hex characters (a sha256 digest, never the "
+                                 f"key itself); got one of {len(digest)} characters")
+        return value
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse a request outside this tenant's allowance, naming the field."""
+        policy = self.policy
+        if policy.methods is not None and request.method not in policy.methods:
+            raise PermissionDenied(f"policy.method={request.method.value!r} is not allowed for tenant {self.id!r} "
+                                   f"(allowed: {', '.join(m.value for m in policy.methods)})")
+        if request.method is Method.CASCADE:
+            if policy.rules is not None and request.rule not in policy.rules:
+                raise PermissionDenied(f"policy.rule={request.rule.value!r} is not allowed for tenant {self.id!r} "
+                                       f"(allowed: {', '.join(r.value for r in policy.rules)})")
+            uses_alpha = request.rule is not Rule.LOSSLESS
+        else:
+            uses_alpha = request.method in (Method.TOKEN_CASCADE, Method.SEQUENCE_CASCADE)
+        if uses_alpha and policy.alpha is not None and not policy.alpha.min <= request.alpha <= policy.alpha.max:
+            raise PermissionDenied(f"policy.alpha={request.alpha:g} is outside the alpha {policy.alpha} allowed for "
+                                   f"tenant {self.id!r}")
+        limit = self.limits.max_new_tokens
+        if limit is not None and request.max_new_tokens > limit:
+            raise PermissionDenied(f"max_new_tokens={request.max_new_tokens} is above tenant {self.id!r}'s limit "
+                                   f"of {limit}")
+
+
+class TenantsFile(_Strict):
+    tenants: list[Tenant] = Field(default_factory=list, description="Every tenant of the deployment.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "TenantsFile":
+        seen_ids: set[str] = set()
+        owner: dict[str, str] = {}
+        for tenant in self.tenants:
+            if tenant.id in seen_ids:
+                raise ValueError(f"tenant id {tenant.id!r} appears twice")
+            seen_ids.add(tenant.id)
+            for digest in tenant.key_sha256:
+                if digest in owner:
+                    raise ValueError(f"one key digest belongs to both {owner[digest]!r} and {tenant.id!r}")
+                owner[digest] = tenant.id
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TenantsFile":
+        """Read and validate a tenants file; ValueError names the file and what is wrong."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as error:
+            raise ValueError(f"cannot read the tenants file {str(path)!r}: {error.strerror or error}") from None
+        except yaml.YAMLError as error:
+            raise ValueError(f"tenants file {str(path)!r} is not valid YAML: {error}") from None
+        try:
+            return cls.model_validate(raw if raw is not None else {})
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in error.errors())
+            raise ValueError(f"tenants file {str(path)!r} is invalid: {problems}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (a mounted Secret or a reader never sees half a file), owner-only."""
+        path = Path(path)
+        text = yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w") as out:
+                out.write(text)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, tenant_id: str) -> Tenant:
+        for tenant in self.tenants:
+            if tenant.id == tenant_id:
+                return tenant
+        known = ", ".join(t.id for t in self.tenants) or "none"
+        raise ValueError(f"no tenant {tenant_id!r} (tenants: {known})")
+
+    def replace(self, tenant: Tenant) -> "TenantsFile":
+        """This file with `tenant` added, or replacing the tenant of the same id."""
+        others = [t for t in self.tenants if t.id != tenant.id]
+        position = next((i for i, t in enumerate(self.tenants) if t.id == tenant.id), len(others))
+        return TenantsFile(tenants=others[:position] + [tenant] + others[position:])
+
+
+class TenantRegistry:
+    """An immutable snapshot of the tenants, for authenticating requests."""
+
+    def __init__(self, tenants: TenantsFile):
+        self.file = tenants
+        self._digests = [(digest, tenant) for tenant in tenants.tenants for digest in tenant.key_sha256]
+
+    @property
+    def tenants(self) -> list[Tenant]:
+        return list(self.file.tenants)
+
+    def authenticate(self, key: str | None) -> Tenant:
+        """The tenant whose key this is. Every stored digest is compared, in constant time each, so
+        the time taken says nothing about which digest (if any) matched."""
+        if not key:
+            raise Unauthenticated("missing API key: send the metadata `authorization: Bearer <key>` (or `x-api-key`)")
+        digest = key_digest(key).encode()
+        found = None
+        for stored, tenant in self._digests:
+            if hmac.compare_digest(stored.encode(), digest):
+                found = tenant
+        if found is None:
+            raise Unauthenticated("unknown API key")
+        if found.disabled:
+            raise PermissionDenied(f"tenant {found.id!r} is disabled")
+        return found
