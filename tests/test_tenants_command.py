@@ -8,7 +8,6 @@ from speccascade.cli import main
 from speccascade.tenancy import TenantRegistry, TenantsFile, Unauthenticated
 
 
-
 def run(capsys, *argv) -> str:
     assert main(["tenants", *argv]) == 0
     return capsys.readouterr().out

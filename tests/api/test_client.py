@@ -28,3 +28,23 @@ def test_set_options_including_zeros_are_present():
 def test_unknown_rule_is_refused_client_side():
     with pytest.raises(ValueError, match="unknown rule 'fast'"):
         build_request("hi", rule="fast")
+
+
+def test_method_is_sent_and_an_unknown_one_refused_client_side():
+    assert build_request("hi", method="token-cascade").policy.method == pb.METHOD_TOKEN_CASCADE
+    assert build_request("hi").policy.method == pb.METHOD_UNSPECIFIED
+    with pytest.raises(ValueError, match="unknown method 'beam'"):
+        build_request("hi", method="beam")
+
+
+def test_api_key_travels_as_bearer_metadata_from_the_argument_or_the_environment(monkeypatch):
+    from speccascade.api.client import API_KEY_ENV, SpecCascadeClient
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    with SpecCascadeClient("localhost:1", application="app") as client:
+        assert client.metadata == (("application", "app"),)
+    with SpecCascadeClient("localhost:1", api_key="sc-abc") as client:
+        assert ("authorization", "Bearer sc-abc") in client.metadata
+    monkeypatch.setenv(API_KEY_ENV, "sc-env")
+    with SpecCascadeClient("localhost:1") as client:
+        assert client.metadata == (("authorization", "Bearer sc-env"),)

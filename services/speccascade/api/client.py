@@ -6,11 +6,13 @@
         print(chunk.stats)
 
 Unset options take the server's defaults. Errors surface as `grpc.RpcError` with the server's
-status code (INVALID_ARGUMENT names the bad field).
+status code (INVALID_ARGUMENT names the bad field). A server with tenants wants an API key:
+`SpecCascadeClient(..., api_key="sc-...")`, or the environment variable SPECCASCADE_API_KEY.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 import grpc
@@ -57,13 +59,19 @@ def build_request(
     return request
 
 
+API_KEY_ENV = "SPECCASCADE_API_KEY"
+
+
 class SpecCascadeClient:
     def __init__(self, target: str = "localhost:9000", *, application: str | None = None,
-                 timeout: float | None = None, channel: grpc.Channel | None = None):
+                 timeout: float | None = None, channel: grpc.Channel | None = None, api_key: str | None = None):
         """`application` selects a Serve application when the cluster runs several; `timeout` is
-        the default deadline (seconds) per call."""
+        the default deadline (seconds) per call; `api_key` (default: $SPECCASCADE_API_KEY) is sent
+        as `authorization: Bearer <key>`."""
         self.channel = channel or grpc.insecure_channel(target)
-        self.metadata = (("application", application),) if application else ()
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.metadata = ((("application", application),) if application else ()) + (
+            (("authorization", f"Bearer {api_key}"),) if api_key else ())
         self.timeout = timeout
         self._stub = pb_grpc.SpecCascadeStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)

@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console(no_color=args.no_color, highlight=False)
     err = Console(stderr=True, highlight=False)
     try:
-        with SpecCascadeClient(args.target, application=args.application, timeout=args.timeout) as client:
+        with SpecCascadeClient(args.target, application=args.application, timeout=args.timeout,
+                               api_key=args.api_key) as client:
             if args.json:
                 response = client.generate(request)
                 print(json.dumps(MessageToDict(response, preserving_proto_field_name=True)))
@@ -61,6 +62,7 @@ def register(subparsers) -> None:
     parser.add_argument("--target", default="localhost:9000", help="server address (default: localhost:9000)")
     parser.add_argument("--application", help="Serve application name, when the cluster runs several")
     parser.add_argument("--timeout", type=float, help="deadline in seconds")
+    parser.add_argument("--api-key", help="API key of a tenant (default: $SPECCASCADE_API_KEY)")
     parser.add_argument("--json", action="store_true", help="print the unary response as JSON")
     parser.add_argument("--no-color", action="store_true", help="plain text output")
     parser.set_defaults(handler=run)
