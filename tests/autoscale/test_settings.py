@@ -132,3 +132,14 @@ def test_settings_module_merges_the_policy_into_a_serve_config(capsys):
     assert app["autoscaling_policy"]["policy_function"] == DEFERRAL_POLICY_FUNCTION
     assert app["args"] == yaml.safe_load(serve_config.read_text())["applications"][0]["args"]  # untouched
     assert {d["name"] for d in app["deployments"]} == {"Router", "Drafter", "Expert"}
+
+
+def test_the_policy_and_its_settings_import_without_torch():
+    """The Serve controller imports them; it has no torch (and should not pay for it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, speccascade.autoscale.policy, speccascade.autoscale.settings; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

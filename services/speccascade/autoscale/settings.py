@@ -14,24 +14,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from ..bounds import check_replica_bounds
+from ..config_base import MaxReplicas, ReplicaBounds, StrictModel
 
 DEFERRAL_POLICY_FUNCTION = "speccascade.autoscale.policy:DeferralAwarePolicy"
 RAY_METRICS_INTERVAL_DEFAULT_S = 10.0  # Ray's AutoscalingConfig.metrics_interval_s default
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class TierScaling(ReplicaBounds):
+    """How one deployment scales: its replica bounds, and how the policy moves within them."""
 
-
-class TierScaling(_Strict):
-    """How one deployment scales."""
-
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
-    max_replicas: int = Field(4, ge=1, description="Most replicas.")
-    initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (default: min_replicas).")
+    max_replicas: MaxReplicas = 4
     target_utilization: float = Field(
         0.7, gt=0, le=1,
         description="Busy fraction each replica should run at: replicas = busy seconds per second / this.",
@@ -55,13 +49,8 @@ class TierScaling(_Strict):
         None, gt=0, description="Seconds per call assumed until replicas have reported a measured one.",
     )
 
-    @model_validator(mode="after")
-    def _ordered(self) -> "TierScaling":
-        check_replica_bounds(self.min_replicas, self.max_replicas, self.initial_replicas)
-        return self
 
-
-class DeploymentNames(_Strict):
+class DeploymentNames(StrictModel):
     """The Serve deployment names of the three tiers in the application."""
 
     drafter: str = Field("Drafter", min_length=1, description="The drafter deployment.")
@@ -77,7 +66,7 @@ class DeploymentNames(_Strict):
         return self
 
 
-class AutoscalingSettings(_Strict):
+class AutoscalingSettings(StrictModel):
     """An operator's autoscaling policy for the whole application."""
 
     policy: Literal["deferral", "queue"] = Field(

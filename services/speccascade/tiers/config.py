@@ -7,20 +7,16 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from ..bounds import check_replica_bounds
-from ..cascade import Rule, validate_alpha
+from ..cascade import ALPHA_RANGES, Rule, validate_alpha
+from ..config_base import ReplicaBounds, StrictModel
 from ..engine.backends import BackendKind
 from ..engine.request import DEFAULT_ALPHA, DEFAULT_BLOCK_SIZE, DEFAULT_RULE, MAX_BLOCK_SIZE, MAX_NEW_TOKENS_CAP
 from ..engine.sources import DRAFTER_DEFAULT, EXPERT_DEFAULT
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Placement(_Strict):
+class Placement(StrictModel):
     """Where a deployment's replicas run: Ray actor options for each replica."""
 
     num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica (0 lets tiers share a small machine).")
@@ -28,6 +24,9 @@ class Placement(_Strict):
     resources: dict[str, float] = Field(
         default_factory=dict,
         description='Ray custom resources per replica, e.g. {"expert_tier": 1} to pin to a node group.',
+        # The validator below, as JSON Schema (the Helm chart's values.schema.json).
+        json_schema_extra={"propertyNames": {"minLength": 1},
+                           "additionalProperties": {"type": "number", "exclusiveMinimum": 0}},
     )
     accelerator_type: str | None = Field(None, description='Ray accelerator type, e.g. "A100" or "L4".')
     memory_bytes: int | None = Field(None, ge=0, description="Heap memory reserved per replica, in bytes.")
@@ -51,20 +50,11 @@ class Placement(_Strict):
         return options
 
 
-class Replicas(_Strict):
+class Replicas(ReplicaBounds):
     """Replica count bounds of a deployment; min == max gives a fixed count."""
 
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
-    max_replicas: int = Field(1, ge=1, description="Most replicas.")
-    initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (default: min_replicas).")
 
-    @model_validator(mode="after")
-    def _ordered(self) -> "Replicas":
-        check_replica_bounds(self.min_replicas, self.max_replicas, self.initial_replicas)
-        return self
-
-
-class StaticBackendConfig(_Strict):
+class StaticBackendConfig(StrictModel):
     """Settings of the `static` backend: preallocated per-slot K/V buffers."""
 
     slots: int = Field(16, ge=1, le=1024, description="Sessions whose caches one replica holds at once; more are "
@@ -74,7 +64,7 @@ class StaticBackendConfig(_Strict):
     cuda_graphs: bool = Field(True, description="Replay decode and verify steps as captured CUDA graphs (GPU only).")
 
 
-class TierConfig(_Strict):
+class TierConfig(StrictModel):
     """A model tier (drafter or expert)."""
 
     model: str = Field(description="Model source: packaged name, local directory, .gguf file or hub id.")
@@ -97,12 +87,23 @@ class TierConfig(_Strict):
         description="Intra-op threads for forward passes. Default: torch's, which Ray caps at the replica's "
                     "num_cpus (and at 1 when num_cpus < 1) through OMP_NUM_THREADS.")
 
+    @model_validator(mode="after")
+    def _batch_fits_the_slots(self) -> "TierConfig":
+        # The static backend holds each session of a batch in a slot of its own.
+        if self.backend == "static" and self.static.slots < self.max_batch_size:
+            raise ValueError(
+                f"static.slots={self.static.slots} is below max_batch_size={self.max_batch_size}: a batch of "
+                f"max_batch_size sessions must fit the static backend's slots (raise static.slots or lower "
+                f"max_batch_size)"
+            )
+        return self
+
     def backend_options(self) -> dict:
         """Keyword arguments of the chosen backend beyond the common ones."""
         return self.static.model_dump() if self.backend == "static" else {}
 
 
-class RouterConfig(_Strict):
+class RouterConfig(StrictModel):
     """The router deployment: gRPC ingress and the draft-then-verify loop. Holds no model."""
 
     placement: Placement = Field(default_factory=Placement, description="Where each router replica runs.")
@@ -117,8 +118,25 @@ class RouterConfig(_Strict):
                                 "UNAVAILABLE (or decode expert-only) without trying it again.")
 
 
-class CascadePolicy(_Strict):
+def _alpha_ranges_schema(schema: dict) -> None:
+    """ALPHA_RANGES as JSON Schema conditions on `alpha`, one per rule (and the default rule's when
+    `rule` is left out), so the Helm chart's values.schema.json refuses what validate_alpha does."""
+
+    def bounded(rule: Rule) -> dict:
+        allowed = ALPHA_RANGES[rule]
+        upper = "maximum" if allowed.high_inclusive else "exclusiveMaximum"
+        return {"properties": {"alpha": {"minimum": allowed.low, upper: allowed.high}}}
+
+    conditions = [{"if": {"properties": {"rule": {"const": rule.value}}, "required": ["rule"]}, "then": bounded(rule)}
+                  for rule in ALPHA_RANGES]
+    conditions.append({"if": {"not": {"required": ["rule"]}}, "then": bounded(Rule.parse(DEFAULT_RULE))})
+    schema["allOf"] = conditions
+
+
+class CascadePolicy(StrictModel):
     """Defaults for requests that do not set their own policy, and the limits requests must obey."""
+
+    model_config = ConfigDict(json_schema_extra=_alpha_ranges_schema)
 
     rule: Rule = Field(DEFAULT_RULE, description="Default deferral rule.")
     alpha: float = Field(DEFAULT_ALPHA, description="Default alpha for the default rule.")
@@ -136,7 +154,7 @@ class CascadePolicy(_Strict):
         return self
 
 
-class AppConfig(_Strict):
+class AppConfig(StrictModel):
     """The whole speccascade Serve application (the `args` of `speccascade.tiers.app:build_app`)."""
 
     drafter: TierConfig = Field(default_factory=lambda: TierConfig(model=DRAFTER_DEFAULT),
