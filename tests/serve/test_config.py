@@ -1,5 +1,6 @@
-"""AppConfig's own rules beyond single fields: the static backend's slots hold a whole batch, and
-the replica bounds are the ones the autoscaling settings use."""
+"""AppConfig's own rules beyond single fields: the static backend's slots hold a whole batch and
+bound the sequence length, the replica bounds are the ones the autoscaling settings use, and the
+JSON Schema the Helm chart validates with agrees with the models."""
 
 from __future__ import annotations
 
@@ -43,3 +44,53 @@ def test_unknown_keys_are_errors_everywhere():
         AppConfig.model_validate({"drafter": {"model": "m", "torch_thread": 2}})
     with pytest.raises(ValidationError, match="max_replica\\b"):
         TierScaling.model_validate({"max_replica": 2})
+
+
+def test_a_static_tier_bounds_the_sequence_like_its_backend():
+    from speccascade.engine.backends.static import DEFAULT_MAX_LEN
+
+    assert TierConfig(model="m").sequence_limit(32768) == 32768
+    assert TierConfig(model="m", backend="static").sequence_limit(32768) == DEFAULT_MAX_LEN
+    assert TierConfig(model="m", backend="static").sequence_limit(512) == 512
+    assert TierConfig(model="m", backend="static", static={"max_len": 2048}).sequence_limit(32768) == 2048
+    assert TierConfig(model="m", backend="static", static={"max_len": 8192}).sequence_limit(4096) == 4096
+
+
+def test_the_static_backend_reports_the_same_window(tiny_model_dirs):
+    """sequence_limit is what a static backend over the model says its context window is."""
+    from speccascade.engine.backends import load_backend
+
+    drafter_dir, _ = tiny_model_dirs
+    for static in ({"max_len": 128}, {"max_len": None}):
+        tier = TierConfig(model=drafter_dir, backend="static", dtype="fp32", device="cpu", static={"slots": 8, **static})
+        backend = load_backend("static", drafter_dir, dtype="fp32", device="cpu", **tier.backend_options())
+        model_window = backend.model.config.max_position_embeddings
+        assert tier.sequence_limit(model_window) == backend.context_window
+
+
+def schema_accepts(args: dict) -> bool:
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(AppConfig.model_json_schema()).is_valid(args)
+
+
+def model_accepts(args: dict) -> bool:
+    try:
+        AppConfig.model_validate(args)
+    except ValidationError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("rule", [None, "lossless", "chow", "diff", "opt", "token", "lossy"])
+def test_the_policy_schema_accepts_exactly_the_alphas_the_model_does(rule):
+    for alpha in (-1.5, -1.0, -0.5, 0.0, 0.5, 0.999, 1.0, 1.5):
+        policy = {"alpha": alpha} if rule is None else {"rule": rule, "alpha": alpha}
+        assert schema_accepts({"policy": policy}) == model_accepts({"policy": policy}), policy
+
+
+@pytest.mark.parametrize(("resources", "valid"), [({"pool": 1}, True), ({"pool": 0.5}, True), ({"pool": 0}, False),
+                                                  ({"pool": -1}, False), ({"": 1}, False)])
+def test_the_resources_schema_accepts_exactly_what_the_model_does(resources, valid):
+    args = {"drafter": {"model": "m", "placement": {"resources": resources}}}
+    assert schema_accepts(args) == model_accepts(args) == valid

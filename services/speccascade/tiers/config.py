@@ -98,6 +98,16 @@ class TierConfig(StrictModel):
             )
         return self
 
+    def sequence_limit(self, model_window: int) -> int:
+        """Longest sequence this tier holds of a model with `model_window` positions: the window,
+        or the static backend's slot length where that is shorter (the backend's own context
+        window, which the in-process engine reads from it)."""
+        if self.backend != "static":
+            return model_window
+        from ..engine.backends.static import DEFAULT_MAX_LEN
+
+        return min(model_window, self.static.max_len or DEFAULT_MAX_LEN)
+
     def backend_options(self) -> dict:
         """Keyword arguments of the chosen backend beyond the common ones."""
         return self.static.model_dump() if self.backend == "static" else {}

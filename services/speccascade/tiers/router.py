@@ -43,7 +43,8 @@ class Router:
         self.config = config
         self.policy = config.policy
         pair = PairInfo.load(config.drafter.model, config.expert.model, progress=False)
-        self.generation = TextGeneration(pair.tokenizer, eos_ids=pair.eos_ids, context_window=pair.context_window)
+        window = min(tier.sequence_limit(pair.context_window) for tier in (config.drafter, config.expert))
+        self.generation = TextGeneration(pair.tokenizer, eos_ids=pair.eos_ids, context_window=window)
         self.metrics = RouterMetrics()
         self.window = WindowCounters()
         self.window_totals = autoscale_signals.CumulativeCounters(autoscale_signals.ROUTER_COUNTERS)
