@@ -48,11 +48,11 @@ def helm() -> Path:
 
 @pytest.fixture(scope="session")
 def render(helm):
-    """render(values_files=(), set_values=()) -> rendered objects; raises HelmError on failure."""
+    """render(values_files=(), set_values=(), set_json=()) -> rendered objects; raises HelmError on failure."""
 
-    def _render(values_files=(), set_values=(), release="speccascade", namespace="serving"):
+    def _render(values_files=(), set_values=(), set_json=(), release="speccascade", namespace="serving"):
         return render_chart(release=release, namespace=namespace, values_files=values_files,
-                            set_values=set_values, helm=helm)
+                            set_values=set_values, set_json_values=set_json, helm=helm)
 
     return _render
 

@@ -247,6 +247,11 @@ def test_gpu_settings_land_in_the_right_group(render):
     assert (args["drafter"]["placement"]["num_gpus"], args["drafter"]["placement"]["accelerator_type"]) == (1, "L4")
     assert (args["expert"]["placement"]["num_gpus"], args["expert"]["placement"]["accelerator_type"]) == (2, "A100")
     assert args["expert"]["model"] == "Qwen/Qwen2.5-Coder-32B-Instruct"
+    # GPU tiers run the static backend, each batch fitting its slots (AppConfig refuses otherwise).
+    assert (args["drafter"]["backend"], args["drafter"]["device"]) == ("static", "cuda")
+    assert (args["expert"]["backend"], args["expert"]["device"]) == ("static", "auto")  # two GPUs a replica
+    for tier in ("drafter", "expert"):
+        assert args[tier]["static"]["slots"] >= args[tier]["max_batch_size"]
     assert groups["expert"]["idleTimeoutSeconds"] == 900
     assert (groups["drafter"]["minReplicas"], groups["drafter"]["maxReplicas"]) == (2, 8)
 
@@ -267,14 +272,18 @@ def test_renamed_tier_resources_follow_into_both_sides(render):
         ({"tiers": {"drafter": {"workerGroup": {"resources": {"requests": {"cpu": "1"}, "limits": None}}}}},
          "tiers.drafter.workerGroup.resources must set both requests and limits"),
         ({"head": {"resources": None}}, "head.resources must set both requests and limits"),
-        ({"tiers": {"expert": {"deployment": {"numGpus": 1}}}},
-         'tiers.expert needs 1 GPUs per pod .*limits\\["nvidia.com/gpu"\\] is 0'),
+        ({"app": {"expert": {"placement": {"num_gpus": 1}}}},
+         r'tiers.expert needs 1 GPUs per pod \(app.expert.placement.num_gpus=1 x .*limits\["nvidia.com/gpu"\] is 0'),
         ({"tiers": {"drafter": {"workerGroup": {"replicas": 3}}}},
          "tiers.drafter.workerGroup needs minReplicas <= replicas <= maxReplicas; got 1 <= 3 <= 2"),
-        ({"tiers": {"drafter": {"deployment": {"maxReplicas": 5}}}},
-         "tiers.drafter.deployment.maxReplicas=5 cannot fit"),
+        ({"app": {"drafter": {"replicas": {"max_replicas": 5}}}},
+         "app.drafter.replicas.max_replicas=5 cannot fit: tiers.drafter.workerGroup.maxReplicas=2 pods x replicasPerPod=1"),
         ({"tiers": {"drafter": {"rayResource": {"perReplica": 0.5}}}},
-         "tiers.drafter.rayResource.perReplica must be a whole number"),
+         "tiers.drafter.rayResource.perReplica: Invalid type. Expected: integer"),
+        ({"app": {"expert": {"placement": {"resources": {"expert_tier": 2}}}}},
+         "app.expert.placement.resources.expert_tier: the chart sets the resources that pin tiers"),
+        ({"app": {"drafter": {"placement": {"resources": {"expert_tier": 1}}}}},
+         r"app.drafter.placement.resources.expert_tier: .*\(from tiers.expert.rayResource\)"),
         ({"tiers": {"drafter": {"rayResource": {"name": "expert_tier"}}}},
          "rayResource.name must differ"),
         ({"tiers": {"drafter": {"workerGroup": {"rayStartParams": {"resources": "x"}}}}},
@@ -282,7 +291,8 @@ def test_renamed_tier_resources_follow_into_both_sides(render):
     ],
     ids=["tier-without-resources", "tier-without-limits", "head-without-resources", "gpus-missing",
          "initial-pods-out-of-bounds",
-         "replicas-cannot-fit", "fractional-ray-resource", "shared-ray-resource", "own-resources-param"],
+         "replicas-cannot-fit", "fractional-ray-resource", "own-pin-in-app", "other-pin-in-app",
+         "shared-ray-resource", "own-resources-param"],
 )
 def test_inconsistent_values_fail_with_a_clear_message(render, tmp_path, overrides, message):
     values = tmp_path / "values.yaml"
@@ -381,7 +391,8 @@ def test_autoscaling_policy_is_rendered_only_when_set(render, tmp_path):
 def test_policy_values_become_app_config_defaults(render):
     from speccascade.tiers.config import AppConfig
 
-    service = rayservice_of(render(set_values=["policy.rule=chow", "policy.alpha=0.2", "policy.blockSize=7"]))
+    service = rayservice_of(render(set_values=["app.policy.rule=chow", "app.policy.block_size=7"],
+                                   set_json=["app.policy.alpha=0.2"]))
     policy = AppConfig.model_validate(app_of(service)["args"]).policy
     assert (policy.rule.value, policy.alpha, policy.block_size) == ("chow", 0.2, 7)
 
@@ -390,11 +401,31 @@ def test_router_values_become_app_config(render):
     from speccascade.tiers.config import AppConfig
 
     service = rayservice_of(render(set_values=[
-        "router.tierCallTimeoutS=30", "router.tierCallAttempts=5", "router.tierDownCooldownS=2",
-        "router.minReplicas=2", "router.maxReplicas=3"]))
+        "app.router.tier_call_timeout_s=30", "app.router.tier_call_attempts=5", "app.router.tier_down_cooldown_s=2",
+        "app.router.replicas.min_replicas=2", "app.router.replicas.max_replicas=3",
+        "app.router.placement.resources.router_pool=1"]))
     router = AppConfig.model_validate(app_of(service)["args"]).router
     assert (router.tier_call_timeout_s, router.tier_call_attempts, router.tier_down_cooldown_s) == (30, 5, 2)
     assert (router.replicas.min_replicas, router.replicas.max_replicas) == (2, 3)
+    assert router.placement.resources == {"router_pool": 1}
+
+
+def test_every_tier_field_is_settable_and_reaches_app_config(render):
+    """Fields the chart's own layout once left out (torch_threads, the backend and device)."""
+    from speccascade.tiers.config import AppConfig
+
+    service = rayservice_of(render(set_values=[
+        "app.drafter.torch_threads=3", "app.expert.backend=static", "app.expert.device=cuda:1",
+        "app.expert.static.slots=8", "app.expert.static.max_len=1024", "app.expert.static.cuda_graphs=false",
+        "app.drafter.placement.memory_bytes=2147483648", "app.expert.replicas.initial_replicas=2"]))
+    config = AppConfig.model_validate(app_of(service)["args"])
+    assert config.drafter.torch_threads == 3
+    assert (config.expert.backend, config.expert.device) == ("static", "cuda:1")
+    assert config.expert.backend_options() == {"slots": 8, "max_len": 1024, "cuda_graphs": False}
+    assert config.drafter.placement.ray_actor_options()["memory"] == 2147483648
+    assert config.expert.replicas.initial_replicas == 2
+    # The chart's only addition: each tier's pinning resource.
+    assert config.expert.placement.resources == {"expert_tier": 1}
 
 
 def test_tenant_api_keys_come_from_the_referenced_secret(render):

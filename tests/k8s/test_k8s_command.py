@@ -104,3 +104,29 @@ def test_apply_reports_a_chart_failure_without_calling_the_api(apiserver, kubeco
     assert code == 2
     assert "tiers.expert.workerGroup.resources must set both requests and limits" in capsys.readouterr().err
     assert apiserver.requests == []
+
+
+@pytest.mark.parametrize(("set_values", "message"), [
+    (["app.expert.backend=static", "app.expert.max_batch_size=32"],
+     "app.expert: static.slots=16 is below max_batch_size=32"),
+    (["app.drafter.replicas.min_replicas=2", "app.drafter.replicas.initial_replicas=1"],
+     "app.drafter.replicas: initial_replicas=1 is outside [2, 2]"),
+], ids=["slots-below-batch", "initial-replicas-out-of-bounds"])
+def test_apply_refuses_args_app_config_refuses_without_calling_the_api(apiserver, kubeconfig, helm, capsys,
+                                                                        set_values, message):
+    """Rules across fields are beyond the chart's JSON Schema; apply checks them with AppConfig
+    before the cluster would learn of them from the Serve controller."""
+    arguments = ["k8s", "apply", "--kubeconfig", str(kubeconfig), "-n", NAMESPACE]
+    for value in set_values:
+        arguments += ["--set", value]
+    assert main(arguments) == 2
+    assert message in capsys.readouterr().err
+    assert apiserver.requests == []
+
+
+def test_apply_passes_set_json_to_helm(apiserver, kubeconfig, helm):
+    apiserver.route("POST", COLLECTION_PATH, 201, {})
+    code = main(["k8s", "apply", "--kubeconfig", str(kubeconfig), "-n", NAMESPACE, "--set-json", "app.policy.alpha=0.25"])
+    assert code == 0
+    (post,) = [r for r in apiserver.requests if r.method == "POST"]
+    assert "alpha: 0.25" in post.body["spec"]["serveConfigV2"]

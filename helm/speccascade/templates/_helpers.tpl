@@ -180,43 +180,33 @@ spec:
 {{- end }}
 
 {{/*
-A tier's Ray Serve placement: what each replica asks Ray for. The worker group of the tier
-advertises the same custom resource (see speccascade.workerGroup).
+The Serve application's `args`: the `app` values (speccascade.tiers.config.AppConfig, validated by
+values.schema.json) as written, with each tier's pinning resource added to its
+placement.resources. Its worker group advertises the same resource (speccascade.workerGroup).
 */}}
-{{- define "speccascade.tierPlacement" -}}
-{{- $deployment := .deployment }}
-{{- $placement := dict "num_cpus" $deployment.numCpus "num_gpus" $deployment.numGpus "resources" (dict .rayResource.name .rayResource.perReplica) }}
-{{- with $deployment.acceleratorType }}
-{{- $_ := set $placement "accelerator_type" . }}
+{{- define "speccascade.appArgs" -}}
+{{- $v := .Values }}
+{{- $app := deepCopy ($v.app | default dict) }}
+{{- $pins := dict }}
+{{- range $tierName := list "drafter" "expert" }}
+{{- $_ := set $pins (index $v.tiers $tierName).rayResource.name $tierName }}
 {{- end }}
-{{- if not (kindIs "invalid" $deployment.memoryBytes) }}
-{{- $_ := set $placement "memory_bytes" $deployment.memoryBytes }}
+{{- range $tierName := list "drafter" "expert" }}
+{{- $tier := index $app $tierName | default dict }}
+{{- $placement := $tier.placement | default dict }}
+{{- $resources := $placement.resources | default dict }}
+{{- range $name := keys $resources | sortAlpha }}
+{{- if hasKey $pins $name }}
+{{- fail (printf "app.%s.placement.resources.%s: the chart sets the resources that pin tiers to their worker groups (from tiers.%s.rayResource); remove it" $tierName $name (index $pins $name)) }}
 {{- end }}
-{{- toYaml $placement }}
 {{- end }}
-
-{{/* Replica bounds in AppConfig's shape. Argument: values with minReplicas, maxReplicas, initialReplicas. */}}
-{{- define "speccascade.replicaBounds" -}}
-{{- $replicas := dict "min_replicas" .minReplicas "max_replicas" .maxReplicas }}
-{{- if not (kindIs "invalid" .initialReplicas) }}
-{{- $_ := set $replicas "initial_replicas" .initialReplicas }}
+{{- $rayResource := (index $v.tiers $tierName).rayResource }}
+{{- $_ := set $resources $rayResource.name $rayResource.perReplica }}
+{{- $_ := set $placement "resources" $resources }}
+{{- $_ := set $tier "placement" $placement }}
+{{- $_ := set $app $tierName $tier }}
 {{- end }}
-{{- toYaml $replicas }}
-{{- end }}
-
-{{/* One tier's `args` entry (speccascade.tiers.config.TierConfig). Argument: the tier's values. */}}
-{{- define "speccascade.tierArgs" -}}
-{{- $deployment := .deployment }}
-{{- $args := dict
-  "model" (required "tiers.<tier>.model must name a model source" .model)
-  "dtype" .dtype
-  "placement" (include "speccascade.tierPlacement" . | fromYaml)
-  "replicas" (include "speccascade.replicaBounds" $deployment | fromYaml)
-  "max_batch_size" $deployment.maxBatchSize
-  "batch_wait_timeout_s" $deployment.batchWaitTimeoutS
-  "kv_cache_budget_mb" $deployment.kvCacheBudgetMb
-  "max_ongoing_requests" $deployment.maxOngoingRequests }}
-{{- toYaml $args }}
+{{- toYaml $app }}
 {{- end }}
 
 {{/*
@@ -278,34 +268,16 @@ replaces the replica count the application's args give the deployment.
 
 {{/*
 The Serve config (ServeDeploySchema) embedded as the RayService's serveConfigV2. The one
-application's `args` follow speccascade.tiers.config.AppConfig.
+application's `args` are the `app` values (speccascade.tiers.config.AppConfig).
 */}}
 {{- define "speccascade.serveConfig" -}}
 {{- $v := .Values }}
-{{- $router := dict
-  "placement" (dict "num_cpus" $v.router.numCpus "resources" ($v.router.rayResources | default dict))
-  "replicas" (dict "min_replicas" $v.router.minReplicas "max_replicas" $v.router.maxReplicas)
-  "max_ongoing_requests" $v.router.maxOngoingRequests
-  "tier_call_timeout_s" $v.router.tierCallTimeoutS
-  "tier_call_attempts" $v.router.tierCallAttempts
-  "tier_down_cooldown_s" $v.router.tierDownCooldownS }}
-{{- $policy := dict
-  "rule" $v.policy.rule
-  "alpha" $v.policy.alpha
-  "block_size" $v.policy.blockSize
-  "max_new_tokens" $v.policy.maxNewTokens
-  "max_new_tokens_cap" $v.policy.maxNewTokensCap }}
-{{- $args := dict
-  "drafter" (include "speccascade.tierArgs" $v.tiers.drafter | fromYaml)
-  "expert" (include "speccascade.tierArgs" $v.tiers.expert | fromYaml)
-  "router" $router
-  "policy" $policy }}
 {{- $application := dict
   "name" $v.serve.applicationName
   "import_path" $v.serve.importPath
   "route_prefix" "/"
   "runtime_env" ($v.serve.runtimeEnv | default dict)
-  "args" $args }}
+  "args" (include "speccascade.appArgs" . | fromYaml) }}
 {{- /* Application-level autoscaling policy: owned by the autoscaling settings, passed through verbatim. */}}
 {{- with $v.autoscaling.autoscalingPolicy }}
 {{- $_ := set $application "autoscaling_policy" . }}
@@ -327,44 +299,39 @@ application's `args` follow speccascade.tiers.config.AppConfig.
 
 {{/*
 A worker group for one tier, with the checks that keep it consistent with the tier's deployment.
-Arguments: dict "root" <context> "tierName" <drafter|expert> "tier" <the tier's values>.
+Arguments: dict "root" <context> "tierName" <drafter|expert> "tier" <tiers.<tier> values>
+"app" <app.<tier> values>.
 */}}
 {{- define "speccascade.workerGroup" -}}
 {{- $root := .root }}
 {{- $tierName := .tierName }}
 {{- $tier := .tier }}
 {{- $group := $tier.workerGroup }}
-{{- $deployment := $tier.deployment }}
+{{- $placement := (.app | default dict).placement | default dict }}
+{{- $replicas := (.app | default dict).replicas | default dict }}
 {{- $gpuName := $root.Values.gpuResourceName }}
 {{- include "speccascade.requireResources" (dict "resources" $group.resources "path" (printf "tiers.%s.workerGroup.resources" $tierName) "gpuResourceName" $gpuName) }}
-{{- $perReplica := $tier.rayResource.perReplica }}
-{{- $isNumber := or (kindIs "float64" $perReplica) (kindIs "int64" $perReplica) (kindIs "int" $perReplica) }}
-{{- if or (not $isNumber) (lt (float64 $perReplica) 1.0) (ne (float64 (int $perReplica)) (float64 $perReplica)) }}
-{{- fail (printf "tiers.%s.rayResource.perReplica must be a whole number >= 1 (the Ray autoscaler reads custom resources as integers); got %v" $tierName $perReplica) }}
-{{- end }}
+{{- $perReplica := int $tier.rayResource.perReplica }}
 {{- $perPod := int $group.replicasPerPod }}
-{{- if lt $perPod 1 }}
-{{- fail (printf "tiers.%s.workerGroup.replicasPerPod must be >= 1; got %v" $tierName $group.replicasPerPod) }}
-{{- end }}
 {{- $initialPods := $group.replicas | default $group.minReplicas }}
 {{- if or (gt (int $group.minReplicas) (int $group.maxReplicas)) (lt (int $initialPods) (int $group.minReplicas)) (gt (int $initialPods) (int $group.maxReplicas)) }}
 {{- fail (printf "tiers.%s.workerGroup needs minReplicas <= replicas <= maxReplicas; got %v <= %v <= %v" $tierName $group.minReplicas $initialPods $group.maxReplicas) }}
 {{- end }}
-{{- if gt (int $deployment.maxReplicas) (mul (int $group.maxReplicas) $perPod) }}
-{{- fail (printf "tiers.%s.deployment.maxReplicas=%v cannot fit: workerGroup.maxReplicas=%v pods x replicasPerPod=%v" $tierName $deployment.maxReplicas $group.maxReplicas $perPod) }}
+{{- if and (hasKey $replicas "max_replicas") (gt (int $replicas.max_replicas) (mul (int $group.maxReplicas) $perPod)) }}
+{{- fail (printf "app.%s.replicas.max_replicas=%v cannot fit: tiers.%s.workerGroup.maxReplicas=%v pods x replicasPerPod=%v" $tierName $replicas.max_replicas $tierName $group.maxReplicas $perPod) }}
 {{- end }}
-{{- $gpusNeeded := mulf $deployment.numGpus $perPod }}
+{{- $gpusNeeded := mulf ($placement.num_gpus | default 0) $perPod }}
 {{- $gpusInPod := float64 (index ($group.resources.limits | default dict) $gpuName | default 0) }}
 {{- if gt $gpusNeeded $gpusInPod }}
-{{- fail (printf "tiers.%s needs %v GPUs per pod (deployment.numGpus=%v x replicasPerPod=%v) but workerGroup.resources.limits[%q] is %v" $tierName $gpusNeeded $deployment.numGpus $perPod $gpuName $gpusInPod) }}
+{{- fail (printf "tiers.%s needs %v GPUs per pod (app.%s.placement.num_gpus=%v x tiers.%s.workerGroup.replicasPerPod=%v) but tiers.%s.workerGroup.resources.limits[%q] is %v" $tierName $gpusNeeded $tierName ($placement.num_gpus | default 0) $tierName $perPod $tierName $gpuName $gpusInPod) }}
 {{- end }}
 {{- if hasKey ($group.rayStartParams | default dict) "resources" }}
 {{- fail (printf "tiers.%s.workerGroup.rayStartParams.resources is set by the chart from tiers.%s.rayResource; remove it" $tierName $tierName) }}
 {{- end }}
-{{- $advertised := dict $tier.rayResource.name (mul (int $perReplica) $perPod) }}
+{{- $advertised := dict $tier.rayResource.name (mul $perReplica $perPod) }}
 {{- /* Ray detects `accelerator_type:<T>` on a GPU node only once it runs; advertising it lets the
 autoscaler see that this group can host replicas that ask for accelerator type T. */}}
-{{- with $deployment.acceleratorType }}
+{{- with $placement.accelerator_type }}
 {{- $_ := set $advertised (printf "accelerator_type:%s" .) 1 }}
 {{- end }}
 {{- $startParams := merge (dict "resources" (include "speccascade.rayResourcesParam" $advertised) "metrics-export-port" ($root.Values.metrics.port | toString)) ($group.rayStartParams | default dict) -}}

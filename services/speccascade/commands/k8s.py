@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     apply.add_argument("-f", "--values", type=Path, action="append", default=[], help="values file (repeatable)")
     apply.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE",
                        help="value override in helm --set syntax (repeatable)")
+    apply.add_argument("--set-json", dest="set_json_values", action="append", default=[], metavar="KEY=JSON",
+                       help="value override in helm --set-json syntax, e.g. app.policy.alpha=0.3 (repeatable; "
+                            "--set reads 0.3 as a string)")
     apply.add_argument("--dry-run", action="store_true", help="server-side dry run: validate, persist nothing")
     apply.add_argument("--show", action="store_true", help="print the request body sent")
     apply.set_defaults(handler=_apply)
@@ -82,16 +85,18 @@ def _apply(args: argparse.Namespace) -> int:
     from kubernetes.client import CustomObjectsApi
     from kubernetes.client.exceptions import ApiException
 
-    from ..k8s import HelmError, apply_rayservice, render_chart, select_kind
+    from ..k8s import HelmError, apply_rayservice, check_app_args, render_chart, select_kind
 
     try:
         objects = render_chart(release=args.release, namespace=args.namespace, chart_dir=args.chart,
-                               values_files=args.values, set_values=args.set_values)
+                               values_files=args.values, set_values=args.set_values,
+                               set_json_values=args.set_json_values)
     except HelmError as error:
         raise ValueError(str(error)) from None
     services = select_kind(objects, "RayService", "ray.io/v1")
     if len(services) != 1:
         raise ValueError(f"the chart rendered {len(services)} ray.io/v1 RayService objects, expected 1")
+    check_app_args(services[0])  # what the Serve controller would refuse after the cluster is up
     others = sorted({obj["kind"] for obj in objects} - {"RayService"})
     with _api_client(args) as api_client:
         try:

@@ -49,12 +49,15 @@ def render_chart(
     chart_dir: Path | None = None,
     values_files: Sequence[Path | str] = (),
     set_values: Mapping[str, str] | Iterable[str] = (),
+    set_json_values: Iterable[str] = (),
     helm: Path | None = None,
     timeout_s: float = 60.0,
 ) -> list[dict]:
     """`helm template` the chart and return its objects (empty documents dropped).
 
-    `set_values` is either `{"image.tag": "x"}` or `["image.tag=x"]` (helm's --set syntax).
+    `set_values` is either `{"image.tag": "x"}` or `["image.tag=x"]` (helm's --set syntax; helm
+    reads `1.5` there as a string, so numbers with a fraction go in `set_json_values`, helm's
+    --set-json syntax: `["app.policy.alpha=0.3"]`).
     Raises HelmError with helm's message when rendering fails (e.g. a `fail` in a template).
     """
     chart = Path(chart_dir) if chart_dir is not None else default_chart_dir()
@@ -68,6 +71,8 @@ def render_chart(
     pairs = [f"{k}={v}" for k, v in set_values.items()] if isinstance(set_values, Mapping) else list(set_values)
     for pair in pairs:
         command += ["--set", pair]
+    for pair in set_json_values:
+        command += ["--set-json", pair]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
     if result.returncode != 0:
         raise HelmError(f"helm template failed: {result.stderr.strip() or result.stdout.strip()}")
@@ -80,3 +85,30 @@ def select_kind(objects: Iterable[dict], kind: str, api_version: str | None = No
         obj for obj in objects
         if obj.get("kind") == kind and (api_version is None or obj.get("apiVersion") == api_version)
     ]
+
+
+APP_IMPORT_PATH = "speccascade.tiers.app:build_app"
+
+
+def check_app_args(rayservice: dict) -> None:
+    """Validate the args of every speccascade application in a rendered RayService's serveConfigV2
+    with AppConfig, as the Serve controller will. The chart's values.schema.json already refused
+    each wrong field; this adds the rules across fields (min_replicas <= max_replicas, static.slots
+    >= max_batch_size, ...), which JSON Schema cannot state. Raises ValueError naming each problem
+    by its values path (`app.<field>...`)."""
+    from pydantic import ValidationError
+
+    from ..tiers.config import AppConfig
+
+    config = yaml.safe_load((rayservice.get("spec") or {}).get("serveConfigV2") or "{}") or {}
+    for application in config.get("applications") or []:
+        if application.get("import_path") != APP_IMPORT_PATH:
+            continue
+        try:
+            AppConfig.model_validate(application.get("args") or {})
+        except ValidationError as error:
+            problems = []
+            for item in error.errors():
+                where = ".".join(["app", *(str(part) for part in item["loc"])])
+                problems.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
+            raise ValueError(f"application {application.get('name')!r}: " + "; ".join(problems)) from None
