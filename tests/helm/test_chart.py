@@ -380,7 +380,7 @@ def test_autoscaling_policy_is_rendered_only_when_set(render, tmp_path):
 
     assert "autoscaling_policy" not in app_of(rayservice_of(render()))
     policy = {"policy_function": "speccascade.autoscale.policy:DeferralAwarePolicy",
-              "policy_kwargs": {"target_utilization": 0.7}}
+              "policy_kwargs": {"expert": {"target_utilization": 0.7}}}
     values = tmp_path / "autoscaling.yaml"
     values.write_text(yaml.safe_dump({"autoscaling": {"autoscalingPolicy": policy}}))
     config = serve_config_of(rayservice_of(render(values_files=(values,))))

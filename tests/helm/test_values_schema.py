@@ -54,12 +54,24 @@ def test_the_app_block_is_app_config():
     document = schema()
     assert document["properties"]["app"]["$ref"] == "#/$defs/AppConfig"
     expected = AppConfig.model_json_schema()
-    defs = expected.pop("$defs")
-    assert document["$defs"] == {"AppConfig": expected, **defs}
+    defs = {**expected.pop("$defs"), "AppConfig": expected}
+    assert {name: document["$defs"][name] for name in defs} == defs
     tier = document["$defs"]["TierConfig"]
     assert tier["additionalProperties"] is False
     assert tier["properties"]["max_batch_size"]["minimum"] == 1
     assert tier["properties"]["torch_threads"]["description"]
+
+
+def test_the_deferral_policy_kwargs_are_autoscaling_settings():
+    from speccascade.autoscale.settings import DEFERRAL_POLICY_FUNCTION, AutoscalingSettings
+
+    document = schema()
+    policy = document["properties"]["autoscaling"]["properties"]["autoscalingPolicy"]
+    assert policy["if"]["properties"]["policy_function"]["const"] == DEFERRAL_POLICY_FUNCTION
+    assert policy["then"]["properties"]["policy_kwargs"]["$ref"] == "#/$defs/AutoscalingSettings"
+    expected = AutoscalingSettings.model_json_schema()
+    defs = {**expected.pop("$defs"), "AutoscalingSettings": expected}
+    assert {name: document["$defs"][name] for name in defs} == defs
 
 
 def test_chart_values_are_documented_in_the_schema():
@@ -144,10 +156,14 @@ BAD_VALUES = [
     ({"tiers": {"expert": {"rayResource": {"name": "expert tier"}}}},
      "tiers.expert.rayResource.name: Does not match pattern"),
     ({"service": {"type": "External"}}, "service.type must be one of the following"),
+    ({"autoscaling": {"autoscalingPolicy": {"policy_function": "speccascade.autoscale.policy:DeferralAwarePolicy",
+                                            "policy_kwargs": {"expert": {"max_replica": 4}}}}},
+     "autoscaling.autoscalingPolicy.policy_kwargs.expert: Additional property max_replica is not allowed"),
 ]
 BAD_IDS = ["batch-size-0", "unknown-field", "dtype-fp16", "device", "backend", "threads-0", "slots-0",
            "resource-0", "router-replicas-0", "rule", "lossy-alpha-1", "chow-alpha-negative", "max-new-tokens-0",
-           "old-policy-block", "old-deployment-block", "replicas-per-pod-0", "resource-name-space", "service-type"]
+           "old-policy-block", "old-deployment-block", "replicas-per-pod-0", "resource-name-space", "service-type",
+           "autoscaling-settings-unknown-key"]
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_VALUES, ids=BAD_IDS)
