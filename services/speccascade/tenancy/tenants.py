@@ -28,9 +28,10 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..cascade import Rule, validate_alpha
+from ..config_base import StrictModel
 from ..engine.request import GenerationRequest, Method
 
 KEY_PREFIX = "sc-"  # makes a leaked key recognisable in logs and secret scanners
@@ -58,11 +59,7 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AlphaRange(_Strict):
+class AlphaRange(StrictModel):
     min: float = Field(description="Smallest alpha a request may ask for.")
     max: float = Field(description="Largest alpha a request may ask for.")
 
@@ -76,14 +73,14 @@ class AlphaRange(_Strict):
         return f"[{self.min:g}, {self.max:g}]"
 
 
-class TenantLimits(_Strict):
+class TenantLimits(StrictModel):
     max_concurrent_requests: int | None = Field(None, ge=1, description="Requests in flight at once (unset: no limit).")
     output_tokens_per_minute: int | None = Field(
         None, ge=1, description="Output tokens per minute, per router replica (unset: no limit).")
     max_new_tokens: int | None = Field(None, ge=1, description="Largest max_new_tokens a request may ask for.")
 
 
-class TenantPolicy(_Strict):
+class TenantPolicy(StrictModel):
     """What a tenant may ask for, and its defaults for requests that do not say."""
 
     rules: list[Rule] | None = Field(None, description="Rules it may ask for (unset: every rule).")
@@ -113,7 +110,7 @@ class TenantPolicy(_Strict):
         return self
 
 
-class Tenant(_Strict):
+class Tenant(StrictModel):
     id: str = Field(pattern=TENANT_ID_PATTERN, description="Tenant id: metric label and log name (never a key).")
     key_sha256: list[str] = Field(min_length=1, description="sha256 hex digests of the tenant's API keys.")
     weight: float = Field(1.0, gt=0, le=1000, description="Fair-share weight under contention.")
@@ -154,7 +151,7 @@ class Tenant(_Strict):
                                    f"of {limit}")
 
 
-class TenantsFile(_Strict):
+class TenantsFile(StrictModel):
     tenants: list[Tenant] = Field(default_factory=list, description="Every tenant of the deployment.")
 
     @model_validator(mode="after")
