@@ -30,7 +30,6 @@ VALUES_PATH = CHART_DIR / "values.yaml"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Pasted into the `ray start` command line (rayStartParams.resources), so no quotes or spaces.
 RAY_RESOURCE_NAME = r"^[A-Za-z0-9_.-]+$"
-ENV_VAR_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 # ------------------------------------------------------------------------------ schema helpers
@@ -162,7 +161,8 @@ def chart_values_schema(deferral_policy_function: str) -> dict:
         "tenantAuth": closed({
             "existingSecret": string(),
             "secretKey": {"type": "string", "minLength": 1},
-            "envVar": {"type": "string", "pattern": ENV_VAR_NAME},
+            "mountPath": {"type": "string", "pattern": "^/"},
+            "required": {"type": "boolean"},
         }),
         "head": closed(pod_group()),
         "tiers": closed({"drafter": tier(), "expert": tier()}),

@@ -239,8 +239,9 @@ def test_gpu_settings_land_in_the_right_group(render):
     assert head["nodeSelector"] == {"node.kubernetes.io/pool": "cpu-system"}
     assert "tolerations" not in head and drafter["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert "affinity" in expert and "affinity" not in drafter
-    assert {v["name"] for v in expert["volumes"]} == {"shared-memory", "model-cache"}
-    assert {v["name"] for v in drafter["volumes"]} == {"shared-memory"}
+    # The tenants file (tenantAuth.existingSecret) is mounted in every Ray pod; the model cache only in the expert's.
+    assert {v["name"] for v in expert["volumes"]} == {"shared-memory", "tenants", "model-cache"}
+    assert {v["name"] for v in drafter["volumes"]} == {"shared-memory", "tenants"}
     assert ray_resources_of(groups["expert"], is_head=False)["GPU"] == 4
 
     args = app_of(service)["args"]
@@ -288,11 +289,14 @@ def test_renamed_tier_resources_follow_into_both_sides(render):
          "rayResource.name must differ"),
         ({"tiers": {"drafter": {"workerGroup": {"rayStartParams": {"resources": "x"}}}}},
          "tiers.drafter.workerGroup.rayStartParams.resources is set by the chart"),
+        ({"tenantAuth": {"required": True}}, "tenantAuth.required is true but tenantAuth.existingSecret is empty"),
+        ({"tenantAuth": {"existingSecret": "keys"}, "app": {"tenancy": {"tenants_file": "/x.yaml"}}},
+         "app.tenancy.tenants_file: the chart sets it"),
     ],
     ids=["tier-without-resources", "tier-without-limits", "head-without-resources", "gpus-missing",
          "initial-pods-out-of-bounds",
          "replicas-cannot-fit", "fractional-ray-resource", "own-pin-in-app", "other-pin-in-app",
-         "shared-ray-resource", "own-resources-param"],
+         "shared-ray-resource", "own-resources-param", "tenants-required", "tenants-file-twice"],
 )
 def test_inconsistent_values_fail_with_a_clear_message(render, tmp_path, overrides, message):
     values = tmp_path / "values.yaml"
@@ -428,14 +432,27 @@ def test_every_tier_field_is_settable_and_reaches_app_config(render):
     assert config.expert.placement.resources == {"expert_tier": 1}
 
 
-def test_tenant_api_keys_come_from_the_referenced_secret(render):
-    for template in pod_templates(rayservice_of(render())):
-        assert "env" not in template["spec"]["containers"][0]
+def test_the_tenants_file_is_the_referenced_secret_mounted_where_the_router_reads_it(render):
+    import yaml
+
+    from speccascade.tiers.config import AppConfig
+
+    open_service = rayservice_of(render())
+    assert AppConfig.model_validate(
+        yaml.safe_load(open_service["spec"]["serveConfigV2"])["applications"][0]["args"]).tenancy.tenants_file is None
+    for template in pod_templates(open_service):
+        assert not any(v["name"] == "tenants" for v in template["spec"]["volumes"])
     service = rayservice_of(render(set_values=["tenantAuth.existingSecret=tenant-keys"]))
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert AppConfig.model_validate(args).tenancy.tenants_file == "/etc/speccascade/tenants/tenants.yaml"
     for template in pod_templates(service):
-        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
-        assert env["SPECCASCADE_TENANT_API_KEYS"]["valueFrom"]["secretKeyRef"] == {
-            "name": "tenant-keys", "key": "api-keys"}
+        volume = next(v for v in template["spec"]["volumes"] if v["name"] == "tenants")
+        assert volume["secret"] == {"secretName": "tenant-keys", "items": [{"key": "tenants.yaml",
+                                                                            "path": "tenants.yaml"}]}
+        mount = next(m for m in template["spec"]["containers"][0]["volumeMounts"] if m["name"] == "tenants")
+        # A whole-directory mount (no subPath): the kubelet updates it in place when the Secret changes.
+        assert mount == {"name": "tenants", "mountPath": "/etc/speccascade/tenants", "readOnly": True}
+
 
 
 def test_every_ray_pod_is_scraped_on_its_metrics_port(case):

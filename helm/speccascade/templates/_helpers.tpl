@@ -145,19 +145,9 @@ spec:
         - name: metrics
           containerPort: {{ $values.metrics.port }}
           protocol: TCP
-      {{- $env := concat ($values.env | default list) ($group.env | default list) }}
-      {{- if or $env $values.tenantAuth.existingSecret }}
+      {{- with concat ($values.env | default list) ($group.env | default list) }}
       env:
-        {{- with $values.tenantAuth.existingSecret }}
-        - name: {{ $values.tenantAuth.envVar }}
-          valueFrom:
-            secretKeyRef:
-              name: {{ . }}
-              key: {{ $values.tenantAuth.secretKey }}
-        {{- end }}
-        {{- with $env }}
         {{- toYaml . | nindent 8 }}
-        {{- end }}
       {{- end }}
       lifecycle:
         preStop:
@@ -166,6 +156,11 @@ spec:
       volumeMounts:
         - name: shared-memory
           mountPath: /dev/shm
+        {{- if $values.tenantAuth.existingSecret }}
+        - name: tenants
+          mountPath: {{ $values.tenantAuth.mountPath }}
+          readOnly: true
+        {{- end }}
         {{- with $group.volumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -174,6 +169,14 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ $values.sharedMemorySize }}
+    {{- with $values.tenantAuth.existingSecret }}
+    - name: tenants
+      secret:
+        secretName: {{ . }}
+        items:
+          - key: {{ $values.tenantAuth.secretKey }}
+            path: tenants.yaml
+    {{- end }}
     {{- with $group.volumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -187,6 +190,16 @@ placement.resources. Its worker group advertises the same resource (speccascade.
 {{- define "speccascade.appArgs" -}}
 {{- $v := .Values }}
 {{- $app := deepCopy ($v.app | default dict) }}
+{{- $tenancy := $app.tenancy | default dict }}
+{{- if $v.tenantAuth.existingSecret }}
+{{- if $tenancy.tenants_file }}
+{{- fail "app.tenancy.tenants_file: the chart sets it to the mounted tenantAuth.existingSecret; remove it" }}
+{{- end }}
+{{- $_ := set $tenancy "tenants_file" (printf "%s/tenants.yaml" (trimSuffix "/" $v.tenantAuth.mountPath)) }}
+{{- $_ := set $app "tenancy" $tenancy }}
+{{- else if $v.tenantAuth.required }}
+{{- fail "tenantAuth.required is true but tenantAuth.existingSecret is empty: create a Secret with the tenants file (speccascade tenants add ...; kubectl create secret generic NAME --from-file=tenants.yaml) and name it here" }}
+{{- end }}
 {{- $pins := dict }}
 {{- range $tierName := list "drafter" "expert" }}
 {{- $_ := set $pins (index $v.tiers $tierName).rayResource.name $tierName }}

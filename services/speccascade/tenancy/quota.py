@@ -28,8 +28,7 @@ class QuotaExceeded(TenancyError):
     """Over a quota (gRPC RESOURCE_EXHAUSTED, HTTP 429); `retry_after_s` says when to try again."""
 
     def __init__(self, message: str, *, reason: str, retry_after_s: float):
-        super().__init__(message)
-        self.reason = reason
+        super().__init__(message, reason=reason)
         self.retry_after_s = retry_after_s
 
 

@@ -40,15 +40,27 @@ TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
 class TenancyError(Exception):
-    """Base of the errors a caller turns into a status code."""
+    """Base of the errors a caller turns into a status code; `reason` is a metric label."""
+
+    reason = "refused"
+
+    def __init__(self, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class Unauthenticated(TenancyError):
     """No key, or a key no tenant has (gRPC UNAUTHENTICATED, HTTP 401)."""
 
+    reason = "unauthenticated"
+
 
 class PermissionDenied(TenancyError):
-    """A disabled tenant, or a request outside its tenant's allowance (PERMISSION_DENIED, HTTP 403)."""
+    """A disabled tenant (reason "disabled"), or a request outside its tenant's allowance ("policy"):
+    gRPC PERMISSION_DENIED, HTTP 403."""
+
+    reason = "policy"
 
 
 def new_api_key() -> str:
@@ -237,5 +249,5 @@ class TenantRegistry:
         if found is None:
             raise Unauthenticated("unknown API key")
         if found.disabled:
-            raise PermissionDenied(f"tenant {found.id!r} is disabled")
+            raise PermissionDenied(f"tenant {found.id!r} is disabled", reason="disabled")
         return found

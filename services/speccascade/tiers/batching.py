@@ -4,6 +4,10 @@ While the model runs one batch, new requests queue up; as soon as it is free, ev
 (up to `max_batch_size`) runs as the next batch. Only when the model was idle does the first
 request wait up to `wait_s` for company. (`serve.batch` forms the next batch while the previous
 one still runs, after its short timeout, so a busy replica kept getting batches of one.)
+
+Which queued requests make the next batch is decided by weighted fair queueing across tenants
+(`tenancy.FairQueue`; each request says whose share it is), so a tenant flooding the replica only
+queues behind its own work. Requests of one share are taken in arrival order.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
+
+from ..tenancy.fairness import DEFAULT_SHARE, FairQueue, Share
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -26,19 +32,19 @@ class ContinuousBatcher(Generic[Item, Result]):
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-forward")
-        self._pending: list[tuple[Item, asyncio.Future]] = []
+        self._pending: FairQueue[tuple[Item, asyncio.Future]] = FairQueue()
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self.batches = 0
         self.batched_items = 0
 
-    async def submit(self, item: Item) -> Result:
+    async def submit(self, item: Item, share: Share = DEFAULT_SHARE) -> Result:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._arrived = asyncio.Event()
             self._worker = loop.create_task(self._run_forever())
         future = loop.create_future()
-        self._pending.append((item, future))
+        self._pending.push((item, future), share)
         self._arrived.set()
         return await future
 
@@ -52,8 +58,11 @@ class ContinuousBatcher(Generic[Item, Result]):
                 idle = True
             if idle and self.wait_s and len(self._pending) < self.max_batch_size:
                 await asyncio.sleep(self.wait_s)
-            taken, self._pending = self._pending[: self.max_batch_size], self._pending[self.max_batch_size:]
-            taken = [(item, future) for item, future in taken if not future.done()]  # drop cancelled callers
+            taken = []
+            while self._pending and len(taken) < self.max_batch_size:
+                item, future = self._pending.pop()
+                if not future.done():  # drop cancelled callers
+                    taken.append((item, future))
             idle = False
             if not taken:
                 continue

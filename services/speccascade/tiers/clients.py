@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError
 
 from ..cascade import Rule, SamplingParams
 from ..engine.blocks import EMPTY_BLOCK, DraftedBlock, DraftPayload, VerifyOutcome
+from ..tenancy.fairness import DEFAULT_SHARE, Share
 from .config import RouterConfig
 from .metrics import RouterMetrics
 
@@ -106,12 +107,15 @@ class TierClient:
         return self.handle.options(multiplexed_model_id=session_id).release.remote(session_id)
 
 
-class RemoteDrafter:
+class _Remote:
+    def __init__(self, tier: TierClient, session_id: str, transport: Transport, *, tag: str,
+                 share: Share = DEFAULT_SHARE):
+        self.tier, self.session_id, self.transport, self.tag, self.share = tier, session_id, transport, tag, share
+
+
+class RemoteDrafter(_Remote):
     """The drafter role over the drafter tier, for one request. When the tier is down it answers
     with empty blocks, which the loop turns into expert steps (expert-only decoding)."""
-
-    def __init__(self, tier: TierClient, session_id: str, transport: Transport, *, tag: str):
-        self.tier, self.session_id, self.transport, self.tag = tier, session_id, transport, tag
 
     async def draft(self, context: Sequence[int], gamma: int, sampling: SamplingParams, seed: int,
                     payload: DraftPayload) -> DraftedBlock:
@@ -119,7 +123,7 @@ class RemoteDrafter:
             return EMPTY_BLOCK
         try:
             return await self.tier.call("draft", self.session_id, encode_tokens(context), gamma, sampling, seed,
-                                        payload, rule=self.tag, transport=self.transport)
+                                        payload, self.share, rule=self.tag, transport=self.transport)
         except TierUnavailableError as error:
             log.warning("decoding expert-only: %s", error)
             self.transport.expert_only_fallback = True
@@ -127,13 +131,10 @@ class RemoteDrafter:
             return EMPTY_BLOCK
 
 
-class RemoteExpert:
+class RemoteExpert(_Remote):
     """The expert role over the expert tier, for one request."""
-
-    def __init__(self, tier: TierClient, session_id: str, transport: Transport, *, tag: str):
-        self.tier, self.session_id, self.transport, self.tag = tier, session_id, transport, tag
 
     async def verify(self, sequence: Sequence[int], start: int, block: DraftedBlock, rule: Rule, alpha: float,
                      sampling: SamplingParams, seed: int) -> VerifyOutcome:
         return await self.tier.call("verify", self.session_id, encode_tokens(sequence), start, block, rule, alpha,
-                                    sampling, seed, rule=self.tag, transport=self.transport)
+                                    sampling, seed, self.share, rule=self.tag, transport=self.transport)

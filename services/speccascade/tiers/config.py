@@ -164,6 +164,24 @@ class CascadePolicy(StrictModel):
         return self
 
 
+class TenancyConfig(StrictModel):
+    """Who may call, and how the deployment is shared (see `speccascade.tenancy`)."""
+
+    tenants_file: str | None = Field(
+        None, description="Path of the tenants file (YAML, edited with `speccascade tenants`; the Helm chart mounts "
+                          "it from a Secret). Unset: every call is answered without a key, and the router says so "
+                          "at start.")
+    reload_period_s: float = Field(
+        5.0, gt=0, le=3600, description="How often the router looks for a changed tenants file (a mounted Secret "
+                                        "changes in place); a broken file keeps the last good tenants.")
+    fair_share: bool = Field(
+        True, description="Weighted fair queueing across tenants in the router's admission and the tiers' batch "
+                          "forming, by each tenant's weight; false: first come, first served.")
+    max_decoding_requests: int = Field(
+        32, ge=1, description="Requests one router replica decodes at once; more wait in the router and are let in "
+                              "by fair share (keep it below router.max_ongoing_requests so they can wait there).")
+
+
 class AppConfig(StrictModel):
     """The whole speccascade Serve application (the `args` of `speccascade.tiers.app:build_app`)."""
 
@@ -173,3 +191,13 @@ class AppConfig(StrictModel):
                                description="The expert tier (large model, large accelerators).")
     router: RouterConfig = Field(default_factory=RouterConfig, description="The router / gRPC ingress.")
     policy: CascadePolicy = Field(default_factory=CascadePolicy, description="Default cascade policy and limits.")
+    tenancy: TenancyConfig = Field(default_factory=TenancyConfig, description="Tenants, their keys and fair share.")
+
+    @model_validator(mode="after")
+    def _tenants_can_wait_in_the_router(self) -> "AppConfig":
+        if self.tenancy.max_decoding_requests > self.router.max_ongoing_requests:
+            raise ValueError(
+                f"tenancy.max_decoding_requests={self.tenancy.max_decoding_requests} is above "
+                f"router.max_ongoing_requests={self.router.max_ongoing_requests}: requests past the router's "
+                "limit would queue in Serve, where fair share cannot order them")
+        return self

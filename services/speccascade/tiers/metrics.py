@@ -2,8 +2,9 @@
 per-window raw counters for autoscaling. Both observe the decoding loop's round records
 (`engine.stats.RoundRecord`) under the record's own names.
 
-Only raw counters and histograms are exported, all named `speccascade_*` and labelled by `method`
-and `rule` (empty for the baselines, which have none); Ray adds the `ray_` prefix, Prometheus the
+Only raw counters and histograms are exported, all named `speccascade_*` and labelled by `tenant`
+(the tenant id, never a key; empty without tenants), `method` and `rule` (empty for the baselines,
+which have none); Ray adds the `ray_` prefix, Prometheus the
 `_total` suffix of counters, and Serve the `application`, `deployment` and `replica` labels. Rates
 are derived at query time, so replicas aggregate correctly:
 
@@ -36,7 +37,7 @@ from ..engine.stats import COUNTER_NAMES, GenerationStats, RoundCounts, RoundRec
 
 LATENCY_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BATCH_SIZE_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128]
-REQUEST_TAGS = ("method", "rule")
+REQUEST_TAGS = ("tenant", "method", "rule")
 
 # What each round counter counts, for its Prometheus help text.
 COUNTER_HELP = {
@@ -57,9 +58,13 @@ COUNTER_HELP = {
 }
 
 
-def metric_tags(request: GenerationRequest) -> dict[str, str]:
-    """Labels of a request's metrics: its method, and its rule when it decodes a cascade."""
-    return {"method": request.method.value, "rule": request.rule.value if request.method is Method.CASCADE else ""}
+def metric_tags(request: GenerationRequest | None, tenant: str = "") -> dict[str, str]:
+    """Labels of a request's metrics: its tenant (never a key), its method, and its rule when it
+    decodes a cascade. A request refused before it was understood has only its tenant."""
+    if request is None:
+        return {"tenant": tenant, "method": "", "rule": ""}
+    return {"tenant": tenant, "method": request.method.value,
+            "rule": request.rule.value if request.method is Method.CASCADE else ""}
 
 
 @dataclass
@@ -93,6 +98,12 @@ class RouterMetrics:
                               tag_keys=REQUEST_TAGS)
         self.round_counters = {name: Counter(f"speccascade_{name}", COUNTER_HELP[name], tag_keys=REQUEST_TAGS)
                                for name in COUNTER_NAMES}
+        self.rejections = Counter("speccascade_rejections", "Requests refused by tenancy, by reason "
+                                  "(unauthenticated, disabled, policy, concurrency, tokens_per_minute).",
+                                  tag_keys=("tenant", "reason"))
+        self.tenant_reloads = Counter("speccascade_tenant_reloads", "Changes of the tenants file seen, by result "
+                                      "(ok: applied; error: refused, the last good tenants stay).",
+                                      tag_keys=("result",))
         self.fallbacks = Counter("speccascade_expert_only_fallbacks",
                                  "Requests decoded expert-only because the drafter tier was unavailable.",
                                  tag_keys=("rule",))

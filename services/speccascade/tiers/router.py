@@ -27,6 +27,8 @@ from ..api.v1 import speccascade_pb2 as pb
 from ..autoscale import signals as autoscale_signals
 from ..engine.generation import GenerationChunk, GenerationResult, PairInfo, TextGeneration
 from ..engine.request import GenerationRequest
+from ..tenancy import QuotaExceeded, TenancyError
+from .access import GRPC_STATUS, RETRY_AFTER_METADATA, Caller, Gatekeeper
 from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport
 from .config import AppConfig
 from .convert import PROTO_BY_FINISH, PROTO_BY_SOURCE, request_from_proto, stats_to_proto, usage_of
@@ -52,25 +54,30 @@ class Router:
         self.expert = TierClient(expert, tier="expert", config=config.router, metrics=self.metrics)
         self._background: set[asyncio.Task] = set()
         self.active_sessions: set[str] = set()
+        self.access = Gatekeeper(config.tenancy, config.policy)
 
     # ---- request preparation (errors here are the client's: INVALID_ARGUMENT) ----
 
-    def prepare(self, message: pb.GenerateRequest) -> tuple[GenerationRequest, list[int], int]:
-        request = request_from_proto(message, self.policy)
+    def prepare(self, message: pb.GenerateRequest, caller: Caller = Caller(None)
+                ) -> tuple[GenerationRequest, list[int], int]:
+        request = request_from_proto(message, self.access.policy_for(caller))
         prompt, limit = self.generation.prepare(request)
         return request, prompt, limit
 
     # ---- decoding over the tiers ----
 
-    async def stream(self, request: GenerationRequest, prompt: list[int], limit: int
+    async def stream(self, request: GenerationRequest, prompt: list[int], limit: int, caller: Caller = Caller(None)
                      ) -> AsyncIterator[tuple[GenerationChunk, Transport]]:
-        """Like `CascadeEngine.astream`, over the tiers. The last chunk carries the result."""
-        session_id = uuid.uuid4().hex
+        """Like `CascadeEngine.astream`, over the tiers. The last chunk carries the result.
+
+        The session id, which keys both tiers' caches, starts with the tenant's id and is made
+        here, never taken from a request: no tenant can name another's cache."""
+        session_id = f"{caller.id or '-'}/{uuid.uuid4().hex}"
         self.active_sessions.add(session_id)
         transport = Transport()
-        tags = metric_tags(request)
-        drafter = RemoteDrafter(self.drafter, session_id, transport, tag=tags["rule"])
-        expert = RemoteExpert(self.expert, session_id, transport, tag=tags["rule"])
+        tags = metric_tags(request, caller.id)
+        drafter = RemoteDrafter(self.drafter, session_id, transport, tag=tags["rule"], share=caller.share)
+        expert = RemoteExpert(self.expert, session_id, transport, tag=tags["rule"], share=caller.share)
         observers = (self.window.observe, lambda record: self.metrics.observe(record, tags))
         chunks = self.generation.stream_rounds(request, prompt, limit, drafter, expert, observers)
         try:
@@ -105,21 +112,50 @@ class Router:
         context.set_details(str(error))
         self.metrics.requests.inc(tags={**tags, "code": code.name})
 
+    def _refuse(self, context, error: TenancyError, tags: dict[str, str]) -> None:
+        """A tenancy refusal: its status code, a retry hint for quotas, counted by reason."""
+        if isinstance(error, QuotaExceeded):
+            context.set_trailing_metadata([(RETRY_AFTER_METADATA, str(max(1, round(error.retry_after_s * 1000))))])
+        self.metrics.rejections.inc(tags={"tenant": tags["tenant"], "reason": error.reason})
+        self._fail(context, GRPC_STATUS[type(error)], error, tags)
+
+    def _admit(self, message: pb.GenerateRequest, grpc_context):
+        """Who calls, what they ask for, and their quota ticket; failures become status codes."""
+        reloaded = self.access.reload_if_due()
+        if reloaded:
+            self.metrics.tenant_reloads.inc(tags={"result": reloaded})
+        tags = metric_tags(None)
+        try:
+            caller = self.access.identify(grpc_context.invocation_metadata())
+            tags = metric_tags(None, caller.id)
+            request, prompt, limit = self.prepare(message, caller)
+            tags = metric_tags(request, caller.id)
+            self.access.check(caller, request)
+            return caller, request, prompt, limit, self.access.admit(caller)
+        except TenancyError as error:
+            self._refuse(grpc_context, error, tags)
+            raise
+        except ValueError as error:
+            self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, error, tags)
+            raise
+
     async def _chunks(self, message: pb.GenerateRequest, grpc_context
                       ) -> AsyncIterator[tuple[GenerationChunk, GenerationRequest, Transport]]:
         """The request's chunks, with failures turned into gRPC status codes and counted."""
+        caller, request, prompt, limit, admission = self._admit(message, grpc_context)
+        tags = metric_tags(request, caller.id)
         try:
-            request, prompt, limit = self.prepare(message)
-        except ValueError as error:
-            self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, error, {"method": "", "rule": ""})
-            raise
-        tags = metric_tags(request)
-        try:
-            async for chunk, transport in self.stream(request, prompt, limit):
-                yield chunk, request, transport
+            async with self.access.decoding_slot(caller, request):
+                async for chunk, transport in self.stream(request, prompt, limit, caller):
+                    if admission is not None:
+                        admission.charge(len(chunk.token_ids))
+                    yield chunk, request, transport
         except TierUnavailableError as error:
             self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE, error, tags)
             raise
+        finally:
+            if admission is not None:
+                admission.release()
         self.metrics.requests.inc(tags={**tags, "code": "OK"})
 
     async def Generate(self, message: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
@@ -177,6 +213,10 @@ class Router:
 
     async def active_session_count(self) -> int:
         return len(self.active_sessions)
+
+    async def tenant_load(self) -> dict:
+        """Requests in flight per tenant in this replica, and how many wait for a decoding slot."""
+        return self.access.load()
 
 
 def stats_proto(result: GenerationResult, request: GenerationRequest, transport: Transport) -> pb.GenerationStats:

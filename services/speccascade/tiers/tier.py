@@ -24,6 +24,7 @@ from ..cascade import Rule, SamplingParams
 from ..engine.backends import ScoreJob, load_backend
 from ..engine.blocks import DraftedBlock, DraftPayload, VerifyOutcome
 from ..engine.roles import ScoreFn, draft_block, verify_drafted
+from ..tenancy.fairness import DEFAULT_SHARE, Share
 from .batching import ContinuousBatcher
 from .config import TierConfig
 from .metrics import TierMetrics
@@ -70,10 +71,10 @@ class ModelTier:
         self.sessions.evict_to_budget(keep=frozenset(r.session_id for r in requests))
         return rows
 
-    def _scorer(self, session_id: str) -> ScoreFn:
+    def _scorer(self, session_id: str, share: Share) -> ScoreFn:
         async def score(tokens: Sequence[int], start: int) -> torch.Tensor:
             """[len(tokens) - start + 1, V] next-token distributions (temperature 1)."""
-            return await self.batcher.submit(_ScoreRequest(session_id, tokens, start))
+            return await self.batcher.submit(_ScoreRequest(session_id, tokens, start), share)
 
         return score
 
@@ -110,10 +111,11 @@ class Drafter(ModelTier):
         super().__init__(config, "drafter")
 
     async def draft(self, session_id: str, context: np.ndarray, gamma: int, sampling: SamplingParams, seed: int,
-                    payload: DraftPayload) -> DraftedBlock:
-        """Draft `gamma` tokens after `context` ([n] int32), one model step each."""
+                    payload: DraftPayload, share: Share = DEFAULT_SHARE) -> DraftedBlock:
+        """Draft `gamma` tokens after `context` ([n] int32), one model step each; `share` says whose
+        work it is (batch forming is fair across tenants)."""
         self.calls += 1
-        block = await draft_block(self._scorer(session_id), context.tolist(), gamma, sampling, seed, payload)
+        block = await draft_block(self._scorer(session_id, share), context.tolist(), gamma, sampling, seed, payload)
         return block.to("cpu")
 
 
@@ -122,9 +124,9 @@ class Expert(ModelTier):
         super().__init__(config, "expert")
 
     async def verify(self, session_id: str, sequence: np.ndarray, start: int, block: DraftedBlock, rule: Rule,
-                     alpha: float, sampling: SamplingParams, seed: int) -> VerifyOutcome:
+                     alpha: float, sampling: SamplingParams, seed: int, share: Share = DEFAULT_SHARE) -> VerifyOutcome:
         """Score `sequence` ([n] int32: context + the drafted block starting at `start`) and verify
         the block. An empty block (expert-only decoding) just samples the next token."""
         self.calls += 1
-        return await verify_drafted(self._scorer(session_id), sequence.tolist(), start, block, rule, alpha, sampling,
-                                    seed, self.backend.vocab_size)
+        return await verify_drafted(self._scorer(session_id, share), sequence.tolist(), start, block, rule, alpha,
+                                    sampling, seed, self.backend.vocab_size)
