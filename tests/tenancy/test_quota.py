@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from speccascade.tenancy import QuotaExceeded, Tenant, TenantQuotas
+from speccascade.tenancy.quota import BURST_SECONDS
 
 
 class Clock:
@@ -36,9 +37,9 @@ def test_concurrency_limit_refuses_with_a_retry_hint_and_frees_on_release():
 def test_tokens_per_minute_meters_output_and_says_when_to_retry():
     clock = Clock()
     quotas = TenantQuotas(clock=clock)
-    tenant = make(output_tokens_per_minute=600)  # 10 tokens/s, burst 60
+    tenant = make(output_tokens_per_minute=600)  # 10 tokens/s, burst 30
     request = quotas.admit(tenant)
-    request.charge(100)  # into debt: 60 - 100 = -40
+    request.charge(30 + 40)  # into debt: 30 - 70 = -40
     request.release()
     with pytest.raises(QuotaExceeded, match="output_tokens_per_minute=600") as error:
         quotas.admit(tenant)
@@ -64,4 +65,15 @@ def test_a_saturating_tenant_gets_its_rate_over_minutes():
         served += 50
         request.release()
         clock.now += 0.01
-    assert 12000 <= served <= 12000 + 6000 * 6 / 60 + 50  # the rate, plus at most the burst and one request
+    assert 12000 <= served <= 12000 + 6000 * BURST_SECONDS / 60 + 50  # the rate, plus at most the burst and a request
+
+
+def test_refusals_survive_pickling_as_they_cross_ray_processes():
+    import pickle
+
+    from speccascade.tenancy import PermissionDenied
+
+    error = pickle.loads(pickle.dumps(QuotaExceeded("over", reason="concurrency", retry_after_s=2.5)))
+    assert (str(error), error.reason, error.retry_after_s) == ("over", "concurrency", 2.5)
+    denied = pickle.loads(pickle.dumps(PermissionDenied("off", reason="disabled")))
+    assert (str(denied), denied.reason) == ("off", "disabled")

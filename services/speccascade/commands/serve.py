@@ -51,6 +51,8 @@ def app_args_with_overrides(args_dict: dict, args: argparse.Namespace) -> dict:
         for option in ("dtype", "backend", "device"):
             if getattr(args, option, None):
                 tier_args[option] = getattr(args, option)
+    if getattr(args, "tenants", None):
+        out["tenancy"] = {**out.get("tenancy", {}), "tenants_file": str(Path(args.tenants).resolve())}
     return out
 
 
@@ -86,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
         grpc_port, app_name = start(schema, args, app_args=app_args)
     target = f"localhost:{grpc_port}"
     console.print(f"[bold green]speccascade is serving[/] gRPC on [bold]{target}[/] (application {app_name!r})\n")
+    tenants_file = (app_args.get("tenancy") or {}).get("tenants_file")
+    if tenants_file:
+        console.print(f"tenants from {tenants_file}: every call needs a key (--api-key or SPECCASCADE_API_KEY)\n")
+    else:
+        console.print("[yellow]no tenants file: the service answers anyone who reaches it[/] "
+                      "(speccascade serve --tenants FILE)\n")
     console.print("call it with:")
     console.print(f"  speccascade client --target {target} 'Write a Python function that reverses a string.'")
     console.print(f"  grpcurl -plaintext {target} list")
@@ -121,6 +129,8 @@ def register(subparsers) -> None:
     parser.add_argument("--expert", help="override the expert model source")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="override both tiers' dtype")
     add_execution_arguments(parser, overrides_config=True)
+    parser.add_argument("--tenants", type=Path, help="tenants file: every call then needs a tenant's API key "
+                                                     "(`speccascade tenants add` writes it; reloaded when it changes)")
     parser.add_argument("--grpc-port", type=int, help="override the gRPC port (default from the config: 9000)")
     parser.add_argument("--http-port", type=int, help="override the HTTP port")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")

@@ -1,7 +1,7 @@
 """Per-tenant quotas in a router replica: concurrent requests, and output tokens per minute.
 
 Output tokens are metered by a token bucket: it refills at N/60 tokens a second up to a burst of
-N/10 (six seconds' worth, so a minute-long run cannot exceed its rate by more than that), a request
+N/20 (three seconds' worth, so a two-minute run cannot exceed its rate by more than 2.5 %), a request
 is admitted while the bucket is not empty, and its tokens are charged as they are produced, so a
 long answer may run the bucket into debt, which later requests wait out. Over T seconds a
 saturating tenant gets N·T/60 plus at most the burst and what its requests in flight produce.
@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 
 from .tenants import TenancyError, Tenant
 
-BURST_SECONDS = 6.0  # the bucket holds this many seconds of the rate
+BURST_SECONDS = 3.0  # the bucket holds this many seconds of the rate
 CONCURRENCY_RETRY_S = 1.0  # a slot frees when one of the tenant's requests ends: no better estimate
 
 
 class QuotaExceeded(TenancyError):
-    """Over a quota (gRPC RESOURCE_EXHAUSTED, HTTP 429); `retry_after_s` says when to try again."""
+    """Over a quota (gRPC RESOURCE_EXHAUSTED, HTTP 429); `retry_after_s` says when to try again.
+    (Defaults so that it unpickles from its message alone, as exceptions crossing Ray do.)"""
 
-    def __init__(self, message: str, *, reason: str, retry_after_s: float):
+    def __init__(self, message: str, *, reason: str = "quota", retry_after_s: float = 1.0):
         super().__init__(message, reason=reason)
         self.retry_after_s = retry_after_s
 

@@ -120,7 +120,8 @@ class Router:
         self._fail(context, GRPC_STATUS[type(error)], error, tags)
 
     def _admit(self, message: pb.GenerateRequest, grpc_context):
-        """Who calls, what they ask for, and their quota ticket; failures become status codes."""
+        """Who calls, what they ask for, and their quota ticket; None when tenancy refused the request
+        (its status is set on the context). Other failures become status codes and raise."""
         reloaded = self.access.reload_if_due()
         if reloaded:
             self.metrics.tenant_reloads.inc(tags={"result": reloaded})
@@ -134,15 +135,22 @@ class Router:
             return caller, request, prompt, limit, self.access.admit(caller)
         except TenancyError as error:
             self._refuse(grpc_context, error, tags)
-            raise
+            return None
         except ValueError as error:
             self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, error, tags)
             raise
 
     async def _chunks(self, message: pb.GenerateRequest, grpc_context
-                      ) -> AsyncIterator[tuple[GenerationChunk, GenerationRequest, Transport]]:
-        """The request's chunks, with failures turned into gRPC status codes and counted."""
-        caller, request, prompt, limit, admission = self._admit(message, grpc_context)
+                      ) -> AsyncIterator[tuple[GenerationChunk, GenerationRequest, Transport] | None]:
+        """The request's chunks, with failures turned into gRPC status codes and counted. A tenancy
+        refusal yields None once and ends: the RPC then returns normally, since Serve's proxy forwards
+        the status and trailing metadata (the retry hint) set on the context only with a message, and
+        drops the metadata of a raised error."""
+        admitted = self._admit(message, grpc_context)
+        if admitted is None:
+            yield None
+            return
+        caller, request, prompt, limit, admission = admitted
         tags = metric_tags(request, caller.id)
         try:
             async with self.access.decoding_slot(caller, request):
@@ -159,14 +167,16 @@ class Router:
         self.metrics.requests.inc(tags={**tags, "code": "OK"})
 
     async def Generate(self, message: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
-        async for chunk, request, transport in self._chunks(message, grpc_context):
-            if chunk.result is not None:
+        response = pb.GenerateResponse()  # what a refused request returns, beside its error status
+        async for item in self._chunks(message, grpc_context):
+            if item is not None and item[0].result is not None:
+                chunk, request, transport = item
                 response = result_to_proto(chunk.result, request, transport)
         return response
 
     async def GenerateStream(self, message: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for chunk, request, transport in self._chunks(message, grpc_context):
-            yield chunk_to_proto(chunk, request, transport)
+        async for item in self._chunks(message, grpc_context):
+            yield pb.GenerateStreamResponse() if item is None else chunk_to_proto(*item)
 
     async def _health_status(self) -> int:
         # The expert tier is required; without the drafter the service still answers (expert-only).

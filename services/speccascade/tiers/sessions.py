@@ -64,6 +64,14 @@ class SessionStore:
             self.backend.release(session)
             self.evictions += 1
 
+    def tenants(self) -> dict[str, int]:
+        """Cached sessions per tenant (a session id starts with its tenant's id, see Router.stream)."""
+        counts: dict[str, int] = {}
+        for session_id in self._sessions:
+            tenant = session_id.split("/", 1)[0]
+            counts[tenant] = counts.get(tenant, 0) + 1
+        return counts
+
     def stats(self) -> CacheStats:
         return CacheStats(
             sessions=len(self._sessions), nbytes=sum(self._bytes(s) for s in self._sessions.values()),

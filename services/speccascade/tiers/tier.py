@@ -85,6 +85,9 @@ class ModelTier:
     async def cache_stats(self) -> CacheStats:
         return self.sessions.stats()
 
+    async def cached_sessions_by_tenant(self) -> dict[str, int]:
+        return self.sessions.tenants()
+
     async def replica_cache_stats(self) -> tuple[str, CacheStats]:
         """(this replica's id, its cache stats): for seeing where sessions live."""
         from ray import serve

