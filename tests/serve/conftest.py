@@ -39,6 +39,7 @@ def app_args(drafter_dir: str, expert_dir: str, **overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """The session's local Ray cluster; yields its temp directory (logs under session_latest/logs)."""
     import ray
     from ray import serve
 
@@ -46,7 +47,7 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp_dir,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}, log_to_driver=False)
     try:
-        yield
+        yield temp_dir
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -6,6 +6,7 @@ import pytest
 from ray import serve
 
 from speccascade.api.client import SpecCascadeClient
+from speccascade.tiers.replicas import tier_replica_stats
 
 from .conftest import app_args
 from .test_faults import wait_for_running
@@ -27,15 +28,8 @@ def two_expert_app(grpc_port, tiny_pair):
 
 
 def expert_caches() -> dict[str, object]:
-    """Cache stats of every Expert replica (asked repeatedly: session-less calls go anywhere)."""
-    handle = serve.get_deployment_handle("Expert", app_name=APP)
-    seen = {}
-    for _ in range(40):
-        replica, stats = handle.replica_cache_stats.remote().result()
-        seen[replica] = stats
-        if len(seen) == 2:
-            break
-    return seen
+    """Cache stats of every Expert replica, each asked through a replica pin."""
+    return {stats.replica_id: stats.cache for stats in tier_replica_stats(APP, "Expert")}
 
 
 def test_each_session_is_computed_on_one_replica_only(two_expert_app):

@@ -30,7 +30,7 @@ def test_lru_eviction_keeps_the_budget_and_the_sessions_in_use(kind):
     store.evict_to_budget(keep=frozenset({"s0"}))
     stats = store.stats()
     assert stats.nbytes <= MIB or stats.sessions == 1
-    assert "s0" in store._sessions and "s5" in store._sessions  # in use / most recent survive
+    assert "s0" in store and "s5" in store  # in use / most recent survive
     assert stats.evictions == 6 - stats.sessions
     assert store.release("s5") and not store.release("s5")
 

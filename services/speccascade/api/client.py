@@ -88,16 +88,20 @@ class SpecCascadeClient:
     def _request(self, request: pb.GenerateRequest | None, options: dict) -> pb.GenerateRequest:
         return request if request is not None else build_request(**options)
 
+    def _metadata(self, request_id: str | None) -> tuple:
+        return self.metadata + ((("request_id", request_id),) if request_id else ())
+
     def generate(self, request: pb.GenerateRequest | None = None, *, timeout: float | None = None,
-                 **options) -> pb.GenerateResponse:
-        return self._stub.Generate(self._request(request, options), metadata=self.metadata,
+                 request_id: str | None = None, **options) -> pb.GenerateResponse:
+        """`request_id` names the request in the server's logs (Serve's request id; default: drawn)."""
+        return self._stub.Generate(self._request(request, options), metadata=self._metadata(request_id),
                                    timeout=timeout or self.timeout)
 
     def stream(self, request: pb.GenerateRequest | None = None, *, timeout: float | None = None,
-               **options) -> Iterator[pb.GenerateStreamResponse]:
+               request_id: str | None = None, **options) -> Iterator[pb.GenerateStreamResponse]:
         """Chunks as they are produced; the last one carries finish reason, usage and stats.
         The returned iterator is also a grpc call: `.cancel()` stops generation on the server."""
-        return self._stub.GenerateStream(self._request(request, options), metadata=self.metadata,
+        return self._stub.GenerateStream(self._request(request, options), metadata=self._metadata(request_id),
                                          timeout=timeout or self.timeout)
 
     def health(self, service: str = "", *, timeout: float = 5.0) -> str:

@@ -6,6 +6,10 @@ Replicas are ranked by rendezvous (highest-random-weight) hashing of (session id
 a session always prefers the same replica while it lives, and when replicas come or go only the
 sessions of those replicas move. Lower ranks are the fallback when the preferred replica is full;
 a call that lands elsewhere is still answered correctly, by recomputing.
+
+Operations calls can name a replica instead of a session (`pinned_to(replica_id)`), to read every
+replica's statistics in turn; a pin to a replica that is gone goes to any replica (the answer says
+which one answered).
 """
 
 from __future__ import annotations
@@ -15,6 +19,13 @@ import random
 from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+REPLICA_PIN_PREFIX = "replica:"  # session ids are uuid4 hex: no session id starts like this
+
+
+def pinned_to(replica_id: str) -> str:
+    """The `multiplexed_model_id` that routes a call to the replica with this unique id."""
+    return REPLICA_PIN_PREFIX + replica_id
 
 
 def affinity_score(session_id: str, replica_key: str) -> int:
@@ -43,6 +54,9 @@ class SessionAffinityRouter(RequestRouter):
             # Calls without a session (health, cache stats): any replica.
             return [random.sample(candidate_replicas, len(candidate_replicas))]
         by_key = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if session_id.startswith(REPLICA_PIN_PREFIX):
+            pinned = by_key.get(session_id.removeprefix(REPLICA_PIN_PREFIX))
+            return [[pinned]] if pinned else [random.sample(candidate_replicas, len(candidate_replicas))]
         ranked = rank_by_affinity(session_id, list(by_key))
         ranks = [[by_key[ranked[0]]], [by_key[key] for key in ranked[1:]]]
         return [rank for rank in ranks if rank]

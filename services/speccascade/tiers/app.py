@@ -9,6 +9,8 @@ to the ingress method of the same name. That includes `grpc.health.v1.Health`: i
 `Watch` are answered by the router, so health reflects the application (router up, expert tier
 with a running replica) rather than only the proxy process. Server reflection is built into the
 proxy (`gRPCOptions.enable_reflection`, on by default) and lists every registered service.
+The SpecCascade service registers through `grpc_proxy.add_SpecCascadeServicer_to_server`, which
+also keeps the proxy's log of hung-up clients to one line each (see grpc_proxy.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .tier import Drafter, Expert
 APP_NAME = "speccascade"
 DEFAULT_GRPC_PORT = 9000
 GRPC_SERVICER_FUNCTIONS = [
-    "speccascade.api.v1.speccascade_pb2_grpc.add_SpecCascadeServicer_to_server",
+    "speccascade.tiers.grpc_proxy.add_SpecCascadeServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 DRAFTER_DEPLOYMENT, EXPERT_DEPLOYMENT, ROUTER_DEPLOYMENT = "Drafter", "Expert", "Router"

@@ -8,6 +8,9 @@ one still runs, after its short timeout, so a busy replica kept getting batches 
 Which queued requests make the next batch is decided by weighted fair queueing across tenants
 (`tenancy.FairQueue`; each request says whose share it is), so a tenant flooding the replica only
 queues behind its own work. Requests of one share are taken in arrival order.
+
+Batches run on one worker thread; other work that must not overlap a forward pass (freeing a
+session's cache) runs on the same thread between batches (`run_between_batches`).
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from ..tenancy.fairness import DEFAULT_SHARE, FairQueue, Share
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+T = TypeVar("T")
 
 
 class ContinuousBatcher(Generic[Item, Result]):
-    def __init__(self, run_batch: Callable[[list[Item]], list[Result]], *, max_batch_size: int, wait_s: float,
-                 name: str):
+    def __init__(self, run_batch: Callable[[list[Item]], list[Result | Exception]], *, max_batch_size: int,
+                 wait_s: float, name: str):
         """`run_batch` is blocking (a forward pass); it runs on one worker thread, so the event loop
-        keeps accepting requests meanwhile."""
+        keeps accepting requests meanwhile. It returns one result per item, or an exception for an
+        item that failed alone (that caller gets it raised; the others their results)."""
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
@@ -47,6 +52,11 @@ class ContinuousBatcher(Generic[Item, Result]):
         self._pending.push((item, future), share)
         self._arrived.set()
         return await future
+
+    async def run_between_batches(self, fn: Callable[..., T], *args) -> T:
+        """Run blocking `fn(*args)` on the batches' thread: after the batch in progress, never
+        during one."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -76,5 +86,9 @@ class ContinuousBatcher(Generic[Item, Result]):
             self.batches += 1
             self.batched_items += len(taken)
             for (_, future), result in zip(taken, results):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
                     future.set_result(result)

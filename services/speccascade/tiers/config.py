@@ -81,6 +81,12 @@ class TierConfig(StrictModel):
     max_batch_size: int = Field(8, ge=1, le=256, description="Most tier calls batched into one forward pass.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
     kv_cache_budget_mb: int = Field(1024, ge=1, description="KV cache memory per replica before LRU eviction.")
+    session_idle_timeout_s: float = Field(
+        300.0, gt=0, le=86400,
+        description="A session cache with no call for this long is reclaimed (its router replica may have "
+                    "died mid-request and will never release it; a live but stalled request just recomputes). "
+                    "Released session ids are remembered as long, so a call that arrives after its session's "
+                    "release is refused instead of caching the session again.")
     max_ongoing_requests: int = Field(32, ge=1, description="Concurrent calls a replica accepts.")
     torch_threads: int | None = Field(
         None, ge=1, le=256,

@@ -11,14 +11,21 @@ UNAVAILABLE when the expert tier has no running replica, CANCELLED / DEADLINE_EX
 client side, which cancels this coroutine: the loop stops at its next await and both tiers free
 the session's caches. With the drafter tier down, requests are decoded expert-only and say so
 in their stats.
+
+A request that ends early on the client's side (it hung up, or its deadline passed: Serve's proxy
+cancels the request either way and does not pass the deadline on, so the two look alike here) is
+logged as one line, with no traceback; real failures keep theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -32,6 +39,7 @@ from .access import GRPC_STATUS, RETRY_AFTER_METADATA, Caller, Gatekeeper
 from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport
 from .config import AppConfig
 from .convert import PROTO_BY_FINISH, PROTO_BY_SOURCE, request_from_proto, stats_to_proto, usage_of
+from .logs import log_to_replica_file
 from .metrics import RouterMetrics, WindowCounters, metric_tags
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,7 @@ HEALTH_WATCH_PERIOD_S = 5.0
 
 class Router:
     def __init__(self, drafter, expert, config: AppConfig):
+        log_to_replica_file()
         self.config = config
         self.policy = config.policy
         pair = PairInfo.load(config.drafter.model, config.expert.model, progress=False)
@@ -86,22 +95,31 @@ class Router:
                     self.metrics.observe_output(chunk.result.stats, tags)
                 yield chunk, transport
         finally:
-            await chunks.aclose()
-            self._release(session_id)
+            try:
+                await chunks.aclose()
+            finally:  # whatever closing the loop raised, the tiers free the session
+                self._release(session_id)
 
     def _release(self, session_id: str) -> None:
         """Free the session in both tiers, in the background: this also runs while the request's
-        own task is being cancelled, and must not wait on the tiers."""
+        own task is being cancelled, and must not wait on the tiers.
+
+        The release runs in a fresh context, outside the request's Serve context: calls made in a
+        request's context are its children, and Serve cancels a cancelled request's children that
+        are still being routed or running, the release among them; its session would then stay
+        cached in the tier until the idle timeout."""
         self.active_sessions.discard(session_id)
 
-        async def release_both():
-            for tier in (self.drafter, self.expert):
-                try:
-                    await asyncio.wait_for(tier.release(session_id), self.config.router.tier_call_timeout_s)
-                except Exception as error:  # the tier is down: its caches went with it, or LRU frees them
-                    log.info("releasing session %s on the %s tier failed: %r", session_id, tier.tier, error)
+        async def release(tier: TierClient):
+            try:
+                await asyncio.wait_for(tier.release(session_id), self.config.router.tier_call_timeout_s)
+            except Exception as error:  # the tier is down: its caches went with it, or its idle sweep frees them
+                log.info("releasing session %s on the %s tier failed: %r", session_id, tier.tier, error)
 
-        task = asyncio.get_running_loop().create_task(release_both())
+        async def release_both():
+            await asyncio.gather(release(self.drafter), release(self.expert))
+
+        task = asyncio.get_running_loop().create_task(release_both(), context=contextvars.Context())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -154,10 +172,13 @@ class Router:
         tags = metric_tags(request, caller.id)
         try:
             async with self.access.decoding_slot(caller, request):
-                async for chunk, transport in self.stream(request, prompt, limit, caller):
-                    if admission is not None:
-                        admission.charge(len(chunk.token_ids))
-                    yield chunk, request, transport
+                # aclosing: when this generator is closed early (a cancelled stream), the session is
+                # released right then, not whenever the abandoned inner generator is collected.
+                async with aclosing(self.stream(request, prompt, limit, caller)) as chunks:
+                    async for chunk, transport in chunks:
+                        if admission is not None:
+                            admission.charge(len(chunk.token_ids))
+                        yield chunk, request, transport
         except TierUnavailableError as error:
             self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE, error, tags)
             raise
@@ -168,15 +189,33 @@ class Router:
 
     async def Generate(self, message: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         response = pb.GenerateResponse()  # what a refused request returns, beside its error status
-        async for item in self._chunks(message, grpc_context):
-            if item is not None and item[0].result is not None:
-                chunk, request, transport = item
-                response = result_to_proto(chunk.result, request, transport)
+        progress = _Progress("Generate")
+        try:
+            async with aclosing(self._chunks(message, grpc_context)) as chunks:
+                async for item in chunks:
+                    if item is not None:
+                        chunk, request, transport = item
+                        progress.tokens += len(chunk.token_ids)
+                        if chunk.result is not None:
+                            response = result_to_proto(chunk.result, request, transport)
+        except asyncio.CancelledError:
+            progress.log_cancelled()
+            raise
         return response
 
     async def GenerateStream(self, message: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for item in self._chunks(message, grpc_context):
-            yield pb.GenerateStreamResponse() if item is None else chunk_to_proto(*item)
+        progress = _Progress("GenerateStream")
+        try:
+            async with aclosing(self._chunks(message, grpc_context)) as chunks:
+                async for item in chunks:
+                    if item is None:
+                        yield pb.GenerateStreamResponse()
+                        continue
+                    progress.tokens += len(item[0].token_ids)
+                    yield chunk_to_proto(*item)
+        except (asyncio.CancelledError, GeneratorExit):
+            progress.log_cancelled()
+            raise
 
     async def _health_status(self) -> int:
         # The expert tier is required; without the drafter the service still answers (expert-only).
@@ -227,6 +266,20 @@ class Router:
     async def tenant_load(self) -> dict:
         """Requests in flight per tenant in this replica, and how many wait for a decoding slot."""
         return self.access.load()
+
+
+class _Progress:
+    """How far a request got, for the one line that says it was cancelled."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self.started = time.monotonic()
+        self.tokens = 0
+
+    def log_cancelled(self) -> None:
+        # Serve's log format adds the request id.
+        log.info("%s cancelled by the client (it hung up or its deadline passed) after %d tokens, %.1fs",
+                 self.method, self.tokens, time.monotonic() - self.started)
 
 
 def stats_proto(result: GenerationResult, request: GenerationRequest, transport: Transport) -> pb.GenerationStats:

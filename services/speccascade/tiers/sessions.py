@@ -3,16 +3,42 @@
 Only an optimisation: every tier call carries the whole token sequence, so a session that is
 missing here (another replica answered before, evicted, restarted) is recomputed from scratch.
 The caches themselves belong to the replica's model backend; this store keys them by session id.
+
+A session's life ends in one of two ways, and no cache may outlive it:
+
+- **Released** by its router when the request finishes or is cancelled. The id is remembered
+  (`ended`) for `idle_timeout_s`: a call for it that arrives after the release — one that was in
+  flight when the client hung up, with the release overtaking it on the way, or the next block
+  of a draft call the release caught mid-way — is refused (`SessionEndedError`) instead of
+  building the cache again, where nothing would ever free it. Nobody waits for such a call's
+  answer: its router stopped the request before releasing.
+- **Abandoned**: a router replica that dies mid-request never releases. A session untouched for
+  `idle_timeout_s` is reclaimed (`reclaim_idle`). This is not an ending: a live request that was
+  only slow (a client reading its stream slowly) recomputes on its next call.
+
+Thread-safe: the replica's forward thread uses sessions while its event loop reads statistics.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine.backends import BackendSession, ModelBackend
 
 MIB = 1 << 20
+MAX_ENDED_REMEMBERED = 100_000  # released ids kept at most (about 10 MB), oldest forgotten first
+
+
+class SessionEndedError(RuntimeError):
+    """A call for a session its router already released: the request is over."""
+
+    def __init__(self, session_id: str):
+        super().__init__(f"session {session_id} was already released (its request ended)")
+        self.session_id = session_id
 
 
 @dataclass(frozen=True)
@@ -21,59 +47,118 @@ class CacheStats:
     nbytes: int
     evictions: int
     misses: int  # calls for a session this replica did not hold (first call or recompute)
+    released: int = 0  # sessions freed by their router's release
+    reclaimed: int = 0  # sessions freed after idle_timeout_s without a call (their router may be gone)
+    late_calls: int = 0  # calls refused because their session had already been released
+    ended_remembered: int = 0  # released ids currently remembered
+
+
+@dataclass
+class _Entry:
+    session: BackendSession
+    touched: float  # clock time of the last call
 
 
 class SessionStore:
-    def __init__(self, backend: ModelBackend, *, budget_mb: int):
+    def __init__(self, backend: ModelBackend, *, budget_mb: int, idle_timeout_s: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.backend = backend
         self.budget_bytes = budget_mb * MIB
-        self._sessions: OrderedDict[str, BackendSession] = OrderedDict()
+        self.idle_timeout_s = idle_timeout_s
+        self.clock = clock
+        self._sessions: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._ended: OrderedDict[str, float] = OrderedDict()  # session id -> released at, oldest first
+        self._lock = threading.Lock()
         self.evictions = 0
         self.misses = 0
+        self.released = 0
+        self.reclaimed = 0
+        self.late_calls = 0
 
     def get(self, session_id: str) -> BackendSession:
-        """The session's cache, most recently used now; a fresh one if this replica has none."""
-        session = self._sessions.get(session_id)
-        if session is None:
-            session = self.backend.new_session()
-            self._sessions[session_id] = session
-            self.misses += 1
-        self._sessions.move_to_end(session_id)
-        return session
+        """The session's cache, most recently used now; a fresh one if this replica has none.
+        Raises `SessionEndedError` if the session was released."""
+        with self._lock:
+            if session_id in self._ended:
+                self.late_calls += 1
+                raise SessionEndedError(session_id)
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                entry = self._sessions[session_id] = _Entry(self.backend.new_session(), self.clock())
+                self.misses += 1
+            else:
+                entry.touched = self.clock()
+                self._sessions.move_to_end(session_id)
+            return entry.session
+
+    def check_live(self, session_id: str) -> None:
+        """Raise `SessionEndedError` (and count a late call) if the session was released."""
+        with self._lock:
+            if session_id in self._ended:
+                self.late_calls += 1
+                raise SessionEndedError(session_id)
 
     def release(self, session_id: str) -> bool:
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            return False
-        self.backend.release(session)
-        return True
+        """End the session: free its cache and refuse its later calls. True if a cache was held."""
+        with self._lock:
+            self._ended[session_id] = self.clock()
+            self._ended.move_to_end(session_id)
+            while len(self._ended) > MAX_ENDED_REMEMBERED:
+                self._ended.popitem(last=False)
+            entry = self._sessions.pop(session_id, None)
+            if entry is None:
+                return False
+            self.backend.release(entry.session)
+            self.released += 1
+            return True
+
+    def reclaim_idle(self) -> int:
+        """Free sessions untouched for `idle_timeout_s` and forget ids released longer ago than
+        that; returns how many sessions were freed."""
+        with self._lock:
+            horizon = self.clock() - self.idle_timeout_s
+            while self._ended and next(iter(self._ended.values())) < horizon:
+                self._ended.popitem(last=False)
+            idle = [sid for sid, entry in self._sessions.items() if entry.touched < horizon]
+            for session_id in idle:
+                self.backend.release(self._sessions.pop(session_id).session)
+            self.reclaimed += len(idle)
+            return len(idle)
 
     def _bytes(self, session: BackendSession) -> int:
         return self.backend.session_bytes(session)
 
     def evict_to_budget(self, keep: frozenset[str] = frozenset()) -> None:
         """Drop least-recently-used sessions (other than `keep`) until the caches fit the budget."""
-        total = sum(self._bytes(s) for s in self._sessions.values())
-        for session_id in list(self._sessions):
-            if total <= self.budget_bytes:
-                break
-            if session_id in keep:
-                continue
-            session = self._sessions.pop(session_id)
-            total -= self._bytes(session)
-            self.backend.release(session)
-            self.evictions += 1
+        with self._lock:
+            total = sum(self._bytes(e.session) for e in self._sessions.values())
+            for session_id in list(self._sessions):
+                if total <= self.budget_bytes:
+                    break
+                if session_id in keep:
+                    continue
+                session = self._sessions.pop(session_id).session
+                total -= self._bytes(session)
+                self.backend.release(session)
+                self.evictions += 1
+
+    def __contains__(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._sessions
 
     def tenants(self) -> dict[str, int]:
         """Cached sessions per tenant (a session id starts with its tenant's id, see Router.stream)."""
         counts: dict[str, int] = {}
-        for session_id in self._sessions:
-            tenant = session_id.split("/", 1)[0]
-            counts[tenant] = counts.get(tenant, 0) + 1
+        with self._lock:
+            for session_id in self._sessions:
+                tenant = session_id.split("/", 1)[0]
+                counts[tenant] = counts.get(tenant, 0) + 1
         return counts
 
     def stats(self) -> CacheStats:
-        return CacheStats(
-            sessions=len(self._sessions), nbytes=sum(self._bytes(s) for s in self._sessions.values()),
-            evictions=self.evictions, misses=self.misses,
-        )
+        with self._lock:
+            return CacheStats(
+                sessions=len(self._sessions), nbytes=sum(self._bytes(e.session) for e in self._sessions.values()),
+                evictions=self.evictions, misses=self.misses, released=self.released, reclaimed=self.reclaimed,
+                late_calls=self.late_calls, ended_remembered=len(self._ended),
+            )

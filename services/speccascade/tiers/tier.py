@@ -6,15 +6,24 @@ session's calls to the same replica (`affinity.SessionAffinityRouter`). The call
 engine's (`engine.roles`); here they score through a `ContinuousBatcher`, which gathers concurrent
 sessions' scoring steps into one backend pass.
 
+Session ends are ordered with the passes: a release runs on the forward thread between batches, so
+it never frees a cache under a pass, and every scoring step after it finds the session ended. A
+call for an ended session (one the release overtook) stops at its next step and is answered as
+cancelled: its request is over and nobody reads the answer (see `sessions.py`). Sessions whose
+router vanished are reclaimed after `session_idle_timeout_s` by a periodic sweep.
+
 The classes are plain; `app.build_app` turns them into deployments with options from config.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,10 +36,24 @@ from ..engine.roles import ScoreFn, draft_block, verify_drafted
 from ..tenancy.fairness import DEFAULT_SHARE, Share
 from .batching import ContinuousBatcher
 from .config import TierConfig
+from .logs import log_to_replica_file
 from .metrics import TierMetrics
-from .sessions import CacheStats, SessionStore
+from .sessions import CacheStats, SessionEndedError, SessionStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_SWEEP_PERIOD_S = 30.0  # idle sessions are looked for at least this often
+
+
+@dataclass(frozen=True)
+class ReplicaStats:
+    """One tier replica's process and caches (for soak tests and operators)."""
+
+    replica_id: str
+    pid: int
+    rss_bytes: int  # resident memory of the replica's process
+    cache: CacheStats
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,7 @@ class ModelTier:
 
         from ..engine.sources import resolve_model
 
+        log_to_replica_file()
         self.config = config
         self.role = role
         if config.torch_threads:
@@ -54,22 +78,33 @@ class ModelTier:
         vocab_size = len(AutoTokenizer.from_pretrained(resolved.path))
         self.backend = load_backend(config.backend, resolved.path, dtype=config.dtype, device=config.device,
                                     name=resolved.source, vocab_size=vocab_size, **config.backend_options())
-        self.sessions = SessionStore(self.backend, budget_mb=config.kv_cache_budget_mb)
+        self.sessions = SessionStore(self.backend, budget_mb=config.kv_cache_budget_mb,
+                                     idle_timeout_s=config.session_idle_timeout_s)
         self.metrics = TierMetrics(role)
         self.calls = 0  # draft / verify calls served, for autoscaling
         self.batcher = ContinuousBatcher(self._forward, max_batch_size=config.max_batch_size,
                                          wait_s=config.batch_wait_timeout_s, name=role)
+        self._sweeper: asyncio.Task | None = None
         log.info("%s tier loaded %s (%s backend, %s, %s, %d threads)", role, resolved.source, config.backend,
                  config.dtype, self.backend.device, torch.get_num_threads())
 
-    def _forward(self, requests: list[_ScoreRequest]) -> list[torch.Tensor]:
-        """One batched backend pass (on the batcher's thread)."""
+    def _forward(self, requests: list[_ScoreRequest]) -> list[torch.Tensor | SessionEndedError]:
+        """One batched backend pass (on the batcher's thread). A request whose session has ended
+        gets `SessionEndedError` and no share of the pass."""
         started = time.perf_counter()
-        jobs = [ScoreJob(self.sessions.get(r.session_id), r.tokens, r.start) for r in requests]
-        rows = self.backend.score(jobs)
-        self.metrics.observe_batch(len(requests), time.perf_counter() - started)
-        self.sessions.evict_to_budget(keep=frozenset(r.session_id for r in requests))
-        return rows
+        results: list[torch.Tensor | SessionEndedError | None] = [None] * len(requests)
+        live: dict[int, ScoreJob] = {}
+        for i, r in enumerate(requests):
+            try:
+                live[i] = ScoreJob(self.sessions.get(r.session_id), r.tokens, r.start)
+            except SessionEndedError as ended:
+                results[i] = ended
+        if live:
+            for i, rows in zip(live, self.backend.score(list(live.values()))):
+                results[i] = rows
+            self.metrics.observe_batch(len(live), time.perf_counter() - started)
+            self.sessions.evict_to_budget(keep=frozenset(requests[i].session_id for i in live))
+        return results  # type: ignore[return-value]
 
     def _scorer(self, session_id: str, share: Share) -> ScoreFn:
         async def score(tokens: Sequence[int], start: int) -> torch.Tensor:
@@ -78,9 +113,36 @@ class ModelTier:
 
         return score
 
+    async def _served(self, session_id: str, body: Callable[[], Awaitable[T]]) -> T:
+        """Run a draft / verify call body; a session ended before or during the call ends it as
+        cancelled (one access-log line, no traceback: its request was cancelled or is over)."""
+        self._start_sweeper()
+        try:
+            self.sessions.check_live(session_id)
+            return await body()
+        except SessionEndedError as ended:
+            log.debug("%s call stopped: %s", self.role, ended)
+            raise asyncio.CancelledError(str(ended)) from None
+
     async def release(self, session_id: str) -> bool:
-        """Free the session's cache (request finished or cancelled)."""
-        return self.sessions.release(session_id)
+        """End the session (request finished or cancelled): free its cache after the pass in
+        progress and refuse its later calls. True if this replica held a cache for it."""
+        self._start_sweeper()
+        return await self.batcher.run_between_batches(self.sessions.release, session_id)
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        """Reclaim sessions untouched for `session_idle_timeout_s` (their router may have died)."""
+        period = min(self.sessions.idle_timeout_s / 4, MAX_SWEEP_PERIOD_S)
+        while True:
+            await asyncio.sleep(period)
+            reclaimed = await self.batcher.run_between_batches(self.sessions.reclaim_idle)
+            if reclaimed:
+                log.info("%s tier reclaimed %d session cache(s) idle for over %gs (router gone or request "
+                         "stalled)", self.role, reclaimed, self.sessions.idle_timeout_s)
 
     async def cache_stats(self) -> CacheStats:
         return self.sessions.stats()
@@ -88,11 +150,13 @@ class ModelTier:
     async def cached_sessions_by_tenant(self) -> dict[str, int]:
         return self.sessions.tenants()
 
-    async def replica_cache_stats(self) -> tuple[str, CacheStats]:
-        """(this replica's id, its cache stats): for seeing where sessions live."""
+    async def replica_stats(self) -> ReplicaStats:
+        """This replica's id, process id, resident memory and cache stats."""
+        import psutil
         from ray import serve
 
-        return serve.get_replica_context().replica_id.unique_id, self.sessions.stats()
+        return ReplicaStats(serve.get_replica_context().replica_id.unique_id, os.getpid(),
+                            psutil.Process().memory_info().rss, self.sessions.stats())
 
     async def batch_stats(self) -> dict[str, int]:
         """Forward passes and the scoring requests they served since start (mean batch size is
@@ -118,7 +182,8 @@ class Drafter(ModelTier):
         """Draft `gamma` tokens after `context` ([n] int32), one model step each; `share` says whose
         work it is (batch forming is fair across tenants)."""
         self.calls += 1
-        block = await draft_block(self._scorer(session_id, share), context.tolist(), gamma, sampling, seed, payload)
+        block = await self._served(session_id, lambda: draft_block(
+            self._scorer(session_id, share), context.tolist(), gamma, sampling, seed, payload))
         return block.to("cpu")
 
 
@@ -131,5 +196,6 @@ class Expert(ModelTier):
         """Score `sequence` ([n] int32: context + the drafted block starting at `start`) and verify
         the block. An empty block (expert-only decoding) just samples the next token."""
         self.calls += 1
-        return await verify_drafted(self._scorer(session_id, share), sequence.tolist(), start, block, rule, alpha,
-                                    sampling, seed, self.backend.vocab_size)
+        return await self._served(session_id, lambda: verify_drafted(
+            self._scorer(session_id, share), sequence.tolist(), start, block, rule, alpha, sampling, seed,
+            self.backend.vocab_size))

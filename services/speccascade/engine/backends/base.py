@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -149,6 +150,9 @@ class ModelBackend(abc.ABC):
         self.device: torch.device = first.device
         self.forward_calls = 0
         self.cache_kwargs = CacheKwargs.of(model)
+        # Scoring and releasing exclude each other: a release from another thread waits for the pass
+        # in progress (which may be using the session), so it never frees a cache under a forward.
+        self._lock = threading.RLock()
 
     # ---- what a backend implements ----
 
@@ -161,7 +165,12 @@ class ModelBackend(abc.ABC):
         """Device memory the session's cache holds."""
 
     def release(self, session: BackendSession) -> None:
-        """Free the session's cache; the session stays usable (it recomputes)."""
+        """Free the session's cache now; the session stays usable (it recomputes). Safe from any
+        thread: it waits for a pass in progress."""
+        with self._lock:
+            self._release(session)
+
+    def _release(self, session: BackendSession) -> None:
         self.truncate(session, 0)
 
     @abc.abstractmethod
@@ -192,6 +201,10 @@ class ModelBackend(abc.ABC):
         the last one: [len(tokens) - start + 1, vocab_size] float32.
 
         A session named by several jobs is scored in successive passes, in job order."""
+        with self._lock:
+            return self._score(jobs)
+
+    def _score(self, jobs: Sequence[ScoreJob]) -> list[Tensor]:
         results: list[Tensor | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))
         while pending:

@@ -19,12 +19,11 @@ captured as CUDA graphs on first use and replayed; softmax to probabilities is i
 On the CPU, and for long prefills, the same step runs eagerly, so every CPU test covers it.
 
 When all slots are taken, the least recently used session not in the batch loses its slot and
-recomputes on its next call (calls stay answerable from scratch).
+recomputes on its next call (calls stay answerable from scratch). A released session gives its slot
+back at once (after the pass in progress, if one is running on another thread).
 """
 
 from __future__ import annotations
-
-import threading
 
 import torch
 from torch import Tensor
@@ -130,8 +129,6 @@ class StaticBackend(ModelBackend):
         self.cache = SlotCache(model, slots=self.slots, capacity=self.max_len + 1, dtype=self.dtype)
         self._scratch = self.max_len  # the position padding and idle rows write to
         self._owners: list[StaticSession | None] = [None] * self.slots
-        self._released: list[StaticSession] = []
-        self._lock = threading.Lock()
         self._layer_types = sorted(layer_types)
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda" and self._single_device(model)
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
@@ -148,10 +145,8 @@ class StaticBackend(ModelBackend):
     def session_bytes(self, session: StaticSession) -> int:
         return session.cached_length * self.cache.bytes_per_token if session.slot is not None else 0
 
-    def release(self, session: StaticSession) -> None:
-        """Called from any thread; the slot is freed before the next step."""
-        with self._lock:
-            self._released.append(session)
+    def _release(self, session: StaticSession) -> None:
+        self._free(session)
 
     def _truncate(self, session: StaticSession, keep: int) -> None:
         pass  # the length is the session's token count; keys past it are never attended
@@ -195,10 +190,6 @@ class StaticBackend(ModelBackend):
     # ---- the step ----
 
     def _prepare(self, sessions: list[StaticSession]) -> None:
-        with self._lock:
-            released, self._released = self._released, []
-        for session in released:
-            self._free(session)
         self._assign_slots(sessions)
 
     def _forward(self, plans: list[Plan]) -> list[Tensor]:
