@@ -8,8 +8,12 @@ affinity router's replica pin.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .affinity import pinned_to
-from .tier import ReplicaStats
+
+if TYPE_CHECKING:
+    from .tier import ReplicaStats
 
 SERVE_NAMESPACE = "serve"
 

@@ -1,0 +1,75 @@
+"""`speccascade bench soak` on tiny models: it starts its own service (in a child process, with its
+own Ray cluster), loads it for a few seconds with cancels, deadlines and a replica kill, and
+reports failures, sessions left, memory and identical outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from speccascade.bench.soak import POLICIES, plan_request
+from speccascade.bench.soak_report import linear_slope
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_request_plan_is_a_function_of_the_index_and_mixes_everything():
+    plans = [plan_request(i, seed=0, cancel_share=0.1, deadline_share=0.05, max_new_tokens=16, block_size=4)
+             for i in range(400)]
+    assert plans[7] == plan_request(7, seed=0, cancel_share=0.1, deadline_share=0.05, max_new_tokens=16,
+                                    block_size=4)
+    assert {(p.method, p.rule, p.alpha) for p in plans} == set(POLICIES)
+    assert {p.sampling for p in plans} == {"greedy", "sampled"}
+    actions = [p.action for p in plans]
+    assert 0.05 < actions.count("cancel") / len(plans) < 0.15 and actions.count("deadline") > 5
+    assert not any(p.unary for p in plans if p.action == "cancel")  # cancels happen mid-stream
+
+
+def test_linear_slope():
+    assert linear_slope([(0, 1.0), (60, 2.0), (120, 3.0)]) == pytest.approx(1 / 60)
+    with pytest.raises(ValueError, match="two different times"):
+        linear_slope([(5, 1.0), (5, 2.0)])
+
+
+def test_bench_soak_on_tiny_models_with_cancels_deadlines_and_a_kill(tiny_model_dirs, tmp_path):
+    drafter, expert = tiny_model_dirs
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "speccascade.cli", "bench", "soak", "--drafter", drafter, "--expert", expert,
+               "--dtype", "fp32", "--clients", "2", "--minutes", "0.4", "--sample-every", "6", "--kill-every", "14",
+               "--cancel-share", "0.3", "--deadline-share", "0.2", "--deadline-s", "0.05", "--max-new-tokens", "16",
+               "--settle-s", "5", "--slope-skip-minutes", "0", "--reference-limit", "12",
+               "--grpc-port", str(free_port()), "--http-port", str(free_port()), "--out", str(tmp_path),
+               "--name", "tiny"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    summary = report["summary"]
+    assert summary["failed"] == 0, summary["failures"]
+    assert summary["ok"] > 0 and summary["cancelled"] > 0 and summary["deadline"] > 0
+    assert summary["sessions_left"]["Drafter"] == 0 and summary["sessions_left"]["Expert"] == 0
+    assert summary["sessions_left"]["router_active"] == 0
+    assert [k["deployment"] for k in summary["kills"]] == ["Expert"]
+    reference = summary["reference"]
+    assert reference["compared"] > 0 and not reference["reference_failed"]
+    # fp32: a request with a fixed seed gives the same tokens whatever happened around it.
+    assert reference["greedy"]["identical"] == reference["greedy"]["compared"]
+    assert reference["sampled"]["identical"] == reference["sampled"]["compared"]
+    phases = [s["phase"] for s in report["samples"]]
+    assert phases.count("load") >= 3 and phases[-1] == "settled"
+    assert all(r["rss_bytes"] > 0 for s in report["samples"] for rs in s["tiers"].values() for r in rs)
+    assert summary["memory"]["Drafter"] or summary["memory"]["Expert"]  # a slope where a replica lived long enough
+    assert (tmp_path / "tiny.png").stat().st_size > 10_000
+    assert "ok" in done.stderr and "min]" in done.stderr  # progress lines while it ran
