@@ -26,25 +26,33 @@ def linear_slope(points: list[tuple[float, float]]) -> float:
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
 
 
+def slope_pct_per_10min(points: list[tuple[float, float]]) -> float:
+    mean = sum(y for _, y in points) / len(points)
+    return 100 * linear_slope(points) * SLOPE_WINDOW_S / mean
+
+
 def memory_slopes(samples: list[Sample], *, skip_s: float) -> dict[str, list[dict]]:
-    """Per tier, per replica seen in at least 3 load samples after `skip_s`: resident memory at the
-    first and last of those samples and its least-squares slope in % of the mean per 10 minutes."""
+    """Per tier, per replica seen in at least 3 load samples after its first `skip_s` (its warm-up;
+    a replacement replica's counts from its own first sample): resident memory at the first and
+    last of those samples and its least-squares slope in % of the mean per 10 minutes; also the
+    slope over all of the replica's load samples, warm-up included."""
     out: dict[str, list[dict]] = {}
     for tier in TIERS:
         series: dict[str, list[tuple[float, float]]] = {}
         for sample in samples:
-            if sample.phase == "load" and sample.t_s >= skip_s:
+            if sample.phase == "load":
                 for replica in sample.tiers.get(tier, []):
                     series.setdefault(replica.replica_id, []).append((sample.t_s, replica.rss_bytes))
         rows = []
-        for replica_id, points in series.items():
+        for replica_id, every in series.items():
+            points = [(t, y) for t, y in every if t >= every[0][0] + skip_s]
             if len(points) < 3:
                 continue
-            mean = sum(y for _, y in points) / len(points)
             rows.append({
                 "replica_id": replica_id, "samples": len(points), "from_min": points[0][0] / 60,
                 "to_min": points[-1][0] / 60, "first_gib": points[0][1] / GIB, "last_gib": points[-1][1] / GIB,
-                "slope_pct_per_10min": 100 * linear_slope(points) * SLOPE_WINDOW_S / mean,
+                "slope_pct_per_10min": slope_pct_per_10min(points),
+                "slope_with_warmup_pct_per_10min": slope_pct_per_10min(every),
             })
         out[tier] = rows
     return out
@@ -83,7 +91,7 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=120)
     console.print(f"[bold]bench soak[/]: {args.clients} clients, {args.minutes:g} min, cancels "
                   f"{args.cancel_share:.0%}, deadlines {args.deadline_share:.0%}, "
                   + (f"a replica kill every {args.kill_every:g}s" if args.kill_every else "no kills"))
@@ -99,13 +107,15 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
                       f"{failure['code']} {failure['detail']}")
     for kill in summary["kills"]:
         console.print(f"  killed {kill['deployment']} replica {kill['replica_id']} at {kill['t_s'] / 60:.1f} min")
-    table = Table(title=f"resident memory (after the first {args.slope_skip_minutes:g} min)")
-    for column in ("tier", "replica", "samples", "minutes", "first GiB", "last GiB", "slope %/10 min"):
+    table = Table(title=f"resident memory per replica (after its first {args.slope_skip_minutes:g} min)")
+    for column in ("tier", "replica", "samples", "minutes", "first GiB", "last GiB", "slope %/10 min",
+                   "with warm-up"):
         table.add_column(column, justify="right")
     for tier, rows in summary["memory"].items():
         for row in rows:
             table.add_row(tier, row["replica_id"], str(row["samples"]), f"{row['from_min']:.1f}-{row['to_min']:.1f}",
-                          f"{row['first_gib']:.3f}", f"{row['last_gib']:.3f}", f"{row['slope_pct_per_10min']:+.2f}")
+                          f"{row['first_gib']:.3f}", f"{row['last_gib']:.3f}", f"{row['slope_pct_per_10min']:+.2f}",
+                          f"{row['slope_with_warmup_pct_per_10min']:+.2f}")
     console.print(table)
     left = summary["sessions_left"]
     if left is not None:
