@@ -444,8 +444,8 @@ def start_service(args: argparse.Namespace) -> tuple[str, str]:
     schema = load_serve_config(args.config)
     (app,) = schema.applications
     serve_args = argparse.Namespace(drafter=args.drafter, expert=args.expert, dtype=args.dtype,
-                                    grpc_port=args.grpc_port, http_port=args.http_port, num_cpus=None,
-                                    verbose=False)
+                                    backend=args.backend, device=args.device, grpc_port=args.grpc_port,
+                                    http_port=args.http_port, num_cpus=None, verbose=False)
     port, app_name = start(schema, serve_args, app_args=app_args_with_overrides(app.args, serve_args))
     return f"localhost:{port}", app_name
 
@@ -486,6 +486,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(benches) -> None:
+    from ..commands.serve import add_execution_arguments
+
     parser = benches.add_parser("soak", help="concurrent clients for minutes, with cancels, deadlines and replica "
                                              "kills: failures, memory slope, sessions left, identical outputs",
                                 description=__doc__.split("\n\n")[0])
@@ -497,6 +499,7 @@ def register(benches) -> None:
     service.add_argument("--drafter", help="drafter model source when starting here (default: the packaged pair)")
     service.add_argument("--expert", help="expert model source when starting here")
     service.add_argument("--dtype", choices=["bf16", "fp32"], help="both tiers' dtype when starting here")
+    add_execution_arguments(service, overrides_config=True)
     service.add_argument("--grpc-port", type=int, default=9421)
     service.add_argument("--http-port", type=int, default=8421)
     load = parser.add_argument_group("the load")
