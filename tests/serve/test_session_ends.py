@@ -79,7 +79,7 @@ def test_idle_sessions_are_reclaimed_and_recompute_while_released_ids_are_forgot
 
 
 def tier_config(model_dir: str, backend: str) -> TierConfig:
-    return TierConfig(model=model_dir, dtype="fp32", backend=backend, batch_wait_timeout_s=0.0,
+    return TierConfig(model=model_dir, dtype="fp32", backend=backend, batch_wait_timeout_s=0.0, max_batch_size=4,
                       static={"slots": 4, "cuda_graphs": False})
 
 
