@@ -309,10 +309,14 @@ class Soak:
         return sample
 
     def _kill_schedule(self) -> None:
+        """Kill an Expert replica, then a Drafter replica, ... every --kill-every seconds of the load."""
         rng = random.Random(f"{self.args.seed}:kills")
         order = ("Expert", "Drafter")
         number = 0
-        while not self._stop.wait(timeout=max(0.0, (number + 1) * self.args.kill_every - self.now())):
+        while True:
+            at = (number + 1) * self.args.kill_every
+            if at >= self.args.minutes * 60 or self._stop.wait(timeout=max(0.0, at - self.now())):
+                return
             deployment = order[number % 2]
             number += 1
             try:
