@@ -11,9 +11,10 @@ deadlines or kills; the same seeds) and counts identical outputs. Writes `NAME.j
 sample, kill and request) and `NAME.png` (memory and sessions over time) under `--out`.
 
 Against a running service (`--target host:port`, and a Ray connection to its cluster through
-`--ray-address`, for the replicas' statistics and kills), or one it starts itself like
-`speccascade serve` (the real pair by default: run it under `flock /tmp/speccascade-real-model.lock`).
-Measures failures, leaks and identical outputs, not speed.
+`--ray-address`, for the replicas' statistics and kills; a service with tenants takes the key from
+$SPECCASCADE_API_KEY), or one it starts itself like `speccascade serve` (the real pair by default:
+run it under `flock /tmp/speccascade-real-model.lock`). Measures failures, leaks and identical
+outputs, not speed.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-REPLICA_PIN_PREFIX = "replica:"  # session ids are uuid4 hex: no session id starts like this
+REPLICA_PIN_PREFIX = "replica:"  # session ids are "<tenant id or ->/<uuid>"; tenant ids have no ":"
 
 
 def pinned_to(replica_id: str) -> str:
