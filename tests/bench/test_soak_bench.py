@@ -50,7 +50,7 @@ def test_bench_soak_on_tiny_models_with_cancels_deadlines_and_a_kill(tiny_model_
     command = [sys.executable, "-m", "speccascade.cli", "bench", "soak", "--drafter", drafter, "--expert", expert,
                "--dtype", "fp32", "--clients", "2", "--minutes", "0.4", "--sample-every", "6", "--kill-every", "14",
                "--cancel-share", "0.3", "--deadline-share", "0.2", "--deadline-s", "0.05", "--max-new-tokens", "16",
-               "--settle-s", "5", "--slope-skip-minutes", "0", "--reference-limit", "12",
+               "--settle-s", "5", "--slope-skip-minutes", "0", "--reference-limit", "8", "--reference-repeats", "2",
                "--grpc-port", str(free_port()), "--http-port", str(free_port()), "--out", str(tmp_path),
                "--name", "tiny"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -67,6 +67,8 @@ def test_bench_soak_on_tiny_models_with_cancels_deadlines_and_a_kill(tiny_model_
     # fp32: a request with a fixed seed gives the same tokens whatever happened around it.
     assert reference["greedy"]["identical"] == reference["greedy"]["compared"]
     assert reference["sampled"]["identical"] == reference["sampled"]["compared"]
+    floor = reference["replay_vs_replay"]
+    assert floor["compared"] == reference["compared"] and not floor["differed"]
     phases = [s["phase"] for s in report["samples"]]
     assert phases.count("load") >= 3 and phases[-1] == "settled"
     assert all(r["rss_bytes"] > 0 for s in report["samples"] for rs in s["tiers"].values() for r in rs)

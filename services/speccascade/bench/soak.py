@@ -362,7 +362,9 @@ class Soak:
 
     def reference(self) -> dict:
         """Replay completed requests fault-free (same seeds, no cancels, deadlines or kills) and compare
-        their tokens; requests that met a retry or a fallback are always among them."""
+        their tokens; requests that met a retry or a fallback are always among them. With
+        --reference-repeats 2 the replay runs twice and the two are compared too: how often two
+        fault-free runs differ (bf16 results depend on how requests were batched together)."""
         a = self.args
         completed = {o.index: o for o in self.outcomes if o.status == "ok"}
         faulted = [i for i, o in completed.items() if o.tier_retries or o.expert_only_fallback]
@@ -372,10 +374,22 @@ class Soak:
         if not chosen:
             return {"compared": 0}
         self.probe.wait_until_running(timeout_s=600)
-        self.console.print(f"reference run: {len(chosen)} completed requests replayed fault-free "
-                           f"({len(faulted)} of them met a retry or fallback)...")
+        replays = []
+        for repeat in range(a.reference_repeats):
+            self.console.print(f"reference run {repeat + 1}/{a.reference_repeats}: {len(chosen)} completed requests "
+                               f"replayed fault-free ({len(faulted)} of them met a retry or fallback)...")
+            replays.append(self._replay(chosen))
+        report = compare_with_reference({o.index: o.token_ids for o in self.outcomes if o.status == "ok"},
+                                        replays[0], self.plan, self.outcomes)
+        if len(replays) > 1:
+            report["replay_vs_replay"] = compare_with_reference(
+                {i: t for i, t in replays[1].items() if not isinstance(t, str)}, replays[0], self.plan)
+        return report
+
+    def _replay(self, indices: list[int]) -> dict[int, list[int] | str]:
+        """Tokens of each request run again to completion (or its error code), at --clients concurrency."""
         results: dict[int, list[int] | str] = {}
-        queue = list(chosen)
+        queue = list(indices)
 
         def replay():
             from ..api.client import SpecCascadeClient
@@ -386,41 +400,45 @@ class Soak:
                         if not queue:
                             return
                         index = queue.pop()
-                    spec = self.plan(index)
-                    spec = RequestSpec(**{**asdict(spec), "action": "complete", "unary": False})
+                    spec = RequestSpec(**{**asdict(self.plan(index)), "action": "complete", "unary": False})
                     outcome = run_request(client, spec, deadline_s=None, clock_zero=self._zero)
-                    results[index] = outcome.token_ids if outcome.status == "ok" else f"{outcome.code}"
+                    results[index] = outcome.token_ids if outcome.status == "ok" else outcome.code
 
-        threads = [threading.Thread(target=replay, daemon=True) for _ in range(a.clients)]
+        threads = [threading.Thread(target=replay, daemon=True) for _ in range(self.args.clients)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        return compare_with_reference(self.outcomes, results, self.plan)
+        return results
 
 
-def compare_with_reference(outcomes: list[Outcome], reference: dict[int, list[int] | str], plan) -> dict:
-    """Identical / compared, greedy and sampled apart, with the requests that differed."""
+def compare_with_reference(tokens_by_index: dict[int, list[int]], reference: dict[int, list[int] | str], plan,
+                           outcomes: list[Outcome] = ()) -> dict:
+    """Identical / compared, greedy and sampled apart, with the requests that differed (and, given
+    the soak's outcomes, whether they met a retry or a fallback)."""
     by_index = {o.index: o for o in outcomes}
     report = {"compared": 0, "reference_failed": [], "differed": []}
     for sampling in SAMPLINGS:
         report[sampling] = {"compared": 0, "identical": 0}
-    for index, tokens in sorted(reference.items()):
-        outcome, spec = by_index[index], plan(index)
-        if isinstance(tokens, str):
-            report["reference_failed"].append({"index": index, "code": tokens})
+    for index, expected in sorted(reference.items()):
+        if isinstance(expected, str):
+            report["reference_failed"].append({"index": index, "code": expected})
             continue
+        if index not in tokens_by_index:
+            continue
+        got, spec = tokens_by_index[index], plan(index)
         report["compared"] += 1
         report[spec.sampling]["compared"] += 1
-        if tokens == outcome.token_ids:
+        if got == expected:
             report[spec.sampling]["identical"] += 1
-        else:
-            first = next((i for i, (x, y) in enumerate(zip(tokens, outcome.token_ids)) if x != y),
-                         min(len(tokens), len(outcome.token_ids)))
-            report["differed"].append({"index": index, "label": spec.label, "first_difference_at": first,
-                                       "tokens": len(outcome.token_ids), "reference_tokens": len(tokens),
-                                       "tier_retries": outcome.tier_retries,
-                                       "expert_only_fallback": outcome.expert_only_fallback})
+            continue
+        first = next((i for i, (x, y) in enumerate(zip(expected, got)) if x != y), min(len(expected), len(got)))
+        differed = {"index": index, "label": spec.label, "first_difference_at": first, "tokens": len(got),
+                    "reference_tokens": len(expected)}
+        if index in by_index:
+            differed |= {"tier_retries": by_index[index].tier_retries,
+                         "expert_only_fallback": by_index[index].expert_only_fallback}
+        report["differed"].append(differed)
     return report
 
 
@@ -528,6 +546,8 @@ def register(benches) -> None:
                          help="leave the first minutes (warm-up) out of the memory slope (default 2)")
     measure.add_argument("--reference-limit", type=int, default=32,
                          help="completed requests replayed fault-free for the identical-output count (default 32)")
+    measure.add_argument("--reference-repeats", type=int, default=1, choices=[1, 2],
+                         help="2: replay twice and also count how often two fault-free runs agree (default 1)")
     measure.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     measure.add_argument("--name", default="soak", help="file names: NAME.json and NAME.png (default soak)")
     parser.set_defaults(handler=run)

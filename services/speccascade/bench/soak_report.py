@@ -135,6 +135,11 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
                           f"fallback {diff['expert_only_fallback']})")
         for failed in reference["reference_failed"]:
             console.print(f"  [red]reference replay of #{failed['index']} failed: {failed['code']}[/]")
+        floor = reference.get("replay_vs_replay")
+        if floor and floor["compared"]:
+            parts = [f"{k} {floor[k]['identical']}/{floor[k]['compared']}" for k in ("greedy", "sampled")
+                     if floor[k]["compared"]]
+            console.print(f"two fault-free replays identical to each other: {', '.join(parts)}")
 
 
 def fmt(value: float | None, unit: str) -> str:

@@ -18,6 +18,8 @@ The classes are plain; `app.build_app` turns them into deployments with options 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import os
 import time
@@ -43,7 +45,29 @@ from .sessions import CacheStats, SessionEndedError, SessionStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-MAX_SWEEP_PERIOD_S = 30.0  # idle sessions are looked for at least this often
+MAX_SWEEP_PERIOD_S = 30.0  # idle sessions are looked for (and the heap trimmed) at least this often
+
+
+def _load_malloc_trim():
+    """glibc's `malloc_trim`, or None (another C library)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the OS. A CPU tier allocates and frees tensors of every
+    size each batch (padded batches, caches growing and cut back); glibc keeps the freed memory in
+    its arenas, so resident memory creeps up for a long time although nothing leaks. True if the
+    heap was trimmed."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
 
 
 @dataclass(frozen=True)
@@ -135,11 +159,13 @@ class ModelTier:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def _sweep_forever(self) -> None:
-        """Reclaim sessions untouched for `session_idle_timeout_s` (their router may have died)."""
+        """Reclaim sessions untouched for `session_idle_timeout_s` (their router may have died), and
+        trim the heap, between batches."""
         period = min(self.sessions.idle_timeout_s / 4, MAX_SWEEP_PERIOD_S)
         while True:
             await asyncio.sleep(period)
             reclaimed = await self.batcher.run_between_batches(self.sessions.reclaim_idle)
+            await self.batcher.run_between_batches(trim_heap)
             if reclaimed:
                 log.info("%s tier reclaimed %d session cache(s) idle for over %gs (router gone or request "
                          "stalled)", self.role, reclaimed, self.sessions.idle_timeout_s)
