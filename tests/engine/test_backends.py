@@ -1,5 +1,7 @@
 """Every model backend against a plain full forward pass: cold, warm, after rollback, batched."""
 
+import threading
+
 import pytest
 import torch
 
@@ -167,6 +169,44 @@ def test_static_release_keeps_the_slots_compact_and_moves_caches_intact(pair_of_
     torch.testing.assert_close(got, scratch(static, extended, len(sequences[2])), atol=1e-5, rtol=1e-4)
     for session in sessions[1:]:
         static.release(session)
+
+
+def test_static_release_gives_the_slot_back_at_once(pair_of_backends):
+    _, static = pair_of_backends
+    session = static.new_session()
+    static.distributions(session, random_tokens(40, 12), start=12)
+    occupied = static.occupied_slots
+    assert session.slot is not None
+    static.release(session)
+    assert static.occupied_slots == occupied - 1
+    assert session.slot is None and session.cached_length == 0 and static.session_bytes(session) == 0
+
+
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_a_release_from_another_thread_waits_for_the_pass_in_progress(kind):
+    backend = backend_class(kind)(tiny_qwen2(VOCAB, seed=3), name=kind)
+    session = backend.new_session()
+    backend.distributions(session, random_tokens(41, 10), start=10)
+    in_pass, finish = threading.Event(), threading.Event()
+    forward = backend._forward
+
+    def slow_forward(plans):
+        in_pass.set()
+        finish.wait(timeout=30)
+        return forward(plans)
+
+    backend._forward = slow_forward
+    scoring = threading.Thread(target=backend.distributions, args=(session, random_tokens(41, 10) + [5, 6], 10))
+    scoring.start()
+    assert in_pass.wait(timeout=30)
+    releasing = threading.Thread(target=backend.release, args=(session,))
+    releasing.start()
+    releasing.join(timeout=0.3)
+    assert releasing.is_alive()  # it waits: the pass is still using the session's cache
+    finish.set()
+    scoring.join(timeout=30)
+    releasing.join(timeout=30)
+    assert not releasing.is_alive() and session.cached_length == 0 and backend.session_bytes(session) == 0
 
 
 def test_static_refuses_a_sequence_longer_than_its_slots():
