@@ -109,10 +109,13 @@ class Outcome:
     token_ids: list[int] = field(default_factory=list)  # of completed requests
 
 
-def run_request(client, spec: RequestSpec, *, deadline_s: float | None, clock_zero: float) -> Outcome:
+def run_request(client, spec: RequestSpec, *, deadline_s: float | None, clock_zero: float,
+                request_id: str | None = None) -> Outcome:
     """Send one request as planned (cancel it after some chunks, or give it a deadline) and say how
-    it ended."""
+    it ended. A completed request must end with its final chunk (finish reason and stats)."""
     import grpc
+
+    from ..api.v1 import speccascade_pb2 as pb
 
     started = time.monotonic()
     outcome = Outcome(spec.index, spec.label, spec.action, "ok", started - clock_zero, 0.0, deadline_s=deadline_s)
@@ -120,11 +123,11 @@ def run_request(client, spec: RequestSpec, *, deadline_s: float | None, clock_ze
     timeout = deadline_s if spec.action == "deadline" else None
     try:
         if spec.unary:
-            response = client.generate(spec.build(), timeout=timeout)
+            response = client.generate(spec.build(), timeout=timeout, request_id=request_id)
             outcome.ttft_s = time.monotonic() - started
             outcome.token_ids, final = list(response.token_ids), response
         else:
-            call = client.stream(spec.build(), timeout=timeout)
+            call = client.stream(spec.build(), timeout=timeout, request_id=request_id)
             final, chunks = None, 0
             for chunk in call:
                 if chunk.token_ids and outcome.ttft_s is None:
@@ -138,7 +141,10 @@ def run_request(client, spec: RequestSpec, *, deadline_s: float | None, clock_ze
                     break
         if cancelled:
             outcome.status, outcome.code = "cancelled", "CANCELLED"
-        elif final is not None and final.HasField("stats"):
+        elif final is None or not final.HasField("stats") or final.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+            outcome.status, outcome.code = "failed", "OK"
+            outcome.detail = "the call ended without its final chunk (finish reason and stats)"
+        else:
             outcome.tier_retries = final.stats.tier_retries
             outcome.expert_only_fallback = final.stats.expert_only_fallback
     except grpc.RpcError as error:
@@ -278,7 +284,8 @@ class Soak:
             while not self._stop.is_set():
                 spec = self.plan(self._take_index())
                 deadline = self._deadline(rng) if spec.action == "deadline" else None
-                outcome = run_request(client, spec, deadline_s=deadline, clock_zero=self._zero)
+                outcome = run_request(client, spec, deadline_s=deadline, clock_zero=self._zero,
+                                      request_id=f"soak-{self.args.seed}-{spec.index}")
                 with self._lock:
                     self.outcomes.append(outcome)
                 if outcome.status == "failed":
@@ -378,7 +385,7 @@ class Soak:
         for repeat in range(a.reference_repeats):
             self.console.print(f"reference run {repeat + 1}/{a.reference_repeats}: {len(chosen)} completed requests "
                                f"replayed fault-free ({len(faulted)} of them met a retry or fallback)...")
-            replays.append(self._replay(chosen))
+            replays.append(self._replay(chosen, repeat + 1))
         report = compare_with_reference({o.index: o.token_ids for o in self.outcomes if o.status == "ok"},
                                         replays[0], self.plan, self.outcomes)
         if len(replays) > 1:
@@ -386,7 +393,7 @@ class Soak:
                 {i: t for i, t in replays[1].items() if not isinstance(t, str)}, replays[0], self.plan)
         return report
 
-    def _replay(self, indices: list[int]) -> dict[int, list[int] | str]:
+    def _replay(self, indices: list[int], repeat: int) -> dict[int, list[int] | str]:
         """Tokens of each request run again to completion (or its error code), at --clients concurrency."""
         results: dict[int, list[int] | str] = {}
         queue = list(indices)
@@ -401,7 +408,8 @@ class Soak:
                             return
                         index = queue.pop()
                     spec = RequestSpec(**{**asdict(self.plan(index)), "action": "complete", "unary": False})
-                    outcome = run_request(client, spec, deadline_s=None, clock_zero=self._zero)
+                    outcome = run_request(client, spec, deadline_s=None, clock_zero=self._zero,
+                                          request_id=f"soak-{self.args.seed}-{index}-replay{repeat}")
                     results[index] = outcome.token_ids if outcome.status == "ok" else outcome.code
 
         threads = [threading.Thread(target=replay, daemon=True) for _ in range(self.args.clients)]
