@@ -147,42 +147,68 @@ def fmt(value: float | None, unit: str) -> str:
 
 
 def plot(samples: list[Sample], kills: list[KillEvent], stopped_s: float, path: Path, title: str) -> None:
+    """Resident memory of each tier's replicas (one panel per tier, so a slow creep shows), and
+    cache sessions per tier with the router's active requests, over time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (memory, sessions) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    for tier, color in zip(TIERS, ("tab:cyan", "tab:purple")):
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [1, 1, 1.2]})
+    colors = dict(zip(TIERS, ("tab:cyan", "tab:purple")))
+    for ax, tier in zip(axes, TIERS):
         replicas: dict[str, list[tuple[float, float]]] = {}
         for sample in samples:
             for replica in sample.tiers.get(tier, []):
                 replicas.setdefault(replica.replica_id, []).append((sample.t_s / 60, replica.rss_bytes / GIB))
         for i, (replica_id, points) in enumerate(replicas.items()):
-            memory.plot(*zip(*points), marker=".", color=color, alpha=1.0 if i == 0 else 0.6,
-                        label=f"{tier.lower()} {replica_id}")
+            ax.plot(*zip(*points), marker=".", color=colors[tier], alpha=1.0 if i == 0 else 0.55,
+                    label=f"replica {replica_id}")
+        ax.set_ylabel(f"{tier.lower()} RSS (GiB)")
+        ax.legend(loc="lower right", fontsize=8)
+    sessions = axes[2]
+    for tier in TIERS:
         counted = [(s.t_s / 60, s.sessions(tier)) for s in samples if s.sessions(tier) is not None]
         if counted:
-            sessions.plot(*zip(*counted), marker=".", color=color, label=f"{tier.lower()} cache sessions")
+            sessions.plot(*zip(*counted), marker=".", color=colors[tier], label=f"{tier.lower()} cache sessions")
     routed = [(s.t_s / 60, s.router_active_sessions) for s in samples if s.router_active_sessions is not None]
     if routed:
         sessions.plot(*zip(*routed), color="black", linestyle=":", label="router active requests")
-    for ax in (memory, sessions):
+    end = max(s.t_s for s in samples) / 60
+    for ax in axes:
         for kill in kills:
             ax.axvline(kill.t_s / 60, color="tab:red", linestyle="--", linewidth=1)
-        ax.axvspan(stopped_s / 60, max(s.t_s for s in samples) / 60, color="0.9")
+        ax.axvspan(stopped_s / 60, end, color="0.9")
     for kill in kills:
-        memory.annotate(f"kill {kill.deployment.lower()}", (kill.t_s / 60, memory.get_ylim()[1]),
-                        rotation=90, va="top", ha="right", fontsize=8, color="tab:red")
-    memory.set_ylabel("resident memory (GiB)")
-    memory.set_title(title)
-    memory.legend(loc="center left", fontsize=8)
+        axes[0].annotate(f"kill {kill.deployment.lower()}", (kill.t_s / 60, 1.0), xycoords=("data", "axes fraction"),
+                         rotation=90, va="top", ha="right", fontsize=8, color="tab:red")
+    axes[0].set_title(title)
     sessions.set_ylabel("sessions")
-    sessions.set_xlabel("minutes (grey: clients stopped)")
+    sessions.set_xlabel("minutes (grey: the clients have stopped)")
     sessions.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(json_path: Path) -> Path:
+    """Draw a soak's plot again from its JSON (same name, .png)."""
+    data = json.loads(json_path.read_text())
+    from .soak import ReplicaSample
+
+    samples = [Sample(**{**s, "tiers": {tier: [ReplicaSample(**r) for r in rs] for tier, rs in s["tiers"].items()}})
+               for s in data["samples"]]
+    kills = [KillEvent(**k) for k in data["summary"]["kills"]]
+    path = json_path.with_suffix(".png")
+    plot(samples, kills, data["summary"]["clients_stopped_at_min"] * 60, path, plot_title(data["config"]))
+    return path
+
+
+def plot_title(config: dict) -> str:
+    return (f"bench soak: {config['clients']} clients, {config['minutes']:g} min, cancels "
+            f"{config['cancel_share']:.0%}, deadlines {config['deadline_share']:.0%}"
+            + (f", {config['dtype']}" if config.get("dtype") else "")
+            + (f", a replica kill every {config['kill_every']:g}s" if config.get("kill_every") else ""))
 
 
 def write_outputs(args: argparse.Namespace, samples: list[Sample], outcomes: list[Outcome], kills: list[KillEvent],
@@ -195,8 +221,6 @@ def write_outputs(args: argparse.Namespace, samples: list[Sample], outcomes: lis
         "config": config, "summary": summary, "samples": [asdict(s) for s in samples],
         "requests": [{k: v for k, v in asdict(o).items() if k != "token_ids"} for o in outcomes],
     }, indent=1))
-    title = (f"bench soak: {args.clients} clients, {args.minutes:g} min, cancels {args.cancel_share:.0%}, "
-             f"deadlines {args.deadline_share:.0%}" + (f", kill every {args.kill_every:g}s" if args.kill_every else ""))
-    plot(samples, kills, stopped_s, png_path, title)
+    plot(samples, kills, stopped_s, png_path, plot_title(config))
     print(f"wrote {json_path} and {png_path}")
     return json_path, png_path
