@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from speccascade.bench.soak import POLICIES, plan_request
+from speccascade.cli import main
 from speccascade.bench.soak_report import linear_slope
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,3 +76,6 @@ def test_bench_soak_on_tiny_models_with_cancels_deadlines_and_a_kill(tiny_model_
     assert summary["memory"]["Drafter"] or summary["memory"]["Expert"]  # a slope where a replica lived long enough
     assert (tmp_path / "tiny.png").stat().st_size > 10_000
     assert "ok" in done.stderr and "min]" in done.stderr  # progress lines while it ran
+    # --report summarizes a finished soak again from its JSON, to the same figures.
+    assert main(["bench", "soak", "--report", str(tmp_path / "tiny.json")]) == 0
+    assert json.loads((tmp_path / "tiny.json").read_text())["summary"] == summary

@@ -485,8 +485,11 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from rich.console import Console
 
-    from .soak_report import summarize, write_outputs
+    from .soak_report import report_again, summarize, write_outputs
 
+    if args.report:
+        report_again(args.report)
+        return 0
     if args.clients < 1 or args.minutes <= 0 or args.sample_every <= 0:
         raise ValueError(f"--clients={args.clients}, --minutes={args.minutes:g} and --sample-every="
                          f"{args.sample_every:g} must be positive")
@@ -558,4 +561,6 @@ def register(benches) -> None:
                          help="2: replay twice and also count how often two fault-free runs agree (default 1)")
     measure.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     measure.add_argument("--name", default="soak", help="file names: NAME.json and NAME.png (default soak)")
+    measure.add_argument("--report", type=Path, metavar="JSON",
+                         help="no load: summarize a finished soak's JSON again, rewrite it and redraw its plot")
     parser.set_defaults(handler=run)

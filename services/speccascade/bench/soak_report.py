@@ -35,7 +35,8 @@ def memory_slopes(samples: list[Sample], *, skip_s: float) -> dict[str, list[dic
     """Per tier, per replica seen in at least 3 load samples after its first `skip_s` (its warm-up;
     a replacement replica's counts from its own first sample): resident memory at the first and
     last of those samples and its least-squares slope in % of the mean per 10 minutes; also the
-    slope over all of the replica's load samples, warm-up included."""
+    slope over the second half of those samples (whether it still grows once warm) and over all
+    of the replica's load samples, warm-up included."""
     out: dict[str, list[dict]] = {}
     for tier in TIERS:
         series: dict[str, list[tuple[float, float]]] = {}
@@ -52,6 +53,8 @@ def memory_slopes(samples: list[Sample], *, skip_s: float) -> dict[str, list[dic
                 "replica_id": replica_id, "samples": len(points), "from_min": points[0][0] / 60,
                 "to_min": points[-1][0] / 60, "first_gib": points[0][1] / GIB, "last_gib": points[-1][1] / GIB,
                 "slope_pct_per_10min": slope_pct_per_10min(points),
+                "slope_second_half_pct_per_10min": (slope_pct_per_10min(points[len(points) // 2:])
+                                                    if len(points) >= 6 else None),
                 "slope_with_warmup_pct_per_10min": slope_pct_per_10min(every),
             })
         out[tier] = rows
@@ -109,13 +112,14 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
         console.print(f"  killed {kill['deployment']} replica {kill['replica_id']} at {kill['t_s'] / 60:.1f} min")
     table = Table(title=f"resident memory per replica (after its first {args.slope_skip_minutes:g} min)")
     for column in ("tier", "replica", "samples", "minutes", "first GiB", "last GiB", "slope %/10 min",
-                   "with warm-up"):
+                   "second half", "with warm-up"):
         table.add_column(column, justify="right")
     for tier, rows in summary["memory"].items():
         for row in rows:
+            half = row["slope_second_half_pct_per_10min"]
             table.add_row(tier, row["replica_id"], str(row["samples"]), f"{row['from_min']:.1f}-{row['to_min']:.1f}",
                           f"{row['first_gib']:.3f}", f"{row['last_gib']:.3f}", f"{row['slope_pct_per_10min']:+.2f}",
-                          f"{row['slope_with_warmup_pct_per_10min']:+.2f}")
+                          "-" if half is None else f"{half:+.2f}", f"{row['slope_with_warmup_pct_per_10min']:+.2f}")
     console.print(table)
     left = summary["sessions_left"]
     if left is not None:
@@ -191,17 +195,21 @@ def plot(samples: list[Sample], kills: list[KillEvent], stopped_s: float, path: 
     plt.close(fig)
 
 
-def replot(json_path: Path) -> Path:
-    """Draw a soak's plot again from its JSON (same name, .png)."""
-    data = json.loads(json_path.read_text())
+def report_again(json_path: Path) -> dict:
+    """Summarize a finished soak again from its JSON (the summary's figures as this version computes
+    them), print it, rewrite the JSON and redraw the plot. Returns the summary."""
     from .soak import ReplicaSample
 
+    data = json.loads(json_path.read_text())
+    args = argparse.Namespace(**{**data["config"], "out": json_path.parent, "name": json_path.stem})
     samples = [Sample(**{**s, "tiers": {tier: [ReplicaSample(**r) for r in rs] for tier, rs in s["tiers"].items()}})
                for s in data["samples"]]
+    outcomes = [Outcome(**r) for r in data["requests"]]
     kills = [KillEvent(**k) for k in data["summary"]["kills"]]
-    path = json_path.with_suffix(".png")
-    plot(samples, kills, data["summary"]["clients_stopped_at_min"] * 60, path, plot_title(data["config"]))
-    return path
+    stopped_s = data["summary"]["clients_stopped_at_min"] * 60
+    summary = summarize(args, samples, outcomes, kills, data["summary"]["reference"], stopped_s=stopped_s)
+    write_outputs(args, samples, outcomes, kills, summary, stopped_s=stopped_s)
+    return summary
 
 
 def plot_title(config: dict) -> str:
@@ -216,7 +224,8 @@ def write_outputs(args: argparse.Namespace, samples: list[Sample], outcomes: lis
     print_summary(summary, args)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / f"{args.name}.json", args.out / f"{args.name}.png"
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "handler"}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+              if k not in ("handler", "report")}
     json_path.write_text(json.dumps({
         "config": config, "summary": summary, "samples": [asdict(s) for s in samples],
         "requests": [{k: v for k, v in asdict(o).items() if k != "token_ids"} for o in outcomes],
