@@ -17,6 +17,7 @@ in their stats. The HTTP API maps the same outcomes to HTTP statuses (400, 503).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -41,6 +42,12 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecCascade"].full_name
 HEALTH_WATCH_PERIOD_S = 5.0
+TENANT_LOAD_PERIOD_S = 5.0  # how often a router replica publishes its per-tenant load (`speccascade status`)
+TENANT_LOAD_KV_NAMESPACE = "speccascade"
+
+
+def tenant_load_kv_prefix(app_name: str) -> str:
+    return f"tenant-load/{app_name}/"
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,7 @@ class Router:
         self._background: set[asyncio.Task] = set()
         self.active_sessions: set[str] = set()
         self.access = Gatekeeper(config.tenancy, config.policy)
+        self._load_publisher: asyncio.Task | None = None
 
     # ---- admission: who calls, what they ask for, their quota (errors here are the client's) ----
 
@@ -82,6 +90,7 @@ class Router:
         reloaded = self.access.reload_if_due()
         if reloaded:
             self.metrics.tenant_reloads.inc(tags={"result": reloaded})
+        self._publish_tenant_load()
         tags = metric_tags(None)
         try:
             caller = self.access.identify(metadata)
@@ -285,6 +294,33 @@ class Router:
     async def tenant_load(self) -> dict:
         """Requests in flight per tenant in this replica, and how many wait for a decoding slot."""
         return self.access.load()
+
+    def _publish_tenant_load(self) -> None:
+        """From the first request on, every TENANT_LOAD_PERIOD_S: this replica's per-tenant load in
+        Ray's key-value store, where `speccascade status` sums the replicas' (and skips stale ones)."""
+        if self._load_publisher is not None and not self._load_publisher.done():
+            return
+        try:
+            from ray import serve
+
+            context = serve.get_replica_context()
+            key = tenant_load_kv_prefix(context.app_name) + context.replica_id.unique_id
+        except Exception:  # not running as a Serve replica (a unit test): nothing to publish to
+            return
+
+        async def publish_forever():
+            from ray.experimental.internal_kv import _internal_kv_put
+
+            while True:
+                record = json.dumps({"time": time.time(), **self.access.load()})
+                try:
+                    await asyncio.to_thread(_internal_kv_put, key, record, overwrite=True,
+                                            namespace=TENANT_LOAD_KV_NAMESPACE)
+                except Exception:  # visibility must never break serving
+                    log.warning("could not publish the tenant load", exc_info=True)
+                await asyncio.sleep(TENANT_LOAD_PERIOD_S)
+
+        self._load_publisher = asyncio.get_running_loop().create_task(publish_forever())
 
 
 def stats_proto(result: GenerationResult, request: GenerationRequest, transport: Transport) -> pb.GenerationStats:
