@@ -5,7 +5,15 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install tools run generate test test-fast
+.PHONY: install tools run generate test test-fast wheel image image-push
+
+# Images (docker/<flavour>.Dockerfile): <REGISTRY>/speccascade:<version>-<flavour> on Ray's official
+# images of the chart's rayVersion; the chart's default image is speccascade:<appVersion>-cpu.
+REGISTRY ?=
+IMAGE := $(if $(REGISTRY),$(REGISTRY)/)speccascade
+FLAVOURS := cpu cuda
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RAY_VERSION := $(shell sed -n 's/^rayVersion: "\(.*\)"/\1/p' helm/speccascade/values.yaml)
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,3 +42,19 @@ test: install tools
 
 test-fast: install
 	$(PYTHON) -m pytest -m "not real_model"
+
+# The package's wheel in dist/ (what the images install). build/ goes first: setuptools would
+# otherwise package modules since deleted from the source tree.
+wheel:
+	rm -rf build dist
+	python3 -m pip wheel --quiet --no-deps --wheel-dir dist .
+
+image: $(addprefix image-,$(FLAVOURS))
+
+# image-cpu, image-cuda (not .PHONY: make skips pattern rules for phony targets)
+image-%: wheel
+	@docker info >/dev/null 2>&1 || { echo "make image needs docker with a running daemon (docker info failed)"; exit 1; }
+	docker build -f docker/$*.Dockerfile --build-arg RAY_VERSION=$(RAY_VERSION) -t $(IMAGE):$(VERSION)-$* .
+
+image-push: image
+	$(foreach flavour,$(FLAVOURS),docker push $(IMAGE):$(VERSION)-$(flavour) &&) true

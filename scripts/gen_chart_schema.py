@@ -8,7 +8,7 @@ The `app` block is the Serve application's `args`: its schema is pydantic's JSON
 constraints), so the chart accepts exactly AppConfig's fields and `helm lint` / `helm install`
 refuse a wrong one with a message naming it. The deferral-aware autoscaling policy's kwargs are
 checked against `speccascade.autoscale.settings.AutoscalingSettings` the same way. The chart-only
-values (worker groups, pods, image, services, metrics, autoscaler) are described below; their
+values (worker groups, pods, image, services, metrics, autoscaler, dashboard, helm test) are described below; their
 descriptions are the `# --` comments of values.yaml. Rules that span several fields (min_replicas <= max_replicas, static.slots >=
 max_batch_size, ...) are beyond JSON Schema: AppConfig checks them when Serve builds the app.
 """
@@ -117,6 +117,7 @@ def chart_values_schema(deferral_policy_function: str) -> dict:
         "image": closed({
             "repository": {"type": "string", "minLength": 1},
             "tag": {"type": ["string", "number"]},
+            "flavour": {"enum": ["cpu", "cuda"]},  # the images `make image` builds (docker/<flavour>.Dockerfile)
             "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
         }),
         "imagePullSecrets": objects(),
@@ -183,6 +184,24 @@ def chart_values_schema(deferral_policy_function: str) -> dict:
             "port": port(),
             "podAnnotations": boolean(),
             "serviceMonitor": closed({"enabled": boolean(), "interval": string(), "labels": strings()}),
+        }),
+        "grafana": closed({
+            "dashboard": closed({
+                "enabled": boolean(),
+                "label": {"type": "string", "minLength": 1},
+                "labelValue": string(),
+                "namespace": string(),
+                "annotations": strings(),
+            }),
+        }),
+        "tests": closed({
+            "enabled": boolean(),
+            "waitSeconds": integer(0),
+            "timeoutSeconds": integer(1),
+            "prompt": {"type": "string", "minLength": 1},
+            "maxNewTokens": integer(1),
+            "apiKeySecret": closed({"name": string(), "key": {"type": "string", "minLength": 1}}),
+            "resources": mapping(),
         }),
         # Helm hands a parent chart's `global` values to its subcharts.
         "global": mapping(),

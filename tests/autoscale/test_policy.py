@@ -10,6 +10,7 @@ from ray.serve._private.common import TimeStampedValue
 
 from speccascade.autoscale import signals as sig
 from speccascade.autoscale.policy import (
+    REASON_KINDS,
     DeferralAwarePolicy,
     counter_increase,
     counter_window,
@@ -198,6 +199,8 @@ def test_deferral_falling_scales_the_expert_down_only_after_the_delay():
     switch = cluster.now
     cluster.run(lenient, 55)
     assert cluster.targets["Expert"] == before["Expert"]  # still within the 60 s downscale delay
+    expert = cluster.controller.last_record["tiers"]["expert"]
+    assert expert["reason_kind"] == "waiting" and expert["reason"].startswith("demand: waiting")
     cluster.run(lenient, 300)
     assert cluster.targets["Expert"] == steady_targets(lenient)["Expert"]
     assert cluster.targets["Drafter"] == before["Drafter"]
@@ -271,3 +274,5 @@ def test_policy_object_is_what_ray_calls():
     expert = next(d for d in contexts if d.name == "Expert")
     assert states[expert]["decision"]["service_time_s"] == pytest.approx(EXPERT_S)
     assert states[expert]["pending"] == "up"  # 1 replica is too few, waiting out the delay
+    assert states[expert]["decision"]["reason_kind"] == "waiting"
+    assert {s["decision"]["reason_kind"] for s in states.values()} <= set(REASON_KINDS)

@@ -54,3 +54,11 @@ def test_headline_pairs_each_queue_point_with_the_cheapest_deferral_point_no_slo
     assert rows["queue 1"]["deferral"] == "deferral 0.8"
     assert rows["queue 1"]["expert_saving"] == pytest.approx(1 - 80 / 90)
     assert rows["queue 0.5"]["deferral"] is None  # nothing as fast: no claim
+
+
+def test_status_sums_the_tenant_load_of_the_router_replicas():
+    from speccascade.commands.status import format_tenant_load
+
+    assert "no router replica" in format_tenant_load({"active": {}, "waiting": 0, "decoding": 0, "replicas": 0})
+    text = format_tenant_load({"active": {"acme": 3, "quiet": 1}, "waiting": 2, "decoding": 2, "replicas": 2})
+    assert "acme 3, quiet 1" in text and "2 waiting" in text and "2 router replicas" in text

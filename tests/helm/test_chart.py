@@ -147,7 +147,8 @@ def test_builtin_kinds_are_valid_kubernetes(case):
             for i, t in enumerate(pod_templates(service))]
     for obj in builtin + pods:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-    expected_kinds = {"default": ["Service"], "gpu-production": ["Ingress", "Service", "Service"]}[case["name"]]
+    # The `helm test` pod is rendered too (helm template includes test hooks) and validated with the rest.
+    expected_kinds = {"default": ["Pod", "Service"], "gpu-production": ["Ingress", "Pod", "Service", "Service"]}[case["name"]]
     assert sorted(obj["kind"] for obj in builtin) == expected_kinds
 
 
@@ -232,6 +233,8 @@ def test_gpu_settings_land_in_the_right_group(render):
     head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
 
     assert drafter["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {t["spec"]["containers"][0]["image"] for t in pod_templates(service)} == {
+        "registry.example.com/ml/speccascade:0.1.0-cuda"}  # the CUDA flavour of make image
     assert expert["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
     assert drafter["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
@@ -321,11 +324,18 @@ def test_image_overrides_reach_every_container(render):
         assert template["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
 
 
-def test_default_image_tag_is_the_app_version(render):
+def test_default_image_is_what_make_image_builds(render):
     app_version = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())["appVersion"]
     for template in pod_templates(rayservice_of(render())):
-        assert template["spec"]["containers"][0]["image"] == f"speccascade:{app_version}"
+        assert template["spec"]["containers"][0]["image"] == f"speccascade:{app_version}-cpu"
         assert "imagePullSecrets" not in template["spec"]
+    for template in pod_templates(rayservice_of(render(set_values=["image.flavour=cuda"]))):
+        assert template["spec"]["containers"][0]["image"] == f"speccascade:{app_version}-cuda"
+
+
+def test_an_unknown_image_flavour_fails(render):
+    with pytest.raises(HelmError, match='image.flavour must be one of the following: "cpu", "cuda"'):
+        render(set_values=["image.flavour=rocm"])
 
 
 def test_ingress_is_off_by_default(render):

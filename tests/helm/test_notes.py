@@ -44,10 +44,28 @@ def test_notes_point_at_the_tls_ingress_when_enabled(render_notes):
     notes = render_notes("--values", str(GPU_EXAMPLE))
     assert "grpcurl speccascade.example.com:443 list" in notes
     assert "speccascade.example.com:443 speccascade.v1.SpecCascade/Generate" in notes
-    assert "port-forward" not in notes
+    assert "port-forward svc/llm-speccascade-grpc" not in notes
     assert "speccascade-tenants" in notes
 
 
 def test_notes_use_plaintext_on_an_ingress_without_tls(render_notes):
     notes = render_notes("--set", "ingress.enabled=true", "--set", "ingress.host=llm.test")
     assert "grpcurl -plaintext llm.test:80 list" in notes
+
+
+def test_notes_show_the_openai_api_and_helm_test(render_notes):
+    notes = render_notes()
+    assert "kubectl -n serving port-forward svc/llm-speccascade-serve-svc 8000:8000" in notes
+    assert "curl http://localhost:8000/v1/chat/completions" in notes
+    assert "http://llm-speccascade-serve-svc.serving.svc:8000/v1" in notes
+    assert "helm test llm -n serving" in notes
+    assert "dashboard" not in notes
+    assert "helm test" not in render_notes("--set", "tests.enabled=false")
+    assert "ConfigMap llm-speccascade-dashboard" in render_notes("--set", "grafana.dashboard.enabled=true")
+
+
+def test_notes_say_why_there_is_no_helm_test_with_tenants_but_no_key(render_notes):
+    notes = render_notes("--set", "tenantAuth.existingSecret=tenants")
+    assert "`helm test` has no test pod" in notes and "tests.apiKeySecret.name" in notes
+    assert "helm test llm" in render_notes("--set", "tenantAuth.existingSecret=tenants",
+                                           "--set", "tests.apiKeySecret.name=key")

@@ -54,27 +54,44 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def grpc_port(ray_cluster):
+def proxy_ports(ray_cluster) -> dict[str, int]:
+    """Serve's proxies on free ports: {"grpc": port, "http": port}."""
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     from speccascade.tiers.app import GRPC_SERVICER_FUNCTIONS
 
-    port = free_port()
-    serve.start(http_options=HTTPOptions(port=free_port()),
-                grpc_options=gRPCOptions(port=port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
-    return port
+    ports = {"grpc": free_port(), "http": free_port()}
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=ports["http"]),
+                grpc_options=gRPCOptions(port=ports["grpc"], grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+    return ports
+
+
+@pytest.fixture(scope="session")
+def grpc_port(proxy_ports) -> int:
+    return proxy_ports["grpc"]
+
+
+@pytest.fixture(scope="session")
+def http_port(proxy_ports) -> int:
+    return proxy_ports["http"]
 
 
 @pytest.fixture(scope="session")
 def served(grpc_port, tiny_pair):
-    """The application on the tiny pair; returns the gRPC target."""
+    """The application on the tiny pair at route prefix "/"; returns the gRPC target."""
     from ray import serve
 
     from speccascade.tiers.app import build_app
 
-    serve.run(build_app(app_args(*tiny_pair)), name=SERVE_APP, route_prefix="/speccascade")
+    serve.run(build_app(app_args(*tiny_pair)), name=SERVE_APP, route_prefix="/")
     return f"127.0.0.1:{grpc_port}"
+
+
+@pytest.fixture(scope="session")
+def openai_base_url(served, http_port) -> str:
+    """Base URL of the served application's OpenAI-compatible API."""
+    return f"http://127.0.0.1:{http_port}/v1"
 
 
 @pytest.fixture

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 
 import grpc
+import openai
 import pytest
 import ray
 from ray import serve
@@ -59,7 +62,8 @@ def wait_for_running(app: str, deployments: list[str], timeout: float = 120.0) -
 @pytest.fixture
 def app_with_unplaceable_tier(grpc_port, tiny_pair, request):
     """An application whose `request.param` tier needs a Ray resource no node has, so it never gets
-    a running replica (a node group with no nodes)."""
+    a running replica (a node group with no nodes). Yields its gRPC client; its HTTP routes are
+    under `/<application name>`."""
     from speccascade.tiers.app import build_app
 
     missing_tier = request.param
@@ -78,7 +82,7 @@ def app_with_unplaceable_tier(grpc_port, tiny_pair, request):
 
 
 @pytest.mark.parametrize("app_with_unplaceable_tier", ["expert"], indirect=True)
-def test_expert_tier_without_replicas_is_unavailable(app_with_unplaceable_tier):
+def test_expert_tier_without_replicas_is_unavailable(app_with_unplaceable_tier, http_port):
     for call in (lambda: app_with_unplaceable_tier.generate(prompt=PROMPT, max_new_tokens=8),
                  lambda: list(app_with_unplaceable_tier.stream(prompt=PROMPT, max_new_tokens=8))):
         with pytest.raises(grpc.RpcError) as error:
@@ -86,6 +90,19 @@ def test_expert_tier_without_replicas_is_unavailable(app_with_unplaceable_tier):
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "expert tier has no healthy replica" in error.value.details()
     assert app_with_unplaceable_tier.health() == "NOT_SERVING"
+
+    # The same over the OpenAI API: a 503 with an OpenAI error object, streamed or not.
+    base_url = f"http://127.0.0.1:{http_port}/speccascade-no-expert"
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60) as oai:
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as error:
+                oai.completions.create(model="speccascade", prompt=PROMPT, max_tokens=8, stream=stream)
+            assert error.value.status_code == 503
+            assert error.value.body["code"] == "tier_unavailable"
+            assert "expert tier has no healthy replica" in error.value.body["message"]
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(f"{base_url}/health", timeout=30)
+    assert error.value.code == 503
 
 
 @pytest.mark.parametrize("app_with_unplaceable_tier", ["drafter"], indirect=True)

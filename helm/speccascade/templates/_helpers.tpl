@@ -44,8 +44,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-grpc" (include "speccascade.fullname" .) }}
 {{- end }}
 
+{{/* The image: repository:tag, the tag defaulting to what `make image` builds, <appVersion>-<flavour>
+(values.schema.json holds image.flavour to cpu or cuda). */}}
 {{- define "speccascade.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) }}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion .Values.image.flavour) | toString }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
 {{- end }}
 
 {{/*

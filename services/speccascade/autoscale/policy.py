@@ -216,13 +216,20 @@ def measured_service_time(tier: CounterWindow, router: CounterWindow, calls_key:
 # From a desired count to the next target
 # --------------------------------------------------------------------------------------------
 
+# Why a tier's target is what it is, as a closed set (a Prometheus label): a step towards the
+# demand estimate, towards the floor the ongoing requests set, no change wanted, a target pulled
+# back inside the bounds, or a change wanted while its delay runs.
+REASON_KINDS = ("demand", "queue floor", "hold", "bounds", "waiting")
+
+
 @dataclass(frozen=True)
 class Step:
     replicas: int
     pending: str | None  # "up" / "down": the direction wanted, while it lasts
     pending_since: float | None  # since when it has been wanted
     stepped_at: float | None  # the last step of this run of same-direction steps
-    reason: str
+    reason: str  # for people, e.g. "demand: waiting 12s"
+    kind: str  # one of REASON_KINDS
 
 
 def queue_floor(ongoing_requests: float, per_replica: float) -> int:
@@ -242,7 +249,7 @@ def next_target(
         return max(lower, min(upper, n))
 
     if bounded(target) != target:
-        return Step(bounded(target), None, None, None, "bounds")
+        return Step(bounded(target), None, None, None, "bounds", "bounds")
     up_to = bounded(max(math.ceil(desired - _EPS), floor))
     down_to = bounded(max(math.ceil(desired * (1.0 + scaling.hysteresis) - _EPS), floor))
     if up_to > target:
@@ -253,15 +260,15 @@ def next_target(
     elif down_to < target:
         direction, wanted, delay, reason = "down", down_to, scaling.downscale_delay_s, "demand"
     else:
-        return Step(target, None, None, None, "hold")
+        return Step(target, None, None, None, "hold", "hold")
     if pending != direction or pending_since is None:
         pending_since, stepped_at = now, None
     waited_since, wait = (pending_since, delay) if stepped_at is None else (stepped_at, min(delay, settle_s))
     if now - waited_since + 1e-6 < wait:
         return Step(target, direction, pending_since, stepped_at,
-                    f"{reason}: waiting {wait - (now - waited_since):.0f}s")
+                    f"{reason}: waiting {wait - (now - waited_since):.0f}s", "waiting")
     change = max(-scaling.max_step, min(scaling.max_step, wanted - target))
-    return Step(target + change, direction, pending_since, now, reason)
+    return Step(target + change, direction, pending_since, now, reason, reason)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,6 +342,7 @@ def decide(contexts: Mapping, settings: AutoscalingSettings) -> tuple[dict, dict
             "service_time_s": service_time,
             "target_utilization": scaling.target_utilization,
             "reason": step.reason,
+            "reason_kind": step.kind,
         }
         state.update(pending=step.pending, pending_since=step.pending_since, stepped_at=step.stepped_at,
                      decision=tier_record)
@@ -372,6 +380,10 @@ class DecisionPublisher:
             "tier_input": Gauge("speccascade_autoscale_tier_input",
                                 description="Per-tier inputs of the last decision (floor, service time).",
                                 tag_keys=("tier", "input")),
+            "reason": Gauge("speccascade_autoscale_reason",
+                            description="Why each tier's target is what it is: 1 for the last decision's "
+                                        "reason, 0 for the others.",
+                            tag_keys=("tier", "reason")),
         }
 
     def publish(self, record: dict, app_name: str | None) -> None:
@@ -389,6 +401,8 @@ class DecisionPublisher:
                                   ("desired", "desired_replicas")):
                     self._gauges["replicas"].set(float(tier[key]), tags={"tier": role, "kind": kind})
                 self._gauges["tier_input"].set(float(tier["queue_floor"]), tags={"tier": role, "input": "queue_floor"})
+                for kind in REASON_KINDS:
+                    self._gauges["reason"].set(float(kind == tier["reason_kind"]), tags={"tier": role, "reason": kind})
                 if tier["service_time_s"] is not None:
                     self._gauges["tier_input"].set(float(tier["service_time_s"]),
                                                    tags={"tier": role, "input": "service_time_s"})

@@ -123,20 +123,31 @@ def closed_loop(target: str, key: str, stop: threading.Event, latencies: list[fl
                 tokens.append(len(response.token_ids))
 
 
-def run_phase(target: str, keys: dict[str, str], name: str, seconds: float, flood_clients: int,
-              max_new_tokens: int) -> tuple[list[float], int]:
+def run_clients(target: str, clients: list[tuple[str, list[float], list[int] | None]], seconds: float,
+                max_new_tokens: int) -> float:
+    """Closed-loop clients (key, latencies, tokens) for `seconds`; returns the seconds until all stopped."""
     stop = threading.Event()
-    quiet, flood = [], []
-    threads = [threading.Thread(target=closed_loop, args=(target, keys["quiet"], stop, quiet),
-                                kwargs={"max_new_tokens": max_new_tokens})]
-    threads += [threading.Thread(target=closed_loop, args=(target, keys["flood"], stop, flood),
-                                 kwargs={"max_new_tokens": max_new_tokens}) for _ in range(flood_clients)]
+    threads = [threading.Thread(target=closed_loop, args=(target, key, stop, latencies),
+                                kwargs={"max_new_tokens": max_new_tokens, "tokens": tokens})
+               for key, latencies, tokens in clients]
+    started = time.perf_counter()
     for thread in threads:
         thread.start()
     time.sleep(seconds)
     stop.set()
     for thread in threads:
         thread.join()
+    return time.perf_counter() - started
+
+
+def run_phase(target: str, keys: dict[str, str], seconds: float, flood_clients: int,
+              max_new_tokens: int) -> tuple[list[float], int]:
+    """The quiet tenant's latencies beside `flood_clients` clients of the flooding tenant, and how
+    many requests the flood completed."""
+    quiet: list[float] = []
+    flood: list[float] = []
+    run_clients(target, [(keys["quiet"], quiet, None)] + [(keys["flood"], flood, None)] * flood_clients, seconds,
+                max_new_tokens)
     return quiet, len(flood)
 
 
@@ -156,19 +167,12 @@ def deploy(args, pair: tuple[str, str], tenants_file: Path, *, fair: bool) -> No
     serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
 
 
+QUOTA_REQUEST_TOKENS = 8  # short requests: what is in flight when the window closes stays a small overshoot
+
+
 def measure_quota(target: str, key: str, tokens_per_minute: int, seconds: float, clients: int) -> QuotaResult:
-    stop = threading.Event()
     tokens: list[int] = []
-    threads = [threading.Thread(target=closed_loop, args=(target, key, stop, []),
-                                kwargs={"max_new_tokens": 16, "tokens": tokens}) for _ in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
+    elapsed = run_clients(target, [(key, [], tokens)] * clients, seconds, QUOTA_REQUEST_TOKENS)
     return QuotaResult(tokens_per_minute, elapsed, sum(t for t in tokens if t > 0), tokens.count(-1))
 
 
@@ -205,13 +209,14 @@ def run(args: argparse.Namespace) -> int:
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
         target = f"127.0.0.1:{grpc_port}"
         alone = None
-        for phase, fair, flood in (("quiet alone", True, 0), ("beside 8x flood, fair share", True, args.flood_clients),
-                                   ("beside 8x flood, FIFO", False, args.flood_clients)):
+        flood_name = f"beside {args.flood_clients}x flood"
+        for phase, fair, flood in (("quiet alone", True, 0), (f"{flood_name}, fair share", True, args.flood_clients),
+                                   (f"{flood_name}, FIFO", False, args.flood_clients)):
             with console.status(f"deploying ({'fair share' if fair else 'FIFO'})"):
                 deploy(args, pair, tenants_file, fair=fair)
             with console.status(f"{phase}: {args.seconds:g} s"):
-                run_phase(target, keys, "warm-up", 3.0, 0, args.max_new_tokens)
-                quiet, flood_done = run_phase(target, keys, phase, args.seconds, flood, args.max_new_tokens)
+                run_phase(target, keys, 3.0, 0, args.max_new_tokens)  # warm-up
+                quiet, flood_done = run_phase(target, keys, args.seconds, flood, args.max_new_tokens)
             result = PhaseResult(phase, len(quiet), statistics.median(quiet), percentile(quiet, 0.95), flood_done)
             alone = alone or result
             result.p95_vs_alone = result.quiet_p95_s / alone.quiet_p95_s
@@ -255,7 +260,8 @@ def register(benches) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--max-batch-size", type=int, default=4, help="each tier's largest batch")
     parser.add_argument("--max-decoding-requests", type=int, default=4, help="requests the router decodes at once")
-    parser.add_argument("--tokens-per-minute", type=int, default=3000, help="the metered tenant's quota")
+    parser.add_argument("--tokens-per-minute", type=int, default=1200,
+                        help="the metered tenant's quota (below what its clients could take)")
     parser.add_argument("--quota-seconds", type=float, default=120.0)
     parser.add_argument("--quota-clients", type=int, default=4)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

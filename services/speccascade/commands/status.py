@@ -1,5 +1,5 @@
-"""`speccascade status`: each tier's running and target replicas, and why the autoscaler chose them
-(the inputs of its last decision), read from a running Ray cluster."""
+"""`speccascade status`: each tier's running and target replicas, why the autoscaler chose them (the
+inputs of its last decision), and the load per tenant, read from a running Ray cluster."""
 
 from __future__ import annotations
 
@@ -68,6 +68,38 @@ def format_status(app: str, running: dict[str, int], record: dict | None, *, now
     return "\n".join(lines)
 
 
+TENANT_LOAD_STALE_S = 20.0  # a router replica publishes every 5 s; older records are gone replicas
+
+
+def read_tenant_load(app: str, *, now: float) -> dict:
+    """Requests in flight per tenant, summed over the router replicas that published recently."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    from ..tiers.router import TENANT_LOAD_KV_NAMESPACE, tenant_load_kv_prefix
+
+    total: dict = {"active": {}, "waiting": 0, "decoding": 0, "replicas": 0}
+    for key in _internal_kv_list(tenant_load_kv_prefix(app), namespace=TENANT_LOAD_KV_NAMESPACE):
+        raw = _internal_kv_get(key, namespace=TENANT_LOAD_KV_NAMESPACE)
+        record = json.loads(raw) if raw else None
+        if record is None or now - record["time"] > TENANT_LOAD_STALE_S:
+            continue
+        total["replicas"] += 1
+        total["waiting"] += record["waiting"]
+        total["decoding"] += record["decoding"]
+        for tenant, active in record["active"].items():
+            total["active"][tenant] = total["active"].get(tenant, 0) + active
+    return total
+
+
+def format_tenant_load(load: dict) -> str:
+    if not load["replicas"]:
+        return "tenants: no router replica has served a request yet"
+    active = ", ".join(f"{tenant or '(no tenants file)'} {count}" for tenant, count in
+                       sorted(load["active"].items(), key=lambda item: -item[1])) or "none"
+    return (f"tenants: requests in flight {active}; {load['decoding']} decoding, {load['waiting']} waiting for a "
+            f"slot (over {load['replicas']} router replica{'s' if load['replicas'] != 1 else ''})")
+
+
 def read_decision(app: str) -> dict | None:
     from ray.experimental.internal_kv import _internal_kv_get
 
@@ -98,11 +130,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no Serve application {args.app!r}; running: {sorted(status.applications) or 'none'}")
         running = running_replicas(app_status)
         record = read_decision(args.app)
+        load = read_tenant_load(args.app, now=time.time())
     finally:
         if connected_here:
             ray.shutdown()
     if args.json:
-        print(json.dumps({"application": args.app, "running": running, "decision": record}, indent=2))
+        print(json.dumps({"application": args.app, "running": running, "decision": record, "tenants": load},
+                         indent=2))
     else:
         print(format_status(args.app, running, record, now=time.time()))
+        print(format_tenant_load(load))
     return 0

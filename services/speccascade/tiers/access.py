@@ -39,6 +39,11 @@ GRPC_STATUS = {Unauthenticated: grpc.StatusCode.UNAUTHENTICATED, PermissionDenie
 RETRY_AFTER_METADATA = "retry-after-ms"  # trailing metadata of RESOURCE_EXHAUSTED: when to try again
 
 
+def retry_after_ms(error: QuotaExceeded) -> int:
+    """When a refused caller may try again, in whole milliseconds (at least 1)."""
+    return max(1, round(error.retry_after_s * 1000))
+
+
 def bearer_key(metadata: Iterable[tuple[str, str]]) -> str | None:
     """The API key of `authorization: Bearer <key>` or `x-api-key: <key>` (metadata keys are lowercase)."""
     for name, value in metadata:

@@ -1,8 +1,8 @@
 """The speccascade Serve application: `build_app(args)` is the import path
 `speccascade.tiers.app:build_app` used by the Serve configs in deploy/ and the Helm chart.
 
-    Router (gRPC ingress, the loop, no model) ──► Drafter (N replicas)
-                                             └──► Expert  (M replicas)
+    Router (ingress: gRPC and HTTP; the loop; no model) ──► Drafter (N replicas)
+                                                        └──► Expert  (M replicas)
 
 gRPC: Serve's proxy hosts the services listed in `GRPC_SERVICER_FUNCTIONS` and routes each RPC
 to the ingress method of the same name. That includes `grpc.health.v1.Health`: its `Check` and
@@ -11,6 +11,11 @@ with a running replica) rather than only the proxy process. Server reflection is
 proxy (`gRPCOptions.enable_reflection`, on by default) and lists every registered service.
 The SpecCascade service registers through `grpc_proxy.add_SpecCascadeServicer_to_server`, which
 also keeps the proxy's log of hung-up clients to one line each (see grpc_proxy.py).
+
+HTTP: the same router deployment is also the application's HTTP ingress. `serve.ingress()` with no
+app wraps it so that Serve's HTTP proxy hands requests to the ASGI app the router builds on each
+replica (`Router.__serve_build_asgi_app__`: the OpenAI-compatible API of `http_api.py`), while the gRPC
+proxy keeps calling the RPC methods by name. One deployment, one loop, both protocols.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def build_app(args: dict | AppConfig | None = None) -> serve.Application:
     drafter = tier_deployment(Drafter, DRAFTER_DEPLOYMENT, config.drafter).bind(config.drafter)
     expert = tier_deployment(Expert, EXPERT_DEPLOYMENT, config.expert).bind(config.expert)
     router = serve.deployment(
-        Router, name=ROUTER_DEPLOYMENT, ray_actor_options=config.router.placement.ray_actor_options(),
+        serve.ingress()(Router), name=ROUTER_DEPLOYMENT, ray_actor_options=config.router.placement.ray_actor_options(),
         max_ongoing_requests=config.router.max_ongoing_requests, **replica_options(config.router.replicas),
     )
     return router.bind(drafter, expert, config)

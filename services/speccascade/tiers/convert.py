@@ -45,34 +45,53 @@ def method_from_proto(value: int) -> Method:
     return METHODS_BY_PROTO[value]
 
 
+def request_with_policy(
+    policy: CascadePolicy, *, prompt: str | None = None, messages: list[dict] | None = None,
+    method: Method | str = Method.CASCADE, rule: Rule | str | None = None, alpha: float | None = None,
+    block_size: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+    top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stop: tuple[str, ...] = (),
+) -> GenerationRequest:
+    """A request from whatever protocol carried it: unset (None) fields take the server's defaults,
+    and the result obeys the server's limits. ValueError names the bad field; every protocol
+    (gRPC here, the OpenAI HTTP API in `openai_api.py`) goes through this one function."""
+    max_new_tokens = policy.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if isinstance(max_new_tokens, int) and max_new_tokens > policy.max_new_tokens_cap:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is above this server's cap of "
+                         f"{policy.max_new_tokens_cap}")
+    params = SamplingParams(
+        temperature=0.0 if temperature is None else temperature,
+        top_k=0 if top_k is None else top_k,
+        top_p=1.0 if top_p is None else top_p,
+    )
+    return GenerationRequest(
+        prompt=prompt, messages=messages, method=method, rule=policy.rule if rule is None else rule,
+        alpha=policy.alpha if alpha is None else alpha,
+        block_size=policy.block_size if block_size is None else block_size,
+        max_new_tokens=max_new_tokens, sampling=params, seed=seed, stop=stop,
+    )
+
+
 def request_from_proto(message: pb.GenerateRequest, policy: CascadePolicy) -> GenerationRequest:
     """Validate a request against the engine's rules and the server's limits (ValueError names the
     bad field). Unset fields take the server's defaults."""
     which = message.WhichOneof("input")
     if which is None:
         raise ValueError("prompt: give either prompt or chat messages")
-    method = method_from_proto(message.policy.method)
-    rule = rule_from_proto(message.policy.rule, policy.rule)
-    alpha = message.policy.alpha if message.policy.HasField("alpha") else policy.alpha
-    max_new_tokens = message.max_new_tokens if message.HasField("max_new_tokens") else policy.max_new_tokens
-    if max_new_tokens > policy.max_new_tokens_cap:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is above this server's cap of "
-                         f"{policy.max_new_tokens_cap}")
-    sampling = message.sampling
-    params = SamplingParams(
-        temperature=sampling.temperature if sampling.HasField("temperature") else 0.0,
-        top_k=sampling.top_k if sampling.HasField("top_k") else 0,
-        top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
-    )
+    policy_message, sampling = message.policy, message.sampling
+
+    def optional(container, name: str):
+        return getattr(container, name) if container.HasField(name) else None
+
     messages = None
     if which == "chat":
         messages = [{"role": m.role, "content": m.content} for m in message.chat.messages]
-    return GenerationRequest(
-        prompt=message.prompt if which == "prompt" else None, messages=messages, method=method, rule=rule,
-        alpha=alpha,
-        block_size=message.policy.block_size if message.policy.HasField("block_size") else policy.block_size,
-        max_new_tokens=max_new_tokens, sampling=params,
-        seed=sampling.seed if sampling.HasField("seed") else None, stop=tuple(message.stop),
+    return request_with_policy(
+        policy, prompt=message.prompt if which == "prompt" else None, messages=messages,
+        method=method_from_proto(policy_message.method), rule=rule_from_proto(policy_message.rule, policy.rule),
+        alpha=optional(policy_message, "alpha"), block_size=optional(policy_message, "block_size"),
+        max_new_tokens=optional(message, "max_new_tokens"), temperature=optional(sampling, "temperature"),
+        top_k=optional(sampling, "top_k"), top_p=optional(sampling, "top_p"), seed=optional(sampling, "seed"),
+        stop=tuple(message.stop),
     )
 
 

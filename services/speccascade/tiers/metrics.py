@@ -23,6 +23,8 @@ are derived at query time, so replicas aggregate correctly:
     sum by (source) (rate(ray_speccascade_output_tokens_total[1m]))
     # p95 expert call latency seen by the router
     histogram_quantile(0.95, sum by (le) (rate(ray_speccascade_tier_call_seconds_bucket{tier="expert"}[5m])))
+    # p95 time to first token, by rule
+    histogram_quantile(0.95, sum by (le, rule) (rate(ray_speccascade_first_token_seconds_bucket[5m])))
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from ..engine.request import GenerationRequest, Method
 from ..engine.stats import COUNTER_NAMES, GenerationStats, RoundCounts, RoundRecord, Source
 
 LATENCY_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+# Whole requests run from tens of milliseconds (a few tokens on a GPU) to minutes (long outputs on CPUs).
+REQUEST_BOUNDARIES_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0]
 BATCH_SIZE_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128]
 REQUEST_TAGS = ("tenant", "method", "rule")
 
@@ -112,6 +116,14 @@ class RouterMetrics:
         self.tier_call_seconds = Histogram(
             "speccascade_tier_call_seconds", "Latency of tier calls as seen by the router.",
             boundaries=LATENCY_BOUNDARIES_S, tag_keys=("tier", "rule"),
+        )
+        self.request_seconds = Histogram(
+            "speccascade_request_seconds", "Duration of requests decoded to the end (gRPC and HTTP).",
+            boundaries=REQUEST_BOUNDARIES_S, tag_keys=REQUEST_TAGS,
+        )
+        self.first_token_seconds = Histogram(
+            "speccascade_first_token_seconds", "Time from the start of a request's decoding to its first output token.",
+            boundaries=REQUEST_BOUNDARIES_S, tag_keys=REQUEST_TAGS,
         )
 
     def observe(self, record: RoundRecord, tags: dict[str, str]) -> None:

@@ -1,4 +1,5 @@
-"""The router: gRPC ingress of the application, driving the decoding loop over the tiers.
+"""The router: ingress of the application, driving the decoding loop over the tiers. It answers
+gRPC, and the OpenAI-compatible HTTP API of `http_api.py` on Serve's HTTP proxy.
 
 It holds no model, only the pair's tokenizer (loaded through the engine's `PairInfo`). Each request
 gets a session id; the remote roles (`clients.py`) tag every tier call with it (replica affinity,
@@ -10,7 +11,7 @@ gRPC status codes: INVALID_ARGUMENT for a bad request (the message names the fie
 UNAVAILABLE when the expert tier has no running replica, CANCELLED / DEADLINE_EXCEEDED from the
 client side, which cancels this coroutine: the loop stops at its next await and both tiers free
 the session's caches. With the drafter tier down, requests are decoded expert-only and say so
-in their stats.
+in their stats. The HTTP API maps the same outcomes to HTTP statuses (400, 503).
 
 A request that ends early on the client's side (it hung up, or its deadline passed: Serve's proxy
 cancels the request either way and does not pass the deadline on, so the two look alike here) is
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -34,10 +37,10 @@ from ..api.v1 import speccascade_pb2 as pb
 from ..autoscale import signals as autoscale_signals
 from ..engine.generation import GenerationChunk, GenerationResult, PairInfo, TextGeneration
 from ..engine.request import GenerationRequest
-from ..tenancy import QuotaExceeded, TenancyError
-from .access import GRPC_STATUS, RETRY_AFTER_METADATA, Caller, Gatekeeper
+from ..tenancy import Admission, QuotaExceeded, TenancyError
+from .access import GRPC_STATUS, RETRY_AFTER_METADATA, Caller, Gatekeeper, retry_after_ms
 from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport
-from .config import AppConfig
+from .config import AppConfig, CascadePolicy
 from .convert import PROTO_BY_FINISH, PROTO_BY_SOURCE, request_from_proto, stats_to_proto, usage_of
 from .logs import log_to_replica_file
 from .metrics import RouterMetrics, WindowCounters, metric_tags
@@ -46,6 +49,24 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecCascade"].full_name
 HEALTH_WATCH_PERIOD_S = 5.0
+TENANT_LOAD_PERIOD_S = 5.0  # how often a router replica publishes its per-tenant load (`speccascade status`)
+TENANT_LOAD_KV_NAMESPACE = "speccascade"
+
+
+def tenant_load_kv_prefix(app_name: str) -> str:
+    return f"tenant-load/{app_name}/"
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request the router let in: who it runs for, what it decodes, and its quota ticket."""
+
+    caller: Caller
+    request: GenerationRequest
+    prompt: list[int]
+    limit: int  # new tokens that fit the context window
+    admission: Admission | None  # None: the caller has no quotas
+    tags: dict[str, str]  # its metric labels
 
 
 class Router:
@@ -64,14 +85,44 @@ class Router:
         self._background: set[asyncio.Task] = set()
         self.active_sessions: set[str] = set()
         self.access = Gatekeeper(config.tenancy, config.policy)
+        self._load_publisher: asyncio.Task | None = None
 
-    # ---- request preparation (errors here are the client's: INVALID_ARGUMENT) ----
+    # ---- admission: who calls, what they ask for, their quota (errors here are the client's) ----
 
-    def prepare(self, message: pb.GenerateRequest, caller: Caller = Caller(None)
-                ) -> tuple[GenerationRequest, list[int], int]:
-        request = request_from_proto(message, self.access.policy_for(caller))
-        prompt, limit = self.generation.prepare(request)
-        return request, prompt, limit
+    def admit(self, metadata: Iterable[tuple[str, str]], build: Callable[[CascadePolicy], GenerationRequest]
+              ) -> Admitted:
+        """What every protocol calls first: the caller (API key in `metadata`: gRPC metadata or HTTP
+        headers), its request built under its policy by `build` (the protocol's mapping), the
+        prompt's tokens and the caller's quota ticket. Raises TenancyError (refusals by tenancy) or
+        ValueError (a bad request, naming the field); both are counted here."""
+        reloaded = self.access.reload_if_due()
+        if reloaded:
+            self.metrics.tenant_reloads.inc(tags={"result": reloaded})
+        self._publish_tenant_load()
+        tags = metric_tags(None)
+        try:
+            caller = self.access.identify(metadata)
+            tags = metric_tags(None, caller.id)
+            request = build(self.access.policy_for(caller))
+            prompt, limit = self.generation.prepare(request)
+            tags = metric_tags(request, caller.id)
+            self.access.check(caller, request)
+            return Admitted(caller, request, prompt, limit, self.access.admit(caller), tags)
+        except TenancyError as error:
+            self.metrics.rejections.inc(tags={"tenant": tags["tenant"], "reason": error.reason})
+            self.metrics.requests.inc(tags={**tags, "code": GRPC_STATUS[type(error)].name})
+            raise
+        except ValueError:
+            self.metrics.requests.inc(tags={**tags, "code": "INVALID_ARGUMENT"})
+            raise
+
+    def identify(self, metadata: Iterable[tuple[str, str]]) -> Caller:
+        """The caller alone, for calls that decode nothing (the HTTP API's model list)."""
+        try:
+            return self.access.identify(metadata)
+        except TenancyError as error:
+            self.metrics.rejections.inc(tags={"tenant": "", "reason": error.reason})
+            raise
 
     # ---- decoding over the tiers ----
 
@@ -100,6 +151,32 @@ class Router:
             finally:  # whatever closing the loop raised, the tiers free the session
                 self._release(session_id)
 
+    async def serve_request(self, admitted: Admitted) -> AsyncIterator[tuple[GenerationChunk, Transport]]:
+        """An admitted request decoded in its fair turn, its output charged to its quota, its
+        outcome and latencies counted: what every protocol calls after `admit`. Raises
+        TierUnavailableError when the expert tier is down."""
+        caller, request, admission, tags = admitted.caller, admitted.request, admitted.admission, admitted.tags
+        started = time.perf_counter()
+        first_token = True
+        try:
+            async with self.access.decoding_slot(caller, request):
+                async with aclosing(self.stream(request, admitted.prompt, admitted.limit, caller)) as chunks:
+                    async for chunk, transport in chunks:
+                        if admission is not None:
+                            admission.charge(len(chunk.token_ids))
+                        if first_token and chunk.token_ids:
+                            first_token = False
+                            self.metrics.first_token_seconds.observe(time.perf_counter() - started, tags=tags)
+                        yield chunk, transport
+        except TierUnavailableError:
+            self.metrics.requests.inc(tags={**tags, "code": "UNAVAILABLE"})
+            raise
+        finally:
+            if admission is not None:
+                admission.release()
+        self.metrics.request_seconds.observe(time.perf_counter() - started, tags=tags)
+        self.metrics.requests.inc(tags={**tags, "code": "OK"})
+
     def _release(self, session_id: str) -> None:
         """Free the session in both tiers, in the background: this also runs while the request's
         own task is being cancelled, and must not wait on the tiers.
@@ -125,67 +202,44 @@ class Router:
 
     # ---- gRPC methods (named like the RPCs; Serve's gRPC proxy calls them) ----
 
-    def _fail(self, context, code: grpc.StatusCode, error: Exception, tags: dict[str, str]) -> None:
+    @staticmethod
+    def _fail(context, code: grpc.StatusCode, error: Exception) -> None:
         context.set_code(code)
         context.set_details(str(error))
-        self.metrics.requests.inc(tags={**tags, "code": code.name})
 
-    def _refuse(self, context, error: TenancyError, tags: dict[str, str]) -> None:
-        """A tenancy refusal: its status code, a retry hint for quotas, counted by reason."""
-        if isinstance(error, QuotaExceeded):
-            context.set_trailing_metadata([(RETRY_AFTER_METADATA, str(max(1, round(error.retry_after_s * 1000))))])
-        self.metrics.rejections.inc(tags={"tenant": tags["tenant"], "reason": error.reason})
-        self._fail(context, GRPC_STATUS[type(error)], error, tags)
-
-    def _admit(self, message: pb.GenerateRequest, grpc_context):
-        """Who calls, what they ask for, and their quota ticket; None when tenancy refused the request
-        (its status is set on the context). Other failures become status codes and raise."""
-        reloaded = self.access.reload_if_due()
-        if reloaded:
-            self.metrics.tenant_reloads.inc(tags={"result": reloaded})
-        tags = metric_tags(None)
+    def _admit(self, message: pb.GenerateRequest, grpc_context) -> Admitted | None:
+        """`admit` with its failures as status codes; None when tenancy refused the request (its
+        status, and a retry hint for quotas, are set on the context). Other failures raise."""
         try:
-            caller = self.access.identify(grpc_context.invocation_metadata())
-            tags = metric_tags(None, caller.id)
-            request, prompt, limit = self.prepare(message, caller)
-            tags = metric_tags(request, caller.id)
-            self.access.check(caller, request)
-            return caller, request, prompt, limit, self.access.admit(caller)
+            return self.admit(grpc_context.invocation_metadata(), lambda policy: request_from_proto(message, policy))
         except TenancyError as error:
-            self._refuse(grpc_context, error, tags)
+            if isinstance(error, QuotaExceeded):
+                grpc_context.set_trailing_metadata([(RETRY_AFTER_METADATA, str(retry_after_ms(error)))])
+            self._fail(grpc_context, GRPC_STATUS[type(error)], error)
             return None
         except ValueError as error:
-            self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, error, tags)
+            self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, error)
             raise
 
     async def _chunks(self, message: pb.GenerateRequest, grpc_context
                       ) -> AsyncIterator[tuple[GenerationChunk, GenerationRequest, Transport] | None]:
-        """The request's chunks, with failures turned into gRPC status codes and counted. A tenancy
-        refusal yields None once and ends: the RPC then returns normally, since Serve's proxy forwards
-        the status and trailing metadata (the retry hint) set on the context only with a message, and
+        """The request's chunks, with failures turned into gRPC status codes. A tenancy refusal
+        yields None once and ends: the RPC then returns normally, since Serve's proxy forwards the
+        status and trailing metadata (the retry hint) set on the context only with a message, and
         drops the metadata of a raised error."""
         admitted = self._admit(message, grpc_context)
         if admitted is None:
             yield None
             return
-        caller, request, prompt, limit, admission = admitted
-        tags = metric_tags(request, caller.id)
         try:
-            async with self.access.decoding_slot(caller, request):
-                # aclosing: when this generator is closed early (a cancelled stream), the session is
-                # released right then, not whenever the abandoned inner generator is collected.
-                async with aclosing(self.stream(request, prompt, limit, caller)) as chunks:
-                    async for chunk, transport in chunks:
-                        if admission is not None:
-                            admission.charge(len(chunk.token_ids))
-                        yield chunk, request, transport
+            # aclosing: when this generator is closed early (a cancelled stream), the session is
+            # released right then, not whenever the abandoned inner generator is collected.
+            async with aclosing(self.serve_request(admitted)) as chunks:
+                async for chunk, transport in chunks:
+                    yield chunk, admitted.request, transport
         except TierUnavailableError as error:
-            self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE, error, tags)
+            self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE, error)
             raise
-        finally:
-            if admission is not None:
-                admission.release()
-        self.metrics.requests.inc(tags={**tags, "code": "OK"})
 
     async def Generate(self, message: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
         response = pb.GenerateResponse()  # what a refused request returns, beside its error status
@@ -217,9 +271,13 @@ class Router:
             progress.log_cancelled()
             raise
 
+    async def serving(self) -> bool:
+        """Whether the application can answer: the expert tier is required; without the drafter
+        the service still answers (expert-only)."""
+        return await self.expert.running_replicas() > 0
+
     async def _health_status(self) -> int:
-        # The expert tier is required; without the drafter the service still answers (expert-only).
-        serving = await self.expert.running_replicas() > 0
+        serving = await self.serving()
         return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
     def _known_service(self, service: str, context) -> bool:
@@ -247,6 +305,15 @@ class Router:
                 last = status
             await asyncio.sleep(HEALTH_WATCH_PERIOD_S)
 
+    # ---- HTTP ----
+
+    def __serve_build_asgi_app__(self):
+        """Serve's hook for an ingress deployment built with `serve.ingress()` (app.py): the
+        OpenAI-compatible HTTP API over this router, built once the router exists."""
+        from .http_api import build_http_app
+
+        return build_http_app(self)
+
     # ---- operations ----
 
     async def take_window(self) -> dict[str, float]:
@@ -266,6 +333,33 @@ class Router:
     async def tenant_load(self) -> dict:
         """Requests in flight per tenant in this replica, and how many wait for a decoding slot."""
         return self.access.load()
+
+    def _publish_tenant_load(self) -> None:
+        """From the first request on, every TENANT_LOAD_PERIOD_S: this replica's per-tenant load in
+        Ray's key-value store, where `speccascade status` sums the replicas' (and skips stale ones)."""
+        if self._load_publisher is not None and not self._load_publisher.done():
+            return
+        try:
+            from ray import serve
+
+            context = serve.get_replica_context()
+            key = tenant_load_kv_prefix(context.app_name) + context.replica_id.unique_id
+        except Exception:  # not running as a Serve replica (a unit test): nothing to publish to
+            return
+
+        async def publish_forever():
+            from ray.experimental.internal_kv import _internal_kv_put
+
+            while True:
+                record = json.dumps({"time": time.time(), **self.access.load()})
+                try:
+                    await asyncio.to_thread(_internal_kv_put, key, record, overwrite=True,
+                                            namespace=TENANT_LOAD_KV_NAMESPACE)
+                except Exception:  # visibility must never break serving
+                    log.warning("could not publish the tenant load", exc_info=True)
+                await asyncio.sleep(TENANT_LOAD_PERIOD_S)
+
+        self._load_publisher = asyncio.get_running_loop().create_task(publish_forever())
 
 
 class _Progress:
