@@ -201,17 +201,13 @@ def run_served(args, tasks, report: Report) -> None:
     from ray import serve
 
     from ..api.client import SpecCascadeClient, build_request
-    from ..commands.serve import app_args_with_overrides, load_serve_config, shutdown, start
+    from ..commands.serve import shutdown, start_from_config
     from ..engine.engine import CascadeEngine
 
-    schema = load_serve_config(args.config)
-    (app,) = schema.applications
-    serve_args = argparse.Namespace(drafter=args.drafter, expert=args.expert, dtype=args.dtype,
-                                    backend=None, device=None, grpc_port=args.grpc_port, http_port=args.http_port,
-                                    num_cpus=None, verbose=False)
-    port, app_name = start(schema, serve_args, app_args=app_args_with_overrides(app.args, serve_args))
-    handles = {name: serve.get_deployment_handle(name, app_name=app_name) for name in ("Drafter", "Expert")}
-    target = f"localhost:{port}"
+    endpoints = start_from_config(args.config, drafter=args.drafter, expert=args.expert, dtype=args.dtype,
+                                  grpc_port=args.grpc_port, http_port=args.http_port)
+    handles = {name: serve.get_deployment_handle(name, app_name=endpoints.app_name) for name in ("Drafter", "Expert")}
+    target = endpoints.grpc_target
 
     def request(task, n):
         return build_request(messages=[{"role": "user", "content": task}], rule=args.rule, alpha=args.alpha,
@@ -221,7 +217,7 @@ def run_served(args, tasks, report: Report) -> None:
         engine = None
         if not args.skip_in_process:
             engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, device="cpu")
-        with SpecCascadeClient(target, application=app_name) as client:
+        with SpecCascadeClient(target, application=endpoints.app_name) as client:
             client.generate(request(tasks[0], 4))  # warm-up
             if engine is not None:
                 from ..engine.request import GenerationRequest
@@ -237,7 +233,7 @@ def run_served(args, tasks, report: Report) -> None:
         report.wire_bytes_per_round = sum(t.wire_bytes for t in timings) / rounds
         report.wire_bytes_per_round_without_context = sum(t.wire_bytes - t.context_bytes for t in timings) / rounds
 
-        with SpecCascadeClient(target, application=app_name) as client:
+        with SpecCascadeClient(target, application=endpoints.app_name) as client:
             for mode, sampling in WIRE_MODES.items():
                 final = list(client.stream(build_request(
                     messages=[{"role": "user", "content": tasks[0]}], rule=args.rule, alpha=args.alpha,
@@ -252,7 +248,7 @@ def run_served(args, tasks, report: Report) -> None:
             lock = threading.Lock()
 
             def one(i):
-                with SpecCascadeClient(target, application=app_name) as c:
+                with SpecCascadeClient(target, application=endpoints.app_name) as c:
                     timing = time_stream(c.stream(request(TASKS[i % len(TASKS)], args.max_new_tokens)))
                 with lock:
                     results.append(timing)

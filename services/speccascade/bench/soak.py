@@ -470,15 +470,12 @@ def progress_line(sample: Sample) -> str:
 # ---- running it ----
 
 def start_service(args: argparse.Namespace) -> tuple[str, str]:
-    from ..commands.serve import app_args_with_overrides, load_serve_config, start
+    from ..commands.serve import start_from_config
 
-    schema = load_serve_config(args.config)
-    (app,) = schema.applications
-    serve_args = argparse.Namespace(drafter=args.drafter, expert=args.expert, dtype=args.dtype,
-                                    backend=args.backend, device=args.device, grpc_port=args.grpc_port,
-                                    http_port=args.http_port, num_cpus=None, verbose=False)
-    port, app_name = start(schema, serve_args, app_args=app_args_with_overrides(app.args, serve_args))
-    return f"localhost:{port}", app_name
+    endpoints = start_from_config(args.config, drafter=args.drafter, expert=args.expert, dtype=args.dtype,
+                                  backend=args.backend, device=args.device, grpc_port=args.grpc_port,
+                                  http_port=args.http_port)
+    return endpoints.grpc_target, endpoints.app_name
 
 
 def run(args: argparse.Namespace) -> int:

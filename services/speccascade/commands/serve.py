@@ -114,6 +114,18 @@ or with an OpenAI client (model "{SERVED_MODEL}"; the cascade policy goes in ext
 """
 
 
+def start_from_config(config: Path | None, *, drafter: str | None, expert: str | None, dtype: str | None,
+                      backend: str | None = None, device: str | None = None, grpc_port: int | None = None,
+                      http_port: int | None = None) -> Endpoints:
+    """What the benchmarks run against: the application of a Serve config (the local one by default)
+    with the given models and settings, started here as `serve` would."""
+    schema = load_serve_config(config)
+    (app,) = schema.applications
+    serve_args = argparse.Namespace(drafter=drafter, expert=expert, dtype=dtype, backend=backend, device=device,
+                                    grpc_port=grpc_port, http_port=http_port, num_cpus=None, verbose=False)
+    return start(schema, serve_args, app_args=app_args_with_overrides(app.args, serve_args))
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
