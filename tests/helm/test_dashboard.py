@@ -154,7 +154,8 @@ def test_the_dashboard_covers_what_operators_watch_per_tenant_method_and_rule():
             for s in selectors(promql_parser.parse(GRAFANA_INTERVALS.sub("5m", promql)))}
     for name in ("output_tokens_total", "request_seconds_bucket", "first_token_seconds_bucket", "deferred_total",
                  "drafted_total", "accepted_total", "rounds_total", "skipped_blocks_total", "autoscale_replicas",
-                 "autoscale_reason", "rejections_total"):
+                 "autoscale_reason", "rejections_total", "tier_cached_sessions", "tier_sessions_ended_total",
+                 "tier_late_calls_total"):
         assert f"ray_speccascade_{name}" in used, name
     variables = {v["name"] for v in board["templating"]["list"]}
     assert {"datasource", "application", "tenant", "method", "rule"} <= variables

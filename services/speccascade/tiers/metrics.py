@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields
 
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 from ..engine.request import GenerationRequest, Method
 from ..engine.stats import COUNTER_NAMES, GenerationStats, RoundCounts, RoundRecord, Source
@@ -147,9 +147,37 @@ class TierMetrics:
                                     boundaries=BATCH_SIZE_BOUNDARIES, tag_keys=("tier",))
         self.forward_seconds = Histogram("speccascade_tier_forward_seconds", "Duration of batched forward passes.",
                                          boundaries=LATENCY_BOUNDARIES_S, tag_keys=("tier",))
+        self.cached_sessions = Gauge("speccascade_tier_cached_sessions",
+                                     "Session caches held by the replica (requests in flight, or not yet released).",
+                                     tag_keys=("tier",))
+        self.cache_bytes = Gauge("speccascade_tier_cache_bytes", "Bytes held by the replica's session caches.",
+                                 tag_keys=("tier",))
+        self.sessions_ended = Counter("speccascade_tier_sessions_ended",
+                                      "Session caches freed, by how: released by the router at the request's end, "
+                                      "reclaimed after the idle timeout (its router gone), evicted for the memory budget.",
+                                      tag_keys=("tier", "how"))
+        self.late_calls = Counter("speccascade_tier_late_calls",
+                                  "Calls refused because their session had already been released (a release that "
+                                  "overtook a call in flight).", tag_keys=("tier",))
+        self._last_cache_stats = None
         self.batches = 0
         self.batched_requests = 0
         self.busy_seconds = 0.0  # forward-pass seconds, for autoscaling (tier_busy_seconds)
+
+    def observe_cache(self, stats) -> None:
+        """Export the session store's statistics (`sessions.CacheStats`, cumulative counts): the
+        gauges as they are, the counters by what changed since the last observation."""
+        self.cached_sessions.set(stats.sessions, tags=self.tags)
+        self.cache_bytes.set(stats.nbytes, tags=self.tags)
+        last = self._last_cache_stats
+        for how, field_name in (("released", "released"), ("reclaimed", "reclaimed"), ("evicted", "evictions")):
+            delta = getattr(stats, field_name) - (getattr(last, field_name) if last else 0)
+            if delta > 0:
+                self.sessions_ended.inc(delta, tags={**self.tags, "how": how})
+        late = stats.late_calls - (last.late_calls if last else 0)
+        if late > 0:
+            self.late_calls.inc(late, tags=self.tags)
+        self._last_cache_stats = stats
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batches += 1

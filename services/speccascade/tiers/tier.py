@@ -160,12 +160,13 @@ class ModelTier:
 
     async def _sweep_forever(self) -> None:
         """Reclaim sessions untouched for `session_idle_timeout_s` (their router may have died), and
-        trim the heap, between batches."""
+        trim the heap, between batches; export the session caches' statistics."""
         period = min(self.sessions.idle_timeout_s / 4, MAX_SWEEP_PERIOD_S)
         while True:
             await asyncio.sleep(period)
             reclaimed = await self.batcher.run_between_batches(self.sessions.reclaim_idle)
             await self.batcher.run_between_batches(trim_heap)
+            self.metrics.observe_cache(self.sessions.stats())
             if reclaimed:
                 log.info("%s tier reclaimed %d session cache(s) idle for over %gs (router gone or request "
                          "stalled)", self.role, reclaimed, self.sessions.idle_timeout_s)
