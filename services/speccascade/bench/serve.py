@@ -17,6 +17,7 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 TASKS = [
@@ -164,7 +165,7 @@ def batch_means(handles) -> dict[str, tuple[int, int]]:
             for name, s in ((n, h.batch_stats.remote().result()) for n, h in handles.items())}
 
 
-def run_paired(engine, client, tasks, args, report: Report) -> None:
+def run_paired(engine, client, tasks, args, report: Report, advance: Callable[[], None]) -> None:
     """Each request in-process then served, prompt by prompt; latency ratios and identical outputs."""
     from ..api.client import build_request
     from ..cascade import SamplingParams
@@ -187,6 +188,7 @@ def run_paired(engine, client, tasks, args, report: Report) -> None:
             report.paired.append(PairedRequest(
                 task, label, 1000 * percentile(local.token_gaps_s, 0.5), 1000 * percentile(remote.token_gaps_s, 0.5),
                 1000 * local.ttft_s, 1000 * remote.ttft_s, identical))
+            advance()
     report.in_process = LatencySummary.of(in_process_timings)
     report.served = LatencySummary.of(served_timings)
 
@@ -199,6 +201,7 @@ def _collect(chunks, into: list):
 
 def run_served(args, tasks, report: Report) -> None:
     from ray import serve
+    from rich.console import Console
 
     from ..api.client import SpecCascadeClient, build_request
     from ..commands.serve import shutdown, start_from_config
@@ -213,6 +216,13 @@ def run_served(args, tasks, report: Report) -> None:
         return build_request(messages=[{"role": "user", "content": task}], rule=args.rule, alpha=args.alpha,
                              block_size=args.block_size, max_new_tokens=n, temperature=0.0, seed=0)
 
+    from rich.progress import Progress
+
+    steps = (0 if args.skip_in_process else len(tasks) * len(PAIRED_SAMPLINGS)) + len(tasks) + len(args.streams)
+    progress = Progress(console=Console(stderr=True), transient=False)
+    bar = progress.add_task("bench serve (paired, then served alone, then concurrent streams)", total=steps)
+    advance = lambda: progress.advance(bar)  # noqa: E731
+    progress.start()
     try:
         engine = None
         if not args.skip_in_process:
@@ -224,8 +234,11 @@ def run_served(args, tasks, report: Report) -> None:
 
                 engine.generate(GenerationRequest(messages=[{"role": "user", "content": tasks[0]}],
                                                   max_new_tokens=4))
-                run_paired(engine, client, tasks, args, report)
-            timings = [time_stream(client.stream(request(task, args.max_new_tokens))) for task in tasks]
+                run_paired(engine, client, tasks, args, report, advance)
+            timings = []
+            for task in tasks:
+                timings.append(time_stream(client.stream(request(task, args.max_new_tokens))))
+                advance()
         engine = None
         if report.served is None:
             report.served = LatencySummary.of(timings)
@@ -268,9 +281,9 @@ def run_served(args, tasks, report: Report) -> None:
             tokens = sum(r.tokens for r in results)
             report.concurrency.append(ConcurrencyResult(streams, tokens, wall, tokens / wall,
                                                         means["Drafter"], means["Expert"]))
+            advance()
     finally:
-        from rich.console import Console
-
+        progress.stop()
         shutdown(Console(stderr=True))
 
 
