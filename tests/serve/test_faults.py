@@ -14,14 +14,10 @@ from ray import serve
 
 from speccascade.api.client import SpecCascadeClient
 from speccascade.engine.request import GenerationRequest
+from speccascade.tiers.replicas import replica_actor_names
 
 from .conftest import SERVE_APP, app_args
 from .test_grpc import PROMPT, in_process_policy, local_engine  # noqa: F401 (fixture)
-
-
-def replica_actor_names(app: str, deployment: str) -> list[str]:
-    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
 
 
 @pytest.mark.parametrize("rule,alpha,sampling", [
