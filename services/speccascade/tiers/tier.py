@@ -67,8 +67,8 @@ def pin_mmap_threshold() -> bool:
     threshold (up to 32 MiB) each time a large mmapped block is freed, so after the first batches a
     tier's logits, padded caches and attention buffers are carved from the heap instead of mapped,
     and the heap fragments around the long-lived ones: resident memory crept up by about 1 % per 10
-    minutes in a 25-minute soak. Pinned, every large tensor is mapped and unmapped whole (a soak:
-    +0.86 % instead of +1.05 % per 10 min for the expert, and 0.1 GiB lower; BENCHMARKS.md, soak).
+    minutes in a 25-minute soak. Pinned, every large tensor is mapped and unmapped whole (the same
+    soak: +0.86 % instead of +1.05 % per 10 min for the expert, 0.1 GiB lower; BENCHMARKS.md, soak).
     True if set."""
     return _MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
 
