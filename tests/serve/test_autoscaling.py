@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from speccascade.autoscale.settings import apply_to_application, settings_from_dict
+from speccascade.tiers.replicas import running_count
 
 from .conftest import app_args
 
@@ -41,8 +42,7 @@ POLICY = {
 
 
 def running(app_status, deployment: str) -> int:
-    states = app_status.deployments[deployment].replica_states
-    return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+    return running_count(app_status.deployments[deployment].replica_states)
 
 
 @pytest.fixture(scope="module")

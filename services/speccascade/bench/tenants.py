@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .serve import percentile
+
 DEFAULT_OUT = Path("benchmarks/tenants/results.json")
 APP = "speccascade-bench-tenants"
 
@@ -67,11 +69,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def tiny_pair(root: Path) -> tuple[str, str]:

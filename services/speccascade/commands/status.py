@@ -27,10 +27,11 @@ DEMAND_LABELS = (  # (key in the decision record, label, format)
 
 def running_replicas(app_status) -> dict[str, int]:
     """Deployment name -> replicas in the RUNNING state, from `serve.status()`."""
+    from ..tiers.replicas import running_count
+
     out = {}
     for name, deployment in (app_status.deployments if app_status else {}).items():
-        out[name] = sum(n for state, n in deployment.replica_states.items()
-                        if str(getattr(state, "value", state)) == "RUNNING")
+        out[name] = running_count(deployment.replica_states)
     return out
 
 

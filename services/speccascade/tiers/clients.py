@@ -21,6 +21,7 @@ from ..engine.blocks import EMPTY_BLOCK, DraftedBlock, DraftPayload, VerifyOutco
 from ..tenancy.fairness import DEFAULT_SHARE, Share
 from .config import RouterConfig
 from .metrics import RouterMetrics
+from .replicas import running_count
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,7 @@ class TierClient:
             status = await asyncio.to_thread(serve.status)
             app = status.applications.get(self.app_name)
             deployment = app.deployments.get(self.deployment) if app else None
-            states = deployment.replica_states if deployment else {}
-            running = sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+            running = running_count(deployment.replica_states) if deployment else 0
             self._health = (now, running)
         return self._health[1]
 

@@ -28,8 +28,7 @@ import asyncio
 import logging
 
 from ..api.v1 import speccascade_pb2_grpc
-
-SERVE_LOGGER = "ray.serve"  # ray.serve._private.constants.SERVE_LOGGER_NAME
+from .logs import SERVE_LOGGER
 CLIENT_GONE_MESSAGE = "client went away mid-stream (cancelled or deadline passed): CANCELLED"
 
 log = logging.getLogger(SERVE_LOGGER)

@@ -16,6 +16,17 @@ if TYPE_CHECKING:
     from .tier import ReplicaStats
 
 SERVE_NAMESPACE = "serve"
+RUNNING = "RUNNING"
+
+
+def state_name(state) -> str:
+    """A state from `serve.status()` as its name: Serve gives enums or plain strings, by field."""
+    return str(getattr(state, "value", state))
+
+
+def running_count(replica_states: dict) -> int:
+    """Replicas in the RUNNING state, from a deployment's `replica_states`."""
+    return sum(n for state, n in replica_states.items() if state_name(state) == RUNNING)
 
 
 def replica_actor_prefix(app: str, deployment: str) -> str:
@@ -66,7 +77,7 @@ def wait_until_running(app: str, deployments: list[str], *, timeout_s: float = 1
     deadline = time.monotonic() + timeout_s
     while True:
         status = serve.status().applications.get(app)
-        if status is not None and str(getattr(status.status, "value", status.status)) == "RUNNING" and all(
+        if status is not None and state_name(status.status) == RUNNING and all(
             d in status.deployments and _all_running(status.deployments[d].replica_states) for d in deployments
         ):
             return
@@ -76,5 +87,5 @@ def wait_until_running(app: str, deployments: list[str], *, timeout_s: float = 1
 
 
 def _all_running(replica_states: dict) -> bool:
-    states = {str(getattr(state, "value", state)): n for state, n in replica_states.items() if n}
-    return bool(states) and set(states) == {"RUNNING"}
+    states = {state_name(state) for state, n in replica_states.items() if n}
+    return states == {RUNNING}
