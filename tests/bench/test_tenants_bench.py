@@ -1,12 +1,21 @@
-import json
+"""`speccascade bench tenants` on its tiny models, in a child process: the benchmark starts its own
+Ray cluster, which a test session's cluster (tests/serve) would refuse in this process."""
 
-from speccascade.cli import main
+import json
+import os
+import subprocess
+import sys
+
+from .test_soak_bench import REPO
 
 
 def test_bench_tenants_runs_every_phase_and_the_quota(tmp_path):
     out = tmp_path / "tenants.json"
-    assert main(["bench", "tenants", "--seconds", "3", "--flood-clients", "2", "--quota-seconds", "4",
-                 "--tokens-per-minute", "600", "--out", str(out)]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "tenants", "--seconds", "3",
+                           "--flood-clients", "2", "--quota-seconds", "4", "--tokens-per-minute", "600",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(out.read_text())
     phases = {p["phase"]: p for p in report["phases"]}
     assert list(phases) == ["quiet alone", "beside 2x flood, fair share", "beside 2x flood, FIFO"]
