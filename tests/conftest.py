@@ -103,9 +103,8 @@ def qwen_shaped_pair(tmp_path_factory):
     """(drafter dir, expert dir): tiny random models with the real Qwen2.5 output-layer sizes of a
     0.5B drafter and a 7B expert (151,936 and 152,064 rows) and the real Qwen2.5 tokenizer (~151,665
     ids), taken from the packaged drafter. The pair shares a tokenizer but not an output size."""
+    from speccascade.models import DRAFTER_DEFAULT, resolve_model
     from transformers import AutoTokenizer
-
-    from speccascade.engine.sources import DRAFTER_DEFAULT, resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(DRAFTER_DEFAULT, progress=False).path)
     expert = tiny_qwen2(QWEN_LARGE_ROWS, seed=0)
@@ -114,3 +113,84 @@ def qwen_shaped_pair(tmp_path_factory):
         for (name, param), source in zip(drafter.named_parameters(), expert.parameters()):
             param.copy_(source[: param.shape[0]] if param.shape != source.shape else source)
     return save_pair(tmp_path_factory, "qwen-shaped", tokenizer, perturbed_copy(drafter, seed=1, scale=0.1), expert)
+
+
+# ---- the served application on a local Ray cluster (one cluster per test session) ----
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_model_dirs):
+    """(drafter dir, expert dir): the engine tests' tiny fp32 pair plus the shared tokenizer."""
+    return tiny_model_dirs
+
+
+@pytest.fixture(scope="session")
+def local_stack():
+    """The session's local serving stack (Ray cluster and Serve's proxies on free ports), started
+    as `speccascade serve` starts it; logs under its temp dir's session_latest/logs."""
+    import tempfile
+
+    from speccascade.app.launcher import LocalStack, free_port
+
+    stack = LocalStack(grpc_port=free_port(), http_port=free_port(), num_cpus=2, worker_threads=1,
+                       temp_dir=tempfile.mkdtemp(prefix="ray-sc-serve-", dir="/tmp"))
+    with stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(local_stack):
+    """The session's Ray cluster; yields its temp directory."""
+    return local_stack.temp_dir
+
+
+@pytest.fixture(scope="session")
+def grpc_port(local_stack) -> int:
+    return local_stack.grpc_port
+
+
+@pytest.fixture(scope="session")
+def http_port(local_stack) -> int:
+    return local_stack.http_port
+
+
+@pytest.fixture(scope="session")
+def served(local_stack, tiny_pair):
+    """The application on the tiny pair at route prefix "/"; returns the gRPC target."""
+    from .served import SERVE_APP, app_args
+
+    local_stack.deploy(app_args(*tiny_pair), name=SERVE_APP, route_prefix="/")
+    return f"127.0.0.1:{local_stack.grpc_port}"
+
+
+@pytest.fixture(scope="session")
+def openai_base_url(served, http_port) -> str:
+    """Base URL of the served application's OpenAI-compatible API."""
+    return f"http://127.0.0.1:{http_port}/v1"
+
+
+@pytest.fixture
+def client(served):
+    from speccascade.api.client import SpecCascadeClient
+
+    from .served import SERVE_APP
+
+    with SpecCascadeClient(served, application=SERVE_APP) as c:
+        yield c
+
+
+@pytest.fixture
+def tier_handles(served):
+    from ray import serve
+
+    from .served import SERVE_APP
+
+    return {name: serve.get_deployment_handle(name, app_name=SERVE_APP) for name in ("Drafter", "Expert", "Router")}
+
+
+@pytest.fixture(scope="session")
+def local_engine(tiny_pair):
+    """The in-process engine on the very same model directories as the served application."""
+    from speccascade.engine.engine import CascadeEngine
+
+    drafter_dir, expert_dir = tiny_pair
+    return CascadeEngine.load(drafter_dir, expert_dir, dtype="fp32", device="cpu", progress=False)

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from speccascade.cli import main
 
 

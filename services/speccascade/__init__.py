@@ -44,8 +44,8 @@ def generate(
 ) -> "GenerationResult":
     """Generate with a speculative cascade (or a baseline `method`) on the given model pair
     (default: the packaged Qwen2.5-Coder 0.5B/1.5B pair). `messages` get the chat template."""
-    from .cascade import SamplingParams
     from .engine.request import GenerationRequest
+    from .options import SamplingParams
 
     request = GenerationRequest(
         prompt=prompt, messages=messages, method=method, rule=rule, alpha=alpha, block_size=block_size,

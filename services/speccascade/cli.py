@@ -11,7 +11,7 @@ import sys
 # Top-level commands and `bench` sub-commands, by module. Modules are imported lazily at start-up,
 # so a command's heavy imports (torch, ray) stay inside its handler.
 COMMANDS = ["speccascade.commands.generate", "speccascade.commands.serve", "speccascade.commands.client", "speccascade.commands.health", "speccascade.commands.k8s", "speccascade.commands.status", "speccascade.commands.tenants"]
-BENCHMARKS = ["speccascade.bench.engine", "speccascade.bench.backend", "speccascade.bench.tenants", "speccascade.bench.serve", "speccascade.bench.tradeoff", "speccascade.bench.autoscale", "speccascade.bench.soak"]
+BENCHMARKS = ["speccascade.bench.engine", "speccascade.bench.backend.cli", "speccascade.bench.tenants", "speccascade.bench.serve.cli", "speccascade.bench.tradeoff.cli", "speccascade.bench.autoscale.cli", "speccascade.bench.soak.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

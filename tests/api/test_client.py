@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from speccascade.api.client import build_request
 from speccascade.api.v1 import speccascade_pb2 as pb
 

@@ -7,18 +7,17 @@ from dataclasses import dataclass
 
 import pytest
 from ray.serve._private.common import TimeStampedValue
-
 from speccascade.autoscale import signals as sig
 from speccascade.autoscale.policy import (
-    REASON_KINDS,
     DeferralAwarePolicy,
     counter_increase,
     counter_window,
     estimate_demand,
     expert_calls_per_round,
 )
-from speccascade.autoscale.replay import ControllerStandIn, make_context
 from speccascade.autoscale.settings import settings_from_dict
+from speccascade.bench.autoscale.replay import ControllerStandIn, make_context
+from speccascade.engine.stats import COUNTER
 
 GAMMA = 5
 EXPERT_S = 0.2  # seconds per expert verify call
@@ -53,9 +52,9 @@ class Traffic:
         skipped = rounds * (1 - need)
         expert_calls = rounds * need
         router = {
-            sig.ROUNDS: rounds, sig.DRAFTED: rounds * GAMMA, sig.DEFERRED: rounds * GAMMA * self.deferral,
-            sig.SKIPPED_BLOCKS: skipped, sig.ACCEPTED: skipped * GAMMA + expert_calls * accepted_verified,
-            sig.SKIPPABLE_ROUNDS: rounds * self.chow_share,
+            COUNTER.rounds: rounds, COUNTER.drafted: rounds * GAMMA, COUNTER.deferred: rounds * GAMMA * self.deferral,
+            COUNTER.skipped_blocks: skipped, COUNTER.accepted: skipped * GAMMA + expert_calls * accepted_verified,
+            COUNTER.skippable_rounds: rounds * self.chow_share,
         }
         return {
             "Router": router,
@@ -158,7 +157,7 @@ def test_demand_recovers_the_traffic_that_made_the_counters(deferral):
     rates = traffic.rates()
     assert demand.tokens_per_s == pytest.approx(50.0, rel=1e-6)
     assert demand.deferral_rate == pytest.approx(deferral, rel=1e-6)
-    assert demand.rounds_per_s == pytest.approx(rates["Router"][sig.ROUNDS], rel=1e-6)
+    assert demand.rounds_per_s == pytest.approx(rates["Router"][COUNTER.rounds], rel=1e-6)
     assert demand.expert_calls_per_s == pytest.approx(rates["Expert"][sig.TIER_CALLS], rel=1e-6)
 
 
@@ -275,4 +274,4 @@ def test_policy_object_is_what_ray_calls():
     assert states[expert]["decision"]["service_time_s"] == pytest.approx(EXPERT_S)
     assert states[expert]["pending"] == "up"  # 1 replica is too few, waiting out the delay
     assert states[expert]["decision"]["reason_kind"] == "waiting"
-    assert {s["decision"]["reason_kind"] for s in states.values()} <= set(REASON_KINDS)
+    assert {s["decision"]["reason_kind"] for s in states.values()} <= set(sig.REASON_KINDS)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
-
 from speccascade.autoscale.policy import DeferralAwarePolicy
 from speccascade.autoscale.settings import (
     DEFERRAL_POLICY_FUNCTION,
@@ -58,7 +57,7 @@ def test_bad_file_is_named(tmp_path):
 
 def _app(settings):
     return apply_to_application(
-        {"name": "speccascade", "import_path": "speccascade.tiers.app:build_app",
+        {"name": "speccascade", "import_path": "speccascade.app:build_app",
          "deployments": [{"name": "Expert", "num_replicas": 2, "max_ongoing_requests": 16}]},
         settings,
     )
@@ -101,7 +100,7 @@ def test_helm_values_carry_the_same_pieces(name):
     assert values["deployments"] == pieces.deployments
     assert values["autoscalingPolicy"] == (pieces.autoscaling_policy or {})
     # What the chart renders from them is a valid Serve config.
-    application = {"name": "speccascade", "import_path": "speccascade.tiers.app:build_app",
+    application = {"name": "speccascade", "import_path": "speccascade.app:build_app",
                    "deployments": values["deployments"]}
     if values["autoscalingPolicy"]:
         application["autoscaling_policy"] = values["autoscalingPolicy"]
@@ -121,7 +120,6 @@ def test_settings_module_prints_helm_values_or_names_the_bad_key(tmp_path, capsy
 
 def test_settings_module_merges_the_policy_into_a_serve_config(capsys):
     import yaml
-
     from speccascade.autoscale.settings import main
 
     serve_config = POLICY_DIR.parent / "gpu-cluster.yaml"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from speccascade.autoscale import signals as sig
-from speccascade.tiers.metrics import WindowCounters
+from speccascade.engine.stats import COUNTER
+from speccascade.serving.metrics import WindowCounters
 
 
 def test_totals_keep_growing_across_drained_windows():
@@ -13,11 +14,11 @@ def test_totals_keep_growing_across_drained_windows():
     window.drafted += 15
     window.skippable_rounds += 3
     first = totals.including(window.as_dict())
-    assert (first[sig.ROUNDS], first[sig.DRAFTED], first[sig.SKIPPABLE_ROUNDS]) == (3, 15, 3)
+    assert (first[COUNTER.rounds], first[COUNTER.drafted], first[COUNTER.skippable_rounds]) == (3, 15, 3)
     totals.absorb(window.take().as_dict())  # someone drains the window (Router.take_window)
     window.rounds += 2
     window.deferred += 4
     second = totals.including(window.as_dict())
-    assert second[sig.ROUNDS] == 5 and second[sig.DEFERRED] == 4 and second[sig.DRAFTED] == 15
+    assert second[COUNTER.rounds] == 5 and second[COUNTER.deferred] == 4 and second[COUNTER.drafted] == 15
     assert "window_seconds" not in second  # only counters are reported
     assert set(sig.ROUTER_COUNTERS) <= set(WindowCounters().as_dict())

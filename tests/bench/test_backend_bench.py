@@ -1,6 +1,6 @@
 import json
 
-from speccascade.bench.backend import IMPLEMENTATIONS
+from speccascade.bench.backend.steps import IMPLEMENTATIONS
 from speccascade.cli import main
 
 

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from speccascade.bench.soak import POLICIES, plan_request
+from speccascade.bench.soak.report import linear_slope
+from speccascade.bench.soak.workload import POLICIES, plan_request
 from speccascade.cli import main
-from speccascade.bench.soak_report import linear_slope
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from speccascade.cascade import (
     ALWAYS_DEFER_ALPHA,
     NEVER_DEFER_ALPHA,

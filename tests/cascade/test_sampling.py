@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from speccascade.cascade import SamplingParams, adjust_probs, sample
 
 

@@ -1,7 +1,6 @@
 import pytest
 import torch
 from scipy.stats import chisquare
-
 from speccascade.cascade import GREEDY, Rule, SamplingParams, adjust_probs, target_distribution, verify_block
 from speccascade.cascade.rules import mixture_defers, token_accept_set, token_target
 

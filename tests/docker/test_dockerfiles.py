@@ -143,7 +143,7 @@ def test_the_install_step_installs_the_package_and_its_cli(tmp_path):
     python = venv / "bin" / "python"
     clean_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = subprocess.run(
-        [str(python), "-c", "import speccascade, torch, ray, speccascade.tiers.app as app; "
+        [str(python), "-c", "import speccascade, torch, ray, speccascade.app as app; "
                             "print(speccascade.__file__); print(torch.__version__); print(ray.__version__)"],
         cwd=tmp_path, env=clean_env, capture_output=True, text=True, check=True).stdout.split()
     assert probe[0].startswith(str(venv))  # the installed package, not this checkout

@@ -4,7 +4,6 @@ import threading
 
 import pytest
 import torch
-
 from speccascade.engine.backends import BACKEND_KINDS, ModelBackend, backend_class, common_prefix_length
 
 from ..conftest import tiny_qwen2

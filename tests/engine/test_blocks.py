@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from speccascade.cascade import Rule, SamplingParams, adjust_probs, sample, verify_block
 from speccascade.engine.blocks import EMPTY_BLOCK, DraftPayload, SampleRows, densify, summarize_draft
 from speccascade.engine.seeding import Purpose, draw_generator, draw_seed

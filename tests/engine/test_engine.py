@@ -1,9 +1,8 @@
 import pytest
 import torch
-
-from speccascade.cascade import SamplingParams
-from speccascade.engine.request import GenerationRequest, Method
+from speccascade.engine.request import GenerationRequest
 from speccascade.engine.stats import Source
+from speccascade.options import Method, SamplingParams
 
 from ..conftest import make_engine
 

@@ -7,12 +7,11 @@ import asyncio
 
 import pytest
 import torch
-
-from speccascade.cascade import SamplingParams
 from speccascade.engine.backends import backend_class
 from speccascade.engine.loop import rounds_for
 from speccascade.engine.request import GenerationRequest
 from speccascade.engine.roles import LocalDrafter, LocalExpert
+from speccascade.options import SamplingParams
 
 from ..conftest import perturbed_copy, tiny_qwen2
 

@@ -5,9 +5,8 @@ real Qwen output sizes and tokenizer (taken from the packaged drafter, hence `re
 from __future__ import annotations
 
 import pytest
-
-from speccascade.cascade import SamplingParams
 from speccascade.engine.request import GenerationRequest
+from speccascade.options import SamplingParams
 
 from ..conftest import QWEN_LARGE_ROWS, QWEN_SMALL_ROWS
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from speccascade.k8s import HelmError, default_chart_dir, find_helm, render_chart
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,6 @@ import subprocess
 import jsonschema
 import pytest
 import yaml
-
 from speccascade.k8s import HelmError
 
 from .conftest import CHART_DIR, GPU_EXAMPLE, REPO_ROOT
@@ -44,8 +43,7 @@ def test_example_is_what_the_settings_module_generates():
 
 def test_autoscaled_serve_config_is_valid_for_ray_serve_app_config_and_kuberay(autoscaled, rayservice_schema):
     from ray.serve.schema import ServeDeploySchema
-
-    from speccascade.tiers.config import AppConfig
+    from speccascade.config.app import AppConfig
 
     jsonschema.Draft7Validator(strict(rayservice_schema)).validate(autoscaled)
     config = ServeDeploySchema.model_validate(serve_config_of(autoscaled))
@@ -77,8 +75,7 @@ def test_ray_applies_each_autoscaling_config_over_the_built_deployments(autoscal
     from ray.serve._private.build_app import build_app as build_serve_app
     from ray.serve._private.deploy_utils import deploy_args_to_deployment_info
     from ray.serve.schema import ServeApplicationSchema
-
-    from speccascade.tiers.app import build_app
+    from speccascade.app import build_app
 
     app = app_of(autoscaled)
     built = build_serve_app(build_app(app["args"]), name=app["name"], default_runtime_env={})

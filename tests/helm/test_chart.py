@@ -12,7 +12,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
 from speccascade.k8s import HelmError, select_kind
 
 from .conftest import CHART_DIR, GPU_EXAMPLE, KUBERNETES_VERSION
@@ -112,14 +111,12 @@ def test_strict_crd_schema_rejects_a_misspelt_field(case, rayservice_schema):
 
 def test_serve_config_is_valid_for_ray_serve_and_app_config(case):
     from ray.serve.schema import ServeDeploySchema
-
-    from speccascade.tiers.config import AppConfig
-
-    from speccascade.tiers.app import GRPC_SERVICER_FUNCTIONS
+    from speccascade.app import GRPC_SERVICER_FUNCTIONS
+    from speccascade.config.app import AppConfig
 
     config = ServeDeploySchema.model_validate(serve_config_of(rayservice_of(case["objects"])))
     (app,) = config.applications
-    assert app.import_path == "speccascade.tiers.app:build_app"
+    assert app.import_path == "speccascade.app:build_app"
     assert config.grpc_options.grpc_servicer_functions == GRPC_SERVICER_FUNCTIONS
     AppConfig.model_validate(app.args)
 
@@ -127,8 +124,7 @@ def test_serve_config_is_valid_for_ray_serve_and_app_config(case):
 def serve_deployments(args: dict) -> dict[str, dict]:
     """Deployment name -> ray_actor_options, as the application builder really sets them."""
     from ray.serve.deployment import Application
-
-    from speccascade.tiers.app import build_app
+    from speccascade.app import build_app
 
     options, pending = {}, [build_app(args)]
     while pending:
@@ -173,8 +169,8 @@ def fits(demand: dict, offer: dict, times: int = 1) -> bool:
 
 
 def test_each_group_advertises_exactly_its_tier_resources(case):
-    from speccascade.tiers.app import DRAFTER_DEPLOYMENT, EXPERT_DEPLOYMENT
-    from speccascade.tiers.config import AppConfig
+    from speccascade.app import DRAFTER_DEPLOYMENT, EXPERT_DEPLOYMENT
+    from speccascade.config.app import AppConfig
 
     service = rayservice_of(case["objects"])
     args = AppConfig.model_validate(app_of(service)["args"])
@@ -216,7 +212,7 @@ def test_set_values_with_integers_render_like_values_files(render):
 
 
 def test_router_fits_on_some_group(case):
-    from speccascade.tiers.app import ROUTER_DEPLOYMENT
+    from speccascade.app import ROUTER_DEPLOYMENT
 
     service = rayservice_of(case["objects"])
     demand = replica_demand(serve_deployments(app_of(service)["args"])[ROUTER_DEPLOYMENT])
@@ -403,7 +399,7 @@ def test_autoscaling_policy_is_rendered_only_when_set(render, tmp_path):
 
 
 def test_policy_values_become_app_config_defaults(render):
-    from speccascade.tiers.config import AppConfig
+    from speccascade.config.app import AppConfig
 
     service = rayservice_of(render(set_values=["app.policy.rule=chow", "app.policy.block_size=7"],
                                    set_json=["app.policy.alpha=0.2"]))
@@ -412,7 +408,7 @@ def test_policy_values_become_app_config_defaults(render):
 
 
 def test_router_values_become_app_config(render):
-    from speccascade.tiers.config import AppConfig
+    from speccascade.config.app import AppConfig
 
     service = rayservice_of(render(set_values=[
         "app.router.tier_call_timeout_s=30", "app.router.tier_call_attempts=5", "app.router.tier_down_cooldown_s=2",
@@ -426,7 +422,7 @@ def test_router_values_become_app_config(render):
 
 def test_every_tier_field_is_settable_and_reaches_app_config(render):
     """Fields the chart's own layout once left out (torch_threads, the backend and device)."""
-    from speccascade.tiers.config import AppConfig
+    from speccascade.config.app import AppConfig
 
     service = rayservice_of(render(set_values=[
         "app.drafter.torch_threads=3", "app.expert.backend=static", "app.expert.device=cuda:1",
@@ -444,8 +440,7 @@ def test_every_tier_field_is_settable_and_reaches_app_config(render):
 
 def test_the_tenants_file_is_the_referenced_secret_mounted_where_the_router_reads_it(render):
     import yaml
-
-    from speccascade.tiers.config import AppConfig
+    from speccascade.config.app import AppConfig
 
     open_service = rayservice_of(render())
     assert AppConfig.model_validate(

@@ -14,10 +14,9 @@ import promql_parser
 import pytest
 from ray.serve import metrics as serve_metrics
 from ray.util import metrics as ray_metrics
-
 from speccascade.autoscale.policy import DecisionPublisher
 from speccascade.k8s import select_kind
-from speccascade.tiers.metrics import RouterMetrics, TierMetrics
+from speccascade.serving.metrics import RouterMetrics, TierMetrics
 
 from .conftest import CHART_DIR, KUBERNETES_VERSION
 

@@ -5,7 +5,6 @@ same commands against a served application."""
 from __future__ import annotations
 
 import kubernetes_validate
-
 from speccascade.cli import build_parser
 from speccascade.k8s import select_kind
 

@@ -12,7 +12,6 @@ import jsonschema
 import pytest
 import yaml
 from pydantic import BaseModel
-
 from speccascade.k8s import HelmError
 
 from .conftest import CHART_DIR, GPU_EXAMPLE, REPO_ROOT
@@ -49,7 +48,7 @@ def test_check_mode_fails_on_a_stale_schema(tmp_path, monkeypatch, capsys):
 
 
 def test_the_app_block_is_app_config():
-    from speccascade.tiers.config import AppConfig
+    from speccascade.config.app import AppConfig
 
     document = schema()
     assert document["properties"]["app"]["$ref"] == "#/$defs/AppConfig"
@@ -115,7 +114,7 @@ def value_paths(values: dict, prefix: str = "") -> set[str]:
 
 def test_values_yaml_shows_every_app_config_field():
     """`helm show values` lists every setting; the schema holds each one's description and limits."""
-    from speccascade.tiers.config import AppConfig
+    from speccascade.config.app import AppConfig
 
     app = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["app"]
     assert value_paths(app) == model_fields(AppConfig)

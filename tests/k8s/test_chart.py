@@ -6,7 +6,6 @@ import os
 import stat
 
 import pytest
-
 from speccascade.k8s import HelmError, find_helm, render_chart, select_kind
 
 from ..helm.conftest import skip_or_fail_in_ci

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from speccascade.cli import main
 from speccascade.k8s import HelmError, find_helm, render_chart, select_kind
 

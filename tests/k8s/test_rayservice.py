@@ -8,7 +8,6 @@ import copy
 import pytest
 from kubernetes.client import CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
-
 from speccascade.k8s import apply_rayservice, format_status, merge_patch, read_status
 
 NAMESPACE = "serving"
@@ -21,7 +20,7 @@ SERVE_DETAILS_PATH = f"/api/v1/namespaces/{NAMESPACE}/services/speccascade-head-
 SERVE_CONFIG = """\
 applications:
 - name: speccascade
-  import_path: speccascade.tiers.app:build_app
+  import_path: speccascade.app:build_app
   args:
     drafter: {model: small, placement: {num_gpus: 1, resources: {drafter_tier: 1}}}
     expert: {model: large, placement: {num_gpus: 2, resources: {expert_tier: 1}}}

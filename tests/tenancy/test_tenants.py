@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from speccascade.engine.request import GenerationRequest
 from speccascade.tenancy import (
     PermissionDenied,

@@ -186,7 +186,7 @@ spec:
 {{- end }}
 
 {{/*
-The Serve application's `args`: the `app` values (speccascade.tiers.config.AppConfig, validated by
+The Serve application's `args`: the `app` values (speccascade.config.app.AppConfig, validated by
 values.schema.json) as written, with each tier's pinning resource added to its
 placement.resources. Its worker group advertises the same resource (speccascade.workerGroup).
 */}}
@@ -226,7 +226,7 @@ placement.resources. Its worker group advertises the same resource (speccascade.
 {{- end }}
 
 {{/*
-The deployments `speccascade.tiers.app:build_app` creates, by Serve name, each with the tier whose
+The deployments `speccascade.app:build_app` creates, by Serve name, each with the tier whose
 worker group hosts it (the router has none: it runs wherever router.rayResources allow).
 */}}
 {{- define "speccascade.appDeployments" -}}
@@ -284,7 +284,7 @@ replaces the replica count the application's args give the deployment.
 
 {{/*
 The Serve config (ServeDeploySchema) embedded as the RayService's serveConfigV2. The one
-application's `args` are the `app` values (speccascade.tiers.config.AppConfig).
+application's `args` are the `app` values (speccascade.config.app.AppConfig).
 */}}
 {{- define "speccascade.serveConfig" -}}
 {{- $v := .Values }}

@@ -63,25 +63,21 @@ Ray wraps an application policy with the deployments' own `upscale_delay_s`/`dow
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
+from ..engine.stats import COUNTER
 from . import signals as sig
+from .publish import DecisionPublisher
 from .settings import AutoscalingSettings, TierScaling, settings_from_dict
 
 log = logging.getLogger(__name__)
 
 ROLES = ("router", "drafter", "expert")
 _EPS = 1e-9
-DECISION_KV_NAMESPACE = "speccascade"
-
-
-def decision_kv_key(app_name: str) -> str:
-    return f"autoscale/{app_name}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,23 +168,23 @@ def tokens_per_round(expert_share: float, block_size: float, accepted_length: fl
 
 def estimate_demand(long: CounterWindow, short: CounterWindow, drafter_calls_per_round: float) -> Demand | None:
     """None when the router has reported no counters over the window (no signal, not no load)."""
-    if not long.has(sig.ROUNDS):
+    if not long.has(COUNTER.rounds):
         return None
-    tokens_per_s = max(0.0, long.rate(sig.ACCEPTED) + long.rate(sig.ROUNDS) - long.rate(sig.SKIPPED_BLOCKS))
-    ratios = short if short.increase(sig.DRAFTED) > 0 else long
-    rounds = ratios.increase(sig.ROUNDS)
-    drafted = ratios.increase(sig.DRAFTED)
+    tokens_per_s = max(0.0, long.rate(COUNTER.accepted) + long.rate(COUNTER.rounds) - long.rate(COUNTER.skipped_blocks))
+    ratios = short if short.increase(COUNTER.drafted) > 0 else long
+    rounds = ratios.increase(COUNTER.rounds)
+    drafted = ratios.increase(COUNTER.drafted)
     if rounds <= 0 or drafted <= 0:
         return Demand(tokens_per_s, 0.0, 0.0, None, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    deferral = min(1.0, ratios.increase(sig.DEFERRED) / drafted)
+    deferral = min(1.0, ratios.increase(COUNTER.deferred) / drafted)
     gamma = drafted / rounds
-    skipped = min(rounds, ratios.increase(sig.SKIPPED_BLOCKS))
+    skipped = min(rounds, ratios.increase(COUNTER.skipped_blocks))
     verified = rounds - skipped
     accepted_length = (
-        max(0.0, ratios.increase(sig.ACCEPTED) - gamma * skipped) / verified if verified > 0 else gamma
+        max(0.0, ratios.increase(COUNTER.accepted) - gamma * skipped) / verified if verified > 0 else gamma
     )
-    if ratios.has(sig.SKIPPABLE_ROUNDS):
-        share = min(1.0, ratios.increase(sig.SKIPPABLE_ROUNDS) / rounds)
+    if ratios.has(COUNTER.skippable_rounds):
+        share = min(1.0, ratios.increase(COUNTER.skippable_rounds) / rounds)
         need = expert_calls_per_round(deferral, gamma, share)
     else:
         share = None
@@ -216,12 +212,6 @@ def measured_service_time(tier: CounterWindow, router: CounterWindow, calls_key:
 # From a desired count to the next target
 # --------------------------------------------------------------------------------------------
 
-# Why a tier's target is what it is, as a closed set (a Prometheus label): a step towards the
-# demand estimate, towards the floor the ongoing requests set, no change wanted, a target pulled
-# back inside the bounds, or a change wanted while its delay runs.
-REASON_KINDS = ("demand", "queue floor", "hold", "bounds", "waiting")
-
-
 @dataclass(frozen=True)
 class Step:
     replicas: int
@@ -229,7 +219,7 @@ class Step:
     pending_since: float | None  # since when it has been wanted
     stepped_at: float | None  # the last step of this run of same-direction steps
     reason: str  # for people, e.g. "demand: waiting 12s"
-    kind: str  # one of REASON_KINDS
+    kind: str  # one of signals.REASON_KINDS
 
 
 def queue_floor(ongoing_requests: float, per_replica: float) -> int:
@@ -295,10 +285,10 @@ def decide(contexts: Mapping, settings: AutoscalingSettings) -> tuple[dict, dict
     router_short = counter_window(roles["router"][1], now - settings.deferral_window_s) if "router" in roles else empty
     drafter_long = windows_long.get("drafter", empty)
     drafter_per_round = 1.0
-    if router_long.increase(sig.ROUNDS) > 0:
-        drafter_calls = drafter_long.increase(sig.TIER_CALLS) or router_long.increase(sig.DRAFTER_CALLS)
+    if router_long.increase(COUNTER.rounds) > 0:
+        drafter_calls = drafter_long.increase(sig.TIER_CALLS) or router_long.increase(COUNTER.drafter_calls)
         if drafter_calls > 0:
-            drafter_per_round = drafter_calls / router_long.increase(sig.ROUNDS)
+            drafter_per_round = drafter_calls / router_long.increase(COUNTER.rounds)
     demand = estimate_demand(router_long, router_short, drafter_per_round)
 
     decisions: dict = {}
@@ -314,7 +304,7 @@ def decide(contexts: Mapping, settings: AutoscalingSettings) -> tuple[dict, dict
             floor = 0
         else:
             calls_key, seconds_key = (
-                (sig.EXPERT_CALLS, sig.EXPERT_SECONDS) if role == "expert" else (sig.DRAFTER_CALLS, sig.DRAFTER_SECONDS)
+                (COUNTER.expert_passes, COUNTER.expert_seconds) if role == "expert" else (COUNTER.drafter_calls, COUNTER.drafter_seconds)
             )
             service_time = (
                 measured_service_time(windows_long[role], router_long, calls_key, seconds_key)
@@ -352,72 +342,6 @@ def decide(contexts: Mapping, settings: AutoscalingSettings) -> tuple[dict, dict
         states[dep_id] = state
         record["tiers"][role] = tier_record
     return decisions, states, record
-
-
-class DecisionPublisher:
-    """Makes the last decision visible: Prometheus gauges, and a JSON record in Ray's internal KV
-    that `speccascade status` reads. Runs inside the Serve controller; a no-op without Ray.
-
-    The gauges are the controller's own view of one decision (one writer), not per-replica
-    figures, so exporting these rates and ratios does not mis-aggregate."""
-
-    KV_MIN_INTERVAL_S = 1.0  # the control loop runs every 0.1 s; the KV needs no such rate
-
-    def __init__(self):
-        self._gauges = None
-        self._last_kv_write = 0.0
-
-    def _make_gauges(self):
-        from ray.util.metrics import Gauge
-
-        return {
-            "replicas": Gauge("speccascade_autoscale_replicas",
-                              description="Replicas per tier: current, target, desired (fractional).",
-                              tag_keys=("tier", "kind")),
-            "input": Gauge("speccascade_autoscale_decision_input",
-                           description="Inputs of the last deferral-aware autoscaling decision.",
-                           tag_keys=("input",)),
-            "tier_input": Gauge("speccascade_autoscale_tier_input",
-                                description="Per-tier inputs of the last decision (floor, service time).",
-                                tag_keys=("tier", "input")),
-            "reason": Gauge("speccascade_autoscale_reason",
-                            description="Why each tier's target is what it is: 1 for the last decision's "
-                                        "reason, 0 for the others.",
-                            tag_keys=("tier", "reason")),
-        }
-
-    def publish(self, record: dict, app_name: str | None) -> None:
-        try:
-            import ray
-        except ImportError:  # pragma: no cover - Ray is a dependency of the serving path
-            return
-        if not ray.is_initialized():
-            return
-        try:
-            if self._gauges is None:
-                self._gauges = self._make_gauges()
-            for role, tier in record["tiers"].items():
-                for kind, key in (("current", "current_replicas"), ("target", "target_replicas"),
-                                  ("desired", "desired_replicas")):
-                    self._gauges["replicas"].set(float(tier[key]), tags={"tier": role, "kind": kind})
-                self._gauges["tier_input"].set(float(tier["queue_floor"]), tags={"tier": role, "input": "queue_floor"})
-                for kind in REASON_KINDS:
-                    self._gauges["reason"].set(float(kind == tier["reason_kind"]), tags={"tier": role, "reason": kind})
-                if tier["service_time_s"] is not None:
-                    self._gauges["tier_input"].set(float(tier["service_time_s"]),
-                                                   tags={"tier": role, "input": "service_time_s"})
-            for name, value in (record["demand"] or {}).items():
-                if value is not None:
-                    self._gauges["input"].set(float(value), tags={"input": name})
-            now = time.monotonic()
-            if app_name is not None and now - self._last_kv_write >= self.KV_MIN_INTERVAL_S:
-                from ray.experimental.internal_kv import _internal_kv_put
-
-                _internal_kv_put(decision_kv_key(app_name), json.dumps(record), overwrite=True,
-                                 namespace=DECISION_KV_NAMESPACE)
-                self._last_kv_write = now
-        except Exception:  # visibility must never break scaling
-            log.warning("could not publish the autoscaling decision", exc_info=True)
 
 
 class DeferralAwarePolicy:

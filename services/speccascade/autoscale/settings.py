@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from ..config_base import MaxReplicas, ReplicaBounds, StrictModel
+from ..config.base import MaxReplicas, ReplicaBounds, StrictModel
 
 DEFERRAL_POLICY_FUNCTION = "speccascade.autoscale.policy:DeferralAwarePolicy"
 RAY_METRICS_INTERVAL_DEFAULT_S = 10.0  # Ray's AutoscalingConfig.metrics_interval_s default

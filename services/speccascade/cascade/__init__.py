@@ -18,18 +18,18 @@ One round emits accepted + 1 tokens (the corrected or bonus token), except that 
 rule a block where no position defers is emitted as drafted without any expert pass.
 """
 
-from .baselines import sequence_cascade_defers, sequence_confidence, token_cascade_defers
-from .rules import (
+from ..options import (
     ALPHA_RANGES,
     ALWAYS_DEFER_ALPHA,
+    GREEDY,
     NEVER_DEFER_ALPHA,
     Rule,
-    defers,
-    target_distribution,
-    total_variation,
+    SamplingParams,
     validate_alpha,
 )
-from .sampling import GREEDY, SamplingParams, adjust_probs, logits_to_probs, sample
+from .baselines import sequence_cascade_defers, sequence_confidence, token_cascade_defers
+from .rules import defers, target_distribution, total_variation
+from .sampling import adjust_probs, logits_to_probs, sample
 from .verify import BlockVerdict, verify_block
 
 __all__ = [

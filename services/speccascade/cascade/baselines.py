@@ -12,7 +12,8 @@ import math
 
 from torch import Tensor
 
-from .rules import Rule, mixture_defers
+from ..options import Rule
+from .rules import mixture_defers
 
 
 def token_cascade_defers(q: Tensor, alpha: float) -> Tensor:

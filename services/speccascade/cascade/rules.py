@@ -16,89 +16,14 @@ alpha is the trade-off knob; larger alpha always means more lenient (fewer defer
 
 from __future__ import annotations
 
-import enum
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
+
+from ..options import Rule, validate_alpha
 
 # Mass below this counts as "none" when deciding whether a token-rule target differs from q: a
 # softmax never produces exact zeros, and mass of 1e-6 changes nothing observable.
 NEGLIGIBLE_MASS = 1e-6
-
-
-class Rule(str, enum.Enum):
-    LOSSLESS = "lossless"
-    CHOW = "chow"
-    DIFF = "diff"
-    OPT = "opt"
-    TOKEN = "token"
-    LOSSY = "lossy"
-
-    @classmethod
-    def parse(cls, name: "str | Rule") -> "Rule":
-        if isinstance(name, Rule):
-            return name
-        try:
-            return cls(str(name).strip().lower())
-        except ValueError:
-            valid = ", ".join(r.value for r in cls)
-            raise ValueError(f"unknown rule {name!r}; expected one of: {valid}") from None
-
-    @property
-    def needs_expert_to_decide(self) -> bool:
-        """Whether the deferral decision needs p. Only chow decides from the drafter alone,
-        which is what lets a confident block skip the expert entirely."""
-        return self is not Rule.CHOW
-
-
-@dataclass(frozen=True)
-class AlphaRange:
-    low: float
-    high: float
-    high_inclusive: bool = True
-    meaning: str = ""
-
-    def contains(self, alpha: float) -> bool:
-        upper_ok = alpha <= self.high if self.high_inclusive else alpha < self.high
-        return self.low <= alpha and upper_ok
-
-    def __str__(self) -> str:
-        return f"[{self.low:g}, {self.high:g}{']' if self.high_inclusive else ')'}"
-
-
-# chow:  alpha=0 defers unless the drafter is certain, alpha=1 never defers.
-# diff:  alpha=-1 always defers (max q < max p + 1), alpha=1 never (max p - 1 <= 0).
-# opt:   max p - max q <= D_TV(p, q), so alpha=1 never defers; alpha=0 is diff at 0.
-# token: alpha=0 keeps only the expert's argmax set, alpha=1 makes A the whole vocabulary (pi = q).
-# lossy: alpha=0 is lossless; alpha -> 1 accepts everything (alpha=1 would divide by zero).
-ALPHA_RANGES: dict[Rule, AlphaRange] = {
-    Rule.LOSSLESS: AlphaRange(0.0, 1.0, meaning="ignored"),
-    Rule.CHOW: AlphaRange(0.0, 1.0, meaning="defer iff max q < 1 - alpha"),
-    Rule.DIFF: AlphaRange(-1.0, 1.0, meaning="defer iff max q < max p - alpha"),
-    Rule.OPT: AlphaRange(0.0, 1.0, meaning="defer iff max q < max p - alpha * D_TV(p, q)"),
-    Rule.TOKEN: AlphaRange(0.0, 1.0, meaning="A = {v : p(v) >= (1 - alpha) max p}"),
-    Rule.LOSSY: AlphaRange(0.0, 1.0, high_inclusive=False, meaning="accept min(1, p/((1-alpha) q))"),
-}
-
-# The alpha at which each rule never defers (output = drafter-only where the rule can skip the
-# expert) and, where one exists, the alpha at which it always defers (output = lossless).
-NEVER_DEFER_ALPHA = {Rule.CHOW: 1.0, Rule.DIFF: 1.0, Rule.OPT: 1.0, Rule.TOKEN: 1.0}
-ALWAYS_DEFER_ALPHA = {Rule.LOSSLESS: 0.0, Rule.CHOW: 0.0, Rule.DIFF: -1.0, Rule.LOSSY: 0.0}
-
-
-def validate_alpha(rule: "str | Rule", alpha: float) -> float:
-    rule = Rule.parse(rule)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha):
-        raise ValueError(f"alpha must be a number, got {alpha!r}")
-    allowed = ALPHA_RANGES[rule]
-    if not allowed.contains(float(alpha)):
-        raise ValueError(
-            f"alpha={alpha!r} is out of range for rule {rule.value!r}: expected {allowed} "
-            f"({allowed.meaning})"
-        )
-    return float(alpha)
 
 
 def total_variation(p: Tensor, q: Tensor) -> Tensor:

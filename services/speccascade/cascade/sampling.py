@@ -1,4 +1,4 @@
-"""Sampling parameters and the transforms applied identically to the drafter's and expert's
+"""The sampling transforms applied identically to the drafter's and expert's
 distributions (temperature, top-k, top-p), plus drawing a token from a distribution.
 
 Everything works on probabilities over the last dimension (`[..., vocab]`). A probability vector
@@ -9,52 +9,10 @@ temperature-1 distributions and derive the sampling distributions itself.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-# Larger than any vocabulary in use; a bigger top_k is a mistake rather than "no filtering".
-MAX_TOP_K = 1 << 20
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How tokens are drawn. `temperature == 0` means greedy (argmax) decoding."""
-
-    temperature: float = 0.0
-    top_k: int = 0  # 0 disables top-k filtering
-    top_p: float = 1.0  # 1.0 disables nucleus filtering
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be a finite number, got {self.temperature!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
-        if not 0 <= self.top_k <= MAX_TOP_K:
-            raise ValueError(f"top_k must be in [0, {MAX_TOP_K}] (0 disables it), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not math.isfinite(self.top_p):
-            raise ValueError(f"top_p must be a finite number, got {self.top_p!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def needs_full_distributions(self) -> bool:
-        """Whether verification needs whole distributions rather than a few scalars.
-
-        Greedy decoding only ever compares argmaxes and probabilities at known tokens.
-        """
-        return not self.is_greedy
-
-
-GREEDY = SamplingParams()
+from ..options import SamplingParams
 
 
 def one_hot_argmax(probs: Tensor) -> Tensor:

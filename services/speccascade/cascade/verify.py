@@ -13,17 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .rules import (
-    Rule,
-    lossy_accept_probability,
-    mixture_defers,
-    residual,
-    token_accept_set,
-    token_defers,
-    token_target,
-    validate_alpha,
-)
-from .sampling import SamplingParams, adjust_probs, sample
+from ..options import Rule, SamplingParams, validate_alpha
+from .rules import lossy_accept_probability, mixture_defers, residual, token_accept_set, token_defers, token_target
+from .sampling import adjust_probs, sample
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ def run(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
     from rich.console import Console
 
-    from ..api.client import SOURCES, FINISH_REASONS, SpecCascadeClient, build_request
+    from ..api.client import FINISH_REASONS, SOURCES, SpecCascadeClient, build_request
     from .generate import print_legend, print_segment, print_stats, request_from_args
 
     local = request_from_args(args)  # the same validation as in-process, before any network call

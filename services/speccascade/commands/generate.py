@@ -12,8 +12,7 @@ DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number, w
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """Request options shared by every command that sends a generation request."""
-    from ..cascade import Rule
-    from ..engine.request import DEFAULT_ALPHA, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_RULE, Method
+    from ..options import DEFAULT_ALPHA, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_RULE, Method, Rule
 
     parser.add_argument("prompt", nargs="?", help=f"prompt text (default: a demo chat request: {DEMO_PROMPT!r})")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is (completion) instead of as a chat message")
@@ -33,8 +32,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def request_from_args(args: argparse.Namespace):
-    from ..cascade import SamplingParams
     from ..engine.request import GenerationRequest
+    from ..options import SamplingParams
 
     if args.messages is not None:
         messages = json.loads(args.messages.read_text())

@@ -68,7 +68,7 @@ def _status(args: argparse.Namespace) -> int:
     from kubernetes.client.exceptions import ApiException
 
     from ..k8s import format_status, read_status
-    from ..k8s.rayservice import status_json
+    from ..k8s.status import status_json
 
     with _api_client(args) as api_client:
         try:

@@ -7,7 +7,8 @@ import argparse
 import json
 import time
 
-from ..autoscale.policy import DECISION_KV_NAMESPACE, ROLES, decision_kv_key
+from ..autoscale.policy import ROLES
+from ..status_board import AUTOSCALING, TENANT_LOAD, read_posts
 
 DEFAULT_APP = "speccascade"
 
@@ -27,7 +28,7 @@ DEMAND_LABELS = (  # (key in the decision record, label, format)
 
 def running_replicas(app_status) -> dict[str, int]:
     """Deployment name -> replicas in the RUNNING state, from `serve.status()`."""
-    from ..tiers.replicas import running_count
+    from ..serving.replicas import running_count
 
     out = {}
     for name, deployment in (app_status.deployments if app_status else {}).items():
@@ -69,21 +70,14 @@ def format_status(app: str, running: dict[str, int], record: dict | None, *, now
     return "\n".join(lines)
 
 
-TENANT_LOAD_STALE_S = 20.0  # a router replica publishes every 5 s; older records are gone replicas
+TENANT_LOAD_STALE_S = 20.0  # a router replica posts every 5 s; older posts are replicas gone
 
 
-def read_tenant_load(app: str, *, now: float) -> dict:
-    """Requests in flight per tenant, summed over the router replicas that published recently."""
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
-
-    from ..tiers.router import TENANT_LOAD_KV_NAMESPACE, tenant_load_kv_prefix
-
+def read_tenant_load(app: str) -> dict:
+    """Requests in flight per tenant, summed over the router replicas that posted recently."""
     total: dict = {"active": {}, "waiting": 0, "decoding": 0, "replicas": 0}
-    for key in _internal_kv_list(tenant_load_kv_prefix(app), namespace=TENANT_LOAD_KV_NAMESPACE):
-        raw = _internal_kv_get(key, namespace=TENANT_LOAD_KV_NAMESPACE)
-        record = json.loads(raw) if raw else None
-        if record is None or now - record["time"] > TENANT_LOAD_STALE_S:
-            continue
+    for post in read_posts(app, TENANT_LOAD, max_age_s=TENANT_LOAD_STALE_S).values():
+        record = post.record
         total["replicas"] += 1
         total["waiting"] += record["waiting"]
         total["decoding"] += record["decoding"]
@@ -102,10 +96,9 @@ def format_tenant_load(load: dict) -> str:
 
 
 def read_decision(app: str) -> dict | None:
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    raw = _internal_kv_get(decision_kv_key(app), namespace=DECISION_KV_NAMESPACE)
-    return json.loads(raw) if raw else None
+    """The autoscaling policy's last decision record, if it made one."""
+    post = read_posts(app, AUTOSCALING).get("policy")
+    return post.record if post else None
 
 
 def register(subparsers) -> None:
@@ -131,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"no Serve application {args.app!r}; running: {sorted(status.applications) or 'none'}")
         running = running_replicas(app_status)
         record = read_decision(args.app)
-        load = read_tenant_load(args.app, now=time.time())
+        load = read_tenant_load(args.app)
     finally:
         if connected_here:
             ray.shutdown()

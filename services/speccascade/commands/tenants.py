@@ -101,8 +101,7 @@ def list_tenants(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from ..cascade import Rule
-    from ..engine.request import Method
+    from ..options import Method, Rule
 
     parser = subparsers.add_parser("tenants", help="add, rotate, disable or list tenants in a tenants file")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")

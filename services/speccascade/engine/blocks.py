@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from ..cascade import Rule, SamplingParams
+from ..options import Rule, SamplingParams
 
 TOKEN_BYTES = 4  # token ids travel as int32: vocabularies are far below 2**31
 SCALAR_BYTES = 8  # gamma, start, seed, alpha, ...: a few scalars per call

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
+from ..models import PairInfo, eos_token_ids
 from .backends import ModelBackend, load_backend
-from .generation import GenerationChunk, GenerationResult, PairInfo, StreamAssembler, TextGeneration
+from .generation import GenerationChunk, GenerationResult, StreamAssembler, TextGeneration
 from .request import GenerationRequest
 from .roles import LocalDrafter, LocalExpert
-from .text import eos_token_ids
 
 __all__ = ["CascadeEngine", "GenerationChunk", "GenerationResult", "StreamAssembler"]
 
@@ -39,7 +39,7 @@ class CascadeEngine(TextGeneration):
              backend: str = "hf", device: str = "auto", progress: bool = True) -> "CascadeEngine":
         """Load a pair by source (packaged name, local dir, GGUF file or hub id) onto `device`
         ("auto": CUDA when present), each model behind a `backend` ("hf" or "static")."""
-        from .sources import DRAFTER_DEFAULT, EXPERT_DEFAULT
+        from ..models import DRAFTER_DEFAULT, EXPERT_DEFAULT
 
         pair = PairInfo.load(drafter or DRAFTER_DEFAULT, expert or EXPERT_DEFAULT, progress=progress)
         options = dict(dtype=dtype, device=device, vocab_size=pair.vocab_size)

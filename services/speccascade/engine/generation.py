@@ -1,8 +1,5 @@
 """From a request to streamed text over the decoding loop: shared by the in-process engine and the
 served router, which differ only in the roles they hand it (local backends, or remote tiers).
-
-`PairInfo` is what a model pair means for text, loaded without any weights: the shared tokenizer
-(checked), EOS ids, the context window and the vocabulary the pair compares distributions over.
 """
 
 from __future__ import annotations
@@ -14,9 +11,9 @@ from dataclasses import dataclass, field
 from .loop import rounds_for
 from .prompt import encode_prompt, generation_limit
 from .request import GenerationRequest
-from .roles import Drafter, Expert
+from .roles import DrafterRole, ExpertRole
 from .stats import GenerationStats, RoundRecord, Source
-from .text import OutputBuilder, Segment, eos_token_ids
+from .text import OutputBuilder, Segment
 
 Observer = Callable[[RoundRecord], None]
 
@@ -80,44 +77,6 @@ class StreamAssembler:
         return GenerationChunk(self.output.take_segments(), self._new_tokens, self._new_sources, result=result)
 
 
-@dataclass(frozen=True)
-class PairInfo:
-    """A drafter/expert pair as text sees it."""
-
-    tokenizer: object
-    eos_ids: frozenset[int]
-    context_window: int
-    vocab_size: int  # ids both models score: the tokenizer's (output rows past them are padding)
-    drafter_name: str
-    expert_name: str
-    drafter_path: str  # local directory (or hub id) from_pretrained loads
-    expert_path: str
-
-    @classmethod
-    def load(cls, drafter: str, expert: str, *, progress: bool = True) -> "PairInfo":
-        """Resolve both sources and read their tokenizers and configs (no weights); a pair whose
-        tokenizers differ is refused, naming both."""
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-        from .sources import check_same_tokenizer, resolve_model
-
-        drafter_model = resolve_model(drafter, progress=progress)
-        expert_model = resolve_model(expert, progress=progress)
-        tokenizer = AutoTokenizer.from_pretrained(expert_model.path)
-        check_same_tokenizer(AutoTokenizer.from_pretrained(drafter_model.path), tokenizer,
-                             drafter_name=drafter_model.source, expert_name=expert_model.source)
-        try:
-            generation_config = GenerationConfig.from_pretrained(expert_model.path)
-        except OSError:
-            generation_config = None
-        windows = [getattr(AutoConfig.from_pretrained(m.path), "max_position_embeddings", None) or 1 << 30
-                   for m in (drafter_model, expert_model)]
-        return cls(tokenizer=tokenizer, eos_ids=eos_token_ids(tokenizer, generation_config),
-                   context_window=int(min(windows)), vocab_size=len(tokenizer),
-                   drafter_name=drafter_model.source, expert_name=expert_model.source,
-                   drafter_path=drafter_model.path, expert_path=expert_model.path)
-
-
 class TextGeneration:
     """Requests in, streamed chunks out, over whatever roles the caller provides."""
 
@@ -140,8 +99,8 @@ class TextGeneration:
     def _output_builder(self, limit: int, request: GenerationRequest) -> OutputBuilder:
         return OutputBuilder(self.tokenizer, eos_ids=self.eos_ids, max_new_tokens=limit, stop=request.stop)
 
-    async def stream_rounds(self, request: GenerationRequest, prompt: list[int], limit: int, drafter: Drafter,
-                            expert: Expert, observers: Iterable[Observer] = ()) -> AsyncIterator[GenerationChunk]:
+    async def stream_rounds(self, request: GenerationRequest, prompt: list[int], limit: int, drafter: DrafterRole,
+                            expert: ExpertRole, observers: Iterable[Observer] = ()) -> AsyncIterator[GenerationChunk]:
         """Decode `request` with the roles; each round record goes to the request's stats and to
         every observer. The last chunk carries the result."""
         started = time.perf_counter()

@@ -20,9 +20,10 @@ import torch
 
 from ..cascade import Rule, sequence_cascade_defers, token_cascade_defers
 from ..cascade.rules import mixture_defers
+from ..options import Method
 from .blocks import EMPTY_BLOCK, SCALAR_BYTES, TOKEN_BYTES, DraftedBlock, DraftPayload, VerifyOutcome
-from .request import GenerationRequest, Method
-from .roles import Drafter, Expert
+from .request import GenerationRequest
+from .roles import DrafterRole, ExpertRole
 from .stats import RoundRecord, Source
 
 Rounds = AsyncIterator[RoundRecord]
@@ -37,7 +38,7 @@ def _timed(record: RoundRecord, field: str):
         setattr(record, field, getattr(record, field) + time.perf_counter() - started)
 
 
-async def _draft(drafter: Drafter, tokens: list[int], gamma: int, request: GenerationRequest,
+async def _draft(drafter: DrafterRole, tokens: list[int], gamma: int, request: GenerationRequest,
                  payload: DraftPayload, record: RoundRecord) -> DraftedBlock:
     with _timed(record, "drafter_seconds"):
         block = await drafter.draft(tokens, gamma, request.sampling, request.seed, payload)
@@ -50,7 +51,7 @@ async def _draft(drafter: Drafter, tokens: list[int], gamma: int, request: Gener
     return block
 
 
-async def _verify(expert: Expert, tokens: list[int], block: DraftedBlock, rule: Rule, alpha: float,
+async def _verify(expert: ExpertRole, tokens: list[int], block: DraftedBlock, rule: Rule, alpha: float,
                   request: GenerationRequest, record: RoundRecord) -> VerifyOutcome:
     """Verify `block` after `tokens`; records the outcome and emits its tokens into `record`."""
     sequence = tokens + list(block.tokens)
@@ -82,7 +83,7 @@ def _chow_keeps(block: DraftedBlock, alpha: float) -> bool:
     return not bool(mixture_defers(Rule.CHOW, block.max_q.unsqueeze(-1), None, alpha).any())
 
 
-async def speculative_rounds(drafter: Drafter, expert: Expert, prompt: list[int],
+async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: list[int],
                              request: GenerationRequest) -> Rounds:
     """Draft gamma tokens, score them with one expert pass, keep what the rule accepts."""
     tokens = list(prompt)
@@ -101,7 +102,7 @@ async def speculative_rounds(drafter: Drafter, expert: Expert, prompt: list[int]
         yield record
 
 
-async def expert_steps(expert: Expert, prompt: list[int], request: GenerationRequest) -> Rounds:
+async def expert_steps(expert: ExpertRole, prompt: list[int], request: GenerationRequest) -> Rounds:
     """Plain decoding with the expert: an empty block per round, one token per forward pass."""
     tokens = list(prompt)
     while True:
@@ -111,7 +112,7 @@ async def expert_steps(expert: Expert, prompt: list[int], request: GenerationReq
         yield record
 
 
-async def drafter_steps(drafter: Drafter, expert: Expert, prompt: list[int], request: GenerationRequest) -> Rounds:
+async def drafter_steps(drafter: DrafterRole, expert: ExpertRole, prompt: list[int], request: GenerationRequest) -> Rounds:
     """Plain decoding with the drafter, one token per forward pass."""
     tokens = list(prompt)
     payload = DraftPayload.for_request(Rule.CHOW, request.sampling)
@@ -126,7 +127,7 @@ async def drafter_steps(drafter: Drafter, expert: Expert, prompt: list[int], req
         yield record
 
 
-async def token_cascade_steps(drafter: Drafter, expert: Expert, prompt: list[int],
+async def token_cascade_steps(drafter: DrafterRole, expert: ExpertRole, prompt: list[int],
                               request: GenerationRequest) -> Rounds:
     """Per token: the drafter's token if it is confident, otherwise the expert's, computed
     sequentially (the expert catches up on every token since its last call)."""
@@ -144,7 +145,7 @@ async def token_cascade_steps(drafter: Drafter, expert: Expert, prompt: list[int
         yield record
 
 
-async def sequence_cascade_rounds(drafter: Drafter, expert: Expert, prompt: list[int], request: GenerationRequest,
+async def sequence_cascade_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: list[int], request: GenerationRequest,
                                   answer_is_complete: Callable[[list[int]], bool]) -> Rounds:
     """The drafter answers in full; if its confidence is low the expert answers from scratch.
 
@@ -178,7 +179,7 @@ async def sequence_cascade_rounds(drafter: Drafter, expert: Expert, prompt: list
         yield record
 
 
-def rounds_for(request: GenerationRequest, drafter: Drafter, expert: Expert, prompt: list[int],
+def rounds_for(request: GenerationRequest, drafter: DrafterRole, expert: ExpertRole, prompt: list[int],
                answer_is_complete: Callable[[list[int]], bool]) -> Rounds:
     method = request.method
     if method is Method.EXPERT_ONLY:

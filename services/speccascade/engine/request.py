@@ -2,44 +2,23 @@
 
 from __future__ import annotations
 
-import enum
 import secrets
 from dataclasses import dataclass, field
 
-from ..cascade import Rule, SamplingParams, validate_alpha
-
-# Acceptance decays geometrically along a block; past a few dozen positions drafting is wasted
-# work, so a larger block size is almost certainly a mistake.
-MAX_BLOCK_SIZE = 64
-DEFAULT_MAX_NEW_TOKENS = 256
-MAX_NEW_TOKENS_CAP = 32768
-MAX_STOP_STRINGS = 16
-CHAT_ROLES = ("system", "user", "assistant")
-
-# Defaults: the paper's best rule at a middle alpha.
-DEFAULT_RULE = Rule.TOKEN
-DEFAULT_ALPHA = 0.5
-DEFAULT_BLOCK_SIZE = 5
-
-
-class Method(str, enum.Enum):
-    """What produces the tokens: a speculative cascade (with a rule) or one of the baselines."""
-
-    CASCADE = "cascade"
-    EXPERT_ONLY = "expert"
-    DRAFTER_ONLY = "drafter"
-    TOKEN_CASCADE = "token-cascade"
-    SEQUENCE_CASCADE = "sequence-cascade"
-
-    @classmethod
-    def parse(cls, name: "str | Method") -> "Method":
-        if isinstance(name, Method):
-            return name
-        try:
-            return cls(str(name).strip().lower())
-        except ValueError:
-            valid = ", ".join(m.value for m in cls)
-            raise ValueError(f"unknown method {name!r}; expected one of: {valid}") from None
+from ..options import (
+    CHAT_ROLES,
+    DEFAULT_ALPHA,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_RULE,
+    MAX_BLOCK_SIZE,
+    MAX_NEW_TOKENS_CAP,
+    MAX_STOP_STRINGS,
+    Method,
+    Rule,
+    SamplingParams,
+    validate_alpha,
+)
 
 
 def _check_messages(messages: list[dict]) -> tuple[dict, ...]:
@@ -110,10 +89,3 @@ class GenerationRequest:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty text, got {s!r}")
         set_("stop", stop)
-
-    def describe(self) -> str:
-        if self.method is Method.CASCADE:
-            return f"{self.rule.value}(alpha={self.alpha:g}, gamma={self.block_size})"
-        if self.method in (Method.TOKEN_CASCADE, Method.SEQUENCE_CASCADE):
-            return f"{self.method.value}(alpha={self.alpha:g})"
-        return f"{self.method.value}-only"

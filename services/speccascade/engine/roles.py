@@ -1,13 +1,13 @@
 """The two roles of the decoding loop, and their in-process implementations.
 
-`Drafter.draft` proposes gamma tokens after a context; `Expert.verify` scores a drafted block in
+`DrafterRole.draft` proposes gamma tokens after a context; `ExpertRole.verify` scores a drafted block in
 one pass and keeps what the rule accepts (an empty block: it just produces the next token). Both
 calls carry everything needed to answer from scratch; a session cache only makes them cheaper.
 
 `draft_block` and `verify_drafted` are the bodies of those calls over a scoring function; the
 in-process roles (`LocalDrafter`, `LocalExpert`) call them on a backend session, and the tiers
 call them on their batched scorer. Remote roles (the router's clients of the tiers) live in
-`speccascade.tiers.clients`.
+`speccascade.serving.clients`.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from .seeding import Purpose, draw_generator
 ScoreFn = Callable[[Sequence[int], int], Awaitable[Tensor]]
 
 
-class Drafter(Protocol):
+class DrafterRole(Protocol):
     async def draft(self, context: Sequence[int], gamma: int, sampling: SamplingParams, seed: int,
                     payload: DraftPayload) -> DraftedBlock:
         """Draft gamma tokens after `context`, one model step each; the token at position n is drawn
         with the key (seed, n, draft). May return an empty block when no drafter can answer."""
 
 
-class Expert(Protocol):
+class ExpertRole(Protocol):
     async def verify(self, sequence: Sequence[int], start: int, block: DraftedBlock, rule: Rule, alpha: float,
                      sampling: SamplingParams, seed: int) -> VerifyOutcome:
         """Score `sequence` (context + the block drafted from `start`) and verify the block with the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field, fields
+from types import SimpleNamespace
 
 
 class Source(str, enum.Enum):
@@ -16,52 +17,50 @@ class Source(str, enum.Enum):
     EXPERT = "expert"
 
 
+def _counter(help: str, kind: type = int):
+    """A counter of decoding; `help` is its description (the Prometheus help text)."""
+    return field(default=kind(), metadata={"help": help})
+
+
 @dataclass
-class RoundRecord:
+class RoundCounters:
+    """What a round counts. Each field is a counter of decoding, named and described once here."""
+
+    drafted: int = _counter("Tokens drafted.")
+    accepted: int = _counter("Drafted tokens kept (including blocks emitted without the expert).")
+    deferred: int = _counter("Drafted positions deferred to the expert.")
+    corrected: int = _counter("Tokens resampled from the residual after a rejection.")
+    bonus: int = _counter("Tokens sampled from the expert after a fully accepted (or empty) block.")
+    skipped_blocks: int = _counter("Blocks emitted without an expert call.")
+    skippable_rounds: int = _counter("Rounds decided from the drafter alone when it is confident (chow and "
+                                     "baselines).")
+    drafter_calls: int = _counter("Draft calls to the drafter (one call drafts a block, one model step a token).")
+    drafter_passes: int = _counter("Drafter forward steps.")
+    expert_passes: int = _counter("Expert calls (one forward pass each).")
+    drafter_seconds: float = _counter("Seconds spent waiting on draft calls.", float)
+    expert_seconds: float = _counter("Seconds spent waiting on expert calls.", float)
+    wire_bytes: int = _counter("Payload bytes exchanged with the tiers, both directions.")
+    context_bytes: int = _counter("Of wire_bytes: context token ids sent with tier calls.")
+
+
+@dataclass
+class RoundRecord(RoundCounters):
     """What one round did. A round is one draft-then-verify block of a speculative cascade, or one
     step of a baseline (one token of expert-only / drafter-only / token-level cascade decoding; the
     drafter's whole answer, or one expert step, of a sequence-level cascade)."""
 
     emitted: list[tuple[int, Source]] = field(default_factory=list)  # output tokens, in order
-    drafted: int = 0  # tokens proposed by the drafter
-    accepted: int = 0  # drafted tokens kept (including whole blocks emitted without the expert)
-    deferred: int = 0  # drafted positions where the rule deferred to the expert
-    corrected: int = 0  # tokens resampled from the residual after a rejection
-    bonus: int = 0  # tokens sampled from the expert after a fully accepted (or empty) block
-    skipped_blocks: int = 0  # blocks emitted with no expert call
-    skippable_rounds: int = 0  # rounds decided from the drafter alone when it is confident (chow, baselines)
-    drafter_calls: int = 0  # draft calls (one call drafts `drafted` tokens, one model step each)
-    drafter_passes: int = 0  # drafter forward steps
-    expert_passes: int = 0  # expert calls, one forward pass each
-    drafter_seconds: float = 0.0  # time spent waiting on the drafter
-    expert_seconds: float = 0.0  # time spent waiting on the expert
-    wire_bytes: int = 0  # payload of the round's calls, both directions (what a remote tier exchanges)
-    context_bytes: int = 0  # of wire_bytes: context token ids sent with the calls
 
 
-# The names every counter of decoding uses: the numeric fields of a round record.
-COUNTER_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RoundRecord) if f.name != "emitted")
+# The names every counter of decoding uses: the fields of `RoundCounters`.
+COUNTER_NAMES: tuple[str, ...] = tuple(f.name for f in fields(RoundCounters))
 
 
 @dataclass
-class RoundCounts:
+class RoundCounts(RoundCounters):
     """Sums of round records, plus the number of rounds."""
 
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    deferred: int = 0
-    corrected: int = 0
-    bonus: int = 0
-    skipped_blocks: int = 0
-    skippable_rounds: int = 0
-    drafter_calls: int = 0
-    drafter_passes: int = 0
-    expert_passes: int = 0
-    drafter_seconds: float = 0.0
-    expert_seconds: float = 0.0
-    wire_bytes: int = 0
-    context_bytes: int = 0
+    rounds: int = _counter("Decoding rounds (draft-then-verify blocks, baseline steps).")
 
     def observe(self, record: RoundRecord) -> None:
         self.rounds += 1
@@ -72,6 +71,12 @@ class RoundCounts:
 
     def counts(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(RoundCounts)}
+
+
+# Attribute access to every counter's name, for code that keys counters by name (autoscaling
+# signals, trace records): `COUNTER.drafted == "drafted"`, and a misspelt one fails at import.
+COUNTER = SimpleNamespace(**{f.name: f.name for f in fields(RoundCounts)})
+COUNTER_HELP: dict[str, str] = {f.name: f.metadata["help"] for f in fields(RoundCounts)}
 
 
 @dataclass
@@ -113,10 +118,3 @@ class GenerationStats(RoundCounts):
         out = asdict(self)
         out["other_seconds"] = self.other_seconds
         return out
-
-    def add(self, other: "GenerationStats") -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-
-assert set(COUNTER_NAMES) < {f.name for f in fields(RoundCounts)}  # one vocabulary, checked at import

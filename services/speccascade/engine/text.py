@@ -3,7 +3,6 @@ which model each piece of text came from."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .stats import Source
@@ -15,16 +14,6 @@ REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for an incomplete UTF-8 seq
 class Segment:
     text: str
     source: Source
-
-
-def eos_token_ids(tokenizer, generation_config=None) -> frozenset[int]:
-    ids: set[int] = set()
-    for candidate in (getattr(tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None)):
-        if isinstance(candidate, int):
-            ids.add(candidate)
-        elif isinstance(candidate, Iterable):
-            ids.update(int(c) for c in candidate)
-    return frozenset(ids)
 
 
 class OutputBuilder:

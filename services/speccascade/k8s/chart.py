@@ -87,7 +87,7 @@ def select_kind(objects: Iterable[dict], kind: str, api_version: str | None = No
     ]
 
 
-APP_IMPORT_PATH = "speccascade.tiers.app:build_app"
+APP_IMPORT_PATH = "speccascade.app:build_app"
 
 
 def check_app_args(rayservice: dict) -> None:
@@ -98,7 +98,7 @@ def check_app_args(rayservice: dict) -> None:
     by its values path (`app.<field>...`)."""
     from pydantic import ValidationError
 
-    from ..tiers.config import AppConfig
+    from ..config.app import AppConfig
 
     config = yaml.safe_load((rayservice.get("spec") or {}).get("serveConfigV2") or "{}") or {}
     for application in config.get("applications") or []:

@@ -1,9 +1,10 @@
 """Multi-tenant serving: tenants and their keys (`tenants.py`), quotas (`quota.py`), weighted fair
-queueing (`fairness.py`) and hot reload of the tenants file (`reload.py`). No Ray or gRPC here: the
-router maps these errors to status codes."""
+queueing (`fairness.py`), hot reload of the tenants file (`reload.py`), and the gatekeeper that
+applies them to a request (`gatekeeper.py`). No Ray or gRPC here: the protocol front-ends map
+these errors to their status codes."""
 
 from .fairness import DEFAULT_SHARE, AdmissionGate, FairQueue, Share
-from .quota import Admission, QuotaExceeded, TenantQuotas
+from .quota import RETRY_AFTER_HEADER, Admission, QuotaExceeded, TenantQuotas
 from .reload import TenantsFileWatcher
 from .tenants import (
     PermissionDenied,
@@ -20,6 +21,7 @@ from .tenants import (
 
 __all__ = [
     "DEFAULT_SHARE",
+    "RETRY_AFTER_HEADER",
     "Admission",
     "AdmissionGate",
     "FairQueue",

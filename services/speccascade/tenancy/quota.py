@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .tenants import TenancyError, Tenant
 
+RETRY_AFTER_HEADER = "retry-after-ms"  # gRPC trailing metadata and HTTP header of a refusal: when to try again
 BURST_SECONDS = 3.0  # the bucket holds this many seconds of the rate
 CONCURRENCY_RETRY_S = 1.0  # a slot frees when one of the tenant's requests ends: no better estimate
 
@@ -28,9 +29,16 @@ class QuotaExceeded(TenancyError):
     """Over a quota (gRPC RESOURCE_EXHAUSTED, HTTP 429); `retry_after_s` says when to try again.
     (Defaults so that it unpickles from its message alone, as exceptions crossing Ray do.)"""
 
+    status = "RESOURCE_EXHAUSTED"
+
     def __init__(self, message: str, *, reason: str = "quota", retry_after_s: float = 1.0):
         super().__init__(message, reason=reason)
         self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after_ms(self) -> int:
+        """When the caller may try again, in whole milliseconds (at least 1)."""
+        return max(1, round(self.retry_after_s * 1000))
 
 
 @dataclass

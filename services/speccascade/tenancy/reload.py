@@ -28,7 +28,6 @@ class TenantsFileWatcher:
         self.registry = TenantRegistry(TenantsFile.load(self.path))  # at start a broken file is fatal
         self._fingerprint = self._read_fingerprint()
         self.last_error: str | None = None
-        self.reloads = 0
 
     def _read_fingerprint(self) -> str | None:
         try:
@@ -49,6 +48,5 @@ class TenantsFileWatcher:
             return ReloadResult(changed=True, error=str(error))
         self.registry = TenantRegistry(tenants)
         self.last_error = None
-        self.reloads += 1
         log.warning("reloaded %d tenants from %s", len(tenants.tenants), self.path)
         return ReloadResult(changed=True)

@@ -30,9 +30,9 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..cascade import Rule, validate_alpha
-from ..config_base import StrictModel
-from ..engine.request import GenerationRequest, Method
+from ..config.base import StrictModel
+from ..engine.request import GenerationRequest
+from ..options import Method, Rule, validate_alpha
 
 KEY_PREFIX = "sc-"  # makes a leaked key recognisable in logs and secret scanners
 DIGEST_PATTERN = r"^[0-9a-f]{64}$"
@@ -40,9 +40,11 @@ TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
 class TenancyError(Exception):
-    """Base of the errors a caller turns into a status code; `reason` is a metric label."""
+    """Base of the errors a caller turns into a status code; `reason` is a metric label, `status`
+    the gRPC status name (every protocol's metrics count outcomes under those names)."""
 
     reason = "refused"
+    status = "PERMISSION_DENIED"
 
     def __init__(self, message: str, *, reason: str | None = None):
         super().__init__(message)
@@ -54,6 +56,7 @@ class Unauthenticated(TenancyError):
     """No key, or a key no tenant has (gRPC UNAUTHENTICATED, HTTP 401)."""
 
     reason = "unauthenticated"
+    status = "UNAUTHENTICATED"
 
 
 class PermissionDenied(TenancyError):

@@ -8,8 +8,7 @@ device. The engine and the tiers pick a backend by name from their configuration
 
 from __future__ import annotations
 
-from typing import Literal
-
+from ...config.app import BACKEND_KINDS, BackendKind
 from .base import (
     BackendSession,
     ModelBackend,
@@ -18,9 +17,6 @@ from .base import (
     parse_dtype,
     resolve_device,
 )
-
-BackendKind = Literal["hf", "static"]
-BACKEND_KINDS: tuple[str, ...] = ("hf", "static")
 
 
 def backend_class(kind: str) -> type[ModelBackend]:

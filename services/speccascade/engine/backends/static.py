@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ...config.app import STATIC_DEFAULT_MAX_LEN
 from .base import BackendSession, ModelBackend, Plan
 
 PAD_TOKEN = 0  # any valid id: padding writes to the scratch position and its outputs are discarded
-DEFAULT_MAX_LEN = 4096  # tokens per slot when the model's window is larger (buffer memory grows with it)
 WINDOW_STEP = 128  # attended windows come in multiples of this (attending over twice the keys costs the
 # 7B's batch-8 step a third more on an H100, so windows stay close to the longest row)
 GRAPH_MAX_TOKENS = 16  # steps with more new tokens per row (prefills) run eagerly
@@ -123,7 +123,7 @@ class StaticBackend(ModelBackend):
         if layer_types != {"full_attention"}:
             raise ValueError(f"the static backend handles full-attention models only; {name!r} has layer "
                              f"types {sorted(layer_types)} (use backend 'hf')")
-        self.max_len = int(max_len or min(self.context_window, DEFAULT_MAX_LEN))
+        self.max_len = int(max_len or min(self.context_window, STATIC_DEFAULT_MAX_LEN))
         self.context_window = min(self.context_window, self.max_len)
         self.slots = int(slots)
         self.cache = SlotCache(model, slots=self.slots, capacity=self.max_len + 1, dtype=self.dtype)

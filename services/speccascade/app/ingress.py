@@ -1,0 +1,42 @@
+"""The router deployment: the serving core with both protocol front-ends on it.
+
+Serve's gRPC proxy calls the ingress's methods by the RPC's name (`GrpcFrontend`: Generate,
+GenerateStream, Check, Watch); Serve's HTTP proxy hands requests to the ASGI app built on each
+replica (`__serve_build_asgi_app__`: the OpenAI-compatible API). Both adapt requests into the same
+`RouterCore` calls, so one deployment runs one loop for both protocols. Operations calls (the
+autoscaling window and stats, active sessions) are the core's.
+"""
+
+from __future__ import annotations
+
+from ..config import AppConfig
+from ..frontends.grpc.servicer import GrpcFrontend
+from ..serving.logs import log_to_replica_file
+from ..serving.router import RouterCore
+
+
+class Ingress(GrpcFrontend):
+    def __init__(self, drafter, expert, config: AppConfig):
+        log_to_replica_file()
+        self.core = RouterCore(drafter, expert, config)
+
+    def __serve_build_asgi_app__(self):
+        """Serve's hook for an ingress deployment built with `serve.ingress()`: the
+        OpenAI-compatible HTTP API over this replica's core, built once the core exists."""
+        from ..frontends.openai.api_router import build_http_app
+
+        return build_http_app(self.core)
+
+    # ---- operations (Ray Serve's hooks and handle calls) ----
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's hook for custom autoscaling metrics: the router's counters since it
+        started (cumulative; `speccascade.autoscale.policy` turns them into rates)."""
+        return self.core.autoscaling_stats()
+
+    async def take_window(self) -> dict[str, float]:
+        """The raw counters since the previous call (for autoscaling), and restart the window."""
+        return self.core.take_window()
+
+    async def active_session_count(self) -> int:
+        return len(self.core.active_sessions)

@@ -1,0 +1,193 @@
+"""A local serving stack, started and stopped in one place: a Ray cluster on this machine, Serve's
+gRPC and HTTP proxies, and speccascade applications deployed on them. `speccascade serve`, every
+benchmark that serves, and the tests all start the service through `LocalStack`, so they run it
+the same way.
+
+    with LocalStack(grpc_port=9000, http_port=8000) as stack:
+        endpoints = stack.deploy(AppConfig.model_validate(args))
+        ...  # call endpoints.grpc_target or endpoints.openai_base_url
+
+A Serve config file (`deploy/local-cpu.yaml` by default) gives the ports and the application's
+`args`; `ServeOverrides` are what the command line changes in it.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import AppConfig
+from . import APP_NAME, DEFAULT_GRPC_PORT, GRPC_SERVICER_FUNCTIONS, build_app
+
+LOCAL_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local-cpu.yaml"
+DEFAULT_HTTP_PORT = 8000
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where a deployed application answers."""
+
+    app_name: str
+    grpc_target: str  # host:port of the gRPC proxy (the application is chosen by gRPC metadata)
+    openai_base_url: str  # the OpenAI clients' base_url
+
+
+@dataclass(frozen=True)
+class ServeOverrides:
+    """What the command line changes in a Serve config's application: both tiers' models and
+    execution settings, and the tenants file."""
+
+    drafter: str | None = None
+    expert: str | None = None
+    dtype: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    tenants_file: Path | None = None
+
+    def apply(self, app_args: dict | None) -> dict:
+        out = {key: dict(value) if isinstance(value, dict) else value for key, value in (app_args or {}).items()}
+        for tier in ("drafter", "expert"):
+            tier_args = out.setdefault(tier, {})
+            if getattr(self, tier):
+                tier_args["model"] = getattr(self, tier)
+            for option in ("dtype", "backend", "device"):
+                if getattr(self, option):
+                    tier_args[option] = getattr(self, option)
+        if self.tenants_file:
+            out["tenancy"] = {**out.get("tenancy", {}), "tenants_file": str(Path(self.tenants_file).resolve())}
+        return out
+
+
+def load_serve_config(path: Path | None = None):
+    """A Serve config (deploy/local-cpu.yaml by default) as a validated `ServeDeploySchema`."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    if path is None and LOCAL_CONFIG.exists():
+        path = LOCAL_CONFIG
+    if path is None:  # an installed package without the repository's deploy/ directory
+        raw = {"grpc_options": {"port": DEFAULT_GRPC_PORT, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
+               "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "speccascade.app:build_app",
+                                 "args": {}}]}
+    else:
+        raw = yaml.safe_load(Path(path).read_text())
+    return ServeDeploySchema.model_validate(raw)
+
+
+class LocalStack:
+    """A Ray cluster started in this process, Serve's proxies on the given ports, and applications.
+
+    `num_cpus`: the cluster's CPUs (default: the machine's). `worker_threads`: OMP_NUM_THREADS of
+    every Ray worker (tiny models on a shared machine gain nothing from threads); None leaves Ray's
+    default (a replica's num_cpus). `log_to_driver`: replicas' logs on this process's stderr."""
+
+    def __init__(self, *, grpc_port: int = DEFAULT_GRPC_PORT, http_port: int = DEFAULT_HTTP_PORT,
+                 http_host: str = "127.0.0.1", num_cpus: int | None = None, worker_threads: int | None = None,
+                 log_to_driver: bool = False, temp_dir: str | None = None):
+        self.grpc_port = grpc_port
+        self.http_port = http_port
+        self.http_host = http_host
+        self.num_cpus = num_cpus
+        self.worker_threads = worker_threads
+        self.log_to_driver = log_to_driver
+        self.temp_dir = temp_dir
+        self.started = False
+
+    @classmethod
+    def from_serve_config(cls, schema, *, grpc_port: int | None = None, http_port: int | None = None,
+                          **options) -> "LocalStack":
+        """The stack a Serve config describes (its proxies' ports and host), with ports overridden."""
+        return cls(grpc_port=grpc_port or schema.grpc_options.port, http_port=http_port or schema.http_options.port,
+                   http_host=schema.http_options.host, **options)
+
+    def start(self) -> "LocalStack":
+        import ray
+        from ray import serve
+        from ray.serve.config import HTTPOptions, gRPCOptions
+
+        options = dict(address="local", num_cpus=self.num_cpus, include_dashboard=False,
+                       log_to_driver=self.log_to_driver)
+        if self.temp_dir:
+            options["_temp_dir"] = self.temp_dir
+        if self.worker_threads:
+            options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(self.worker_threads)}}
+        ray.init(**options)
+        self.started = True
+        try:
+            serve.start(http_options=HTTPOptions(host=self.http_host, port=self.http_port),
+                        grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def deploy(self, config: AppConfig | dict, *, name: str = APP_NAME, route_prefix: str = "/") -> Endpoints:
+        """Deploy (or update) an application and return once every deployment runs. The
+        configuration is validated first (a ValueError names the bad value)."""
+        from ray import serve
+
+        config = config if isinstance(config, AppConfig) else AppConfig.model_validate(config)
+        serve.run(build_app(config), name=name, route_prefix=route_prefix)
+        return self.endpoints(name, route_prefix)
+
+    def endpoints(self, name: str = APP_NAME, route_prefix: str = "/") -> Endpoints:
+        host = "localhost" if self.http_host in ("0.0.0.0", "::") else self.http_host
+        prefix = (route_prefix or "/").rstrip("/")
+        return Endpoints(name, f"localhost:{self.grpc_port}", f"http://{host}:{self.http_port}{prefix}/v1")
+
+    def delete(self, name: str) -> None:
+        from ray import serve
+
+        serve.delete(name)
+
+    def stop(self) -> None:
+        """Shut down Serve and the Ray cluster (idempotent)."""
+        import ray
+        from ray import serve
+
+        if not self.started:
+            return
+        self.started = False
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A running local stack with one application: stop it with `stack.stop()`."""
+
+    stack: LocalStack
+    endpoints: Endpoints
+    config: AppConfig
+
+
+def start_serve_config(path: Path | None, overrides: ServeOverrides = ServeOverrides(), *,
+                       grpc_port: int | None = None, http_port: int | None = None, **stack_options) -> Launched:
+    """Start a local stack with the application of a Serve config (the local one by default),
+    changed by `overrides`, as `speccascade serve` does. A bad configuration fails before Ray
+    starts, naming the bad value."""
+    schema = load_serve_config(path)
+    (app,) = schema.applications
+    config = AppConfig.model_validate(overrides.apply(app.args))
+    stack = LocalStack.from_serve_config(schema, grpc_port=grpc_port, http_port=http_port, **stack_options).start()
+    try:
+        return Launched(stack, stack.deploy(config, name=app.name, route_prefix=app.route_prefix), config)
+    except BaseException:
+        stack.stop()
+        raise

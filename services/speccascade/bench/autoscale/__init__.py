@@ -1,0 +1,1 @@
+"""`speccascade bench autoscale`: deferral-aware against queue-length autoscaling on a day-like trace, by simulation (`simulate.py`, with a stand-in for the Serve controller in `replay.py`), from service times measured here (`service_times.py`) or a trace recorded from a served run (`record.py`)."""

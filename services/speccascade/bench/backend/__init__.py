@@ -1,0 +1,1 @@
+"""`speccascade bench backend`: the model backends per step against a CUDA-graph reference."""

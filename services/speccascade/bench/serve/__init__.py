@@ -1,0 +1,1 @@
+"""`speccascade bench serve`: the served system against the in-process engine."""

@@ -1,0 +1,220 @@
+"""Typed configuration of the Serve application: validated once, at the edge (the builder's
+`args`, the Helm chart's `serveConfigV2`, the CLI). Every field documents itself; validators name
+the bad value."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from ..models.catalog import DRAFTER_DEFAULT, EXPERT_DEFAULT
+from ..options import (
+    ALPHA_RANGES,
+    DEFAULT_ALPHA,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_RULE,
+    MAX_BLOCK_SIZE,
+    MAX_NEW_TOKENS_CAP,
+    Rule,
+    validate_alpha,
+)
+from .base import ReplicaBounds, StrictModel
+
+# Model execution (`speccascade.engine.backends`): transformers over a dynamic cache per session,
+# or preallocated per-slot K/V buffers with CUDA graphs.
+BackendKind = Literal["hf", "static"]
+BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
+STATIC_DEFAULT_MAX_LEN = 4096  # tokens per static slot when the model's window is larger (memory grows with it)
+
+
+class Placement(StrictModel):
+    """Where a deployment's replicas run: Ray actor options for each replica."""
+
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per replica (0 lets tiers share a small machine).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractions allowed).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Ray custom resources per replica, e.g. {"expert_tier": 1} to pin to a node group.',
+        # The validator below, as JSON Schema (the Helm chart's values.schema.json).
+        json_schema_extra={"propertyNames": {"minLength": 1},
+                           "additionalProperties": {"type": "number", "exclusiveMinimum": 0}},
+    )
+    accelerator_type: str | None = Field(None, description='Ray accelerator type, e.g. "A100" or "L4".')
+    memory_bytes: int | None = Field(None, ge=0, description="Heap memory reserved per replica, in bytes.")
+
+    @field_validator("resources")
+    @classmethod
+    def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not name or not isinstance(amount, (int, float)) or not math.isfinite(amount) or amount <= 0:
+                raise ValueError(f"resource {name!r}={amount!r} must be a positive number")
+        return value
+
+    def ray_actor_options(self) -> dict:
+        options: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        if self.accelerator_type:
+            options["accelerator_type"] = self.accelerator_type
+        if self.memory_bytes:
+            options["memory"] = self.memory_bytes
+        return options
+
+
+class Replicas(ReplicaBounds):
+    """Replica count bounds of a deployment; min == max gives a fixed count."""
+
+
+class StaticBackendConfig(StrictModel):
+    """Settings of the `static` backend: preallocated per-slot K/V buffers."""
+
+    slots: int = Field(16, ge=1, le=1024, description="Sessions whose caches one replica holds at once; more are "
+                                                       "reclaimed least-recently-used (and recompute).")
+    max_len: int | None = Field(None, ge=16, description="Tokens per slot (default: the model's context window, "
+                                                          "at most 4096).")
+    cuda_graphs: bool = Field(True, description="Replay decode and verify steps as captured CUDA graphs (GPU only).")
+
+
+class TierConfig(StrictModel):
+    """A model tier (drafter or expert)."""
+
+    model: str = Field(description="Model source: packaged name, local directory, .gguf file or hub id.")
+    dtype: Literal["bf16", "fp32"] = Field("bf16", description="Weights and compute dtype.")
+    backend: BackendKind = Field("hf", description="Model execution: `hf` (transformers over a dynamic cache per "
+                                                   "session) or `static` (preallocated slots, CUDA graphs on GPUs).")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="Where the model runs: auto (CUDA when the replica has a GPU), cpu, cuda or "
+                                    "cuda:N. With several GPUs and auto, the model is placed across them.")
+    static: StaticBackendConfig = Field(default_factory=StaticBackendConfig,
+                                        description="Settings of the static backend.")
+    placement: Placement = Field(default_factory=Placement, description="Where each replica runs.")
+    replicas: Replicas = Field(default_factory=Replicas, description="Replica bounds.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most tier calls batched into one forward pass.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
+    kv_cache_budget_mb: int = Field(1024, ge=1, description="KV cache memory per replica before LRU eviction.")
+    session_idle_timeout_s: float = Field(
+        300.0, gt=0, le=86400,
+        description="A session cache with no call for this long is reclaimed (its router replica may have "
+                    "died mid-request and will never release it; a live but stalled request just recomputes). "
+                    "Released session ids are remembered as long, so a call that arrives after its session's "
+                    "release is refused instead of caching the session again.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Concurrent calls a replica accepts.")
+    torch_threads: int | None = Field(
+        None, ge=1, le=256,
+        description="Intra-op threads for forward passes. Default: torch's, which Ray caps at the replica's "
+                    "num_cpus (and at 1 when num_cpus < 1) through OMP_NUM_THREADS.")
+
+    @model_validator(mode="after")
+    def _batch_fits_the_slots(self) -> "TierConfig":
+        # The static backend holds each session of a batch in a slot of its own.
+        if self.backend == "static" and self.static.slots < self.max_batch_size:
+            raise ValueError(
+                f"static.slots={self.static.slots} is below max_batch_size={self.max_batch_size}: a batch of "
+                f"max_batch_size sessions must fit the static backend's slots (raise static.slots or lower "
+                f"max_batch_size)"
+            )
+        return self
+
+    def sequence_limit(self, model_window: int) -> int:
+        """Longest sequence this tier holds of a model with `model_window` positions: the window,
+        or the static backend's slot length where that is shorter (the backend's own context
+        window, which the in-process engine reads from it)."""
+        if self.backend != "static":
+            return model_window
+        return min(model_window, self.static.max_len or STATIC_DEFAULT_MAX_LEN)
+
+    def backend_options(self) -> dict:
+        """Keyword arguments of the chosen backend beyond the common ones."""
+        return self.static.model_dump() if self.backend == "static" else {}
+
+
+class RouterConfig(StrictModel):
+    """The router deployment: gRPC ingress and the draft-then-verify loop. Holds no model."""
+
+    placement: Placement = Field(default_factory=Placement, description="Where each router replica runs.")
+    replicas: Replicas = Field(default_factory=Replicas, description="Router replica bounds.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Concurrent requests a router replica accepts.")
+    tier_call_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for one tier call (routing + queueing + compute) before retrying.")
+    tier_call_attempts: int = Field(
+        3, ge=1, le=20, description="Tries per tier call; a failed or timed-out call is retried (recomputed).")
+    tier_down_cooldown_s: float = Field(
+        10.0, ge=0, description="After a tier is found without running replicas, how long to answer "
+                                "UNAVAILABLE (or decode expert-only) without trying it again.")
+
+
+def _alpha_ranges_schema(schema: dict) -> None:
+    """ALPHA_RANGES as JSON Schema conditions on `alpha`, one per rule (and the default rule's when
+    `rule` is left out), so the Helm chart's values.schema.json refuses what validate_alpha does."""
+
+    def bounded(rule: Rule) -> dict:
+        allowed = ALPHA_RANGES[rule]
+        upper = "maximum" if allowed.high_inclusive else "exclusiveMaximum"
+        return {"properties": {"alpha": {"minimum": allowed.low, upper: allowed.high}}}
+
+    conditions = [{"if": {"properties": {"rule": {"const": rule.value}}, "required": ["rule"]}, "then": bounded(rule)}
+                  for rule in ALPHA_RANGES]
+    conditions.append({"if": {"not": {"required": ["rule"]}}, "then": bounded(Rule.parse(DEFAULT_RULE))})
+    schema["allOf"] = conditions
+
+
+class CascadePolicy(StrictModel):
+    """Defaults for requests that do not set their own policy, and the limits requests must obey."""
+
+    model_config = ConfigDict(json_schema_extra=_alpha_ranges_schema)
+
+    rule: Rule = Field(DEFAULT_RULE, description="Default deferral rule.")
+    alpha: float = Field(DEFAULT_ALPHA, description="Default alpha for the default rule.")
+    block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=MAX_BLOCK_SIZE, description="Default block size gamma.")
+    max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS_CAP, description="Default max_new_tokens.")
+    max_new_tokens_cap: int = Field(2048, ge=1, le=MAX_NEW_TOKENS_CAP, description="Largest max_new_tokens allowed.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CascadePolicy":
+        validate_alpha(self.rule, self.alpha)
+        if self.max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} is above max_new_tokens_cap={self.max_new_tokens_cap}"
+            )
+        return self
+
+
+class TenancyConfig(StrictModel):
+    """Who may call, and how the deployment is shared (see `speccascade.tenancy`)."""
+
+    tenants_file: str | None = Field(
+        None, description="Path of the tenants file (YAML, edited with `speccascade tenants`; the Helm chart mounts "
+                          "it from a Secret). Unset: every call is answered without a key, and the router says so "
+                          "at start.")
+    reload_period_s: float = Field(
+        5.0, gt=0, le=3600, description="How often the router looks for a changed tenants file (a mounted Secret "
+                                        "changes in place); a broken file keeps the last good tenants.")
+    fair_share: bool = Field(
+        True, description="Weighted fair queueing across tenants in the router's admission and the tiers' batch "
+                          "forming, by each tenant's weight; false: first come, first served.")
+    max_decoding_requests: int = Field(
+        32, ge=1, description="Requests one router replica decodes at once; more wait in the router and are let in "
+                              "by fair share (keep it below router.max_ongoing_requests so they can wait there).")
+
+
+class AppConfig(StrictModel):
+    """The whole speccascade Serve application (the `args` of `speccascade.app:build_app`)."""
+
+    drafter: TierConfig = Field(default_factory=lambda: TierConfig(model=DRAFTER_DEFAULT),
+                                description="The drafter tier (small model, cheap accelerators).")
+    expert: TierConfig = Field(default_factory=lambda: TierConfig(model=EXPERT_DEFAULT),
+                               description="The expert tier (large model, large accelerators).")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="The router / gRPC ingress.")
+    policy: CascadePolicy = Field(default_factory=CascadePolicy, description="Default cascade policy and limits.")
+    tenancy: TenancyConfig = Field(default_factory=TenancyConfig, description="Tenants, their keys and fair share.")
+
+    @model_validator(mode="after")
+    def _tenants_can_wait_in_the_router(self) -> "AppConfig":
+        if self.tenancy.max_decoding_requests > self.router.max_ongoing_requests:
+            raise ValueError(
+                f"tenancy.max_decoding_requests={self.tenancy.max_decoding_requests} is above "
+                f"router.max_ongoing_requests={self.router.max_ongoing_requests}: requests past the router's "
+                "limit would queue in Serve, where fair share cannot order them")
+        return self

@@ -1,0 +1,112 @@
+"""Between the public protobuf messages and the engine's types. Validation stays where it is
+(`GenerationRequest`, `SamplingParams`), so a bad request fails with the same message, naming the
+bad field and value, in-process and over gRPC."""
+
+from __future__ import annotations
+
+from ...api.v1 import speccascade_pb2 as pb
+from ...config.app import CascadePolicy
+from ...engine.generation import GenerationChunk, GenerationResult
+from ...engine.request import GenerationRequest
+from ...engine.stats import GenerationStats, Source
+from ...options import Method, Rule
+from ...serving.clients import Transport
+from ...serving.requests import request_with_policy
+
+RULES_BY_PROTO = {
+    pb.RULE_LOSSLESS: Rule.LOSSLESS, pb.RULE_CHOW: Rule.CHOW, pb.RULE_DIFF: Rule.DIFF,
+    pb.RULE_OPT: Rule.OPT, pb.RULE_TOKEN: Rule.TOKEN, pb.RULE_LOSSY: Rule.LOSSY,
+}
+PROTO_BY_RULE = {rule: value for value, rule in RULES_BY_PROTO.items()}
+METHODS_BY_PROTO = {
+    pb.METHOD_CASCADE: Method.CASCADE, pb.METHOD_EXPERT_ONLY: Method.EXPERT_ONLY,
+    pb.METHOD_DRAFTER_ONLY: Method.DRAFTER_ONLY, pb.METHOD_TOKEN_CASCADE: Method.TOKEN_CASCADE,
+    pb.METHOD_SEQUENCE_CASCADE: Method.SEQUENCE_CASCADE,
+}
+PROTO_BY_METHOD = {method: value for value, method in METHODS_BY_PROTO.items()}
+PROTO_BY_SOURCE = {Source.DRAFTER: pb.SOURCE_DRAFTER, Source.EXPERT: pb.SOURCE_EXPERT}
+SOURCE_BY_PROTO = {value: source for source, value in PROTO_BY_SOURCE.items()}
+PROTO_BY_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+def rule_from_proto(value: int, default: Rule) -> Rule:
+    if value == pb.RULE_UNSPECIFIED:
+        return default
+    if value not in RULES_BY_PROTO:
+        known = ", ".join(pb.Rule.Name(v) for v in RULES_BY_PROTO)
+        raise ValueError(f"policy.rule={value} is not a known rule; expected one of: {known}")
+    return RULES_BY_PROTO[value]
+
+
+def method_from_proto(value: int) -> Method:
+    if value == pb.METHOD_UNSPECIFIED:
+        return Method.CASCADE
+    if value not in METHODS_BY_PROTO:
+        known = ", ".join(pb.Method.Name(v) for v in METHODS_BY_PROTO)
+        raise ValueError(f"policy.method={value} is not a known method; expected one of: {known}")
+    return METHODS_BY_PROTO[value]
+
+
+def request_from_proto(message: pb.GenerateRequest, policy: CascadePolicy) -> GenerationRequest:
+    """Validate a request against the engine's rules and the server's limits (ValueError names the
+    bad field). Unset fields take the server's defaults."""
+    which = message.WhichOneof("input")
+    if which is None:
+        raise ValueError("prompt: give either prompt or chat messages")
+    policy_message, sampling = message.policy, message.sampling
+
+    def optional(container, name: str):
+        return getattr(container, name) if container.HasField(name) else None
+
+    messages = None
+    if which == "chat":
+        messages = [{"role": m.role, "content": m.content} for m in message.chat.messages]
+    return request_with_policy(
+        policy, prompt=message.prompt if which == "prompt" else None, messages=messages,
+        method=method_from_proto(policy_message.method), rule=rule_from_proto(policy_message.rule, policy.rule),
+        alpha=optional(policy_message, "alpha"), block_size=optional(policy_message, "block_size"),
+        max_new_tokens=optional(message, "max_new_tokens"), temperature=optional(sampling, "temperature"),
+        top_k=optional(sampling, "top_k"), top_p=optional(sampling, "top_p"), seed=optional(sampling, "seed"),
+        stop=tuple(message.stop),
+    )
+
+
+def stats_to_proto(stats: GenerationStats, request: GenerationRequest, *, seed: int, expert_only_fallback: bool,
+                   tier_retries: int) -> pb.GenerationStats:
+    counts = {name: getattr(stats, name) for name in pb.GenerationStats.DESCRIPTOR.fields_by_name
+              if hasattr(stats, name) and name not in ("method", "rule", "seed")}
+    return pb.GenerationStats(
+        **counts, seed=seed, expert_only_fallback=expert_only_fallback, tier_retries=tier_retries,
+        method=PROTO_BY_METHOD[request.method],
+        rule=PROTO_BY_RULE[request.rule] if request.method is Method.CASCADE else pb.RULE_UNSPECIFIED,
+    )
+
+
+def usage_of(result: GenerationResult) -> pb.Usage:
+    return pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids))
+
+
+def stats_proto(result: GenerationResult, request: GenerationRequest, transport: Transport) -> pb.GenerationStats:
+    return stats_to_proto(result.stats, request, seed=result.seed, expert_only_fallback=transport.expert_only_fallback,
+                          tier_retries=transport.tier_retries)
+
+
+def result_to_proto(result: GenerationResult, request: GenerationRequest, transport: Transport) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        text=result.text, token_ids=result.token_ids, sources=[PROTO_BY_SOURCE[s] for s in result.sources],
+        finish_reason=PROTO_BY_FINISH[result.finish_reason], usage=usage_of(result),
+        stats=stats_proto(result, request, transport),
+    )
+
+
+def chunk_to_proto(chunk: GenerationChunk, request: GenerationRequest, transport: Transport) -> pb.GenerateStreamResponse:
+    message = pb.GenerateStreamResponse(
+        text=chunk.text,
+        segments=[pb.TextSegment(text=s.text, source=PROTO_BY_SOURCE[s.source]) for s in chunk.segments],
+        token_ids=chunk.token_ids, sources=[PROTO_BY_SOURCE[s] for s in chunk.sources],
+    )
+    if chunk.result is not None:
+        message.finish_reason = PROTO_BY_FINISH[chunk.result.finish_reason]
+        message.usage.CopyFrom(usage_of(chunk.result))
+        message.stats.CopyFrom(stats_proto(chunk.result, request, transport))
+    return message

@@ -1,0 +1,184 @@
+"""The HTTP routes of the OpenAI-compatible API: completions, chat completions (streamed as
+server-sent events) and models, plus a health check, on Serve's HTTP proxy beside gRPC (see
+`speccascade.app`).
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url="http://localhost:8000/v1", api_key="<the tenant's key, or anything without tenants>")
+    stream = client.chat.completions.create(
+        model="speccascade", messages=[{"role": "user", "content": "Reverse a string in Python."}],
+        stream=True, extra_body={"rule": "chow", "alpha": 0.3})
+
+HTTP only: the shapes are `protocol.py`, their mapping to and from the engine `mapping.py`, and
+everything else is the router core's, shared with gRPC: `RouterCore.admit` (the API key of the
+`Authorization: Bearer` header, the tenant's policy and quotas, the request's validation) and
+`RouterCore.serve_request` (fair admission, the loop, metrics).
+Errors are OpenAI error objects: 400 for a bad request (naming the field), 401 / 403 / 429 for
+tenancy's refusals (429 with `retry-after-ms` and `retry-after` headers, which OpenAI clients
+honour), 404 for an unknown model or path, 503 when the expert tier has no running replica
+(before the first byte of a stream; later, as an `error` event, which OpenAI clients raise).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ...serving.clients import TierUnavailableError
+from ...tenancy import RETRY_AFTER_HEADER, PermissionDenied, QuotaExceeded, TenancyError, Unauthenticated
+from . import mapping
+from .mapping import Reply
+from .protocol import ChatCompletionBody, CompletionBody, OpenAIError, parse_body
+
+# Tenancy's refusals as HTTP: (status, OpenAI error type, code).
+TENANCY_ERRORS = {Unauthenticated: (401, "authentication_error", "invalid_api_key"),
+                  PermissionDenied: (403, "permission_error", "permission_denied"),
+                  QuotaExceeded: (429, "rate_limit_error", "rate_limit_exceeded")}
+
+
+def refused(error: TenancyError) -> OpenAIError:
+    status, type_, code = TENANCY_ERRORS[type(error)]
+    headers = {}
+    if isinstance(error, QuotaExceeded):
+        milliseconds = error.retry_after_ms
+        headers = {RETRY_AFTER_HEADER: str(milliseconds), "retry-after": str(-(-milliseconds // 1000))}
+    message = str(error)
+    return OpenAIError(status, message, type=type_, code=code, headers=headers,
+                       param=mapping.param_of(message, chat=False))
+
+
+def unavailable(error: TierUnavailableError) -> OpenAIError:
+    return OpenAIError(503, str(error), type="server_error", code="tier_unavailable")
+
+
+def sse(event: dict) -> str:
+    return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def build_http_app(router) -> FastAPI:
+    """The ASGI app for one router replica (`router`: its `speccascade.serving.router.RouterCore`)."""
+    app = FastAPI(title="speccascade", description="OpenAI-compatible API of a speculative cascade")
+    created = int(time.time())
+    drafter, expert = router.config.drafter.model, router.config.expert.model
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, error: OpenAIError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return JSONResponse(OpenAIError(error.status_code, message).body(), status_code=error.status_code)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        serving = await router.serving()
+        return JSONResponse({"status": "SERVING" if serving else "NOT_SERVING"}, status_code=200 if serving else 503)
+
+    def caller_of(request: Request) -> None:
+        """Who calls (the model list decodes nothing, so only the key is checked)."""
+        try:
+            router.identify(request.headers.items())
+        except TenancyError as error:
+            raise refused(error) from None
+
+    v1 = APIRouter(prefix="/v1")
+
+    @v1.get("/models")
+    async def models(request: Request) -> dict:
+        caller_of(request)
+        return mapping.models_json(drafter, expert, created)
+
+    @v1.get("/models/{model}")
+    async def model(request: Request, model: str) -> dict:
+        caller_of(request)
+        mapping.check_model(model)
+        return mapping.model_json(drafter, expert, created)
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        return await generate(request, CompletionBody, "completion")
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        return await generate(request, ChatCompletionBody, "chat")
+
+    async def admit(http_request: Request, body_type: type):
+        """The router's admission, as for gRPC: first the caller by its API key, then the request
+        built under the caller's policy from the body (its JSON, shape and model are checked inside
+        `build`, so an unknown key is a 401 whatever the body), then the caller's quota."""
+        raw = await http_request.body()
+        parsed: list = []
+
+        def build(policy):
+            try:
+                document = json.loads(raw)
+            except ValueError as error:
+                raise OpenAIError(400, f"the request body is not valid JSON: {error}") from None
+            body = parse_body(document, body_type)
+            mapping.check_model(body.model)
+            parsed.append(body)
+            return mapping.generation_request(body, policy)
+
+        try:
+            admitted = router.admit(http_request.headers.items(), build)
+        except TenancyError as error:
+            raise refused(error) from None
+        except OpenAIError:
+            raise
+        except ValueError as error:  # the request's validation, or a prompt too long for the window
+            raise mapping.invalid_request(error, chat=body_type is ChatCompletionBody) from None
+        return parsed[0], admitted
+
+    async def generate(http_request: Request, body_type: type, kind: str):
+        body, admitted = await admit(http_request, body_type)
+        reply = Reply.new(kind)
+        chunks = router.serve_request(admitted)
+        if not body.stream:
+            segments, result, transport = [], None, None
+            try:
+                async for chunk, transport in chunks:
+                    segments += chunk.segments
+                    result = chunk.result or result
+            except TierUnavailableError as error:
+                raise unavailable(error) from None
+            return JSONResponse(reply.response(result, segments, admitted.request, transport))
+        # Wait for the first round before answering, so that a tier that is down is a 503 status
+        # rather than an error inside a 200 stream.
+        try:
+            first = await anext(chunks)
+        except TierUnavailableError as error:
+            await chunks.aclose()
+            raise unavailable(error) from None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(events(reply, first, chunks, admitted.request, include_usage),
+                                 media_type="text/event-stream")
+
+    async def events(reply: Reply, first: tuple, chunks: AsyncIterator, request, include_usage: bool
+                     ) -> AsyncIterator[str]:
+        try:
+            for event in reply.first_chunks():
+                yield sse(event)
+            chunk, transport = first
+            while True:
+                for event in reply.chunks(chunk, request, transport, include_usage=include_usage):
+                    yield sse(event)
+                if chunk.result is not None:
+                    break
+                chunk, transport = await anext(chunks)
+            yield SSE_DONE
+        except TierUnavailableError as error:
+            yield sse(unavailable(error).body())
+        finally:
+            await chunks.aclose()  # a client that went away cancels decoding; both tiers free the session
+
+    app.include_router(v1)
+    return app

@@ -1,0 +1,232 @@
+"""Between the OpenAI API's shapes (`protocol.py`) and the engine's types, as `grpc/convert.py` is
+for protobuf: a parsed body to the engine's request under the caller's policy, and the core's
+chunks to completions, chat completions and their server-sent-event chunks. No HTTP here.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from ...config.app import CascadePolicy
+from ...engine.generation import GenerationChunk, GenerationResult
+from ...engine.request import GenerationRequest
+from ...engine.text import Segment
+from ...options import Method
+from ...serving.clients import Transport
+from ...serving.requests import request_with_policy
+from .protocol import SERVED_MODEL, ChatCompletionBody, OpenAIError, RequestBody
+
+# OpenAI's `developer` role is its newer name for `system` (instructions to the model).
+ROLE_ALIASES = {"developer": "system"}
+
+
+# ----------------------------------------------------------------------------- to the engine's request
+
+# Which request field a validation message is about: the engine's messages name it first.
+_PARAM_OF_MESSAGE = [
+    (re.compile(r"^(policy\.)?alpha\b"), "alpha"), (re.compile(r"^(unknown rule|policy\.rule)\b"), "rule"),
+    (re.compile(r"^(unknown method|policy\.method)\b"), "method"), (re.compile(r"^block_size\b"), "block_size"),
+    (re.compile(r"^max_new_tokens\b"), "max_tokens"), (re.compile(r"^temperature\b"), "temperature"),
+    (re.compile(r"^top_k\b"), "top_k"), (re.compile(r"^top_p\b"), "top_p"), (re.compile(r"^seed\b"), "seed"),
+    (re.compile(r"^(at most \d+ )?stop\b"), "stop"), (re.compile(r"^messages\b"), "messages"),
+    (re.compile(r"^prompt\b"), "prompt"),
+]
+
+
+def param_of(message: str, *, chat: bool) -> str | None:
+    for pattern, param in _PARAM_OF_MESSAGE:
+        if pattern.match(message):
+            return "messages" if chat and param == "prompt" else param
+    return None
+
+
+def invalid_request(error: ValueError, *, chat: bool) -> OpenAIError:
+    message = str(error)
+    param = param_of(message, chat=chat)
+    if param == "max_tokens":  # the engine's name for it
+        message = message.replace("max_new_tokens", "max_tokens", 1)
+    code = "context_length_exceeded" if "is too long" in message else None
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def _prompt_text(prompt: str | list) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if not prompt:
+        raise OpenAIError(400, "prompt must be non-empty text, got []", param="prompt")
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        raise OpenAIError(400, f"prompt is a list of {len(prompt)} prompts; this server takes one prompt "
+                               "per request", param="prompt", code="unsupported_parameter")
+    raise OpenAIError(400, "prompt must be text; token-id prompts are not supported", param="prompt",
+                      code="unsupported_parameter")
+
+
+def _message_content(index: int, content: str | list[dict] | None) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        raise OpenAIError(400, f"messages[{index}].content is required", param="messages")
+    texts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise OpenAIError(400, f"messages[{index}].content: only text parts are supported, got {part!r}",
+                              param="messages", code="unsupported_parameter")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def generation_request(body: RequestBody, policy: CascadePolicy) -> GenerationRequest:
+    """The engine's request for a parsed body, with the server's defaults and limits
+    (OpenAIError(400) names the bad field, in OpenAI's naming)."""
+    chat = isinstance(body, ChatCompletionBody)
+    max_tokens = body.max_tokens
+    if chat and body.max_completion_tokens is not None:
+        if max_tokens is not None and max_tokens != body.max_completion_tokens:
+            raise OpenAIError(400, f"max_tokens={max_tokens} and max_completion_tokens="
+                                   f"{body.max_completion_tokens} disagree; give one", param="max_completion_tokens")
+        max_tokens = body.max_completion_tokens
+    if chat:
+        prompt = None
+        messages = [{"role": ROLE_ALIASES.get(m.role, m.role), "content": _message_content(i, m.content)}
+                    for i, m in enumerate(body.messages)]
+    else:
+        prompt, messages = _prompt_text(body.prompt), None
+    try:
+        return request_with_policy(
+            policy, prompt=prompt, messages=messages,
+            method=Method.CASCADE if body.method is None else body.method,
+            rule=body.rule, alpha=body.alpha, block_size=body.block_size, max_new_tokens=max_tokens,
+            temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
+            stop=_stop(body.stop),
+        )
+    except ValueError as error:
+        raise invalid_request(error, chat=chat) from None
+
+
+def check_model(requested: str, served: str = SERVED_MODEL) -> None:
+    if requested != served:
+        raise OpenAIError(404, f"the model {requested!r} does not exist; this server serves {served!r}",
+                          param="model", code="model_not_found")
+
+
+# ------------------------------------------------------------------------------------------ responses
+
+def segments_json(segments: list[Segment]) -> list[dict]:
+    return [{"text": s.text, "source": s.source.value} for s in segments]
+
+
+def merged_segments(segments: list[Segment]) -> list[Segment]:
+    """Adjacent pieces from the same model as one segment (a whole response's provenance)."""
+    merged: list[Segment] = []
+    for segment in segments:
+        if merged and merged[-1].source is segment.source:
+            merged[-1] = Segment(merged[-1].text + segment.text, segment.source)
+        elif segment.text:
+            merged.append(segment)
+    return merged
+
+
+def usage_json(result: GenerationResult) -> dict:
+    completion = len(result.token_ids)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": result.prompt_tokens + completion}
+
+
+def speccascade_json(result: GenerationResult, request: GenerationRequest, transport: Transport) -> dict:
+    """The extension object: what decoded the request, and how it went."""
+    policy: dict = {"method": request.method.value}
+    if request.method is Method.CASCADE:
+        policy.update(rule=request.rule.value, alpha=request.alpha, block_size=request.block_size)
+    elif request.method in (Method.TOKEN_CASCADE, Method.SEQUENCE_CASCADE):
+        policy.update(alpha=request.alpha)
+    return {"policy": policy, "seed": result.seed, "expert_only_fallback": transport.expert_only_fallback,
+            "tier_retries": transport.tier_retries, "stats": result.stats.as_dict()}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One response's identity: the same id, timestamp and model on every chunk."""
+
+    kind: Literal["completion", "chat"]
+    id: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, kind: Literal["completion", "chat"], model: str = SERVED_MODEL) -> "Reply":
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        return cls(kind, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model)
+
+    def _envelope(self, object_: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model, "choices": choices}
+
+    # ---- non-streamed ----
+
+    def response(self, result: GenerationResult, segments: list[Segment], request: GenerationRequest,
+                 transport: Transport) -> dict:
+        choice: dict = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None,
+                        "segments": segments_json(merged_segments(segments))}
+        if self.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": result.text}
+            out = self._envelope("chat.completion", [choice])
+        else:
+            choice["text"] = result.text
+            out = self._envelope("text_completion", [choice])
+        out["usage"] = usage_json(result)
+        out["speccascade"] = speccascade_json(result, request, transport)
+        return out
+
+    # ---- streamed (server-sent events) ----
+
+    def _chunk(self, text: str | None, segments: list[Segment], *, role: bool = False,
+               finish_reason: str | None = None) -> dict:
+        choice: dict = {"index": 0, "finish_reason": finish_reason, "logprobs": None,
+                        "segments": segments_json(segments)}
+        if self.kind == "chat":
+            delta: dict = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice["delta"] = delta
+            return self._envelope("chat.completion.chunk", [choice])
+        choice["text"] = text or ""
+        return self._envelope("text_completion", [choice])
+
+    def first_chunks(self) -> list[dict]:
+        """A chat stream opens with the assistant's role (OpenAI's first chunk)."""
+        return [self._chunk("", [], role=True)] if self.kind == "chat" else []
+
+    def chunks(self, chunk: GenerationChunk, request: GenerationRequest, transport: Transport,
+               *, include_usage: bool) -> list[dict]:
+        """The events for one generation chunk: its text with provenance; after the last, the
+        finish reason with the `speccascade` object, and the usage when asked for."""
+        events = [self._chunk(chunk.text, chunk.segments)] if chunk.text else []
+        result = chunk.result
+        if result is None:
+            return events
+        final = self._chunk(None if self.kind == "chat" else "", [], finish_reason=result.finish_reason)
+        final["speccascade"] = speccascade_json(result, request, transport)
+        events.append(final)
+        if include_usage:
+            events.append({**self._envelope(final["object"], []), "usage": usage_json(result)})
+        return events
+
+
+def models_json(drafter: str, expert: str, created: int, model: str = SERVED_MODEL) -> dict:
+    return {"object": "list", "data": [model_json(drafter, expert, created, model)]}
+
+
+def model_json(drafter: str, expert: str, created: int, model: str = SERVED_MODEL) -> dict:
+    return {"id": model, "object": "model", "created": created, "owned_by": "speccascade",
+            "drafter": drafter, "expert": expert}

@@ -1,0 +1,149 @@
+"""The OpenAI API's shapes: request bodies (with speccascade's extension fields), their first
+validation, and the error object. `mapping.py` turns them into the engine's request and the
+engine's output into responses; `api_router.py` serves them over HTTP.
+
+Requests are validated in two steps, both naming the bad field: the body's shape here (types,
+unknown fields, OpenAI features this server does not implement), then the very checks a gRPC
+request goes through (`serving.requests.request_with_policy`, `GenerationRequest`). The cascade
+policy and method are extra body fields, which OpenAI clients send through `extra_body`:
+
+    method      cascade (default), expert, drafter, token-cascade, sequence-cascade
+    rule        lossless, chow, diff, opt, token, lossy (default: the server's)
+    alpha       the rule's trade-off knob (range depends on the rule)
+    block_size  tokens drafted per round (gamma)
+    top_k       top-k sampling (0 disables it)
+
+Unset fields take the server's defaults, as over gRPC; in particular an unset `temperature` means
+greedy decoding (OpenAI's own default is 1). Responses carry OpenAI's fields plus, per choice,
+`segments` (the text by the model that produced it: provenance), and a top-level `speccascade`
+object with the policy used, the seed and the request's decoding stats.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from ...config.base import StrictModel
+
+SERVED_MODEL = "speccascade"
+EXTRA_FIELDS = ("method", "rule", "alpha", "block_size", "top_k")
+
+
+class OpenAIError(ValueError):
+    """An error answered as HTTP `status` with OpenAI's error object. A ValueError: raised while
+    the router admits a request, it is counted as a bad request like the engine's own."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------------ request bodies
+
+class RequestBody(StrictModel):
+    """Fields both endpoints share. Unknown fields are refused (a misspelt extra field would
+    otherwise be dropped silently, and the request decoded under another policy)."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: "StreamOptions | None" = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = Field(None, description="Accepted for compatibility; not used.")
+    # speccascade's extra fields (see the module docstring)
+    method: str | None = None
+    rule: str | None = None
+    alpha: float | None = None
+    block_size: int | None = None
+    top_k: int | None = None
+    # OpenAI features this server does not implement: accepted only at their neutral value.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class CompletionBody(RequestBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(StrictModel):
+    role: str
+    content: str | list[dict[str, Any]] | None
+    name: str | None = None
+
+
+class ChatCompletionBody(RequestBody):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+RequestBody.model_rebuild()
+CompletionBody.model_rebuild()
+ChatCompletionBody.model_rebuild()
+
+# Unsupported fields and the values that mean "not used", which are accepted.
+NEUTRAL_VALUES: dict[str, tuple] = {
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
+    "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+def parse_body(raw: object, body_type: type[RequestBody]) -> RequestBody:
+    """Validate a decoded JSON body; OpenAIError(400) names the first bad field."""
+    if not isinstance(raw, dict):
+        raise OpenAIError(400, f"the request body must be a JSON object, got {type(raw).__name__}")
+    try:
+        body = body_type.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            message = (f"unknown field {param!r}; besides OpenAI's fields this server takes "
+                       f"{', '.join(EXTRA_FIELDS)}")
+        elif first["type"] == "missing":
+            message = f"{param} is required"
+        else:
+            message = f"{param}: {first['msg']} (got {first.get('input')!r})"
+        raise OpenAIError(400, message, param=param) from None
+    for name, neutral in NEUTRAL_VALUES.items():
+        value = getattr(body, name, None)
+        if value not in neutral:
+            raise OpenAIError(400, f"{name}={value!r} is not supported by this server", param=name,
+                              code="unsupported_parameter")
+    if body.n is not None and body.n != 1:
+        raise OpenAIError(400, f"n={body.n} is not supported: this server returns one choice per request "
+                               "(send n requests, with different seeds, for n samples)", param="n",
+                          code="unsupported_parameter")
+    if body.stream_options is not None and not body.stream:
+        raise OpenAIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+    return body

@@ -1,0 +1,159 @@
+"""What a request chooses from: the decoding methods, the deferral rules with their alpha ranges,
+the sampling parameters, and the defaults and limits of a request.
+
+Pure Python, no torch: the configuration, the command line and the protocol front-ends validate
+requests with these without loading a model library; the math (`speccascade.cascade`) and the
+engine use the same definitions.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import TypeVar
+
+Choice = TypeVar("Choice", bound="StrChoice")
+
+
+class StrChoice(str, enum.Enum):
+    """A string enum that parses its members from their values."""
+
+    @classmethod
+    def parse(cls: type[Choice], value: "str | Choice") -> Choice:
+        """`value` as a member (case and surrounding blanks ignored); a ValueError names the kind
+        (the class name), the bad value and the choices."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            valid = ", ".join(member.value for member in cls)
+            raise ValueError(f"unknown {cls.__name__.lower()} {value!r}; expected one of: {valid}") from None
+
+
+class Rule(StrChoice):
+    """Deferral rules (the formulas are in `speccascade.cascade.rules`)."""
+
+    LOSSLESS = "lossless"
+    CHOW = "chow"
+    DIFF = "diff"
+    OPT = "opt"
+    TOKEN = "token"
+    LOSSY = "lossy"
+
+    @property
+    def needs_expert_to_decide(self) -> bool:
+        """Whether the deferral decision needs p. Only chow decides from the drafter alone,
+        which is what lets a confident block skip the expert entirely."""
+        return self is not Rule.CHOW
+
+
+class Method(StrChoice):
+    """What produces the tokens: a speculative cascade (with a rule) or one of the baselines."""
+
+    CASCADE = "cascade"
+    EXPERT_ONLY = "expert"
+    DRAFTER_ONLY = "drafter"
+    TOKEN_CASCADE = "token-cascade"
+    SEQUENCE_CASCADE = "sequence-cascade"
+
+
+@dataclass(frozen=True)
+class AlphaRange:
+    low: float
+    high: float
+    high_inclusive: bool = True
+    meaning: str = ""
+
+    def contains(self, alpha: float) -> bool:
+        upper_ok = alpha <= self.high if self.high_inclusive else alpha < self.high
+        return self.low <= alpha and upper_ok
+
+    def __str__(self) -> str:
+        return f"[{self.low:g}, {self.high:g}{']' if self.high_inclusive else ')'}"
+
+
+# chow:  alpha=0 defers unless the drafter is certain, alpha=1 never defers.
+# diff:  alpha=-1 always defers (max q < max p + 1), alpha=1 never (max p - 1 <= 0).
+# opt:   max p - max q <= D_TV(p, q), so alpha=1 never defers; alpha=0 is diff at 0.
+# token: alpha=0 keeps only the expert's argmax set, alpha=1 makes A the whole vocabulary (pi = q).
+# lossy: alpha=0 is lossless; alpha -> 1 accepts everything (alpha=1 would divide by zero).
+ALPHA_RANGES: dict[Rule, AlphaRange] = {
+    Rule.LOSSLESS: AlphaRange(0.0, 1.0, meaning="ignored"),
+    Rule.CHOW: AlphaRange(0.0, 1.0, meaning="defer iff max q < 1 - alpha"),
+    Rule.DIFF: AlphaRange(-1.0, 1.0, meaning="defer iff max q < max p - alpha"),
+    Rule.OPT: AlphaRange(0.0, 1.0, meaning="defer iff max q < max p - alpha * D_TV(p, q)"),
+    Rule.TOKEN: AlphaRange(0.0, 1.0, meaning="A = {v : p(v) >= (1 - alpha) max p}"),
+    Rule.LOSSY: AlphaRange(0.0, 1.0, high_inclusive=False, meaning="accept min(1, p/((1-alpha) q))"),
+}
+
+# The alpha at which each rule never defers (output = drafter-only where the rule can skip the
+# expert) and, where one exists, the alpha at which it always defers (output = lossless).
+NEVER_DEFER_ALPHA = {Rule.CHOW: 1.0, Rule.DIFF: 1.0, Rule.OPT: 1.0, Rule.TOKEN: 1.0}
+ALWAYS_DEFER_ALPHA = {Rule.LOSSLESS: 0.0, Rule.CHOW: 0.0, Rule.DIFF: -1.0, Rule.LOSSY: 0.0}
+
+
+def validate_alpha(rule: "str | Rule", alpha: float) -> float:
+    rule = Rule.parse(rule)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha):
+        raise ValueError(f"alpha must be a number, got {alpha!r}")
+    allowed = ALPHA_RANGES[rule]
+    if not allowed.contains(float(alpha)):
+        raise ValueError(
+            f"alpha={alpha!r} is out of range for rule {rule.value!r}: expected {allowed} "
+            f"({allowed.meaning})"
+        )
+    return float(alpha)
+
+
+# Larger than any vocabulary in use; a bigger top_k is a mistake rather than "no filtering".
+MAX_TOP_K = 1 << 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn. `temperature == 0` means greedy (argmax) decoding."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 disables top-k filtering
+    top_p: float = 1.0  # 1.0 disables nucleus filtering
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be in [0, {MAX_TOP_K}] (0 disables it), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not math.isfinite(self.top_p):
+            raise ValueError(f"top_p must be a finite number, got {self.top_p!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def filters(self) -> bool:
+        """Whether top-k or top-p cut the distributions down to a support."""
+        return bool(self.top_k) or self.top_p < 1.0
+
+
+GREEDY = SamplingParams()
+
+# Acceptance decays geometrically along a block; past a few dozen positions drafting is wasted
+# work, so a larger block size is almost certainly a mistake.
+MAX_BLOCK_SIZE = 64
+DEFAULT_MAX_NEW_TOKENS = 256
+MAX_NEW_TOKENS_CAP = 32768
+MAX_STOP_STRINGS = 16
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Defaults: the paper's best rule at a middle alpha.
+DEFAULT_RULE = Rule.TOKEN
+DEFAULT_ALPHA = 0.5
+DEFAULT_BLOCK_SIZE = 5

@@ -1,0 +1,140 @@
+"""The router's side of the tiers: the drafter and expert roles of the decoding loop, answered by
+remote tier replicas. They own what the network adds: session affinity, timeouts, retries (a retry
+recomputes on whichever replica answers, with the same draws), the tier-health verdict, and the
+expert-only fallback when the drafter tier is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from ray import serve
+from ray.exceptions import RayActorError
+
+from ..config.app import RouterConfig
+from ..engine.blocks import EMPTY_BLOCK, DraftedBlock, DraftPayload, VerifyOutcome
+from ..options import Rule, SamplingParams
+from ..tenancy.fairness import DEFAULT_SHARE, Share
+from .metrics import RouterMetrics
+from .replicas import running_count
+
+log = logging.getLogger(__name__)
+
+HEALTH_CACHE_S = 2.0  # how long a tier-health answer is reused (it asks the Serve controller)
+TOKEN_DTYPE = np.int32  # token ids travel as int32 arrays: compact through Ray's pickling
+
+
+class TierUnavailableError(RuntimeError):
+    """A tier has no healthy replica. (Message-only, so it pickles across Ray.)"""
+
+    @classmethod
+    def of(cls, tier: str, reason: str) -> "TierUnavailableError":
+        return cls(f"the {tier} tier has no healthy replica: {reason}")
+
+
+@dataclass
+class Transport:
+    """What serving one request over the tiers did besides decoding."""
+
+    expert_only_fallback: bool = False
+    tier_retries: int = 0
+
+
+def encode_tokens(tokens: Sequence[int]) -> np.ndarray:
+    return np.asarray(tokens, dtype=TOKEN_DTYPE)
+
+
+class TierClient:
+    """Calls one tier with session affinity, a timeout, retries, and a health verdict."""
+
+    def __init__(self, handle, *, tier: str, config: RouterConfig, metrics: RouterMetrics):
+        self.handle = handle
+        self.tier = tier
+        self.deployment = handle.deployment_name
+        self.app_name = handle.app_name
+        self.config = config
+        self.metrics = metrics
+        self._down_until = 0.0
+        self._health: tuple[float, int] | None = None  # (checked at, running replicas)
+
+    async def running_replicas(self) -> int:
+        now = time.monotonic()
+        if self._health is None or now - self._health[0] > HEALTH_CACHE_S:
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications.get(self.app_name)
+            deployment = app.deployments.get(self.deployment) if app else None
+            running = running_count(deployment.replica_states) if deployment else 0
+            self._health = (now, running)
+        return self._health[1]
+
+    async def call(self, method: str, session_id: str, *args, rule: str, transport: Transport):
+        if time.monotonic() < self._down_until:
+            raise TierUnavailableError.of(self.tier, "it was found without running replicas moments ago")
+        last_error: BaseException | None = None
+        for attempt in range(self.config.tier_call_attempts):
+            if attempt:
+                transport.tier_retries += 1
+                self.metrics.tier_retries.inc(tags={"tier": self.tier})
+            started = time.perf_counter()
+            response = getattr(self.handle.options(multiplexed_model_id=session_id), method).remote(session_id, *args)
+            try:
+                result = await asyncio.wait_for(response, self.config.tier_call_timeout_s)
+            except RayActorError as error:  # the replica died: retry, another one recomputes
+                log.warning("%s call %s failed (attempt %d): %s", self.tier, method, attempt + 1, error)
+                last_error = error
+                continue
+            except TimeoutError as error:
+                last_error = error
+                if await self.running_replicas() == 0:
+                    self._down_until = time.monotonic() + self.config.tier_down_cooldown_s
+                    raise TierUnavailableError.of(
+                        self.tier, f"deployment {self.deployment!r} has no running replica "
+                                   f"(a {method} call waited {self.config.tier_call_timeout_s:g}s)"
+                    ) from error
+                continue
+            self.metrics.tier_call_seconds.observe(time.perf_counter() - started,
+                                                   tags={"tier": self.tier, "rule": rule})
+            return result
+        raise TierUnavailableError.of(
+            self.tier, f"{self.config.tier_call_attempts} attempts of {method} failed; last: {last_error!r}")
+
+    def release(self, session_id: str):
+        return self.handle.options(multiplexed_model_id=session_id).release.remote(session_id)
+
+
+class _Remote:
+    def __init__(self, tier: TierClient, session_id: str, transport: Transport, *, tag: str,
+                 share: Share = DEFAULT_SHARE):
+        self.tier, self.session_id, self.transport, self.tag, self.share = tier, session_id, transport, tag, share
+
+
+class RemoteDrafter(_Remote):
+    """The drafter role over the drafter tier, for one request. When the tier is down it answers
+    with empty blocks, which the loop turns into expert steps (expert-only decoding)."""
+
+    async def draft(self, context: Sequence[int], gamma: int, sampling: SamplingParams, seed: int,
+                    payload: DraftPayload) -> DraftedBlock:
+        if self.transport.expert_only_fallback:
+            return EMPTY_BLOCK
+        try:
+            return await self.tier.call("draft", self.session_id, encode_tokens(context), gamma, sampling, seed,
+                                        payload, self.share, rule=self.tag, transport=self.transport)
+        except TierUnavailableError as error:
+            log.warning("decoding expert-only: %s", error)
+            self.transport.expert_only_fallback = True
+            self.tier.metrics.fallbacks.inc(tags={"rule": self.tag})
+            return EMPTY_BLOCK
+
+
+class RemoteExpert(_Remote):
+    """The expert role over the expert tier, for one request."""
+
+    async def verify(self, sequence: Sequence[int], start: int, block: DraftedBlock, rule: Rule, alpha: float,
+                     sampling: SamplingParams, seed: int) -> VerifyOutcome:
+        return await self.tier.call("verify", self.session_id, encode_tokens(sequence), start, block, rule, alpha,
+                                    sampling, seed, self.share, rule=self.tag, transport=self.transport)

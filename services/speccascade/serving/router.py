@@ -1,0 +1,221 @@
+"""The router core: what every protocol front-end calls. No protocol here.
+
+`RouterCore.admit` identifies the caller (API key), builds and checks its request under its
+policy, and takes its quota ticket; `RouterCore.serve_request` waits for a decoding slot in fair
+order and streams the request's chunks, decoded by the engine's loop over the tiers (`stream`).
+The gRPC and HTTP front-ends (`speccascade.frontends`) map requests into these calls and the
+outcomes to their status codes: a bad request raises ValueError naming the field, tenancy's
+refusals raise TenancyError, a tier with no replica TierUnavailableError.
+
+It holds no model, only the pair's tokenizer (`models.PairInfo`). Each request gets a session id;
+the remote roles (`clients.py`) tag every tier call with it (replica affinity, the replica's
+cache), so a retried call on another replica recomputes, with the same random draws
+(`engine.seeding`). A request whose client goes away is cancelled: the loop stops at its next
+await and both tiers free the session's caches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from ..autoscale import signals as autoscale_signals
+from ..config.app import AppConfig, CascadePolicy
+from ..engine.generation import GenerationChunk, TextGeneration
+from ..engine.request import GenerationRequest
+from ..models import PairInfo
+from ..status_board import TENANT_LOAD, StatusPoster
+from ..tenancy import Admission, TenancyError
+from ..tenancy.gatekeeper import Caller, Gatekeeper
+from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport
+from .metrics import RouterMetrics, WindowCounters, metric_tags
+
+log = logging.getLogger(__name__)
+
+TENANT_LOAD_PERIOD_S = 5.0  # how often a router replica posts its per-tenant load (`speccascade status`)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request the router let in: who it runs for, what it decodes, and its quota ticket."""
+
+    caller: Caller
+    request: GenerationRequest
+    prompt: list[int]
+    limit: int  # new tokens that fit the context window
+    admission: Admission | None  # None: the caller has no quotas
+    tags: dict[str, str]  # its metric labels
+
+
+class RouterCore:
+    def __init__(self, drafter, expert, config: AppConfig):
+        self.config = config
+        self.policy = config.policy
+        pair = PairInfo.load(config.drafter.model, config.expert.model, progress=False)
+        window = min(tier.sequence_limit(pair.context_window) for tier in (config.drafter, config.expert))
+        self.generation = TextGeneration(pair.tokenizer, eos_ids=pair.eos_ids, context_window=window)
+        self.metrics = RouterMetrics()
+        self.window = WindowCounters()
+        self.window_totals = autoscale_signals.CumulativeCounters(autoscale_signals.ROUTER_COUNTERS)
+        self.drafter = TierClient(drafter, tier="drafter", config=config.router, metrics=self.metrics)
+        self.expert = TierClient(expert, tier="expert", config=config.router, metrics=self.metrics)
+        self._background: set[asyncio.Task] = set()
+        self.active_sessions: set[str] = set()
+        self.access = Gatekeeper(config.tenancy, config.policy)
+        self._load_publisher: asyncio.Task | None = None
+
+    # ---- admission: who calls, what they ask for, their quota (errors here are the client's) ----
+
+    def admit(self, metadata: Iterable[tuple[str, str]], build: Callable[[CascadePolicy], GenerationRequest]
+              ) -> Admitted:
+        """What every protocol calls first: the caller (API key in `metadata`: gRPC metadata or HTTP
+        headers), its request built under its policy by `build` (the protocol's mapping), the
+        prompt's tokens and the caller's quota ticket. Raises TenancyError (refusals by tenancy) or
+        ValueError (a bad request, naming the field); both are counted here."""
+        reloaded = self.access.reload_if_due()
+        if reloaded:
+            self.metrics.tenant_reloads.inc(tags={"result": reloaded})
+        self._publish_tenant_load()
+        tags = metric_tags(None)
+        try:
+            caller = self.access.identify(metadata)
+            tags = metric_tags(None, caller.id)
+            request = build(self.access.policy_for(caller))
+            prompt, limit = self.generation.prepare(request)
+            tags = metric_tags(request, caller.id)
+            self.access.check(caller, request)
+            return Admitted(caller, request, prompt, limit, self.access.admit(caller), tags)
+        except TenancyError as error:
+            self.metrics.rejections.inc(tags={"tenant": tags["tenant"], "reason": error.reason})
+            self.metrics.requests.inc(tags={**tags, "code": error.status})
+            raise
+        except ValueError:
+            self.metrics.requests.inc(tags={**tags, "code": "INVALID_ARGUMENT"})
+            raise
+
+    def identify(self, metadata: Iterable[tuple[str, str]]) -> Caller:
+        """The caller alone, for calls that decode nothing (the HTTP API's model list)."""
+        try:
+            return self.access.identify(metadata)
+        except TenancyError as error:
+            self.metrics.rejections.inc(tags={"tenant": "", "reason": error.reason})
+            raise
+
+    # ---- decoding over the tiers ----
+
+    async def stream(self, request: GenerationRequest, prompt: list[int], limit: int, caller: Caller = Caller(None)
+                     ) -> AsyncIterator[tuple[GenerationChunk, Transport]]:
+        """Like `CascadeEngine.astream`, over the tiers. The last chunk carries the result.
+
+        The session id, which keys both tiers' caches, starts with the tenant's id and is made
+        here, never taken from a request: no tenant can name another's cache."""
+        session_id = f"{caller.id or '-'}/{uuid.uuid4().hex}"
+        self.active_sessions.add(session_id)
+        transport = Transport()
+        tags = metric_tags(request, caller.id)
+        drafter = RemoteDrafter(self.drafter, session_id, transport, tag=tags["rule"], share=caller.share)
+        expert = RemoteExpert(self.expert, session_id, transport, tag=tags["rule"], share=caller.share)
+        observers = (self.window.observe, lambda record: self.metrics.observe(record, tags))
+        chunks = self.generation.stream_rounds(request, prompt, limit, drafter, expert, observers)
+        try:
+            async for chunk in chunks:
+                if chunk.result is not None:
+                    self.metrics.observe_output(chunk.result.stats, tags)
+                yield chunk, transport
+        finally:
+            try:
+                await chunks.aclose()
+            finally:  # whatever closing the loop raised, the tiers free the session
+                self._release(session_id)
+
+    async def serve_request(self, admitted: Admitted) -> AsyncIterator[tuple[GenerationChunk, Transport]]:
+        """An admitted request decoded in its fair turn, its output charged to its quota, its
+        outcome and latencies counted: what every protocol calls after `admit`. Raises
+        TierUnavailableError when the expert tier is down."""
+        caller, request, admission, tags = admitted.caller, admitted.request, admitted.admission, admitted.tags
+        started = time.perf_counter()
+        first_token = True
+        try:
+            async with self.access.decoding_slot(caller, request):
+                async with aclosing(self.stream(request, admitted.prompt, admitted.limit, caller)) as chunks:
+                    async for chunk, transport in chunks:
+                        if admission is not None:
+                            admission.charge(len(chunk.token_ids))
+                        if first_token and chunk.token_ids:
+                            first_token = False
+                            self.metrics.first_token_seconds.observe(time.perf_counter() - started, tags=tags)
+                        yield chunk, transport
+        except TierUnavailableError:
+            self.metrics.requests.inc(tags={**tags, "code": "UNAVAILABLE"})
+            raise
+        finally:
+            if admission is not None:
+                admission.release()
+        self.metrics.request_seconds.observe(time.perf_counter() - started, tags=tags)
+        self.metrics.requests.inc(tags={**tags, "code": "OK"})
+
+    def _release(self, session_id: str) -> None:
+        """Free the session in both tiers, in the background: this also runs while the request's
+        own task is being cancelled, and must not wait on the tiers.
+
+        The release runs in a fresh context, outside the request's Serve context: calls made in a
+        request's context are its children, and Serve cancels a cancelled request's children that
+        are still being routed or running, the release among them; its session would then stay
+        cached in the tier until the idle timeout."""
+        self.active_sessions.discard(session_id)
+
+        async def release(tier: TierClient):
+            try:
+                await asyncio.wait_for(tier.release(session_id), self.config.router.tier_call_timeout_s)
+            except Exception as error:  # the tier is down: its caches went with it, or its idle sweep frees them
+                log.info("releasing session %s on the %s tier failed: %r", session_id, tier.tier, error)
+
+        async def release_both():
+            await asyncio.gather(release(self.drafter), release(self.expert))
+
+        task = asyncio.get_running_loop().create_task(release_both(), context=contextvars.Context())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- operations ----
+
+    async def serving(self) -> bool:
+        """Whether the application can answer: the expert tier is required; without the drafter
+        the service still answers (expert-only)."""
+        return await self.expert.running_replicas() > 0
+
+    def take_window(self) -> dict[str, float]:
+        """The raw counters since the previous call (for autoscaling), and restart the window."""
+        window = self.window.take().as_dict()
+        self.window_totals.absorb(window)
+        return window
+
+    def autoscaling_stats(self) -> dict[str, float]:
+        """The router's counters since it started (cumulative: what Serve's autoscaling hook reports)."""
+        return self.window_totals.including(self.window.as_dict())
+
+    def _publish_tenant_load(self) -> None:
+        """From the first request on, every TENANT_LOAD_PERIOD_S: this replica's per-tenant load on
+        the application's status board, where `speccascade status` sums the replicas' posts."""
+        if self._load_publisher is not None and not self._load_publisher.done():
+            return
+        try:
+            from ray import serve
+
+            context = serve.get_replica_context()
+        except Exception:  # not running as a Serve replica (a unit test): nothing to post to
+            return
+        poster, replica = StatusPoster(context.app_name), context.replica_id.unique_id
+
+        async def publish_forever():
+            while True:
+                await asyncio.to_thread(poster.post, TENANT_LOAD, replica, self.access.load())
+                await asyncio.sleep(TENANT_LOAD_PERIOD_S)
+
+        self._load_publisher = asyncio.get_running_loop().create_task(publish_forever())

@@ -1,1 +1,0 @@
-"""Ray Serve deployments: drafter and expert tiers, and the router that runs the loop."""

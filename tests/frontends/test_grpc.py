@@ -1,0 +1,199 @@
+"""The served application through real gRPC on a local Ray cluster (tiny fp32 models)."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from speccascade.api.client import build_request
+from speccascade.api.v1 import speccascade_pb2 as pb
+from speccascade.engine.request import GenerationRequest
+from speccascade.frontends.grpc.convert import PROTO_BY_METHOD, PROTO_BY_SOURCE
+from speccascade.options import Method
+
+from ..served import POLICIES, PROMPT, SAMPLINGS, SERVE_APP, cached_sessions, in_process, in_process_policy, wait_until
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_served_lossless_greedy_equals_in_process_expert_greedy(client, local_engine, gamma):
+    response = client.generate(prompt=PROMPT, rule="lossless", block_size=gamma, max_new_tokens=40)
+    expected = in_process(local_engine, max_new_tokens=40)
+    assert list(response.token_ids) == expected.token_ids
+    assert response.text == expected.text
+    assert response.stats.accepted > 0 and response.stats.expert_passes < 40  # the drafter really helped
+    assert response.finish_reason == pb.FINISH_REASON_LENGTH
+    assert response.usage.completion_tokens == 40
+    assert set(response.sources) == {pb.SOURCE_DRAFTER, pb.SOURCE_EXPERT}
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
+@pytest.mark.parametrize("method,rule,alpha", POLICIES)
+def test_served_output_equals_in_process_output(client, local_engine, method, rule, alpha, sampling):
+    response = client.generate(prompt=PROMPT, method=method, rule=rule, alpha=alpha, max_new_tokens=24, seed=3,
+                               **sampling)
+    expected = in_process_policy(local_engine, method, rule, alpha, sampling, seed=3, max_new_tokens=24)
+    assert list(response.token_ids) == expected.token_ids
+    assert list(response.sources) == [PROTO_BY_SOURCE[s] for s in expected.sources]
+    stats = response.stats
+    assert stats.method == PROTO_BY_METHOD[Method(method)]
+    assert (stats.rule != pb.RULE_UNSPECIFIED) == (method == "cascade")
+    for name in ("rounds", "drafted", "accepted", "deferred", "corrected", "bonus", "skipped_blocks",
+                 "expert_passes", "drafter_passes", "tokens_from_drafter", "tokens_from_expert"):
+        assert getattr(stats, name) == getattr(expected.stats, name), name
+    if method == "expert":
+        assert stats.drafter_passes == 0 and set(response.sources) == {pb.SOURCE_EXPERT}
+    if method == "drafter":
+        assert stats.expert_passes == 0 and set(response.sources) == {pb.SOURCE_DRAFTER}
+
+
+def test_unknown_method_value_is_invalid_argument(client):
+    request = build_request(PROMPT)
+    request.policy.method = 42
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "policy.method=42" in error.value.details()
+
+
+def test_stream_chunks_add_up_to_the_unary_response(client):
+    options = dict(prompt=PROMPT, rule="token", alpha=0.3, max_new_tokens=30, seed=5)
+    unary = client.generate(**options)
+    chunks = list(client.stream(**options))
+    assert len(chunks) > 2
+    assert "".join(c.text for c in chunks) == unary.text
+    assert "".join(s.text for c in chunks for s in c.segments) == unary.text
+    assert [t for c in chunks for t in c.token_ids] == list(unary.token_ids)
+    assert [s for c in chunks for s in c.sources] == list(unary.sources)
+    last = chunks[-1]
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 30
+    assert last.stats.rounds == unary.stats.rounds and last.stats.seed == 5
+    assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+
+
+def test_chow_never_defer_skips_the_expert_and_equals_drafter_only(client, local_engine):
+    response = client.generate(prompt=PROMPT, rule="chow", alpha=1.0, max_new_tokens=24)
+    assert list(response.token_ids) == in_process(local_engine, method="drafter", max_new_tokens=24).token_ids
+    assert response.stats.expert_passes == 0 and response.stats.skipped_blocks == response.stats.rounds
+    assert set(response.sources) == {pb.SOURCE_DRAFTER}
+
+
+def test_chat_messages_match_the_in_process_chat_encoding(client, local_engine):
+    messages = [{"role": "user", "content": "Write hello world in Python."}]
+    response = client.generate(messages=messages, rule="lossless", max_new_tokens=16)
+    expected = local_engine.generate(GenerationRequest(messages=messages, method="expert", max_new_tokens=16))
+    assert list(response.token_ids) == expected.token_ids
+    assert response.usage.prompt_tokens == expected.prompt_tokens
+
+
+@pytest.mark.parametrize("rule,alpha,sampling", [
+    ("token", 0.3, dict(temperature=0.8, top_p=0.9)),  # sparse sampling rows
+    ("lossless", 0.0, dict(temperature=1.0)),  # full float16 sampling rows
+    ("opt", 0.5, dict(temperature=0.7, top_k=20)),  # sparse rows + full decision rows
+    ("diff", 0.1, dict(temperature=0.0)),  # greedy: tokens and max q only
+])
+def test_same_seed_same_output_across_calls(client, rule, alpha, sampling):
+    options = dict(prompt=PROMPT, rule=rule, alpha=alpha, max_new_tokens=20, seed=1234, **sampling)
+    first, second = client.generate(**options), client.generate(**options)
+    assert list(first.token_ids) == list(second.token_ids) and first.text == second.text
+    assert first.stats.seed == 1234
+
+
+def test_greedy_rounds_ship_no_distributions(client):
+    greedy = client.generate(prompt=PROMPT, rule="diff", alpha=0.1, max_new_tokens=20).stats
+    sampled = client.generate(prompt=PROMPT, rule="lossless", temperature=1.0, max_new_tokens=20, seed=1).stats
+    # Greedy: token ids and a few scalars per position beyond the resent context.
+    assert (greedy.wire_bytes - greedy.context_bytes) / greedy.rounds < 200
+    # Pure temperature sampling: full float16 rows of the 49152-token vocabulary.
+    assert (sampled.wire_bytes - sampled.context_bytes) / sampled.rounds > 49152 * 2
+
+
+@pytest.mark.parametrize("options,field", [
+    (dict(prompt=PROMPT, alpha=math.nan, rule="chow"), "alpha"),
+    (dict(prompt=PROMPT, alpha=1.5, rule="chow"), "alpha"),
+    (dict(prompt=PROMPT, alpha=-2.0, rule="diff"), "alpha"),
+    (dict(prompt=PROMPT, block_size=0), "block_size"),
+    (dict(prompt=PROMPT, block_size=65), "block_size"),
+    (dict(prompt=PROMPT, max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt=PROMPT, max_new_tokens=401), "max_new_tokens"),
+    (dict(prompt="   "), "prompt"),
+    (dict(), "prompt"),
+    (dict(prompt=PROMPT, temperature=-1.0), "temperature"),
+    (dict(prompt=PROMPT, top_p=0.0, temperature=1.0), "top_p"),
+    (dict(prompt="word " * 600), "prompt of"),  # longer than the 512-token context window
+])
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+def test_bad_requests_are_invalid_argument_naming_the_field(client, options, field, streaming):
+    with pytest.raises(grpc.RpcError) as error:
+        if streaming:
+            list(client.stream(**options))
+        else:
+            client.generate(**options)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.value.details()
+
+
+def test_unknown_rule_value_is_invalid_argument(client):
+    request = build_request(PROMPT)
+    request.policy.rule = 99  # a rule from a newer contract
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "policy.rule=99" in error.value.details()
+
+
+def test_deadline_exceeded_stops_the_work_and_frees_the_caches(client, tier_handles):
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(prompt=PROMPT, rule="lossless", block_size=1, max_new_tokens=400, timeout=0.5)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    router = tier_handles["Router"]
+    assert wait_until(lambda: router.active_session_count.remote().result() == 0)
+    assert wait_until(lambda: cached_sessions(tier_handles) == {"Drafter": 0, "Expert": 0})
+
+
+def test_cancelled_stream_frees_the_session_in_both_tiers(client, tier_handles):
+    call = client.stream(prompt=PROMPT, rule="lossless", block_size=1, max_new_tokens=400)
+    first = next(call)
+    assert first.token_ids
+    assert cached_sessions(tier_handles) == {"Drafter": 1, "Expert": 1}
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as error:
+        list(call)
+    assert error.value.code() == grpc.StatusCode.CANCELLED
+    assert wait_until(lambda: cached_sessions(tier_handles) == {"Drafter": 0, "Expert": 0})
+    assert tier_handles["Router"].active_session_count.remote().result() == 0
+
+
+def test_finished_requests_leave_no_cached_sessions(client, tier_handles):
+    client.generate(prompt=PROMPT, max_new_tokens=8)
+    assert wait_until(lambda: cached_sessions(tier_handles) == {"Drafter": 0, "Expert": 0})
+
+
+def test_health_is_serving(client):
+    assert client.health() == "SERVING"
+    assert client.health("speccascade.v1.SpecCascade") == "SERVING"
+    with pytest.raises(grpc.RpcError) as error:
+        client.health("no.such.Service")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services(served):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(served) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"speccascade.v1.SpecCascade", "grpc.health.v1.Health"} <= services
+        descriptor = database.FindFileContainingSymbol("speccascade.v1.SpecCascade")
+        assert descriptor.name == "speccascade/v1/speccascade.proto"
+
+
+def test_health_watch_streams_the_current_status(served):
+    from grpc_health.v1 import health_pb2_grpc
+
+    with grpc.insecure_channel(served) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        call = stub.Watch(health_pb2.HealthCheckRequest(), metadata=(("application", SERVE_APP),), timeout=30)
+        assert next(call).status == health_pb2.HealthCheckResponse.SERVING
+        call.cancel()

@@ -1,0 +1,176 @@
+"""No cache outlives its request, whatever the order in which a release and the session's calls
+reach a tier replica. Without a cluster: the session store, and the tiers themselves driven by hand
+with a gate inside the model pass, so a release overtakes an in-flight call deterministically."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+from speccascade.config.app import TierConfig
+from speccascade.engine.backends import BACKEND_KINDS, backend_class
+from speccascade.engine.blocks import DraftedBlock, DraftPayload, SampleRows
+from speccascade.options import Rule, SamplingParams
+from speccascade.serving.sessions import SessionEndedError, SessionStore
+from speccascade.serving.tiers import DrafterTier, ExpertTier
+
+from ..conftest import tiny_qwen2
+
+VOCAB = 1000
+CONTEXT = [5, 17, 42, 99, 3, 250, 7, 61]
+GREEDY = SamplingParams()
+GREEDY_PAYLOAD = DraftPayload(SampleRows.NONE)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=BACKEND_KINDS)
+def store(request):
+    backend = backend_class(request.param)(tiny_qwen2(VOCAB, seed=0), name="tiny", **(
+        {"slots": 4} if request.param == "static" else {}))
+    return SessionStore(backend, budget_mb=64, idle_timeout_s=60.0, clock=FakeClock())
+
+
+def test_a_call_after_its_release_is_refused_and_caches_nothing(store):
+    store.backend.distributions(store.get("a"), CONTEXT, 1)
+    assert store.release("a")
+    with pytest.raises(SessionEndedError, match="already released"):
+        store.get("a")
+    with pytest.raises(SessionEndedError):
+        store.check_live("a")
+    stats = store.stats()
+    assert (stats.sessions, stats.released, stats.late_calls) == (0, 1, 2)
+
+
+def test_a_release_that_arrives_before_any_call_still_ends_the_session(store):
+    assert not store.release("b")  # nothing cached yet: the release overtook the session's first call
+    with pytest.raises(SessionEndedError):
+        store.get("b")
+    assert store.stats().sessions == 0
+
+
+def test_idle_sessions_are_reclaimed_and_recompute_while_released_ids_are_forgotten(store):
+    clock = store.clock
+    store.backend.distributions(store.get("abandoned"), CONTEXT, 1)  # its router died: never released
+    store.release("ended")
+    clock.now = 50.0
+    store.backend.distributions(store.get("live"), CONTEXT, 1)
+    clock.now = 61.0
+    assert store.reclaim_idle() == 1
+    assert "abandoned" not in store and "live" in store
+    stats = store.stats()
+    assert (stats.reclaimed, stats.ended_remembered) == (1, 0)
+    # Reclaiming is not an ending: a slow but live request just recomputes.
+    assert store.get("abandoned").cached_length == 0
+    # The released id was forgotten after the timeout, so memory stays bounded.
+    store.get("ended")
+    if store.backend.kind == "static":
+        assert store.backend.occupied_slots == 1  # "live" only: the reclaimed slot went back
+
+
+def tier_config(model_dir: str, backend: str) -> TierConfig:
+    return TierConfig(model=model_dir, dtype="fp32", backend=backend, batch_wait_timeout_s=0.0, max_batch_size=4,
+                      static={"slots": 4, "cuda_graphs": False})
+
+
+class Gate:
+    """Holds the tier's next model pass until opened: `entered` is set when the pass has begun."""
+
+    def __init__(self, backend):
+        self.entered, self.open = threading.Event(), threading.Event()
+        self._score, self._armed = backend.score, True
+
+        def gated(jobs):
+            if self._armed:
+                self._armed = False
+                self.entered.set()
+                self.open.wait(timeout=30)
+            return self._score(jobs)
+
+        backend.score = gated
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30), "the model pass never started"
+
+
+def assert_nothing_cached(tier) -> None:
+    assert tier.sessions.stats().sessions == 0
+    if tier.backend.kind == "static":
+        assert tier.backend.occupied_slots == 0
+
+
+@pytest.fixture(scope="module", params=BACKEND_KINDS)
+def drafter(request, tiny_model_dirs):
+    return DrafterTier(tier_config(tiny_model_dirs[0], request.param))
+
+
+@pytest.fixture(scope="module", params=BACKEND_KINDS)
+def expert(request, tiny_model_dirs):
+    return ExpertTier(tier_config(tiny_model_dirs[1], request.param))
+
+
+def test_a_release_overtaking_an_in_flight_draft_stops_it_and_nothing_stays_cached(drafter):
+    async def scenario():
+        gate = Gate(drafter.backend)
+        call = asyncio.create_task(drafter.draft("s1", np.asarray(CONTEXT, dtype=np.int32), 4, GREEDY, 0,
+                                                 GREEDY_PAYLOAD))
+        await gate.wait_entered()  # the draft's first step is in the model; three more steps to go
+        release = asyncio.create_task(drafter.release("s1"))  # queued behind the pass in progress
+        await asyncio.sleep(0.05)
+        gate.open.set()
+        assert await release  # it freed the cache the first step built
+        return (await asyncio.gather(call, return_exceptions=True))[0]
+
+    ended = asyncio.run(scenario())
+    assert_nothing_cached(drafter)  # the draft's later steps did not build the session again...
+    assert isinstance(ended, asyncio.CancelledError)  # ...they found it ended and stopped
+    assert drafter.sessions.stats().late_calls == 1
+
+
+def test_a_release_overtaking_an_in_flight_verify_frees_what_the_verify_built(expert):
+    async def scenario():
+        gate = Gate(expert.backend)
+        block = DraftedBlock(tokens=(11, 12), max_q=torch.tensor([0.9, 0.8]))
+        sequence = np.asarray(CONTEXT + [11, 12], dtype=np.int32)
+        call = asyncio.create_task(expert.verify("s2", sequence, len(CONTEXT), block, Rule.LOSSLESS, 0.0, GREEDY, 0))
+        await gate.wait_entered()
+        release = asyncio.create_task(expert.release("s2"))
+        await asyncio.sleep(0.05)
+        gate.open.set()
+        outcome = await call  # its one pass was already running: answered (nobody will read it)...
+        assert outcome.num_accepted in (0, 1, 2)
+        assert await release  # ...and the release, which waited for that pass, freed its cache
+
+    asyncio.run(scenario())
+    assert_nothing_cached(expert)
+
+
+def test_a_call_arriving_after_its_release_is_cancelled_without_a_model_pass(drafter):
+    async def scenario():
+        assert not await drafter.release("s3")
+        passes = drafter.backend.forward_calls
+        with pytest.raises(asyncio.CancelledError):
+            await drafter.draft("s3", np.asarray(CONTEXT, dtype=np.int32), 3, GREEDY, 0, GREEDY_PAYLOAD)
+        assert drafter.backend.forward_calls == passes
+
+    asyncio.run(scenario())
+    assert_nothing_cached(drafter)
+
+
+def test_a_finished_session_released_normally_frees_its_cache(drafter):
+    async def scenario():
+        block = await drafter.draft("s4", np.asarray(CONTEXT, dtype=np.int32), 3, GREEDY, 0, GREEDY_PAYLOAD)
+        assert len(block.tokens) == 3 and "s4" in drafter.sessions
+        assert await drafter.release("s4")
+
+    asyncio.run(scenario())
+    assert_nothing_cached(drafter)

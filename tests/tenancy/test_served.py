@@ -1,0 +1,184 @@
+"""Tenants through real gRPC: authentication, policy, quotas with retry hints, hot reload without a
+restart, fair admission, and isolation of caches (a served app of its own, tiny models)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import yaml
+from ray import serve
+from speccascade.api.client import SpecCascadeClient
+from speccascade.api.v1 import speccascade_pb2 as pb
+from speccascade.tenancy import key_digest, new_api_key
+
+from ..served import PROMPT, app_args, wait_for_running, wait_until
+
+APP = "speccascade-tenants"
+RELOAD_S = 0.2
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return {name: new_api_key() for name in ("acme", "auditor", "metered", "single", "off", "late", "rotated")}
+
+
+def tenants_document(keys, *extra) -> dict:
+    entry = lambda name, **fields: {"id": name, "key_sha256": [key_digest(keys[name])], **fields}  # noqa: E731
+    return {"tenants": [
+        entry("acme", weight=2.0),
+        entry("auditor", policy={"rules": ["lossless"], "default_rule": "lossless"}, limits={"max_new_tokens": 16}),
+        entry("metered", limits={"output_tokens_per_minute": 60}),  # 1 token/s, burst 6
+        entry("single", limits={"max_concurrent_requests": 1}),
+        entry("off", disabled=True),
+        *extra,
+    ]}
+
+
+@pytest.fixture(scope="module")
+def served_tenants(grpc_port, tiny_pair, tmp_path_factory, keys):
+    from speccascade.app import build_app
+
+    path = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
+    path.write_text(yaml.safe_dump(tenants_document(keys)))
+    args = app_args(*tiny_pair, tenancy={"tenants_file": str(path), "reload_period_s": RELOAD_S})
+    serve._run(build_app(args), name=APP, route_prefix=f"/{APP}", _blocking=False)
+    wait_for_running(APP, ["Router", "Drafter", "Expert"])
+    yield f"127.0.0.1:{grpc_port}", path
+    serve.delete(APP)
+
+
+def client_for(served_tenants, key=None):
+    target, _ = served_tenants
+    return SpecCascadeClient(target, application=APP, api_key=key or "")
+
+
+def status_of(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value
+
+
+@pytest.mark.parametrize("key,fragment", [(None, "missing API key"), ("sc-wrong", "unknown API key")])
+def test_a_missing_or_unknown_key_is_unauthenticated(served_tenants, key, fragment):
+    with client_for(served_tenants, key) as client:
+        for call in (lambda: client.generate(prompt=PROMPT, max_new_tokens=4),
+                     lambda: list(client.stream(prompt=PROMPT, max_new_tokens=4))):
+            error = status_of(call)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED and fragment in error.details()
+        assert client.health() == "SERVING"  # health stays open
+
+
+def test_a_key_works_as_bearer_or_x_api_key(served_tenants, keys):
+    with client_for(served_tenants, keys["acme"]) as client:
+        assert len(client.generate(prompt=PROMPT, max_new_tokens=6).token_ids) == 6
+    target, _ = served_tenants
+    with grpc.insecure_channel(target) as channel:
+        from speccascade.api.client import build_request
+        from speccascade.api.v1 import speccascade_pb2_grpc as pb_grpc
+
+        response = pb_grpc.SpecCascadeStub(channel).Generate(
+            build_request(PROMPT, max_new_tokens=5), metadata=(("application", APP), ("x-api-key", keys["acme"])))
+        assert len(response.token_ids) == 5
+
+
+def test_a_disabled_tenant_and_requests_outside_the_allowance_are_denied_naming_the_field(served_tenants, keys):
+    with client_for(served_tenants, keys["off"]) as client:
+        error = status_of(lambda: client.generate(prompt=PROMPT, max_new_tokens=4))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "tenant 'off' is disabled" in error.details()
+    with client_for(served_tenants, keys["auditor"]) as client:
+        error = status_of(lambda: client.generate(prompt=PROMPT, rule="token", max_new_tokens=4))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "policy.rule='token'" in error.details()
+        error = status_of(lambda: client.generate(prompt=PROMPT, rule="lossless", max_new_tokens=40))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "max_new_tokens=40" in error.details()
+        # Its defaults: lossless, and no more than its 16-token limit.
+        response = client.generate(prompt=PROMPT)
+        assert response.stats.rule == pb.RULE_LOSSLESS and len(response.token_ids) == 16
+
+
+def test_tokens_per_minute_refuses_with_a_retry_hint(served_tenants, keys):
+    with client_for(served_tenants, keys["metered"]) as client:
+        assert len(client.generate(prompt=PROMPT, max_new_tokens=20).token_ids) == 20  # runs the bucket into debt
+        call = client._stub.Generate.with_call
+        with pytest.raises(grpc.RpcError) as error:
+            call(client._request(None, dict(prompt=PROMPT, max_new_tokens=4)), metadata=client.metadata)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "output_tokens_per_minute=60" in error.value.details()
+        retry_ms = int(dict(error.value.trailing_metadata())["retry-after-ms"])
+        assert 10_000 <= retry_ms <= 20_000  # ~14 tokens of debt at 1 token/s
+
+
+def test_concurrency_limit_refuses_a_second_request_while_the_first_runs(served_tenants, keys):
+    with client_for(served_tenants, keys["single"]) as client:
+        first = client.stream(prompt=PROMPT, rule="lossless", block_size=1, max_new_tokens=300)
+        next(first)
+        error = status_of(lambda: client.generate(prompt=PROMPT, max_new_tokens=4))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_concurrent_requests=1" in error.details()
+        assert any(k == "retry-after-ms" for k, _ in error.trailing_metadata())
+        first.cancel()
+    with client_for(served_tenants, keys["single"]) as client:  # the slot is free again
+        assert wait_until(lambda: _succeeds(client))
+
+
+def _succeeds(client) -> bool:
+    try:
+        client.generate(prompt=PROMPT, max_new_tokens=2)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+def test_tenants_are_added_rotated_and_disabled_without_a_restart(served_tenants, keys):
+    _, path = served_tenants
+    late = {"id": "late", "key_sha256": [key_digest(keys["late"])]}
+    with client_for(served_tenants, keys["late"]) as client:
+        assert status_of(lambda: client.generate(prompt=PROMPT, max_new_tokens=2)).code() == \
+            grpc.StatusCode.UNAUTHENTICATED
+        path.write_text(yaml.safe_dump(tenants_document(keys, late)))
+        assert wait_until(lambda: _succeeds(client))
+    # Rotation: a second key works beside the first, then replaces it.
+    late["key_sha256"].append(key_digest(keys["rotated"]))
+    path.write_text(yaml.safe_dump(tenants_document(keys, late)))
+    with client_for(served_tenants, keys["rotated"]) as client:
+        assert wait_until(lambda: _succeeds(client))
+    with client_for(served_tenants, keys["late"]) as client:
+        assert _succeeds(client)
+        late["key_sha256"] = [key_digest(keys["rotated"])]
+        path.write_text(yaml.safe_dump(tenants_document(keys, late)))
+        assert wait_until(lambda: not _succeeds(client))
+        assert status_of(lambda: client.generate(prompt=PROMPT, max_new_tokens=2)).code() == \
+            grpc.StatusCode.UNAUTHENTICATED
+    # A broken file keeps the last good tenants.
+    path.write_text("tenants: [{id: broken, key_sha256: [not-hex]}]")
+    time.sleep(3 * RELOAD_S)
+    with client_for(served_tenants, keys["rotated"]) as client:
+        assert _succeeds(client) and _succeeds(client)
+    # Disabling.
+    late["disabled"] = True
+    path.write_text(yaml.safe_dump(tenants_document(keys, late)))
+    with client_for(served_tenants, keys["rotated"]) as client:
+        assert wait_until(lambda: not _succeeds(client))
+        assert status_of(lambda: client.generate(prompt=PROMPT, max_new_tokens=2)).code() == \
+            grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_caches_are_keyed_by_tenant_and_no_session_id_crosses_tenants(served_tenants, keys):
+    handles = {name: serve.get_deployment_handle(name, app_name=APP) for name in ("Drafter", "Expert")}
+    with client_for(served_tenants, keys["acme"]) as acme, client_for(served_tenants, keys["auditor"]) as auditor:
+        first = acme.stream(prompt=PROMPT, rule="lossless", block_size=1, max_new_tokens=300)
+        second = auditor.stream(prompt=PROMPT, max_new_tokens=16)
+        next(first)
+        next(second)
+        for handle in handles.values():
+            by_tenant = handle.cached_sessions_by_tenant.remote().result()
+            assert set(by_tenant) <= {"acme", "auditor"} and by_tenant.get("acme") == 1
+        # `speccascade status` sees acme's request in flight (router replicas publish every 5 s).
+        from speccascade.commands.status import format_tenant_load, read_tenant_load
+
+        assert wait_until(lambda: read_tenant_load(APP)["active"].get("acme") == 1, timeout=15)
+        assert "acme 1" in format_tenant_load(read_tenant_load(APP))
+        first.cancel()
+        list(second)
+    router = serve.get_deployment_handle("Router", app_name=APP)
+    assert wait_until(lambda: router.tenant_load.remote().result()["active"] == {})
