@@ -162,3 +162,45 @@ def test_same_seed_same_verdicts():
     a = emitted_tokens("token", 0.4, Q, P, sampling, trials=300, seed=11)
     b = emitted_tokens("token", 0.4, Q, P, sampling, trials=300, seed=11)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --- many blocks at once -------------------------------------------------------------------
+
+def random_rows(shape, seed: int, sharp: float = 3.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.softmax(sharp * torch.randn(*shape, V, generator=gen), dim=-1)
+
+
+@pytest.mark.parametrize("rule,alphas", [
+    ("lossless", [0.0, 0.0, 0.0, 0.0]), ("chow", [0.0, 0.2, 0.5, 1.0]), ("diff", [-1.0, 0.0, 0.1, 0.6]),
+    ("opt", [0.0, 0.3, 0.7, 1.0]), ("token", [0.0, 0.2, 0.5, 1.0]), ("lossy", [0.0, 0.2, 0.5, 0.9]),
+])
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.8, top_p=0.9)], ids=["greedy", "sampled"])
+def test_a_batch_of_blocks_verifies_each_block_as_it_would_alone(rule, alphas, sampling):
+    """Blocks with different alphas, verified together, each get exactly their lone verdict,
+    draws included: a served batch decides like an in-process request."""
+    from speccascade.cascade import verify_blocks
+
+    gamma = 4
+    q, p = random_rows((len(alphas), gamma), 1), random_rows((len(alphas), gamma + 1), 2)
+    tokens = torch.multinomial(q.reshape(-1, V), 1, generator=torch.Generator().manual_seed(3)).view(-1, gamma)
+    seeds = [11, 12, 13, 14]
+    alone = [verify_block(rule, a, tokens[i], q[i], p[i], sampling, torch.Generator().manual_seed(seeds[i]))
+             for i, a in enumerate(alphas)]
+    together = verify_blocks(rule, alphas, tokens, q, p, sampling,
+                             None if sampling.is_greedy else [torch.Generator().manual_seed(s) for s in seeds])
+    assert together.num_accepted.tolist() == [v.num_accepted for v in alone]
+    assert together.next_token.tolist() == [v.next_token for v in alone]
+    assert together.is_bonus.tolist() == [v.is_bonus for v in alone]
+    assert together.deferred.tolist() == [v.deferred.tolist() for v in alone]
+
+
+def test_verify_blocks_names_mismatched_shapes():
+    from speccascade.cascade import verify_blocks
+
+    with pytest.raises(ValueError, match="2 blocks of gamma=3"):
+        verify_blocks("lossless", [0.0, 0.0], torch.zeros(2, 3, dtype=torch.long), random_rows((2, 3), 1),
+                      random_rows((2, 3), 2), GREEDY)
+    with pytest.raises(ValueError, match="one generator per block"):
+        verify_blocks("lossless", [0.0], torch.zeros(1, 2, dtype=torch.long), random_rows((1, 2), 1),
+                      random_rows((1, 3), 2), SamplingParams(temperature=1.0))

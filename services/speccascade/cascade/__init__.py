@@ -30,13 +30,14 @@ from ..options import (
 from .baselines import sequence_cascade_defers, sequence_confidence, token_cascade_defers
 from .rules import defers, target_distribution, total_variation
 from .sampling import adjust_probs, logits_to_probs, sample
-from .verify import BlockVerdict, verify_block
+from .verify import BatchVerdict, BlockVerdict, verify_block, verify_blocks
 
 __all__ = [
     "ALPHA_RANGES",
     "ALWAYS_DEFER_ALPHA",
     "NEVER_DEFER_ALPHA",
     "GREEDY",
+    "BatchVerdict",
     "BlockVerdict",
     "Rule",
     "SamplingParams",
@@ -51,4 +52,5 @@ __all__ = [
     "total_variation",
     "validate_alpha",
     "verify_block",
+    "verify_blocks",
 ]

@@ -26,31 +26,40 @@ from ..options import Rule, validate_alpha
 NEGLIGIBLE_MASS = 1e-6
 
 
+def per_row(value: "float | Tensor", like: Tensor) -> "float | Tensor":
+    """A rule's scalar (alpha, or 1 - alpha), or one per leading row of a batch ([G] float64),
+    shaped to broadcast against `like` and in its dtype. Computed in float64 on the way and cast
+    once, a batch row decides exactly as the same alpha given as a Python float does."""
+    if isinstance(value, Tensor):
+        return value.to(like.dtype).view(value.shape[0], *([1] * (like.dim() - 1)))
+    return value
+
+
 def total_variation(p: Tensor, q: Tensor) -> Tensor:
     """D_TV(p, q) = sum_v max(0, q(v) - p(v)) over the last dim: [..., V] -> [...]."""
     return (q - p).clamp_min(0).sum(dim=-1)
 
 
-def token_accept_set(p: Tensor, alpha: float) -> Tensor:
+def token_accept_set(p: Tensor, alpha: "float | Tensor") -> Tensor:
     """A = {v : p(v) >= (1 - alpha) max p}, the tokens the expert finds nearly as good as its
-    best: [..., V] -> [..., V] bool."""
-    return p >= (1.0 - alpha) * p.amax(dim=-1, keepdim=True)
+    best: [..., V] -> [..., V] bool. (Every alpha may be one per leading row: `per_row`.)"""
+    return p >= per_row(1.0 - alpha, p) * p.amax(dim=-1, keepdim=True)
 
 
-def mixture_defers(rule: Rule, q: Tensor, p: Tensor | None, alpha: float) -> Tensor:
+def mixture_defers(rule: Rule, q: Tensor, p: Tensor | None, alpha: "float | Tensor") -> Tensor:
     """r for the mixture rules (lossless, chow, diff, opt): [..., V] -> [...] bool."""
     max_q = q.amax(dim=-1)
     if rule is Rule.LOSSLESS:
         return torch.ones_like(max_q, dtype=torch.bool)
     if rule is Rule.CHOW:
-        return max_q < 1.0 - alpha
+        return max_q < per_row(1.0 - alpha, max_q)
     if p is None:
         raise ValueError(f"rule {rule.value!r} needs the expert distribution p to decide")
     max_p = p.amax(dim=-1)
     if rule is Rule.DIFF:
-        return max_q < max_p - alpha
+        return max_q < max_p - per_row(alpha, max_p)
     if rule is Rule.OPT:
-        return max_q < max_p - alpha * total_variation(p, q)
+        return max_q < max_p - per_row(alpha, max_p) * total_variation(p, q)
     raise ValueError(f"rule {rule.value!r} is not a mixture rule")
 
 
@@ -69,9 +78,9 @@ def token_defers(q: Tensor, accept_set: Tensor) -> Tensor:
     return outside > NEGLIGIBLE_MASS
 
 
-def lossy_accept_probability(q: Tensor, p: Tensor, alpha: float) -> Tensor:
+def lossy_accept_probability(q: Tensor, p: Tensor, alpha: "float | Tensor") -> Tensor:
     """Per-token acceptance of lossy speculative decoding, min(1, p / ((1 - alpha) q)): [..., V]."""
-    return (p / ((1.0 - alpha) * q)).nan_to_num(nan=1.0, posinf=1.0).clamp(max=1.0)
+    return (p / (per_row(1.0 - alpha, q) * q)).nan_to_num(nan=1.0, posinf=1.0).clamp(max=1.0)
 
 
 def residual(target: Tensor, q: Tensor) -> Tensor:

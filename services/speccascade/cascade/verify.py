@@ -1,4 +1,4 @@
-"""Speculative sampling of one drafted block against a rule's target (Leviathan et al. 2023,
+"""Speculative sampling of drafted blocks against a rule's target (Leviathan et al. 2023,
 Chen et al. 2023; the cascade targets of Narasimhan et al. 2025).
 
 Decisions (r, the token rule's set A) are made on the temperature-1 distributions; acceptance and
@@ -8,6 +8,7 @@ authors' reference implementation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,13 +33,13 @@ class BlockVerdict:
 
 def acceptance(
     rule: Rule,
-    alpha: float,
-    q_decide: Tensor,  # [gamma, V] drafter, temperature 1
-    p_decide: Tensor,  # [gamma, V] expert, temperature 1
-    q_sample: Tensor,  # [gamma, V] drafter, as sampled from
-    p_sample: Tensor,  # [gamma, V] expert, as sampled from
+    alpha: "float | Tensor",  # or one per block of a batch ([G] float64, see rules.per_row)
+    q_decide: Tensor,  # [..., gamma, V] drafter, temperature 1
+    p_decide: Tensor,  # [..., gamma, V] expert, temperature 1
+    q_sample: Tensor,  # [..., gamma, V] drafter, as sampled from
+    p_sample: Tensor,  # [..., gamma, V] expert, as sampled from
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per drafted position, returns
+    """Per drafted position (of one block, or of a batch of blocks), returns
     - accept_table [gamma, V]: probability of keeping each token v had it been drafted,
     - residual_source [gamma, V]: the distribution whose excess over q a rejection resamples from
       (the target pi; p for lossy),
@@ -60,6 +61,73 @@ def acceptance(
     return accept_table, target, deferred
 
 
+@dataclass(frozen=True)
+class BatchVerdict:
+    """The verdicts of G blocks of one gamma, verified together; every tensor is on the device."""
+
+    num_accepted: Tensor  # [G] int64, drafted tokens kept, 0..gamma
+    next_token: Tensor  # [G] int64, the corrected token (num_accepted < gamma) or the bonus token
+    is_bonus: Tensor  # [G] bool
+    deferred: Tensor  # [G, gamma] bool, the rule's decision at every drafted position
+
+
+def verify_blocks(
+    rule: "str | Rule",
+    alphas: "Sequence[float]",
+    draft_tokens: Tensor,  # [G, gamma] int64
+    q: Tensor,  # [G, gamma, V] drafter distributions (temperature 1) at the drafted positions
+    p: Tensor,  # [G, gamma + 1, V] expert distributions (temperature 1); the last is the bonus position
+    sampling: SamplingParams,
+    generators: "Sequence[torch.Generator] | None" = None,  # one per block (sampling only)
+    q_sample: Tensor | None = None,  # [G, gamma, V] adjust_probs(q, sampling), if already known
+) -> BatchVerdict:
+    """Speculative sampling of G drafted blocks (one rule, one gamma, one sampling; an alpha per
+    block) in one set of tensor operations: each block keeps a prefix of its drafted tokens and
+    gets one more token from the expert side.
+
+    Each block's draws come from its own generator, in the order a block verified alone draws
+    them (gamma uniforms, then the next token), so a block's verdict does not depend on the
+    others in the batch. Greedy verification is deterministic and draws nothing."""
+    rule = Rule.parse(rule)
+    alpha = torch.tensor([validate_alpha(rule, a) for a in alphas], dtype=torch.float64)
+    blocks, gamma = draft_tokens.shape
+    if q.shape[:2] != (blocks, gamma) or p.shape[:2] != (blocks, gamma + 1) or q.shape[-1] != p.shape[-1] \
+            or alpha.shape[0] != blocks:
+        raise ValueError(
+            f"verify_blocks needs q [G, gamma, V], p [G, gamma + 1, V] and G alphas for {blocks} blocks of "
+            f"gamma={gamma}; got q {tuple(q.shape)}, p {tuple(p.shape)} and {alpha.shape[0]} alphas"
+        )
+    if not sampling.is_greedy and (generators is None or len(generators) != blocks):
+        raise ValueError(f"sampled verification needs one generator per block ({blocks})")
+    q = q.float()
+    p = p.float()
+    q_sample = adjust_probs(q, sampling) if q_sample is None else q_sample.float()
+    p_sample = adjust_probs(p, sampling)
+    rows = torch.arange(blocks, device=p.device)
+
+    accept_table, residual_source, deferred = acceptance(rule, alpha, q, p[:, :gamma], q_sample, p_sample[:, :gamma])
+    accept_prob = accept_table.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [G, gamma]
+    if sampling.is_greedy:
+        accepted = accept_prob > 0.5  # exactly 0 or 1 with one-hot distributions
+    else:
+        uniforms = torch.stack([torch.rand(gamma, generator=g, device=p.device) for g in generators])
+        accepted = uniforms < accept_prob
+    # The first rejected position, or gamma when all are kept: the count of leading kept ones.
+    num_accepted = accepted.int().cumprod(dim=-1).sum(dim=-1)
+    is_bonus = num_accepted == gamma
+    resample_from = p_sample[:, gamma]  # [G, V]: the bonus position
+    if gamma:
+        # Corrected token: y ~ norm(max(0, pi_j - q_j)) at the first rejected position j.
+        j = num_accepted.clamp(max=gamma - 1)
+        corrected_from = residual(residual_source[rows, j], q_sample[rows, j])
+        resample_from = torch.where(is_bonus.unsqueeze(-1), resample_from, corrected_from)
+    if sampling.is_greedy:
+        next_token = resample_from.argmax(dim=-1)
+    else:
+        next_token = torch.cat([sample(resample_from[i: i + 1], g, greedy=False) for i, g in enumerate(generators)])
+    return BatchVerdict(num_accepted, next_token, is_bonus, deferred)
+
+
 def verify_block(
     rule: "str | Rule",
     alpha: float,
@@ -70,7 +138,8 @@ def verify_block(
     generator: torch.Generator | None = None,
     q_sample: Tensor | None = None,  # [gamma, V] adjust_probs(q, sampling), if already known
 ) -> BlockVerdict:
-    """Accept a prefix of the drafted block and produce one more token from the expert side.
+    """Accept a prefix of the drafted block and produce one more token from the expert side: one
+    block of `verify_blocks`.
 
     With greedy sampling this is deterministic and draws nothing from `generator`.
 
@@ -78,36 +147,16 @@ def verify_block(
     top-k / top-p rows shipped over the network) pass them directly; `q` is then only used to
     decide deferral (its max for chow/diff, all of it for opt).
     """
-    rule = Rule.parse(rule)
-    alpha = validate_alpha(rule, alpha)
     gamma = draft_tokens.shape[0]
-    if q.shape[0] != gamma or p.shape[0] != gamma + 1 or q.shape[-1] != p.shape[-1]:
+    if q.dim() != 2 or p.dim() != 2 or q.shape[0] != gamma or p.shape[0] != gamma + 1 or q.shape[-1] != p.shape[-1]:
         raise ValueError(
             f"verify_block needs q [gamma, V] and p [gamma + 1, V] for gamma={gamma} drafted "
             f"tokens; got q {tuple(q.shape)} and p {tuple(p.shape)}"
         )
-    q = q.float()
-    p = p.float()
-    q_sample = adjust_probs(q, sampling) if q_sample is None else q_sample.float()
-    p_sample = adjust_probs(p, sampling)
-
-    accept_table, residual_source, deferred = acceptance(
-        rule, alpha, q, p[:gamma], q_sample, p_sample[:gamma]
+    verdict = verify_blocks(
+        rule, [alpha], draft_tokens.unsqueeze(0), q.unsqueeze(0), p.unsqueeze(0), sampling,
+        None if sampling.is_greedy else [generator if generator is not None else torch.Generator(p.device)],
+        None if q_sample is None else q_sample.unsqueeze(0),
     )
-    accept_prob = accept_table.gather(-1, draft_tokens.view(-1, 1)).squeeze(-1)  # [gamma]
-    if sampling.is_greedy:
-        accepted = accept_prob > 0.5  # exactly 0 or 1 with one-hot distributions
-    else:
-        accepted = torch.rand(gamma, generator=generator, device=accept_prob.device) < accept_prob
-    rejected_at = (~accepted).nonzero()
-    num_accepted = int(rejected_at[0, 0]) if rejected_at.numel() else gamma
-
-    if num_accepted < gamma:
-        # Corrected token: y ~ norm(max(0, pi_j - q_j)) at the first rejected position j.
-        resample_from = residual(residual_source[num_accepted], q_sample[num_accepted])
-        is_bonus = False
-    else:
-        resample_from = p_sample[gamma]
-        is_bonus = True
-    next_token = int(sample(resample_from, generator, greedy=sampling.is_greedy))
-    return BlockVerdict(num_accepted, next_token, is_bonus, deferred)
+    return BlockVerdict(int(verdict.num_accepted[0]), int(verdict.next_token[0]), bool(verdict.is_bonus[0]),
+                        verdict.deferred[0])
