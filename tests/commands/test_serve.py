@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 from speccascade.cli import main
-from speccascade.commands.serve import Endpoints, usage
+from speccascade.app.launcher import Endpoints
+from speccascade.commands.serve import usage
 from speccascade.k8s import HelmError, find_helm, render_chart, select_kind
 
 from ..served import SERVE_APP
