@@ -7,8 +7,8 @@ import json
 import textwrap
 
 import pytest
-from speccascade.cli import main
 from speccascade.app.launcher import Endpoints
+from speccascade.cli import main
 from speccascade.commands.serve import usage
 from speccascade.k8s import HelmError, find_helm, render_chart, select_kind
 

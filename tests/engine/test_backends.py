@@ -189,10 +189,10 @@ def test_a_release_from_another_thread_waits_for_the_pass_in_progress(kind):
     in_pass, finish = threading.Event(), threading.Event()
     forward = backend._forward
 
-    def slow_forward(plans):
+    def slow_forward(plans, ids=None):
         in_pass.set()
         finish.wait(timeout=30)
-        return forward(plans)
+        return forward(plans, ids)
 
     backend._forward = slow_forward
     scoring = threading.Thread(target=backend.distributions, args=(session, random_tokens(41, 10) + [5, 6], 10))
@@ -206,6 +206,59 @@ def test_a_release_from_another_thread_waits_for_the_pass_in_progress(kind):
     scoring.join(timeout=30)
     releasing.join(timeout=30)
     assert not releasing.is_alive() and session.cached_length == 0 and backend.session_bytes(session) == 0
+
+
+def test_static_batch_of_other_slots_than_the_first_ones_equals_hf(pair_of_backends):
+    """A batch that is not slots 0..B-1 (some sessions of the replica are not stepping) gathers
+    its rows' slots: the same distributions, and the other sessions' caches stay intact."""
+    from speccascade.engine.backends import ScoreJob
+
+    hf, static = pair_of_backends
+    sequences = [random_tokens(50 + i, 9 + 4 * i) for i in range(3)]
+    twins = [(hf.new_session(), static.new_session()) for _ in sequences]
+    for (h, s), tokens in zip(twins, sequences):
+        hf.distributions(h, tokens, 1)
+        static.distributions(s, tokens, 1)
+    assert [s.slot for _, s in twins] == [0, 1, 2]
+    for batch in ([2, 0], [1, 2], [2]):
+        grown = {i: sequences[i] + random_tokens(60 + i, 3) for i in batch}
+        expected = hf.score([ScoreJob(twins[i][0], grown[i], len(sequences[i])) for i in batch])
+        got = static.score([ScoreJob(twins[i][1], grown[i], len(sequences[i])) for i in batch])
+        assert_same_rows(got, expected)
+        sequences = [grown.get(i, t) for i, t in enumerate(sequences)]
+    for i, tokens in enumerate(sequences):  # every session, stepped or not, still scores exactly
+        got = static.distributions(twins[i][1], tokens + [4], len(tokens))
+        torch.testing.assert_close(got, scratch(static, tokens + [4], len(tokens)), atol=1e-5, rtol=1e-4)
+    for h, s in twins:
+        hf.release(h)
+        static.release(s)
+
+
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_steps_on_tokens_chosen_on_the_device_equal_scoring_the_known_tokens(kind):
+    """`step` feeds tokens the host never reads (a drafter's block); after `settle` the sessions
+    hold the same tokens and caches as if the ids had been scored directly."""
+    from speccascade.engine.backends import UNSETTLED, ScoreJob
+
+    backend = backend_class(kind)(tiny_qwen2(VOCAB, seed=3), name=kind)
+    contexts = [random_tokens(70, 11), random_tokens(71, 6)]
+    stepped, scored = [backend.new_session() for _ in contexts], [backend.new_session() for _ in contexts]
+    for session, twin, context in zip(stepped, scored, contexts):
+        backend.distributions(session, context, len(context))
+        backend.distributions(twin, context, len(context))
+    chosen = [[5, 9, 13], [17, 2, 8]]
+    for k in range(3):
+        rows = backend.step(stepped, torch.tensor([chosen[0][k], chosen[1][k]]))
+        expected = backend.score([ScoreJob(twin, context + c[: k + 1], len(context) + k + 1)
+                                  for twin, context, c in zip(scored, contexts, chosen)])
+        torch.testing.assert_close(rows, torch.stack([e[0] for e in expected]), atol=1e-5, rtol=1e-4)
+    assert all(s.tokens[-3:] == [UNSETTLED] * 3 for s in stepped)
+    for session, c in zip(stepped, chosen):
+        backend.settle(session, c)
+    assert [s.tokens for s in stepped] == [context + c for context, c in zip(contexts, chosen)]
+    calls = backend.forward_calls
+    backend.distributions(stepped[0], contexts[0] + chosen[0], len(contexts[0]) + 3)  # the cache end: no pass
+    assert backend.forward_calls == calls
 
 
 def test_static_refuses_a_sequence_longer_than_its_slots():
@@ -232,7 +285,7 @@ def test_static_cuda_graphs_equal_eager_on_the_gpu():
     model = tiny_qwen2(VOCAB, seed=3).cuda()
     eager = backend_class("static")(model, name="eager", slots=4, max_len=128, cuda_graphs=False)
     graphed = backend_class("static")(model, name="graphed", slots=4, max_len=128, cuda_graphs=True)
-    assert graphed.use_graphs
+    assert graphed.graphs is not None and graphed.graphs.graphs  # captured when the backend started
     sessions = ([eager.new_session() for _ in range(3)], [graphed.new_session() for _ in range(3)])
     sequences = [random_tokens(40 + i, 8 + 5 * i) for i in range(3)]
     from speccascade.engine.backends import ScoreJob
@@ -243,4 +296,8 @@ def test_static_cuda_graphs_equal_eager_on_the_gpu():
                 for backend, ss in zip((eager, graphed), sessions))
         assert_same_rows([x.cpu() for x in b], [x.cpu() for x in a])
         sequences = [t + random_tokens(200 + step, 2) for t in sequences]
-    assert graphed._graphs  # the decode/verify steps were replayed from captured graphs
+    for batch in ([1, 2], [2, 1, 0]):  # gathered rows (not slots 0..B-1), in another order
+        starts = [len(sequences[i]) - 1 for i in batch]
+        a, b = (backend.score([ScoreJob(ss[i], sequences[i], st) for i, st in zip(batch, starts)])
+                for backend, ss in zip((eager, graphed), sessions))
+        assert_same_rows([x.cpu() for x in b], [x.cpu() for x in a])

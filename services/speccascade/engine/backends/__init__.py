@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ...config.app import BACKEND_KINDS, BackendKind
 from .base import (
+    UNSETTLED,
     BackendSession,
     ModelBackend,
     ScoreJob,
@@ -53,6 +54,7 @@ def load_backend(kind: str, path: str, *, dtype="bf16", device="auto", name: str
 
 __all__ = [
     "BACKEND_KINDS",
+    "UNSETTLED",
     "BackendKind",
     "BackendSession",
     "ModelBackend",

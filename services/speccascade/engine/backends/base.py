@@ -109,18 +109,19 @@ class ScoreJob:
     start: int
 
 
+# A token chosen on the device whose id the host has not read yet (`ModelBackend.step`): it stands
+# in the session's token list until `settle` writes the id, and matches no real token meanwhile.
+UNSETTLED = -1
+
+
 @dataclass
 class Plan:
     """One job's share of a forward pass."""
 
-    job: ScoreJob
+    session: BackendSession
     first_row: Tensor | None  # [V] reused from the session, if scoring starts where its cache ends
     new_tokens: list[int]  # run the model on these, after the kept cache
     rows_needed: int  # distributions to take from this pass, for the last positions of new_tokens
-
-    @property
-    def session(self) -> BackendSession:
-        return self.job.session
 
 
 class ModelBackend(abc.ABC):
@@ -178,10 +179,12 @@ class ModelBackend(abc.ABC):
         """Cut the session's cached keys/values back to its first `keep` tokens."""
 
     @abc.abstractmethod
-    def _forward(self, plans: list[Plan]) -> list[Tensor]:
+    def _forward(self, plans: list[Plan], ids: Tensor | None = None) -> list[Tensor]:
         """Run each plan's new tokens after its session's kept cache, in one pass, extending the
         caches; return the distributions at each plan's last `rows_needed` positions,
-        [rows_needed, vocab_size] float32 (see `probabilities`)."""
+        [rows_needed, vocab_size] float32 (see `probabilities`). `ids` ([len(plans), 1] on the
+        device), when given, are the new tokens' ids of one-token plans, which the host has not
+        read (`step`)."""
 
     def _prepare(self, sessions: list[BackendSession]) -> None:
         """Before planning a pass over `sessions`: make room for them (a backend with a fixed number of
@@ -217,6 +220,32 @@ class ModelBackend(abc.ABC):
             pending = later
         return results  # type: ignore[return-value]
 
+    @torch.inference_mode()
+    def step(self, sessions: Sequence[BackendSession], tokens: Tensor) -> Tensor:
+        """Extend each session by one token chosen on the device (`tokens`: [B] int64, never read
+        by the host here) and return the distributions of the token after it, [B, vocab_size].
+
+        This is how a drafter steps through a block without a host sync per token: the sessions
+        record the tokens as UNSETTLED until `settle` gives their ids, once per block."""
+        with self._lock:
+            self._prepare(list(sessions))
+            plans = [Plan(session, None, [UNSETTLED], 1) for session in sessions]
+            rows = self._forward(plans, ids=tokens.view(-1, 1))
+            for plan, row in zip(plans, rows):
+                plan.session.tokens.append(UNSETTLED)
+                plan.session.last_row = row[-1]
+            return torch.stack([row[-1] for row in rows])
+
+    def settle(self, session: BackendSession, ids: Sequence[int]) -> None:
+        """The ids of the session's trailing UNSETTLED tokens, in order (fewer when its cache was cut
+        back meanwhile: then only those still cached)."""
+        tokens = session.tokens
+        unsettled = 0
+        while unsettled < len(tokens) and tokens[len(tokens) - 1 - unsettled] == UNSETTLED:
+            unsettled += 1
+        if unsettled:
+            tokens[len(tokens) - unsettled:] = list(ids[:unsettled])
+
     def distributions(self, session: BackendSession, tokens: Sequence[int], start: int) -> Tensor:
         return self.score([ScoreJob(session, tokens, start)])[0]
 
@@ -243,7 +272,7 @@ class ModelBackend(abc.ABC):
             first_row, keep = None, min(common, start - 1)
         self.truncate(session, keep)
         rows_wanted = len(tokens) - start + 1
-        return Plan(job, first_row, list(tokens[keep:]), rows_wanted - (first_row is not None))
+        return Plan(session, first_row, list(tokens[keep:]), rows_wanted - (first_row is not None))
 
     def _score_wave(self, jobs: list[ScoreJob]) -> list[Tensor]:
         """Jobs of distinct sessions, in one forward pass."""

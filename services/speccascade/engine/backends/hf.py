@@ -53,18 +53,19 @@ class HFBackend(ModelBackend):
         else:
             session.cache.crop(keep - session.cached_length)  # a negative count: drop that many from the end
 
-    def _forward(self, plans: list[Plan]) -> list[Tensor]:
+    def _forward(self, plans: list[Plan], ids: Tensor | None = None) -> list[Tensor]:
         if len(plans) == 1:
             plan = plans[0]
             out = self.model(
-                input_ids=torch.tensor([plan.new_tokens], dtype=torch.long, device=self.device),
+                input_ids=ids if ids is not None else torch.tensor([plan.new_tokens], dtype=torch.long,
+                                                                    device=self.device),
                 use_cache=True, logits_to_keep=plan.rows_needed, **self.cache_kwargs(plan.session.cache),
             )
             self.forward_calls += 1
             return [self.probabilities(out.logits[0, -plan.rows_needed:])]
-        return self._forward_padded(plans)
+        return self._forward_padded(plans, ids)
 
-    def _forward_padded(self, plans: list[Plan]) -> list[Tensor]:
+    def _forward_padded(self, plans: list[Plan], ids: Tensor | None) -> list[Tensor]:
         from transformers import DynamicCache
 
         batch = len(plans)
@@ -94,13 +95,14 @@ class HFBackend(ModelBackend):
         position_ids = torch.zeros((batch, n_max), dtype=torch.long)  # padded queries: output discarded
         attention_mask = torch.zeros((batch, l_max + n_max), dtype=torch.long)
         for row, (plan, length, count) in enumerate(zip(plans, cached, new)):
-            input_ids[row, n_max - count:] = torch.tensor(plan.new_tokens)
+            if ids is None:
+                input_ids[row, n_max - count:] = torch.tensor(plan.new_tokens)
             position_ids[row, n_max - count:] = torch.arange(length, length + count)
             attention_mask[row, l_max - length: l_max] = 1
             attention_mask[row, l_max + n_max - count:] = 1
         logits_needed = max(p.rows_needed for p in plans)
         out = self.model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            input_ids=ids if ids is not None else input_ids.to(device), attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device), use_cache=True, logits_to_keep=logits_needed,
             **self.cache_kwargs(past),
         )

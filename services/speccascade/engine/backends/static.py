@@ -4,23 +4,26 @@ Memory is allocated once per replica: per layer, K and V buffers of shape
 `[slots, kv_heads, max_len + 1, head_dim]`. A session owns a slot and a length; rollback after a
 rejection lowers the length (stale keys past it are never attended: a query at position p only
 sees keys 0..p, and every one of those was written since). Position `max_len` of every slot is
-scratch: padding tokens and idle rows write there, and nothing real ever attends it.
+scratch: padding tokens and padding rows write there, and nothing real ever attends it.
 
-A batched step runs transformers' own modules over rows `0..B-1` of the buffers (a view, no copy)
-with each row's new tokens left-padded to the longest, explicit position ids, and a per-row mask
-(query at position p sees keys 0..p of its row) over an attended window `W` sized by the longest
-row, in buckets of `WINDOW_STEP` tokens. The cache object's `update()` scatters each row's new keys/values at
-that row's positions; no step copies cached context. Rows of sessions not in the batch idle (their
-tokens go to scratch). Slots stay compact (a freed slot takes the highest occupied one's contents:
-one copy per session end, never per step), so `B` is the bucket over the occupied slots.
+A batched step runs transformers' own modules with one row per session of the batch, each row's
+new tokens left-padded to the longest, explicit position ids, and a per-row mask (query at
+position p sees keys 0..p of its row) over an attended window sized by the longest row. The cache
+object's `update()` writes each row's new keys/values into its slot at its positions and hands
+attention the rows' windows: a view of slots 0..B-1 when the batch is exactly those slots (slots
+stay compact, so a replica whose sessions all step together gets this), otherwise the batch's
+slots gathered (one copy of the attended window per layer, about 2 % of a 7B step on an H100).
 
-On CUDA the hot shapes (batch bucket x new tokens up to `GRAPH_MAX_TOKENS` x window bucket) are
-captured as CUDA graphs on first use and replayed; softmax to probabilities is inside the graph.
-On the CPU, and for long prefills, the same step runs eagerly, so every CPU test covers it.
+On CUDA a fixed set of shapes (rows x new tokens x window, in buckets: `graphs.py`) is captured
+as CUDA graphs when the backend starts, within a memory budget, and replayed; softmax to
+probabilities is inside the graph. Steps of other shapes (long prefills, which the tiers feed in
+chunks apart from decode batches; blocks over 16) run eagerly, as does everything on the CPU, so
+every CPU test covers the step itself.
 
 When all slots are taken, the least recently used session not in the batch loses its slot and
-recomputes on its next call (calls stay answerable from scratch). A released session gives its slot
-back at once (after the pass in progress, if one is running on another thread).
+recomputes on its next call (calls stay answerable from scratch; tiers check at start that their
+slots hold every session a router can have in flight). A released session gives its slot back at
+once (after the pass in progress, if one is running on another thread).
 """
 
 from __future__ import annotations
@@ -30,12 +33,10 @@ from torch import Tensor
 
 from ...config.app import STATIC_DEFAULT_MAX_LEN
 from .base import BackendSession, ModelBackend, Plan
+from .graphs import GraphSet
 
 PAD_TOKEN = 0  # any valid id: padding writes to the scratch position and its outputs are discarded
-WINDOW_STEP = 128  # attended windows come in multiples of this (attending over twice the keys costs the
-# 7B's batch-8 step a third more on an H100, so windows stay close to the longest row)
-GRAPH_MAX_TOKENS = 16  # steps with more new tokens per row (prefills) run eagerly
-GRAPH_WARMUP_STEPS = 2  # eager runs on a side stream before capture (lazy inits, allocator warm-up)
+DEFAULT_GRAPH_MEMORY_MB = 2048
 
 try:  # transformers' cache base class (its mask helpers check for it)
     from transformers.cache_utils import Cache as _CacheBase
@@ -43,22 +44,11 @@ except ImportError:  # pragma: no cover
     _CacheBase = object
 
 
-def _power_of_two_bucket(value: int, high: int) -> int:
-    """The smallest power of two >= value, capped at `high`."""
-    size = 1
-    while size < value:
-        size *= 2
-    return min(size, high)
-
-
-def _window_bucket(value: int, high: int) -> int:
-    return min(-(-value // WINDOW_STEP) * WINDOW_STEP, high)
-
-
 class SlotCache(_CacheBase):
-    """Per-layer K/V buffers [slots, kv_heads, capacity, head_dim]. Before each step `bind` says how
-    many rows take part, at which positions their new tokens go and how wide a window they attend;
-    `update` writes the new keys/values there and returns the rows' attended window (views)."""
+    """Per-layer K/V buffers [slots, kv_heads, capacity, head_dim]. Before each step `bind` says
+    which slot each row is (None: row i is slot i), at which positions the rows' new tokens go and
+    how wide a window they attend; `update` writes the new keys/values there and returns the rows'
+    attended windows."""
 
     def __init__(self, model, *, slots: int, capacity: int, dtype: torch.dtype):
         config = model.config
@@ -72,20 +62,28 @@ class SlotCache(_CacheBase):
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for device in devices]
         self.bytes_per_token = 2 * len(layers) * heads * head_dim * torch.finfo(dtype).bits // 8
         self.layers: list = []  # transformers' helpers look here; masks are handed in ready-made
-        self.rows = 0
+        self.slots: Tensor | None = None  # [rows]
         self.positions: Tensor | None = None  # [rows, n]
         self.window = 0
 
-    def bind(self, rows: int, positions: Tensor, window: int) -> None:
-        self.rows, self.positions, self.window = rows, positions, window
+    def bind(self, slots: Tensor | None, positions: Tensor, window: int) -> None:
+        self.slots, self.positions, self.window = slots, positions, window
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
         rows, heads, n, dim = key_states.shape
-        keys, values = self.keys[layer_idx][:rows], self.values[layer_idx][:rows]
-        index = self.positions.to(keys.device).view(rows, 1, n, 1).expand(rows, heads, n, dim)
-        keys.scatter_(2, index, key_states)
-        values.scatter_(2, index, value_states)
-        return keys[:, :, : self.window], values[:, :, : self.window]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        positions = self.positions.to(keys.device)
+        if self.slots is None:  # rows 0..rows-1 are slots 0..rows-1: work on a view, copy nothing
+            keys, values = keys[:rows], values[:rows]
+            index = positions.view(rows, 1, n, 1).expand(rows, heads, n, dim)
+            keys.scatter_(2, index, key_states)
+            values.scatter_(2, index, value_states)
+            return keys[:, :, : self.window], values[:, :, : self.window]
+        slots = self.slots.to(keys.device)
+        at = (slots.view(rows, 1).expand(rows, n), slice(None), positions)  # -> [rows, n, heads, dim]
+        keys[at] = key_states.transpose(1, 2)
+        values[at] = value_states.transpose(1, 2)
+        return keys[:, :, : self.window].index_select(0, slots), values[:, :, : self.window].index_select(0, slots)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always given explicitly
@@ -106,18 +104,12 @@ class StaticSession(BackendSession):
         self.slot: int | None = None
 
 
-class _Graph:
-    """One captured step: static inputs, the graph, and its output probabilities [B, n, V]."""
-
-    def __init__(self, ids: Tensor, positions: Tensor, graph, probs: Tensor):
-        self.ids, self.positions, self.graph, self.probs = ids, positions, graph, probs
-
-
 class StaticBackend(ModelBackend):
     kind = "static"
 
-    def __init__(self, model, *, name: str, vocab_size: int | None = None, slots: int = 16,
-                 max_len: int | None = None, cuda_graphs: bool = True):
+    def __init__(self, model, *, name: str, vocab_size: int | None = None, slots: int = 32,
+                 max_len: int | None = None, cuda_graphs: bool = True, max_batch: int | None = None,
+                 graph_memory_mb: int = DEFAULT_GRAPH_MEMORY_MB):
         super().__init__(model, name=name, vocab_size=vocab_size)
         layer_types = set(getattr(self.config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
@@ -130,8 +122,11 @@ class StaticBackend(ModelBackend):
         self._scratch = self.max_len  # the position padding and idle rows write to
         self._owners: list[StaticSession | None] = [None] * self.slots
         self._layer_types = sorted(layer_types)
-        self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda" and self._single_device(model)
-        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self.graphs: GraphSet | None = None
+        if cuda_graphs and self.device.type == "cuda" and self._single_device(model):
+            self.graphs = GraphSet(self._graph_step, device=self.device, max_rows=min(max_batch or self.slots, self.slots),
+                                   capacity=self.max_len, vocab=self.vocab_size, scratch=self._scratch,
+                                   memory_budget_mb=graph_memory_mb)
 
     @staticmethod
     def _single_device(model) -> bool:
@@ -192,35 +187,51 @@ class StaticBackend(ModelBackend):
     def _prepare(self, sessions: list[StaticSession]) -> None:
         self._assign_slots(sessions)
 
-    def _forward(self, plans: list[Plan]) -> list[Tensor]:
-        sessions = [plan.session for plan in plans]
+    def _forward(self, plans: list[Plan], ids: Tensor | None = None) -> list[Tensor]:
         for plan in plans:
             end = plan.session.cached_length + len(plan.new_tokens)
             if end > self.max_len:
                 raise ValueError(f"a sequence of {end} tokens does not fit the static backend's max_len of "
                                  f"{self.max_len} tokens")
-        rows = _power_of_two_bucket(max(s.slot for s in sessions) + 1, self.slots)
-        n = max(len(plan.new_tokens) for plan in plans)
-        longest = max(s.cached_length + len(p.new_tokens) for s, p in zip(sessions, plans))
-        window = _window_bucket(longest, self.max_len + 1)
-        ids = torch.full((rows, n), PAD_TOKEN, dtype=torch.long)
-        positions = torch.full((rows, n), self._scratch, dtype=torch.long)
-        for plan in plans:
-            count, length = len(plan.new_tokens), plan.session.cached_length
-            ids[plan.session.slot, n - count:] = torch.tensor(plan.new_tokens)
-            positions[plan.session.slot, n - count:] = torch.arange(length, length + count)
-        keep = max(plan.rows_needed for plan in plans)
-        if self.use_graphs and n <= GRAPH_MAX_TOKENS:
-            probs = self._replay(ids, positions, window)  # [rows, n, V], overwritten by the next replay
-        else:
-            probs = self._step(ids.to(self.device), positions.to(self.device), window, keep)  # [rows, keep, V]
-        self.forward_calls += 1
-        width = probs.shape[1]
-        return [probs[plan.session.slot, width - plan.rows_needed:].clone() for plan in plans]
+        order = sorted(range(len(plans)), key=lambda i: plans[i].session.slot)  # rows in slot order
+        batch = [plans[i] for i in order]
+        slots = [plan.session.slot for plan in batch]
+        n = max(len(plan.new_tokens) for plan in batch)
+        longest = max(plan.session.cached_length + len(plan.new_tokens) for plan in batch)
+        shape = self.graphs.shape_for(len(batch), n, longest) if self.graphs else None
+        rows, width, window = (shape.rows, shape.tokens, shape.window) if shape else (len(batch), n, longest)
 
-    def _step(self, ids: Tensor, positions: Tensor, window: int, keep: int) -> Tensor:
-        """[rows, keep, V] probabilities of the last `keep` positions of each row."""
-        self.cache.bind(ids.shape[0], positions, window)
+        host_ids = torch.full((rows, width), PAD_TOKEN, dtype=torch.long)
+        positions = torch.full((rows, width), self._scratch, dtype=torch.long)
+        slot_index = torch.zeros(rows, dtype=torch.long)  # padding rows: slot 0's scratch position
+        for row, plan in enumerate(batch):
+            count, length = len(plan.new_tokens), plan.session.cached_length
+            if ids is None:
+                host_ids[row, width - count:] = torch.tensor(plan.new_tokens)
+            positions[row, width - count:] = torch.arange(length, length + count)
+            slot_index[row] = plan.session.slot
+        if ids is None:
+            step_ids = host_ids.to(self.device)
+        else:  # one token a row, chosen on the device: never read here
+            step_ids = host_ids.to(self.device)
+            step_ids[: len(batch), width - 1] = ids.view(-1)[torch.tensor(order, device=ids.device)]
+        if shape is not None:
+            probs = self.graphs.replay(shape, step_ids, positions.to(self.device), slot_index.to(self.device))
+        else:
+            contiguous = slots == list(range(len(batch)))
+            keep = max(plan.rows_needed for plan in batch)
+            probs = self._step(step_ids, positions.to(self.device), None if contiguous else slot_index.to(self.device),
+                               window, keep)  # [rows, keep, V]
+        self.forward_calls += 1
+        results: list[Tensor | None] = [None] * len(plans)
+        for row, (index, plan) in enumerate(zip(order, batch)):
+            results[index] = probs[row, probs.shape[1] - plan.rows_needed:].clone()
+        return results  # type: ignore[return-value]
+
+    def _step(self, ids: Tensor, positions: Tensor, slots: Tensor | None, window: int, keep: int) -> Tensor:
+        """[rows, keep, V] probabilities of the last `keep` positions of each row (`slots`: each
+        row's slot, or None when row i is slot i)."""
+        self.cache.bind(slots, positions, window)
         keys = torch.arange(window, device=positions.device)
         visible = keys.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)  # [rows, 1, n, window]
         # Additive, so every attention implementation (sdpa, eager) reads it the same way.
@@ -230,27 +241,7 @@ class StaticBackend(ModelBackend):
                          use_cache=True, logits_to_keep=keep, **self.cache_kwargs(self.cache, positions[0]))
         return self.probabilities(out.logits)
 
-    def _replay(self, ids: Tensor, positions: Tensor, window: int) -> Tensor:
-        key = (ids.shape[0], ids.shape[1], window)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._graphs[key] = self._capture(*key)
-        graph.ids.copy_(ids, non_blocking=True)
-        graph.positions.copy_(positions, non_blocking=True)
-        graph.graph.replay()
-        return graph.probs
-
-    def _capture(self, rows: int, n: int, window: int) -> _Graph:
-        # Warm-up and capture write only to the scratch position, so no session's keys change.
-        ids = torch.full((rows, n), PAD_TOKEN, dtype=torch.long, device=self.device)
-        positions = torch.full((rows, n), self._scratch, dtype=torch.long, device=self.device)
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(GRAPH_WARMUP_STEPS):
-                self._step(ids, positions, window, n)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            probs = self._step(ids, positions, window, n)
-        return _Graph(ids, positions, graph, probs)
+    def _graph_step(self, ids: Tensor, positions: Tensor, slots: Tensor, window: int, out: Tensor) -> None:
+        """The captured step: every row's slot gathered, probabilities of every position into `out`."""
+        probs = self._step(ids, positions, slots, window, ids.shape[1])
+        out[: probs.shape[0], : probs.shape[1]].copy_(probs)
