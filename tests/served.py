@@ -23,7 +23,7 @@ SAMPLINGS = {"greedy": {}, "sampled": dict(temperature=0.7, top_p=0.95)}
 
 def app_args(drafter_dir: str, expert_dir: str, **overrides) -> dict:
     """The application on the tiny pair, fp32; `overrides` update a section each."""
-    tier = {"dtype": "fp32", "kv_cache_budget_mb": 64, "batch_wait_timeout_s": 0.002}
+    tier = {"dtype": "fp32", "kv_cache_budget_mb": 64}
     args = {
         "drafter": {"model": drafter_dir, **tier},
         "expert": {"model": expert_dir, **tier},

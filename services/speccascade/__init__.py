@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 @functools.lru_cache(maxsize=1)
-def load_engine(drafter: str | None = None, expert: str | None = None, dtype: str = "bf16") -> "CascadeEngine":
+def load_engine(drafter: str | None = None, expert: str | None = None, dtype: str = "auto") -> "CascadeEngine":
     """The engine for a model pair, loaded once and kept for later calls with the same pair."""
     from .engine.engine import CascadeEngine
 
@@ -38,7 +38,7 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     stop: tuple[str, ...] | list[str] = (),
-    dtype: str = "bf16",
+    dtype: str = "auto",
     drafter: str | None = None,
     expert: str | None = None,
 ) -> "GenerationResult":

@@ -12,12 +12,37 @@ from speccascade.config.base import ReplicaBounds
 
 
 def test_a_static_tier_needs_a_slot_for_every_session_of_a_batch():
-    with pytest.raises(ValidationError, match="static.slots=16 is below max_batch_size=32"):
-        TierConfig(model="m", backend="static", max_batch_size=32)
-    tier = TierConfig(model="m", backend="static", max_batch_size=32, static={"slots": 32})
-    assert tier.backend_options()["slots"] == 32
+    with pytest.raises(ValidationError, match="static.slots=32 is below max_batch_size=64"):
+        TierConfig(model="m", backend="static", max_batch_size=64)
+    tier = TierConfig(model="m", backend="static", max_batch_size=64, static={"slots": 64})
+    assert tier.backend_options()["slots"] == 64 and tier.backend_options()["max_batch"] == 64
     # The hf backend has no slots: its static settings are not used, so not checked.
-    assert TierConfig(model="m", backend="hf", max_batch_size=32).max_batch_size == 32
+    assert TierConfig(model="m", backend="hf", max_batch_size=64).max_batch_size == 64
+
+
+def test_a_static_tier_needs_a_slot_for_every_session_a_router_decodes():
+    """Fewer slots than the requests a router decodes at once: sessions would evict each other and
+    recompute their contexts on every call."""
+    static = {"model": "m", "backend": "static", "max_batch_size": 8, "static": {"slots": 16}}
+    with pytest.raises(ValidationError, match="expert.static.slots=16 is below tenancy.max_decoding_requests=32"):
+        AppConfig.model_validate({"expert": static})
+    config = AppConfig.model_validate({"expert": static, "tenancy": {"max_decoding_requests": 16}})
+    assert config.expert.static.slots == 16
+    assert AppConfig.model_validate({"expert": {**static, "backend": "hf"}}).expert.backend == "hf"
+
+
+def test_dtype_auto_is_the_default_and_resolves_by_the_machine(monkeypatch):
+    import torch
+    from speccascade.engine.backends import base
+
+    assert TierConfig(model="m").dtype == "auto"
+    monkeypatch.setattr(base, "cpu_bf16_flags", lambda: [])
+    assert base.parse_dtype("auto", "cpu") is torch.float32  # bf16 would be emulated: ~3x slower
+    monkeypatch.setattr(base, "cpu_bf16_flags", lambda: ["amx_bf16"])
+    assert base.parse_dtype("auto", "cpu") is torch.bfloat16
+    assert base.parse_dtype("fp32", "cpu") is torch.float32
+    with pytest.raises(ValueError, match="expected one of: auto, bf16, fp32"):
+        base.parse_dtype("fp16")
 
 
 @pytest.mark.parametrize("model", [Replicas, TierScaling])

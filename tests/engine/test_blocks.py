@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from speccascade.cascade import Rule, SamplingParams, adjust_probs, sample, verify_block
-from speccascade.engine.blocks import EMPTY_BLOCK, DraftPayload, SampleRows, densify, summarize_draft
+from speccascade.engine.blocks import EMPTY_BLOCK, DraftPayload, SampleRows, block_from_host, densify, summarize_draft
 from speccascade.engine.seeding import Purpose, draw_generator, draw_seed
 
 VOCAB, GAMMA = 50, 4
@@ -14,6 +15,12 @@ VOCAB, GAMMA = 50, 4
 def peaked(seed: int, rows: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.softmax(torch.randn(rows, VOCAB, generator=gen) * 3.0, dim=-1)
+
+
+def ship(tokens: list[int], q: torch.Tensor, q_sample: torch.Tensor | None, payload: DraftPayload):
+    """The block a drafter ships for these tokens: summarized on the device, brought to the host."""
+    arrays = summarize_draft(q, q_sample, torch.tensor(tokens), payload)
+    return block_from_host({name: t.cpu() for name, t in arrays.items()})
 
 
 def draft(q: torch.Tensor, sampling: SamplingParams, seed: int) -> tuple[list[int], torch.Tensor]:
@@ -36,7 +43,7 @@ def test_verdict_from_the_payload_equals_the_verdict_from_full_q(sampling, rows,
     for trial in range(20):
         q, p = peaked(trial, GAMMA), peaked(1000 + trial, GAMMA + 1)
         tokens, q_sample = draft(q, sampling, seed=trial)
-        block = summarize_draft(tokens, q, None if sampling.is_greedy else q_sample, payload)
+        block = ship(tokens, q, None if sampling.is_greedy else q_sample, payload)
         q_wire, q_sample_wire = densify(block, VOCAB, "cpu")
         generator = lambda: draw_generator(trial, 0, Purpose.VERIFY)  # noqa: E731
         expected = verify_block(rule, alpha, torch.tensor(tokens), q, p, sampling, generator())
@@ -50,15 +57,15 @@ def test_verdict_from_the_payload_equals_the_verdict_from_full_q(sampling, rows,
 def test_greedy_payload_is_tokens_and_max_q_only():
     q = peaked(0, GAMMA)
     tokens, q_sample = draft(q, SamplingParams(), seed=0)
-    block = summarize_draft(tokens, q, None, DraftPayload.for_request(Rule.TOKEN, SamplingParams()))
+    block = ship(tokens, q, None, DraftPayload.for_request(Rule.TOKEN, SamplingParams()))
     assert block.nbytes() == GAMMA * (4 + 4)
 
 
 def test_sequence_cascade_payload_adds_q_at_each_drafted_token():
     q = peaked(1, GAMMA)
     tokens, _ = draft(q, SamplingParams(), seed=0)
-    block = summarize_draft(tokens, q, None, DraftPayload.for_request(Rule.CHOW, SamplingParams(), token_probs=True))
-    torch.testing.assert_close(block.token_q, q[torch.arange(GAMMA), torch.tensor(tokens)])
+    block = ship(tokens, q, None, DraftPayload.for_request(Rule.CHOW, SamplingParams(), token_probs=True))
+    torch.testing.assert_close(torch.from_numpy(block.token_q), q[torch.arange(GAMMA), torch.tensor(tokens)])
     assert block.nbytes() == GAMMA * (4 + 4 + 4)
 
 
@@ -66,8 +73,9 @@ def test_sparse_rows_travel_as_int32_indices():
     q = peaked(2, GAMMA)
     sampling = SamplingParams(temperature=0.8, top_k=5)
     tokens, q_sample = draft(q, sampling, seed=0)
-    block = summarize_draft(tokens, q, q_sample, DraftPayload.for_request(Rule.TOKEN, sampling))
-    assert block.sample_indices.dtype == torch.int32 and block.sample_indices.shape == (GAMMA, 5)
+    block = ship(tokens, q, q_sample, DraftPayload.for_request(Rule.TOKEN, sampling))
+    assert block.sample_indices.dtype == np.int32 and block.sample_indices.shape == (GAMMA, 5)
+    assert isinstance(block.sample_values, np.ndarray)  # arrays on the wire, not torch tensors
     assert block.nbytes() == GAMMA * (4 + 4) + GAMMA * 5 * (4 + 4)
 
 

@@ -53,17 +53,22 @@ def test_round_records_count_what_the_round_did(models):
         assert record.expert_passes == 1 and record.corrected + record.bonus == 1
         assert len(record.emitted) == record.accepted + 1
         assert record.bonus == (record.accepted == 4)
-        assert record.wire_bytes > record.context_bytes > 0
+        assert record.wire_bytes == record.context_bytes == 0  # in-process: nothing travels
+        # Where the calls' time went: model passes and deciding, inside the calls' wall time.
+        assert record.drafter_forward_seconds > 0 and record.expert_forward_seconds > 0
+        assert record.drafter_queue_seconds == record.expert_queue_seconds == 0
+        assert record.drafter_forward_seconds + record.drafter_decide_seconds <= record.drafter_seconds
+        assert record.expert_forward_seconds + record.expert_decide_seconds <= record.expert_seconds
     assert len(tokens) == sum(r.accepted + 1 for r in records)
 
 
 def test_an_empty_draft_turns_the_round_into_an_expert_step(models):
     """What a drafter tier that is down answers: every method degrades to expert-only decoding."""
-    from speccascade.engine.blocks import EMPTY_BLOCK
+    from speccascade.engine.blocks import EMPTY_BLOCK, CallReport
 
     class DownDrafter:
         async def draft(self, *args):
-            return EMPTY_BLOCK
+            return EMPTY_BLOCK, CallReport()
 
     expert_only, _ = decode(*models, "hf", GenerationRequest(prompt="x", method="expert", seed=0), rounds=8)
     for method in ("cascade", "drafter", "token-cascade", "sequence-cascade"):

@@ -426,12 +426,14 @@ def test_every_tier_field_is_settable_and_reaches_app_config(render):
 
     service = rayservice_of(render(set_values=[
         "app.drafter.torch_threads=3", "app.expert.backend=static", "app.expert.device=cuda:1",
-        "app.expert.static.slots=8", "app.expert.static.max_len=1024", "app.expert.static.cuda_graphs=false",
+        "app.expert.static.slots=32", "app.expert.static.max_len=1024", "app.expert.static.cuda_graphs=false",
+        "app.expert.static.graph_memory_mb=512",
         "app.drafter.placement.memory_bytes=2147483648", "app.expert.replicas.initial_replicas=2"]))
     config = AppConfig.model_validate(app_of(service)["args"])
     assert config.drafter.torch_threads == 3
     assert (config.expert.backend, config.expert.device) == ("static", "cuda:1")
-    assert config.expert.backend_options() == {"slots": 8, "max_len": 1024, "cuda_graphs": False}
+    assert config.expert.backend_options() == {"slots": 32, "max_len": 1024, "cuda_graphs": False,
+                                               "graph_memory_mb": 512, "max_batch": 8}
     assert config.drafter.placement.ray_actor_options()["memory"] == 2147483648
     assert config.expert.replicas.initial_replicas == 2
     # The chart's only addition: each tier's pinning resource.

@@ -133,7 +133,7 @@ def test_values_files_validate_against_the_schema_as_json_schema_2020_12(values_
 BAD_VALUES = [
     ({"app": {"drafter": {"max_batch_size": 0}}}, "app.drafter.max_batch_size: Must be greater than or equal to 1"),
     ({"app": {"drafter": {"torch_thread": 2}}}, "app.drafter: Additional property torch_thread is not allowed"),
-    ({"app": {"expert": {"dtype": "fp16"}}}, 'app.expert.dtype must be one of the following: "bf16", "fp32"'),
+    ({"app": {"expert": {"dtype": "fp16"}}}, 'app.expert.dtype must be one of the following: "auto", "bf16", "fp32"'),
     ({"app": {"expert": {"device": "gpu"}}}, "app.expert.device: Does not match pattern"),
     ({"app": {"expert": {"backend": "vllm"}}}, "app.expert.backend must be one of the following"),
     ({"app": {"drafter": {"torch_threads": 0}}}, "app.drafter.torch_threads: Must be greater than or equal to 1"),

@@ -106,8 +106,8 @@ def test_apply_reports_a_chart_failure_without_calling_the_api(apiserver, kubeco
 
 
 @pytest.mark.parametrize(("set_values", "message"), [
-    (["app.expert.backend=static", "app.expert.max_batch_size=32"],
-     "app.expert: static.slots=16 is below max_batch_size=32"),
+    (["app.expert.backend=static", "app.expert.max_batch_size=64"],
+     "app.expert: static.slots=32 is below max_batch_size=64"),
     (["app.drafter.replicas.min_replicas=2", "app.drafter.replicas.initial_replicas=1"],
      "app.drafter.replicas: initial_replicas=1 is outside [2, 2]"),
 ], ids=["slots-below-batch", "initial-replicas-out-of-bounds"])

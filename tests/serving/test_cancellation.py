@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import ray
 from ray import serve
@@ -17,6 +16,7 @@ from speccascade.api.client import SpecCascadeClient
 from speccascade.engine.blocks import DraftPayload, SampleRows
 from speccascade.options import SamplingParams
 from speccascade.serving.replicas import replica_actor_names, wait_until_running
+from speccascade.serving.wire import DraftCall, SentTokens
 
 from ..served import PROMPT, SERVE_APP, app_args, cached_sessions, wait_until
 
@@ -75,8 +75,8 @@ def test_a_call_the_release_overtook_is_refused_by_the_served_tier(served):
     on_its_replica = drafter.options(multiplexed_model_id=session)
     before = on_its_replica.cache_stats.remote().result()
     assert on_its_replica.release.remote(session).result() is False  # arrived before any call
-    late = on_its_replica.draft.remote(session, np.arange(3, 20, dtype=np.int32), 3, SamplingParams(), 0,
-                                       DraftPayload(SampleRows.NONE))
+    late = on_its_replica.draft.remote(DraftCall(session, SentTokens().delta(list(range(3, 20))), 3, SamplingParams(),
+                                                 0, DraftPayload(SampleRows.NONE)))
     with pytest.raises(ray.exceptions.RayError):  # the replica ended it as cancelled (how that reaches a
         late.result()                             # caller depends on Serve's transport)
     after = on_its_replica.cache_stats.remote().result()

@@ -9,13 +9,13 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from speccascade.config.app import TierConfig
 from speccascade.engine.backends import BACKEND_KINDS, backend_class
 from speccascade.engine.blocks import DraftedBlock, DraftPayload, SampleRows
 from speccascade.options import Rule, SamplingParams
 from speccascade.serving.sessions import SessionEndedError, SessionStore
 from speccascade.serving.tiers import DrafterTier, ExpertTier
+from speccascade.serving.wire import DraftCall, SentTokens, TokenDelta, VerifyCall
 
 from ..conftest import tiny_qwen2
 
@@ -78,7 +78,7 @@ def test_idle_sessions_are_reclaimed_and_recompute_while_released_ids_are_forgot
 
 
 def tier_config(model_dir: str, backend: str) -> TierConfig:
-    return TierConfig(model=model_dir, dtype="fp32", backend=backend, batch_wait_timeout_s=0.0, max_batch_size=4,
+    return TierConfig(model=model_dir, dtype="fp32", backend=backend, max_batch_size=4,
                       static={"slots": 4, "cuda_graphs": False})
 
 
@@ -118,11 +118,19 @@ def expert(request, tiny_model_dirs):
     return ExpertTier(tier_config(tiny_model_dirs[1], request.param))
 
 
+def whole(tokens) -> TokenDelta:
+    """A call's delta that carries the whole sequence (what a session's first call sends)."""
+    return SentTokens().delta(tokens, whole=True)
+
+
+def draft_call(session_id: str, gamma: int, context=CONTEXT) -> DraftCall:
+    return DraftCall(session_id, whole(context), gamma, GREEDY, 0, GREEDY_PAYLOAD)
+
+
 def test_a_release_overtaking_an_in_flight_draft_stops_it_and_nothing_stays_cached(drafter):
     async def scenario():
         gate = Gate(drafter.backend)
-        call = asyncio.create_task(drafter.draft("s1", np.asarray(CONTEXT, dtype=np.int32), 4, GREEDY, 0,
-                                                 GREEDY_PAYLOAD))
+        call = asyncio.create_task(drafter.draft(draft_call("s1", 4)))
         await gate.wait_entered()  # the draft's first step is in the model; three more steps to go
         release = asyncio.create_task(drafter.release("s1"))  # queued behind the pass in progress
         await asyncio.sleep(0.05)
@@ -139,15 +147,15 @@ def test_a_release_overtaking_an_in_flight_draft_stops_it_and_nothing_stays_cach
 def test_a_release_overtaking_an_in_flight_verify_frees_what_the_verify_built(expert):
     async def scenario():
         gate = Gate(expert.backend)
-        block = DraftedBlock(tokens=(11, 12), max_q=torch.tensor([0.9, 0.8]))
-        sequence = np.asarray(CONTEXT + [11, 12], dtype=np.int32)
-        call = asyncio.create_task(expert.verify("s2", sequence, len(CONTEXT), block, Rule.LOSSLESS, 0.0, GREEDY, 0))
+        block = DraftedBlock(tokens=(11, 12), max_q=np.array([0.9, 0.8], dtype=np.float32))
+        call = asyncio.create_task(expert.verify(VerifyCall("s2", whole(CONTEXT + [11, 12]), len(CONTEXT), block,
+                                                            Rule.LOSSLESS, 0.0, GREEDY, 0)))
         await gate.wait_entered()
         release = asyncio.create_task(expert.release("s2"))
         await asyncio.sleep(0.05)
         gate.open.set()
-        outcome = await call  # its one pass was already running: answered (nobody will read it)...
-        assert outcome.num_accepted in (0, 1, 2)
+        reply = await call  # its one pass was already running: answered (nobody will read it)...
+        assert reply.outcome.num_accepted in (0, 1, 2)
         assert await release  # ...and the release, which waited for that pass, freed its cache
 
     asyncio.run(scenario())
@@ -159,7 +167,7 @@ def test_a_call_arriving_after_its_release_is_cancelled_without_a_model_pass(dra
         assert not await drafter.release("s3")
         passes = drafter.backend.forward_calls
         with pytest.raises(asyncio.CancelledError):
-            await drafter.draft("s3", np.asarray(CONTEXT, dtype=np.int32), 3, GREEDY, 0, GREEDY_PAYLOAD)
+            await drafter.draft(draft_call("s3", 3))
         assert drafter.backend.forward_calls == passes
 
     asyncio.run(scenario())
@@ -168,8 +176,8 @@ def test_a_call_arriving_after_its_release_is_cancelled_without_a_model_pass(dra
 
 def test_a_finished_session_released_normally_frees_its_cache(drafter):
     async def scenario():
-        block = await drafter.draft("s4", np.asarray(CONTEXT, dtype=np.int32), 3, GREEDY, 0, GREEDY_PAYLOAD)
-        assert len(block.tokens) == 3 and "s4" in drafter.sessions
+        reply = await drafter.draft(draft_call("s4", 3))
+        assert len(reply.block.tokens) == 3 and "s4" in drafter.sessions
         assert await drafter.release("s4")
 
     asyncio.run(scenario())

@@ -180,5 +180,4 @@ def test_caches_are_keyed_by_tenant_and_no_session_id_crosses_tenants(served_ten
         assert "acme 1" in format_tenant_load(read_tenant_load(APP))
         first.cancel()
         list(second)
-    router = serve.get_deployment_handle("Router", app_name=APP)
-    assert wait_until(lambda: router.tenant_load.remote().result()["active"] == {})
+    assert wait_until(lambda: read_tenant_load(APP)["active"] == {}, timeout=20)

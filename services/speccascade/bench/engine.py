@@ -205,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from ..config.app import DTYPE_NAMES
+
     parser = subparsers.add_parser("engine", help="in-process engine vs expert-only, drafter-only and HF assisted generation")
     parser.add_argument("--prompts", type=int, default=6, help="HumanEval prompts to generate from")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -213,7 +215,7 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="verify passes timed per context length")
     parser.add_argument("--short-context", type=int, default=100, help="tokens of context for the short verify")
     parser.add_argument("--long-context", type=int, default=1500, help="tokens of context for the long verify")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     parser.add_argument("--drafter", help="drafter source (default: packaged pair)")
     parser.add_argument("--expert", help="expert source (default: packaged pair)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON figures")

@@ -140,7 +140,7 @@ def run_phase(target: str, keys: dict[str, str], seconds: float, flood_clients: 
 
 
 def deploy(stack, args, pair: tuple[str, str], tenants_file: Path, *, fair: bool) -> None:
-    tier = {"dtype": "fp32", "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.0,
+    tier = {"dtype": "fp32", "max_batch_size": args.max_batch_size,
             "placement": {"num_cpus": 0}}
     config = {
         "drafter": {"model": pair[0], **tier}, "expert": {"model": pair[1], **tier},

@@ -124,13 +124,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from ..config.app import DTYPE_NAMES
     from .serve import add_execution_arguments
 
     parser = subparsers.add_parser("generate", help="generate text in-process with a speculative cascade")
     add_generation_arguments(parser)
     parser.add_argument("--drafter", help="drafter model source (default: packaged Qwen2.5-Coder-0.5B-Instruct)")
     parser.add_argument("--expert", help="expert model source (default: packaged Qwen2.5-Coder-1.5B-Instruct)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                        help="auto: bf16 on GPUs and CPUs with bf16 matrix units, else fp32")
     add_execution_arguments(parser, overrides_config=False)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     parser.add_argument("--no-color", action="store_true", help="plain text output")

@@ -94,11 +94,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from ..config.app import DTYPE_NAMES
+
     parser = subparsers.add_parser("serve", help="serve the cascade over gRPC and the OpenAI API on a local Ray cluster")
     parser.add_argument("--config", type=Path, help="Serve config (default: deploy/local-cpu.yaml)")
     parser.add_argument("--drafter", help="override the drafter model source")
     parser.add_argument("--expert", help="override the expert model source")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="override both tiers' dtype")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="override both tiers' dtype (auto: bf16 on GPUs and "
+                                                             "CPUs with bf16 matrix units, else fp32)")
     add_execution_arguments(parser, overrides_config=True)
     parser.add_argument("--tenants", type=Path, help="tenants file: every call then needs a tenant's API key "
                                                      "(`speccascade tenants add` writes it; reloaded when it changes)")

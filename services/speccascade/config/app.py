@@ -26,6 +26,8 @@ from .base import ReplicaBounds, StrictModel
 # or preallocated per-slot K/V buffers with CUDA graphs.
 BackendKind = Literal["hf", "static"]
 BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
+DtypeName = Literal["auto", "bf16", "fp32"]  # auto: bf16 on GPUs and CPUs with bf16 matrix units, else fp32
+DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 STATIC_DEFAULT_MAX_LEN = 4096  # tokens per static slot when the model's window is larger (memory grows with it)
 
 
@@ -70,18 +72,26 @@ class Replicas(ReplicaBounds):
 class StaticBackendConfig(StrictModel):
     """Settings of the `static` backend: preallocated per-slot K/V buffers."""
 
-    slots: int = Field(16, ge=1, le=1024, description="Sessions whose caches one replica holds at once; more are "
-                                                       "reclaimed least-recently-used (and recompute).")
+    slots: int = Field(32, ge=1, le=1024, description="Sessions whose caches one replica holds at once; more are "
+                                                       "reclaimed least-recently-used (and recompute). At least "
+                                                       "the router's tenancy.max_decoding_requests.")
     max_len: int | None = Field(None, ge=16, description="Tokens per slot (default: the model's context window, "
                                                           "at most 4096).")
-    cuda_graphs: bool = Field(True, description="Replay decode and verify steps as captured CUDA graphs (GPU only).")
+    cuda_graphs: bool = Field(True, description="Replay decode and verify steps as CUDA graphs captured at start "
+                                                "(GPU only; batches up to max_batch_size, blocks up to 16).")
+    graph_memory_mb: int = Field(2048, ge=0, le=1 << 20,
+                                 description="Device memory the captured graphs may take (their shared pool); shapes "
+                                             "past it run eagerly. The log lists what was captured.")
 
 
 class TierConfig(StrictModel):
     """A model tier (drafter or expert)."""
 
     model: str = Field(description="Model source: packaged name, local directory, .gguf file or hub id.")
-    dtype: Literal["bf16", "fp32"] = Field("bf16", description="Weights and compute dtype.")
+    dtype: DtypeName = Field(
+        "auto", description="Weights and compute dtype. auto: bf16 on a GPU and on a CPU with bf16 matrix units "
+                            "(AMX, AVX512-BF16); fp32 on other CPUs, where bf16 is emulated and ~3x slower (the pair "
+                            "then takes twice the memory).")
     backend: BackendKind = Field("hf", description="Model execution: `hf` (transformers over a dynamic cache per "
                                                    "session) or `static` (preallocated slots, CUDA graphs on GPUs).")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -91,8 +101,13 @@ class TierConfig(StrictModel):
                                         description="Settings of the static backend.")
     placement: Placement = Field(default_factory=Placement, description="Where each replica runs.")
     replicas: Replicas = Field(default_factory=Replicas, description="Replica bounds.")
-    max_batch_size: int = Field(8, ge=1, le=256, description="Most tier calls batched into one forward pass.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="How long a batch waits to fill.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most tier calls batched into one forward pass. A batch "
+                                                            "forms from what queued while the model was busy; "
+                                                            "nothing waits for company.")
+    prefill_chunk_tokens: int = Field(
+        256, ge=16, le=65536,
+        description="Tokens of a new context prefilled per pass. Prompts are prefilled in chunks between the decode "
+                    "batches, so a running stream's step waits for at most one chunk.")
     kv_cache_budget_mb: int = Field(1024, ge=1, description="KV cache memory per replica before LRU eviction.")
     session_idle_timeout_s: float = Field(
         300.0, gt=0, le=86400,
@@ -127,7 +142,7 @@ class TierConfig(StrictModel):
 
     def backend_options(self) -> dict:
         """Keyword arguments of the chosen backend beyond the common ones."""
-        return self.static.model_dump() if self.backend == "static" else {}
+        return {**self.static.model_dump(), "max_batch": self.max_batch_size} if self.backend == "static" else {}
 
 
 class RouterConfig(StrictModel):
@@ -217,4 +232,17 @@ class AppConfig(StrictModel):
                 f"tenancy.max_decoding_requests={self.tenancy.max_decoding_requests} is above "
                 f"router.max_ongoing_requests={self.router.max_ongoing_requests}: requests past the router's "
                 "limit would queue in Serve, where fair share cannot order them")
+        return self
+
+    @model_validator(mode="after")
+    def _static_slots_hold_every_session(self) -> "AppConfig":
+        # A replica can hold a cache for every request a router decodes at once; with fewer slots
+        # the sessions would evict each other and recompute their contexts on every call.
+        for name in ("drafter", "expert"):
+            tier = getattr(self, name)
+            if tier.backend == "static" and tier.static.slots < self.tenancy.max_decoding_requests:
+                raise ValueError(
+                    f"{name}.static.slots={tier.static.slots} is below tenancy.max_decoding_requests="
+                    f"{self.tenancy.max_decoding_requests}: a replica must hold a slot for every session a router "
+                    f"decodes at once (raise static.slots or lower tenancy.max_decoding_requests)")
         return self

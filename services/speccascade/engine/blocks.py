@@ -14,15 +14,17 @@ verification needs (see `DraftPayload.for_request`):
 - the sequence-level cascade: q at each drafted token, for the drafter's confidence in its answer.
 
 Greedy decoding needs no rows at all: the sampling distribution is the one-hot at each drafted
-token. The expert side rebuilds dense tensors (`densify`) and hands them to `cascade.verify_block`.
-Tensors stay on the device that made them until a tier ships them (`DraftedBlock.to("cpu")`).
+token. The expert side rebuilds dense tensors on its device (`densify`) and hands them to
+`cascade.verify_blocks`. A block's arrays are numpy on the host: they leave the drafter's device
+once per block, and travel between tiers as plain arrays, never as pickled torch tensors.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,7 +53,7 @@ class DraftPayload:
     def for_request(cls, rule: Rule, sampling: SamplingParams, *, token_probs: bool = False) -> "DraftPayload":
         if sampling.is_greedy:
             rows = SampleRows.NONE
-        elif sampling.top_k or sampling.top_p < 1.0:
+        elif sampling.filters:
             rows = SampleRows.SPARSE
         else:
             rows = SampleRows.FULL
@@ -60,33 +62,46 @@ class DraftPayload:
 
 @dataclass(frozen=True)
 class DraftedBlock:
-    """The drafter's answer to one draft call."""
+    """The drafter's answer to one draft call: token ids and numpy arrays."""
 
     tokens: tuple[int, ...]  # [gamma] drafted token ids
-    max_q: Tensor  # [gamma] float32, temperature-1 max q
-    token_q: Tensor | None = None  # [gamma] float32, temperature-1 q at each drafted token
-    sample_indices: Tensor | None = None  # [gamma, k] int32, SPARSE (padded with value 0)
-    sample_values: Tensor | None = None  # [gamma, k] float32, SPARSE
-    sample_full: Tensor | None = None  # [gamma, V] float16, FULL
-    decision_full: Tensor | None = None  # [gamma, V] float16, opt
+    max_q: np.ndarray  # [gamma] float32, temperature-1 max q
+    token_q: np.ndarray | None = None  # [gamma] float32, temperature-1 q at each drafted token
+    sample_indices: np.ndarray | None = None  # [gamma, k] int32, SPARSE (padded with value 0)
+    sample_values: np.ndarray | None = None  # [gamma, k] float32, SPARSE
+    sample_full: np.ndarray | None = None  # [gamma, V] float16, FULL
+    decision_full: np.ndarray | None = None  # [gamma, V] float16, opt
 
     @property
     def gamma(self) -> int:
         return len(self.tokens)
 
-    def _tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if isinstance(getattr(self, f.name), Tensor)}
-
     def nbytes(self) -> int:
         """Bytes on the wire."""
-        return TOKEN_BYTES * self.gamma + sum(t.numel() * t.element_size() for t in self._tensors().values())
-
-    def to(self, device: torch.device | str) -> "DraftedBlock":
-        return replace(self, **{name: t.to(device) for name, t in self._tensors().items()})
+        return TOKEN_BYTES * self.gamma + sum(a.nbytes for f in fields(self)
+                                              if isinstance(a := getattr(self, f.name), np.ndarray))
 
 
-EMPTY_BLOCK = DraftedBlock(tokens=(), max_q=torch.zeros(0))
+EMPTY_BLOCK = DraftedBlock(tokens=(), max_q=np.zeros(0, dtype=np.float32))
+
+
+@dataclass(frozen=True)
+class CallReport:
+    """What one draft or verify call cost: where its time went, in seconds, and the bytes it
+    moved. A tier reports its own share of the time (queued, forward, decide); `wall_s` is the
+    whole call as its caller saw it, so what is left of it is the transport: Ray's calls,
+    (de)serialisation, routing. In-process calls move no bytes."""
+
+    queued_s: float = 0.0  # waiting in the tier's batcher for a forward pass
+    forward_s: float = 0.0  # model passes
+    decide_s: float = 0.0  # choosing the drafted tokens, or verifying the block; the transfer to the host
+    wall_s: float = 0.0
+    wire_bytes: int = 0  # payload both ways
+    context_bytes: int = 0  # of wire_bytes: token ids of the context (not the block) sent with the call
+
+    @property
+    def transport_s(self) -> float:
+        return max(0.0, self.wall_s - self.queued_s - self.forward_s - self.decide_s)
 
 
 @dataclass(frozen=True)
@@ -101,26 +116,30 @@ class VerifyOutcome:
     NBYTES = 16  # four small integers
 
 
-def summarize_draft(tokens: list[int], q: Tensor, q_sample: Tensor | None, payload: DraftPayload) -> DraftedBlock:
-    """q: [gamma, V] temperature-1 distributions at the drafted positions; q_sample: the same after
-    temperature / top-k / top-p (None for greedy, whose rows never travel)."""
-    sample_indices = sample_values = sample_full = decision_full = token_q = None
+def summarize_draft(q: Tensor, q_sample: Tensor | None, tokens: Tensor, payload: DraftPayload) -> dict[str, Tensor]:
+    """What a block ships, still on the drafter's device (the caller brings every block of a batch
+    to the host at once: `block_from_host`). q: [gamma, V] temperature-1 distributions at the
+    drafted positions; q_sample: the same after temperature / top-k / top-p (None for greedy,
+    whose rows never travel); tokens: [gamma] the drafted ids."""
+    out = {"tokens": tokens, "max_q": q.amax(dim=-1).float()}
     if payload.sample_rows is SampleRows.SPARSE:
+        # The widest support over the block's rows: a host sync, only for top-k / top-p sampling.
         support = int((q_sample > 0).sum(dim=-1).max())
-        sample_values, sample_indices = q_sample.topk(support, dim=-1)
-        sample_values, sample_indices = sample_values.float(), sample_indices.to(torch.int32)
+        values, indices = q_sample.topk(support, dim=-1)
+        out["sample_values"], out["sample_indices"] = values.float(), indices.to(torch.int32)
     elif payload.sample_rows is SampleRows.FULL:
-        sample_full = q_sample.to(FULL_ROW_DTYPE)
+        out["sample_full"] = q_sample.to(FULL_ROW_DTYPE)
     if payload.full_decision_rows:
-        decision_full = q.to(FULL_ROW_DTYPE)
+        out["decision_full"] = q.to(FULL_ROW_DTYPE)
     if payload.token_probs:
-        index = torch.tensor(tokens, device=q.device).view(-1, 1)
-        token_q = q.gather(-1, index).squeeze(-1).float()
-    return DraftedBlock(
-        tokens=tuple(tokens), max_q=q.amax(dim=-1).float(), token_q=token_q,
-        sample_indices=sample_indices, sample_values=sample_values, sample_full=sample_full,
-        decision_full=decision_full,
-    )
+        out["token_q"] = q.gather(-1, tokens.view(-1, 1)).squeeze(-1).float()
+    return out
+
+
+def block_from_host(arrays: dict[str, Tensor]) -> DraftedBlock:
+    """A `DraftedBlock` from `summarize_draft`'s tensors, moved to the host."""
+    tokens = arrays.pop("tokens")
+    return DraftedBlock(tokens=tuple(tokens.tolist()), **{name: t.numpy() for name, t in arrays.items()})
 
 
 def densify(block: DraftedBlock, vocab_size: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
@@ -130,22 +149,22 @@ def densify(block: DraftedBlock, vocab_size: int, device: torch.device | str) ->
     uniformly: the rules that get here (chow, diff, token, lossless, lossy) read q only through
     max q, or not at all.
     """
-    block = block.to(device)
     gamma = block.gamma
     tokens = torch.tensor(block.tokens, dtype=torch.long, device=device).view(-1, 1)
     if block.decision_full is not None:
-        q = block.decision_full.float()
+        q = torch.from_numpy(block.decision_full).to(device).float()
         q = q / q.sum(dim=-1, keepdim=True)
     else:
-        max_q = block.max_q.float()
+        max_q = torch.from_numpy(block.max_q).to(device).float()
         rest = ((1.0 - max_q) / max(vocab_size - 1, 1)).clamp_min(0)
         q = rest.unsqueeze(-1).expand(gamma, vocab_size).clone()
         q.scatter_(-1, tokens, max_q.view(-1, 1))
     if block.sample_indices is not None:
         q_sample = torch.zeros(gamma, vocab_size, device=device)
-        q_sample.scatter_add_(-1, block.sample_indices.long(), block.sample_values)
+        q_sample.scatter_add_(-1, torch.from_numpy(block.sample_indices).to(device).long(),
+                              torch.from_numpy(block.sample_values).to(device))
     elif block.sample_full is not None:
-        q_sample = block.sample_full.float()
+        q_sample = torch.from_numpy(block.sample_full).to(device).float()
         q_sample = q_sample / q_sample.sum(dim=-1, keepdim=True)
     else:
         q_sample = torch.zeros(gamma, vocab_size, device=device)

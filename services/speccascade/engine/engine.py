@@ -35,7 +35,7 @@ class CascadeEngine(TextGeneration):
         self.expert = expert
 
     @classmethod
-    def load(cls, drafter: str | None = None, expert: str | None = None, *, dtype: str = "bf16",
+    def load(cls, drafter: str | None = None, expert: str | None = None, *, dtype: str = "auto",
              backend: str = "hf", device: str = "auto", progress: bool = True) -> "CascadeEngine":
         """Load a pair by source (packaged name, local dir, GGUF file or hub id) onto `device`
         ("auto": CUDA when present), each model behind a `backend` ("hf" or "static")."""

@@ -21,7 +21,7 @@ import torch
 from ..cascade import Rule, sequence_cascade_defers, token_cascade_defers
 from ..cascade.rules import mixture_defers
 from ..options import Method
-from .blocks import EMPTY_BLOCK, SCALAR_BYTES, TOKEN_BYTES, DraftedBlock, DraftPayload, VerifyOutcome
+from .blocks import EMPTY_BLOCK, CallReport, DraftedBlock, DraftPayload, VerifyOutcome
 from .request import GenerationRequest
 from .roles import DrafterRole, ExpertRole
 from .stats import RoundRecord, Source
@@ -38,16 +38,24 @@ def _timed(record: RoundRecord, field: str):
         setattr(record, field, getattr(record, field) + time.perf_counter() - started)
 
 
+def _count_call(record: RoundRecord, tier: str, report: CallReport) -> None:
+    for phase, seconds in (("queue", report.queued_s), ("forward", report.forward_s), ("decide", report.decide_s)):
+        name = f"{tier}_{phase}_seconds"
+        setattr(record, name, getattr(record, name) + seconds)
+    record.transport_seconds += report.transport_s
+    record.wire_bytes += report.wire_bytes
+    record.context_bytes += report.context_bytes
+
+
 async def _draft(drafter: DrafterRole, tokens: list[int], gamma: int, request: GenerationRequest,
                  payload: DraftPayload, record: RoundRecord) -> DraftedBlock:
     with _timed(record, "drafter_seconds"):
-        block = await drafter.draft(tokens, gamma, request.sampling, request.seed, payload)
+        block, report = await drafter.draft(tokens, gamma, request.sampling, request.seed, payload)
+    _count_call(record, "drafter", report)
     if block.gamma:
         record.drafter_calls += 1
         record.drafter_passes += block.gamma
         record.drafted += block.gamma
-        record.context_bytes += TOKEN_BYTES * len(tokens)
-        record.wire_bytes += TOKEN_BYTES * len(tokens) + 3 * SCALAR_BYTES + block.nbytes()
     return block
 
 
@@ -56,10 +64,9 @@ async def _verify(expert: ExpertRole, tokens: list[int], block: DraftedBlock, ru
     """Verify `block` after `tokens`; records the outcome and emits its tokens into `record`."""
     sequence = tokens + list(block.tokens)
     with _timed(record, "expert_seconds"):
-        outcome = await expert.verify(sequence, len(tokens), block, rule, alpha, request.sampling, request.seed)
+        outcome, report = await expert.verify(sequence, len(tokens), block, rule, alpha, request.sampling, request.seed)
+    _count_call(record, "expert", report)
     record.expert_passes += 1
-    record.context_bytes += TOKEN_BYTES * len(tokens)
-    record.wire_bytes += TOKEN_BYTES * len(sequence) + 4 * SCALAR_BYTES + block.nbytes() + VerifyOutcome.NBYTES
     record.accepted += outcome.num_accepted
     record.deferred += outcome.num_deferred
     if outcome.is_bonus:
@@ -80,7 +87,7 @@ def _keep_drafted(record: RoundRecord, block: DraftedBlock) -> None:
 
 def _chow_keeps(block: DraftedBlock, alpha: float) -> bool:
     # chow decides from max q alone, so [gamma, 1] rows of max q decide like full q.
-    return not bool(mixture_defers(Rule.CHOW, block.max_q.unsqueeze(-1), None, alpha).any())
+    return not bool(mixture_defers(Rule.CHOW, torch.from_numpy(block.max_q).unsqueeze(-1), None, alpha).any())
 
 
 async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: list[int],
@@ -136,7 +143,7 @@ async def token_cascade_steps(drafter: DrafterRole, expert: ExpertRole, prompt: 
     while True:
         record = RoundRecord(skippable_rounds=1)
         block = await _draft(drafter, tokens, 1, request, payload, record)
-        if block.gamma and not bool(token_cascade_defers(block.max_q.unsqueeze(-1), request.alpha)):
+        if block.gamma and not bool(token_cascade_defers(torch.from_numpy(block.max_q).unsqueeze(-1), request.alpha)):
             _keep_drafted(record, block)
         else:
             record.deferred += block.gamma
@@ -162,7 +169,7 @@ async def sequence_cascade_rounds(drafter: DrafterRole, expert: ExpertRole, prom
         if not block.gamma:  # no drafter: the expert answers
             break
         answer += block.tokens
-        token_q.append(block.token_q.cpu())
+        token_q.append(torch.from_numpy(block.token_q))
         complete = answer_is_complete(answer)
         if complete:
             if not sequence_cascade_defers(torch.log(torch.cat(token_q).clamp_min(1e-30)), request.alpha):

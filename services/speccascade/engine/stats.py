@@ -39,6 +39,16 @@ class RoundCounters:
     expert_passes: int = _counter("Expert calls (one forward pass each).")
     drafter_seconds: float = _counter("Seconds spent waiting on draft calls.", float)
     expert_seconds: float = _counter("Seconds spent waiting on expert calls.", float)
+    # Where the calls' time went (the tiers report their share with each answer):
+    drafter_queue_seconds: float = _counter("Of drafter_seconds: waiting in the drafter's batcher.", float)
+    drafter_forward_seconds: float = _counter("Of drafter_seconds: drafter model passes.", float)
+    drafter_decide_seconds: float = _counter("Of drafter_seconds: choosing the drafted tokens and bringing the "
+                                             "block to the host.", float)
+    expert_queue_seconds: float = _counter("Of expert_seconds: waiting in the expert's batcher.", float)
+    expert_forward_seconds: float = _counter("Of expert_seconds: expert model passes.", float)
+    expert_decide_seconds: float = _counter("Of expert_seconds: verifying the blocks (the rule's math).", float)
+    transport_seconds: float = _counter("Of drafter_seconds and expert_seconds: outside the tiers' own work "
+                                        "(Ray calls, (de)serialisation, routing).", float)
     wire_bytes: int = _counter("Payload bytes exchanged with the tiers, both directions.")
     context_bytes: int = _counter("Of wire_bytes: context token ids sent with tier calls.")
 

@@ -1,13 +1,21 @@
-"""Continuous batching of scoring steps inside a tier replica.
+"""Continuous batching of tier calls inside a replica, with chunked prefill.
 
-While the model runs one batch, new requests queue up; as soon as it is free, everything queued
-(up to `max_batch_size`) runs as the next batch. Only when the model was idle does the first
-request wait up to `wait_s` for company. (`serve.batch` forms the next batch while the previous
-one still runs, after its short timeout, so a busy replica kept getting batches of one.)
+While the model runs one batch, new calls queue up; as soon as it is free, everything queued (up to
+`max_batch_size`) runs as the next batch. Nothing ever waits for company: a lone session's call
+runs the moment it arrives at an idle model, and under load batches form by themselves from what
+queued during the previous pass.
 
-Which queued requests make the next batch is decided by weighted fair queueing across tenants
-(`tenancy.FairQueue`; each request says whose share it is), so a tenant flooding the replica only
-queues behind its own work. Requests of one share are taken in arrival order.
+A call whose context the model has not yet seen (a new prompt, or a session that lost its cache)
+would make its batch's pass long for everyone in it, and, batched, make every row as long as the
+longest. Such calls (more than `Prefill.threshold` context tokens uncached) queue apart and are
+prefilled one chunk at a time (`Prefill.run_chunk`, at most `prefill_chunk_tokens` tokens), one
+chunk after each batch, so a running stream's next step waits for at most one chunk; once its
+context is cached, the call joins the batches like any other.
+
+Which queued calls make the next batch (and which prompt gets the next chunk) is decided by
+weighted fair queueing across tenants (`tenancy.FairQueue`; each call says whose share it is), so a
+tenant flooding the replica only queues behind its own work. Calls of a cancelled caller, or of a
+session that ended (`ended`), are dropped before they run.
 
 Batches run on one worker thread; other work that must not overlap a forward pass (freeing a
 session's cache) runs on the same thread between batches (`run_between_batches`).
@@ -16,8 +24,10 @@ session's cache) runs on the same thread between batches (`run_between_batches`)
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from ..tenancy.fairness import DEFAULT_SHARE, FairQueue, Share
@@ -27,64 +37,131 @@ Result = TypeVar("Result")
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Prefill(Generic[Item]):
+    """How a replica prefills long contexts apart from its batches."""
+
+    pending: Callable[[Item], int]  # context tokens the call's step would run uncached (an estimate, event loop)
+    run_chunk: Callable[[Item], bool]  # forward thread: feed the next chunk; True once the context is cached
+    threshold: int  # calls with more pending tokens than this are prefilled in chunks first
+
+
+@dataclass(eq=False)
+class Queued(Generic[Item]):
+    item: Item
+    future: asyncio.Future
+    share: Share
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    prefill_s: float = 0.0  # forward-pass seconds spent on its prefill chunks
+
+
 class ContinuousBatcher(Generic[Item, Result]):
-    def __init__(self, run_batch: Callable[[list[Item]], list[Result | Exception]], *, max_batch_size: int,
-                 wait_s: float, name: str):
+    def __init__(self, run_batch: Callable[[list[Queued]], list[Result | Exception]], *, max_batch_size: int,
+                 name: str, prefill: Prefill | None = None,
+                 ended: Callable[[Item], Exception | None] = lambda item: None):
         """`run_batch` is blocking (a forward pass); it runs on one worker thread, so the event loop
-        keeps accepting requests meanwhile. It returns one result per item, or an exception for an
-        item that failed alone (that caller gets it raised; the others their results)."""
+        keeps accepting calls meanwhile. It returns one result per queued call, or an exception for
+        a call that failed alone (that caller gets it raised; the others their results).
+        `ended(item)` is the error of a call whose session has ended (None while it lives)."""
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
-        self.wait_s = wait_s
+        self.prefill = prefill
+        self.ended = ended
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-forward")
-        self._pending: FairQueue[tuple[Item, asyncio.Future]] = FairQueue()
+        self._ready: FairQueue[Queued] = FairQueue()
+        self._prefilling: FairQueue[Queued] = FairQueue()
+        self._chunking: Queued | None = None  # the call whose prompt gets the next chunk
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
-    async def submit(self, item: Item, share: Share = DEFAULT_SHARE) -> Result:
+    async def submit(self, item: Item, share: Share = DEFAULT_SHARE) -> tuple[Result, Queued]:
+        """Queue a call; its result, with its queue entry (when it was queued, its prefill time)."""
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._arrived = asyncio.Event()
             self._worker = loop.create_task(self._run_forever())
-        future = loop.create_future()
-        self._pending.push((item, future), share)
+        queued = Queued(item, loop.create_future(), share)
+        if self.prefill is not None and self.prefill.pending(item) > self.prefill.threshold:
+            self._prefilling.push(queued, share)
+        else:
+            self._ready.push(queued, share)
         self._arrived.set()
-        return await future
+        return await queued.future, queued
+
+    def wake(self) -> None:
+        """Look at the queues again now (a session ended: its queued calls are dropped)."""
+        if self._arrived is not None:
+            self._arrived.set()
 
     async def run_between_batches(self, fn: Callable[..., T], *args) -> T:
-        """Run blocking `fn(*args)` on the batches' thread: after the batch in progress, never
+        """Run blocking `fn(*args)` on the batches' thread: after the pass in progress, never
         during one."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
+    def _alive(self, queued: Queued) -> bool:
+        """False (and the caller told so) for a call whose caller left or whose session ended."""
+        if queued.future.done():
+            return False
+        error = self.ended(queued.item)
+        if error is not None:
+            queued.future.set_exception(error)
+            return False
+        return True
+
+    def _take_batch(self) -> list[Queued]:
+        taken: list[Queued] = []
+        while self._ready and len(taken) < self.max_batch_size:
+            queued = self._ready.pop()
+            if self._alive(queued):
+                taken.append(queued)
+        return taken
+
+    def _next_chunk(self) -> Queued | None:
+        if self._chunking is not None and not self._alive(self._chunking):
+            self._chunking = None
+        while self._chunking is None and self._prefilling:
+            queued = self._prefilling.pop()
+            if self._alive(queued):
+                self._chunking = queued
+        return self._chunking
+
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        idle = True
         while True:
-            if not self._pending:
+            batch = self._take_batch()
+            chunk = self._next_chunk() if self.prefill is not None else None
+            if not batch and chunk is None:
                 self._arrived.clear()
                 await self._arrived.wait()
-                idle = True
-            if idle and self.wait_s and len(self._pending) < self.max_batch_size:
-                await asyncio.sleep(self.wait_s)
-            taken = []
-            while self._pending and len(taken) < self.max_batch_size:
-                item, future = self._pending.pop()
-                if not future.done():  # drop cancelled callers
-                    taken.append((item, future))
-            idle = False
-            if not taken:
                 continue
-            try:
-                results = await loop.run_in_executor(self._thread, self.run_batch, [item for item, _ in taken])
-            except Exception as error:  # the whole batch failed: every caller gets the error
-                for _, future in taken:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), result in zip(taken, results):
-                if future.done():
+            if batch:
+                await self._run(loop, batch)
+            if chunk is not None:
+                started = time.perf_counter()
+                try:
+                    done = await loop.run_in_executor(self._thread, self.prefill.run_chunk, chunk.item)
+                except Exception as error:  # the call fails alone
+                    self._chunking = None
+                    if not chunk.future.done():
+                        chunk.future.set_exception(error)
                     continue
-                if isinstance(result, Exception):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+                chunk.prefill_s += time.perf_counter() - started
+                if done:
+                    self._chunking = None
+                    self._ready.push(chunk, chunk.share)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Queued]) -> None:
+        try:
+            results = await loop.run_in_executor(self._thread, self.run_batch, batch)
+        except Exception as error:  # the whole batch failed: every caller gets the error
+            for queued in batch:
+                if not queued.future.done():
+                    queued.future.set_exception(error)
+            return
+        for queued, result in zip(batch, results):
+            if queued.future.done():
+                continue
+            if isinstance(result, Exception):
+                queued.future.set_exception(result)
+            else:
+                queued.future.set_result(result)

@@ -1,7 +1,8 @@
 """The router's side of the tiers: the drafter and expert roles of the decoding loop, answered by
-remote tier replicas. They own what the network adds: session affinity, timeouts, retries (a retry
-recomputes on whichever replica answers, with the same draws), the tier-health verdict, and the
-expert-only fallback when the drafter tier is down.
+remote tier replicas. They own what the network adds: session affinity, the slim calls (only what
+changed in the sequence since the session's last call; the whole of it when a replica asks:
+`wire.py`), timeouts, retries (a retry recomputes on whichever replica answers, with the same
+draws), the tier-health verdict, and the expert-only fallback when the drafter tier is down.
 """
 
 from __future__ import annotations
@@ -12,21 +13,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from ray import serve
 from ray.exceptions import RayActorError
 
 from ..config.app import RouterConfig
-from ..engine.blocks import EMPTY_BLOCK, DraftedBlock, DraftPayload, VerifyOutcome
+from ..engine.blocks import EMPTY_BLOCK, TOKEN_BYTES, CallReport, DraftedBlock, DraftPayload, VerifyOutcome
 from ..options import Rule, SamplingParams
 from ..tenancy.fairness import DEFAULT_SHARE, Share
 from .metrics import RouterMetrics
 from .replicas import running_count
+from .wire import DraftCall, SentTokens, VerifyCall
 
 log = logging.getLogger(__name__)
 
 HEALTH_CACHE_S = 2.0  # how long a tier-health answer is reused (it asks the Serve controller)
-TOKEN_DTYPE = np.int32  # token ids travel as int32 arrays: compact through Ray's pickling
 
 
 class TierUnavailableError(RuntimeError):
@@ -43,10 +43,7 @@ class Transport:
 
     expert_only_fallback: bool = False
     tier_retries: int = 0
-
-
-def encode_tokens(tokens: Sequence[int]) -> np.ndarray:
-    return np.asarray(tokens, dtype=TOKEN_DTYPE)
+    context_resends: int = 0  # calls a replica asked to repeat with the whole sequence
 
 
 class TierClient:
@@ -72,7 +69,7 @@ class TierClient:
             self._health = (now, running)
         return self._health[1]
 
-    async def call(self, method: str, session_id: str, *args, rule: str, transport: Transport):
+    async def call(self, method: str, call, *, rule: str, transport: Transport):
         if time.monotonic() < self._down_until:
             raise TierUnavailableError.of(self.tier, "it was found without running replicas moments ago")
         last_error: BaseException | None = None
@@ -81,7 +78,7 @@ class TierClient:
                 transport.tier_retries += 1
                 self.metrics.tier_retries.inc(tags={"tier": self.tier})
             started = time.perf_counter()
-            response = getattr(self.handle.options(multiplexed_model_id=session_id), method).remote(session_id, *args)
+            response = getattr(self.handle.options(multiplexed_model_id=call.session_id), method).remote(call)
             try:
                 result = await asyncio.wait_for(response, self.config.tier_call_timeout_s)
             except RayActorError as error:  # the replica died: retry, another one recomputes
@@ -111,6 +108,30 @@ class _Remote:
     def __init__(self, tier: TierClient, session_id: str, transport: Transport, *, tag: str,
                  share: Share = DEFAULT_SHARE):
         self.tier, self.session_id, self.transport, self.tag, self.share = tier, session_id, transport, tag, share
+        self.sent = SentTokens()  # what this session's tier holds
+
+    async def _exchange(self, method: str, sequence: Sequence[int], build, context_length: int):
+        """Send the call `build(delta)` makes for `sequence`; once more with the whole sequence if
+        the replica did not hold the one the delta builds on. Returns (reply, report)."""
+        started = time.perf_counter()
+        wire_bytes = 0
+        for whole in (False, True):
+            delta = self.sent.delta(sequence, whole=whole)
+            call = build(delta)
+            reply = await self.tier.call(method, call, rule=self.tag, transport=self.transport)
+            wire_bytes += call.nbytes + reply.nbytes
+            if not reply.needs_context:
+                self.sent.sent(delta, sequence)
+                break
+            self.transport.context_resends += 1
+            self.tier.metrics.context_resends.inc(tags={"tier": self.tier.tier})
+        else:
+            raise RuntimeError(f"the {self.tier.tier} tier refused the whole sequence of session {self.session_id}")
+        context_sent = max(0, context_length - delta.position)
+        tier = reply.report
+        report = CallReport(tier.queued_s, tier.forward_s, tier.decide_s, time.perf_counter() - started,
+                            wire_bytes, TOKEN_BYTES * context_sent)
+        return reply, report
 
 
 class RemoteDrafter(_Remote):
@@ -118,23 +139,25 @@ class RemoteDrafter(_Remote):
     with empty blocks, which the loop turns into expert steps (expert-only decoding)."""
 
     async def draft(self, context: Sequence[int], gamma: int, sampling: SamplingParams, seed: int,
-                    payload: DraftPayload) -> DraftedBlock:
+                    payload: DraftPayload) -> tuple[DraftedBlock, CallReport]:
         if self.transport.expert_only_fallback:
-            return EMPTY_BLOCK
+            return EMPTY_BLOCK, CallReport()
         try:
-            return await self.tier.call("draft", self.session_id, encode_tokens(context), gamma, sampling, seed,
-                                        payload, self.share, rule=self.tag, transport=self.transport)
+            reply, report = await self._exchange("draft", context, lambda delta: DraftCall(
+                self.session_id, delta, gamma, sampling, seed, payload, self.share), len(context))
         except TierUnavailableError as error:
             log.warning("decoding expert-only: %s", error)
             self.transport.expert_only_fallback = True
             self.tier.metrics.fallbacks.inc(tags={"rule": self.tag})
-            return EMPTY_BLOCK
+            return EMPTY_BLOCK, CallReport()
+        return reply.block, report
 
 
 class RemoteExpert(_Remote):
     """The expert role over the expert tier, for one request."""
 
     async def verify(self, sequence: Sequence[int], start: int, block: DraftedBlock, rule: Rule, alpha: float,
-                     sampling: SamplingParams, seed: int) -> VerifyOutcome:
-        return await self.tier.call("verify", self.session_id, encode_tokens(sequence), start, block, rule, alpha,
-                                    sampling, seed, self.share, rule=self.tag, transport=self.transport)
+                     sampling: SamplingParams, seed: int) -> tuple[VerifyOutcome, CallReport]:
+        reply, report = await self._exchange("verify", sequence, lambda delta: VerifyCall(
+            self.session_id, delta, start, block, rule, alpha, sampling, seed, self.share), start)
+        return reply.outcome, report

@@ -95,6 +95,9 @@ class RouterMetrics:
                                  tag_keys=("rule",))
         self.tier_retries = Counter("speccascade_tier_retries", "Tier calls retried after a failure.",
                                     tag_keys=("tier",))
+        self.context_resends = Counter("speccascade_context_resends", "Tier calls sent again with the whole "
+                                       "sequence because the replica did not hold the one the call built on "
+                                       "(the session moved replicas, or its cache was evicted).", tag_keys=("tier",))
         self.tier_call_seconds = Histogram(
             "speccascade_tier_call_seconds", "Latency of tier calls as seen by the router.",
             boundaries=LATENCY_BOUNDARIES_S, tag_keys=("tier", "rule"),
@@ -141,6 +144,14 @@ class TierMetrics:
         self.late_calls = Counter("speccascade_tier_late_calls",
                                   "Calls refused because their session had already been released (a release that "
                                   "overtook a call in flight).", tag_keys=("tier",))
+        self.context_resends = Counter("speccascade_tier_context_resends", "Calls answered with a request for the "
+                                       "whole sequence (this replica did not hold the one the call built on).",
+                                       tag_keys=("tier",))
+        self.prefill_tokens = Counter("speccascade_tier_prefill_tokens", "Context tokens prefilled in chunks apart "
+                                      "from the decode batches.", tag_keys=("tier",))
+        self.prefill_chunk_seconds = Histogram("speccascade_tier_prefill_chunk_seconds",
+                                               "Duration of prefill chunks (a running stream waits for at most one).",
+                                               boundaries=LATENCY_BOUNDARIES_S, tag_keys=("tier",))
         self._last_cache_stats = None
         self.batches = 0
         self.batched_requests = 0
@@ -160,6 +171,11 @@ class TierMetrics:
         if late > 0:
             self.late_calls.inc(late, tags=self.tags)
         self._last_cache_stats = stats
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        self.busy_seconds += seconds
+        self.prefill_tokens.inc(tokens, tags=self.tags)
+        self.prefill_chunk_seconds.observe(seconds, tags=self.tags)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batches += 1

@@ -1,12 +1,17 @@
 """Per-replica KV caches, one per session, evicted least-recently-used under a memory budget.
 
-Only an optimisation: every tier call carries the whole token sequence, so a session that is
-missing here (another replica answered before, evicted, restarted) is recomputed from scratch.
-The caches themselves belong to the replica's model backend; this store keys them by session id.
+Only an optimisation: a session that is missing here (another replica answered before, evicted,
+restarted) is recomputed from scratch. Each entry holds the session's backend cache and its token
+sequence as the router described it (`wire.KnownTokens`), so a call needs to carry only what
+changed; a call that builds on a sequence this replica does not have asks the router for the whole
+of it. The caches themselves belong to the replica's model backend; this store keys them by
+session id.
 
 A session's life ends in one of two ways, and no cache may outlive it:
 
-- **Released** by its router when the request finishes or is cancelled. The id is remembered
+- **Released** by its router when the request finishes or is cancelled. The release `end`s the
+  session at once (its queued calls are dropped, a draft in progress stops at its next step) and
+  `free`s its cache between forward passes. The id is remembered
   (`ended`) for `idle_timeout_s`: a call for it that arrives after the release — one that was in
   flight when the client hung up, with the release overtaking it on the way, or the next block
   of a draft call the release caught mid-way — is refused (`SessionEndedError`) instead of
@@ -25,9 +30,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine.backends import BackendSession, ModelBackend
+from .wire import KnownTokens
 
 MIB = 1 << 20
 MAX_ENDED_REMEMBERED = 100_000  # released ids kept at most (about 10 MB), oldest forgotten first
@@ -54,9 +60,10 @@ class CacheStats:
 
 
 @dataclass
-class _Entry:
-    session: BackendSession
+class SessionEntry:
+    session: BackendSession  # the backend's cache
     touched: float  # clock time of the last call
+    known: KnownTokens = field(default_factory=KnownTokens)  # the sequence, as the router sent it
 
 
 class SessionStore:
@@ -66,7 +73,7 @@ class SessionStore:
         self.budget_bytes = budget_mb * MIB
         self.idle_timeout_s = idle_timeout_s
         self.clock = clock
-        self._sessions: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._sessions: OrderedDict[str, SessionEntry] = OrderedDict()  # least recently used first
         self._ended: OrderedDict[str, float] = OrderedDict()  # session id -> released at, oldest first
         self._lock = threading.Lock()
         self.evictions = 0
@@ -78,18 +85,23 @@ class SessionStore:
     def get(self, session_id: str) -> BackendSession:
         """The session's cache, most recently used now; a fresh one if this replica has none.
         Raises `SessionEndedError` if the session was released."""
+        return self.entry(session_id).session
+
+    def entry(self, session_id: str) -> SessionEntry:
+        """The session's entry (cache and known tokens), most recently used now; a fresh one if
+        this replica has none. Raises `SessionEndedError` if the session was released."""
         with self._lock:
             if session_id in self._ended:
                 self.late_calls += 1
                 raise SessionEndedError(session_id)
             entry = self._sessions.get(session_id)
             if entry is None:
-                entry = self._sessions[session_id] = _Entry(self.backend.new_session(), self.clock())
+                entry = self._sessions[session_id] = SessionEntry(self.backend.new_session(), self.clock())
                 self.misses += 1
             else:
                 entry.touched = self.clock()
                 self._sessions.move_to_end(session_id)
-            return entry.session
+            return entry
 
     def check_live(self, session_id: str) -> None:
         """Raise `SessionEndedError` (and count a late call) if the session was released."""
@@ -98,19 +110,38 @@ class SessionStore:
                 self.late_calls += 1
                 raise SessionEndedError(session_id)
 
-    def release(self, session_id: str) -> bool:
-        """End the session: free its cache and refuse its later calls. True if a cache was held."""
+    def is_ended(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._ended
+
+    def refuse_late(self, session_id: str) -> SessionEndedError:
+        """Count a call (or the rest of one) that its session's release overtook; its error."""
+        with self._lock:
+            self.late_calls += 1
+        return SessionEndedError(session_id)
+
+    def end(self, session_id: str) -> None:
+        """The session's request is over: refuse its later calls (its cache is freed by `free`)."""
         with self._lock:
             self._ended[session_id] = self.clock()
             self._ended.move_to_end(session_id)
             while len(self._ended) > MAX_ENDED_REMEMBERED:
                 self._ended.popitem(last=False)
+
+    def free(self, session_id: str) -> bool:
+        """Free an ended session's cache (between forward passes). True if a cache was held."""
+        with self._lock:
             entry = self._sessions.pop(session_id, None)
             if entry is None:
                 return False
             self.backend.release(entry.session)
             self.released += 1
             return True
+
+    def release(self, session_id: str) -> bool:
+        """End the session and free its cache now. True if a cache was held."""
+        self.end(session_id)
+        return self.free(session_id)
 
     def reclaim_idle(self) -> int:
         """Free sessions untouched for `idle_timeout_s` and forget ids released longer ago than

@@ -1,16 +1,22 @@
 """The model tiers: `DrafterTier` proposes blocks, `ExpertTier` verifies them. One model per replica.
 
-Calls are stateless for correctness (each carries the whole token sequence) and fast by
-affinity: the replica keeps a cache per session id (`SessionStore`), and the router sends a
-session's calls to the same replica (`affinity.SessionAffinityRouter`). The call bodies are the
-engine's (`engine.roles`); here they score through a `ContinuousBatcher`, which gathers concurrent
-sessions' scoring steps into one backend pass.
+A call is one job: a draft call drafts its whole block inside the tier, a verify call scores and
+verifies its block, and every call queued while the model was busy runs in the next batch, its
+math included (`engine.jobs`: the same functions the in-process roles run). Calls carry only what
+changed in their session's sequence (`wire.py`) and are fast by affinity: the replica keeps a cache
+and the token sequence per session id (`SessionStore`), and the router sends a session's calls to
+the same replica (`affinity.SessionAffinityRouter`). A replica that does not hold a call's base
+sequence answers `needs_context` and gets the whole sequence, so correctness never depends on
+which replica answers. A new prompt is prefilled in chunks between batches (`batching.py`).
 
-Session ends are ordered with the passes: a release runs on the forward thread between batches, so
-it never frees a cache under a pass, and every scoring step after it finds the session ended. A
-call for an ended session (one the release overtook) stops at its next step and is answered as
-cancelled: its request is over and nobody reads the answer (see `sessions.py`). Sessions whose
-router vanished are reclaimed after `session_idle_timeout_s` by a periodic sweep.
+Session ends are ordered with the passes: a release ends the session at once (queued calls are
+dropped, a draft in progress stops at its next step) and frees its cache on the forward thread
+between batches, never under a pass. A call for an ended session is answered as cancelled: its
+request is over and nobody reads the answer (see `sessions.py`). Sessions whose router vanished are
+reclaimed after `session_idle_timeout_s` by a periodic sweep.
+
+Each answer reports where the call's time went (queued, forward passes, deciding), which the
+router counts per round (`engine.stats`).
 
 The classes are plain; `app.build_app` turns them into deployments with options from config.
 """
@@ -21,30 +27,30 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
-import numpy as np
 import torch
 
 from ..autoscale.signals import TIER_BUSY_SECONDS, TIER_CALLS
 from ..config.app import TierConfig
 from ..engine.backends import ScoreJob, load_backend
-from ..engine.blocks import DraftedBlock, DraftPayload, VerifyOutcome
-from ..engine.roles import ScoreFn, draft_block, verify_drafted
-from ..options import Rule, SamplingParams
-from ..tenancy.fairness import DEFAULT_SHARE, Share
-from .batching import ContinuousBatcher
+from ..engine.blocks import CallReport
+from ..engine.jobs import DraftJob, VerifyJob, WorkTimes, draft_blocks, verify_blocks_on
+from .batching import ContinuousBatcher, Prefill, Queued
 from .heap import pin_mmap_threshold, trim_heap
 from .logs import log_to_replica_file
 from .metrics import TierMetrics
-from .sessions import CacheStats, SessionEndedError, SessionStore
+from .sessions import CacheStats, SessionEndedError, SessionEntry, SessionStore
+from .wire import DraftCall, DraftReply, VerifyCall, VerifyReply
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 MAX_SWEEP_PERIOD_S = 30.0  # idle sessions are looked for (and the heap trimmed) at least this often
+# A call with more uncached context tokens than this is prefilled in chunks before it joins the
+# batches: a verify after a normal round has 1 (the round's last token), after a chow skip gamma + 1.
+PREFILL_THRESHOLD = 16
 
 
 @dataclass(frozen=True)
@@ -58,10 +64,18 @@ class ReplicaStats:
 
 
 @dataclass(frozen=True)
-class _ScoreRequest:
+class Work:
+    """A call's job, as the batcher queues it."""
+
     session_id: str
-    tokens: Sequence[int]
-    start: int
+    entry: SessionEntry
+    job: Any  # DraftJob or VerifyJob
+
+    @property
+    def context(self) -> Sequence[int]:
+        """The tokens that must be cached before the call's own step."""
+        job = self.job
+        return job.context if isinstance(job, DraftJob) else job.sequence[: job.start]
 
 
 class ModelTier:
@@ -84,53 +98,82 @@ class ModelTier:
                                      idle_timeout_s=config.session_idle_timeout_s)
         self.metrics = TierMetrics(role)
         self.calls = 0  # draft / verify calls served, for autoscaling
-        self.batcher = ContinuousBatcher(self._forward, max_batch_size=config.max_batch_size,
-                                         wait_s=config.batch_wait_timeout_s, name=role)
+        self.batcher = ContinuousBatcher(
+            self._run_batch, max_batch_size=config.max_batch_size, name=role, ended=self._ended,
+            prefill=Prefill(self._pending_context, self._prefill_chunk, PREFILL_THRESHOLD))
         self._sweeper: asyncio.Task | None = None
         log.info("%s tier loaded %s (%s backend, %s, %s, %d threads)", role, resolved.source, config.backend,
-                 config.dtype, self.backend.device, torch.get_num_threads())
+                 self.backend.dtype, self.backend.device, torch.get_num_threads())
 
-    def _forward(self, requests: list[_ScoreRequest]) -> list[torch.Tensor | SessionEndedError]:
-        """One batched backend pass (on the batcher's thread). A request whose session has ended
-        gets `SessionEndedError` and no share of the pass."""
+    # ---- the forward thread ----
+
+    def _ended(self, work: Work) -> Exception | None:
+        return self.sessions.refuse_late(work.session_id) if self.sessions.is_ended(work.session_id) else None
+
+    def _pending_context(self, work: Work) -> int:
+        """Context tokens the call's step would run that the cache does not hold (read from the event
+        loop while the forward thread may be moving the cache: an estimate, which only decides
+        whether the call is prefilled in chunks first)."""
+        return len(work.context) - work.job.session.cached_length
+
+    def _prefill_chunk(self, work: Work) -> bool:
+        """Cache the next `prefill_chunk_tokens` of the call's context; True once all of it is."""
+        if self.sessions.is_ended(work.session_id):
+            raise self.sessions.refuse_late(work.session_id)
+        context, session = work.context, work.job.session
+        cached = min(session.cached_length, len(context))
+        end = min(len(context), cached + self.config.prefill_chunk_tokens)
+        if end > cached:
+            started = time.perf_counter()
+            self.backend.score([ScoreJob(session, context[:end], end)])  # keeps the distribution after `end`
+            self.metrics.observe_prefill(end - cached, time.perf_counter() - started)
+        return end == len(context)
+
+    def _run_batch(self, batch: list[Queued]) -> list[tuple[Any, WorkTimes] | Exception]:
+        """One batch of jobs on the forward thread (all draft jobs, or all verify jobs)."""
         started = time.perf_counter()
-        results: list[torch.Tensor | SessionEndedError | None] = [None] * len(requests)
-        live: dict[int, ScoreJob] = {}
-        for i, r in enumerate(requests):
-            try:
-                live[i] = ScoreJob(self.sessions.get(r.session_id), r.tokens, r.start)
-            except SessionEndedError as ended:
-                results[i] = ended
-        if live:
-            for i, rows in zip(live, self.backend.score(list(live.values()))):
-                results[i] = rows
-            self.metrics.observe_batch(len(live), time.perf_counter() - started)
-            self.sessions.evict_to_budget(keep=frozenset(requests[i].session_id for i in live))
-        return results  # type: ignore[return-value]
+        works = [queued.item for queued in batch]
+        jobs = [work.job for work in works]
+        if isinstance(jobs[0], DraftJob):
+            results, times = draft_blocks(self.backend, jobs,
+                                          ended=lambda index: self.sessions.is_ended(works[index].session_id))
+        else:
+            results, times = verify_blocks_on(self.backend, jobs)
+        self.metrics.observe_batch(len(jobs), time.perf_counter() - started)
+        self.sessions.evict_to_budget(keep=frozenset(work.session_id for work in works))
+        return [self.sessions.refuse_late(work.session_id) if result is None else (result, times)
+                for work, result in zip(works, results)]
 
-    def _scorer(self, session_id: str, share: Share) -> ScoreFn:
-        async def score(tokens: Sequence[int], start: int) -> torch.Tensor:
-            """[len(tokens) - start + 1, V] next-token distributions (temperature 1)."""
-            return await self.batcher.submit(_ScoreRequest(session_id, tokens, start), share)
+    # ---- calls (the replica's event loop) ----
 
-        return score
-
-    async def _served(self, session_id: str, body: Callable[[], Awaitable[T]]) -> T:
-        """Run a draft / verify call body; a session ended before or during the call ends it as
-        cancelled (one access-log line, no traceback: its request was cancelled or is over)."""
+    async def _serve(self, session_id: str, share, delta, make_job):
+        """Run a call's job in the next batch: (result, report), or None when the replica does not
+        hold the sequence the call builds on. A session ended before or during the call ends it
+        as cancelled (one access-log line, no traceback: its request was cancelled or is over)."""
         self._start_sweeper()
+        self.calls += 1
         try:
-            self.sessions.check_live(session_id)
-            return await body()
+            entry = self.sessions.entry(session_id)
+            if not entry.known.apply(delta):
+                self.metrics.context_resends.inc(tags=self.metrics.tags)
+                return None
+            (result, times), queued = await self.batcher.submit(Work(session_id, entry, make_job(entry)), share)
         except SessionEndedError as ended:
             log.debug("%s call stopped: %s", self.role, ended)
             raise asyncio.CancelledError(str(ended)) from None
+        waited = max(0.0, time.perf_counter() - queued.enqueued_at - times.forward_s - times.decide_s)
+        return result, CallReport(queued_s=max(0.0, waited - queued.prefill_s),
+                                  forward_s=times.forward_s + queued.prefill_s, decide_s=times.decide_s,
+                                  wall_s=time.perf_counter() - queued.enqueued_at)
 
     async def release(self, session_id: str) -> bool:
-        """End the session (request finished or cancelled): free its cache after the pass in
-        progress and refuse its later calls. True if this replica held a cache for it."""
+        """End the session (request finished or cancelled): drop its queued calls now, free its
+        cache after the pass in progress, and refuse its later calls. True if this replica held a
+        cache for it."""
         self._start_sweeper()
-        return await self.batcher.run_between_batches(self.sessions.release, session_id)
+        self.sessions.end(session_id)
+        self.batcher.wake()
+        return await self.batcher.run_between_batches(self.sessions.free, session_id)
 
     def _start_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
@@ -149,6 +192,8 @@ class ModelTier:
                 log.info("%s tier reclaimed %d session cache(s) idle for over %gs (router gone or request "
                          "stalled)", self.role, reclaimed, self.sessions.idle_timeout_s)
 
+    # ---- operations ----
+
     async def cache_stats(self) -> CacheStats:
         return self.sessions.stats()
 
@@ -164,11 +209,10 @@ class ModelTier:
                             psutil.Process().memory_info().rss, self.sessions.stats())
 
     async def batch_stats(self) -> dict[str, int]:
-        """Forward passes and the scoring requests they served since start (mean batch size is
-        the ratio); `forward_calls` counts every model call, batched or not."""
+        """Forward passes and the calls they served since start (mean batch size is the ratio);
+        `forward_calls` counts every model call, batched or not, prefill chunks included."""
         return {"batches": self.metrics.batches, "batched_requests": self.metrics.batched_requests,
                 "forward_calls": self.backend.forward_calls}
-
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: calls served and forward-pass seconds
@@ -180,25 +224,23 @@ class DrafterTier(ModelTier):
     def __init__(self, config: TierConfig):
         super().__init__(config, "drafter")
 
-    async def draft(self, session_id: str, context: np.ndarray, gamma: int, sampling: SamplingParams, seed: int,
-                    payload: DraftPayload, share: Share = DEFAULT_SHARE) -> DraftedBlock:
-        """Draft `gamma` tokens after `context` ([n] int32), one model step each; `share` says whose
-        work it is (batch forming is fair across tenants)."""
-        self.calls += 1
-        block = await self._served(session_id, lambda: draft_block(
-            self._scorer(session_id, share), context.tolist(), gamma, sampling, seed, payload))
-        return block.to("cpu")
+    async def draft(self, call: DraftCall) -> DraftReply:
+        """Draft `call.gamma` tokens after the session's context, one model step each, in one job
+        with every other session's draft in the batch; `call.share` says whose work it is."""
+        answer = await self._serve(call.session_id, call.share, call.delta, lambda entry: DraftJob(
+            entry.session, list(entry.known.tokens), call.gamma, call.sampling, call.seed, call.payload))
+        return DraftReply(None) if answer is None else DraftReply(*answer)
 
 
 class ExpertTier(ModelTier):
     def __init__(self, config: TierConfig):
         super().__init__(config, "expert")
 
-    async def verify(self, session_id: str, sequence: np.ndarray, start: int, block: DraftedBlock, rule: Rule,
-                     alpha: float, sampling: SamplingParams, seed: int, share: Share = DEFAULT_SHARE) -> VerifyOutcome:
-        """Score `sequence` ([n] int32: context + the drafted block starting at `start`) and verify
-        the block. An empty block (expert-only decoding) just samples the next token."""
-        self.calls += 1
-        return await self._served(session_id, lambda: verify_drafted(
-            self._scorer(session_id, share), sequence.tolist(), start, block, rule, alpha, sampling, seed,
-            self.backend.vocab_size))
+    async def verify(self, call: VerifyCall) -> VerifyReply:
+        """Score the session's sequence (context + the drafted block from `call.start`) and verify
+        the block, in one batch with every other session's verify. An empty block (expert-only
+        decoding) just samples the next token."""
+        answer = await self._serve(call.session_id, call.share, call.delta, lambda entry: VerifyJob(
+            entry.session, list(entry.known.tokens), call.start, call.block, call.rule, call.alpha, call.sampling,
+            call.seed))
+        return VerifyReply(None) if answer is None else VerifyReply(*answer)

@@ -121,7 +121,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("rounds", "drafted", "accepted", "deferred", "corrected", "bonus", "skipped_blocks", "expert_passes", "drafter_passes", "tokens_from_drafter", "tokens_from_expert", "drafter_seconds", "expert_seconds", "wall_seconds", "expert_only_fallback", "tier_retries", "wire_bytes", "seed", "context_bytes", "method", "rule", "drafter_calls", "skippable_rounds")
+    __slots__ = ("rounds", "drafted", "accepted", "deferred", "corrected", "bonus", "skipped_blocks", "expert_passes", "drafter_passes", "tokens_from_drafter", "tokens_from_expert", "drafter_seconds", "expert_seconds", "wall_seconds", "expert_only_fallback", "tier_retries", "wire_bytes", "seed", "context_bytes", "method", "rule", "drafter_calls", "skippable_rounds", "drafter_queue_seconds", "drafter_forward_seconds", "drafter_decide_seconds", "expert_queue_seconds", "expert_forward_seconds", "expert_decide_seconds", "transport_seconds", "context_resends")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,14 @@ class GenerationStats(_message.Message):
     RULE_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_CALLS_FIELD_NUMBER: _ClassVar[int]
     SKIPPABLE_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_DECIDE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_DECIDE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_RESENDS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted: int
     accepted: int
@@ -168,7 +176,15 @@ class GenerationStats(_message.Message):
     rule: Rule
     drafter_calls: int
     skippable_rounds: int
-    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., deferred: _Optional[int] = ..., corrected: _Optional[int] = ..., bonus: _Optional[int] = ..., skipped_blocks: _Optional[int] = ..., expert_passes: _Optional[int] = ..., drafter_passes: _Optional[int] = ..., tokens_from_drafter: _Optional[int] = ..., tokens_from_expert: _Optional[int] = ..., drafter_seconds: _Optional[float] = ..., expert_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., expert_only_fallback: _Optional[bool] = ..., tier_retries: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., context_bytes: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., rule: _Optional[_Union[Rule, str]] = ..., drafter_calls: _Optional[int] = ..., skippable_rounds: _Optional[int] = ...) -> None: ...
+    drafter_queue_seconds: float
+    drafter_forward_seconds: float
+    drafter_decide_seconds: float
+    expert_queue_seconds: float
+    expert_forward_seconds: float
+    expert_decide_seconds: float
+    transport_seconds: float
+    context_resends: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., deferred: _Optional[int] = ..., corrected: _Optional[int] = ..., bonus: _Optional[int] = ..., skipped_blocks: _Optional[int] = ..., expert_passes: _Optional[int] = ..., drafter_passes: _Optional[int] = ..., tokens_from_drafter: _Optional[int] = ..., tokens_from_expert: _Optional[int] = ..., drafter_seconds: _Optional[float] = ..., expert_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., expert_only_fallback: _Optional[bool] = ..., tier_retries: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., context_bytes: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., rule: _Optional[_Union[Rule, str]] = ..., drafter_calls: _Optional[int] = ..., skippable_rounds: _Optional[int] = ..., drafter_queue_seconds: _Optional[float] = ..., drafter_forward_seconds: _Optional[float] = ..., drafter_decide_seconds: _Optional[float] = ..., expert_queue_seconds: _Optional[float] = ..., expert_forward_seconds: _Optional[float] = ..., expert_decide_seconds: _Optional[float] = ..., transport_seconds: _Optional[float] = ..., context_resends: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "sources", "finish_reason", "usage", "stats")

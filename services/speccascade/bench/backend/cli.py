@@ -80,18 +80,21 @@ def _int_list(text: str) -> list[int]:
 
 
 def register(benches) -> None:
+
     parser = benches.add_parser("backend", help="hf vs static backend per step, c, loop overhead, vs a CUDA-graph reference")
     add_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ...config.app import DTYPE_NAMES
+
     shapes = ", ".join(SHAPES)
     parser.add_argument("--drafter", help=f"drafter: a shape with random weights ({shapes}) or a model source "
                                           "(default qwen2.5-0.5b)")
     parser.add_argument("--expert", help="expert: a shape or a model source (default qwen2.5-7b)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES)
     parser.add_argument("--gamma", type=int, default=5, help="block size: verify steps score gamma + 1 tokens")
     parser.add_argument("--contexts", type=_int_list, help="contexts in tokens (default 512,2048)")
     parser.add_argument("--batches", type=_int_list, help="batch sizes (default 1,8)")

@@ -290,10 +290,12 @@ def run(args: argparse.Namespace) -> int:
 def register(benches) -> None:
     from pathlib import Path
 
+    from ...config.app import DTYPE_NAMES
+
     parser = benches.add_parser("serve", help="served (gRPC) vs in-process latency, throughput at 1/4/8 streams")
     parser.add_argument("--drafter", help="drafter model source (default: the packaged pair)")
     parser.add_argument("--expert", help="expert model source")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     parser.add_argument("--config", type=Path, help="Serve config (default: deploy/local-cpu.yaml)")
     parser.add_argument("--rule", default="token")
     parser.add_argument("--alpha", type=float, default=0.5)

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(benches) -> None:
     from ...commands.serve import add_execution_arguments
+    from ...config.app import DTYPE_NAMES
 
     parser = benches.add_parser("soak", help="concurrent clients for minutes, with cancels, deadlines and replica "
                                              "kills: failures, memory slope, sessions left, identical outputs",
@@ -88,7 +89,7 @@ def register(benches) -> None:
     service.add_argument("--config", type=Path, help="Serve config when starting here (default: deploy/local-cpu.yaml)")
     service.add_argument("--drafter", help="drafter model source when starting here (default: the packaged pair)")
     service.add_argument("--expert", help="expert model source when starting here")
-    service.add_argument("--dtype", choices=["bf16", "fp32"], help="both tiers' dtype when starting here")
+    service.add_argument("--dtype", choices=DTYPE_NAMES, help="both tiers' dtype when starting here")
     add_execution_arguments(service, overrides_config=True)
     service.add_argument("--grpc-port", type=int, default=9421)
     service.add_argument("--http-port", type=int, default=8421)

@@ -44,13 +44,15 @@ QUICK_SAMPLINGS = ("greedy",)
 
 
 def register(subparsers) -> None:
+    from ...config.app import DTYPE_NAMES
+
     parser = subparsers.add_parser(
         "tradeoff", help="quality vs latency of every rule and baseline on HumanEval",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--drafter", default=None, help="drafter source (default: the packaged drafter)")
     parser.add_argument("--expert", default=None, help="expert source (default: the packaged expert)")
-    parser.add_argument("--dtype", default="bf16", help="bf16 (default) or fp32")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output directory, resumable (default: {DEFAULT_OUT}, quick: {QUICK_OUT})")
     parser.add_argument("--limit", type=int, default=None, help="first N HumanEval problems (default: all 164)")

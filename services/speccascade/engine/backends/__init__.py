@@ -32,20 +32,20 @@ def backend_class(kind: str) -> type[ModelBackend]:
     raise ValueError(f"unknown backend {kind!r}; expected one of: {', '.join(BACKEND_KINDS)}")
 
 
-def load_model(path: str, *, dtype="bf16", device="auto"):
+def load_model(path: str, *, dtype="auto", device="auto"):
     """A causal LM from a local directory or hub id, on `device` ("auto": CUDA when present). With
     several visible GPUs and device "auto", the model is placed across them (accelerate)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = parse_dtype(dtype)
     target = resolve_device(device)
+    torch_dtype = parse_dtype(dtype, target)
     if target.type == "cuda" and str(device).strip().lower() == "auto" and torch.cuda.device_count() > 1:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map="auto")
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(target)
 
 
-def load_backend(kind: str, path: str, *, dtype="bf16", device="auto", name: str | None = None,
+def load_backend(kind: str, path: str, *, dtype="auto", device="auto", name: str | None = None,
                  vocab_size: int | None = None, **options) -> ModelBackend:
     cls = backend_class(kind)  # an unknown kind fails before any loading
     return cls(load_model(path, dtype=dtype, device=device), name=name or str(path), vocab_size=vocab_size,

@@ -8,7 +8,7 @@ from ...api.v1 import speccascade_pb2 as pb
 from ...config.app import CascadePolicy
 from ...engine.generation import GenerationChunk, GenerationResult
 from ...engine.request import GenerationRequest
-from ...engine.stats import GenerationStats, Source
+from ...engine.stats import Source
 from ...options import Method, Rule
 from ...serving.clients import Transport
 from ...serving.requests import request_with_policy
@@ -71,24 +71,21 @@ def request_from_proto(message: pb.GenerateRequest, policy: CascadePolicy) -> Ge
     )
 
 
-def stats_to_proto(stats: GenerationStats, request: GenerationRequest, *, seed: int, expert_only_fallback: bool,
-                   tier_retries: int) -> pb.GenerationStats:
-    counts = {name: getattr(stats, name) for name in pb.GenerationStats.DESCRIPTOR.fields_by_name
-              if hasattr(stats, name) and name not in ("method", "rule", "seed")}
-    return pb.GenerationStats(
-        **counts, seed=seed, expert_only_fallback=expert_only_fallback, tier_retries=tier_retries,
-        method=PROTO_BY_METHOD[request.method],
-        rule=PROTO_BY_RULE[request.rule] if request.method is Method.CASCADE else pb.RULE_UNSPECIFIED,
-    )
-
-
 def usage_of(result: GenerationResult) -> pb.Usage:
     return pb.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.token_ids))
 
 
 def stats_proto(result: GenerationResult, request: GenerationRequest, transport: Transport) -> pb.GenerationStats:
-    return stats_to_proto(result.stats, request, seed=result.seed, expert_only_fallback=transport.expert_only_fallback,
-                          tier_retries=transport.tier_retries)
+    """The request's counters (every stats field the message has, by name), the seed, what it ran,
+    and what the transport did."""
+    counts = {name: getattr(result.stats, name) for name in pb.GenerationStats.DESCRIPTOR.fields_by_name
+              if hasattr(result.stats, name) and name not in ("method", "rule", "seed")}
+    return pb.GenerationStats(
+        **counts, seed=result.seed, expert_only_fallback=transport.expert_only_fallback,
+        tier_retries=transport.tier_retries, context_resends=transport.context_resends,
+        method=PROTO_BY_METHOD[request.method],
+        rule=PROTO_BY_RULE[request.rule] if request.method is Method.CASCADE else pb.RULE_UNSPECIFIED,
+    )
 
 
 def result_to_proto(result: GenerationResult, request: GenerationRequest, transport: Transport) -> pb.GenerateResponse:

@@ -152,7 +152,8 @@ def speccascade_json(result: GenerationResult, request: GenerationRequest, trans
     elif request.method in (Method.TOKEN_CASCADE, Method.SEQUENCE_CASCADE):
         policy.update(alpha=request.alpha)
     return {"policy": policy, "seed": result.seed, "expert_only_fallback": transport.expert_only_fallback,
-            "tier_retries": transport.tier_retries, "stats": result.stats.as_dict()}
+            "tier_retries": transport.tier_retries, "context_resends": transport.context_resends,
+            "stats": result.stats.as_dict()}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,189 @@
+"""The drafter's and the expert's work on a model backend, for a batch of sessions at once: the
+bodies of a draft call and a verify call. The in-process roles run them on batches of one; a
+tier runs every queued call of its forward pass as one batch. Either way each session's result is
+what it would be alone: draws are keyed by (request seed, position, purpose), and the math
+decides row by row.
+
+Drafting a block of gamma tokens is gamma model steps over the whole batch: the first scores each
+session's context (the backend reuses its cache, so usually one new token), the others feed the
+tokens just chosen, which stay on the device (`ModelBackend.step`): tokens are chosen there
+(argmax, or a draw from each session's own generator) and the host reads the block once, at the
+end. Verification scores every block in one pass and decides every block in one set of tensor
+operations per (rule, gamma, sampling) group (`cascade.verify_blocks`); the outcomes leave the
+device together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..cascade import adjust_probs, sample, verify_blocks
+from ..options import Rule, SamplingParams
+from .backends import BackendSession, ModelBackend, ScoreJob
+from .blocks import DraftedBlock, DraftPayload, VerifyOutcome, block_from_host, densify, summarize_draft
+from .seeding import Purpose, draw_generator
+
+
+@dataclass(frozen=True)
+class DraftJob:
+    session: BackendSession
+    context: Sequence[int]  # the whole sequence the block follows
+    gamma: int
+    sampling: SamplingParams
+    seed: int
+    payload: DraftPayload
+
+
+@dataclass(frozen=True)
+class VerifyJob:
+    session: BackendSession
+    sequence: Sequence[int]  # context + the drafted block, which starts at `start`
+    start: int
+    block: DraftedBlock
+    rule: Rule
+    alpha: float
+    sampling: SamplingParams
+    seed: int
+
+
+@dataclass
+class WorkTimes:
+    """Seconds a batch spent in model passes, and in choosing tokens (drafting) or deciding blocks
+    (verification), the transfer to the host included. On a GPU these are device times between
+    events, read after the batch's one host sync."""
+
+    forward_s: float = 0.0
+    decide_s: float = 0.0
+
+
+class _Stopwatch:
+    """Marks between phases: CUDA events on a GPU (no sync to take them), the clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = [self._mark()]
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def lap(self) -> None:
+        self.marks.append(self._mark())
+
+    def laps(self) -> list[float]:
+        """Seconds between consecutive marks (after the host has waited for the device)."""
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def _choose(q: Tensor, jobs: Sequence[DraftJob], positions: Sequence[int]) -> tuple[Tensor, list[Tensor | None]]:
+    """The next token of each row of q ([B, V], temperature 1), on the device, and each sampled
+    row's sampling distribution. Greedy rows take the argmax; a sampled row draws with the key
+    (seed, position, draft)."""
+    tokens = q.argmax(dim=-1)
+    sampled_rows: list[Tensor | None] = [None] * len(jobs)
+    for row, (job, position) in enumerate(zip(jobs, positions)):
+        if job.sampling.is_greedy:
+            continue
+        q_sample = adjust_probs(q[row], job.sampling)
+        generator = draw_generator(job.seed, position, Purpose.DRAFT, q.device)
+        tokens[row] = sample(q_sample, generator, greedy=False)
+        sampled_rows[row] = q_sample
+    return tokens, sampled_rows
+
+
+def draft_blocks(backend: ModelBackend, jobs: Sequence[DraftJob], *,
+                 ended: Callable[[int], bool] = lambda index: False) -> tuple[list[DraftedBlock | None], WorkTimes]:
+    """Draft every job's block together; a job whose `ended(index)` turns true between steps stops
+    there and gets None (its session was released: nobody reads its block)."""
+    stopwatch = _Stopwatch(backend.device)
+    times = WorkTimes()
+    rows = [row[0] for row in backend.score([ScoreJob(job.session, job.context, len(job.context)) for job in jobs])]
+    q = torch.stack(rows)  # [B, V]
+    stopwatch.lap()
+    drafted: list[list[tuple[Tensor, Tensor, Tensor | None]]] = [[] for _ in jobs]  # (token, q row, q_sample row)
+    active = [i for i, job in enumerate(jobs) if job.gamma > 0 and not ended(i)]
+    for step in range(max((job.gamma for job in jobs), default=0)):
+        if not active:
+            break
+        rows_of = {index: row for row, index in enumerate(active)}
+        tokens, sampled = _choose(q, [jobs[i] for i in active], [len(jobs[i].context) + step for i in active])
+        for index in active:
+            row = rows_of[index]
+            drafted[index].append((tokens[row], q[row], sampled[row]))
+        stopwatch.lap()
+        still = [i for i in active if step + 1 < jobs[i].gamma and not ended(i)]
+        if still:
+            q = backend.step([jobs[i].session for i in still], tokens[[rows_of[i] for i in still]])
+        active = still
+        stopwatch.lap()
+    # Every block's arrays, then one trip to the host for the whole batch.
+    shipped: list[dict[str, Tensor] | None] = []
+    for index, job in enumerate(jobs):
+        steps = drafted[index]
+        if ended(index) or len(steps) < job.gamma:
+            shipped.append(None)
+            continue
+        if not steps:
+            shipped.append(summarize_draft(torch.zeros(0, backend.vocab_size, device=backend.device), None,
+                                           torch.zeros(0, dtype=torch.long, device=backend.device), job.payload))
+            continue
+        q_rows = torch.stack([q_row for _, q_row, _ in steps])
+        q_sample = None if job.sampling.is_greedy else torch.stack([s for _, _, s in steps])
+        shipped.append(summarize_draft(q_rows, q_sample, torch.stack([t for t, _, _ in steps]), job.payload))
+    on_host = [None if arrays is None else {name: t.cpu() for name, t in arrays.items()} for arrays in shipped]
+    stopwatch.lap()
+    blocks: list[DraftedBlock | None] = []
+    for job, arrays in zip(jobs, on_host):
+        block = None if arrays is None else block_from_host(arrays)
+        if block is not None and block.gamma > 1:
+            backend.settle(job.session, block.tokens[:-1])  # the last drafted token was never fed
+        blocks.append(block)
+    laps = stopwatch.laps()
+    times.forward_s = laps[0] + sum(laps[2:-1:2])
+    times.decide_s = sum(laps[1:-1:2]) + laps[-1]
+    return blocks, times
+
+
+def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[list[VerifyOutcome], WorkTimes]:
+    """Score every job's sequence in one pass and verify every block, grouped by (rule, gamma,
+    sampling) into `cascade.verify_blocks` calls; the outcomes reach the host together."""
+    stopwatch = _Stopwatch(backend.device)
+    p_rows = backend.score([ScoreJob(job.session, job.sequence, job.start) for job in jobs])  # [gamma + 1, V] each
+    stopwatch.lap()
+    groups: dict[tuple, list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault((job.rule, job.block.gamma, job.sampling), []).append(index)
+    device = backend.device
+    order: list[int] = []
+    verdicts: list[Tensor] = []
+    for (rule, gamma, sampling), indices in groups.items():
+        members = [jobs[i] for i in indices]
+        dense = [densify(job.block, backend.vocab_size, device) for job in members]
+        verdict = verify_blocks(
+            rule, [job.alpha for job in members],
+            torch.tensor([job.block.tokens for job in members], dtype=torch.long, device=device).view(len(members), gamma),
+            torch.stack([q for q, _ in dense]), torch.stack([p_rows[i] for i in indices]), sampling,
+            None if sampling.is_greedy else [draw_generator(job.seed, job.start, Purpose.VERIFY, device)
+                                             for job in members],
+            q_sample=torch.stack([q_sample for _, q_sample in dense]),
+        )
+        order += indices
+        verdicts.append(torch.stack([verdict.num_accepted, verdict.next_token, verdict.is_bonus.long(),
+                                     verdict.deferred.sum(dim=-1)], dim=-1))
+    rows = torch.cat(verdicts).tolist()  # the one trip to the host
+    stopwatch.lap()
+    outcomes: list[VerifyOutcome | None] = [None] * len(jobs)
+    for index, (accepted, token, bonus, deferred) in zip(order, rows):
+        outcomes[index] = VerifyOutcome(accepted, token, bool(bonus), deferred)
+    forward_s, decide_s = stopwatch.laps()
+    return outcomes, WorkTimes(forward_s, decide_s)  # type: ignore[return-value]

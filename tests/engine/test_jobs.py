@@ -1,0 +1,85 @@
+"""A tier's batch of drafts or verifies gives every session what it gets alone: what makes a
+served request decode exactly like an in-process one, whoever shares its forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from speccascade.engine.backends import BACKEND_KINDS, backend_class
+from speccascade.engine.blocks import DraftPayload
+from speccascade.engine.jobs import DraftJob, VerifyJob, draft_blocks, verify_blocks_on
+from speccascade.options import Rule, SamplingParams
+
+from ..conftest import tiny_qwen2
+
+VOCAB = 400
+SAMPLINGS = [SamplingParams(), SamplingParams(temperature=0.9), SamplingParams(temperature=0.7, top_p=0.9)]
+
+
+def contexts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, VOCAB, size=n).tolist() for n in (7, 12, 3, 20)]
+
+
+def assert_same_block(got, expected):
+    """Same tokens; the same arrays up to float rounding (a batched pass sums in another order)."""
+    assert got.tokens == expected.tokens
+    for name in ("max_q", "sample_full", "sample_values"):
+        a, b = getattr(got, name), getattr(expected, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-3, atol=1e-5)
+    if expected.sample_indices is not None:
+        assert got.sample_indices.tolist() == expected.sample_indices.tolist()
+
+
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_a_batch_of_drafts_equals_each_draft_alone(kind):
+    backend = backend_class(kind)(tiny_qwen2(VOCAB, seed=2), name=kind)
+    specs = [(context, gamma, SAMPLINGS[i % 3], 100 + i)
+             for i, (context, gamma) in enumerate(zip(contexts(), (4, 2, 5, 1)))]
+
+    def job(spec, session):
+        context, gamma, sampling, seed = spec
+        return DraftJob(session, context, gamma, sampling, seed, DraftPayload.for_request(Rule.TOKEN, sampling))
+
+    alone = [draft_blocks(backend, [job(spec, backend.new_session())])[0][0] for spec in specs]
+    sessions = [backend.new_session() for _ in specs]
+    together, times = draft_blocks(backend, [job(spec, session) for spec, session in zip(specs, sessions)])
+    for got, expected in zip(together, alone):
+        assert_same_block(got, expected)
+    assert [b.gamma for b in together] == [4, 2, 5, 1]
+    # Each session cached its context and every drafted token it fed (all but the last), settled.
+    for session, (context, _, _, _), block in zip(sessions, specs, together):
+        assert session.tokens == list(context) + list(block.tokens[:-1])
+    assert times.forward_s > 0
+
+
+def test_a_draft_whose_session_ended_stops_and_gets_nothing():
+    backend = backend_class("hf")(tiny_qwen2(VOCAB, seed=2), name="hf")
+    jobs = [DraftJob(backend.new_session(), c, 5, SamplingParams(), 0, DraftPayload.for_request(Rule.TOKEN,
+                                                                                             SamplingParams()))
+            for c in contexts()[:2]]
+    calls = backend.forward_calls
+    blocks, _ = draft_blocks(backend, jobs, ended=lambda index: index == 1 and backend.forward_calls > calls + 1)
+    assert blocks[0].gamma == 5 and blocks[1] is None
+
+
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_a_batch_of_verifies_equals_each_verify_alone(kind):
+    """Different rules, alphas, block sizes and samplings in one batch: one verdict each, as alone."""
+    drafter = backend_class(kind)(tiny_qwen2(VOCAB, seed=2), name="drafter")
+    expert = backend_class(kind)(tiny_qwen2(VOCAB, seed=3), name="expert")
+    cases = [(Rule.TOKEN, 0.3, 4, SAMPLINGS[0]), (Rule.TOKEN, 0.6, 4, SAMPLINGS[0]), (Rule.CHOW, 0.2, 2, SAMPLINGS[1]),
+             (Rule.LOSSLESS, 0.0, 4, SAMPLINGS[2]), (Rule.OPT, 0.5, 3, SAMPLINGS[1]), (Rule.LOSSY, 0.3, 0, SAMPLINGS[0])]
+    jobs_alone, jobs_together = [], []
+    for i, ((rule, alpha, gamma, sampling), context) in enumerate(zip(cases, contexts() + contexts())):
+        payload = DraftPayload.for_request(rule, sampling)
+        (block,), _ = draft_blocks(drafter, [DraftJob(drafter.new_session(), context, gamma, sampling, i, payload)])
+        for jobs in (jobs_alone, jobs_together):
+            jobs.append(VerifyJob(expert.new_session(), list(context) + list(block.tokens), len(context), block,
+                                  rule, alpha, sampling, 50 + i))
+    alone = [verify_blocks_on(expert, [job])[0][0] for job in jobs_alone]
+    together, times = verify_blocks_on(expert, jobs_together)
+    assert together == alone
+    assert times.forward_s > 0 and times.decide_s > 0

@@ -1,0 +1,101 @@
+"""The tiers driven by hand (no cluster): slim calls answer like whole ones, a replica that lacks a
+session's sequence asks for it, and a long prompt is prefilled in chunks while other sessions step."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from speccascade.config.app import TierConfig
+from speccascade.engine.backends import BACKEND_KINDS
+from speccascade.engine.blocks import DraftPayload, SampleRows
+from speccascade.options import Rule, SamplingParams
+from speccascade.serving.tiers import DrafterTier, ExpertTier
+from speccascade.serving.wire import DraftCall, SentTokens, VerifyCall
+
+GREEDY = SamplingParams()
+CONTEXT = [5, 17, 42, 99, 3, 250, 7, 61]
+
+
+def tier_config(model_dir: str, backend: str, **overrides) -> TierConfig:
+    return TierConfig(model=model_dir, dtype="fp32", backend=backend, max_batch_size=4,
+                      static={"slots": 4, "cuda_graphs": False}, **overrides)
+
+
+@pytest.fixture(scope="module", params=BACKEND_KINDS)
+def tiers(request, tiny_model_dirs):
+    return (DrafterTier(tier_config(tiny_model_dirs[0], request.param, prefill_chunk_tokens=16)),
+            ExpertTier(tier_config(tiny_model_dirs[1], request.param)))
+
+
+def draft(tier, session_id, sent: SentTokens, context, gamma=4, whole=False):
+    delta = sent.delta(context, whole=whole)
+    reply = asyncio.run(tier.draft(DraftCall(session_id, delta, gamma, GREEDY, 0, DraftPayload(SampleRows.NONE))))
+    if not reply.needs_context:
+        sent.sent(delta, context)
+    return reply
+
+
+def test_slim_calls_answer_like_whole_ones_and_a_replica_missing_the_sequence_asks_for_it(tiers):
+    drafter, expert = tiers
+    slim, whole = SentTokens(), SentTokens()
+    context = list(CONTEXT)
+    for round_ in range(4):
+        a = draft(drafter, "slim", slim, context)
+        b = draft(drafter, f"whole-{round_}", whole, context, whole=True)  # a fresh session, all of it sent
+        assert a.block.tokens == b.block.tokens
+        context = context + list(a.block.tokens[:2]) + [round_ + 3]
+    # A replica that never saw the session's base sequence: it asks, and the whole sequence works.
+    stranger = SentTokens(tokens=list(context[:-1]), version=7)
+    assert draft(drafter, "moved", stranger, context).needs_context
+    assert draft(drafter, "moved", stranger, context, whole=True).block.tokens == \
+        draft(drafter, "fresh", SentTokens(), context).block.tokens
+    # The expert verifies a slim call the same way.
+    block = draft(drafter, "v", SentTokens(), context).block
+    sent = SentTokens()
+    sequence = context + list(block.tokens)
+    delta = sent.delta(sequence)
+    reply = asyncio.run(expert.verify(VerifyCall("v", delta, len(context), block, Rule.LOSSLESS, 0.0, GREEDY, 0)))
+    assert reply.outcome is not None and 0 <= reply.outcome.num_accepted <= 4
+    assert reply.report.forward_s > 0 and reply.report.wall_s >= reply.report.forward_s
+    for tier in tiers:
+        for session_id in list(tier.sessions._sessions):
+            tier.sessions.release(session_id)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_another_session_steps(tiers):
+    drafter, _ = tiers
+    long_prompt = [(7 * i) % 300 + 3 for i in range(120)]
+    warm = SentTokens()
+    draft(drafter, "stepping", warm, CONTEXT)
+
+    async def scenario():
+        done: list[str] = []
+
+        async def one(session_id, sent, context):
+            delta = sent.delta(context)
+            await drafter.draft(DraftCall(session_id, delta, 4, GREEDY, 0, DraftPayload(SampleRows.NONE)))
+            sent.sent(delta, context)
+            done.append(session_id)
+
+        long = asyncio.create_task(one("new", SentTokens(), long_prompt))
+        await asyncio.sleep(0)
+        context = list(CONTEXT)
+        for step in range(3):
+            context = context + [step + 3]
+            await one("stepping", warm, context)
+        await long
+        return done
+
+    chunk_passes = []
+    score = drafter.backend.score
+    drafter.backend.score = lambda jobs: (chunk_passes.append([len(j.tokens) for j in jobs]), score(jobs))[1]
+    try:
+        done = asyncio.run(scenario())
+    finally:
+        drafter.backend.score = score
+    assert done[:3] == ["stepping"] * 3 and done[3] == "new"  # the stream stepped while the prompt was prefilled
+    prefill = [lengths[0] for lengths in chunk_passes if len(lengths) == 1 and lengths[0] % 16 == 0]
+    assert prefill[:3] == [16, 32, 48]  # one chunk of 16 tokens per pass, never the whole prompt at once
+    for session_id in ("new", "stepping"):
+        drafter.sessions.release(session_id)
