@@ -22,4 +22,4 @@ def test_a_changed_file_is_applied_and_a_broken_one_is_refused(tmp_path):
     result = watcher.poll()
     assert result.changed and "never the key itself" in result.error
     assert watcher.registry.authenticate(added).id == "b"  # the last good tenants stay
-    assert watcher.last_error == result.error and watcher.reloads == 1
+    assert watcher.last_error == result.error

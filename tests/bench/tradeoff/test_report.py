@@ -206,7 +206,7 @@ def test_report_only_command_rebuilds_outputs_without_models(tmp_path, capsys):
     import argparse
     import json
 
-    from speccascade.bench import tradeoff
+    from speccascade.bench.tradeoff import cli as tradeoff
 
     with (tmp_path / "records.jsonl").open("w") as f:
         for r in _sweep_records():
