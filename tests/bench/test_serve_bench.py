@@ -20,12 +20,24 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     out = tmp_path / "serve.json"
     command = [sys.executable, "-m", "speccascade.cli", "bench", "serve", "--drafter", drafter, "--expert", expert,
                "--dtype", "fp32", "--prompts", "2", "--max-new-tokens", "12", "--streams", "1,2",
-               "--grpc-port", str(free_port()), "--http-port", str(free_port()), "--json", str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+               "--load-streams", "2", "--load-requests", "4", "--load-prompt-tokens", "40",
+               "--load-max-new-tokens", "8", "--grpc-port", str(free_port()), "--http-port", str(free_port()),
+               "--json", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(Path(out).read_text())
     paired = report["paired"]
     assert [p["sampling"] for p in paired].count("greedy") == 2 and len(paired) == 4
     assert all(p["identical"] for p in paired), paired  # fp32: served == in-process, greedy and sampled
-    assert all(p["token_ratio"] > 0 for p in paired)
+    assert all(r["token"] > 0 and r["ttft"] > 0 for r in report["paired_ratios"])
+    # Where the rounds' time went, from the requests' own stats: the served rounds spent time in Ray
+    # and in the tiers' batchers, the in-process ones in neither.
+    served, local = report["breakdown_ms_per_round"]["served"], report["breakdown_ms_per_round"]["in-process"]
+    assert served["Ray + (de)serialisation"] > 0 and served["expert forward"] > 0
+    assert local["Ray + (de)serialisation"] < served["Ray + (de)serialisation"]
+    assert local["drafter queue"] == local["expert queue"] == 0
+    assert [c["streams"] for c in report["concurrency"]] == [1, 2]
+    assert report["load"]["finished"] == report["load"]["requests"] == 4
+    assert len(report["load"]["ttft_s"]) == 4 and report["load"]["baseline_ttft_s"]
+    assert report["wire"]["greedy (ids + max q)"][1] > 0
     assert "identical outputs" in done.stdout + done.stderr

