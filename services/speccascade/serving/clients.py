@@ -80,7 +80,8 @@ class TierClient:
             started = time.perf_counter()
             response = getattr(self.handle.options(multiplexed_model_id=call.session_id), method).remote(call)
             try:
-                result = await asyncio.wait_for(response, self.config.tier_call_timeout_s)
+                async with asyncio.timeout(self.config.tier_call_timeout_s):
+                    result = await response
             except RayActorError as error:  # the replica died: retry, another one recomputes
                 log.warning("%s call %s failed (attempt %d): %s", self.tier, method, attempt + 1, error)
                 last_error = error
