@@ -59,6 +59,17 @@ class Method(StrChoice):
     SEQUENCE_CASCADE = "sequence-cascade"
 
 
+class Pipeline(StrChoice):
+    """Whether the drafter drafts the next block while the expert verifies this one (a pre-draft,
+    used when the expert keeps the whole block and its bonus token is the drafter's own guess).
+    `auto` stops pre-drafting for a session whose pre-drafts rarely hit, and while the drafter
+    tier is the bottleneck. The output is the same whichever is chosen."""
+
+    ON = "on"
+    OFF = "off"
+    AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class AlphaRange:
     low: float
@@ -157,3 +168,6 @@ CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_RULE = Rule.TOKEN
 DEFAULT_ALPHA = 0.5
 DEFAULT_BLOCK_SIZE = 5
+# In-process decoding runs both models on one device, one after the other, so a pre-draft cannot
+# overlap its verify: off unless asked for. Served, the tiers overlap (`CascadePolicy.pipeline`).
+DEFAULT_PIPELINE = Pipeline.OFF

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "speccascade"
 TENANT_LOAD = "tenant-load"  # topic: a router replica's requests in flight per tenant (one post per replica)
+PIPELINE = "pipeline"  # topic: a router replica's sessions by pipelining state, and its pre-draft counts
 AUTOSCALING = "autoscaling"  # topic: the deferral-aware policy's last decision (one poster)
 
 

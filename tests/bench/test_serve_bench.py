@@ -21,7 +21,8 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     command = [sys.executable, "-m", "speccascade.cli", "bench", "serve", "--drafter", drafter, "--expert", expert,
                "--dtype", "fp32", "--prompts", "2", "--max-new-tokens", "12", "--streams", "1,2",
                "--load-streams", "2", "--load-requests", "4", "--load-prompt-tokens", "40",
-               "--load-max-new-tokens", "8", "--grpc-port", str(free_port()), "--http-port", str(free_port()),
+               "--load-max-new-tokens", "8", "--pipeline", "on,off", "--grpc-port", str(free_port()),
+               "--http-port", str(free_port()),
                "--json", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -36,7 +37,10 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     assert served["Ray + (de)serialisation"] > 0 and served["expert forward"] > 0
     assert local["Ray + (de)serialisation"] < served["Ray + (de)serialisation"]
     assert local["drafter queue"] == local["expert queue"] == 0
-    assert [c["streams"] for c in report["concurrency"]] == [1, 2]
+    assert [(c["streams"], c["pipeline"]) for c in report["concurrency"]] == [(1, "on"), (1, "off"), (2, "on"),
+                                                                               (2, "off")]
+    assert all(p["identical"] for p in report["pipelined"])  # pipelining on and off: the same output
+    assert all(p["predrafts"]["off"][0] == 0 and p["predrafts"]["on"][0] > 0 for p in report["pipelined"])
     assert report["load"]["finished"] == report["load"]["requests"] == 4
     assert len(report["load"]["ttft_s"]) == 4 and report["load"]["baseline_ttft_s"]
     assert report["wire"]["greedy (ids + max q)"][1] > 0

@@ -180,3 +180,32 @@ def test_static_backend_decodes_like_hf(engine, static_engine, method, rule, alp
     expected, got = run(engine, **options), run(static_engine, **options)
     assert got.token_ids == expected.token_ids
     assert got.sources == expected.sources
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SAMPLED, SamplingParams(temperature=1.0)],
+                         ids=["greedy", "top-p", "temperature"])
+@pytest.mark.parametrize("rule,alpha", [("lossless", 0.0), ("chow", 0.3), ("diff", 0.1), ("opt", 0.3), ("token", 0.3),
+                                        ("token", 0.9), ("lossy", 0.3)])
+def test_pipelining_changes_nothing_in_the_output(engine, rule, alpha, sampling):
+    """A block drafted ahead is drawn with the keys a draft after the verdict would use: with
+    pipelining on, off or auto the output is token for token the same, greedy and sampled."""
+    options = dict(rule=rule, alpha=alpha, sampling=sampling, seed=5, max_new_tokens=40, block_size=3)
+    off = run(engine, pipeline="off", **options)
+    on = run(engine, pipeline="on", **options)
+    auto = run(engine, pipeline="auto", **options)
+    assert on.token_ids == off.token_ids == auto.token_ids
+    assert on.sources == off.sources
+    assert off.stats.predrafts == 0
+    if rule != "chow":  # every verified round drafts ahead; used ones save a draft call
+        assert on.stats.predrafts > 0
+        assert on.stats.predrafts_used + on.stats.predrafts_wasted <= on.stats.predrafts
+        assert on.stats.drafted == off.stats.drafted  # the blocks verified are the same blocks
+    assert on.stats.rounds == off.stats.rounds
+
+
+def test_a_lenient_rule_uses_most_of_its_pre_drafts(engine):
+    """token at alpha = 1 keeps every drafted token, so a pre-draft hits whenever the drafter
+    guesses the expert's bonus token."""
+    result = run(engine, rule="token", alpha=1.0, block_size=3, max_new_tokens=60, pipeline="on")
+    assert result.stats.predrafts_used >= 1
+    assert result.stats.predraft_wasted_passes == 4 * result.stats.predrafts_wasted

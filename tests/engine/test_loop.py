@@ -27,7 +27,7 @@ def decode(drafter_model, expert_model, kind: str, request: GenerationRequest, r
 
     async def collect():
         records = []
-        loop = rounds_for(request, drafter, expert, PROMPT, lambda answer: len(answer) >= 12)
+        loop = rounds_for(request, drafter, expert, PROMPT, lambda answer: len(answer) >= 12, limit=1000)
         async for record in loop:
             records.append(record)
             if len(records) == rounds:
@@ -76,7 +76,7 @@ def test_an_empty_draft_turns_the_round_into_an_expert_step(models):
         expert = LocalExpert(backend_class("hf")(models[1], name="expert"))
 
         async def collect():
-            loop = rounds_for(request, DownDrafter(), expert, PROMPT, lambda answer: len(answer) >= 12)
+            loop = rounds_for(request, DownDrafter(), expert, PROMPT, lambda answer: len(answer) >= 12, limit=1000)
             out = []
             async for record in loop:
                 assert record.drafted == 0 and record.expert_passes == 1

@@ -48,6 +48,36 @@ def test_served_output_equals_in_process_output(client, local_engine, method, ru
         assert stats.expert_passes == 0 and set(response.sources) == {pb.SOURCE_DRAFTER}
 
 
+@pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
+@pytest.mark.parametrize("rule,alpha", [("lossless", 0.0), ("token", 0.3), ("token", 1.0), ("chow", 0.3),
+                                        ("opt", 0.3), ("lossy", 0.3)])
+def test_served_pipelining_changes_nothing_in_the_output(client, local_engine, rule, alpha, sampling):
+    """The drafter tier drafts ahead while the expert tier verifies; a used pre-draft is the block
+    a draft after the verdict would have made, so the output is the in-process one, every mode."""
+    expected = in_process_policy(local_engine, "cascade", rule, alpha, sampling, seed=4, max_new_tokens=40)
+    for mode in ("on", "auto", "off"):
+        response = client.generate(prompt=PROMPT, rule=rule, alpha=alpha, max_new_tokens=40, seed=4, pipeline=mode,
+                                   **sampling)
+        assert list(response.token_ids) == expected.token_ids, mode
+        assert response.stats.pipeline == {"on": pb.PIPELINE_ON, "auto": pb.PIPELINE_AUTO, "off": pb.PIPELINE_OFF}[mode]
+        if mode == "off":
+            assert response.stats.predrafts == 0
+        elif rule != "chow":
+            assert response.stats.predrafts > 0
+            assert response.stats.predrafts_used + response.stats.predrafts_wasted <= response.stats.predrafts
+        if rule == "token" and alpha == 1.0 and mode == "on":  # every block kept: pre-drafts hit on guessed bonuses
+            assert response.stats.predrafts_used > 0
+
+
+def test_unknown_pipeline_value_is_invalid_argument(client):
+    request = build_request(PROMPT)
+    request.policy.pipeline = 9
+    with pytest.raises(grpc.RpcError) as error:
+        client.generate(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "policy.pipeline=9" in error.value.details()
+
+
 def test_unknown_method_value_is_invalid_argument(client):
     request = build_request(PROMPT)
     request.policy.method = 42

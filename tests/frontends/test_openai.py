@@ -60,7 +60,7 @@ def test_completion_equals_the_in_process_expert_greedy_output(oai, local_engine
     ("expert", None, None, dict(temperature=1.0)),
 ])
 def test_extra_body_policy_equals_the_same_policy_in_process(oai, local_engine, method, rule, alpha, sampling):
-    body = {"method": method, "block_size": 4}
+    body = {"method": method, "block_size": 4, "pipeline": "on"}
     body.update({k: v for k, v in (("rule", rule), ("alpha", alpha)) if v is not None})
     openai_sampling = {k: v for k, v in sampling.items() if k != "top_k"}
     if "top_k" in sampling:
@@ -73,7 +73,7 @@ def test_extra_body_policy_equals_the_same_policy_in_process(oai, local_engine, 
     used = extra(response, "speccascade")
     assert used["seed"] == 3 and used["policy"]["method"] == method
     if method == "cascade":
-        assert used["policy"] == {"method": "cascade", "rule": rule, "alpha": alpha, "block_size": 4}
+        assert used["policy"] == {"method": "cascade", "rule": rule, "alpha": alpha, "block_size": 4, "pipeline": "on"}
     assert used["stats"]["rounds"] == expected.stats.rounds
     assert used["stats"]["deferred"] == expected.stats.deferred
 
@@ -160,6 +160,7 @@ def test_a_client_that_leaves_mid_stream_stops_the_decoding(oai, tier_handles):
     ({"rule": "chow", "alpha": "high"}, "alpha"),
     ({"rule": "fastest"}, "rule"),
     ({"method": "oracle"}, "method"),
+    ({"pipeline": "sideways"}, "pipeline"),
     ({"block_size": 0}, "block_size"),
     ({"block_size": 65}, "block_size"),
     ({"top_k": -1}, "top_k"),

@@ -25,6 +25,7 @@ RULES = {name.removeprefix("RULE_").lower(): value for name, value in pb.Rule.it
 # The method names of the in-process engine (`speccascade.engine.request.Method`).
 METHODS = {"cascade": pb.METHOD_CASCADE, "expert": pb.METHOD_EXPERT_ONLY, "drafter": pb.METHOD_DRAFTER_ONLY,
            "token-cascade": pb.METHOD_TOKEN_CASCADE, "sequence-cascade": pb.METHOD_SEQUENCE_CASCADE}
+PIPELINES = {"on": pb.PIPELINE_ON, "off": pb.PIPELINE_OFF, "auto": pb.PIPELINE_AUTO}
 SOURCES = {pb.SOURCE_DRAFTER: "drafter", pb.SOURCE_EXPERT: "expert"}
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
 
@@ -34,7 +35,7 @@ def build_request(
     rule: str | None = None,
     alpha: float | None = None, block_size: int | None = None, max_new_tokens: int | None = None,
     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-    seed: int | None = None, stop: Sequence[str] = (),
+    seed: int | None = None, stop: Sequence[str] = (), pipeline: str | None = None,
 ) -> pb.GenerateRequest:
     request = pb.GenerateRequest(stop=list(stop))
     if messages is not None:
@@ -45,6 +46,10 @@ def build_request(
         if method.lower() not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
         request.policy.method = METHODS[method.lower()]
+    if pipeline is not None:
+        if pipeline.lower() not in PIPELINES:
+            raise ValueError(f"unknown pipeline {pipeline!r}; expected one of: {', '.join(PIPELINES)}")
+        request.policy.pipeline = PIPELINES[pipeline.lower()]
     if rule is not None:
         if rule.lower() not in RULES:
             raise ValueError(f"unknown rule {rule!r}; expected one of: {', '.join(RULES)}")

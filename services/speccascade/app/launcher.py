@@ -14,7 +14,7 @@ A Serve config file (`deploy/local-cpu.yaml` by default) gives the ports and the
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import AppConfig
@@ -51,6 +51,7 @@ class ServeOverrides:
     backend: str | None = None
     device: str | None = None
     tenants_file: Path | None = None
+    tier_settings: dict[str, dict] = field(default_factory=dict)  # "drafter"/"expert" -> fields to set
 
     def apply(self, app_args: dict | None) -> dict:
         out = {key: dict(value) if isinstance(value, dict) else value for key, value in (app_args or {}).items()}
@@ -61,6 +62,7 @@ class ServeOverrides:
             for option in ("dtype", "backend", "device"):
                 if getattr(self, option):
                     tier_args[option] = getattr(self, option)
+            tier_args.update(self.tier_settings.get(tier, {}))
         if self.tenants_file:
             out["tenancy"] = {**out.get("tenancy", {}), "tenants_file": str(Path(self.tenants_file).resolve())}
         return out

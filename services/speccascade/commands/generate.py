@@ -12,7 +12,15 @@ DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number, w
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """Request options shared by every command that sends a generation request."""
-    from ..options import DEFAULT_ALPHA, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NEW_TOKENS, DEFAULT_RULE, Method, Rule
+    from ..options import (
+        DEFAULT_ALPHA,
+        DEFAULT_BLOCK_SIZE,
+        DEFAULT_MAX_NEW_TOKENS,
+        DEFAULT_RULE,
+        Method,
+        Pipeline,
+        Rule,
+    )
 
     parser.add_argument("prompt", nargs="?", help=f"prompt text (default: a demo chat request: {DEMO_PROMPT!r})")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is (completion) instead of as a chat message")
@@ -29,6 +37,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, help="same seed, same output")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--pipeline", choices=[p.value for p in Pipeline],
+                        help="draft the next block while the expert verifies (the same output; default: off "
+                             "in-process, the server's when served)")
 
 
 def request_from_args(args: argparse.Namespace):
@@ -51,7 +62,7 @@ def request_from_args(args: argparse.Namespace):
         prompt=prompt, messages=messages, method=args.method, rule=args.rule, alpha=args.alpha,
         block_size=args.block_size, max_new_tokens=args.max_new_tokens,
         sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
-        seed=args.seed, stop=tuple(args.stop),
+        seed=args.seed, stop=tuple(args.stop), **({"pipeline": args.pipeline} if args.pipeline else {}),
     )
 
 

@@ -8,7 +8,8 @@ import json
 import time
 
 from ..autoscale.policy import ROLES
-from ..status_board import AUTOSCALING, TENANT_LOAD, read_posts
+from ..engine.pipeline import MIN_HIT_RATE, QUEUE_PRESSURE
+from ..status_board import AUTOSCALING, PIPELINE, TENANT_LOAD, read_posts
 
 DEFAULT_APP = "speccascade"
 
@@ -95,6 +96,30 @@ def format_tenant_load(load: dict) -> str:
             f"slot (over {load['replicas']} router replica{'s' if load['replicas'] != 1 else ''})")
 
 
+def read_pipelining(app: str) -> dict:
+    """Sessions by pipelining state and pre-drafts made and used, summed over the router replicas
+    that posted recently."""
+    total: dict = {"sessions": {}, "predrafts": 0, "predrafts_used": 0, "replicas": 0}
+    for post in read_posts(app, PIPELINE, max_age_s=TENANT_LOAD_STALE_S).values():
+        total["replicas"] += 1
+        total["predrafts"] += post.record["predrafts"]
+        total["predrafts_used"] += post.record["predrafts_used"]
+        for state, count in post.record["sessions"].items():
+            total["sessions"][state] = total["sessions"].get(state, 0) + count
+    return total
+
+
+def format_pipelining(pipelining: dict) -> str:
+    """What pipelining does, and for `auto` why: sessions by state, and the hit rate so far."""
+    if not pipelining["replicas"]:
+        return "pipelining: no router replica has served a request yet"
+    states = ", ".join(f"{count} {state}" for state, count in sorted(pipelining["sessions"].items())) or "no sessions"
+    made, used = pipelining["predrafts"], pipelining["predrafts_used"]
+    rate = f"{used}/{made} pre-drafts used ({used / made:.0%})" if made else "no pre-drafts yet"
+    return (f"pipelining: {states}; {rate} (auto turns it off for a session below a {MIN_HIT_RATE:.0%} hit rate, "
+            f"and while the drafter tier's calls queue more than {QUEUE_PRESSURE:.0%} of their compute)")
+
+
 def read_decision(app: str) -> dict | None:
     """The autoscaling policy's last decision record, if it made one."""
     post = read_posts(app, AUTOSCALING).get("policy")
@@ -125,13 +150,15 @@ def run(args: argparse.Namespace) -> int:
         running = running_replicas(app_status)
         record = read_decision(args.app)
         load = read_tenant_load(args.app)
+        pipelining = read_pipelining(args.app)
     finally:
         if connected_here:
             ray.shutdown()
     if args.json:
-        print(json.dumps({"application": args.app, "running": running, "decision": record, "tenants": load},
-                         indent=2))
+        print(json.dumps({"application": args.app, "running": running, "decision": record, "tenants": load,
+                          "pipelining": pipelining}, indent=2))
     else:
         print(format_status(args.app, running, record, now=time.time()))
         print(format_tenant_load(load))
+        print(format_pipelining(pipelining))
     return 0

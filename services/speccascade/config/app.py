@@ -17,6 +17,7 @@ from ..options import (
     DEFAULT_RULE,
     MAX_BLOCK_SIZE,
     MAX_NEW_TOKENS_CAP,
+    Pipeline,
     Rule,
     validate_alpha,
 )
@@ -116,10 +117,20 @@ class TierConfig(StrictModel):
                     "Released session ids are remembered as long, so a call that arrives after its session's "
                     "release is refused instead of caching the session again.")
     max_ongoing_requests: int = Field(32, ge=1, description="Concurrent calls a replica accepts.")
+    cpu_affinity: list[int] | None = Field(
+        None, description="CPU cores the replica's process runs on (Linux): e.g. each tier on a core of its own, "
+                          "so that drafting ahead overlaps verification on a small machine. Unset: any core.")
     torch_threads: int | None = Field(
         None, ge=1, le=256,
         description="Intra-op threads for forward passes. Default: torch's, which Ray caps at the replica's "
                     "num_cpus (and at 1 when num_cpus < 1) through OMP_NUM_THREADS.")
+
+    @field_validator("cpu_affinity")
+    @classmethod
+    def _cores(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or any(core < 0 for core in value)):
+            raise ValueError(f"cpu_affinity={value!r} must list one or more CPU core numbers (>= 0)")
+        return value
 
     @model_validator(mode="after")
     def _batch_fits_the_slots(self) -> "TierConfig":
@@ -185,6 +196,10 @@ class CascadePolicy(StrictModel):
     block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=MAX_BLOCK_SIZE, description="Default block size gamma.")
     max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS_CAP, description="Default max_new_tokens.")
     max_new_tokens_cap: int = Field(2048, ge=1, le=MAX_NEW_TOKENS_CAP, description="Largest max_new_tokens allowed.")
+    pipeline: Pipeline = Field(
+        Pipeline.AUTO, description="Default pipelining: the drafter drafts the next block while the expert verifies "
+                                   "(on, off, or auto: on while a session's pre-drafts hit and the drafter tier has "
+                                   "room). The output is the same either way.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "CascadePolicy":

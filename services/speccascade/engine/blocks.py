@@ -81,6 +81,11 @@ class DraftedBlock:
         return TOKEN_BYTES * self.gamma + sum(a.nbytes for f in fields(self)
                                               if isinstance(a := getattr(self, f.name), np.ndarray))
 
+    def after_first(self) -> "DraftedBlock":
+        """The block without its first token (a pre-draft's guess at the bonus token)."""
+        return DraftedBlock(self.tokens[1:], **{f.name: a[1:] for f in fields(self)
+                                                 if isinstance(a := getattr(self, f.name), np.ndarray)})
+
 
 EMPTY_BLOCK = DraftedBlock(tokens=(), max_q=np.zeros(0, dtype=np.float32))
 

@@ -111,7 +111,7 @@ class TextGeneration:
         def answer_is_complete(answer: list[int]) -> bool:
             return probe.add(answer[-1], Source.DRAFTER)
 
-        rounds = rounds_for(request, drafter, expert, prompt, answer_is_complete)
+        rounds = rounds_for(request, drafter, expert, prompt, answer_is_complete, limit)
         assembler = StreamAssembler(self._output_builder(limit, request), stats)
         try:
             async for record in rounds:

@@ -12,6 +12,8 @@ every method degrades to expert-only decoding rather than failing.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import contextmanager
@@ -22,9 +24,12 @@ from ..cascade import Rule, sequence_cascade_defers, token_cascade_defers
 from ..cascade.rules import mixture_defers
 from ..options import Method
 from .blocks import EMPTY_BLOCK, CallReport, DraftedBlock, DraftPayload, VerifyOutcome
+from .pipeline import PipelineGovernor
 from .request import GenerationRequest
 from .roles import DrafterRole, ExpertRole
 from .stats import RoundRecord, Source
+
+log = logging.getLogger(__name__)
 
 Rounds = AsyncIterator[RoundRecord]
 
@@ -48,10 +53,12 @@ def _count_call(record: RoundRecord, tier: str, report: CallReport) -> None:
 
 
 async def _draft(drafter: DrafterRole, tokens: list[int], gamma: int, request: GenerationRequest,
-                 payload: DraftPayload, record: RoundRecord) -> DraftedBlock:
+                 payload: DraftPayload, record: RoundRecord, governor: PipelineGovernor | None = None) -> DraftedBlock:
     with _timed(record, "drafter_seconds"):
         block, report = await drafter.draft(tokens, gamma, request.sampling, request.seed, payload)
     _count_call(record, "drafter", report)
+    if governor is not None:
+        governor.observe_draft_call(report)
     if block.gamma:
         record.drafter_calls += 1
         record.drafter_passes += block.gamma
@@ -90,23 +97,92 @@ def _chow_keeps(block: DraftedBlock, alpha: float) -> bool:
     return not bool(mixture_defers(Rule.CHOW, torch.from_numpy(block.max_q).unsqueeze(-1), None, alpha).any())
 
 
-async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: list[int],
-                             request: GenerationRequest) -> Rounds:
-    """Draft gamma tokens, score them with one expert pass, keep what the rule accepts."""
+class _Ahead:
+    """A block drafted ahead, while the expert verifies `block` after `context`: gamma + 1 tokens
+    after context + block, the first being the drafter's guess at the expert's bonus token. The
+    token at position n is drawn with the key (seed, n, draft), as a draft after the verdict would
+    draw it, so a used pre-draft is exactly the block that draft would have made."""
+
+    def __init__(self, drafter: DrafterRole, context: list[int], block: DraftedBlock, request: GenerationRequest,
+                 payload: DraftPayload):
+        self.gamma = block.gamma
+        self.started = time.perf_counter()
+        self.task = asyncio.ensure_future(drafter.draft(context + list(block.tokens), block.gamma + 1,
+                                                        request.sampling, request.seed, payload))
+
+    async def take(self, record: RoundRecord, outcome: VerifyOutcome, governor: PipelineGovernor
+                   ) -> DraftedBlock | None:
+        """The next block if the pre-draft hit (the whole block kept, the bonus token guessed),
+        else None; counts what it cost into `record`."""
+        if not outcome.is_bonus:  # a rejection: the context is not the one drafted ahead of
+            self.cancel(record)
+            governor.observe_predraft(False)
+            return None
+        with _timed(record, "drafter_seconds"):  # only the part of the pre-draft the loop waits for
+            try:
+                ahead, report = await self.task
+            except Exception:  # a pre-draft is optional: the next round drafts as usual
+                log.debug("a pre-draft failed", exc_info=True)
+                ahead, report = EMPTY_BLOCK, CallReport()
+        _count_call(record, "drafter", report)
+        governor.observe_draft_call(report)
+        if ahead.gamma:
+            record.drafter_calls += 1
+            record.drafter_passes += ahead.gamma
+        hit = ahead.gamma == self.gamma + 1 and ahead.tokens[0] == outcome.next_token
+        governor.observe_predraft(hit)
+        if not hit:
+            record.predrafts_wasted += 1
+            record.predraft_wasted_passes += ahead.gamma
+            return None
+        record.predrafts_used += 1
+        record.drafted += self.gamma
+        return ahead.after_first()
+
+    def cancel(self, record: RoundRecord) -> None:
+        """Drop the pre-draft (its tier call is cancelled; a step in progress finishes)."""
+        self.task.cancel()
+        record.predrafts_wasted += 1
+        record.predraft_wasted_passes += self.gamma + 1
+
+
+async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: list[int], request: GenerationRequest,
+                             limit: int) -> Rounds:
+    """Draft gamma tokens, score them with one expert pass, keep what the rule accepts. With
+    pipelining (`request.pipeline`), the drafter drafts the next block ahead while the expert
+    verifies (`_Ahead`); the output is the same either way. `limit`: the most new tokens the
+    request may produce (no block is drafted ahead past it)."""
     tokens = list(prompt)
     rule, alpha = request.rule, request.alpha
     payload = DraftPayload.for_request(rule, request.sampling)
-    while True:
-        record = RoundRecord(skippable_rounds=int(not rule.needs_expert_to_decide))
-        block = await _draft(drafter, tokens, request.block_size, request, payload, record)
-        if rule is Rule.CHOW and block.gamma and _chow_keeps(block, alpha):
-            # Confident everywhere: pi = q at every position, so every token is kept and the
-            # expert is not needed. It catches up on these tokens in its next pass.
-            _keep_drafted(record, block)
-        else:
-            await _verify(expert, tokens, block, rule, alpha, request, record)
-        tokens += [t for t, _ in record.emitted]
-        yield record
+    governor = PipelineGovernor(request.pipeline)
+    ahead: _Ahead | None = None
+    outcome: VerifyOutcome | None = None
+    try:
+        while True:
+            record = RoundRecord(skippable_rounds=int(not rule.needs_expert_to_decide), pipeline=governor.reason())
+            block = await ahead.take(record, outcome, governor) if ahead is not None else None
+            ahead = None
+            if block is None:
+                block = await _draft(drafter, tokens, request.block_size, request, payload, record, governor)
+            if rule is Rule.CHOW and block.gamma and _chow_keeps(block, alpha):
+                # Confident everywhere: pi = q at every position, so every token is kept and the
+                # expert is not needed. It catches up on these tokens in its next pass.
+                _keep_drafted(record, block)
+            else:
+                # A block drafted ahead must fit the context window: only while a round after
+                # this one still fits the request's tokens (generation_limit keeps a round's room).
+                produced = len(tokens) - len(prompt)
+                if block.gamma and produced + 2 * block.gamma + 1 < limit and governor.wants_predraft():
+                    ahead = _Ahead(drafter, tokens, block, request, payload)
+                    record.predrafts += 1
+                outcome = await _verify(expert, tokens, block, rule, alpha, request, record)
+            governor.observe_round(ahead is not None)
+            tokens += [t for t, _ in record.emitted]
+            yield record
+    finally:
+        if ahead is not None:  # the request ended (or was cancelled) with a block drafted ahead
+            ahead.task.cancel()
 
 
 async def expert_steps(expert: ExpertRole, prompt: list[int], request: GenerationRequest) -> Rounds:
@@ -187,7 +263,7 @@ async def sequence_cascade_rounds(drafter: DrafterRole, expert: ExpertRole, prom
 
 
 def rounds_for(request: GenerationRequest, drafter: DrafterRole, expert: ExpertRole, prompt: list[int],
-               answer_is_complete: Callable[[list[int]], bool]) -> Rounds:
+               answer_is_complete: Callable[[list[int]], bool], limit: int) -> Rounds:
     method = request.method
     if method is Method.EXPERT_ONLY:
         return expert_steps(expert, prompt, request)
@@ -197,4 +273,4 @@ def rounds_for(request: GenerationRequest, drafter: DrafterRole, expert: ExpertR
         return token_cascade_steps(drafter, expert, prompt, request)
     if method is Method.SEQUENCE_CASCADE:
         return sequence_cascade_rounds(drafter, expert, prompt, request, answer_is_complete)
-    return speculative_rounds(drafter, expert, prompt, request)
+    return speculative_rounds(drafter, expert, prompt, request, limit)

@@ -10,11 +10,13 @@ from ..options import (
     DEFAULT_ALPHA,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_PIPELINE,
     DEFAULT_RULE,
     MAX_BLOCK_SIZE,
     MAX_NEW_TOKENS_CAP,
     MAX_STOP_STRINGS,
     Method,
+    Pipeline,
     Rule,
     SamplingParams,
     validate_alpha,
@@ -51,6 +53,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    pipeline: Pipeline = DEFAULT_PIPELINE
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -62,6 +65,7 @@ class GenerationRequest:
         else:
             set_("messages", _check_messages(self.messages))
         set_("method", Method.parse(self.method))
+        set_("pipeline", Pipeline.parse(self.pipeline))
         set_("rule", Rule.parse(self.rule))
         # The classic cascades defer when confidence < 1 - alpha, the same knob as chow.
         alpha_rule = self.rule if self.method is Method.CASCADE else Rule.CHOW

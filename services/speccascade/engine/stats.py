@@ -49,6 +49,12 @@ class RoundCounters:
     expert_decide_seconds: float = _counter("Of expert_seconds: verifying the blocks (the rule's math).", float)
     transport_seconds: float = _counter("Of drafter_seconds and expert_seconds: outside the tiers' own work "
                                         "(Ray calls, (de)serialisation, routing).", float)
+    predrafts: int = _counter("Blocks drafted ahead, while the expert verified the block before (pipelining).")
+    predrafts_used: int = _counter("Of predrafts: used as the next block (the expert kept the whole block, and "
+                                   "its bonus token was the drafter's guess).")
+    predrafts_wasted: int = _counter("Of predrafts: dropped (a rejection, or another bonus token).")
+    predraft_wasted_passes: int = _counter("Drafter forward steps of the dropped pre-drafts (at most: one dropped at "
+                                           "a rejection stops at its next step, or never starts).")
     wire_bytes: int = _counter("Payload bytes exchanged with the tiers, both directions.")
     context_bytes: int = _counter("Of wire_bytes: context token ids sent with tier calls.")
 
@@ -60,6 +66,7 @@ class RoundRecord(RoundCounters):
     drafter's whole answer, or one expert step, of a sequence-level cascade)."""
 
     emitted: list[tuple[int, Source]] = field(default_factory=list)  # output tokens, in order
+    pipeline: str = ""  # pipelining this round: "on", "off", or auto's choice and why (speculative rounds)
 
 
 # The names every counter of decoding uses: the fields of `RoundCounters`.

@@ -118,11 +118,14 @@ class _Remote:
         wire_bytes = 0
         for whole in (False, True):
             delta = self.sent.delta(sequence, whole=whole)
+            # The tier applies a call's delta when the call arrives, before it answers: a call
+            # cancelled on its way (a block drafted ahead, dropped) has still moved the tier on. One
+            # that never arrived makes the next call's base unknown there, which asks for it whole.
+            self.sent.sent(delta, sequence)
             call = build(delta)
             reply = await self.tier.call(method, call, rule=self.tag, transport=self.transport)
             wire_bytes += call.nbytes + reply.nbytes
             if not reply.needs_context:
-                self.sent.sent(delta, sequence)
                 break
             self.transport.context_resends += 1
             self.tier.metrics.context_resends.inc(tags={"tier": self.tier.tier})

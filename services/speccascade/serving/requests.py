@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..config.app import CascadePolicy
 from ..engine.request import GenerationRequest
-from ..options import Method, Rule, SamplingParams
+from ..options import Method, Pipeline, Rule, SamplingParams
 
 
 def request_with_policy(
@@ -15,10 +15,11 @@ def request_with_policy(
     method: Method | str = Method.CASCADE, rule: Rule | str | None = None, alpha: float | None = None,
     block_size: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
     top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stop: tuple[str, ...] = (),
+    pipeline: Pipeline | str | None = None,
 ) -> GenerationRequest:
     """A request from whatever protocol carried it: unset (None) fields take the server's defaults,
     and the result obeys the server's limits. ValueError names the bad field; every protocol
-    (gRPC here, the OpenAI HTTP API in `openai_api.py`) goes through this one function."""
+    (the gRPC and the OpenAI front-ends) goes through this one function."""
     max_new_tokens = policy.max_new_tokens if max_new_tokens is None else max_new_tokens
     if isinstance(max_new_tokens, int) and max_new_tokens > policy.max_new_tokens_cap:
         raise ValueError(f"max_new_tokens={max_new_tokens} is above this server's cap of "
@@ -33,4 +34,5 @@ def request_with_policy(
         alpha=policy.alpha if alpha is None else alpha,
         block_size=policy.block_size if block_size is None else block_size,
         max_new_tokens=max_new_tokens, sampling=params, seed=seed, stop=stop,
+        pipeline=policy.pipeline if pipeline is None else pipeline,
     )

@@ -29,8 +29,9 @@ from ..autoscale import signals as autoscale_signals
 from ..config.app import AppConfig, CascadePolicy
 from ..engine.generation import GenerationChunk, TextGeneration
 from ..engine.request import GenerationRequest
+from ..engine.stats import RoundRecord
 from ..models import PairInfo
-from ..status_board import TENANT_LOAD, StatusPoster
+from ..status_board import PIPELINE, TENANT_LOAD, StatusPoster
 from ..tenancy import Admission, TenancyError
 from ..tenancy.gatekeeper import Caller, Gatekeeper
 from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport
@@ -53,6 +54,31 @@ class Admitted:
     tags: dict[str, str]  # its metric labels
 
 
+class PipeliningState:
+    """The router's sessions by what pipelining does for them now (`speccascade status` shows it),
+    and the pre-drafts made and used since start."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, str] = {}
+        self.made = 0
+        self.used = 0
+
+    def observe(self, session_id: str, record: RoundRecord) -> None:
+        if record.pipeline:
+            self.sessions[session_id] = record.pipeline
+        self.made += record.predrafts
+        self.used += record.predrafts_used
+
+    def forget(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def summary(self) -> dict:
+        states: dict[str, int] = {}
+        for state in self.sessions.values():
+            states[state] = states.get(state, 0) + 1
+        return {"sessions": states, "predrafts": self.made, "predrafts_used": self.used}
+
+
 class RouterCore:
     def __init__(self, drafter, expert, config: AppConfig):
         self.config = config
@@ -69,6 +95,7 @@ class RouterCore:
         self.active_sessions: set[str] = set()
         self.access = Gatekeeper(config.tenancy, config.policy)
         self._load_publisher: asyncio.Task | None = None
+        self.pipelining = PipeliningState()
 
     # ---- admission: who calls, what they ask for, their quota (errors here are the client's) ----
 
@@ -121,7 +148,8 @@ class RouterCore:
         tags = metric_tags(request, caller.id)
         drafter = RemoteDrafter(self.drafter, session_id, transport, tag=tags["rule"], share=caller.share)
         expert = RemoteExpert(self.expert, session_id, transport, tag=tags["rule"], share=caller.share)
-        observers = (self.window.observe, lambda record: self.metrics.observe(record, tags))
+        observers = (self.window.observe, lambda record: self.metrics.observe(record, tags),
+                     lambda record: self.pipelining.observe(session_id, record))
         chunks = self.generation.stream_rounds(request, prompt, limit, drafter, expert, observers)
         try:
             async for chunk in chunks:
@@ -169,6 +197,7 @@ class RouterCore:
         are still being routed or running, the release among them; its session would then stay
         cached in the tier until the idle timeout."""
         self.active_sessions.discard(session_id)
+        self.pipelining.forget(session_id)
 
         async def release(tier: TierClient):
             try:
@@ -216,6 +245,7 @@ class RouterCore:
         async def publish_forever():
             while True:
                 await asyncio.to_thread(poster.post, TENANT_LOAD, replica, self.access.load())
+                await asyncio.to_thread(poster.post, PIPELINE, replica, self.pipelining.summary())
                 await asyncio.sleep(TENANT_LOAD_PERIOD_S)
 
         self._load_publisher = asyncio.get_running_loop().create_task(publish_forever())

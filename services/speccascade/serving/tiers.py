@@ -88,6 +88,12 @@ class ModelTier:
         pin_mmap_threshold()
         self.config = config
         self.role = role
+        if config.cpu_affinity:
+            try:
+                os.sched_setaffinity(0, config.cpu_affinity)
+            except OSError as error:
+                raise ValueError(f"{role}.cpu_affinity={config.cpu_affinity}: this machine's cores are "
+                                 f"{sorted(os.sched_getaffinity(0))} ({error})") from None
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         resolved = resolve_model(config.model, progress=False)
@@ -135,14 +141,17 @@ class ModelTier:
         works = [queued.item for queued in batch]
         jobs = [work.job for work in works]
         if isinstance(jobs[0], DraftJob):
-            results, times = draft_blocks(self.backend, jobs,
-                                          ended=lambda index: self.sessions.is_ended(works[index].session_id))
+            # A draft stops at its next step when its session ends, or when its caller gave up on it
+            # (a block drafted ahead that the verdict made useless).
+            results, times = draft_blocks(self.backend, jobs, ended=lambda index: (
+                batch[index].future.done() or self.sessions.is_ended(works[index].session_id)))
         else:
             results, times = verify_blocks_on(self.backend, jobs)
         self.metrics.observe_batch(len(jobs), time.perf_counter() - started)
         self.sessions.evict_to_budget(keep=frozenset(work.session_id for work in works))
-        return [self.sessions.refuse_late(work.session_id) if result is None else (result, times)
-                for work, result in zip(works, results)]
+        return [(result, times) if result is not None else
+                asyncio.CancelledError() if queued.future.done() else self.sessions.refuse_late(work.session_id)
+                for queued, work, result in zip(batch, works, results)]
 
     # ---- calls (the replica's event loop) ----
 

@@ -56,7 +56,7 @@ class SentTokens:
         return TokenDelta(self.version, self.version + 1, position, np.asarray(sequence[position:], dtype=TOKEN_DTYPE))
 
     def sent(self, delta: TokenDelta, sequence: Sequence[int]) -> None:
-        """The tier answered `delta`: it holds `sequence` now."""
+        """`delta` was sent: the tier holds `sequence` once the call arrives."""
         self.tokens = list(sequence)
         self.version = delta.version
 

@@ -27,6 +27,13 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METHOD_TOKEN_CASCADE: _ClassVar[Method]
     METHOD_SEQUENCE_CASCADE: _ClassVar[Method]
 
+class Pipeline(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PIPELINE_UNSPECIFIED: _ClassVar[Pipeline]
+    PIPELINE_ON: _ClassVar[Pipeline]
+    PIPELINE_OFF: _ClassVar[Pipeline]
+    PIPELINE_AUTO: _ClassVar[Pipeline]
+
 class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SOURCE_UNSPECIFIED: _ClassVar[Source]
@@ -51,6 +58,10 @@ METHOD_EXPERT_ONLY: Method
 METHOD_DRAFTER_ONLY: Method
 METHOD_TOKEN_CASCADE: Method
 METHOD_SEQUENCE_CASCADE: Method
+PIPELINE_UNSPECIFIED: Pipeline
+PIPELINE_ON: Pipeline
+PIPELINE_OFF: Pipeline
+PIPELINE_AUTO: Pipeline
 SOURCE_UNSPECIFIED: Source
 SOURCE_DRAFTER: Source
 SOURCE_EXPERT: Source
@@ -85,16 +96,18 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class CascadePolicy(_message.Message):
-    __slots__ = ("rule", "alpha", "block_size", "method")
+    __slots__ = ("rule", "alpha", "block_size", "method", "pipeline")
     RULE_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
     rule: Rule
     alpha: float
     block_size: int
     method: Method
-    def __init__(self, rule: _Optional[_Union[Rule, str]] = ..., alpha: _Optional[float] = ..., block_size: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ...) -> None: ...
+    pipeline: Pipeline
+    def __init__(self, rule: _Optional[_Union[Rule, str]] = ..., alpha: _Optional[float] = ..., block_size: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., pipeline: _Optional[_Union[Pipeline, str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "chat", "max_new_tokens", "sampling", "policy", "stop")
@@ -121,7 +134,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("rounds", "drafted", "accepted", "deferred", "corrected", "bonus", "skipped_blocks", "expert_passes", "drafter_passes", "tokens_from_drafter", "tokens_from_expert", "drafter_seconds", "expert_seconds", "wall_seconds", "expert_only_fallback", "tier_retries", "wire_bytes", "seed", "context_bytes", "method", "rule", "drafter_calls", "skippable_rounds", "drafter_queue_seconds", "drafter_forward_seconds", "drafter_decide_seconds", "expert_queue_seconds", "expert_forward_seconds", "expert_decide_seconds", "transport_seconds", "context_resends")
+    __slots__ = ("rounds", "drafted", "accepted", "deferred", "corrected", "bonus", "skipped_blocks", "expert_passes", "drafter_passes", "tokens_from_drafter", "tokens_from_expert", "drafter_seconds", "expert_seconds", "wall_seconds", "expert_only_fallback", "tier_retries", "wire_bytes", "seed", "context_bytes", "method", "rule", "drafter_calls", "skippable_rounds", "drafter_queue_seconds", "drafter_forward_seconds", "drafter_decide_seconds", "expert_queue_seconds", "expert_forward_seconds", "expert_decide_seconds", "transport_seconds", "context_resends", "predrafts", "predrafts_used", "predrafts_wasted", "predraft_wasted_passes", "pipeline")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +166,11 @@ class GenerationStats(_message.Message):
     EXPERT_DECIDE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_RESENDS_FIELD_NUMBER: _ClassVar[int]
+    PREDRAFTS_FIELD_NUMBER: _ClassVar[int]
+    PREDRAFTS_USED_FIELD_NUMBER: _ClassVar[int]
+    PREDRAFTS_WASTED_FIELD_NUMBER: _ClassVar[int]
+    PREDRAFT_WASTED_PASSES_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted: int
     accepted: int
@@ -184,7 +202,12 @@ class GenerationStats(_message.Message):
     expert_decide_seconds: float
     transport_seconds: float
     context_resends: int
-    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., deferred: _Optional[int] = ..., corrected: _Optional[int] = ..., bonus: _Optional[int] = ..., skipped_blocks: _Optional[int] = ..., expert_passes: _Optional[int] = ..., drafter_passes: _Optional[int] = ..., tokens_from_drafter: _Optional[int] = ..., tokens_from_expert: _Optional[int] = ..., drafter_seconds: _Optional[float] = ..., expert_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., expert_only_fallback: _Optional[bool] = ..., tier_retries: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., context_bytes: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., rule: _Optional[_Union[Rule, str]] = ..., drafter_calls: _Optional[int] = ..., skippable_rounds: _Optional[int] = ..., drafter_queue_seconds: _Optional[float] = ..., drafter_forward_seconds: _Optional[float] = ..., drafter_decide_seconds: _Optional[float] = ..., expert_queue_seconds: _Optional[float] = ..., expert_forward_seconds: _Optional[float] = ..., expert_decide_seconds: _Optional[float] = ..., transport_seconds: _Optional[float] = ..., context_resends: _Optional[int] = ...) -> None: ...
+    predrafts: int
+    predrafts_used: int
+    predrafts_wasted: int
+    predraft_wasted_passes: int
+    pipeline: Pipeline
+    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., deferred: _Optional[int] = ..., corrected: _Optional[int] = ..., bonus: _Optional[int] = ..., skipped_blocks: _Optional[int] = ..., expert_passes: _Optional[int] = ..., drafter_passes: _Optional[int] = ..., tokens_from_drafter: _Optional[int] = ..., tokens_from_expert: _Optional[int] = ..., drafter_seconds: _Optional[float] = ..., expert_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., expert_only_fallback: _Optional[bool] = ..., tier_retries: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., context_bytes: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., rule: _Optional[_Union[Rule, str]] = ..., drafter_calls: _Optional[int] = ..., skippable_rounds: _Optional[int] = ..., drafter_queue_seconds: _Optional[float] = ..., drafter_forward_seconds: _Optional[float] = ..., drafter_decide_seconds: _Optional[float] = ..., expert_queue_seconds: _Optional[float] = ..., expert_forward_seconds: _Optional[float] = ..., expert_decide_seconds: _Optional[float] = ..., transport_seconds: _Optional[float] = ..., context_resends: _Optional[int] = ..., predrafts: _Optional[int] = ..., predrafts_used: _Optional[int] = ..., predrafts_wasted: _Optional[int] = ..., predraft_wasted_passes: _Optional[int] = ..., pipeline: _Optional[_Union[Pipeline, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "sources", "finish_reason", "usage", "stats")

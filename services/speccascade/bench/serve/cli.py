@@ -14,6 +14,10 @@ same rule, same requests, in one run.
    prompts), against the same prompts one at a time: TTFT and inter-token latency, and whether
    every request finished.
 5. Bytes on the wire per round, by sampling mode.
+6. With --pipeline on,off(,auto): each request served in every pipelining mode, mode after mode:
+   per-token latency without pipelining / with it, identical outputs, pre-drafts made and used,
+   drafter steps wasted; and the throughput at each concurrency in every mode. `--pin-tiers` puts
+   each tier on a core of its own, so drafting ahead can overlap verification on a small machine.
 
 `--tiny` runs a tiny random pair with Qwen2.5's vocabulary (2 layers, hidden 64, fp32), where the
 models cost little and what remains is the serving path; `--shapes qwen2.5-0.5b,qwen2.5-7b`
@@ -33,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..workload import TASKS
-from .measure import Breakdown, Concurrency, Load, Paired
+from .measure import Breakdown, Concurrency, Load, Paired, PipelinedRequest
 from .report import print_report
 
 PAIRED_SAMPLINGS = {"greedy": dict(temperature=0.0), "T=0.7, top-p 0.95": dict(temperature=0.7, top_p=0.95)}
@@ -56,6 +60,7 @@ class Report:
     paired: list[Paired] = field(default_factory=list)
     breakdowns: dict[str, Breakdown] = field(default_factory=dict)  # in-process / served, paired requests
     concurrency: list[Concurrency] = field(default_factory=list)
+    pipelined: list[PipelinedRequest] = field(default_factory=list)
     load: Load | None = None
     wire: dict[str, tuple[int, float]] = field(default_factory=dict)  # mode -> (rounds, bytes per round)
 
@@ -113,9 +118,11 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
     from . import measure
 
     tasks = TASKS[: args.prompts]
+    pinned = {"drafter": {"cpu_affinity": [0], "torch_threads": 1}, "expert": {"cpu_affinity": [1], "torch_threads": 1}}
     launched = start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert,
                                                               dtype=args.dtype, backend=args.backend,
-                                                              device=None if args.device == "cpu" else args.device),
+                                                              device=None if args.device == "cpu" else args.device,
+                                                              tier_settings=pinned if args.pin_tiers else {}),
                                   grpc_port=args.grpc_port, http_port=args.http_port)
     target, app = launched.endpoints.grpc_target, launched.endpoints.app_name
     handles = {name: serve.get_deployment_handle(name, app_name=app) for name in ("Drafter", "Expert")}
@@ -124,8 +131,12 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
     def chat(task: str, n: int, **sampling) -> dict:
         return dict(messages=[{"role": "user", "content": task}], **policy, max_new_tokens=n, seed=0, **sampling)
 
-    steps = (0 if args.skip_in_process else len(tasks) * len(PAIRED_SAMPLINGS)) + len(args.streams) + \
-        (2 if args.load_streams else 0) + 1
+    modes = args.pipeline or ["off"]  # served vs in-process compares the serving path itself: no pipelining
+    requests = [(task, label, chat(task, args.max_new_tokens, **sampling))
+                for task in tasks for label, sampling in PAIRED_SAMPLINGS.items()]
+
+    steps = (0 if args.skip_in_process else len(requests)) + (len(requests) if args.pipeline else 0) + \
+        len(args.streams) * len(modes) + (2 if args.load_streams else 0) + 1
     progress = Progress(console=Console(stderr=True), transient=False)
     bar = progress.add_task("bench serve", total=steps)
     progress.start()
@@ -138,22 +149,27 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
                                             backend=args.backend or "hf", progress=False)
                 engine.generate(GenerationRequest(**chat(tasks[0], 4)))
                 report.breakdowns = {"in-process": Breakdown(), "served": Breakdown()}
-                requests = [(task, label, chat(task, args.max_new_tokens, **sampling))
-                            for task in tasks for label, sampling in PAIRED_SAMPLINGS.items()]
-                report.paired = measure.run_paired(engine, client, requests, lambda: progress.advance(bar),
+                unpipelined = [(task, label, {**options, "pipeline": "off"}) for task, label, options in requests]
+                report.paired = measure.run_paired(engine, client, unpipelined, lambda: progress.advance(bar),
                                                    report.breakdowns)
                 del engine
+            if args.pipeline:
+                progress.update(bar, description=f"bench serve: pipelining {', '.join(args.pipeline)}, request by "
+                                                  "request")
+                report.pipelined = measure.run_pipelined(client, requests, args.pipeline,
+                                                         lambda: progress.advance(bar))
             progress.update(bar, description="bench serve: bytes on the wire")
             for mode, sampling in WIRE_MODES.items():
                 stats = measure.Timed(client.stream(build_request(**chat(tasks[0], 16, **sampling)))).stats
                 report.wire[mode] = (stats.rounds, stats.wire_bytes / max(stats.rounds, 1))
             progress.advance(bar)
         for streams in args.streams:
-            progress.update(bar, description=f"bench serve: {streams} concurrent streams")
-            report.concurrency.append(measure.concurrent(
-                target, app, lambda i: build_request(**chat(TASKS[i % len(TASKS)], args.max_new_tokens)), streams,
-                handles))
-            progress.advance(bar)
+            for mode in modes:  # modes alternate at each concurrency, so the machine's drift hits all alike
+                progress.update(bar, description=f"bench serve: {streams} concurrent streams, pipelining {mode}")
+                report.concurrency.append(measure.concurrent(
+                    target, app, lambda i: build_request(**chat(TASKS[i % len(TASKS)], args.max_new_tokens),
+                                                         pipeline=mode), streams, handles, mode))
+                progress.advance(bar)
         if args.load_streams:
             from transformers import AutoTokenizer
 
@@ -211,6 +227,11 @@ def register(benches) -> None:
     parser.add_argument("--load-requests", type=int, default=16)
     parser.add_argument("--load-max-new-tokens", type=int, default=64)
     parser.add_argument("--load-timeout-s", type=float, default=600.0, help="a load request past this is not finished")
+    parser.add_argument("--pipeline", type=lambda s: [m.strip() for m in s.split(",") if m.strip()], default=[],
+                        help="pipelining modes to compare, served request by request and at each concurrency "
+                             "(e.g. on,off,auto)")
+    parser.add_argument("--pin-tiers", action="store_true",
+                        help="the drafter on core 0 and the expert on core 1, one thread each (so they can overlap)")
     parser.add_argument("--grpc-port", type=int, default=9411)
     parser.add_argument("--http-port", type=int, default=8411)
     parser.add_argument("--skip-in-process", action="store_true", help="served figures only (half the memory)")

@@ -61,6 +61,21 @@ class Paired:
 
 
 @dataclass
+class PipelinedRequest:
+    """One request served with each pipelining mode, back to back."""
+
+    task: str
+    sampling: str
+    timings: dict[str, StreamTiming]  # mode -> timing
+    identical: bool  # every mode's output the same
+    predrafts: dict[str, tuple[int, int, int]]  # mode -> (made, used, wasted drafter passes)
+
+    def speedup(self, mode: str, base: str = "off") -> float:
+        """Per-token latency without pipelining / with `mode`."""
+        return percentile(self.timings[base].token_gaps_s, 0.5) / percentile(self.timings[mode].token_gaps_s, 0.5)
+
+
+@dataclass
 class Concurrency:
     streams: int
     tokens: int
@@ -69,6 +84,8 @@ class Concurrency:
     mean_drafter_batch: float
     mean_expert_batch: float
     breakdown: Breakdown
+    pipeline: str = "off"
+    predrafts: tuple[int, int] = (0, 0)  # made, used
 
     @property
     def tokens_per_s(self) -> float:
@@ -137,7 +154,25 @@ def batch_counts(handles) -> dict[str, tuple[int, int]]:
             for name, s in ((n, h.batch_stats.remote().result()) for n, h in handles.items())}
 
 
-def concurrent(target: str, app: str, build: Callable[[int], object], streams: int, handles) -> Concurrency:
+def run_pipelined(client, requests: Sequence[tuple[str, str, dict]], modes: Sequence[str],
+                  advance: Callable[[], None]) -> list[PipelinedRequest]:
+    """Each (task, sampling label, options) served once per pipelining mode, mode after mode."""
+    from ...api.client import build_request
+
+    results = []
+    for task, label, options in requests:
+        timed = {mode: Timed(client.stream(build_request(**options, pipeline=mode))) for mode in modes}
+        outputs = [t.tokens for t in timed.values()]
+        results.append(PipelinedRequest(
+            task, label, {mode: t.timing for mode, t in timed.items()}, all(o == outputs[0] for o in outputs),
+            {mode: (t.stats.predrafts, t.stats.predrafts_used, t.stats.predraft_wasted_passes)
+             for mode, t in timed.items()}))
+        advance()
+    return results
+
+
+def concurrent(target: str, app: str, build: Callable[[int], object], streams: int, handles,
+               pipeline: str = "off") -> Concurrency:
     """`streams` requests at once, one per client thread."""
     from ...api.client import SpecCascadeClient
 
@@ -167,8 +202,9 @@ def concurrent(target: str, app: str, build: Callable[[int], object], streams: i
     for timed in results:
         breakdown.add(timed.stats)
     gaps = [g for timed in results for g in timed.timing.token_gaps_s]
+    predrafts = (sum(t.stats.predrafts for t in results), sum(t.stats.predrafts_used for t in results))
     return Concurrency(streams, sum(t.timing.tokens for t in results), wall, 1e3 * percentile(gaps, 0.5),
-                       means["Drafter"], means["Expert"], breakdown)
+                       means["Drafter"], means["Expert"], breakdown, pipeline, predrafts)
 
 
 def synthetic_prompt(tokenizer, tokens: int, seed: int) -> str:

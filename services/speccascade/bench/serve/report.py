@@ -36,8 +36,8 @@ def print_report(report) -> None:
                       f"{spread([p.ttft_ratio for p in report.paired])}; identical outputs "
                       f"{sum(p.identical for p in report.paired)}/{len(report.paired)}")
     splits = {name: b.per_round() for name, b in report.breakdowns.items() if b.rounds}
-    splits.update({f"served, {c.streams} streams": c.breakdown.per_round() for c in report.concurrency
-                   if c.breakdown.rounds})
+    splits.update({f"served, {c.streams} streams" + (f", {c.pipeline}" if c.pipeline != "off" else ""):
+                   c.breakdown.per_round() for c in report.concurrency if c.breakdown.rounds})
     if splits:
         table = Table(title="where a round's time goes, ms per round (requests' own stats)")
         table.add_column("phase")
@@ -47,16 +47,37 @@ def print_report(report) -> None:
             table.add_row(phase, *(f"{split.get(phase, 0.0):.2f}" for split in splits.values()))
         table.add_row("[bold]total[/]", *(f"{sum(split.values()):.2f}" for split in splits.values()))
         console.print(table)
+    if report.pipelined:
+        modes = list(report.pipelined[0].timings)
+        table = Table(title="pipelining, each request in every mode (served): per-token p50 ms, pre-drafts used/made")
+        for column in ("request", "sampling", *modes, "identical"):
+            table.add_column(column, justify="right")
+        for p in report.pipelined:
+            table.add_row(p.task[:30], p.sampling, *(
+                f"{1e3 * percentile(p.timings[m].token_gaps_s, 0.5):.1f} ({p.predrafts[m][1]}/{p.predrafts[m][0]})"
+                for m in modes), "yes" if p.identical else "NO")
+        console.print(table)
+        for mode in modes:
+            if mode == "off" or "off" not in modes:
+                continue
+            made = sum(p.predrafts[mode][0] for p in report.pipelined)
+            used = sum(p.predrafts[mode][1] for p in report.pipelined)
+            wasted = sum(p.predrafts[mode][2] for p in report.pipelined)
+            console.print(f"pipelining {mode}: per-token latency off / {mode} "
+                          f"{spread([p.speedup(mode) for p in report.pipelined])}; pre-drafts used {used}/{made}"
+                          f" ({used / max(made, 1):.0%}), {wasted} drafter steps wasted; identical outputs "
+                          f"{sum(p.identical for p in report.pipelined)}/{len(report.pipelined)}")
     if report.concurrency:
         table = Table(title="aggregate throughput (served)")
-        for column in ("streams", "tokens", "wall s", "tokens/s", "x vs 1", "per-token p50 ms", "drafter batch",
-                       "expert batch"):
+        for column in ("streams", "pipelining", "tokens", "wall s", "tokens/s", "x vs 1", "per-token p50 ms",
+                       "pre-drafts used", "drafter batch", "expert batch"):
             table.add_column(column, justify="right")
-        base = report.concurrency[0].tokens_per_s
+        base = {c.pipeline: c.tokens_per_s for c in report.concurrency if c.streams == report.concurrency[0].streams}
         for c in report.concurrency:
-            table.add_row(str(c.streams), str(c.tokens), f"{c.wall_s:.1f}", f"{c.tokens_per_s:.1f}",
-                          f"{c.tokens_per_s / base:.2f}", f"{c.token_p50_ms:.1f}", f"{c.mean_drafter_batch:.2f}",
-                          f"{c.mean_expert_batch:.2f}")
+            used = f"{c.predrafts[1]}/{c.predrafts[0]}" if c.predrafts[0] else "-"
+            table.add_row(str(c.streams), c.pipeline, str(c.tokens), f"{c.wall_s:.1f}", f"{c.tokens_per_s:.1f}",
+                          f"{c.tokens_per_s / base[c.pipeline]:.2f}", f"{c.token_p50_ms:.1f}", used,
+                          f"{c.mean_drafter_batch:.2f}", f"{c.mean_expert_batch:.2f}")
         console.print(table)
     if report.load is not None:
         load = report.load

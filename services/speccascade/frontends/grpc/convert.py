@@ -9,7 +9,7 @@ from ...config.app import CascadePolicy
 from ...engine.generation import GenerationChunk, GenerationResult
 from ...engine.request import GenerationRequest
 from ...engine.stats import Source
-from ...options import Method, Rule
+from ...options import Method, Pipeline, Rule
 from ...serving.clients import Transport
 from ...serving.requests import request_with_policy
 
@@ -36,6 +36,19 @@ def rule_from_proto(value: int, default: Rule) -> Rule:
         known = ", ".join(pb.Rule.Name(v) for v in RULES_BY_PROTO)
         raise ValueError(f"policy.rule={value} is not a known rule; expected one of: {known}")
     return RULES_BY_PROTO[value]
+
+
+PIPELINES_BY_PROTO = {pb.PIPELINE_ON: Pipeline.ON, pb.PIPELINE_OFF: Pipeline.OFF, pb.PIPELINE_AUTO: Pipeline.AUTO}
+PROTO_BY_PIPELINE = {pipeline: value for value, pipeline in PIPELINES_BY_PROTO.items()}
+
+
+def pipeline_from_proto(value: int) -> Pipeline | None:
+    if value == pb.PIPELINE_UNSPECIFIED:
+        return None
+    if value not in PIPELINES_BY_PROTO:
+        known = ", ".join(pb.Pipeline.Name(v) for v in PIPELINES_BY_PROTO)
+        raise ValueError(f"policy.pipeline={value} is not a known pipelining mode; expected one of: {known}")
+    return PIPELINES_BY_PROTO[value]
 
 
 def method_from_proto(value: int) -> Method:
@@ -67,7 +80,7 @@ def request_from_proto(message: pb.GenerateRequest, policy: CascadePolicy) -> Ge
         alpha=optional(policy_message, "alpha"), block_size=optional(policy_message, "block_size"),
         max_new_tokens=optional(message, "max_new_tokens"), temperature=optional(sampling, "temperature"),
         top_k=optional(sampling, "top_k"), top_p=optional(sampling, "top_p"), seed=optional(sampling, "seed"),
-        stop=tuple(message.stop),
+        stop=tuple(message.stop), pipeline=pipeline_from_proto(policy_message.pipeline),
     )
 
 
@@ -83,7 +96,7 @@ def stats_proto(result: GenerationResult, request: GenerationRequest, transport:
     return pb.GenerationStats(
         **counts, seed=result.seed, expert_only_fallback=transport.expert_only_fallback,
         tier_retries=transport.tier_retries, context_resends=transport.context_resends,
-        method=PROTO_BY_METHOD[request.method],
+        method=PROTO_BY_METHOD[request.method], pipeline=PROTO_BY_PIPELINE[request.pipeline],
         rule=PROTO_BY_RULE[request.rule] if request.method is Method.CASCADE else pb.RULE_UNSPECIFIED,
     )
 

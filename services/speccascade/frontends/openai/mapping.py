@@ -33,7 +33,7 @@ _PARAM_OF_MESSAGE = [
     (re.compile(r"^max_new_tokens\b"), "max_tokens"), (re.compile(r"^temperature\b"), "temperature"),
     (re.compile(r"^top_k\b"), "top_k"), (re.compile(r"^top_p\b"), "top_p"), (re.compile(r"^seed\b"), "seed"),
     (re.compile(r"^(at most \d+ )?stop\b"), "stop"), (re.compile(r"^messages\b"), "messages"),
-    (re.compile(r"^prompt\b"), "prompt"),
+    (re.compile(r"^prompt\b"), "prompt"), (re.compile(r"^(unknown pipeline|policy\.pipeline)\b"), "pipeline"),
 ]
 
 
@@ -109,7 +109,7 @@ def generation_request(body: RequestBody, policy: CascadePolicy) -> GenerationRe
             method=Method.CASCADE if body.method is None else body.method,
             rule=body.rule, alpha=body.alpha, block_size=body.block_size, max_new_tokens=max_tokens,
             temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
-            stop=_stop(body.stop),
+            stop=_stop(body.stop), pipeline=body.pipeline,
         )
     except ValueError as error:
         raise invalid_request(error, chat=chat) from None
@@ -148,7 +148,8 @@ def speccascade_json(result: GenerationResult, request: GenerationRequest, trans
     """The extension object: what decoded the request, and how it went."""
     policy: dict = {"method": request.method.value}
     if request.method is Method.CASCADE:
-        policy.update(rule=request.rule.value, alpha=request.alpha, block_size=request.block_size)
+        policy.update(rule=request.rule.value, alpha=request.alpha, block_size=request.block_size,
+                      pipeline=request.pipeline.value)
     elif request.method in (Method.TOKEN_CASCADE, Method.SEQUENCE_CASCADE):
         policy.update(alpha=request.alpha)
     return {"policy": policy, "seed": result.seed, "expert_only_fallback": transport.expert_only_fallback,

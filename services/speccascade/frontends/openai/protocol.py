@@ -12,6 +12,7 @@ policy and method are extra body fields, which OpenAI clients send through `extr
     alpha       the rule's trade-off knob (range depends on the rule)
     block_size  tokens drafted per round (gamma)
     top_k       top-k sampling (0 disables it)
+    pipeline    on, off or auto: draft the next block while the expert verifies (same output)
 
 Unset fields take the server's defaults, as over gRPC; in particular an unset `temperature` means
 greedy decoding (OpenAI's own default is 1). Responses carry OpenAI's fields plus, per choice,
@@ -28,7 +29,7 @@ from pydantic import Field, ValidationError
 from ...config.base import StrictModel
 
 SERVED_MODEL = "speccascade"
-EXTRA_FIELDS = ("method", "rule", "alpha", "block_size", "top_k")
+EXTRA_FIELDS = ("method", "rule", "alpha", "block_size", "top_k", "pipeline")
 
 
 class OpenAIError(ValueError):
@@ -71,6 +72,7 @@ class RequestBody(StrictModel):
     alpha: float | None = None
     block_size: int | None = None
     top_k: int | None = None
+    pipeline: str | None = None
     # OpenAI features this server does not implement: accepted only at their neutral value.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
