@@ -1,35 +1,33 @@
 """Pack what the served system needs on a lent GPU machine that has Python, torch and
-transformers but no Ray, pydantic or FastAPI (and no network): wheels for its Python, Ray's
-stripped of what serving never loads, into one folder small enough to travel with the working
-tree (the device tool carries at most 64 MiB in all).
+transformers but no Ray, pydantic or FastAPI (and no network): those packages installed for its
+Python into one folder, Ray stripped of what serving never loads, compressed into one file small
+enough to travel with the working tree (the device tool carries at most 64 MiB in all).
 
-    python scripts/pack_device_carry.py                  # .device/wheels for Python 3.12, x86_64, and
-                                                         # .device/tokenizer (Qwen2.5's)
+    python scripts/pack_device_carry.py                  # .device/serving.tar.xz for Python 3.12, x86_64
     python scripts/pack_device_carry.py --python 3.11    # for this machine's Python (to try it here)
 
 On the device (docs/gpu.md):
 
-    python3 -m venv --system-site-packages /tmp/sc && /tmp/sc/bin/pip install --no-index --no-deps .device/wheels/*.whl
-    PYTHONPATH=services /tmp/sc/bin/python -m speccascade.cli bench serve ...
+    mkdir -p /tmp/sc && tar -xJf .device/serving.tar.xz -C /tmp/sc
+    PYTHONPATH=services:/tmp/sc/site python3 -m speccascade.cli bench serve ... --tokenizer /tmp/sc/tokenizer
 
 Ray's wheel for CPython 3.12 is about 79 MB; most of it is what serving does not use: the Java
 worker's jars (31 MB), the dashboard's built web client, and the libraries for training, tuning,
-RL and data (`ray.rllib`, `ray.tune`, `ray.train`, `ray.data`, ...). Those are removed from the
-wheel (its RECORD rewritten to match), which is then recompressed. The other wheels are the
-packages `ray[serve]` and speccascade's serving path import that the device's image lacks.
+RL and data (`ray.rllib`, `ray.tune`, `ray.train`, `ray.data`, ...). Those are removed; the three
+native binaries left (the GCS server, the raylet and `_raylet.so`, ~110 MB unpacked) lose their
+symbol tables (`strip --strip-unneeded`), and xz packs the whole at about half what zip does. The
+other packages are those `ray[serve]` and speccascade's serving path import that the device's
+image lacks, and Qwen2.5's tokenizer (for random-weight models of real shapes there).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import csv
-import hashlib
-import io
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,11 +42,12 @@ DEVICE_MISSING = [
     "grpcio-health-checking", "grpcio-reflection",  # our gRPC health service; Serve's reflection
     "aiohttp-cors", "colorful", "opencensus", "opencensus-context", "google-api-core", "googleapis-common-protos",
     "proto-plus", "google-auth", "cachetools", "pyasn1", "pyasn1-modules", "rsa",  # Ray's metrics agent
-    "smart-open", "wrapt", "watchfiles", "virtualenv", "distlib", "platformdirs", "mmh3",  # ray[serve]'s own list
+    "smart-open", "wrapt", "watchfiles", "platformdirs", "mmh3",  # ray[serve]'s own list (not virtualenv: runtime
+    # environments that install packages; not py-spy: the dashboard's profiler)
     "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto", "opentelemetry-exporter-prometheus",
-    "opentelemetry-semantic-conventions", "importlib-metadata", "zipp", "py-spy",
+    "opentelemetry-semantic-conventions", "importlib-metadata", "zipp",
 ]
-# Parts of Ray that serving never loads (paths inside the wheel).
+# Parts of Ray that serving never loads (paths inside the installed package).
 RAY_STRIP = (
     "ray/jars/",  # the Java worker
     "ray/dashboard/client/build/",  # the dashboard's built web client
@@ -60,46 +59,47 @@ RAY_STRIP = (
 )
 
 
-def pip_download(requirements: list[str], dest: Path, python: str) -> None:
+def pip_install(requirements: list[str], target: Path, python: str) -> None:
+    """Install wheels built for `python` on x86_64 Linux into `target` (no dependencies resolved:
+    the list is complete)."""
     version = python.replace(".", "")
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary=:all:", "--no-compile",
                "--python-version", version, "--implementation", "cp", "--abi", f"cp{version}", "--abi", "abi3",
                "--abi", "none", "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
-               "--platform", "manylinux_2_28_x86_64", "--platform", "any", "--dest", str(dest), *requirements]
+               "--platform", "manylinux_2_28_x86_64", "--platform", "any", "--target", str(target), *requirements]
     subprocess.run(command, check=True)
 
 
-def record_line(name: str, data: bytes) -> list[str]:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return [name, f"sha256={digest}", str(len(data))]
+def pinned(name: str) -> str:
+    """`name==version` as installed here (the versions the tests ran with), else the newest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{name}=={version(name)}"
+    except PackageNotFoundError:
+        return name
 
 
-def strip_wheel(wheel: Path, prefixes: tuple[str, ...]) -> tuple[int, int]:
-    """Remove the files under `prefixes` from `wheel` (in place), with its RECORD rewritten to the
-    files kept; returns (bytes before, bytes after)."""
-    before = wheel.stat().st_size
-    with zipfile.ZipFile(wheel) as source:
-        kept = [info for info in source.infolist() if not info.filename.startswith(prefixes)]
-        record_name = next(info.filename for info in kept if info.filename.endswith(".dist-info/RECORD"))
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as target:
-            rows = []
-            for info in kept:
-                if info.filename == record_name:
-                    continue
-                data = source.read(info)
-                target.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
-                rows.append(record_line(info.filename, data))
-            out = io.StringIO()
-            csv.writer(out, lineterminator="\n").writerows([*rows, [record_name, "", ""]])
-            target.writestr(record_name, out.getvalue())
-    wheel.write_bytes(buffer.getvalue())
-    return before, wheel.stat().st_size
+def strip_ray(site: Path) -> int:
+    """Remove what serving never loads from the installed Ray and strip its native binaries;
+    returns the bytes removed."""
+    before = tree_bytes(site / "ray")
+    for prefix in RAY_STRIP:
+        shutil.rmtree(site / prefix, ignore_errors=True)
+    shutil.rmtree(site / "bin", ignore_errors=True)  # console scripts with this machine's interpreter path
+    for path in (site / "ray").rglob("*"):
+        if path.is_file() and path.read_bytes()[:4] == b"\x7fELF":
+            subprocess.run(["strip", "--strip-unneeded", str(path)], check=True)
+    return before - tree_bytes(site / "ray")
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
 
 
 def save_tokenizer(directory: Path) -> None:
     """The packaged drafter's tokenizer files (a few MiB), which a GPU machine without network cannot
-    fetch: `bench serve --shapes ... --tokenizer .device/tokenizer` builds its models with it."""
+    fetch: `bench serve --shapes ... --tokenizer /tmp/sc/tokenizer` builds its models with it."""
     from speccascade.models import DRAFTER_DEFAULT, resolve_model
     from transformers import AutoTokenizer
 
@@ -111,25 +111,23 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default="3.12", help="the device's Python (default 3.12)")
-    parser.add_argument("--out", type=Path, default=REPO / ".device" / "wheels")
+    parser.add_argument("--out", type=Path, default=REPO / ".device" / "serving.tar.xz")
     parser.add_argument("--budget-mib", type=float, default=50.0, help="fail if the carry is larger")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.glob("*.whl"):
-        old.unlink()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        pip_download([f"ray=={ray.__version__}"], Path(scratch), args.python)
-        (wheel,) = Path(scratch).glob("ray-*.whl")
-        before, after = strip_wheel(wheel, RAY_STRIP)
-        wheel.rename(args.out / wheel.name)
-        print(f"ray {ray.__version__}: {before / MIB:.1f} MiB -> {after / MIB:.1f} MiB stripped")
-    pip_download(DEVICE_MISSING, args.out, args.python)
-    tokenizer = args.out.parent / "tokenizer"  # Qwen2.5's, for random-weight models of real shapes there
-    save_tokenizer(tokenizer)
-    total = sum(w.stat().st_size for w in args.out.glob("*.whl")) + sum(
-        f.stat().st_size for f in tokenizer.iterdir())
-    print(f"{len(list(args.out.glob('*.whl')))} wheels, {total / MIB:.1f} MiB in {args.out}")
-    if total > args.budget_mib * MIB:
+        root = Path(scratch)
+        site = root / "site"
+        pip_install([f"ray=={ray.__version__}", *(pinned(name) for name in DEVICE_MISSING)], site, args.python)
+        removed = strip_ray(site)
+        print(f"ray {ray.__version__}: {removed / MIB:.1f} MiB removed, {tree_bytes(site / 'ray') / MIB:.1f} MiB left")
+        save_tokenizer(root / "tokenizer")
+        with tarfile.open(args.out, "w:xz", preset=9) as archive:
+            archive.add(site, "site")
+            archive.add(root / "tokenizer", "tokenizer")
+    size = args.out.stat().st_size
+    print(f"{args.out}: {size / MIB:.1f} MiB")
+    if size > args.budget_mib * MIB:
         print(f"over the budget of {args.budget_mib:g} MiB", file=sys.stderr)
         return 1
     return 0

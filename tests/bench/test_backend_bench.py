@@ -21,7 +21,7 @@ def test_bench_backend_tiny_measures_every_backend_the_reference_and_the_loop(tm
         assert {(s["batch"], s["context"]) for s in mine if s["implementation"] == "reference"} == {(1, 64)}
         assert all(s["ms_p10"] <= s["ms_median"] <= s["ms_p90"] for s in mine)
     loops = report["loops"]
-    assert {(l["model"], l["backend"], l["rule"]) for l in loops} == {
+    assert {(lp["model"], lp["backend"], lp["rule"]) for lp in loops} == {
         (m, b, r) for m in ("tiny-drafter", "tiny-expert") for b in ("hf", "static") for r in ("token", "lossless")}
-    assert all(l["acceptance"] == 1.0 for l in loops if l["rule"] == "token")  # pi = q: every token kept
+    assert all(lp["acceptance"] == 1.0 for lp in loops if lp["rule"] == "token")  # pi = q: every token kept
     assert {t["what"].split(":")[1].strip().split(" ")[0] for t in report["targets"]} >= {"static", "loop"}

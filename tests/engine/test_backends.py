@@ -261,6 +261,46 @@ def test_steps_on_tokens_chosen_on_the_device_equal_scoring_the_known_tokens(kin
     assert backend.forward_calls == calls
 
 
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_a_session_twice_in_one_step_is_refused_and_its_cache_stays_whole(kind):
+    backend = backend_class(kind)(tiny_qwen2(VOCAB, seed=3), name=kind)
+    session, context = backend.new_session(), random_tokens(72, 9)
+    backend.distributions(session, context, len(context))
+    with pytest.raises(ValueError, match="twice"):
+        backend.step([session, session], torch.tensor([5, 5]))
+    assert session.tokens == context
+    torch.testing.assert_close(backend.distributions(session, context + [5], len(context)),
+                               scratch(backend, context + [5], len(context)), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_a_pass_that_fails_leaves_its_sessions_empty_and_the_next_call_recomputes_exactly(kind):
+    """A pass that raised midway (a device error, out of memory) may have written some caches;
+    its sessions are emptied, never left holding keys their token lists do not name."""
+    backend = backend_class(kind)(tiny_qwen2(VOCAB, seed=3), name=kind)
+    sessions = [backend.new_session() for _ in range(2)]
+    contexts = [random_tokens(73, 8), random_tokens(74, 12)]
+    for session, context in zip(sessions, contexts):
+        backend.distributions(session, context, len(context))
+    forward = backend._forward
+
+    def failing_forward(plans, ids=None):
+        forward(plans, ids)  # the caches move on, then the pass fails
+        raise RuntimeError("device lost")
+
+    backend._forward = failing_forward
+    with pytest.raises(RuntimeError, match="device lost"):
+        backend.step(sessions, torch.tensor([3, 4]))
+    with pytest.raises(RuntimeError, match="device lost"):
+        backend.distributions(sessions[0], contexts[0] + [7], len(contexts[0]))
+    backend._forward = forward
+    assert all(session.cached_length == 0 for session in sessions)
+    for session, context in zip(sessions, contexts):
+        grown = context + [9, 10]
+        torch.testing.assert_close(backend.distributions(session, grown, len(context)),
+                                   scratch(backend, grown, len(context)), atol=1e-5, rtol=1e-4)
+
+
 def test_static_refuses_a_sequence_longer_than_its_slots():
     static = backend_class("static")(tiny_qwen2(VOCAB, seed=3), name="static", slots=2, max_len=32)
     assert static.context_window == 32

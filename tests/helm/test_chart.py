@@ -515,7 +515,7 @@ def test_every_value_is_documented():
             comments.append(previous.strip())
         documented = any(c.startswith("# --") for c in comments)
         covered = documented or any(d for _, d in documented_ancestors)
-        following = next((l for l in lines[index + 1:] if l.strip() and not l.strip().startswith("#")), "")
+        following = next((ln for ln in lines[index + 1:] if ln.strip() and not ln.strip().startswith("#")), "")
         is_section = (not rest.strip() and bool(key.match(following))
                       and len(following) - len(following.lstrip()) > indent)
         if not is_section and not covered:

@@ -7,7 +7,7 @@ import asyncio
 import threading
 
 import pytest
-from speccascade.serving.batching import ContinuousBatcher, Prefill
+from speccascade.serving.batching import ContinuousBatcher, Prefill, SupersededError
 from speccascade.tenancy.fairness import Share
 
 
@@ -16,7 +16,7 @@ class Model:
 
     def __init__(self, chunks_per_prompt: int = 3):
         self.log: list = []
-        self.chunks_left: dict[str, int] = {}
+        self.tokens_left: dict[str, int] = {}
         self.chunks_per_prompt = chunks_per_prompt
         self.gate = threading.Event()
         self.gate.set()
@@ -29,18 +29,30 @@ class Model:
         return [q.item.upper() for q in batch]
 
     def pending(self, item: str) -> int:
-        return 100 if item.startswith("long") else 1
+        """A long prompt: its tokens not yet prefilled; other calls: one token."""
+        return self.tokens_left.setdefault(item, CHUNK * self.chunks_per_prompt) if item.startswith("long") else 1
 
-    def run_chunk(self, item: str) -> bool:
-        left = self.chunks_left.setdefault(item, self.chunks_per_prompt) - 1
-        self.chunks_left[item] = left
-        self.log.append(("chunk", item))
-        return left == 0
+    def run(self, items: list[str], budget: int) -> list[bool]:
+        """Feeds the prompts in order, as many tokens as the budget has left."""
+        fed, done = [], []
+        for item in items:
+            n = min(self.pending(item), budget)
+            if n:
+                budget -= n
+                self.tokens_left[item] -= n
+                fed.append(item)
+            done.append(self.tokens_left[item] == 0)
+        self.log.append(("chunk", sorted(fed)))
+        return done
 
 
-def batcher(model: Model, ended=lambda item: None, max_batch_size: int = 8) -> ContinuousBatcher:
+CHUNK = 20  # a prompt's tokens per chunk
+
+
+def batcher(model: Model, ended=lambda item: None, max_batch_size: int = 8, budget: int = CHUNK) -> ContinuousBatcher:
     return ContinuousBatcher(model.run_batch, max_batch_size=max_batch_size, name="test", ended=ended,
-                             prefill=Prefill(model.pending, model.run_chunk, threshold=16))
+                             prefill=Prefill(model.pending, model.run, threshold=16, budget=budget),
+                             session_of=lambda item: item.split(".")[0])  # "b.2": session b's second call
 
 
 def test_calls_queued_during_a_pass_form_the_next_batch():
@@ -78,6 +90,25 @@ def test_a_long_context_is_prefilled_a_chunk_at_a_time_between_batches():
     assert len(chunks) == 3
     assert all(model.log[i + 1][0] == "batch" for i in chunks[:-1])  # never two chunks in a row while work waits
     assert model.log[-1] == ("batch", ["long"])  # the prompt's own step joins the batches once cached
+
+
+def test_a_burst_of_prompts_is_prefilled_several_to_a_pass_within_the_budget():
+    """Four new prompts at once, a budget of two prompts a pass: each pass feeds two (not one chunk
+    of one prompt per batch), in arrival order, while a stream keeps stepping between passes."""
+    model = Model(chunks_per_prompt=1)
+
+    async def scenario():
+        b = batcher(model, budget=2 * CHUNK)
+        prompts = [asyncio.create_task(b.submit(f"long{i}")) for i in range(4)]
+        for step in range(4):
+            assert (await b.submit(f"s{step}"))[0] == f"S{step}"
+        assert [(await p)[0] for p in prompts] == [f"LONG{i}" for i in range(4)]
+
+    asyncio.run(scenario())
+    passes = [fed for kind, fed in model.log if kind == "chunk"]
+    assert passes == [["long0", "long1"], ["long2", "long3"]]
+    second_pass = model.log.index(("chunk", ["long2", "long3"]))
+    assert model.log[second_pass - 1][0] == "batch"  # the stream stepped between the two passes
 
 
 def test_calls_of_an_ended_session_are_dropped_before_they_run():
@@ -121,3 +152,30 @@ def test_batches_take_their_turns_by_fair_share():
 
     asyncio.run(scenario())
     assert "q" in model.log[1][1]  # the quiet tenant's call is in the very next batch
+
+
+def test_a_newer_call_for_a_session_supersedes_its_queued_one_and_no_batch_holds_a_session_twice():
+    """A router's retry after a timeout (or a draft replacing a dropped pre-draft) arrives while the
+    first call still queues: the first is dropped, so one cache is never advanced twice in a pass."""
+    model = Model()
+
+    async def scenario():
+        b = batcher(model)
+        model.gate.clear()
+        running = asyncio.create_task(b.submit("a.1"))
+        await asyncio.to_thread(model.entered.wait, 10)
+        first = asyncio.create_task(b.submit("b.1"))  # queued behind the pass in progress
+        other = asyncio.create_task(b.submit("c.1"))
+        await asyncio.sleep(0.05)
+        retry = asyncio.create_task(b.submit("b.2"))  # the same session "b"
+        again = asyncio.create_task(b.submit("a.2"))  # session "a", whose call is running
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        with pytest.raises(SupersededError, match="'b'"):
+            await first
+        with pytest.raises(SupersededError, match="'a'"):
+            await running  # it ran, but its caller had been replaced: the newer call's answer counts
+        return [(await call)[0] for call in (other, retry, again)]
+
+    assert asyncio.run(scenario()) == ["C.1", "B.2", "A.2"]
+    assert model.log == [("batch", ["a.1"]), ("batch", ["a.2", "b.2", "c.1"])]

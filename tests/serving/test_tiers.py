@@ -99,3 +99,31 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_another_session_steps(tiers)
     assert prefill[:3] == [16, 32, 48]  # one chunk of 16 tokens per pass, never the whole prompt at once
     for session_id in ("new", "stepping"):
         drafter.sessions.release(session_id)
+
+
+def test_a_retried_call_supersedes_the_one_still_queued_and_the_session_stays_exact(tiers):
+    """A router that timed out sends its call again while the first still queues: the first is
+    dropped (its caller is gone), never batched with the retry, which would advance the session's
+    cache twice in one pass."""
+    drafter, _ = tiers
+    context = CONTEXT + [11, 12]
+    sent = SentTokens()
+
+    async def scenario():
+        delta = sent.delta(context)
+        call = DraftCall("retried", delta, 4, GREEDY, 0, DraftPayload(SampleRows.NONE))
+        first = asyncio.create_task(drafter.draft(call))
+        second = asyncio.create_task(drafter.draft(call))  # TierClient's retry: the same call again
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        block = (await second).block
+        sent.sent(delta, context)
+        return block
+
+    block = asyncio.run(scenario())
+    assert block.tokens == draft(drafter, "fresh-twin", SentTokens(), context).block.tokens
+    grown = context + list(block.tokens)  # on the session's cache, the next block is exact
+    assert draft(drafter, "retried", sent, grown).block.tokens == \
+        draft(drafter, "fresh-grown", SentTokens(), grown).block.tokens
+    for session_id in ("retried", "fresh-twin", "fresh-grown"):
+        drafter.sessions.release(session_id)

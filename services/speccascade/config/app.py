@@ -107,8 +107,8 @@ class TierConfig(StrictModel):
                                                             "nothing waits for company.")
     prefill_chunk_tokens: int = Field(
         256, ge=16, le=65536,
-        description="Tokens of a new context prefilled per pass. Prompts are prefilled in chunks between the decode "
-                    "batches, so a running stream's step waits for at most one chunk.")
+        description="Tokens of new contexts prefilled per pass, shared by the prompts waiting. Prompts are prefilled "
+                    "in passes between the decode batches, so a running stream's step waits for at most one pass.")
     kv_cache_budget_mb: int = Field(1024, ge=1, description="KV cache memory per replica before LRU eviction.")
     session_idle_timeout_s: float = Field(
         300.0, gt=0, le=86400,

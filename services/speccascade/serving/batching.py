@@ -8,14 +8,22 @@ queued during the previous pass.
 A call whose context the model has not yet seen (a new prompt, or a session that lost its cache)
 would make its batch's pass long for everyone in it, and, batched, make every row as long as the
 longest. Such calls (more than `Prefill.threshold` context tokens uncached) queue apart and are
-prefilled one chunk at a time (`Prefill.run_chunk`, at most `prefill_chunk_tokens` tokens), one
-chunk after each batch, so a running stream's next step waits for at most one chunk; once its
-context is cached, the call joins the batches like any other.
+prefilled in passes of their own, one after each batch, each pass at most `Prefill.budget` tokens
+(`prefill_chunk_tokens`) shared by as many waiting prompts as it holds, in fair order
+(`Prefill.run`): a running stream's next step waits for at most one such pass, and a burst of new
+prompts is prefilled several to a pass rather than one chunk of one prompt per batch. Once its
+context is cached, a call joins the batches like any other.
 
 Which queued calls make the next batch (and which prompt gets the next chunk) is decided by
 weighted fair queueing across tenants (`tenancy.FairQueue`; each call says whose share it is), so a
 tenant flooding the replica only queues behind its own work. Calls of a cancelled caller, or of a
 session that ended (`ended`), are dropped before they run.
+
+A session has at most one live call: a new call for a session (`session_of`) supersedes one still
+queued or running for it (a router's retry after a timeout, or a draft that replaces a pre-draft
+the verdict made useless), whose caller has stopped waiting for it. The older call fails with
+`SupersededError` — before it runs if it is still queued; a running draft stops at its next step —
+so no batch ever holds two calls of one session, which would advance one cache twice.
 
 Batches run on one worker thread; other work that must not overlap a forward pass (freeing a
 session's cache) runs on the same thread between batches (`run_between_batches`).
@@ -25,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -37,13 +45,20 @@ Result = TypeVar("Result")
 T = TypeVar("T")
 
 
+class SupersededError(RuntimeError):
+    """A call replaced by a newer call for the same session before it finished."""
+
+
 @dataclass(frozen=True)
 class Prefill(Generic[Item]):
     """How a replica prefills long contexts apart from its batches."""
 
     pending: Callable[[Item], int]  # context tokens the call's step would run uncached (an estimate, event loop)
-    run_chunk: Callable[[Item], bool]  # forward thread: feed the next chunk; True once the context is cached
-    threshold: int  # calls with more pending tokens than this are prefilled in chunks first
+    # Forward thread: one pass feeding up to `budget` context tokens, shared by the calls in order;
+    # for each call, True once its context is cached.
+    run: Callable[[list[Item], int], list[bool]]
+    threshold: int  # calls with more pending tokens than this are prefilled first
+    budget: int  # context tokens per prefill pass
 
 
 @dataclass(eq=False)
@@ -58,19 +73,23 @@ class Queued(Generic[Item]):
 class ContinuousBatcher(Generic[Item, Result]):
     def __init__(self, run_batch: Callable[[list[Queued]], list[Result | Exception]], *, max_batch_size: int,
                  name: str, prefill: Prefill | None = None,
-                 ended: Callable[[Item], Exception | None] = lambda item: None):
+                 ended: Callable[[Item], Exception | None] = lambda item: None,
+                 session_of: Callable[[Item], Hashable] | None = None):
         """`run_batch` is blocking (a forward pass); it runs on one worker thread, so the event loop
         keeps accepting calls meanwhile. It returns one result per queued call, or an exception for
         a call that failed alone (that caller gets it raised; the others their results).
-        `ended(item)` is the error of a call whose session has ended (None while it lives)."""
+        `ended(item)` is the error of a call whose session has ended (None while it lives);
+        `session_of(item)` names the call's session (None: every call is its own)."""
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.prefill = prefill
         self.ended = ended
+        self.session_of = session_of
+        self._latest: dict[Hashable, Queued] = {}  # each session's newest call, until it finishes
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-forward")
         self._ready: FairQueue[Queued] = FairQueue()
         self._prefilling: FairQueue[Queued] = FairQueue()
-        self._chunking: Queued | None = None  # the call whose prompt gets the next chunk
+        self._chunking: list[Queued] = []  # the calls whose prompts the next prefill pass feeds
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
 
@@ -81,12 +100,24 @@ class ContinuousBatcher(Generic[Item, Result]):
             self._arrived = asyncio.Event()
             self._worker = loop.create_task(self._run_forever())
         queued = Queued(item, loop.create_future(), share)
+        if self.session_of is not None:
+            key = self.session_of(item)
+            older = self._latest.get(key)
+            if older is not None and not older.future.done():
+                older.future.set_exception(SupersededError(f"call superseded by a newer call for session {key!r}"))
+                older.future.exception()  # retrieved: nobody awaits a superseded call any more
+            self._latest[key] = queued
+            queued.future.add_done_callback(lambda _, key=key: self._forget(key, queued))
         if self.prefill is not None and self.prefill.pending(item) > self.prefill.threshold:
             self._prefilling.push(queued, share)
         else:
             self._ready.push(queued, share)
         self._arrived.set()
         return await queued.future, queued
+
+    def _forget(self, key: Hashable, queued: Queued) -> None:
+        if self._latest.get(key) is queued:
+            del self._latest[key]
 
     def wake(self) -> None:
         """Look at the queues again now (a session ended: its queued calls are dropped)."""
@@ -116,39 +147,49 @@ class ContinuousBatcher(Generic[Item, Result]):
                 taken.append(queued)
         return taken
 
-    def _next_chunk(self) -> Queued | None:
-        if self._chunking is not None and not self._alive(self._chunking):
-            self._chunking = None
-        while self._chunking is None and self._prefilling:
+    def _next_prefill(self) -> list[Queued]:
+        """The calls the next prefill pass feeds: those it fed before, still alive, then more in fair
+        order while the pass's budget has room."""
+        self._chunking = [queued for queued in self._chunking if self._alive(queued)]
+        tokens = sum(self.prefill.pending(queued.item) for queued in self._chunking)
+        while self._prefilling and tokens < self.prefill.budget:
             queued = self._prefilling.pop()
             if self._alive(queued):
-                self._chunking = queued
+                self._chunking.append(queued)
+                tokens += self.prefill.pending(queued.item)
         return self._chunking
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = self._take_batch()
-            chunk = self._next_chunk() if self.prefill is not None else None
-            if not batch and chunk is None:
+            prefilling = self._next_prefill() if self.prefill is not None else []
+            if not batch and not prefilling:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
             if batch:
                 await self._run(loop, batch)
-            if chunk is not None:
-                started = time.perf_counter()
-                try:
-                    done = await loop.run_in_executor(self._thread, self.prefill.run_chunk, chunk.item)
-                except Exception as error:  # the call fails alone
-                    self._chunking = None
-                    if not chunk.future.done():
-                        chunk.future.set_exception(error)
-                    continue
-                chunk.prefill_s += time.perf_counter() - started
-                if done:
-                    self._chunking = None
-                    self._ready.push(chunk, chunk.share)
+            if prefilling:
+                await self._prefill(loop, list(prefilling))
+
+    async def _prefill(self, loop: asyncio.AbstractEventLoop, calls: list[Queued]) -> None:
+        started = time.perf_counter()
+        try:
+            done = await loop.run_in_executor(self._thread, self.prefill.run, [queued.item for queued in calls],
+                                              self.prefill.budget)
+        except Exception as error:  # the pass's calls fail (the caches of a failed pass are emptied)
+            self._chunking = [queued for queued in self._chunking if queued not in calls]
+            for queued in calls:
+                if not queued.future.done():
+                    queued.future.set_exception(error)
+            return
+        elapsed = time.perf_counter() - started
+        for queued, cached in zip(calls, done):
+            queued.prefill_s += elapsed
+            if cached:
+                self._chunking.remove(queued)
+                self._ready.push(queued, queued.share)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Queued]) -> None:
         try:

@@ -150,7 +150,7 @@ class TierMetrics:
         self.prefill_tokens = Counter("speccascade_tier_prefill_tokens", "Context tokens prefilled in chunks apart "
                                       "from the decode batches.", tag_keys=("tier",))
         self.prefill_chunk_seconds = Histogram("speccascade_tier_prefill_chunk_seconds",
-                                               "Duration of prefill chunks (a running stream waits for at most one).",
+                                               "Duration of prefill passes (a running stream waits for at most one).",
                                                boundaries=LATENCY_BOUNDARIES_S, tag_keys=("tier",))
         self._last_cache_stats = None
         self.batches = 0

@@ -9,7 +9,9 @@ the same replica (`affinity.SessionAffinityRouter`). A replica that does not hol
 sequence answers `needs_context` and gets the whole sequence, so correctness never depends on
 which replica answers. A new prompt is prefilled in chunks between batches (`batching.py`).
 
-Session ends are ordered with the passes: a release ends the session at once (queued calls are
+A session has one live call per tier: a newer one (the router's retry after a timeout, or a draft
+replacing a dropped pre-draft) supersedes the older, which is dropped or, drafting, stops at its
+next step (`batching.py`). Session ends are ordered with the passes: a release ends the session at once (queued calls are
 dropped, a draft in progress stops at its next step) and frees its cache on the forward thread
 between batches, never under a pass. A call for an ended session is answered as cancelled: its
 request is over and nobody reads the answer (see `sessions.py`). Sessions whose router vanished are
@@ -38,7 +40,7 @@ from ..config.app import TierConfig
 from ..engine.backends import ScoreJob, load_backend
 from ..engine.blocks import CallReport
 from ..engine.jobs import DraftJob, VerifyJob, WorkTimes, draft_blocks, verify_blocks_on
-from .batching import ContinuousBatcher, Prefill, Queued
+from .batching import ContinuousBatcher, Prefill, Queued, SupersededError
 from .heap import pin_mmap_threshold, trim_heap
 from .logs import log_to_replica_file
 from .metrics import TierMetrics
@@ -106,7 +108,8 @@ class ModelTier:
         self.calls = 0  # draft / verify calls served, for autoscaling
         self.batcher = ContinuousBatcher(
             self._run_batch, max_batch_size=config.max_batch_size, name=role, ended=self._ended,
-            prefill=Prefill(self._pending_context, self._prefill_chunk, PREFILL_THRESHOLD))
+            prefill=Prefill(self._pending_context, self._prefill, PREFILL_THRESHOLD, config.prefill_chunk_tokens),
+            session_of=lambda work: work.session_id)
         self._sweeper: asyncio.Task | None = None
         log.info("%s tier loaded %s (%s backend, %s, %s, %d threads)", role, resolved.source, config.backend,
                  self.backend.dtype, self.backend.device, torch.get_num_threads())
@@ -122,18 +125,24 @@ class ModelTier:
         whether the call is prefilled in chunks first)."""
         return len(work.context) - work.job.session.cached_length
 
-    def _prefill_chunk(self, work: Work) -> bool:
-        """Cache the next `prefill_chunk_tokens` of the call's context; True once all of it is."""
-        if self.sessions.is_ended(work.session_id):
-            raise self.sessions.refuse_late(work.session_id)
-        context, session = work.context, work.job.session
-        cached = min(session.cached_length, len(context))
-        end = min(len(context), cached + self.config.prefill_chunk_tokens)
-        if end > cached:
+    def _prefill(self, works: list[Work], budget: int) -> list[bool]:
+        """One pass caching the next context tokens of the calls, `budget` tokens in all, shared in
+        order; for each call, True once all of its context is cached. A call whose session ended
+        meanwhile gets nothing (the batcher drops it)."""
+        jobs, done, fed = [], [], 0
+        for work in works:
+            context, session = work.context, work.job.session
+            cached = min(session.cached_length, len(context))
+            end = cached if self.sessions.is_ended(work.session_id) else min(len(context), cached + budget - fed)
+            if end > cached:
+                jobs.append(ScoreJob(session, context[:end], end))  # keeps the distribution after `end`
+                fed += end - cached
+            done.append(end == len(context))
+        if jobs:
             started = time.perf_counter()
-            self.backend.score([ScoreJob(session, context[:end], end)])  # keeps the distribution after `end`
-            self.metrics.observe_prefill(end - cached, time.perf_counter() - started)
-        return end == len(context)
+            self.backend.score(jobs)
+            self.metrics.observe_prefill(fed, time.perf_counter() - started)
+        return done
 
     def _run_batch(self, batch: list[Queued]) -> list[tuple[Any, WorkTimes] | Exception]:
         """One batch of jobs on the forward thread (all draft jobs, or all verify jobs)."""
@@ -167,7 +176,7 @@ class ModelTier:
                 self.metrics.context_resends.inc(tags=self.metrics.tags)
                 return None
             (result, times), queued = await self.batcher.submit(Work(session_id, entry, make_job(entry)), share)
-        except SessionEndedError as ended:
+        except (SessionEndedError, SupersededError) as ended:
             log.debug("%s call stopped: %s", self.role, ended)
             raise asyncio.CancelledError(str(ended)) from None
         waited = max(0.0, time.perf_counter() - queued.enqueued_at - times.forward_s - times.decide_s)

@@ -256,10 +256,12 @@ class ModelBackend(abc.ABC):
 
         This is how a drafter steps through a block without a host sync per token: the sessions
         record the tokens as UNSETTLED until `settle` gives their ids, once per block."""
+        if len({id(session) for session in sessions}) < len(sessions):
+            raise ValueError("step: a session named twice in one step would advance its cache twice")
         with self._lock:
             self._prepare(list(sessions))
             plans = [Plan(session, None, [UNSETTLED], 1) for session in sessions]
-            rows = self._forward(plans, ids=tokens.view(-1, 1))
+            rows = self._run(plans, ids=tokens.view(-1, 1))
             for plan, row in zip(plans, rows):
                 plan.session.tokens.append(UNSETTLED)
                 plan.session.last_row = row[-1]
@@ -286,6 +288,19 @@ class ModelBackend(abc.ABC):
         """[..., output_rows] logits -> [..., vocab_size] float32 probabilities."""
         return logits_to_probs(logits[..., : self.vocab_size])
 
+    def _run(self, plans: list[Plan], ids: Tensor | None = None) -> list[Tensor]:
+        """`_forward`, and if it fails, the plans' sessions emptied: a pass that raised may have
+        extended some caches and not others, and a cache must always hold exactly its session's
+        tokens (the next call recomputes them)."""
+        try:
+            return self._forward(plans, ids)
+        except BaseException:
+            for plan in plans:  # unconditionally: the cache may hold keys its token list does not name
+                self._truncate(plan.session, 0)
+                plan.session.tokens.clear()
+                plan.session.last_row = None
+            raise
+
     def plan(self, job: ScoreJob) -> Plan:
         session, tokens, start = job.session, job.tokens, job.start
         if not 1 <= start <= len(tokens):
@@ -308,7 +323,7 @@ class ModelBackend(abc.ABC):
         self._prepare([job.session for job in jobs])
         plans = [self.plan(job) for job in jobs]
         to_run = [plan for plan in plans if plan.new_tokens]
-        computed = iter(self._forward(to_run) if to_run else [])
+        computed = iter(self._run(to_run) if to_run else [])
         results = []
         for plan in plans:
             if not plan.new_tokens:
