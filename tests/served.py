@@ -42,10 +42,10 @@ def in_process(engine, method="expert", **kwargs):
 
 
 def in_process_policy(engine, method, rule, alpha, sampling: dict, *, seed: int, max_new_tokens: int,
-                      block_size: int = 4):
+                      block_size: int = 4, pipeline: str = "auto"):
     return engine.generate(GenerationRequest(
         prompt=PROMPT, method=method, rule=rule, alpha=alpha, block_size=block_size, max_new_tokens=max_new_tokens,
-        sampling=SamplingParams(**sampling), seed=seed))
+        sampling=SamplingParams(**sampling), seed=seed, pipeline=pipeline))
 
 
 def wait_until(condition, timeout=15.0, period=0.1):

@@ -31,9 +31,12 @@ def test_served_lossless_greedy_equals_in_process_expert_greedy(client, local_en
 @pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
 @pytest.mark.parametrize("method,rule,alpha", POLICIES)
 def test_served_output_equals_in_process_output(client, local_engine, method, rule, alpha, sampling):
+    # Pipelining off on both sides: then every count of work matches too (a pre-draft's passes
+    # depend on timing; pipelining's output is checked below).
     response = client.generate(prompt=PROMPT, method=method, rule=rule, alpha=alpha, max_new_tokens=24, seed=3,
-                               **sampling)
-    expected = in_process_policy(local_engine, method, rule, alpha, sampling, seed=3, max_new_tokens=24)
+                               pipeline="off", **sampling)
+    expected = in_process_policy(local_engine, method, rule, alpha, sampling, seed=3, max_new_tokens=24,
+                                 pipeline="off")
     assert list(response.token_ids) == expected.token_ids
     assert list(response.sources) == [PROTO_BY_SOURCE[s] for s in expected.sources]
     stats = response.stats
@@ -131,8 +134,10 @@ def test_same_seed_same_output_across_calls(client, rule, alpha, sampling):
 
 
 def test_greedy_rounds_ship_no_distributions(client):
-    greedy = client.generate(prompt=PROMPT, rule="diff", alpha=0.1, max_new_tokens=20).stats
-    sampled = client.generate(prompt=PROMPT, rule="lossless", temperature=1.0, max_new_tokens=20, seed=1).stats
+    # Pipelining off: one draft call and one verify call per round (a pre-draft is a third call).
+    greedy = client.generate(prompt=PROMPT, rule="diff", alpha=0.1, max_new_tokens=20, pipeline="off").stats
+    sampled = client.generate(prompt=PROMPT, rule="lossless", temperature=1.0, max_new_tokens=20, seed=1,
+                              pipeline="off").stats
     # Greedy: token ids and a few scalars per position beyond the resent context.
     assert (greedy.wire_bytes - greedy.context_bytes) / greedy.rounds < 200
     # Pure temperature sampling: full float16 rows of the 49152-token vocabulary.

@@ -197,4 +197,5 @@ def test_a_rule_with_its_own_alpha_range_renders(render, tmp_path):
     values = tmp_path / "values.yaml"
     values.write_text(yaml.safe_dump({"app": {"policy": {"rule": "diff", "alpha": -0.5}}}))
     assert app_of(rayservice_of(render(values_files=(values,))))["args"]["policy"] == {
-        "rule": "diff", "alpha": -0.5, "block_size": 5, "max_new_tokens": 256, "max_new_tokens_cap": 2048}
+        "rule": "diff", "alpha": -0.5, "block_size": 5, "max_new_tokens": 256, "max_new_tokens_cap": 2048,
+        "pipeline": "auto"}

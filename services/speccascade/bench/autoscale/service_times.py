@@ -62,12 +62,15 @@ def measure(*, block_size: int = 5, repeats: int = 12, prompt_tokens: int = 128,
     from ...models import DRAFTER_DEFAULT, EXPERT_DEFAULT
 
     torch.set_num_threads(threads)
-    request = GenerationRequest(prompt="service-time probe", rule="lossless", block_size=block_size, seed=0)
+    # Pipelining off: a drafter step and a verify are timed one at a time.
+    request = GenerationRequest(prompt="service-time probe", rule="lossless", block_size=block_size, seed=0,
+                                pipeline="off")
     prompt = torch.randint(100, 20000, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
 
     async def time_rounds(engine: CascadeEngine) -> tuple[list[float], list[float]]:
         steps, verifies = [], []
-        rounds = speculative_rounds(LocalDrafter(engine.drafter), LocalExpert(engine.expert), prompt, request)
+        rounds = speculative_rounds(LocalDrafter(engine.drafter), LocalExpert(engine.expert), prompt, request,
+                                    limit=request.max_new_tokens)
         warm = False
         async for record in rounds:  # the first round prefills and warms up kernels: not kept
             if warm:

@@ -141,7 +141,7 @@ async def loop_round_times(drafter, expert, prompt: list[int], request, rounds: 
 
     times: list[float] = []
     drafted = accepted = 0
-    loop = speculative_rounds(drafter, expert, prompt, request)
+    loop = speculative_rounds(drafter, expert, prompt, request, limit=request.max_new_tokens)
     synchronize(device)
     previous = time.perf_counter()
     async for record in loop:
@@ -172,7 +172,9 @@ def measure_loops(name: str, model, backends: dict, args, report: Report, progre
         ideal = (args.gamma * report.step(name, kind, 1, args.contexts[0], 1).ms_median
                  + report.step(name, kind, 1, args.contexts[0], args.gamma + 1).ms_median)
         for rule, alpha in (("token", 1.0), ("lossless", 0.0)):
-            request = GenerationRequest(prompt="loop probe", rule=rule, alpha=alpha, block_size=args.gamma, seed=0)
+            # Pipelining off: the ideal round is gamma steps then one verify, in sequence.
+            request = GenerationRequest(prompt="loop probe", rule=rule, alpha=alpha, block_size=args.gamma, seed=0,
+                                        pipeline="off")
             drafter, expert = LocalDrafter(partner), LocalExpert(backend)
             # The first pass captures every graph the second replays; the first round prefills.
             for timed in (False, True):
