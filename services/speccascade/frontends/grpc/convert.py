@@ -29,35 +29,30 @@ SOURCE_BY_PROTO = {value: source for source, value in PROTO_BY_SOURCE.items()}
 PROTO_BY_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
-def rule_from_proto(value: int, default: Rule) -> Rule:
-    if value == pb.RULE_UNSPECIFIED:
-        return default
-    if value not in RULES_BY_PROTO:
-        known = ", ".join(pb.Rule.Name(v) for v in RULES_BY_PROTO)
-        raise ValueError(f"policy.rule={value} is not a known rule; expected one of: {known}")
-    return RULES_BY_PROTO[value]
-
-
 PIPELINES_BY_PROTO = {pb.PIPELINE_ON: Pipeline.ON, pb.PIPELINE_OFF: Pipeline.OFF, pb.PIPELINE_AUTO: Pipeline.AUTO}
 PROTO_BY_PIPELINE = {pipeline: value for value, pipeline in PIPELINES_BY_PROTO.items()}
 
 
+def _enum_from_proto(value: int, field: str, table: dict, names, what: str, unspecified):
+    """`table[value]`, `unspecified` for the proto's 0, or a ValueError naming the field and the known values."""
+    if value == 0:  # every enum of the API keeps 0 for UNSPECIFIED
+        return unspecified
+    if value not in table:
+        known = ", ".join(names.Name(v) for v in table)
+        raise ValueError(f"policy.{field}={value} is not a known {what}; expected one of: {known}")
+    return table[value]
+
+
+def rule_from_proto(value: int, default: Rule) -> Rule:
+    return _enum_from_proto(value, "rule", RULES_BY_PROTO, pb.Rule, "rule", default)
+
+
 def pipeline_from_proto(value: int) -> Pipeline | None:
-    if value == pb.PIPELINE_UNSPECIFIED:
-        return None
-    if value not in PIPELINES_BY_PROTO:
-        known = ", ".join(pb.Pipeline.Name(v) for v in PIPELINES_BY_PROTO)
-        raise ValueError(f"policy.pipeline={value} is not a known pipelining mode; expected one of: {known}")
-    return PIPELINES_BY_PROTO[value]
+    return _enum_from_proto(value, "pipeline", PIPELINES_BY_PROTO, pb.Pipeline, "pipelining mode", None)
 
 
 def method_from_proto(value: int) -> Method:
-    if value == pb.METHOD_UNSPECIFIED:
-        return Method.CASCADE
-    if value not in METHODS_BY_PROTO:
-        known = ", ".join(pb.Method.Name(v) for v in METHODS_BY_PROTO)
-        raise ValueError(f"policy.method={value} is not a known method; expected one of: {known}")
-    return METHODS_BY_PROTO[value]
+    return _enum_from_proto(value, "method", METHODS_BY_PROTO, pb.Method, "method", Method.CASCADE)
 
 
 def request_from_proto(message: pb.GenerateRequest, policy: CascadePolicy) -> GenerationRequest:
