@@ -4,11 +4,19 @@ agree token for token."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from speccascade.bench import machine
+from speccascade.bench.serve import cli
+from speccascade.bench.serve.measure import Breakdown, Concurrency
 
 from .test_soak_bench import REPO, free_port
 
@@ -45,3 +53,27 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     assert len(report["load"]["ttft_s"]) == 4 and report["load"]["baseline_ttft_s"]
     assert report["wire"]["greedy (ids + max q)"][1] > 0
     assert "identical outputs" in done.stdout + done.stderr
+
+
+def test_a_stopped_bench_serve_still_reports_what_it_measured(tmp_path, monkeypatch, capsys):
+    """`timeout` (SIGTERM) mid-run: the figures so far are printed and written, marked incomplete,
+    with the streams that failed counted (a run of 50 minutes is not lost to its last phase)."""
+    def measure_all(args, report):
+        report.concurrency.append(Concurrency(4, 96, 2.0, 50.0, 1.5, 1.2, Breakdown(), "off", (0, 0),
+                                              ["UNAVAILABLE: the expert tier has no healthy replica"]))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "measure_all", measure_all)
+    monkeypatch.setattr(machine, "real_model_lock", contextlib.nullcontext)
+    args = argparse.Namespace(tiny=False, shapes=None, drafter=None, expert=None, rule="lossless", alpha=0.0,
+                              block_size=5, max_new_tokens=64, dtype="fp32", json=tmp_path / "figures.json")
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(args)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is not cli._exit_on_sigterm  # the handler is put back
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert figures["complete"] is False
+    assert figures["concurrency"][0]["failures"] == ["UNAVAILABLE: the expert tier has no healthy replica"]
+    printed = capsys.readouterr()
+    assert "stopped before the end" in printed.err
+    assert "3/4" in printed.out and "1 failed with UNAVAILABLE" in printed.out

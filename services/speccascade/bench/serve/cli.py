@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import statistics
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,25 +87,38 @@ def run(args: argparse.Namespace) -> int:
                     f"random weights, shapes {args.shapes}" if args.shapes else
                     f"{args.drafter or 'packaged 0.5B'} / {args.expert or 'packaged 1.5B'}",
                     args.rule, args.alpha, args.block_size, args.max_new_tokens, args.dtype)
-    with contextlib.ExitStack() as stack:
-        if args.tiny:
-            args.drafter, args.expert = tiny_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
-                                                  args.tokenizer)
-            args.dtype = report.dtype = "fp32"
-        elif args.shapes:
-            args.drafter, args.expert = shaped_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
-                                                    args.shapes, args.tokenizer)
-        else:
-            stack.enter_context(real_model_lock())
-        measure_all(args, report)
-    print_report(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        data = asdict(report)
-        data["paired_ratios"] = [{"token": p.token_ratio, "ttft": p.ttft_ratio} for p in report.paired]
-        data["breakdown_ms_per_round"] = {k: b.per_round() for k, b in report.breakdowns.items()}
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    complete = False
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `timeout` or a job runner: keep what was measured
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.tiny:
+                args.drafter, args.expert = tiny_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                                                      args.tokenizer)
+                args.dtype = report.dtype = "fp32"
+            elif args.shapes:
+                args.drafter, args.expert = shaped_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                                                        args.shapes, args.tokenizer)
+            else:
+                stack.enter_context(real_model_lock())
+            measure_all(args, report)
+        complete = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if not complete:
+            print("bench serve stopped before the end: what follows is what it measured until then", file=sys.stderr)
+        print_report(report)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            data = asdict(report)
+            data["complete"] = complete
+            data["paired_ratios"] = [{"token": p.token_ratio, "ttft": p.ttft_ratio} for p in report.paired]
+            data["breakdown_ms_per_round"] = {k: b.per_round() for k, b in report.breakdowns.items()}
+            args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds: the stack stops, the figures so far are printed and written
 
 
 def measure_all(args: argparse.Namespace, report: Report) -> None:

@@ -86,6 +86,7 @@ class Concurrency:
     breakdown: Breakdown
     pipeline: str = "off"
     predrafts: tuple[int, int] = (0, 0)  # made, used
+    failures: list[str] = field(default_factory=list)  # the gRPC status of each stream that failed
 
     @property
     def tokens_per_s(self) -> float:
@@ -173,16 +174,24 @@ def run_pipelined(client, requests: Sequence[tuple[str, str, dict]], modes: Sequ
 
 def concurrent(target: str, app: str, build: Callable[[int], object], streams: int, handles,
                pipeline: str = "off") -> Concurrency:
-    """`streams` requests at once, one per client thread."""
+    """`streams` requests at once, one per client thread; a stream that fails is counted, not timed."""
+    import grpc
+
     from ...api.client import SpecCascadeClient
 
     before = batch_counts(handles)
     results: list[Timed] = []
+    failures: list[str] = []
     lock = threading.Lock()
 
     def one(index: int) -> None:
-        with SpecCascadeClient(target, application=app) as client:
-            timed = Timed(client.stream(build(index)))
+        try:
+            with SpecCascadeClient(target, application=app) as client:
+                timed = Timed(client.stream(build(index)))
+        except grpc.RpcError as error:
+            with lock:
+                failures.append(f"{error.code().name}: {error.details()}")
+            return
         with lock:
             results.append(timed)
 
@@ -204,7 +213,7 @@ def concurrent(target: str, app: str, build: Callable[[int], object], streams: i
     gaps = [g for timed in results for g in timed.timing.token_gaps_s]
     predrafts = (sum(t.stats.predrafts for t in results), sum(t.stats.predrafts_used for t in results))
     return Concurrency(streams, sum(t.timing.tokens for t in results), wall, 1e3 * percentile(gaps, 0.5),
-                       means["Drafter"], means["Expert"], breakdown, pipeline, predrafts)
+                       means["Drafter"], means["Expert"], breakdown, pipeline, predrafts, failures)
 
 
 def synthetic_prompt(tokenizer, tokens: int, seed: int) -> str:

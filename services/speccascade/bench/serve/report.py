@@ -69,16 +69,22 @@ def print_report(report) -> None:
                           f"{sum(p.identical for p in report.pipelined)}/{len(report.pipelined)}")
     if report.concurrency:
         table = Table(title="aggregate throughput (served)")
-        for column in ("streams", "pipelining", "tokens", "wall s", "tokens/s", "x vs 1", "per-token p50 ms",
-                       "pre-drafts used", "drafter batch", "expert batch"):
+        for column in ("streams", "pipelining", "finished", "tokens", "wall s", "tokens/s", "x vs 1",
+                       "per-token p50 ms", "pre-drafts used", "drafter batch", "expert batch"):
             table.add_column(column, justify="right")
         base = {c.pipeline: c.tokens_per_s for c in report.concurrency if c.streams == report.concurrency[0].streams}
         for c in report.concurrency:
             used = f"{c.predrafts[1]}/{c.predrafts[0]}" if c.predrafts[0] else "-"
-            table.add_row(str(c.streams), c.pipeline, str(c.tokens), f"{c.wall_s:.1f}", f"{c.tokens_per_s:.1f}",
-                          f"{c.tokens_per_s / base[c.pipeline]:.2f}", f"{c.token_p50_ms:.1f}", used,
+            finished = f"{c.streams - len(c.failures)}/{c.streams}"
+            table.add_row(str(c.streams), c.pipeline, finished if not c.failures else f"[red]{finished}[/]",
+                          str(c.tokens), f"{c.wall_s:.1f}", f"{c.tokens_per_s:.1f}",
+                          f"{c.tokens_per_s / base[c.pipeline]:.2f}" if base[c.pipeline] else "-", f"{c.token_p50_ms:.1f}", used,
                           f"{c.mean_drafter_batch:.2f}", f"{c.mean_expert_batch:.2f}")
         console.print(table)
+        for c in report.concurrency:
+            for failure in sorted(set(c.failures)):
+                console.print(f"[red]{c.streams} streams, pipelining {c.pipeline}: {c.failures.count(failure)} "
+                              f"failed with {failure}[/]")
     if report.load is not None:
         load = report.load
         alone_ttft, alone_itl = statistics.median(load.baseline_ttft_s), statistics.median(load.baseline_itl_s)
