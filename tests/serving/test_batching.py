@@ -179,3 +179,28 @@ def test_a_newer_call_for_a_session_supersedes_its_queued_one_and_no_batch_holds
 
     assert asyncio.run(scenario()) == ["C.1", "B.2", "A.2"]
     assert model.log == [("batch", ["a.1"]), ("batch", ["a.2", "b.2", "c.1"])]
+
+
+def test_progress_tells_a_running_pass_and_its_queue_from_a_still_model():
+    model = Model()
+
+    async def scenario():
+        b = batcher(model)
+        await asyncio.sleep(0.2)
+        idle = b.progress()  # nothing ran yet: still since the batcher started
+        assert (idle.running, idle.queued) == (False, 0) and idle.still_s >= 0.2 and not idle.moving(0.1)
+        model.gate.clear()
+        first = asyncio.create_task(b.submit("a"))
+        await asyncio.to_thread(model.entered.wait, 10)
+        queued = [asyncio.create_task(b.submit(x)) for x in ("b", "c")]
+        await asyncio.sleep(0.05)
+        busy = b.progress()
+        assert (busy.running, busy.queued) == (True, 2) and busy.moving(0.2)
+        await asyncio.sleep(0.3)  # the same pass, still running: no pass started or ended since
+        assert not b.progress().moving(0.2)
+        model.gate.set()
+        await asyncio.gather(first, *queued)
+        done = b.progress()
+        assert (done.running, done.queued) == (False, 0) and done.moving(0.2)
+
+    asyncio.run(scenario())

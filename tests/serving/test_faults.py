@@ -93,3 +93,12 @@ def test_drafter_tier_without_replicas_degrades_to_expert_only(app_with_unplacea
     assert response.stats.expert_only_fallback
     assert response.stats.tokens_from_drafter == 0 and response.stats.drafted == 0
     assert app_with_unplaceable_tier.health() == "SERVING"
+
+
+def test_a_tier_replica_says_whether_its_model_is_moving(client, tier_handles):
+    """What the router asks a replica when a call outlives its timeout (`TierClient` decides on it:
+    tests/serving/test_clients.py)."""
+    client.generate(prompt=PROMPT, max_new_tokens=8)
+    progress = tier_handles["Expert"].options(multiplexed_model_id="probe").progress.remote().result()
+    assert (progress.queued, progress.running) == (0, False)
+    assert progress.moving(60.0) and not progress.moving(0.0)  # its last pass ended moments ago

@@ -27,6 +27,10 @@ so no batch ever holds two calls of one session, which would advance one cache t
 
 Batches run on one worker thread; other work that must not overlap a forward pass (freeing a
 session's cache) runs on the same thread between batches (`run_between_batches`).
+
+`progress()` says whether the model is getting through its work: the router asks when a call has
+waited longer than its timeout, to tell a replica that is only busy (the call keeps its place in the
+queue) from one that is stuck (the call is retried elsewhere).
 """
 
 from __future__ import annotations
@@ -47,6 +51,19 @@ T = TypeVar("T")
 
 class SupersededError(RuntimeError):
     """A call replaced by a newer call for the same session before it finished."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A replica's forward thread as seen from outside."""
+
+    queued: int  # calls waiting for a batch or for their prefill
+    running: bool  # a pass is on the forward thread now
+    still_s: float  # seconds since a pass last started or ended
+
+    def moving(self, window_s: float) -> bool:
+        """Whether a pass started or ended within the last `window_s` seconds."""
+        return self.still_s < window_s
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,20 @@ class ContinuousBatcher(Generic[Item, Result]):
         self._chunking: list[Queued] = []  # the calls whose prompts the next prefill pass feeds
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._running = False
+        self._moved_at = time.monotonic()  # a pass last started or ended
+
+    def progress(self) -> Progress:
+        return Progress(queued=len(self._ready) + len(self._prefilling) + len(self._chunking), running=self._running,
+                        still_s=time.monotonic() - self._moved_at)
+
+    async def _on_thread(self, fn: Callable[..., T], *args) -> T:
+        """Run one pass on the forward thread, noting when it starts and ends."""
+        self._running, self._moved_at = True, time.monotonic()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        finally:
+            self._running, self._moved_at = False, time.monotonic()
 
     async def submit(self, item: Item, share: Share = DEFAULT_SHARE) -> tuple[Result, Queued]:
         """Queue a call; its result, with its queue entry (when it was queued, its prefill time)."""
@@ -160,7 +191,6 @@ class ContinuousBatcher(Generic[Item, Result]):
         return self._chunking
 
     async def _run_forever(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = self._take_batch()
             prefilling = self._next_prefill() if self.prefill is not None else []
@@ -169,15 +199,14 @@ class ContinuousBatcher(Generic[Item, Result]):
                 await self._arrived.wait()
                 continue
             if batch:
-                await self._run(loop, batch)
+                await self._run(batch)
             if prefilling:
-                await self._prefill(loop, list(prefilling))
+                await self._prefill(list(prefilling))
 
-    async def _prefill(self, loop: asyncio.AbstractEventLoop, calls: list[Queued]) -> None:
+    async def _prefill(self, calls: list[Queued]) -> None:
         started = time.perf_counter()
         try:
-            done = await loop.run_in_executor(self._thread, self.prefill.run, [queued.item for queued in calls],
-                                              self.prefill.budget)
+            done = await self._on_thread(self.prefill.run, [queued.item for queued in calls], self.prefill.budget)
         except Exception as error:  # the pass's calls fail (the caches of a failed pass are emptied)
             self._chunking = [queued for queued in self._chunking if queued not in calls]
             for queued in calls:
@@ -191,9 +220,9 @@ class ContinuousBatcher(Generic[Item, Result]):
                 self._chunking.remove(queued)
                 self._ready.push(queued, queued.share)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Queued]) -> None:
+    async def _run(self, batch: list[Queued]) -> None:
         try:
-            results = await loop.run_in_executor(self._thread, self.run_batch, batch)
+            results = await self._on_thread(self.run_batch, batch)
         except Exception as error:  # the whole batch failed: every caller gets the error
             for queued in batch:
                 if not queued.future.done():

@@ -20,6 +20,7 @@ from ..config.app import RouterConfig
 from ..engine.blocks import EMPTY_BLOCK, TOKEN_BYTES, CallReport, DraftedBlock, DraftPayload, VerifyOutcome
 from ..options import Rule, SamplingParams
 from ..tenancy.fairness import DEFAULT_SHARE, Share
+from .batching import Progress
 from .metrics import RouterMetrics
 from .replicas import running_count
 from .wire import DraftCall, SentTokens, VerifyCall
@@ -27,6 +28,10 @@ from .wire import DraftCall, SentTokens, VerifyCall
 log = logging.getLogger(__name__)
 
 HEALTH_CACHE_S = 2.0  # how long a tier-health answer is reused (it asks the Serve controller)
+
+
+async def _resolved(response):
+    return await response
 
 
 class TierUnavailableError(RuntimeError):
@@ -80,26 +85,59 @@ class TierClient:
             started = time.perf_counter()
             response = getattr(self.handle.options(multiplexed_model_id=call.session_id), method).remote(call)
             try:
-                async with asyncio.timeout(self.config.tier_call_timeout_s):
-                    result = await response
-            except RayActorError as error:  # the replica died: retry, another one recomputes
-                log.warning("%s call %s failed (attempt %d): %s", self.tier, method, attempt + 1, error)
+                result = await self._while_moving(method, call.session_id, response)
+            except (RayActorError, TimeoutError) as error:  # died or stuck: retry, another replica recomputes
+                log.warning("%s call %s failed (attempt %d): %r", self.tier, method, attempt + 1, error)
                 last_error = error
-                continue
-            except TimeoutError as error:
-                last_error = error
-                if await self.running_replicas() == 0:
-                    self._down_until = time.monotonic() + self.config.tier_down_cooldown_s
-                    raise TierUnavailableError.of(
-                        self.tier, f"deployment {self.deployment!r} has no running replica "
-                                   f"(a {method} call waited {self.config.tier_call_timeout_s:g}s)"
-                    ) from error
                 continue
             self.metrics.tier_call_seconds.observe(time.perf_counter() - started,
                                                    tags={"tier": self.tier, "rule": rule})
             return result
         raise TierUnavailableError.of(
             self.tier, f"{self.config.tier_call_attempts} attempts of {method} failed; last: {last_error!r}")
+
+    async def _while_moving(self, method: str, session_id: str, response):
+        """The call's result. Each time `tier_call_timeout_s` passes without it, the replica is asked
+        whether its model is still getting through work: a busy one (overloaded, or a long prompt
+        ahead in its queue) keeps the call, since a retry would only queue it again at the back; one
+        whose forward thread has been still that long, or that does not answer, is stuck
+        (TimeoutError: retried). With no running replica at all the tier is unavailable."""
+        timeout = self.config.tier_call_timeout_s
+        answer = asyncio.ensure_future(_resolved(response))
+        waited = 0.0
+        try:
+            while True:
+                done, _ = await asyncio.wait({answer}, timeout=timeout)
+                if done:
+                    return answer.result()
+                waited += timeout
+                if await self.running_replicas() == 0:
+                    self._down_until = time.monotonic() + self.config.tier_down_cooldown_s
+                    raise TierUnavailableError.of(
+                        self.tier, f"deployment {self.deployment!r} has no running replica (a {method} call "
+                                   f"waited {waited:g}s)")
+                progress = await self._progress(session_id)
+                if progress is None:
+                    raise TimeoutError(f"{method} call unanswered after {waited:g}s, and the replica did not "
+                                       f"say within {timeout:g}s whether it is working")
+                if not progress.moving(timeout):
+                    raise TimeoutError(f"{method} call unanswered after {waited:g}s; the replica's model has run "
+                                       f"no pass for {progress.still_s:.0f}s")
+                self.metrics.tier_busy_waits.inc(tags={"tier": self.tier})
+                log.info("%s call %s of session %s still queued after %gs; the replica is busy (%d calls "
+                         "waiting), so it keeps its place", self.tier, method, session_id, waited, progress.queued)
+        finally:
+            if not answer.done():
+                answer.cancel()
+                response.cancel()
+
+    async def _progress(self, session_id: str) -> Progress | None:
+        """The progress of the replica the session's calls go to; None if it does not answer in time."""
+        try:
+            async with asyncio.timeout(self.config.tier_call_timeout_s):
+                return await self.handle.options(multiplexed_model_id=session_id).progress.remote()
+        except (TimeoutError, RayActorError):
+            return None
 
     def release(self, session_id: str):
         return self.handle.options(multiplexed_model_id=session_id).release.remote(session_id)

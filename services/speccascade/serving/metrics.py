@@ -95,6 +95,10 @@ class RouterMetrics:
                                  tag_keys=("rule",))
         self.tier_retries = Counter("speccascade_tier_retries", "Tier calls retried after a failure.",
                                     tag_keys=("tier",))
+        self.tier_busy_waits = Counter(
+            "speccascade_tier_busy_waits", "Times a tier call outlived tier_call_timeout_s on a replica that was "
+            "still running passes (overloaded, not stuck), so it kept waiting instead of being retried.",
+            tag_keys=("tier",))
         self.context_resends = Counter("speccascade_context_resends", "Tier calls sent again with the whole "
                                        "sequence because the replica did not hold the one the call built on "
                                        "(the session moved replicas, or its cache was evicted).", tag_keys=("tier",))

@@ -40,7 +40,7 @@ from ..config.app import TierConfig
 from ..engine.backends import ScoreJob, load_backend
 from ..engine.blocks import CallReport
 from ..engine.jobs import DraftJob, VerifyJob, WorkTimes, draft_blocks, verify_blocks_on
-from .batching import ContinuousBatcher, Prefill, Queued, SupersededError
+from .batching import ContinuousBatcher, Prefill, Progress, Queued, SupersededError
 from .heap import pin_mmap_threshold, trim_heap
 from .logs import log_to_replica_file
 from .metrics import TierMetrics
@@ -225,6 +225,11 @@ class ModelTier:
 
         return ReplicaStats(serve.get_replica_context().replica_id.unique_id, os.getpid(),
                             psutil.Process().memory_info().rss, self.sessions.stats())
+
+    async def progress(self) -> Progress:
+        """Whether this replica's model is getting through its work (answered by the event loop,
+        whatever the forward thread is doing)."""
+        return self.batcher.progress()
 
     async def batch_stats(self) -> dict[str, int]:
         """Forward passes and the calls they served since start (mean batch size is the ratio);

@@ -1,0 +1,127 @@
+"""The router's tier client against a stand-in tier: a call that outlives its timeout keeps waiting
+on a replica that is busy (overloaded), and is retried on one that is stuck, silent or gone."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from speccascade.config.app import RouterConfig
+from speccascade.serving.batching import Progress
+from speccascade.serving.clients import TierClient, TierUnavailableError, Transport
+
+TIMEOUT_S = 0.2
+NEVER_S = 3600.0
+
+
+class Reply:
+    """A Serve response stand-in: awaitable, answers `value` after `after_s`, can be cancelled."""
+
+    def __init__(self, after_s: float, value):
+        self.cancelled = False
+        self._answer = asyncio.ensure_future(self._later(after_s, value))
+
+    @staticmethod
+    async def _later(after_s: float, value):
+        await asyncio.sleep(after_s)
+        return value
+
+    def __await__(self):
+        return self._answer.__await__()
+
+    def cancel(self):
+        self.cancelled = True
+        self._answer.cancel()
+
+
+class StandInTier:
+    """An expert deployment's handle: `verify` answers after `answer_after_s`; `progress` reports
+    `progress` after `progress_after_s` (the replica's event loop answers at once unless told)."""
+
+    deployment_name, app_name = "Expert", "app"
+
+    def __init__(self, answer_after_s: float, progress: Progress, progress_after_s: float = 0.0, running: int = 1):
+        self.answer_after_s, self.state, self.progress_after_s = answer_after_s, progress, progress_after_s
+        self.running = running
+        self.replies: list[Reply] = []
+        self.probes = 0
+
+    def options(self, *, multiplexed_model_id: str):
+        assert multiplexed_model_id == "s1"  # calls and probes go where the session's calls go
+        return self
+
+    @property
+    def verify(self):
+        def remote(call):
+            self.replies.append(Reply(self.answer_after_s, f"verified {call.session_id}"))
+            return self.replies[-1]
+        return SimpleNamespace(remote=remote)
+
+    @property
+    def progress(self):
+        def remote():
+            self.probes += 1
+            return Reply(self.progress_after_s, self.state)
+        return SimpleNamespace(remote=remote)
+
+
+class Counted:
+    def __init__(self):
+        self.count = 0
+
+    def inc(self, tags=None):
+        self.count += 1
+
+    def observe(self, value, tags=None):
+        self.count += 1
+
+
+def call(tier: StandInTier, attempts: int = 2):
+    metrics = SimpleNamespace(tier_retries=Counted(), tier_busy_waits=Counted(), tier_call_seconds=Counted())
+    client = TierClient(tier, tier="expert", config=RouterConfig(tier_call_timeout_s=TIMEOUT_S,
+                                                                 tier_call_attempts=attempts), metrics=metrics)
+
+    async def running_replicas():
+        return tier.running
+
+    client.running_replicas = running_replicas
+    transport = Transport()
+
+    async def scenario():
+        return await client.call("verify", SimpleNamespace(session_id="s1"), rule="lossless", transport=transport)
+
+    return asyncio.run(scenario()), metrics, transport
+
+
+BUSY = Progress(queued=7, running=True, still_s=0.01)
+STUCK = Progress(queued=7, running=True, still_s=30.0)
+
+
+def test_a_call_on_a_busy_replica_keeps_its_place_past_the_timeout():
+    tier = StandInTier(answer_after_s=4 * TIMEOUT_S, progress=BUSY)
+    result, metrics, transport = call(tier)
+    assert result == "verified s1"
+    assert len(tier.replies) == 1 and not tier.replies[0].cancelled  # not retried: no work repeated
+    assert transport.tier_retries == 0 and metrics.tier_retries.count == 0
+    assert metrics.tier_busy_waits.count == tier.probes >= 3
+
+
+@pytest.mark.parametrize("progress,progress_after_s,reason", [
+    (STUCK, 0.0, "the replica's model has run no pass for 30s"),
+    (BUSY, NEVER_S, "did not say within 0.2s whether it is working"),
+], ids=["still-forward-thread", "silent-replica"])
+def test_a_call_on_a_stuck_replica_is_retried_then_the_tier_is_unavailable(progress, progress_after_s, reason):
+    tier = StandInTier(answer_after_s=NEVER_S, progress=progress, progress_after_s=progress_after_s)
+    with pytest.raises(TierUnavailableError) as error:
+        call(tier, attempts=2)
+    assert "2 attempts of verify failed" in str(error.value) and reason in str(error.value)
+    assert len(tier.replies) == 2 and all(reply.cancelled for reply in tier.replies)  # nothing left running
+
+
+def test_a_tier_without_running_replicas_is_unavailable_at_the_first_timeout():
+    tier = StandInTier(answer_after_s=NEVER_S, progress=BUSY, running=0)
+    with pytest.raises(TierUnavailableError) as error:
+        call(tier, attempts=3)
+    assert "has no running replica (a verify call waited 0.2s)" in str(error.value)
+    assert len(tier.replies) == 1 and tier.replies[0].cancelled and tier.probes == 0
