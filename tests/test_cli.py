@@ -27,7 +27,22 @@ def test_generate_streams_text_and_stats(tiny_model_dirs, capsys):
     (["-g", "0"], "block_size=0 is out of range"),
     (["--rule", "token", "--alpha", "1.5"], "alpha=1.5 is out of range for rule 'token'"),
     (["--top-p", "0"], "top_p must be in"),
+    (["-n", "4", "--min-tokens", "5"], "min_tokens=5 is out of range: expected 0..max_new_tokens (4)"),
 ])
 def test_generate_rejects_bad_arguments_before_loading_models(argv, fragment, capsys):
     assert main(["generate", "hi", "--drafter", "/nonexistent", *argv]) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_generate_takes_vllms_stop_options():
+    import argparse
+
+    from speccascade.commands.generate import add_generation_arguments, request_from_args
+
+    parser = argparse.ArgumentParser()
+    add_generation_arguments(parser)
+    request = request_from_args(parser.parse_args(["hi", "-n", "9", "--ignore-eos", "--min-tokens", "3",
+                                                   "--keep-special-tokens"]))
+    assert (request.ignore_eos, request.min_tokens, request.skip_special_tokens) == (True, 3, False)
+    defaults = request_from_args(parser.parse_args(["hi"]))
+    assert (defaults.ignore_eos, defaults.min_tokens, defaults.skip_special_tokens) == (False, 0, True)

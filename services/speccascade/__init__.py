@@ -38,6 +38,9 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     stop: tuple[str, ...] | list[str] = (),
+    ignore_eos: bool = False,
+    min_tokens: int = 0,
+    skip_special_tokens: bool = True,
     dtype: str = "auto",
     drafter: str | None = None,
     expert: str | None = None,
@@ -50,7 +53,8 @@ def generate(
     request = GenerationRequest(
         prompt=prompt, messages=messages, method=method, rule=rule, alpha=alpha, block_size=block_size,
         max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
-        seed=seed, stop=tuple(stop) if not isinstance(stop, str) else (stop,),
+        seed=seed, stop=tuple(stop) if not isinstance(stop, str) else (stop,), ignore_eos=ignore_eos,
+        min_tokens=min_tokens, skip_special_tokens=skip_special_tokens,
     )
     return load_engine(drafter, expert, dtype).generate(request)
 

@@ -105,6 +105,33 @@ NEVER_DEFER_ALPHA = {Rule.CHOW: 1.0, Rule.DIFF: 1.0, Rule.OPT: 1.0, Rule.TOKEN: 
 ALWAYS_DEFER_ALPHA = {Rule.LOSSLESS: 0.0, Rule.CHOW: 0.0, Rule.DIFF: -1.0, Rule.LOSSY: 0.0}
 
 
+def equivalent_cascades(method: Method, rule: Rule, alpha: float) -> tuple[tuple[Rule, float], ...]:
+    """The (rule, alpha) speculative cascades whose output distribution a request's output has: the
+    guarantees that output carries. A tenant held to some rules may use a method only when one of
+    these is a rule (and alpha) it may ask for (`tenancy.tenants.Tenant.check`).
+
+    `rule` and `alpha` are the request's; only the methods that use them read them. For `lossless`
+    the alpha is ignored wherever it appears.
+    """
+    if method is Method.CASCADE:
+        return ((rule, alpha),)
+    if method is Method.EXPERT_ONLY:
+        # The expert's distribution: speculative decoding, and the rules at an alpha where they
+        # always defer. Not chow at 0: it keeps a drafter token the drafter is certain of.
+        return ((Rule.LOSSLESS, alpha), (Rule.DIFF, ALWAYS_DEFER_ALPHA[Rule.DIFF]),
+                (Rule.LOSSY, ALWAYS_DEFER_ALPHA[Rule.LOSSY]))
+    if method is Method.DRAFTER_ONLY:
+        # Only chow can skip the expert, so only chow at its never-defer alpha is drafter-only;
+        # the other rules' lenient ends still emit one expert (bonus) token per round.
+        return ((Rule.CHOW, NEVER_DEFER_ALPHA[Rule.CHOW]),)
+    if method is Method.TOKEN_CASCADE:
+        # Per token the chow test (the drafter's token if max q >= 1 - alpha, else the expert's).
+        return ((Rule.CHOW, alpha),)
+    # The sequence-level cascade keeps or replaces a whole answer by its mean confidence, which no
+    # per-token rule describes: it carries no rule's guarantee.
+    return ()
+
+
 def validate_alpha(rule: "str | Rule", alpha: float) -> float:
     rule = Rule.parse(rule)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha):
@@ -129,6 +156,12 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0 disables top-k filtering
     top_p: float = 1.0  # 1.0 disables nucleus filtering
+    # Tokens that may not be drawn at sequence positions before `suppressed_until` (the end-of-
+    # sequence ids while a request's min_tokens are not yet produced). Both tiers zero them in
+    # their distributions at those positions, so every rule decides over the same masked p and q
+    # and the cascade stays exact for the masked target, as vLLM masks their logits.
+    suppressed_ids: frozenset[int] = frozenset()
+    suppressed_until: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
@@ -143,6 +176,16 @@ class SamplingParams:
             raise ValueError(f"top_p must be a finite number, got {self.top_p!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p!r}")
+        if not isinstance(self.suppressed_ids, frozenset) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.suppressed_ids):
+            raise ValueError(f"suppressed_ids must be a frozenset of token ids, got {self.suppressed_ids!r}")
+        if isinstance(self.suppressed_until, bool) or not isinstance(self.suppressed_until, int) \
+                or self.suppressed_until < 0:
+            raise ValueError(f"suppressed_until must be a position >= 0, got {self.suppressed_until!r}")
+
+    def suppresses_at(self, position: int) -> bool:
+        """Whether the suppressed ids are masked out of the distribution at `position`."""
+        return bool(self.suppressed_ids) and position < self.suppressed_until
 
     @property
     def is_greedy(self) -> bool:

@@ -209,3 +209,103 @@ def test_a_lenient_rule_uses_most_of_its_pre_drafts(engine):
     result = run(engine, rule="token", alpha=1.0, block_size=3, max_new_tokens=60, pipeline="on")
     assert result.stats.predrafts_used >= 1
     assert result.stats.predraft_wasted_passes == 4 * result.stats.predrafts_wasted
+
+
+# ------------------------------------------------------------- vLLM's ignore_eos, min_tokens, skip_special_tokens
+
+def engine_with_early_eos(tokenizer, n: int = 20, eos_index: int = 5):
+    """An engine whose EOS is the token its lossless greedy output has at `eos_index` (first seen
+    there): (engine, the full output without that EOS, the EOS id)."""
+    engine = make_engine(tokenizer)
+    full = run(engine, rule="lossless", max_new_tokens=n)
+    eos = full.token_ids[eos_index]
+    assert full.token_ids.index(eos) == eos_index, "the tiny model's token appears earlier: pick another index"
+    engine.eos_ids = frozenset({eos})
+    return engine, full, eos
+
+
+@pytest.mark.parametrize("method,rule,alpha,sampling", [
+    ("cascade", "lossless", 0.0, SamplingParams()), ("cascade", "token", 0.3, SAMPLED),
+    ("cascade", "chow", 0.3, SamplingParams()), ("expert", "lossless", 0.0, SAMPLED),
+    ("sequence-cascade", "lossless", 0.3, SamplingParams()),
+])
+def test_ignore_eos_runs_to_max_new_tokens_with_the_eos_kept(tokenizer, method, rule, alpha, sampling):
+    engine = make_engine(tokenizer)
+    options = dict(method=method, rule=rule, alpha=alpha, sampling=sampling, seed=3, max_new_tokens=20)
+    full = run(engine, **options)
+    eos = full.token_ids[4]
+    engine.eos_ids = frozenset({eos})
+    stopped = run(engine, **options)
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < 20
+    ignored = run(engine, ignore_eos=True, **options)
+    # The same draws as without any EOS: the EOS is an output token like any other.
+    assert ignored.token_ids == full.token_ids and ignored.text == full.text
+    assert ignored.finish_reason == "length" and len(ignored.token_ids) == 20
+
+
+def test_min_tokens_masks_eos_as_hugging_face_min_new_tokens_does(tokenizer):
+    """Greedy lossless cascade with min_tokens: the expert's greedy output with the EOS logit masked
+    for the first min_tokens tokens (HF's MinNewTokensLengthLogitsProcessor, vLLM's min_tokens)."""
+    engine, full, eos = engine_with_early_eos(tokenizer)
+    ids = torch.tensor([engine.encode(GenerationRequest(prompt=PROMPTS[0]))])
+    reference = engine.expert.model.generate(ids, max_new_tokens=20, do_sample=False, min_new_tokens=10,
+                                             eos_token_id=eos, pad_token_id=eos)[0, ids.shape[1]:].tolist()
+    reference = reference[: reference.index(eos)] if eos in reference else reference
+    assert reference[:5] == full.token_ids[:5] and reference[5] != eos  # the mask changed the output
+    for gamma in (1, 4):
+        result = run(engine, rule="lossless", block_size=gamma, max_new_tokens=20, min_tokens=10)
+        assert result.token_ids == reference
+        assert eos not in result.token_ids[:10] and len(result.token_ids) >= 10
+
+
+@pytest.mark.parametrize("method,rule,alpha", [("cascade", "token", 0.3), ("cascade", "chow", 0.5),
+                                               ("drafter", "lossless", 0.0), ("token-cascade", "lossless", 0.3),
+                                               ("sequence-cascade", "lossless", 0.5)])
+def test_min_tokens_holds_for_every_method_and_sampling(tokenizer, method, rule, alpha):
+    engine = make_engine(tokenizer)
+    for sampling in (SamplingParams(), SAMPLED):
+        options = dict(method=method, rule=rule, alpha=alpha, sampling=sampling, seed=5, max_new_tokens=16)
+        full = run(engine, **options)
+        engine.eos_ids = frozenset({full.token_ids[2]})
+        result = run(engine, min_tokens=12, **options)
+        assert len(result.token_ids) >= 12 and not set(result.token_ids[:12]) & engine.eos_ids
+        engine.eos_ids = frozenset()
+
+
+def test_min_tokens_defers_stop_strings_as_vllm_does(engine):
+    full = run(engine, rule="lossless", max_new_tokens=30)
+    stop = full.text[len(full.text) // 3: len(full.text) // 3 + 3]
+    cut = run(engine, rule="lossless", max_new_tokens=30, stop=(stop,))
+    assert cut.finish_reason == "stop"
+    # No stop string ends the output before min_tokens; one seen before then is not searched again.
+    held = run(engine, rule="lossless", max_new_tokens=30, stop=(stop,), min_tokens=30)
+    assert held.token_ids == full.token_ids and held.finish_reason == "length"
+
+
+def test_skip_special_tokens_decides_whether_special_tokens_are_text(tokenizer):
+    from speccascade.engine.text import OutputBuilder
+
+    special = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    words = tokenizer("hello world")["input_ids"]
+    texts = {}
+    for skip in (True, False):
+        builder = OutputBuilder(tokenizer, eos_ids=frozenset({special}), max_new_tokens=10, ignore_eos=True,
+                                skip_special_tokens=skip)
+        for token in [*words, special, *words]:
+            builder.add(token, Source.EXPERT)
+        assert builder.tokens == [*words, special, *words] and not builder.finished
+        texts[skip] = builder.text
+    assert texts[True] == "hello worldhello world"
+    assert texts[False] == "hello world<|im_end|>hello world"
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"min_tokens": -1}, r"min_tokens=-1 is out of range: expected 0..max_new_tokens \(8\)"),
+    ({"min_tokens": 9}, r"min_tokens=9 is out of range: expected 0..max_new_tokens \(8\)"),
+    ({"min_tokens": 2.5}, "min_tokens must be an integer"),
+    ({"ignore_eos": "yes"}, "ignore_eos must be true or false"),
+    ({"skip_special_tokens": 1}, "skip_special_tokens must be true or false"),
+])
+def test_bad_vllm_extension_values_are_refused_by_name(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        GenerationRequest(prompt="hello", max_new_tokens=8, **kwargs)

@@ -83,3 +83,46 @@ def test_a_batch_of_verifies_equals_each_verify_alone(kind):
     together, times = verify_blocks_on(expert, jobs_together)
     assert together == alone
     assert times.forward_s > 0 and times.decide_s > 0
+
+
+def test_suppression_masks_only_the_positions_before_its_end_and_renormalises():
+    import torch
+    from speccascade.engine.jobs import with_suppression
+
+    probs = torch.softmax(torch.randn(4, 10, generator=torch.Generator().manual_seed(0)), dim=-1)
+    sampling = SamplingParams(suppressed_ids=frozenset({2, 7}), suppressed_until=12)
+    out = with_suppression(probs, [sampling] * 4, [10, 11, 12, 13])
+    for row in (0, 1):  # positions 10 and 11: masked, the rest rescaled by the same factor
+        assert out[row, [2, 7]].tolist() == [0.0, 0.0]
+        kept = [i for i in range(10) if i not in (2, 7)]
+        torch.testing.assert_close(out[row, kept], probs[row, kept] / probs[row, kept].sum())
+    assert torch.equal(out[2:], probs[2:])  # from position 12 on, untouched
+    assert with_suppression(probs, [SamplingParams()] * 4, [0, 1, 2, 3]) is probs
+    # All the mass on a suppressed id: uniform over the others, never NaN.
+    onehot = torch.zeros(1, 10).index_fill_(1, torch.tensor([2]), 1.0)
+    uniform = with_suppression(onehot, [sampling], [0])
+    assert uniform[0, [2, 7]].tolist() == [0.0, 0.0] and torch.allclose(uniform.sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_drafts_and_verifies_never_choose_a_suppressed_token(kind):
+    backend = backend_class(kind)(tiny_qwen2(VOCAB, seed=2), name=kind)
+    context = contexts()[0]
+    plain, _ = draft_blocks(backend, [DraftJob(backend.new_session(), context, 4, SamplingParams(), 1,
+                                               DraftPayload.for_request(Rule.LOSSLESS, SamplingParams()))])
+    banned = frozenset({plain[0].tokens[1]})  # the greedy draft's second token
+    sampling = SamplingParams(suppressed_ids=banned, suppressed_until=len(context) + 3)
+    payload = DraftPayload.for_request(Rule.LOSSLESS, sampling)
+    (block,), _ = draft_blocks(backend, [DraftJob(backend.new_session(), context, 4, sampling, 1, payload)])
+    assert block.tokens[0] == plain[0].tokens[0] and not set(block.tokens[:3]) & banned
+    # The expert alone (an empty block) at a masked position: its greedy token is never the banned one.
+    from speccascade.engine.blocks import EMPTY_BLOCK
+
+    expert_context = context + [block.tokens[0]]
+    unmasked, _ = verify_blocks_on(backend, [VerifyJob(backend.new_session(), expert_context, len(expert_context),
+                                                       EMPTY_BLOCK, Rule.LOSSLESS, 0.0, SamplingParams(), 1)])
+    masked_sampling = SamplingParams(suppressed_ids=frozenset({unmasked[0].next_token}),
+                                     suppressed_until=len(expert_context) + 1)
+    masked, _ = verify_blocks_on(backend, [VerifyJob(backend.new_session(), expert_context, len(expert_context),
+                                                     EMPTY_BLOCK, Rule.LOSSLESS, 0.0, masked_sampling, 1)])
+    assert masked[0].next_token != unmasked[0].next_token

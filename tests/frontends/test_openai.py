@@ -171,6 +171,9 @@ def test_a_client_that_leaves_mid_stream_stops_the_decoding(oai, tier_handles):
     ({"alpah": 0.3}, "alpah"),  # a misspelt extra field is refused, not ignored
     ({"logprobs": 2}, "logprobs"),
     ({"prompt": "word " * 600}, "prompt"),  # longer than the 512-token context window
+    ({"min_tokens": 9}, "min_tokens"),  # above max_tokens=8
+    ({"repetition_penalty": 1.2}, "repetition_penalty"),  # cannot be exact under the cascade: a 400 with why
+    ({"ignore_eos": "sometimes"}, "ignore_eos"),
 ])
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_bad_requests_are_openai_400_errors_naming_the_field(oai, body, param, stream):
@@ -221,6 +224,146 @@ def test_models_lists_the_served_pair(oai, tiny_pair):
 def test_health_is_serving(openai_base_url):
     with urllib.request.urlopen(openai_base_url.removesuffix("/v1") + "/health", timeout=30) as response:
         assert response.status == 200 and json.load(response) == {"status": "SERVING"}
+
+
+# ---------------------------------------------------------------- vLLM's extensions (load testers)
+
+EOS_INDEX = 6  # where the early-EOS application's extra end-of-sequence token first appears
+
+
+def sse_events(url: str, body: dict) -> list[dict]:
+    """POST `body` as is (the exact JSON a tool sends) and read the server-sent events."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200
+        lines = [line.decode().strip() for line in response]
+    data = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+@pytest.fixture(scope="class")
+def early_eos(http_port, tiny_pair, tmp_path_factory, local_engine):
+    """(OpenAI base URL, application name, the EOS id, the full output of 24 tokens, the
+    in-process engine with that EOS)."""
+    import copy
+    import shutil
+    from pathlib import Path
+
+    from ray import serve
+    from speccascade.app import build_app
+
+    from ..served import app_args
+
+    full = in_process(local_engine, max_new_tokens=24)
+    eos = full.token_ids[EOS_INDEX]
+    assert full.token_ids.index(eos) == EOS_INDEX, full.token_ids
+    drafter_dir, expert_dir = tiny_pair
+    early_expert = tmp_path_factory.mktemp("early-eos") / "expert"
+    shutil.copytree(expert_dir, early_expert)
+    config_path = Path(early_expert) / "generation_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config["eos_token_id"] = sorted(local_engine.eos_ids | {eos})
+    config_path.write_text(json.dumps(config))
+    engine = copy.copy(local_engine)  # the same models, this EOS too
+    engine.eos_ids = frozenset(config["eos_token_id"])
+    name = "speccascade-early-eos"
+    serve.run(build_app(app_args(drafter_dir, str(early_expert))), name=name, route_prefix=f"/{name}")
+    try:
+        yield f"http://127.0.0.1:{http_port}/{name}/v1", name, eos, full, engine
+    finally:
+        serve.delete(name)
+
+
+@pytest.fixture(scope="class")
+def early_oai(early_eos):
+    with openai.OpenAI(base_url=early_eos[0], api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+class TestVllmExtensions:
+    """ignore_eos, min_tokens and continuous usage stats, served, on the tiny pair whose expert has
+    one more end-of-sequence id: the token its greedy output has at EOS_INDEX, so a request stops
+    early there unless told otherwise (the tiny random models never emit their real EOS)."""
+
+    def test_ignore_eos_runs_to_max_tokens_past_the_eos(self, early_eos, early_oai):
+        _, _, _, full, engine = early_eos
+        stopped = early_oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24)
+        assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == EOS_INDEX
+        assert stopped.choices[0].text == in_process(engine, max_new_tokens=24).text
+        ignored = early_oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24,
+                                               extra_body={"ignore_eos": True})
+        (choice,) = ignored.choices
+        assert choice.finish_reason == "length" and ignored.usage.completion_tokens == 24
+        assert choice.text == full.text  # the EOS is an ordinary output token, not special text
+
+    def test_ignore_eos_over_grpc(self, early_eos, served):
+        from speccascade.api.client import SpecCascadeClient
+
+        _, name, _, full, _ = early_eos
+        with SpecCascadeClient(served, application=name) as grpc_client:
+            assert len(grpc_client.generate(prompt=PROMPT, max_new_tokens=24).token_ids) == EOS_INDEX
+            response = grpc_client.generate(prompt=PROMPT, max_new_tokens=24, ignore_eos=True)
+            assert list(response.token_ids) == full.token_ids
+            masked = grpc_client.generate(prompt=PROMPT, max_new_tokens=24, min_tokens=EOS_INDEX + 4)
+            assert len(masked.token_ids) >= EOS_INDEX + 4
+
+    def test_min_tokens_masks_the_eos_as_in_process(self, early_eos, early_oai):
+        _, _, eos, full, engine = early_eos
+        min_tokens = EOS_INDEX + 6
+        expected = in_process(engine, method="cascade", rule="lossless", alpha=0.0, block_size=4,
+                              max_new_tokens=24, min_tokens=min_tokens)
+        assert len(expected.token_ids) >= min_tokens and eos not in expected.token_ids[:min_tokens]
+        assert expected.token_ids[EOS_INDEX] != eos  # the expert's next choice, not the EOS
+        for chat in (False, True):
+            if chat:
+                response = early_oai.chat.completions.create(
+                    model=MODEL, messages=MESSAGES, max_tokens=24, extra_body={"min_tokens": min_tokens})
+                reference = engine.generate(GenerationRequest(messages=MESSAGES, max_new_tokens=24,
+                                                              min_tokens=min_tokens, rule="lossless", alpha=0.0,
+                                                              block_size=4))
+                text = response.choices[0].message.content
+            else:
+                response = early_oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24,
+                                                        extra_body={"min_tokens": min_tokens})
+                reference, text = expected, response.choices[0].text
+            assert text == reference.text
+            assert response.usage.completion_tokens == len(reference.token_ids) >= min_tokens
+
+    def test_guidellms_streamed_chat_gets_usage_in_every_chunk(self, early_eos):
+        """The body guidellm 0.8.1 sends for a fixed output length, as is."""
+        base_url = early_eos[0]
+        body = {"model": MODEL, "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                "max_completion_tokens": 20, "stop": None, "ignore_eos": True,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "Write hello world."}]}]}
+        events = sse_events(f"{base_url}/chat/completions", body)
+        assert all("usage" in event for event in events)
+        usages = [event["usage"] for event in events]
+        prompt_tokens = usages[0]["prompt_tokens"]
+        assert prompt_tokens > 0 and usages[0]["completion_tokens"] == 0  # the role chunk: nothing yet
+        for usage in usages:
+            assert usage["prompt_tokens"] == prompt_tokens
+            assert usage["total_tokens"] == prompt_tokens + usage["completion_tokens"]
+        completions = [usage["completion_tokens"] for usage in usages]
+        assert completions == sorted(completions)  # cumulative
+        content = [event for event in events if event["choices"] and event["choices"][0]["delta"].get("content")]
+        assert len({u["completion_tokens"] for u in usages}) > 2  # it grows round by round
+        final = events[-1]
+        assert final["choices"] == [] and final["usage"]["completion_tokens"] == 20  # ignore_eos: all of them
+        assert events[-2]["choices"][0]["finish_reason"] == "length" and events[-2]["usage"] == final["usage"]
+        assert content and all(e["usage"]["completion_tokens"] > 0 for e in content)
+
+    def test_vllm_bench_serves_default_completion_body(self, early_eos):
+        """The body `vllm bench serve --ignore-eos` sends to /v1/completions, as is."""
+        base_url, _, _, full, _ = early_eos
+        body = {"model": MODEL, "prompt": PROMPT, "repetition_penalty": 1.0, "max_tokens": 24, "logprobs": None,
+                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
+        events = sse_events(f"{base_url}/completions", body)
+        assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == full.text
+        assert [e for e in events if "usage" in e] == [events[-1]]  # usage only at the end, as asked
+        assert events[-1]["usage"]["completion_tokens"] == 24
 
 
 # ------------------------------------------------------------------------------------------ tenants

@@ -36,6 +36,7 @@ def build_request(
     alpha: float | None = None, block_size: int | None = None, max_new_tokens: int | None = None,
     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
     seed: int | None = None, stop: Sequence[str] = (), pipeline: str | None = None,
+    ignore_eos: bool | None = None, min_tokens: int | None = None, skip_special_tokens: bool | None = None,
 ) -> pb.GenerateRequest:
     request = pb.GenerateRequest(stop=list(stop))
     if messages is not None:
@@ -58,6 +59,8 @@ def build_request(
         (request.policy, "alpha", alpha), (request.policy, "block_size", block_size),
         (request, "max_new_tokens", max_new_tokens), (request.sampling, "temperature", temperature),
         (request.sampling, "top_k", top_k), (request.sampling, "top_p", top_p), (request.sampling, "seed", seed),
+        (request, "ignore_eos", ignore_eos), (request, "min_tokens", min_tokens),
+        (request, "skip_special_tokens", skip_special_tokens),
     ):
         if value is not None:
             setattr(message, field, value)

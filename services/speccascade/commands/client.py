@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
         local.prompt, messages=local.messages, method=local.method.value, rule=local.rule.value, alpha=local.alpha,
         block_size=local.block_size, max_new_tokens=local.max_new_tokens,
         temperature=local.sampling.temperature, top_k=local.sampling.top_k, top_p=local.sampling.top_p,
-        seed=args.seed, stop=local.stop, pipeline=args.pipeline,
+        seed=args.seed, stop=local.stop, pipeline=args.pipeline, ignore_eos=local.ignore_eos,
+        min_tokens=local.min_tokens, skip_special_tokens=local.skip_special_tokens,
     )
     console = Console(no_color=args.no_color, highlight=False)
     err = Console(stderr=True, highlight=False)

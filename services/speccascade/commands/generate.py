@@ -37,6 +37,12 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, help="same seed, same output")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="the end-of-sequence token does not end the output: run to --max-new-tokens")
+    parser.add_argument("--min-tokens", type=int, default=0,
+                        help="no end-of-sequence token and no stop string before this many tokens")
+    parser.add_argument("--keep-special-tokens", action="store_true",
+                        help="keep special tokens in the text (they are left out by default)")
     parser.add_argument("--pipeline", choices=[p.value for p in Pipeline],
                         help="draft the next block while the expert verifies (the same output; default: off "
                              "in-process, the server's when served)")
@@ -62,7 +68,8 @@ def request_from_args(args: argparse.Namespace):
         prompt=prompt, messages=messages, method=args.method, rule=args.rule, alpha=args.alpha,
         block_size=args.block_size, max_new_tokens=args.max_new_tokens,
         sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
-        seed=args.seed, stop=tuple(args.stop), **({"pipeline": args.pipeline} if args.pipeline else {}),
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, min_tokens=args.min_tokens,
+        skip_special_tokens=not args.keep_special_tokens, **({"pipeline": args.pipeline} if args.pipeline else {}),
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .loop import rounds_for
 from .prompt import encode_prompt, generation_limit
@@ -97,13 +97,25 @@ class TextGeneration:
         return prompt, self.generation_limit(len(prompt), request)
 
     def _output_builder(self, limit: int, request: GenerationRequest) -> OutputBuilder:
-        return OutputBuilder(self.tokenizer, eos_ids=self.eos_ids, max_new_tokens=limit, stop=request.stop)
+        return OutputBuilder(self.tokenizer, eos_ids=self.eos_ids, max_new_tokens=limit, stop=request.stop,
+                             ignore_eos=request.ignore_eos, min_tokens=request.min_tokens,
+                             skip_special_tokens=request.skip_special_tokens)
+
+    def with_eos_suppressed(self, request: GenerationRequest, prompt_tokens: int) -> GenerationRequest:
+        """The request as the tiers see it: with min_tokens, its sampling masks the EOS ids at the
+        positions of the first min_tokens output tokens (in both models' distributions)."""
+        if not request.min_tokens or not self.eos_ids:
+            return request
+        sampling = replace(request.sampling, suppressed_ids=frozenset(self.eos_ids),
+                           suppressed_until=prompt_tokens + request.min_tokens)
+        return replace(request, sampling=sampling)
 
     async def stream_rounds(self, request: GenerationRequest, prompt: list[int], limit: int, drafter: DrafterRole,
                             expert: ExpertRole, observers: Iterable[Observer] = ()) -> AsyncIterator[GenerationChunk]:
         """Decode `request` with the roles; each round record goes to the request's stats and to
         every observer. The last chunk carries the result."""
         started = time.perf_counter()
+        request = self.with_eos_suppressed(request, len(prompt))
         stats = GenerationStats()
         observers = (stats.observe, *observers)
         probe = self._output_builder(limit, request)  # the sequence cascade's drafter answer

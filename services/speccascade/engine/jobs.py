@@ -85,6 +85,29 @@ class _Stopwatch:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
+def with_suppression(probs: Tensor, samplings: Sequence[SamplingParams], positions: Sequence[int]) -> Tensor:
+    """`probs` ([rows, V], row r the distribution of the token at `positions[r]`) with each row's
+    suppressed ids (`SamplingParams.suppressed_ids`) zeroed where its sampling suppresses them, and
+    the row renormalised: the drafter's q and the expert's p are masked alike, so the rules decide
+    over the masked distributions. A row with no mass left outside the suppressed ids (every other
+    probability underflowed) becomes uniform over the allowed ids rather than NaN. Rows that
+    suppress nothing are left as they are (and `probs` itself when no row does)."""
+    masked_rows = [(row, sampling) for row, (sampling, position) in enumerate(zip(samplings, positions))
+                   if sampling.suppresses_at(position)]
+    if not masked_rows:
+        return probs
+    out = probs.clone()
+    vocab = probs.shape[-1]
+    for row, sampling in masked_rows:
+        ids = torch.tensor(sorted(i for i in sampling.suppressed_ids if i < vocab), dtype=torch.long,
+                           device=probs.device)
+        allowed = torch.ones(vocab, dtype=probs.dtype, device=probs.device).index_fill_(0, ids, 0)
+        kept = out[row] * allowed
+        mass = kept.sum()
+        out[row] = torch.where(mass > 0, kept / mass, allowed / allowed.sum())
+    return out
+
+
 def _choose(q: Tensor, jobs: Sequence[DraftJob], positions: Sequence[int]) -> tuple[Tensor, list[Tensor | None]]:
     """The next token of each row of q ([B, V], temperature 1), on the device, and each sampled
     row's sampling distribution. Greedy rows take the argmax; a sampled row draws with the key
@@ -116,7 +139,9 @@ def draft_blocks(backend: ModelBackend, jobs: Sequence[DraftJob], *,
         if not active:
             break
         rows_of = {index: row for row, index in enumerate(active)}
-        tokens, sampled = _choose(q, [jobs[i] for i in active], [len(jobs[i].context) + step for i in active])
+        positions = [len(jobs[i].context) + step for i in active]
+        q = with_suppression(q, [jobs[i].sampling for i in active], positions)
+        tokens, sampled = _choose(q, [jobs[i] for i in active], positions)
         for index in active:
             row = rows_of[index]
             drafted[index].append((tokens[row], q[row], sampled[row]))
@@ -159,6 +184,10 @@ def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[
     sampling) into `cascade.verify_blocks` calls; the outcomes reach the host together."""
     stopwatch = _Stopwatch(backend.device)
     p_rows = backend.score([ScoreJob(job.session, job.sequence, job.start) for job in jobs])  # [gamma + 1, V] each
+    # Row j of a job's p is the expert's distribution at position start + j: masked as the
+    # drafter masked its q there.
+    p_rows = [with_suppression(rows, [job.sampling] * rows.shape[0], range(job.start, job.start + rows.shape[0]))
+              for job, rows in zip(jobs, p_rows)]
     stopwatch.lap()
     groups: dict[tuple, list[int]] = {}
     for index, job in enumerate(jobs):

@@ -54,6 +54,14 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     pipeline: Pipeline = DEFAULT_PIPELINE
+    # vLLM's extensions, with vLLM's meaning. ignore_eos: an end-of-sequence token does not end
+    # the output (it is kept, and counted, as an output token); only max_new_tokens or a stop
+    # string does. min_tokens: no end-of-sequence token is drawn (both models' distributions mask
+    # it) and no stop string ends the output before that many tokens. skip_special_tokens: leave
+    # special tokens out of the text (the token ids keep them).
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -93,3 +101,11 @@ class GenerationRequest:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty text, got {s!r}")
         set_("stop", stop)
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int):
+            raise ValueError(f"min_tokens must be an integer, got {self.min_tokens!r}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is out of range: expected 0..max_new_tokens "
+                             f"({self.max_new_tokens})")

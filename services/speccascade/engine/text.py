@@ -20,14 +20,22 @@ class OutputBuilder:
     """Accumulates output tokens and decides when generation is finished.
 
     Finish reasons: "stop" (EOS token or a stop string), "length" (max_new_tokens reached).
-    An EOS token ends the output and is not part of it; text is cut before a stop string.
+    An EOS token ends the output and is not part of it, unless `ignore_eos`: then it is an output
+    token like any other. Text is cut before a stop string; no stop string ends the output before
+    `min_tokens` tokens (as in vLLM, a stop string that ends before then is not searched for
+    again). EOS needs no such check here: while min_tokens are not reached the tiers never draw it
+    (`SamplingParams.suppressed_ids`).
     """
 
-    def __init__(self, tokenizer, *, eos_ids: frozenset[int], max_new_tokens: int, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, *, eos_ids: frozenset[int], max_new_tokens: int, stop: tuple[str, ...] = (),
+                 ignore_eos: bool = False, min_tokens: int = 0, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_new_tokens = max_new_tokens
         self.stop = stop
+        self.ignore_eos = ignore_eos
+        self.min_tokens = min_tokens
+        self.skip_special_tokens = skip_special_tokens
         self.tokens: list[int] = []
         self.sources: list[Source] = []
         self.finish_reason: str | None = None
@@ -46,13 +54,13 @@ class OutputBuilder:
         return "".join(s.text for s in self._segments)
 
     def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token: int, source: Source) -> bool:
         """Add one token; returns True once the output is finished."""
         if self.finished:
             return True
-        if token in self.eos_ids:
+        if token in self.eos_ids and not self.ignore_eos:
             self.finish_reason = "stop"
             return True
         self.tokens.append(token)
@@ -67,7 +75,7 @@ class OutputBuilder:
             self._segments.append(Segment(delta, source))
             self._text_length += len(delta)
             self._prefix_offset, self._read_offset = self._read_offset, len(self.tokens)
-            if self.stop and self._cut_at_stop(len(delta)):
+            if self.stop and len(self.tokens) >= self.min_tokens and self._cut_at_stop(len(delta)):
                 self.finish_reason = "stop"
                 return True
         if len(self.tokens) >= self.max_new_tokens:

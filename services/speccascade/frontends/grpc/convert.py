@@ -76,6 +76,8 @@ def request_from_proto(message: pb.GenerateRequest, policy: CascadePolicy) -> Ge
         max_new_tokens=optional(message, "max_new_tokens"), temperature=optional(sampling, "temperature"),
         top_k=optional(sampling, "top_k"), top_p=optional(sampling, "top_p"), seed=optional(sampling, "seed"),
         stop=tuple(message.stop), pipeline=pipeline_from_proto(policy_message.pipeline),
+        ignore_eos=optional(message, "ignore_eos"), min_tokens=optional(message, "min_tokens"),
+        skip_special_tokens=optional(message, "skip_special_tokens"),
     )
 
 

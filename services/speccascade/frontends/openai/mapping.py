@@ -34,6 +34,8 @@ _PARAM_OF_MESSAGE = [
     (re.compile(r"^top_k\b"), "top_k"), (re.compile(r"^top_p\b"), "top_p"), (re.compile(r"^seed\b"), "seed"),
     (re.compile(r"^(at most \d+ )?stop\b"), "stop"), (re.compile(r"^messages\b"), "messages"),
     (re.compile(r"^prompt\b"), "prompt"), (re.compile(r"^(unknown pipeline|policy\.pipeline)\b"), "pipeline"),
+    (re.compile(r"^min_tokens\b"), "min_tokens"), (re.compile(r"^ignore_eos\b"), "ignore_eos"),
+    (re.compile(r"^skip_special_tokens\b"), "skip_special_tokens"),
 ]
 
 
@@ -47,8 +49,8 @@ def param_of(message: str, *, chat: bool) -> str | None:
 def invalid_request(error: ValueError, *, chat: bool) -> OpenAIError:
     message = str(error)
     param = param_of(message, chat=chat)
-    if param == "max_tokens":  # the engine's name for it
-        message = message.replace("max_new_tokens", "max_tokens", 1)
+    if param in ("max_tokens", "min_tokens"):  # max_new_tokens is the engine's name for max_tokens
+        message = message.replace("max_new_tokens", "max_tokens")
     code = "context_length_exceeded" if "is too long" in message else None
     return OpenAIError(400, message, param=param, code=code)
 
@@ -109,7 +111,8 @@ def generation_request(body: RequestBody, policy: CascadePolicy) -> GenerationRe
             method=Method.CASCADE if body.method is None else body.method,
             rule=body.rule, alpha=body.alpha, block_size=body.block_size, max_new_tokens=max_tokens,
             temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
-            stop=_stop(body.stop), pipeline=body.pipeline,
+            stop=_stop(body.stop), pipeline=body.pipeline, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+            skip_special_tokens=body.skip_special_tokens,
         )
     except ValueError as error:
         raise invalid_request(error, chat=chat) from None
@@ -139,9 +142,33 @@ def merged_segments(segments: list[Segment]) -> list[Segment]:
 
 
 def usage_json(result: GenerationResult) -> dict:
-    completion = len(result.token_ids)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion}
+    return token_usage_json(result.prompt_tokens, len(result.token_ids))
+
+
+def token_usage_json(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class RunningUsage:
+    """A stream's usage so far, for vLLM's `stream_options.continuous_usage_stats`: every chunk
+    carries the prompt's tokens and the output tokens produced up to and including that chunk
+    (tokens whose text is held back, or has none, count as soon as they are produced); the chunks
+    of the last round carry the request's final usage."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+
+    def json(self) -> dict:
+        return token_usage_json(self.prompt_tokens, self.completion_tokens)
+
+    def add(self, chunk: GenerationChunk) -> dict:
+        if chunk.result is not None:
+            self.completion_tokens = len(chunk.result.token_ids)
+        else:
+            self.completion_tokens += len(chunk.token_ids)
+        return self.json()
 
 
 def speccascade_json(result: GenerationResult, request: GenerationRequest, transport: Transport) -> dict:
@@ -193,7 +220,7 @@ class Reply:
     # ---- streamed (server-sent events) ----
 
     def _chunk(self, text: str | None, segments: list[Segment], *, role: bool = False,
-               finish_reason: str | None = None) -> dict:
+               finish_reason: str | None = None, usage: dict | None = None) -> dict:
         choice: dict = {"index": 0, "finish_reason": finish_reason, "logprobs": None,
                         "segments": segments_json(segments)}
         if self.kind == "chat":
@@ -201,23 +228,29 @@ class Reply:
             if text is not None:
                 delta["content"] = text
             choice["delta"] = delta
-            return self._envelope("chat.completion.chunk", [choice])
-        choice["text"] = text or ""
-        return self._envelope("text_completion", [choice])
+            out = self._envelope("chat.completion.chunk", [choice])
+        else:
+            choice["text"] = text or ""
+            out = self._envelope("text_completion", [choice])
+        if usage is not None:
+            out["usage"] = usage
+        return out
 
-    def first_chunks(self) -> list[dict]:
-        """A chat stream opens with the assistant's role (OpenAI's first chunk)."""
-        return [self._chunk("", [], role=True)] if self.kind == "chat" else []
+    def first_chunks(self, usage: dict | None = None) -> list[dict]:
+        """A chat stream opens with the assistant's role (OpenAI's first chunk); `usage`: the
+        running usage (no output yet) when every chunk carries it."""
+        return [self._chunk("", [], role=True, usage=usage)] if self.kind == "chat" else []
 
     def chunks(self, chunk: GenerationChunk, request: GenerationRequest, transport: Transport,
-               *, include_usage: bool) -> list[dict]:
+               *, include_usage: bool, usage: dict | None = None) -> list[dict]:
         """The events for one generation chunk: its text with provenance; after the last, the
-        finish reason with the `speccascade` object, and the usage when asked for."""
-        events = [self._chunk(chunk.text, chunk.segments)] if chunk.text else []
+        finish reason with the `speccascade` object, and the usage when asked for. `usage`: the
+        running usage up to this chunk, put in each of its events (continuous usage stats)."""
+        events = [self._chunk(chunk.text, chunk.segments, usage=usage)] if chunk.text else []
         result = chunk.result
         if result is None:
             return events
-        final = self._chunk(None if self.kind == "chat" else "", [], finish_reason=result.finish_reason)
+        final = self._chunk(None if self.kind == "chat" else "", [], finish_reason=result.finish_reason, usage=usage)
         final["speccascade"] = speccascade_json(result, request, transport)
         events.append(final)
         if include_usage:

@@ -14,6 +14,15 @@ policy and method are extra body fields, which OpenAI clients send through `extr
     top_k       top-k sampling (0 disables it)
     pipeline    on, off or auto: draft the next block while the expert verifies (same output)
 
+vLLM's extension fields, which load testers and evaluation harnesses send (guidellm, `vllm bench
+serve`), are honoured with vLLM's meaning:
+
+    ignore_eos           the end-of-sequence token does not end the output (it is kept as a token)
+    min_tokens           no end-of-sequence token and no stop string before this many tokens
+    skip_special_tokens  leave special tokens out of the text (default true)
+    stream_options.continuous_usage_stats   cumulative usage in every streamed chunk
+    repetition_penalty   only 1.0 (no penalty): see UNSUPPORTED_REASONS
+
 Unset fields take the server's defaults, as over gRPC; in particular an unset `temperature` means
 greedy decoding (OpenAI's own default is 1). Responses carry OpenAI's fields plus, per choice,
 `segments` (the text by the model that produced it: provenance), and a top-level `speccascade`
@@ -29,7 +38,8 @@ from pydantic import Field, ValidationError
 from ...config.base import StrictModel
 
 SERVED_MODEL = "speccascade"
-EXTRA_FIELDS = ("method", "rule", "alpha", "block_size", "top_k", "pipeline")
+EXTRA_FIELDS = ("method", "rule", "alpha", "block_size", "top_k", "pipeline", "ignore_eos", "min_tokens",
+                "skip_special_tokens", "repetition_penalty")
 
 
 class OpenAIError(ValueError):
@@ -73,6 +83,11 @@ class RequestBody(StrictModel):
     block_size: int | None = None
     top_k: int | None = None
     pipeline: str | None = None
+    # vLLM's extra fields (see the module docstring)
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    repetition_penalty: float | None = None
     # OpenAI features this server does not implement: accepted only at their neutral value.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -80,7 +95,8 @@ class RequestBody(StrictModel):
 
 
 class StreamOptions(StrictModel):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the whole request's usage
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far in every chunk
 
 
 class CompletionBody(RequestBody):
@@ -117,6 +133,17 @@ NEUTRAL_VALUES: dict[str, tuple] = {
     "logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
     "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}),
+    "repetition_penalty": (None, 1, 1.0),
+}
+
+# Why an unsupported field cannot be honoured, where the reason is not simply "not implemented".
+UNSUPPORTED_REASONS = {
+    "repetition_penalty": (
+        "vLLM's repetition penalty rescales a seen token's raw logit by its sign (divides a positive "
+        "logit, multiplies a negative one), and the cascade's tiers decide on probability "
+        "distributions, where that sign is lost (a row's logits are known only up to a shift), so "
+        "the penalty cannot be applied to the drafter's and the expert's distributions exactly; "
+        "1.0 (no penalty) is accepted"),
 }
 
 
@@ -140,8 +167,9 @@ def parse_body(raw: object, body_type: type[RequestBody]) -> RequestBody:
     for name, neutral in NEUTRAL_VALUES.items():
         value = getattr(body, name, None)
         if value not in neutral:
-            raise OpenAIError(400, f"{name}={value!r} is not supported by this server", param=name,
-                              code="unsupported_parameter")
+            reason = UNSUPPORTED_REASONS.get(name)
+            raise OpenAIError(400, f"{name}={value!r} is not supported by this server"
+                                   + (f": {reason}" if reason else ""), param=name, code="unsupported_parameter")
     if body.n is not None and body.n != 1:
         raise OpenAIError(400, f"n={body.n} is not supported: this server returns one choice per request "
                                "(send n requests, with different seeds, for n samples)", param="n",
