@@ -180,6 +180,14 @@ def chart_values_schema(deferral_policy_function: str) -> dict:
             "host": string(),
             "tls": objects(),
         }),
+        "httpIngress": closed({
+            "enabled": boolean(),
+            "className": string(),
+            "annotations": strings(),
+            "host": string(),
+            "paths": {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^/"}},
+            "tls": objects(),
+        }),
         "metrics": closed({
             "port": port(),
             "podAnnotations": boolean(),

@@ -51,3 +51,23 @@ def test_mistakes_are_named(tmp_path, capsys):
     assert main(["tenants", "rotate", "nobody", "-f", str(path)]) == 2
     assert "no tenant 'nobody'" in capsys.readouterr().err
     assert main(["tenants", "add", "Bad Id", "-f", str(path)]) != 0
+
+
+def test_add_says_which_default_rule_it_derived(tmp_path, capsys):
+    path = tmp_path / "tenants.yaml"
+    output = run(capsys, "add", "auditor", "-f", str(path), "--rules", "lossless")  # the README's example
+    assert "default rule of tenant 'auditor': lossless (the first of --rules" in output
+    assert TenantsFile.load(path).get("auditor").policy.default_rule.value == "lossless"
+    assert "default_rule: lossless" in path.read_text()  # the file says what it does
+    output = run(capsys, "add", "mixed", "-f", str(path), "--rules", "chow", "token")
+    assert "default rule of tenant 'mixed': chow" in output
+    assert "default rule of tenant 'open': the server's" in run(capsys, "add", "open", "-f", str(path))
+    assert "default rule" not in run(capsys, "add", "chosen", "-f", str(path), "--rules", "chow", "token",
+                                     "--default-rule", "token")
+
+
+def test_add_refuses_methods_its_rules_never_allow(tmp_path, capsys):
+    path = tmp_path / "tenants.yaml"
+    assert main(["tenants", "add", "auditor", "-f", str(path), "--rules", "lossless", "--methods", "drafter"]) != 0
+    assert "methods ['drafter'] can never be used under rules lossless" in capsys.readouterr().err
+    assert not path.exists()

@@ -1,9 +1,13 @@
-"""Tenants through real gRPC: authentication, policy, quotas with retry hints, hot reload without a
-restart, fair admission, and isolation of caches (a served app of its own, tiny models)."""
+"""Tenants through real gRPC and the OpenAI HTTP routes: authentication, policy, quotas with retry
+hints, hot reload without a restart (on a clock, with no traffic), fair admission, and isolation of
+caches (a served app of its own, tiny models)."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -21,7 +25,8 @@ RELOAD_S = 0.2
 
 @pytest.fixture(scope="module")
 def keys():
-    return {name: new_api_key() for name in ("acme", "auditor", "metered", "single", "off", "late", "rotated")}
+    return {name: new_api_key() for name in ("acme", "auditor", "metered", "single", "off", "late", "rotated",
+                                             "held", "watched")}
 
 
 def tenants_document(keys, *extra) -> dict:
@@ -32,6 +37,7 @@ def tenants_document(keys, *extra) -> dict:
         entry("metered", limits={"output_tokens_per_minute": 60}),  # 1 token/s, burst 6
         entry("single", limits={"max_concurrent_requests": 1}),
         entry("off", disabled=True),
+        entry("held", policy={"rules": ["lossless"]}),  # the README's `tenants add auditor --rules lossless`
         *extra,
     ]}
 
@@ -42,7 +48,9 @@ def served_tenants(grpc_port, tiny_pair, tmp_path_factory, keys):
 
     path = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
     path.write_text(yaml.safe_dump(tenants_document(keys)))
-    args = app_args(*tiny_pair, tenancy={"tenants_file": str(path), "reload_period_s": RELOAD_S})
+    # The server's default rule is the shipped one (token), which a tenant held to lossless may not use.
+    args = app_args(*tiny_pair, tenancy={"tenants_file": str(path), "reload_period_s": RELOAD_S},
+                    policy={"rule": "token", "alpha": 0.5})
     serve._run(build_app(args), name=APP, route_prefix=f"/{APP}", _blocking=False)
     wait_for_running(APP, ["Router", "Drafter", "Expert"])
     yield f"127.0.0.1:{grpc_port}", path
@@ -181,3 +189,80 @@ def test_caches_are_keyed_by_tenant_and_no_session_id_crosses_tenants(served_ten
         first.cancel()
         list(second)
     assert wait_until(lambda: read_tenant_load(APP)["active"] == {}, timeout=20)
+
+
+# ----------------------------------------------------------- the same limits over the OpenAI routes
+
+def http_call(served_tenants, http_port, path: str, key: str | None = None, body: dict | None = None
+              ) -> tuple[int, dict]:
+    """(status, JSON body) of a call to the OpenAI routes of the tenants' application."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/{APP}/v1{path}", headers=headers,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def completion(**fields) -> dict:
+    return {"model": "speccascade", "prompt": PROMPT, "max_tokens": 4, **fields}
+
+
+@pytest.mark.parametrize("method", ["drafter", "token-cascade", "sequence-cascade"])
+def test_a_tenant_held_to_lossless_gets_no_method_whose_output_is_not_the_experts(
+        served_tenants, http_port, keys, method):
+    with client_for(served_tenants, keys["held"]) as client:
+        error = status_of(lambda: client.generate(prompt=PROMPT, method=method, alpha=0.3, max_new_tokens=4))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error.details().startswith(f"policy.method='{method}' is not allowed for tenant 'held': ")
+        assert "held to rules lossless (methods it may use: cascade, expert)" in error.details()
+    status, body = http_call(served_tenants, http_port, "/completions", keys["held"],
+                             completion(method=method, alpha=0.3))
+    assert status == 403 and body["error"]["param"] == "method" and body["error"]["code"] == "permission_denied"
+    assert body["error"]["message"].startswith(f"policy.method='{method}' is not allowed for tenant 'held': ")
+
+
+def test_a_tenant_held_to_lossless_without_a_default_rule_serves_requests_that_name_no_rule(
+        served_tenants, http_port, keys):
+    with client_for(served_tenants, keys["held"]) as client:
+        response = client.generate(prompt=PROMPT, max_new_tokens=4)
+        assert response.stats.rule == pb.RULE_LOSSLESS and len(response.token_ids) == 4
+        assert len(client.generate(prompt=PROMPT, method="expert", max_new_tokens=4).token_ids) == 4
+    status, body = http_call(served_tenants, http_port, "/completions", keys["held"], completion())
+    assert status == 200 and body["speccascade"]["policy"] == {
+        "method": "cascade", "rule": "lossless", "alpha": 0.5, "block_size": 4, "pipeline": "auto"}
+    status, body = http_call(served_tenants, http_port, "/completions", keys["held"], completion(method="expert"))
+    assert status == 200 and body["usage"]["completion_tokens"] == 4
+
+
+def test_a_missing_key_is_explained_in_each_protocols_terms(served_tenants, http_port):
+    with client_for(served_tenants) as client:
+        details = status_of(lambda: client.generate(prompt=PROMPT, max_new_tokens=4)).details()
+    assert details == "missing API key: send the metadata `authorization: Bearer <key>` (or `x-api-key: <key>`)"
+    for path, body in (("/models", None), ("/completions", completion())):
+        status, answer = http_call(served_tenants, http_port, path, None, body)
+        assert status == 401 and answer["error"]["message"] == (
+            "missing API key: send the header `Authorization: Bearer <key>` (or `X-API-Key: <key>`)")
+
+
+def test_an_idle_server_sees_a_changed_tenants_file_on_every_route(served_tenants, http_port, keys):
+    """No generate call in between: a key added, disabled, then revoked changes what the model list
+    answers within the reload period."""
+    _, path = served_tenants
+    watched = {"id": "watched", "key_sha256": [key_digest(keys["watched"])]}
+
+    def models_status() -> int:
+        return http_call(served_tenants, http_port, "/models", keys["watched"])[0]
+
+    assert models_status() == 401
+    path.write_text(yaml.safe_dump(tenants_document(keys, watched)))
+    assert wait_until(lambda: models_status() == 200, timeout=10 * RELOAD_S + 5)
+    path.write_text(yaml.safe_dump(tenants_document(keys, {**watched, "disabled": True})))
+    assert wait_until(lambda: models_status() == 403, timeout=10 * RELOAD_S + 5)
+    path.write_text(yaml.safe_dump(tenants_document(keys)))  # revoked
+    assert wait_until(lambda: models_status() == 401, timeout=10 * RELOAD_S + 5)
+    status, body = http_call(served_tenants, http_port, "/models", keys["watched"])
+    assert body["error"]["message"] == "unknown API key"

@@ -103,3 +103,83 @@ def test_replace_adds_or_updates_in_place():
     assert [t.id for t in updated.replace(tenant("c", new_api_key())).tenants] == ["a", "b", "c"]
     with pytest.raises(ValueError, match="no tenant 'z'"):
         tenants.get("z")
+
+
+# ------------------------------------------------------------------ rules bound the methods too
+
+HELD_TO_LOSSLESS = {"rules": ["lossless"]}
+
+
+@pytest.mark.parametrize("policy,method,alpha,allowed", [
+    # Held to lossless: only output with the expert's distribution.
+    (HELD_TO_LOSSLESS, "cascade", 0.0, True),
+    (HELD_TO_LOSSLESS, "expert", 0.0, True),
+    (HELD_TO_LOSSLESS, "drafter", 0.0, False),
+    (HELD_TO_LOSSLESS, "token-cascade", 0.3, False),
+    (HELD_TO_LOSSLESS, "sequence-cascade", 0.3, False),
+    # Drafter-only output is chow's at alpha 1, the token-level cascade chow's at the request's alpha.
+    ({"rules": ["chow"]}, "drafter", 0.0, True),
+    ({"rules": ["chow"]}, "token-cascade", 0.3, True),
+    ({"rules": ["chow"], "alpha": {"min": 0.0, "max": 0.5}}, "drafter", 0.0, False),
+    ({"rules": ["chow"]}, "expert", 0.0, False),
+    ({"rules": ["token"]}, "drafter", 0.0, False),
+    ({"rules": ["token"]}, "token-cascade", 0.3, False),
+    # Expert-only output is also diff's at -1 and lossy's at 0, where they always defer.
+    ({"rules": ["diff"]}, "expert", 0.0, True),
+    ({"rules": ["lossy"], "alpha": {"min": 0.0, "max": 0.5}}, "expert", 0.0, True),
+    ({"rules": ["lossy"], "alpha": {"min": 0.2, "max": 0.5}}, "expert", 0.0, False),
+    # The sequence-level cascade follows no rule: only a tenant held to none may use it.
+    ({}, "sequence-cascade", 0.3, True),
+    ({"rules": ["lossless", "chow", "diff", "opt", "token", "lossy"]}, "sequence-cascade", 0.3, False),
+    ({"alpha": {"min": 0.0, "max": 0.5}}, "drafter", 0.0, False),
+    ({"alpha": {"min": 0.0, "max": 0.5}}, "expert", 0.0, True),
+])
+def test_a_tenants_rules_bound_the_methods_it_may_use(policy, method, alpha, allowed):
+    held = tenant("held", new_api_key(), policy=policy)
+    request = GenerationRequest(prompt="x", method=method, rule="lossless", alpha=alpha)
+    if allowed:
+        held.check(request)
+    else:
+        with pytest.raises(PermissionDenied, match=rf"^policy\.method='{method}' is not allowed for tenant 'held': "):
+            held.check(request)
+
+
+def test_a_method_refusal_says_what_its_output_is_and_what_the_tenant_may_use():
+    auditor = tenant("auditor", new_api_key(), policy=HELD_TO_LOSSLESS)
+    with pytest.raises(PermissionDenied) as error:
+        auditor.check(GenerationRequest(prompt="x", method="drafter"))
+    assert str(error.value) == ("policy.method='drafter' is not allowed for tenant 'auditor': its output is that of "
+                                "chow at alpha=1, and the tenant is held to rules lossless (methods it may use: "
+                                "cascade, expert)")
+    with pytest.raises(PermissionDenied, match="'token-cascade' .*is that of chow at alpha=0.3, .*rules lossless"):
+        auditor.check(GenerationRequest(prompt="x", method="token-cascade", alpha=0.3))
+    with pytest.raises(PermissionDenied, match="'sequence-cascade' .*carries no rule's guarantee"):
+        auditor.check(GenerationRequest(prompt="x", method="sequence-cascade", alpha=0.3))
+
+
+def test_a_policy_listing_a_method_its_rules_never_allow_is_refused():
+    from pydantic import ValidationError
+    from speccascade.tenancy import TenantPolicy
+
+    with pytest.raises(ValidationError, match=r"methods \['drafter'\] can never be used under rules lossless: "
+                                              r"the output of 'drafter' is that of chow at alpha=1"):
+        TenantPolicy(rules=["lossless"], methods=["cascade", "drafter"])
+    with pytest.raises(ValidationError, match="the output of 'token-cascade' is that of chow at the request's alpha"):
+        TenantPolicy(rules=["lossless"], methods=["token-cascade"])
+    assert TenantPolicy(rules=["chow"], methods=["drafter", "token-cascade"]).usable_methods() == \
+        ["drafter", "token-cascade"]
+
+
+@pytest.mark.parametrize("policy,default", [
+    ({"rules": ["lossless"]}, "lossless"),
+    ({"rules": ["chow", "lossless"]}, "chow"),  # several: the first listed
+    ({"rules": ["chow", "lossless"], "default_rule": "lossless"}, "lossless"),
+    ({}, None),  # held to no rule: the server's
+])
+def test_the_default_rule_is_the_first_allowed_rule_unless_given(tmp_path, policy, default):
+    import yaml
+
+    path = tmp_path / "tenants.yaml"
+    path.write_text(yaml.safe_dump({"tenants": [{"id": "a", "key_sha256": ["0" * 64], "policy": policy}]}))
+    derived = TenantsFile.load(path).get("a").policy.default_rule
+    assert (derived.value if derived else None) == default

@@ -19,6 +19,13 @@ class Ingress(GrpcFrontend):
     def __init__(self, drafter, expert, config: AppConfig):
         log_to_replica_file()
         self.core = RouterCore(drafter, expert, config)
+        self.core.start()  # Serve runs a replica's constructor on its event loop
+
+    def __del__(self):
+        """Serve's hook at replica shutdown: stop the core's background tasks."""
+        core = getattr(self, "core", None)  # a constructor that failed leaves none
+        if core is not None:
+            core.close()
 
     def __serve_build_asgi_app__(self):
         """Serve's hook for an ingress deployment built with `serve.ingress()`: the

@@ -32,6 +32,8 @@ def _print_key(tenant_id: str, key: str) -> None:
 
 
 def add(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from ..tenancy import Tenant, key_digest, new_api_key
 
     path = _file(args)
@@ -52,9 +54,20 @@ def add(args: argparse.Namespace) -> int:
         policy["alpha"] = {"min": low, "max": high}
     if args.default_rule:
         policy["default_rule"] = args.default_rule
-    tenant = Tenant(id=args.tenant, key_sha256=[key_digest(key)], weight=args.weight, limits=limits, policy=policy)
+    try:
+        tenant = Tenant(id=args.tenant, key_sha256=[key_digest(key)], weight=args.weight, limits=limits,
+                        policy=policy)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in error.errors())
+        raise ValueError(f"cannot add tenant {args.tenant!r}: {problems}") from None
     tenants.replace(tenant).save(path)
     _print_key(args.tenant, key)
+    if args.default_rule is None:
+        derived = tenant.policy.default_rule
+        print(f"default rule of tenant {args.tenant!r}: " + (
+            f"{derived.value} (the first of --rules; --default-rule chooses another)" if derived is not None
+            else "the server's (policy.rule; --default-rule sets one)"))
     return 0
 
 
@@ -116,10 +129,11 @@ def register(subparsers) -> None:
     new.add_argument("--max-concurrent", type=int, help="requests in flight at once")
     new.add_argument("--tokens-per-minute", type=int, help="output tokens per minute")
     new.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens a request may ask for")
-    new.add_argument("--rules", nargs="+", choices=[r.value for r in Rule], help="allowed rules (default: all)")
+    new.add_argument("--rules", nargs="+", choices=[r.value for r in Rule], help="allowed rules, which also bound the methods (default: all)")
     new.add_argument("--methods", nargs="+", choices=[m.value for m in Method], help="allowed methods")
     new.add_argument("--alpha-range", nargs=2, type=float, metavar=("MIN", "MAX"), help="allowed alphas")
-    new.add_argument("--default-rule", choices=[r.value for r in Rule], help="rule of requests that set none")
+    new.add_argument("--default-rule", choices=[r.value for r in Rule],
+                     help="rule of requests that set none (default: the first of --rules)")
     new.set_defaults(handler=add)
 
     turn = with_file(actions.add_parser("rotate", help="give a tenant a new API key (printed once)"))

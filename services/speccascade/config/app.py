@@ -163,7 +163,8 @@ class RouterConfig(StrictModel):
     replicas: Replicas = Field(default_factory=Replicas, description="Router replica bounds.")
     max_ongoing_requests: int = Field(64, ge=1, description="Concurrent requests a router replica accepts.")
     tier_call_timeout_s: float = Field(
-        60.0, gt=0, description="Longest wait for one tier call (routing + queueing + compute) before retrying.")
+        60.0, gt=0, description="Longest a tier call waits on a replica whose model runs no pass (stuck) before "
+                                "it is retried; on a replica still running passes (busy) the call keeps waiting.")
     tier_call_attempts: int = Field(
         3, ge=1, le=20, description="Tries per tier call; a failed or timed-out call is retried (recomputed).")
     tier_down_cooldown_s: float = Field(
@@ -219,14 +220,27 @@ class TenancyConfig(StrictModel):
                           "it from a Secret). Unset: every call is answered without a key, and the router says so "
                           "at start.")
     reload_period_s: float = Field(
-        5.0, gt=0, le=3600, description="How often the router looks for a changed tenants file (a mounted Secret "
-                                        "changes in place); a broken file keeps the last good tenants.")
+        5.0, gt=0, le=3600, description="How often each router replica looks for a changed tenants file, traffic "
+                                        "or none (a mounted Secret changes in place): every route, the model list "
+                                        "included, sees a change within this period. A broken file keeps the last "
+                                        "good tenants.")
     fair_share: bool = Field(
         True, description="Weighted fair queueing across tenants in the router's admission and the tiers' batch "
                           "forming, by each tenant's weight; false: first come, first served.")
     max_decoding_requests: int = Field(
         32, ge=1, description="Requests one router replica decodes at once; more wait in the router and are let in "
                               "by fair share (keep it below router.max_ongoing_requests so they can wait there).")
+    quota_scope: Literal["application", "replica"] = Field(
+        "application", description="Where tenants' quotas (concurrency, output tokens per minute) are counted: "
+                                   "`application`, in one ledger all router replicas share (a named Ray actor), so "
+                                   "the limits hold for the application; `replica`, by each router replica alone "
+                                   "(with R replicas a tenant gets up to R times its limits).")
+    quota_ledger_unreachable: Literal["open", "closed"] = Field(
+        "open", description="When the shared quota ledger does not answer: `open` admits by the router replica's own "
+                            "count and logs it; `closed` refuses the request (UNAVAILABLE / HTTP 503, with a retry "
+                            "hint).")
+    quota_ledger_timeout_s: float = Field(
+        2.0, gt=0, le=60, description="Longest a router waits for the shared quota ledger's answer to an admission.")
 
 
 class AppConfig(StrictModel):

@@ -87,6 +87,10 @@ class RouterMetrics:
         self.rejections = Counter("speccascade_rejections", "Requests refused by tenancy, by reason "
                                   "(unauthenticated, disabled, policy, concurrency, tokens_per_minute).",
                                   tag_keys=("tenant", "reason"))
+        self.quota_ledger_unreachable = Counter(
+            "speccascade_quota_ledger_unreachable", "Admissions the shared quota ledger did not answer in time, by "
+            "what was done (mode open: admitted by the router replica's own count; closed: refused).",
+            tag_keys=("mode",))
         self.tenant_reloads = Counter("speccascade_tenant_reloads", "Changes of the tenants file seen, by result "
                                       "(ok: applied; error: refused, the last good tenants stay).",
                                       tag_keys=("result",))

@@ -26,7 +26,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from ..autoscale import signals as autoscale_signals
-from ..config.app import AppConfig, CascadePolicy
+from ..config.app import AppConfig, CascadePolicy, TenancyConfig
 from ..engine.generation import GenerationChunk, TextGeneration
 from ..engine.request import GenerationRequest
 from ..engine.stats import RoundRecord
@@ -36,6 +36,7 @@ from ..tenancy import Admission, TenancyError
 from ..tenancy.gatekeeper import Caller, Gatekeeper
 from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport
 from .metrics import RouterMetrics, WindowCounters, metric_tags
+from .quota_ledger import SharedQuotas
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +94,53 @@ class RouterCore:
         self.expert = TierClient(expert, tier="expert", config=config.router, metrics=self.metrics)
         self._background: set[asyncio.Task] = set()
         self.active_sessions: set[str] = set()
-        self.access = Gatekeeper(config.tenancy, config.policy)
+        self.access = Gatekeeper(config.tenancy, config.policy, shared_quotas=self._shared_quotas(config.tenancy))
         self._load_publisher: asyncio.Task | None = None
+        self._tenant_reloader: asyncio.Task | None = None
         self.pipelining = PipeliningState()
+
+    def _shared_quotas(self, tenancy: TenancyConfig) -> SharedQuotas | None:
+        """The application's quota ledger, when quotas are counted for the application and this
+        runs as a Serve replica (a router built outside Serve, in a unit test, counts alone)."""
+        if tenancy.tenants_file is None or tenancy.quota_scope != "application":
+            return None
+        try:
+            from ray import serve
+
+            app_name = serve.get_replica_context().app_name
+        except Exception:
+            return None
+        return SharedQuotas(app_name, tenancy, self.metrics)
+
+    def start(self) -> None:
+        """Start the replica's clock-driven work, on the running event loop: the tenants file is
+        looked at every `tenancy.reload_period_s`, with or without traffic (`close` stops it)."""
+        if self.access.open or self._tenant_reloader is not None:
+            return
+
+        def count(result: str) -> None:
+            self.metrics.tenant_reloads.inc(tags={"result": result})
+
+        self._tenant_reloader = asyncio.get_running_loop().create_task(self.access.reload_forever(count))
+
+    def close(self) -> None:
+        """Cancel the replica's background tasks (the tenants file's reloads, the load posts); the
+        sessions' releases in flight finish on their own."""
+        for task in (self._tenant_reloader, self._load_publisher):
+            if task is not None and not task.done() and not task.get_loop().is_closed():
+                task.cancel()
+        self._tenant_reloader = self._load_publisher = None
+        if self.access.shared_quotas is not None:
+            self.access.shared_quotas.close()
 
     # ---- admission: who calls, what they ask for, their quota (errors here are the client's) ----
 
-    def admit(self, metadata: Iterable[tuple[str, str]], build: Callable[[CascadePolicy], GenerationRequest]
-              ) -> Admitted:
+    async def admit(self, metadata: Iterable[tuple[str, str]],
+                    build: Callable[[CascadePolicy], GenerationRequest]) -> Admitted:
         """What every protocol calls first: the caller (API key in `metadata`: gRPC metadata or HTTP
         headers), its request built under its policy by `build` (the protocol's mapping), the
         prompt's tokens and the caller's quota ticket. Raises TenancyError (refusals by tenancy) or
         ValueError (a bad request, naming the field); both are counted here."""
-        reloaded = self.access.reload_if_due()
-        if reloaded:
-            self.metrics.tenant_reloads.inc(tags={"result": reloaded})
         self._publish_tenant_load()
         tags = metric_tags(None)
         try:
@@ -117,7 +150,7 @@ class RouterCore:
             prompt, limit = self.generation.prepare(request)
             tags = metric_tags(request, caller.id)
             self.access.check(caller, request)
-            return Admitted(caller, request, prompt, limit, self.access.admit(caller), tags)
+            return Admitted(caller, request, prompt, limit, await self.access.admit(caller), tags)
         except TenancyError as error:
             self.metrics.rejections.inc(tags={"tenant": tags["tenant"], "reason": error.reason})
             self.metrics.requests.inc(tags={**tags, "code": error.status})

@@ -4,9 +4,10 @@ applies them to a request (`gatekeeper.py`). No Ray or gRPC here: the protocol f
 these errors to their status codes."""
 
 from .fairness import DEFAULT_SHARE, AdmissionGate, FairQueue, Share
-from .quota import RETRY_AFTER_HEADER, Admission, QuotaExceeded, TenantQuotas
+from .quota import RETRY_AFTER_HEADER, Admission, QuotaExceeded, QuotaUnavailable, TenantQuotas
 from .reload import TenantsFileWatcher
 from .tenants import (
+    MissingKey,
     PermissionDenied,
     TenancyError,
     Tenant,
@@ -25,8 +26,10 @@ __all__ = [
     "Admission",
     "AdmissionGate",
     "FairQueue",
+    "MissingKey",
     "PermissionDenied",
     "QuotaExceeded",
+    "QuotaUnavailable",
     "Share",
     "TenancyError",
     "Tenant",

@@ -7,8 +7,10 @@ long answer may run the bucket into debt, which later requests wait out. Over T 
 saturating tenant gets N·T/60 plus at most the burst and what its requests in flight produce.
 Refusals carry how long to wait (`QuotaExceeded.retry_after_s`).
 
-State is per router replica (no coordination across replicas): with R router replicas a tenant
-gets up to R times its limits.
+This is the bookkeeping of one place. With several router replicas the application keeps it in
+one ledger they share (`ledger.py`), so the limits hold for the application as a whole; a router
+replica keeps a local one only when told to (`tenancy.quota_scope: replica`) or, with
+`tenancy.quota_ledger_unreachable: open`, while the shared ledger does not answer.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .tenants import TenancyError, Tenant
+from .tenants import TenancyError, Tenant, TenantLimits
 
 RETRY_AFTER_HEADER = "retry-after-ms"  # gRPC trailing metadata and HTTP header of a refusal: when to try again
 BURST_SECONDS = 3.0  # the bucket holds this many seconds of the rate
@@ -39,6 +41,16 @@ class QuotaExceeded(TenancyError):
     def retry_after_ms(self) -> int:
         """When the caller may try again, in whole milliseconds (at least 1)."""
         return max(1, round(self.retry_after_s * 1000))
+
+
+class QuotaUnavailable(QuotaExceeded):
+    """The shared quota ledger did not answer, and the application fails closed (gRPC UNAVAILABLE,
+    HTTP 503, with a retry hint)."""
+
+    status = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, reason: str = "quota_unavailable", retry_after_s: float = 1.0):
+        super().__init__(message, reason=reason, retry_after_s=retry_after_s)
 
 
 @dataclass
@@ -99,26 +111,37 @@ class TenantQuotas:
 
     def admit(self, tenant: Tenant) -> Admission:
         """Admit a request of `tenant` or raise QuotaExceeded (naming the quota, with a retry hint)."""
+        return self.admit_limits(tenant.id, tenant.limits)
+
+    def admit_limits(self, tenant_id: str, limits: TenantLimits) -> Admission:
         now = self.clock()
-        usage = self._usage.setdefault(tenant.id, _TenantUsage())
-        limits = tenant.limits
+        usage = self._usage_under(tenant_id, limits, now)
         if limits.max_concurrent_requests is not None and usage.active >= limits.max_concurrent_requests:
             raise QuotaExceeded(
-                f"tenant {tenant.id!r} has {usage.active} requests in flight, its limit "
+                f"tenant {tenant_id!r} has {usage.active} requests in flight, its limit "
                 f"(max_concurrent_requests={limits.max_concurrent_requests})",
                 reason="concurrency", retry_after_s=CONCURRENCY_RETRY_S)
-        rate = limits.output_tokens_per_minute
-        if rate != usage.tokens_per_minute:  # new, or changed by a reload: start a fresh bucket
-            usage.tokens_per_minute = rate
-            usage.bucket = TokenBucket.per_minute(rate, now) if rate is not None else None
         if usage.bucket is not None:
             wait = usage.bucket.seconds_until_positive(now)
             if wait > 0:
                 raise QuotaExceeded(
-                    f"tenant {tenant.id!r} is over its output_tokens_per_minute={rate}; retry in {math.ceil(wait)} s",
-                    reason="tokens_per_minute", retry_after_s=wait)
+                    f"tenant {tenant_id!r} is over its output_tokens_per_minute={usage.tokens_per_minute}; retry in "
+                    f"{math.ceil(wait)} s", reason="tokens_per_minute", retry_after_s=wait)
         usage.active += 1
-        return Admission(self, tenant.id)
+        return Admission(self, tenant_id)
+
+    def enter(self, tenant_id: str, limits: TenantLimits) -> Admission:
+        """Count a request already admitted elsewhere (a ledger learning what is in flight), unchecked."""
+        self._usage_under(tenant_id, limits, self.clock()).active += 1
+        return Admission(self, tenant_id)
+
+    def _usage_under(self, tenant_id: str, limits: TenantLimits, now: float) -> _TenantUsage:
+        usage = self._usage.setdefault(tenant_id, _TenantUsage())
+        rate = limits.output_tokens_per_minute
+        if rate != usage.tokens_per_minute:  # new, or changed by a reload: start a fresh bucket
+            usage.tokens_per_minute = rate
+            usage.bucket = TokenBucket.per_minute(rate, now) if rate is not None else None
+        return usage
 
     def _charge(self, tenant_id: str, tokens: int) -> None:
         bucket = self._usage[tenant_id].bucket

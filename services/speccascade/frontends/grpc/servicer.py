@@ -30,13 +30,14 @@ from ...engine.generation import GenerationChunk
 from ...engine.request import GenerationRequest
 from ...serving.clients import TierUnavailableError, Transport
 from ...serving.router import Admitted, RouterCore
-from ...tenancy import RETRY_AFTER_HEADER, QuotaExceeded, TenancyError
+from ...tenancy import RETRY_AFTER_HEADER, MissingKey, QuotaExceeded, TenancyError
 from .convert import chunk_to_proto, request_from_proto, result_to_proto
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecCascade"].full_name
 HEALTH_WATCH_PERIOD_S = 5.0
+SEND_KEY_HINT = "send the metadata `authorization: Bearer <key>` (or `x-api-key: <key>`)"
 
 
 class Progress:
@@ -59,20 +60,21 @@ class GrpcFrontend:
     core: RouterCore
 
     @staticmethod
-    def _fail(context, code: grpc.StatusCode, error: Exception) -> None:
+    def _fail(context, code: grpc.StatusCode, error: Exception | str) -> None:
         context.set_code(code)
         context.set_details(str(error))
 
-    def _admit(self, message: pb.GenerateRequest, grpc_context) -> Admitted | None:
+    async def _admit(self, message: pb.GenerateRequest, grpc_context) -> Admitted | None:
         """`admit` with its failures as status codes; None when tenancy refused the request (its
         status, and a retry hint for quotas, are set on the context). Other failures raise."""
         try:
-            return self.core.admit(grpc_context.invocation_metadata(),
+            return await self.core.admit(grpc_context.invocation_metadata(),
                                   lambda policy: request_from_proto(message, policy))
         except TenancyError as error:
             if isinstance(error, QuotaExceeded):
                 grpc_context.set_trailing_metadata([(RETRY_AFTER_HEADER, str(error.retry_after_ms))])
-            self._fail(grpc_context, grpc.StatusCode[error.status], error)
+            message = f"{error}: {SEND_KEY_HINT}" if isinstance(error, MissingKey) else str(error)
+            self._fail(grpc_context, grpc.StatusCode[error.status], message)
             return None
         except ValueError as error:
             self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, error)
@@ -84,7 +86,7 @@ class GrpcFrontend:
         yields None once and ends: the RPC then returns normally, since Serve's proxy forwards the
         status and trailing metadata (the retry hint) set on the context only with a message, and
         drops the metadata of a raised error."""
-        admitted = self._admit(message, grpc_context)
+        admitted = await self._admit(message, grpc_context)
         if admitted is None:
             yield None
             return

@@ -30,7 +30,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...serving.clients import TierUnavailableError
-from ...tenancy import RETRY_AFTER_HEADER, PermissionDenied, QuotaExceeded, TenancyError, Unauthenticated
+from ...tenancy import (
+    RETRY_AFTER_HEADER,
+    MissingKey,
+    PermissionDenied,
+    QuotaExceeded,
+    QuotaUnavailable,
+    TenancyError,
+    Unauthenticated,
+)
 from . import mapping
 from .mapping import Reply
 from .protocol import ChatCompletionBody, CompletionBody, OpenAIError, parse_body
@@ -38,16 +46,18 @@ from .protocol import ChatCompletionBody, CompletionBody, OpenAIError, parse_bod
 # Tenancy's refusals as HTTP: (status, OpenAI error type, code).
 TENANCY_ERRORS = {Unauthenticated: (401, "authentication_error", "invalid_api_key"),
                   PermissionDenied: (403, "permission_error", "permission_denied"),
+                  QuotaUnavailable: (503, "server_error", "quota_unavailable"),  # before its base class
                   QuotaExceeded: (429, "rate_limit_error", "rate_limit_exceeded")}
+SEND_KEY_HINT = "send the header `Authorization: Bearer <key>` (or `X-API-Key: <key>`)"
 
 
 def refused(error: TenancyError) -> OpenAIError:
-    status, type_, code = TENANCY_ERRORS[type(error)]
+    status, type_, code = next(answer for kind, answer in TENANCY_ERRORS.items() if isinstance(error, kind))
     headers = {}
     if isinstance(error, QuotaExceeded):
         milliseconds = error.retry_after_ms
         headers = {RETRY_AFTER_HEADER: str(milliseconds), "retry-after": str(-(-milliseconds // 1000))}
-    message = str(error)
+    message = f"{error}: {SEND_KEY_HINT}" if isinstance(error, MissingKey) else str(error)
     return OpenAIError(status, message, type=type_, code=code, headers=headers,
                        param=mapping.param_of(message, chat=False))
 
@@ -129,7 +139,7 @@ def build_http_app(router) -> FastAPI:
             return mapping.generation_request(body, policy)
 
         try:
-            admitted = router.admit(http_request.headers.items(), build)
+            admitted = await router.admit(http_request.headers.items(), build)
         except TenancyError as error:
             raise refused(error) from None
         except OpenAIError:
@@ -158,18 +168,22 @@ def build_http_app(router) -> FastAPI:
         except TierUnavailableError as error:
             await chunks.aclose()
             raise unavailable(error) from None
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(events(reply, first, chunks, admitted.request, include_usage),
+        options = body.stream_options
+        include_usage = bool(options and options.include_usage)
+        running = mapping.RunningUsage(len(admitted.prompt)) if options and options.continuous_usage_stats else None
+        return StreamingResponse(events(reply, first, chunks, admitted.request, include_usage, running),
                                  media_type="text/event-stream")
 
-    async def events(reply: Reply, first: tuple, chunks: AsyncIterator, request, include_usage: bool
-                     ) -> AsyncIterator[str]:
+    async def events(reply: Reply, first: tuple, chunks: AsyncIterator, request, include_usage: bool,
+                     running: mapping.RunningUsage | None) -> AsyncIterator[str]:
+        """`running`: the usage so far, put in every chunk (vLLM's continuous usage stats)."""
         try:
-            for event in reply.first_chunks():
+            for event in reply.first_chunks(usage=running.json() if running else None):
                 yield sse(event)
             chunk, transport = first
             while True:
-                for event in reply.chunks(chunk, request, transport, include_usage=include_usage):
+                usage = running.add(chunk) if running else None
+                for event in reply.chunks(chunk, request, transport, include_usage=include_usage, usage=usage):
                     yield sse(event)
                 if chunk.result is not None:
                     break
