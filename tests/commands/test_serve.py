@@ -44,13 +44,16 @@ def test_pod_commands() -> list[list[str]]:
     return [c["command"] for c in pod["spec"]["initContainers"] + pod["spec"]["containers"]]
 
 
-def test_the_helm_test_pod_commands_pass_against_a_served_application(served, test_pod_commands, capsys):
+def test_the_helm_test_pod_commands_pass_against_a_served_application(served, openai_base_url, test_pod_commands,
+                                                                      capsys):
     """The pod's commands as rendered, with the in-cluster Service address swapped for this one."""
     for command in test_pod_commands:
         assert command[0] == "speccascade"
-        argv = [f"--target={served}" if arg.startswith("--target=") else arg for arg in command[1:]]
+        argv = [f"--target={served}" if arg.startswith("--target=") else
+                f"--openai-url={openai_base_url}" if arg.startswith("--openai-url=") else arg for arg in command[1:]]
         assert main(argv) == 0, argv
-    health, generate = capsys.readouterr().out.strip().splitlines()
+    health, generate, models = capsys.readouterr().out.strip().splitlines()
     assert health == f"{served}: SERVING"
     response = json.loads(generate)
     assert response["text"] and 0 < response["usage"]["completion_tokens"] <= 8
+    assert models == f"{openai_base_url}/models: SERVING"

@@ -355,6 +355,38 @@ def test_ingress_routes_grpc_to_the_serve_service_with_tls(render):
     assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
 
 
+def test_http_ingress_routes_the_openai_api_to_serves_http_service_beside_the_grpc_ingress(render):
+    assert select_kind(render(set_values=["ingress.enabled=true"]), "Ingress") != []
+    assert [i["metadata"]["name"] for i in select_kind(render(), "Ingress")] == []
+    objects = render(set_values=[
+        "ingress.enabled=true", "ingress.host=llm.corp.test", "httpIngress.enabled=true", "httpIngress.className=nginx",
+        "serve.httpPort=8100", "httpIngress.tls[0].secretName=llm-tls", "httpIngress.tls[0].hosts[0]=llm.corp.test",
+    ])
+    grpc_ingress, http_ingress = sorted(select_kind(objects, "Ingress", "networking.k8s.io/v1"),
+                                        key=lambda ingress: ingress["metadata"]["name"])
+    kubernetes_validate.validate(http_ingress, KUBERNETES_VERSION, strict=True)
+    assert http_ingress["metadata"]["name"] == "speccascade-http"
+    assert "annotations" not in http_ingress["metadata"]  # not the gRPC Ingress's backend-protocol GRPC
+    (rule,) = http_ingress["spec"]["rules"]
+    assert rule["host"] == grpc_ingress["spec"]["rules"][0]["host"] == "llm.corp.test"  # one host for both APIs
+    paths = {p["path"]: p["backend"]["service"] for p in rule["http"]["paths"]}
+    (ray_service,) = select_kind(objects, "RayService")
+    serve_service = {"name": f"{ray_service['metadata']['name']}-serve-svc", "port": {"number": 8100}}
+    assert paths == {"/v1": serve_service, "/health": serve_service}
+    assert http_ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.corp.test"]}]
+    assert http_ingress["spec"]["ingressClassName"] == "nginx"
+
+
+def test_http_ingress_on_its_own_host_needs_a_host(render):
+    (ingress,) = select_kind(render(set_values=["httpIngress.enabled=true", "httpIngress.host=api.corp.test"]),
+                             "Ingress")
+    assert ingress["spec"]["rules"][0]["host"] == "api.corp.test"
+    with pytest.raises(HelmError, match="httpIngress.host"):
+        render(set_values=["httpIngress.enabled=true", "ingress.host="])
+    with pytest.raises(HelmError, match="paths"):
+        render(set_values=["httpIngress.enabled=true", "httpIngress.paths[0]=v1"])
+
+
 def test_grpc_port_is_exposed_end_to_end(render):
     objects = render(set_values=["serve.grpcPort=9100", "serve.httpPort=8100", "service.grpcPort=443"])
     service = rayservice_of(objects)

@@ -69,3 +69,12 @@ def test_notes_say_why_there_is_no_helm_test_with_tenants_but_no_key(render_note
     assert "`helm test` has no test pod" in notes and "tests.apiKeySecret.name" in notes
     assert "helm test llm" in render_notes("--set", "tenantAuth.existingSecret=tenants",
                                            "--set", "tests.apiKeySecret.name=key")
+
+
+def test_notes_give_the_openai_url_of_the_http_ingress_when_enabled(render_notes):
+    notes = render_notes("--set", "ingress.host=llm.test", "--set", "httpIngress.enabled=true",
+                         "--set", "httpIngress.tls[0].secretName=llm-tls")
+    assert "curl https://llm.test/v1/chat/completions" in notes and "port-forward svc/llm-speccascade-serve-svc" not in notes
+    assert "curl http://api.test/v1/chat/completions" in render_notes("--set", "httpIngress.enabled=true",
+                                                                      "--set", "httpIngress.host=api.test")
+    assert "port-forward svc/llm-speccascade-serve-svc 8000:8000" in render_notes()

@@ -365,3 +365,15 @@ autoscaler see that this group can host replicas that ask for accelerator type T
   template:
     {{- include "speccascade.podTemplate" (dict "root" $root "group" $group "component" $tierName "containerName" "ray-worker" "ports" list) | nindent 4 }}
 {{- end }}
+
+{{/* The test pod's API key (tests.apiKeySecret) as the CLI's environment variable; nothing without one. */}}
+{{- define "speccascade.testApiKeyEnv" -}}
+{{- with .Values.tests.apiKeySecret.name }}
+env:
+  - name: SPECCASCADE_API_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: {{ $.Values.tests.apiKeySecret.key }}
+{{- end }}
+{{- end }}
