@@ -65,6 +65,23 @@ def test_a_draft_whose_session_ended_stops_and_gets_nothing():
     assert blocks[0].gamma == 5 and blocks[1] is None
 
 
+@pytest.mark.parametrize("first", ["ended before its first step", "gamma 0"])
+def test_drafts_behind_a_job_that_drafts_nothing_use_their_own_distributions(first):
+    """The batch's first pass scores every job; a job that takes no draft step (its caller left
+    before the pass ended, or it asks for no token) must not shift the others onto its row."""
+    backend = backend_class("hf")(tiny_qwen2(VOCAB, seed=2), name="hf")
+    payload = DraftPayload.for_request(Rule.TOKEN, SamplingParams())
+    first_context, *rest = contexts()[:3]
+    alone = [draft_blocks(backend, [DraftJob(backend.new_session(), c, 3, SamplingParams(), 0, payload)])[0][0]
+             for c in rest]
+    head = DraftJob(backend.new_session(), first_context, 0 if first == "gamma 0" else 3, SamplingParams(), 0, payload)
+    jobs = [head, *(DraftJob(backend.new_session(), c, 3, SamplingParams(), 0, payload) for c in rest)]
+    blocks, _ = draft_blocks(backend, jobs, ended=lambda index: first != "gamma 0" and index == 0)
+    assert (blocks[0] is None) == (first != "gamma 0")
+    for got, expected in zip(blocks[1:], alone):
+        assert_same_block(got, expected)
+
+
 @pytest.mark.parametrize("kind", BACKEND_KINDS)
 def test_a_batch_of_verifies_equals_each_verify_alone(kind):
     """Different rules, alphas, block sizes and samplings in one batch: one verdict each, as alone."""

@@ -135,6 +135,8 @@ def draft_blocks(backend: ModelBackend, jobs: Sequence[DraftJob], *,
     stopwatch.lap()
     drafted: list[list[tuple[Tensor, Tensor, Tensor | None]]] = [[] for _ in jobs]  # (token, q row, q_sample row)
     active = [i for i, job in enumerate(jobs) if job.gamma > 0 and not ended(i)]
+    if len(active) < len(jobs):  # q's rows follow `active` from here on, as every later step's do
+        q = q[torch.tensor(active, dtype=torch.long, device=q.device)]
     for step in range(max((job.gamma for job in jobs), default=0)):
         if not active:
             break
