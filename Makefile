@@ -29,7 +29,11 @@ install: $(INSTALLED)
 .tools/bin/helm: scripts/install_helm.sh
 	bash scripts/install_helm.sh
 
-tools: .tools/bin/helm
+# guidellm, run against the served API by a test, in its own environment.
+.tools/guidellm/bin/guidellm: scripts/install_guidellm.sh
+	bash scripts/install_guidellm.sh
+
+tools: .tools/bin/helm .tools/guidellm/bin/guidellm
 
 run: install
 	$(VENV)/bin/speccascade serve
