@@ -49,3 +49,30 @@ def test_sample_is_reproducible_per_generator():
 def test_bad_sampling_params_are_named(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         SamplingParams(**kwargs)
+
+
+def full_sort_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus by the definition, from a sort of the whole row."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep_sorted = before < top_p * probs.sum(dim=-1, keepdim=True)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return torch.where(keep, probs, torch.zeros_like(probs))
+
+
+@pytest.mark.parametrize("sharpness", [8.0, 0.05], ids=["peaked: within the candidates", "flat: the whole row"])
+def test_the_nucleus_from_the_most_likely_candidates_is_the_nucleus_of_the_whole_row(sharpness):
+    from speccascade.cascade.sampling import NUCLEUS_CANDIDATES, nucleus
+
+    vocab = 20 * NUCLEUS_CANDIDATES
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 5, vocab, generator=generator) * sharpness, dim=-1)
+    for top_p in (0.5, 0.9, 0.95):
+        got = nucleus(probs, top_p)
+        assert torch.equal(got > 0, full_sort_nucleus(probs, top_p) > 0), top_p
+        torch.testing.assert_close(got, torch.where(got > 0, probs, torch.zeros_like(probs)))
+        kept = (got > 0).sum(dim=-1)
+        if sharpness < 1:  # the flat rows' nuclei reach past the candidates: the fallback ran
+            assert kept.min() > NUCLEUS_CANDIDATES
+        else:
+            assert kept.max() < NUCLEUS_CANDIDATES

@@ -37,14 +37,34 @@ def adjust_probs(probs: Tensor, params: SamplingParams) -> Tensor:
         kth = probs.topk(params.top_k, dim=-1).values[..., -1:]
         probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        cumulative = sorted_probs.cumsum(dim=-1)
-        # Keep a token if the mass strictly before it is below top_p: the smallest prefix whose
-        # mass reaches top_p, always at least the most likely token.
-        keep_sorted = (cumulative - sorted_probs) < params.top_p * cumulative[..., -1:]
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
+        probs = nucleus(probs, params.top_p)
     return probs / probs.sum(dim=-1, keepdim=True)
+
+
+NUCLEUS_CANDIDATES = 1024  # most likely tokens looked at first; the nucleus rarely reaches past them
+
+
+def nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """probs [..., V] with every token outside the top-p nucleus zeroed (not renormalised).
+
+    A token is kept when the mass strictly before it, in descending order, is below top_p of the
+    row's mass: the smallest prefix whose mass reaches top_p, always at least the most likely
+    token. Sorting all V (~152k for Qwen) is the cost of top-p, so the `NUCLEUS_CANDIDATES` most
+    likely tokens are taken first (a partial sort); when their mass reaches top_p, no token past
+    them can be kept and the nucleus is decided among them alone. Only rows whose nucleus reaches
+    further (nearly flat distributions) are sorted whole."""
+    vocab = probs.shape[-1]
+    flat = probs.reshape(-1, vocab)
+    threshold = top_p * flat.sum(dim=-1, keepdim=True)
+    candidates = min(NUCLEUS_CANDIDATES, vocab)
+    values, order = flat.topk(candidates, dim=-1)  # descending
+    cumulative = values.cumsum(dim=-1)
+    covered = cumulative[:, -1:] >= threshold  # [rows, 1]: the nucleus lies among the candidates
+    if not bool(covered.all()):
+        values, order = flat.sort(dim=-1, descending=True)
+        cumulative = values.cumsum(dim=-1)
+    kept = torch.where((cumulative - values) < threshold, values, torch.zeros_like(values))
+    return torch.zeros_like(flat).scatter(-1, order, kept).reshape(probs.shape)
 
 
 def logits_to_probs(logits: Tensor) -> Tensor:
