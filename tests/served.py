@@ -15,7 +15,7 @@ PROMPT = "def add(a, b):"
 # Every rule and every baseline; the server's block size is 4 (app_args).
 POLICIES = [
     ("cascade", "lossless", 0.0), ("cascade", "chow", 0.3), ("cascade", "diff", 0.1), ("cascade", "opt", 0.3),
-    ("cascade", "token", 0.3), ("cascade", "lossy", 0.3), ("expert", "lossless", 0.3), ("drafter", "lossless", 0.3),
+    ("cascade", "token", 0.3), ("cascade", "token_v1", 0.3), ("cascade", "token_v2", 0.3), ("cascade", "lossy", 0.3), ("expert", "lossless", 0.3), ("drafter", "lossless", 0.3),
     ("token-cascade", "lossless", 0.3), ("sequence-cascade", "lossless", 0.3),
 ]
 SAMPLINGS = {"greedy": {}, "sampled": dict(temperature=0.7, top_p=0.95)}

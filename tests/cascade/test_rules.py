@@ -34,8 +34,10 @@ def reference_target(rule: str, q: torch.Tensor, p: torch.Tensor, alpha: float) 
             r = max(qi) < max(pi_) - alpha
         elif rule == "opt":
             r = max(qi) < max(pi_) - alpha * dtv
-        elif rule == "token":
-            in_a = [v >= (1 - alpha) * max(pi_) for v in pi_]
+        elif rule in ("token", "token_v1", "token_v2"):
+            in_a = {"token": [pv >= (1 - alpha) * max(pi_) for pv in pi_],  # the paper's V3
+                    "token_v2": [pv >= max(pi_) - alpha for pv in pi_],
+                    "token_v1": [qv >= max(pi_) - alpha for qv in qi]}[rule]
             outside = sum(qv for qv, a in zip(qi, in_a) if not a)
             out[i] = torch.tensor([qv * a + pv * outside for qv, pv, a in zip(qi, pi_, in_a)])
             continue
@@ -46,6 +48,7 @@ def reference_target(rule: str, q: torch.Tensor, p: torch.Tensor, alpha: float) 
 @pytest.mark.parametrize("rule,alpha", [
     ("lossless", 0.0), ("chow", 0.4), ("chow", 0.8), ("diff", 0.0), ("diff", 0.2), ("diff", -0.3),
     ("opt", 0.3), ("opt", 0.9), ("token", 0.1), ("token", 0.5), ("token", 0.9),
+    ("token_v1", 0.0), ("token_v1", 0.1), ("token_v1", 0.4), ("token_v2", 0.0), ("token_v2", 0.1), ("token_v2", 0.4),
 ])
 def test_target_distribution_matches_formula(rule, alpha):
     q, p = random_dists(200, 1), random_dists(200, 2)
@@ -112,6 +115,24 @@ def test_hand_built_token_target():
     assert not defers("token", torch.tensor([[0.7, 0.3, 0.0]]), p, 0.5)
 
 
+def test_hand_built_token_v1_and_v2_targets():
+    q = torch.tensor([[0.6, 0.3, 0.1]])
+    p = torch.tensor([[0.5, 0.3, 0.2]])
+    # token_v2, alpha=0.25: A = {v: p(v) >= 0.25} = {0, 1}, as token at 0.5 (relative 0.5 * 0.5).
+    torch.testing.assert_close(target_distribution("token_v2", q, p, 0.25), target_distribution("token", q, p, 0.5))
+    # token_v2, alpha=0.1: A = {v: p(v) >= 0.4} = {0}; q's mass outside it, 0.4, goes to p.
+    torch.testing.assert_close(target_distribution("token_v2", q, p, 0.1), torch.tensor([[0.6 + 0.2, 0.12, 0.08]]))
+    # token_v1 reads the drafter: alpha=0.15: A = {v: q(v) >= 0.35} = {0}; at 0.25: {0, 1}.
+    torch.testing.assert_close(target_distribution("token_v1", q, p, 0.15), torch.tensor([[0.6 + 0.2, 0.12, 0.08]]))
+    torch.testing.assert_close(target_distribution("token_v1", q, p, 0.25), torch.tensor([[0.65, 0.33, 0.02]]))
+    # token_v1 keeps what the drafter rates highly even where the expert does not: at alpha 0.15,
+    # A = {v: q(v) >= 0.35} = {0, 1} holds all of q (no deferral); token_v2's {v: p(v) >= 0.35} = {1}
+    # does not.
+    q, p = torch.tensor([[0.65, 0.35, 0.0]]), torch.tensor([[0.2, 0.5, 0.3]])
+    assert not defers("token_v1", q, p, 0.15) and defers("token_v2", q, p, 0.15)
+    torch.testing.assert_close(target_distribution("token_v1", q, p, 0.15), q)
+
+
 @pytest.mark.parametrize("rule", list(NEVER_DEFER_ALPHA))
 def test_never_defer_end_targets_q(rule):
     q, p = random_dists(100, 7), random_dists(100, 8)
@@ -143,7 +164,7 @@ def test_bad_alpha_is_named(rule, alpha, fragment):
 
 
 def test_unknown_rule_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown rule 'fast'.*lossless, chow, diff, opt, token, lossy"):
+    with pytest.raises(ValueError, match="unknown rule 'fast'.*lossless, chow, diff, opt, token, token_v1, token_v2, lossy"):
         target_distribution("fast", random_dists(1, 0), random_dists(1, 1), 0.5)
 
 

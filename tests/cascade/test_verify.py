@@ -2,7 +2,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 from speccascade.cascade import GREEDY, Rule, SamplingParams, adjust_probs, target_distribution, verify_block
-from speccascade.cascade.rules import mixture_defers, token_accept_set, token_target
+from speccascade.cascade.rules import mixture_defers
 
 V = 5
 
@@ -96,8 +96,11 @@ def expected_target(rule, alpha, q, p, sampling):
     q_s, p_s = adjust_probs(q, sampling), adjust_probs(p, sampling)
     if rule == "lossy":
         return target_distribution("lossy", q_s, p_s, alpha)
-    if rule == "token":
-        return token_target(q_s, p_s, token_accept_set(p, alpha))
+    if rule in ("token", "token_v1", "token_v2"):  # A written out: q's mass on A kept, the rest to p
+        max_p = p.amax(-1, keepdim=True)
+        in_a = {"token": p >= (1 - alpha) * max_p, "token_v2": p >= max_p - alpha, "token_v1": q >= max_p - alpha}[rule]
+        kept = q_s * in_a
+        return kept + p_s * (1 - kept.sum(-1, keepdim=True))
     r = mixture_defers(Rule.parse(rule), q, p, alpha).unsqueeze(-1)
     return torch.where(r, p_s, q_s)
 
@@ -125,7 +128,7 @@ def test_lossless_reproduces_the_expert_distribution(sampling):
 
 
 @pytest.mark.parametrize("rule,alpha", [("chow", 0.5), ("diff", 0.0), ("opt", 0.4), ("token", 0.5),
-                                        ("token", 0.2), ("lossy", 0.3)])
+                                        ("token", 0.2), ("token_v1", 0.2), ("token_v2", 0.2), ("lossy", 0.3)])
 @pytest.mark.parametrize("sampling", SAMPLINGS[:2], ids=["t1", "t0.7-p0.9"])
 def test_cascade_reproduces_its_target(rule, alpha, sampling):
     first, _ = emitted_tokens(rule, alpha, Q, P, sampling)
@@ -173,7 +176,8 @@ def random_rows(shape, seed: int, sharp: float = 3.0) -> torch.Tensor:
 
 @pytest.mark.parametrize("rule,alphas", [
     ("lossless", [0.0, 0.0, 0.0, 0.0]), ("chow", [0.0, 0.2, 0.5, 1.0]), ("diff", [-1.0, 0.0, 0.1, 0.6]),
-    ("opt", [0.0, 0.3, 0.7, 1.0]), ("token", [0.0, 0.2, 0.5, 1.0]), ("lossy", [0.0, 0.2, 0.5, 0.9]),
+    ("opt", [0.0, 0.3, 0.7, 1.0]), ("token", [0.0, 0.2, 0.5, 1.0]), ("token_v1", [0.0, 0.1, 0.3, 1.0]),
+    ("token_v2", [0.0, 0.1, 0.3, 1.0]), ("lossy", [0.0, 0.2, 0.5, 0.9]),
 ])
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.8, top_p=0.9)], ids=["greedy", "sampled"])
 def test_a_batch_of_blocks_verifies_each_block_as_it_would_alone(rule, alphas, sampling):

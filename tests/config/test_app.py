@@ -106,7 +106,7 @@ def model_accepts(args: dict) -> bool:
     return True
 
 
-@pytest.mark.parametrize("rule", [None, "lossless", "chow", "diff", "opt", "token", "lossy"])
+@pytest.mark.parametrize("rule", [None, "lossless", "chow", "diff", "opt", "token", "token_v1", "token_v2", "lossy"])
 def test_the_policy_schema_accepts_exactly_the_alphas_the_model_does(rule):
     for alpha in (-1.5, -1.0, -0.5, 0.0, 0.5, 0.999, 1.0, 1.5):
         policy = {"alpha": alpha} if rule is None else {"rule": rule, "alpha": alpha}

@@ -5,7 +5,10 @@ For one position, `q` is the drafter's next-token distribution and `p` the exper
 (`r = 1`); the speculative cascade then samples against the target
 
     pi = (1 - r) * q + r * p                       (chow, diff, opt)
-    pi(v) = q(v) * 1[v in A] + p(v) * q(A^c)       (token; A = {v : p(v) >= (1 - alpha) max p})
+    pi(v) = q(v) * 1[v in A] + p(v) * q(A^c)       (the token-specific rules), with
+        A = {v : p(v) >= (1 - alpha) max p}        token    (the paper's V3)
+        A = {v : q(v) >= max p - alpha}            token_v1
+        A = {v : p(v) >= max p - alpha}            token_v2
 
 `lossless` is pi = p (ordinary speculative decoding). `lossy` speculative decoding has no mixture
 target; `target_distribution("lossy", ...)` returns the distribution its acceptance rule actually
@@ -40,10 +43,19 @@ def total_variation(p: Tensor, q: Tensor) -> Tensor:
     return (q - p).clamp_min(0).sum(dim=-1)
 
 
-def token_accept_set(p: Tensor, alpha: "float | Tensor") -> Tensor:
-    """A = {v : p(v) >= (1 - alpha) max p}, the tokens the expert finds nearly as good as its
-    best: [..., V] -> [..., V] bool. (Every alpha may be one per leading row: `per_row`.)"""
-    return p >= per_row(1.0 - alpha, p) * p.amax(dim=-1, keepdim=True)
+def token_accept_set(rule: Rule, q: Tensor, p: Tensor, alpha: "float | Tensor") -> Tensor:
+    """A, the tokens a token-specific rule keeps from the drafter: [..., V] -> [..., V] bool.
+    `token` (V3): those the expert finds nearly as good as its best, relatively; `token_v2`: the
+    same, additively; `token_v1`: those the drafter rates nearly as high as the expert rates its
+    best. (Every alpha may be one per leading row: `per_row`.)"""
+    max_p = p.amax(dim=-1, keepdim=True)
+    if rule is Rule.TOKEN:
+        return p >= per_row(1.0 - alpha, p) * max_p
+    if rule is Rule.TOKEN_V2:
+        return p >= max_p - per_row(alpha, p)
+    if rule is Rule.TOKEN_V1:
+        return q >= max_p - per_row(alpha, p)
+    raise ValueError(f"rule {rule.value!r} is not a token-specific rule")
 
 
 def mixture_defers(rule: Rule, q: Tensor, p: Tensor | None, alpha: "float | Tensor") -> Tensor:
@@ -95,13 +107,13 @@ def residual(target: Tensor, q: Tensor) -> Tensor:
 def defers(rule: "str | Rule", q: Tensor, p: Tensor, alpha: float) -> Tensor:
     """The deferral decision r per position: [..., V] x [..., V] -> [...] bool.
 
-    For `token`, r says whether the position's target differs from q. For `lossy`, every position
-    is checked against p, so every position defers.
+    For the token-specific rules, r says whether the position's target differs from q. For
+    `lossy`, every position is checked against p, so every position defers.
     """
     rule = Rule.parse(rule)
     alpha = validate_alpha(rule, alpha)
-    if rule is Rule.TOKEN:
-        return token_defers(q, token_accept_set(p, alpha))
+    if rule.is_token_specific:
+        return token_defers(q, token_accept_set(rule, q, p, alpha))
     if rule is Rule.LOSSY:
         return torch.ones(q.shape[:-1], dtype=torch.bool, device=q.device)
     return mixture_defers(rule, q, p, alpha)
@@ -113,8 +125,8 @@ def target_distribution(rule: "str | Rule", q: Tensor, p: Tensor, alpha: float) 
     alpha = validate_alpha(rule, alpha)
     q = q.float()
     p = p.float()
-    if rule is Rule.TOKEN:
-        return token_target(q, p, token_accept_set(p, alpha))
+    if rule.is_token_specific:
+        return token_target(q, p, token_accept_set(rule, q, p, alpha))
     if rule is Rule.LOSSY:
         # P(emit v) = q(v) * accept(v) + P(reject) * residual(v), with residual norm(max(0, p - q)).
         kept = q * lossy_accept_probability(q, p, alpha)

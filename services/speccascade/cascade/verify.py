@@ -49,8 +49,8 @@ def acceptance(
         accept_table = lossy_accept_probability(q_sample, p_sample, alpha)
         deferred = torch.ones(q_sample.shape[:-1], dtype=torch.bool, device=q_sample.device)
         return accept_table, p_sample, deferred
-    if rule is Rule.TOKEN:
-        accept_set = token_accept_set(p_decide, alpha)
+    if rule.is_token_specific:
+        accept_set = token_accept_set(rule, q_decide, p_decide, alpha)
         target = token_target(q_sample, p_sample, accept_set)
         deferred = token_defers(q_sample, accept_set)
     else:

@@ -26,11 +26,14 @@ DRAFTER = "drafter"
 LOSSLESS = "lossless"
 HF_ASSISTED = "hf-assisted"  # transformers' assisted generation, the baseline users reach for
 METHODS = (EXPERT, LOSSLESS, "token", HF_ASSISTED, DRAFTER, "chow", "diff", "opt", "lossy",
-           "token-cascade", "sequence-cascade")
+           "token-cascade", "sequence-cascade", "token_v1", "token_v2")
 
 # alpha sweeps, lenient end last. Every rule's alpha: larger = fewer deferrals (rules.py).
 FULL_ALPHAS: dict[str, tuple[float, ...]] = {
     "token": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
+    # V1 and V2 are additive in probability (max p - alpha), so their useful alphas are smaller.
+    "token_v1": (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7),
+    "token_v2": (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7),
     "chow": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
     "diff": (-0.1, 0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
     "opt": (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9),
@@ -42,6 +45,8 @@ FULL_ALPHAS: dict[str, tuple[float, ...]] = {
 }
 QUICK_ALPHAS: dict[str, tuple[float, ...]] = {
     "token": (0.1, 0.5),
+    "token_v1": (0.1,),
+    "token_v2": (0.1,),
     "chow": (0.3,),
     "diff": (0.1,),
     "opt": (0.3,),
