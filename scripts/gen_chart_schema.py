@@ -165,6 +165,11 @@ def chart_values_schema(deferral_policy_function: str) -> dict:
             "mountPath": {"type": "string", "pattern": "^/"},
             "required": {"type": "boolean"},
         }),
+        "resumeKey": closed({
+            "existingSecret": string(),
+            "secretKey": {"type": "string", "minLength": 1},
+            "mountPath": {"type": "string", "pattern": "^/"},
+        }),
         "head": closed(pod_group()),
         "tiers": closed({"drafter": tier(), "expert": tier()}),
         "sharedMemorySize": {"type": ["string", "integer"]},

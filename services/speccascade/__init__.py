@@ -41,12 +41,16 @@ def generate(
     ignore_eos: bool = False,
     min_tokens: int = 0,
     skip_special_tokens: bool = True,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
     dtype: str = "auto",
     drafter: str | None = None,
     expert: str | None = None,
 ) -> "GenerationResult":
     """Generate with a speculative cascade (or a baseline `method`) on the given model pair
-    (default: the packaged Qwen2.5-Coder 0.5B/1.5B pair). `messages` get the chat template."""
+    (default: the packaged Qwen2.5-Coder 0.5B/1.5B pair). `messages` get the chat template.
+    `logprobs` / `prompt_logprobs` (k alternatives per token, 0..20): the result's `logprobs` and
+    `prompt_logprobs` (see `speccascade.cascade.logprobs` for which distribution they are from)."""
     from .engine.request import GenerationRequest
     from .options import SamplingParams
 
@@ -54,7 +58,8 @@ def generate(
         prompt=prompt, messages=messages, method=method, rule=rule, alpha=alpha, block_size=block_size,
         max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p),
         seed=seed, stop=tuple(stop) if not isinstance(stop, str) else (stop,), ignore_eos=ignore_eos,
-        min_tokens=min_tokens, skip_special_tokens=skip_special_tokens,
+        min_tokens=min_tokens, skip_special_tokens=skip_special_tokens, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
     return load_engine(drafter, expert, dtype).generate(request)
 

@@ -39,8 +39,16 @@ class Rule(StrChoice):
     CHOW = "chow"
     DIFF = "diff"
     OPT = "opt"
-    TOKEN = "token"
+    TOKEN = "token"  # the paper's third token-specific rule (V3); the name predates V1 and V2
+    TOKEN_V1 = "token_v1"
+    TOKEN_V2 = "token_v2"
     LOSSY = "lossy"
+
+    @property
+    def is_token_specific(self) -> bool:
+        """The paper's token-specific rules: keep the drafter's mass on a set A of tokens, hand the
+        rest to the expert (they differ only in A)."""
+        return self in (Rule.TOKEN, Rule.TOKEN_V1, Rule.TOKEN_V2)
 
     @property
     def needs_expert_to_decide(self) -> bool:
@@ -88,7 +96,9 @@ class AlphaRange:
 # chow:  alpha=0 defers unless the drafter is certain, alpha=1 never defers.
 # diff:  alpha=-1 always defers (max q < max p + 1), alpha=1 never (max p - 1 <= 0).
 # opt:   max p - max q <= D_TV(p, q), so alpha=1 never defers; alpha=0 is diff at 0.
-# token: alpha=0 keeps only the expert's argmax set, alpha=1 makes A the whole vocabulary (pi = q).
+# token: alpha=0 keeps only the expert's argmax set, alpha=1 makes A the whole vocabulary (pi = q);
+#   token_v2 the same with an additive lenience; token_v1 at alpha=0 keeps the tokens the drafter
+#   rates at least as high as the expert rates its best.
 # lossy: alpha=0 is lossless; alpha -> 1 accepts everything (alpha=1 would divide by zero).
 ALPHA_RANGES: dict[Rule, AlphaRange] = {
     Rule.LOSSLESS: AlphaRange(0.0, 1.0, meaning="ignored"),
@@ -96,12 +106,15 @@ ALPHA_RANGES: dict[Rule, AlphaRange] = {
     Rule.DIFF: AlphaRange(-1.0, 1.0, meaning="defer iff max q < max p - alpha"),
     Rule.OPT: AlphaRange(0.0, 1.0, meaning="defer iff max q < max p - alpha * D_TV(p, q)"),
     Rule.TOKEN: AlphaRange(0.0, 1.0, meaning="A = {v : p(v) >= (1 - alpha) max p}"),
+    Rule.TOKEN_V1: AlphaRange(0.0, 1.0, meaning="A = {v : q(v) >= max p - alpha}"),
+    Rule.TOKEN_V2: AlphaRange(0.0, 1.0, meaning="A = {v : p(v) >= max p - alpha}"),
     Rule.LOSSY: AlphaRange(0.0, 1.0, high_inclusive=False, meaning="accept min(1, p/((1-alpha) q))"),
 }
 
 # The alpha at which each rule never defers (output = drafter-only where the rule can skip the
 # expert) and, where one exists, the alpha at which it always defers (output = lossless).
-NEVER_DEFER_ALPHA = {Rule.CHOW: 1.0, Rule.DIFF: 1.0, Rule.OPT: 1.0, Rule.TOKEN: 1.0}
+NEVER_DEFER_ALPHA = {Rule.CHOW: 1.0, Rule.DIFF: 1.0, Rule.OPT: 1.0, Rule.TOKEN: 1.0, Rule.TOKEN_V1: 1.0,
+                     Rule.TOKEN_V2: 1.0}
 ALWAYS_DEFER_ALPHA = {Rule.LOSSLESS: 0.0, Rule.CHOW: 0.0, Rule.DIFF: -1.0, Rule.LOSSY: 0.0}
 
 
@@ -205,6 +218,8 @@ MAX_BLOCK_SIZE = 64
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_NEW_TOKENS_CAP = 32768
 MAX_STOP_STRINGS = 16
+# The most alternatives a request's logprobs may list per position (OpenAI's chat cap, 20).
+MAX_TOP_LOGPROBS = 20
 CHAT_ROLES = ("system", "user", "assistant")
 
 # Defaults: the paper's best rule at a middle alpha.

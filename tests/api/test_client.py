@@ -47,3 +47,100 @@ def test_api_key_travels_as_bearer_metadata_from_the_argument_or_the_environment
     monkeypatch.setenv(API_KEY_ENV, "sc-env")
     with SpecCascadeClient("localhost:1") as client:
         assert client.metadata == (("authorization", "Bearer sc-env"),)
+
+
+# ---- resuming a stream that broke off (ResumingStream, over a fake server) ----
+
+import grpc  # noqa: E402
+from speccascade.api.client import RESUME_ATTEMPTS, ResumingStream  # noqa: E402
+
+
+class FakeError(grpc.RpcError):
+    def __init__(self, code, trailing=()):
+        self._code, self._trailing = code, trailing
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._code.name
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+class FakeServer:
+    """Streams chunks of output 0, 1, 2, ...; `breaks[i]` = (error, n): the i-th call fails with
+    `error` after n chunks (0: before its first)."""
+
+    def __init__(self, length: int, breaks: list):
+        self.length = length
+        self.breaks = list(breaks)
+        self.requests: list[pb.GenerateRequest] = []
+
+    def start(self, request, timeout):
+        self.requests.append(request)
+        position = int(request.resume_token.split(":")[1]) if request.resume_token else 0
+        error, fail_after = self.breaks.pop(0) if self.breaks else (None, None)
+
+        def chunks():
+            nonlocal position
+            sent = 0
+            while position < self.length:
+                if sent == fail_after:
+                    raise error
+                position += 1
+                sent += 1
+                yield pb.GenerateStreamResponse(token_ids=[position - 1], resume_token=f"t:{position}",
+                                                finish_reason=pb.FINISH_REASON_LENGTH if position == self.length else 0)
+
+        return chunks()
+
+
+def stream(server, attempts=RESUME_ATTEMPTS):
+    return ResumingStream(server.start, build_request("hi", seed=1), timeout=None, attempts=attempts)
+
+
+def test_a_stream_that_breaks_off_is_resumed_from_the_last_token_with_the_same_request(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    unavailable, internal = FakeError(grpc.StatusCode.UNAVAILABLE), FakeError(grpc.StatusCode.INTERNAL)
+    server = FakeServer(10, [(unavailable, 3), (internal, 2), (unavailable, 0)])
+    call = stream(server)
+    assert [t for chunk in call for t in chunk.token_ids] == list(range(10))
+    assert call.resumes == 3
+    assert [r.resume_token for r in server.requests] == ["", "t:3", "t:5", "t:5"]
+    assert all(r.prompt == "hi" and r.sampling.seed == 1 for r in server.requests)
+
+
+def test_resuming_is_bounded_and_leaves_other_errors_and_early_failures_alone(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    unavailable = FakeError(grpc.StatusCode.UNAVAILABLE)
+    # Before the first chunk nothing broke off: the error is the caller's to see.
+    with pytest.raises(grpc.RpcError):
+        list(stream(FakeServer(5, [(unavailable, 0)])))
+    # A bad request is not retried.
+    with pytest.raises(grpc.RpcError) as error:
+        list(stream(FakeServer(5, [(FakeError(grpc.StatusCode.INVALID_ARGUMENT), 2)])))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Tries in a row without a chunk are bounded.
+    server = FakeServer(5, [(unavailable, 2)] + [(unavailable, 0)] * 3)
+    with pytest.raises(grpc.RpcError):
+        list(stream(server, attempts=3))
+    assert len(server.requests) == 4
+    with pytest.raises(grpc.RpcError):
+        list(stream(FakeServer(5, [(unavailable, 2)]), attempts=0))
+
+
+def test_a_resume_waits_out_a_quota_held_by_the_dead_router(monkeypatch):
+    waits = []
+    monkeypatch.setattr("time.sleep", waits.append)
+    busy = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, trailing=(("retry-after-ms", "1500"),))
+    server = FakeServer(4, [(FakeError(grpc.StatusCode.INTERNAL), 1), (busy, 0)])
+    assert [t for chunk in stream(server) for t in chunk.token_ids] == list(range(4))
+    assert waits[1] == 1.5
+
+
+def test_the_cli_resumes_as_often_as_the_client_by_default():
+    from speccascade.commands.client import RESUME_ATTEMPTS as CLI_ATTEMPTS
+
+    assert CLI_ATTEMPTS == RESUME_ATTEMPTS

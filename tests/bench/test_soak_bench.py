@@ -78,3 +78,15 @@ def test_bench_soak_on_tiny_models_with_cancels_deadlines_and_a_kill(tiny_model_
     # --report summarizes a finished soak again from its JSON, to the same figures.
     assert main(["bench", "soak", "--report", str(tmp_path / "tiny.json")]) == 0
     assert json.loads((tmp_path / "tiny.json").read_text())["summary"] == summary
+
+
+def test_the_kill_order_names_deployments_and_refuses_others():
+    import argparse
+
+    from speccascade.bench.soak.cli import kill_order
+
+    assert kill_order("Router") == ("Router",)
+    assert kill_order("Expert, Router,Drafter") == ("Expert", "Router", "Drafter")
+    for bad in ("", "router", "Expert,Proxy"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--kill-order takes deployments from Expert, Drafter"):
+            kill_order(bad)

@@ -169,7 +169,7 @@ def test_a_client_that_leaves_mid_stream_stops_the_decoding(oai, tier_handles):
     ({"top_p": 0.0, "temperature": 1.0}, "top_p"),
     ({"n": 2}, "n"),
     ({"alpah": 0.3}, "alpah"),  # a misspelt extra field is refused, not ignored
-    ({"logprobs": 2}, "logprobs"),
+    ({"logprobs": 6}, "logprobs"),  # above the legacy completions API's 5 alternatives
     ({"prompt": "word " * 600}, "prompt"),  # longer than the 512-token context window
     ({"min_tokens": 9}, "min_tokens"),  # above max_tokens=8
     ({"repetition_penalty": 1.2}, "repetition_penalty"),  # cannot be exact under the cascade: a 400 with why

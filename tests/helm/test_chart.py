@@ -493,6 +493,24 @@ def test_the_tenants_file_is_the_referenced_secret_mounted_where_the_router_read
         assert mount == {"name": "tenants", "mountPath": "/etc/speccascade/tenants", "readOnly": True}
 
 
+def test_the_resume_key_secret_is_mounted_in_every_ray_pod_and_named_in_the_router_config(render):
+    from speccascade.config.app import AppConfig
+
+    unset = rayservice_of(render())
+    assert AppConfig.model_validate(app_of(unset)["args"]).router.resume_key_file is None
+    assert not any(v["name"] == "resume-key" for t in pod_templates(unset) for v in t["spec"]["volumes"])
+    service = rayservice_of(render(set_values=["resumeKey.existingSecret=stream-key"]))
+    assert AppConfig.model_validate(app_of(service)["args"]).router.resume_key_file == \
+        "/etc/speccascade/resume-key/resume.key"
+    for template in pod_templates(service):  # every replica of the router, wherever it runs, reads the same key
+        volume = next(v for v in template["spec"]["volumes"] if v["name"] == "resume-key")
+        assert volume["secret"] == {"secretName": "stream-key", "items": [{"key": "resume.key", "path": "resume.key"}]}
+        mount = next(m for m in template["spec"]["containers"][0]["volumeMounts"] if m["name"] == "resume-key")
+        assert mount == {"name": "resume-key", "mountPath": "/etc/speccascade/resume-key", "readOnly": True}
+    with pytest.raises(HelmError, match="app.router.resume_key_file: the chart sets it"):
+        render(set_values=["resumeKey.existingSecret=stream-key", "app.router.resume_key_file=/x.key"])
+
+
 
 def test_every_ray_pod_is_scraped_on_its_metrics_port(case):
     service = rayservice_of(case["objects"])

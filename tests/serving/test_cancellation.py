@@ -104,7 +104,8 @@ def app_with_short_idle_timeout(grpc_port, tiny_pair):
 def test_sessions_of_a_router_that_died_mid_request_are_reclaimed(app_with_short_idle_timeout):
     handles = {name: serve.get_deployment_handle(name, app_name=APP_ROUTER_DIES) for name in ("Drafter", "Expert")}
     with SpecCascadeClient(app_with_short_idle_timeout, application=APP_ROUTER_DIES) as client:
-        call = client.stream(prompt=PROMPT, max_new_tokens=400, block_size=1)
+        # Not resumed (resume_attempts=0): the request ends with its router, as a client that gives up.
+        call = client.stream(prompt=PROMPT, max_new_tokens=400, block_size=1, resume_attempts=0)
         next(call)
         (router,) = replica_actor_names(APP_ROUTER_DIES, "Router")
         ray.kill(ray.get_actor(router, namespace="serve"), no_restart=True)  # it never releases its session

@@ -164,6 +164,11 @@ spec:
           mountPath: {{ $values.tenantAuth.mountPath }}
           readOnly: true
         {{- end }}
+        {{- if $values.resumeKey.existingSecret }}
+        - name: resume-key
+          mountPath: {{ $values.resumeKey.mountPath }}
+          readOnly: true
+        {{- end }}
         {{- with $group.volumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -179,6 +184,14 @@ spec:
         items:
           - key: {{ $values.tenantAuth.secretKey }}
             path: tenants.yaml
+    {{- end }}
+    {{- with $values.resumeKey.existingSecret }}
+    - name: resume-key
+      secret:
+        secretName: {{ . }}
+        items:
+          - key: {{ $values.resumeKey.secretKey }}
+            path: resume.key
     {{- end }}
     {{- with $group.volumes }}
     {{- toYaml . | nindent 4 }}
@@ -202,6 +215,14 @@ placement.resources. Its worker group advertises the same resource (speccascade.
 {{- $_ := set $app "tenancy" $tenancy }}
 {{- else if $v.tenantAuth.required }}
 {{- fail "tenantAuth.required is true but tenantAuth.existingSecret is empty: create a Secret with the tenants file (speccascade tenants add ...; kubectl create secret generic NAME --from-file=tenants.yaml) and name it here" }}
+{{- end }}
+{{- if $v.resumeKey.existingSecret }}
+{{- $router := $app.router | default dict }}
+{{- if $router.resume_key_file }}
+{{- fail "app.router.resume_key_file: the chart sets it to the mounted resumeKey.existingSecret; remove it" }}
+{{- end }}
+{{- $_ := set $router "resume_key_file" (printf "%s/resume.key" (trimSuffix "/" $v.resumeKey.mountPath)) }}
+{{- $_ := set $app "router" $router }}
 {{- end }}
 {{- $pins := dict }}
 {{- range $tierName := list "drafter" "expert" }}

@@ -8,12 +8,18 @@
 Unset options take the server's defaults. Errors surface as `grpc.RpcError` with the server's
 status code (INVALID_ARGUMENT names the bad field). A server with tenants wants an API key:
 `SpecCascadeClient(..., api_key="sc-...")`, or the environment variable SPECCASCADE_API_KEY.
+
+A stream that breaks off after its first chunk (its router replica died or restarted, the
+connection was reset: UNAVAILABLE or INTERNAL) is resumed transparently: the request is sent again with the resume
+token of the last chunk received, and goes on on another router replica with exactly the chunks the
+broken stream would have sent next. `resume_attempts` bounds the tries in a row without a chunk.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -68,6 +74,85 @@ def build_request(
 
 
 API_KEY_ENV = "SPECCASCADE_API_KEY"
+RESUME_ATTEMPTS = 8  # tries in a row, without a chunk in between, to resume a broken stream
+RESUMABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
+RETRY_AFTER_METADATA = "retry-after-ms"
+
+
+def _backoff(attempt: int) -> float:
+    return min(2.0, 0.25 * 2 ** attempt)
+
+
+class ResumingStream:
+    """The chunks of one streamed request, resumed after a drop (see the module's doc). An
+    iterator like the gRPC call it wraps; `cancel()` stops generation on the server; `resumes`
+    counts the times the stream was continued."""
+
+    def __init__(self, start: Callable[[pb.GenerateRequest, float | None], Iterator[pb.GenerateStreamResponse]],
+                 request: pb.GenerateRequest, *, timeout: float | None, attempts: int):
+        self._start = start
+        self._request = request
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._attempts = attempts
+        self._failures = 0  # in a row, since the last chunk
+        self._token = ""
+        self._cancelled = self._finished = False
+        self.resumes = 0
+        self._call = start(request, timeout)
+
+    def __iter__(self) -> "ResumingStream":
+        return self
+
+    def _remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def _wait_before_retry(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before trying again, or None when `error` ends the stream."""
+        if self._cancelled or self._finished or not self._token or self._failures >= self._attempts:
+            return None  # a call that fails before its first chunk fails as it is (nothing broke off)
+        code = error.code()
+        if code in RESUMABLE_CODES:
+            return _backoff(self._failures)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # The broken stream's quota ticket may still be held by its dead router for a moment.
+            hint = dict(error.trailing_metadata() or ()).get(RETRY_AFTER_METADATA)
+            return float(hint) / 1000 if hint and hint.isdigit() else _backoff(self._failures)
+        return None
+
+    def __next__(self) -> pb.GenerateStreamResponse:
+        while True:
+            try:
+                chunk = next(self._call)
+            except StopIteration:
+                raise
+            except grpc.RpcError as error:
+                wait = self._wait_before_retry(error)
+                remaining = self._remaining()
+                if wait is None or (remaining is not None and remaining <= wait):
+                    raise
+                self._failures += 1
+                time.sleep(wait)
+                request = pb.GenerateRequest()
+                request.CopyFrom(self._request)
+                request.resume_token = self._token
+                self.resumes += 1
+                self._call = self._start(request, self._remaining())
+                continue
+            self._failures = 0
+            if chunk.resume_token:
+                self._token = chunk.resume_token
+            if chunk.finish_reason:
+                self._finished = True
+            return chunk
+
+    @property
+    def resume_token(self) -> str:
+        """The token of the last chunk received ("" before the first)."""
+        return self._token
+
+    def cancel(self) -> bool:
+        self._cancelled = True
+        return self._call.cancel()
 
 
 class SpecCascadeClient:
@@ -106,11 +191,21 @@ class SpecCascadeClient:
                                    timeout=timeout or self.timeout)
 
     def stream(self, request: pb.GenerateRequest | None = None, *, timeout: float | None = None,
-               request_id: str | None = None, **options) -> Iterator[pb.GenerateStreamResponse]:
+               request_id: str | None = None, resume_attempts: int = RESUME_ATTEMPTS,
+               **options) -> ResumingStream:
         """Chunks as they are produced; the last one carries finish reason, usage and stats.
-        The returned iterator is also a grpc call: `.cancel()` stops generation on the server."""
-        return self._stub.GenerateStream(self._request(request, options), metadata=self._metadata(request_id),
-                                         timeout=timeout or self.timeout)
+        `.cancel()` on the returned iterator stops generation on the server. A stream that breaks
+        off is resumed where it stopped (up to `resume_attempts` tries in a row; 0: never), within
+        the one deadline `timeout`."""
+        if isinstance(resume_attempts, bool) or not isinstance(resume_attempts, int) or resume_attempts < 0:
+            raise ValueError(f"resume_attempts must be an integer >= 0, got {resume_attempts!r}")
+        metadata = self._metadata(request_id)
+
+        def start(message: pb.GenerateRequest, remaining: float | None):
+            return self._stub.GenerateStream(message, metadata=metadata, timeout=remaining)
+
+        return ResumingStream(start, self._request(request, options), timeout=timeout or self.timeout,
+                              attempts=resume_attempts)
 
     def health(self, service: str = "", *, timeout: float = 5.0) -> str:
         """SERVING / NOT_SERVING / ... for the application (service "" or speccascade.v1.SpecCascade)."""

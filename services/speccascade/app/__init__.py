@@ -68,5 +68,8 @@ def build_app(args: dict | AppConfig | None = None) -> serve.Application:
     router = serve.deployment(
         serve.ingress()(Ingress), name=ROUTER_DEPLOYMENT, ray_actor_options=config.router.placement.ray_actor_options(),
         max_ongoing_requests=config.router.max_ongoing_requests, **replica_options(config.router.replicas),
+        # Draining: a stopping replica gets no new requests; its streams have this long to finish.
+        graceful_shutdown_timeout_s=config.router.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=min(1.0, max(config.router.drain_timeout_s, 0.1)),
     )
     return router.bind(drafter, expert, config)

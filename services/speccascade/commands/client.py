@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
                 print(json.dumps(MessageToDict(response, preserving_proto_field_name=True)))
                 return 0
             print_legend(err)
-            for chunk in client.stream(request):
+            call = client.stream(request, resume_attempts=args.resume_attempts)
+            for chunk in call:
                 for segment in chunk.segments:
                     print_segment(console, segment.text, SOURCES.get(segment.source, ""))
                 if chunk.finish_reason:
@@ -49,10 +50,26 @@ def run(args: argparse.Namespace) -> int:
                               f"resent context), {chunk.stats.tier_retries} tier retries"
                               + (", [bold yellow]expert-only (drafter tier down)[/]"
                                  if chunk.stats.expert_only_fallback else ""))
+            if call.resumes:
+                err.print(f"[dim]the stream broke off and was resumed {call.resumes} time(s); the output is the "
+                          "same as an unbroken stream's (the stats above count the last part only)[/]")
     except grpc.RpcError as error:
         err.print(f"[bold red]{error.code().name}[/]: {error.details()}")
         return 1
     return 0
+
+
+RESUME_ATTEMPTS = 8  # as speccascade.api.client (not imported here: the CLI starts without gRPC)
+
+
+def _attempts(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--resume-attempts must be an integer >= 0, got {text!r}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -64,6 +81,9 @@ def register(subparsers) -> None:
     parser.add_argument("--application", help="Serve application name, when the cluster runs several")
     parser.add_argument("--timeout", type=float, help="deadline in seconds")
     parser.add_argument("--api-key", help="API key of a tenant (default: $SPECCASCADE_API_KEY)")
+    parser.add_argument("--resume-attempts", type=_attempts, default=RESUME_ATTEMPTS,
+                        help="tries in a row to resume a stream that broke off (its router replica died, the "
+                             f"connection was reset), where it stopped; 0: never (default: {RESUME_ATTEMPTS})")
     parser.add_argument("--json", action="store_true", help="print the unary response as JSON")
     parser.add_argument("--no-color", action="store_true", help="plain text output")
     parser.set_defaults(handler=run)

@@ -170,6 +170,17 @@ class RouterConfig(StrictModel):
     tier_down_cooldown_s: float = Field(
         10.0, ge=0, description="After a tier is found without running replicas, how long to answer "
                                 "UNAVAILABLE (or decode expert-only) without trying it again.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="When a router replica stops (scale-down, upgrade, deletion), Serve sends it no new requests "
+                    "and waits up to this long for its streams to finish before it ends; a stream still running "
+                    "then breaks off and its client resumes it on another replica (resume tokens).")
+    resume_key_file: str | None = Field(
+        None, description="File holding the key (at least 32 bytes) that signs streams' resume tokens, the same "
+                          "for every router replica (the Helm chart mounts it from a Secret). Unset: a random key is "
+                          "drawn once per Ray cluster and shared by the application's router replicas; tokens then "
+                          "stop verifying when the cluster is replaced (a RayService upgrade), and a resume is "
+                          "refused.")
 
 
 def _alpha_ranges_schema(schema: dict) -> None:

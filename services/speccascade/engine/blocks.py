@@ -11,7 +11,13 @@ verification needs (see `DraftPayload.for_request`):
 - pure temperature sampling: the full sampling rows, as float16 (the only lossy encoding; a
   probability below ~6e-8 rounds to 0);
 - the opt rule: the full temperature-1 rows as float16, because D_TV(p, q) needs all of q;
-- the sequence-level cascade: q at each drafted token, for the drafter's confidence in its answer.
+- the sequence-level cascade: q at each drafted token, for the drafter's confidence in its answer;
+- a request for logprobs (`DraftPayload.logprobs` = k): log q at each drafted token and q's k most
+  likely tokens (`TokenLogprobs`, k + 1 numbers and k ids a position), which are the output's
+  logprobs wherever the output distribution is q (a position that does not defer); and, for the
+  rules whose target mixes q and p token by token (the token-specific rules, lossy), the full
+  temperature-1 rows in float32 (`exact_rows`), the only way the expert can compute that target
+  exactly: gamma * V * 4 bytes a block, paid only by requests that ask for logprobs.
 
 Greedy decoding needs no rows at all: the sampling distribution is the one-hot at each drafted
 token. The expert side rebuilds dense tensors on its device (`densify`) and hands them to
@@ -48,16 +54,64 @@ class DraftPayload:
     sample_rows: SampleRows
     full_decision_rows: bool = False  # the opt rule needs all of q at temperature 1
     token_probs: bool = False  # q at each drafted token (sequence-level cascade)
+    logprobs: int | None = None  # log q at each drafted token and its top-k (k = this), if asked for
+    exact_rows: bool = False  # all of q's temperature-1 rows in float32, for a mixed target's logprobs
 
     @classmethod
-    def for_request(cls, rule: Rule, sampling: SamplingParams, *, token_probs: bool = False) -> "DraftPayload":
+    def for_request(cls, rule: Rule, sampling: SamplingParams, *, token_probs: bool = False,
+                    logprobs: int | None = None) -> "DraftPayload":
         if sampling.is_greedy:
             rows = SampleRows.NONE
         elif sampling.filters:
             rows = SampleRows.SPARSE
         else:
             rows = SampleRows.FULL
-        return cls(rows, full_decision_rows=rule is Rule.OPT, token_probs=token_probs)
+        # opt reads all of q; token_v1's set A reads q at every token a sampled draft may hold (a
+        # greedy draft holds q's argmax, whose q the block's max_q already carries exactly).
+        full = rule is Rule.OPT or (rule is Rule.TOKEN_V1 and not sampling.is_greedy)
+        # A token-specific target pi(v) = q(v) 1[v in A] + p(v) q(A^c) needs q on all of A (chosen by
+        # p, unknown to the drafter) and lossy's output needs all of q too: only whole rows let the
+        # expert compute their log pi exactly. The mixture rules' pi is p or q, never a blend.
+        rows_for_logprobs = logprobs is not None and (rule.is_token_specific or rule is Rule.LOSSY)
+        return cls(rows, full_decision_rows=full, token_probs=token_probs, logprobs=logprobs,
+                   exact_rows=rows_for_logprobs)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities at n positions: of the token at each position, and the k most likely tokens
+    there (ids and log-probabilities, most likely first). numpy arrays, so they travel between tiers
+    like a block's; -inf where a token has no mass (an end-of-sequence id masked by min_tokens)."""
+
+    chosen: np.ndarray  # [n] float32
+    top_ids: np.ndarray  # [n, k] int32
+    top_values: np.ndarray  # [n, k] float32
+
+    def __len__(self) -> int:
+        return int(self.chosen.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.chosen.nbytes + self.top_ids.nbytes + self.top_values.nbytes)
+
+    def rows(self) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+        """Per position: (log-probability of its token, ((id, log-probability), ...) top k)."""
+        chosen, ids, values = self.chosen.tolist(), self.top_ids.tolist(), self.top_values.tolist()
+        return [(c, tuple(zip(i, v))) for c, i, v in zip(chosen, ids, values)]
+
+    @classmethod
+    def of_block(cls, block: "DraftedBlock") -> "TokenLogprobs":
+        """The drafter's own logprobs of the block's tokens (log q, and q's top k)."""
+        return cls(block.logprob_chosen, block.logprob_top_ids, block.logprob_top_values)
+
+
+def logprobs_on_device(log_probs: Tensor, tokens: Tensor, k: int) -> dict[str, Tensor]:
+    """`TokenLogprobs`' arrays, still on the device: log_probs [..., V], tokens [...] -> chosen
+    [...], top ids and values [..., k]. Only these k + 1 numbers a position leave the device."""
+    chosen = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    k = min(k, log_probs.shape[-1])
+    values, ids = log_probs.topk(k, dim=-1) if k else (log_probs[..., :0], log_probs[..., :0].long())
+    return {"chosen": chosen.float(), "top_ids": ids.to(torch.int32), "top_values": values.float()}
 
 
 @dataclass(frozen=True)
@@ -71,6 +125,12 @@ class DraftedBlock:
     sample_values: np.ndarray | None = None  # [gamma, k] float32, SPARSE
     sample_full: np.ndarray | None = None  # [gamma, V] float16, FULL
     decision_full: np.ndarray | None = None  # [gamma, V] float16, opt
+    # Logprobs requests (`DraftPayload.logprobs`): log q at each drafted token, its top k, and for
+    # the token-specific and lossy rules the whole temperature-1 rows (float32, exact).
+    logprob_chosen: np.ndarray | None = None  # [gamma] float32
+    logprob_top_ids: np.ndarray | None = None  # [gamma, k] int32
+    logprob_top_values: np.ndarray | None = None  # [gamma, k] float32
+    exact_rows: np.ndarray | None = None  # [gamma, V] float32, q at temperature 1
 
     @property
     def gamma(self) -> int:
@@ -117,8 +177,15 @@ class VerifyOutcome:
     next_token: int  # corrected or bonus token
     is_bonus: bool
     num_deferred: int
+    # With a request's logprobs: those of the num_accepted + 1 emitted tokens, under each position's
+    # output distribution (see `engine.jobs.output_logprobs`); with prompt logprobs, those of the
+    # sequence's tokens 1..start-1 under the expert.
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
 
-    NBYTES = 16  # four small integers
+    @property
+    def nbytes(self) -> int:
+        return 16 + sum(part.nbytes for part in (self.logprobs, self.prompt_logprobs) if part is not None)
 
 
 def summarize_draft(q: Tensor, q_sample: Tensor | None, tokens: Tensor, payload: DraftPayload) -> dict[str, Tensor]:
@@ -138,6 +205,15 @@ def summarize_draft(q: Tensor, q_sample: Tensor | None, tokens: Tensor, payload:
         out["decision_full"] = q.to(FULL_ROW_DTYPE)
     if payload.token_probs:
         out["token_q"] = q.gather(-1, tokens.view(-1, 1)).squeeze(-1).float()
+    if payload.logprobs is not None:
+        # q is the drafter's temperature-1 distribution as the output would draw from it (after
+        # min_tokens' mask), so log q is the logprob of every position where the output is q.
+        log_q = torch.log(q.float())
+        lp = logprobs_on_device(log_q, tokens, payload.logprobs)
+        out["logprob_chosen"], out["logprob_top_ids"], out["logprob_top_values"] = \
+            lp["chosen"], lp["top_ids"], lp["top_values"]
+        if payload.exact_rows:
+            out["exact_rows"] = q.float()
     return out
 
 
@@ -151,8 +227,9 @@ def densify(block: DraftedBlock, vocab_size: int, device: torch.device | str) ->
     """Rebuild (q for deciding, q for sampling), both [gamma, V] float32 on `device`.
 
     Without full decision rows, q keeps its exact max at the drafted token and spreads the rest
-    uniformly: the rules that get here (chow, diff, token, lossless, lossy) read q only through
-    max q, or not at all.
+    uniformly: the rules that get here (chow, diff, token, token_v2, lossless, lossy; token_v1
+    when greedy) read q only through max q, or at the drafted token that is its argmax, or not
+    at all.
     """
     gamma = block.gamma
     tokens = torch.tensor(block.tokens, dtype=torch.long, device=device).view(-1, 1)

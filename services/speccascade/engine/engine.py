@@ -4,7 +4,7 @@ the same decoding loop as the served router, with local roles."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 from ..models import PairInfo, eos_token_ids
 from .backends import ModelBackend, load_backend
@@ -51,11 +51,14 @@ class CascadeEngine(TextGeneration):
             pair.tokenizer, eos_ids=pair.eos_ids,
         )
 
-    async def astream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Chunks of the response as rounds complete; the last one carries the result."""
+    async def astream(self, request: GenerationRequest, delivered: Sequence[int] = ()
+                      ) -> AsyncIterator[GenerationChunk]:
+        """Chunks of the response as rounds complete; the last one carries the result.
+        `delivered`: continue a stream of `request` (same seed) that delivered these output tokens
+        in its first chunks; the chunks are those it would have sent next (`stream_rounds`)."""
         prompt, limit = self.prepare(request)
         drafter, expert = LocalDrafter(self.drafter), LocalExpert(self.expert)
-        chunks = self.stream_rounds(request, prompt, limit, drafter, expert)
+        chunks = self.stream_rounds(request, prompt, limit, drafter, expert, delivered=delivered)
         try:
             async for chunk in chunks:
                 yield chunk
@@ -64,10 +67,10 @@ class CascadeEngine(TextGeneration):
             drafter.release()
             expert.release()
 
-    def stream(self, request: GenerationRequest) -> Iterator[GenerationChunk]:
+    def stream(self, request: GenerationRequest, delivered: Sequence[int] = ()) -> Iterator[GenerationChunk]:
         """`astream` for synchronous callers (on an event loop of its own: from async code, use
         `astream`)."""
-        chunks = self.astream(request)
+        chunks = self.astream(request, delivered)
         loop = asyncio.new_event_loop()
         try:
             while True:

@@ -17,15 +17,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..cascade import adjust_probs, sample, verify_blocks
+from ..cascade.logprobs import output_distributions
 from ..options import Rule, SamplingParams
 from .backends import BackendSession, ModelBackend, ScoreJob
-from .blocks import DraftedBlock, DraftPayload, VerifyOutcome, block_from_host, densify, summarize_draft
+from .blocks import (
+    DraftedBlock,
+    DraftPayload,
+    TokenLogprobs,
+    VerifyOutcome,
+    block_from_host,
+    densify,
+    logprobs_on_device,
+    summarize_draft,
+)
 from .seeding import Purpose, draw_generator
 
 
@@ -49,6 +60,14 @@ class VerifyJob:
     alpha: float
     sampling: SamplingParams
     seed: int
+    logprobs: int | None = None  # the emitted tokens' logprobs, with the top k (k = this), if asked for
+    prompt_logprobs: int | None = None  # also those of sequence[1:start] under the expert, top k
+
+    @property
+    def score_from(self) -> int:
+        """Where the pass starts scoring: at the block, or at the sequence's second token when the
+        prompt's own logprobs are wanted (then every row of the prompt is computed in the pass)."""
+        return self.start if self.prompt_logprobs is None else 1
 
 
 @dataclass
@@ -185,7 +204,13 @@ def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[
     """Score every job's sequence in one pass and verify every block, grouped by (rule, gamma,
     sampling) into `cascade.verify_blocks` calls; the outcomes reach the host together."""
     stopwatch = _Stopwatch(backend.device)
-    p_rows = backend.score([ScoreJob(job.session, job.sequence, job.start) for job in jobs])  # [gamma + 1, V] each
+    scored = backend.score([ScoreJob(job.session, job.sequence, job.score_from) for job in jobs])
+    # A job that wants its prompt's logprobs was scored from position 1: its first start - 1 rows
+    # are the expert's distributions of the prompt's tokens 1..start-1 given what precedes them
+    # (as scored, with no min_tokens mask: that mask is about output positions).
+    prompt_logprobs = [None if job.prompt_logprobs is None else _prompt_logprobs(job, rows[: job.start - 1])
+                       for job, rows in zip(jobs, scored)]
+    p_rows = [rows[job.start - job.score_from:] for job, rows in zip(jobs, scored)]  # [gamma + 1, V] each
     # Row j of a job's p is the expert's distribution at position start + j: masked as the
     # drafter masked its q there.
     p_rows = [with_suppression(rows, [job.sampling] * rows.shape[0], range(job.start, job.start + rows.shape[0]))
@@ -197,13 +222,16 @@ def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[
     device = backend.device
     order: list[int] = []
     verdicts: list[Tensor] = []
+    logprob_groups: list[tuple[list[int], dict[str, Tensor]]] = []
     for (rule, gamma, sampling), indices in groups.items():
         members = [jobs[i] for i in indices]
         dense = [densify(job.block, backend.vocab_size, device) for job in members]
+        drafted = torch.tensor([job.block.tokens for job in members], dtype=torch.long, device=device).view(
+            len(members), gamma)
+        p = torch.stack([p_rows[i] for i in indices])
         verdict = verify_blocks(
-            rule, [job.alpha for job in members],
-            torch.tensor([job.block.tokens for job in members], dtype=torch.long, device=device).view(len(members), gamma),
-            torch.stack([q for q, _ in dense]), torch.stack([p_rows[i] for i in indices]), sampling,
+            rule, [job.alpha for job in members], drafted,
+            torch.stack([q for q, _ in dense]), p, sampling,
             None if sampling.is_greedy else [draw_generator(job.seed, job.start, Purpose.VERIFY, device)
                                              for job in members],
             q_sample=torch.stack([q_sample for _, q_sample in dense]),
@@ -211,10 +239,73 @@ def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[
         order += indices
         verdicts.append(torch.stack([verdict.num_accepted, verdict.next_token, verdict.is_bonus.long(),
                                      verdict.deferred.sum(dim=-1)], dim=-1))
+        # Only the blocks whose requests ask for logprobs (only theirs carry the drafter's numbers).
+        wanting = [g for g, job in enumerate(members) if job.logprobs is not None]
+        if wanting:
+            picked = torch.tensor(wanting, dtype=torch.long, device=device)
+            logprob_groups.append(([indices[g] for g in wanting], _emitted_logprobs(
+                rule, [members[g] for g in wanting], drafted[picked], p[picked], verdict.num_accepted[picked],
+                verdict.next_token[picked], verdict.deferred[picked], device)))
     rows = torch.cat(verdicts).tolist()  # the one trip to the host
+    logprob_rows = [(indices, {name: t.cpu().numpy() for name, t in arrays.items()})
+                    for indices, arrays in logprob_groups]  # only for requests that ask for logprobs
     stopwatch.lap()
     outcomes: list[VerifyOutcome | None] = [None] * len(jobs)
     for index, (accepted, token, bonus, deferred) in zip(order, rows):
-        outcomes[index] = VerifyOutcome(accepted, token, bool(bonus), deferred)
+        outcomes[index] = VerifyOutcome(accepted, token, bool(bonus), deferred,
+                                        prompt_logprobs=prompt_logprobs[index])
+    for indices, arrays in logprob_rows:
+        for row, index in enumerate(indices):
+            job, outcome = jobs[index], outcomes[index]
+            if job.logprobs is not None:
+                outcomes[index] = replace(outcome, logprobs=_merged_logprobs(job, outcome, arrays, row))
     forward_s, decide_s = stopwatch.laps()
     return outcomes, WorkTimes(forward_s, decide_s)  # type: ignore[return-value]
+
+
+def _prompt_logprobs(job: VerifyJob, rows: Tensor) -> TokenLogprobs:
+    """The expert's logprobs of the prompt's tokens 1..start-1 (rows [start - 1, V]), with the top
+    k; the first token has none (nothing precedes it)."""
+    tokens = torch.tensor(list(job.sequence[1: job.start]), dtype=torch.long, device=rows.device)
+    arrays = logprobs_on_device(torch.log(rows.float()), tokens, job.prompt_logprobs)
+    return TokenLogprobs(**{name: t.cpu().numpy() for name, t in arrays.items()})
+
+
+def _emitted_logprobs(rule: Rule, members: Sequence[VerifyJob], drafted: Tensor, p: Tensor, num_accepted: Tensor,
+                      next_token: Tensor, deferred: Tensor, device) -> dict[str, Tensor]:
+    """On the device, for G verified blocks of one group: log pi of the token every position j in
+    0..gamma would emit (the drafted token before the first rejection, the corrected or bonus token
+    at it; later positions are never read) and pi's top k (the largest k asked for), plus the
+    decisions, [G, gamma], for `_merged_logprobs`. pi is `cascade.logprobs.output_distributions`."""
+    gamma, k = drafted.shape[1], max(job.logprobs for job in members)
+    alpha = torch.tensor([job.alpha for job in members], dtype=torch.float64)
+    exact_q = None
+    if gamma and all(job.block.exact_rows is not None for job in members):
+        exact_q = torch.stack([torch.from_numpy(job.block.exact_rows).to(device) for job in members])
+    pi = output_distributions(rule, alpha, exact_q, p)  # [G, gamma + 1, V]
+    emitted = torch.cat([drafted, next_token.view(-1, 1)], dim=1)
+    emitted[torch.arange(len(members), device=device), num_accepted] = next_token
+    arrays = logprobs_on_device(torch.log(pi), emitted, k)
+    arrays["deferred"] = deferred
+    return arrays
+
+
+def _merged_logprobs(job: VerifyJob, outcome: VerifyOutcome, arrays: dict[str, np.ndarray], row: int) -> TokenLogprobs:
+    """The logprobs of the outcome's num_accepted + 1 emitted tokens from the group's arrays (top k
+    cut to the job's k). For chow, diff and opt a position that did not defer has pi = q: there the
+    drafter's log q (shipped with the block) replaces the expert-side row, which is p. Such a
+    position's token is always the drafted one (pi = q accepts it with probability 1), so the
+    block's number is that of the emitted token."""
+    count, k = outcome.num_accepted + 1, job.logprobs
+    chosen = arrays["chosen"][row, :count].copy()
+    ids = arrays["top_ids"][row, :count, :k].copy()
+    values = arrays["top_values"][row, :count, :k].copy()
+    if job.rule.is_token_specific or job.rule in (Rule.LOSSY, Rule.LOSSLESS) or not job.block.gamma:
+        return TokenLogprobs(chosen, ids, values)
+    drafter = TokenLogprobs.of_block(job.block)
+    within = min(count, job.block.gamma)
+    from_q = ~arrays["deferred"][row, :within].astype(bool)
+    chosen[:within][from_q] = drafter.chosen[:within][from_q]
+    ids[:within][from_q] = drafter.top_ids[:within, :k][from_q]
+    values[:within][from_q] = drafter.top_values[:within, :k][from_q]
+    return TokenLogprobs(chosen, ids, values)

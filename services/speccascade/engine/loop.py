@@ -23,7 +23,7 @@ import torch
 from ..cascade import Rule, sequence_cascade_defers, token_cascade_defers
 from ..cascade.rules import mixture_defers
 from ..options import Method
-from .blocks import EMPTY_BLOCK, CallReport, DraftedBlock, DraftPayload, VerifyOutcome
+from .blocks import EMPTY_BLOCK, CallReport, DraftedBlock, DraftPayload, TokenLogprobs, VerifyOutcome
 from .pipeline import PipelineGovernor
 from .request import GenerationRequest
 from .roles import DrafterRole, ExpertRole
@@ -71,7 +71,8 @@ async def _verify(expert: ExpertRole, tokens: list[int], block: DraftedBlock, ru
     """Verify `block` after `tokens`; records the outcome and emits its tokens into `record`."""
     sequence = tokens + list(block.tokens)
     with _timed(record, "expert_seconds"):
-        outcome, report = await expert.verify(sequence, len(tokens), block, rule, alpha, request.sampling, request.seed)
+        outcome, report = await expert.verify(sequence, len(tokens), block, rule, alpha, request.sampling, request.seed,
+                                              logprobs=request.logprobs)
     _count_call(record, "expert", report)
     record.expert_passes += 1
     record.accepted += outcome.num_accepted
@@ -82,6 +83,8 @@ async def _verify(expert: ExpertRole, tokens: list[int], block: DraftedBlock, ru
         record.corrected += 1
     record.emitted += [(t, Source.DRAFTER) for t in block.tokens[: outcome.num_accepted]]
     record.emitted.append((outcome.next_token, Source.EXPERT))
+    if outcome.logprobs is not None:  # one per emitted token, under its position's output distribution
+        record.logprobs += outcome.logprobs.rows()
     return outcome
 
 
@@ -90,6 +93,8 @@ def _keep_drafted(record: RoundRecord, block: DraftedBlock) -> None:
     record.skipped_blocks += 1
     record.accepted += block.gamma
     record.emitted += [(t, Source.DRAFTER) for t in block.tokens]
+    if block.logprob_chosen is not None:  # no position deferred: the output distribution is q
+        record.logprobs += TokenLogprobs.of_block(block).rows()
 
 
 def _chow_keeps(block: DraftedBlock, alpha: float) -> bool:
@@ -154,7 +159,7 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
     request may produce (no block is drafted ahead past it)."""
     tokens = list(prompt)
     rule, alpha = request.rule, request.alpha
-    payload = DraftPayload.for_request(rule, request.sampling)
+    payload = DraftPayload.for_request(rule, request.sampling, logprobs=request.logprobs)
     governor = PipelineGovernor(request.pipeline)
     ahead: _Ahead | None = None
     outcome: VerifyOutcome | None = None
@@ -198,7 +203,7 @@ async def expert_steps(expert: ExpertRole, prompt: list[int], request: Generatio
 async def drafter_steps(drafter: DrafterRole, expert: ExpertRole, prompt: list[int], request: GenerationRequest) -> Rounds:
     """Plain decoding with the drafter, one token per forward pass."""
     tokens = list(prompt)
-    payload = DraftPayload.for_request(Rule.CHOW, request.sampling)
+    payload = DraftPayload.for_request(Rule.CHOW, request.sampling, logprobs=request.logprobs)
     while True:
         record = RoundRecord(skippable_rounds=1)
         block = await _draft(drafter, tokens, 1, request, payload, record)
@@ -215,7 +220,7 @@ async def token_cascade_steps(drafter: DrafterRole, expert: ExpertRole, prompt: 
     """Per token: the drafter's token if it is confident, otherwise the expert's, computed
     sequentially (the expert catches up on every token since its last call)."""
     tokens = list(prompt)
-    payload = DraftPayload.for_request(Rule.CHOW, request.sampling)
+    payload = DraftPayload.for_request(Rule.CHOW, request.sampling, logprobs=request.logprobs)
     while True:
         record = RoundRecord(skippable_rounds=1)
         block = await _draft(drafter, tokens, 1, request, payload, record)
@@ -236,9 +241,10 @@ async def sequence_cascade_rounds(drafter: DrafterRole, expert: ExpertRole, prom
     Drafting the answer is one round per token; its verdict (all kept, or all deferred) is one
     more round, which emits the answer when it is kept.
     """
-    payload = DraftPayload.for_request(Rule.CHOW, request.sampling, token_probs=True)
+    payload = DraftPayload.for_request(Rule.CHOW, request.sampling, token_probs=True, logprobs=request.logprobs)
     answer: list[int] = []
     token_q: list[torch.Tensor] = []
+    answer_logprobs: list = []  # the drafter's log q of each answer token (a kept answer's output is q)
     while True:
         record = RoundRecord()
         block = await _draft(drafter, prompt + answer, 1, request, payload, record)
@@ -246,12 +252,15 @@ async def sequence_cascade_rounds(drafter: DrafterRole, expert: ExpertRole, prom
             break
         answer += block.tokens
         token_q.append(torch.from_numpy(block.token_q))
+        if block.logprob_chosen is not None:
+            answer_logprobs += TokenLogprobs.of_block(block).rows()
         complete = answer_is_complete(answer)
         if complete:
             if not sequence_cascade_defers(torch.log(torch.cat(token_q).clamp_min(1e-30)), request.alpha):
                 record.accepted += len(answer)
                 record.skipped_blocks += 1
                 record.emitted += [(t, Source.DRAFTER) for t in answer]
+                record.logprobs += answer_logprobs
                 yield record
                 return
             record.deferred += len(answer)
@@ -263,8 +272,15 @@ async def sequence_cascade_rounds(drafter: DrafterRole, expert: ExpertRole, prom
 
 
 def rounds_for(request: GenerationRequest, drafter: DrafterRole, expert: ExpertRole, prompt: list[int],
-               answer_is_complete: Callable[[list[int]], bool], limit: int) -> Rounds:
+               answer_is_complete: Callable[[list[int]], bool], limit: int, resumed: bool = False) -> Rounds:
+    """The rounds of `request`'s method after `prompt`. `resumed`: `prompt` ends with output a
+    stream already delivered (it was cut at a round boundary and continues): every method's next
+    round depends only on the tokens before it, as its draws are keyed by position, except the
+    sequence cascade's, which then is past its drafter's answer (a kept answer is the whole output,
+    delivered at once in the stream's last chunk), in its expert's steps."""
     method = request.method
+    if method is Method.SEQUENCE_CASCADE and resumed:
+        return expert_steps(expert, prompt, request)
     if method is Method.EXPERT_ONLY:
         return expert_steps(expert, prompt, request)
     if method is Method.DRAFTER_ONLY:
@@ -274,3 +290,20 @@ def rounds_for(request: GenerationRequest, drafter: DrafterRole, expert: ExpertR
     if method is Method.SEQUENCE_CASCADE:
         return sequence_cascade_rounds(drafter, expert, prompt, request, answer_is_complete)
     return speculative_rounds(drafter, expert, prompt, request, limit)
+
+
+async def prompt_scoring_round(expert: ExpertRole, prompt: list[int], request: GenerationRequest
+                               ) -> tuple[RoundRecord, TokenLogprobs]:
+    """The expert's logprobs of the prompt's tokens 1..n-1 given their prefixes (with the top
+    `request.prompt_logprobs`): one expert pass over the prompt, as a round that emits nothing.
+    It is a verify of an empty block at the prompt's end, whose next token is dropped: its draw
+    is keyed by (seed, position, verify) like every draw, so decoding after it is unchanged, and the
+    expert's cache then holds the prompt."""
+    record = RoundRecord()
+    with _timed(record, "expert_seconds"):
+        outcome, report = await expert.verify(list(prompt), len(prompt), EMPTY_BLOCK, Rule.LOSSLESS, 0.0,
+                                              request.sampling, request.seed,
+                                              prompt_logprobs=request.prompt_logprobs)
+    _count_call(record, "expert", report)
+    record.expert_passes += 1
+    return record, outcome.prompt_logprobs

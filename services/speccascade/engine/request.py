@@ -15,6 +15,7 @@ from ..options import (
     MAX_BLOCK_SIZE,
     MAX_NEW_TOKENS_CAP,
     MAX_STOP_STRINGS,
+    MAX_TOP_LOGPROBS,
     Method,
     Pipeline,
     Rule,
@@ -62,6 +63,12 @@ class GenerationRequest:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    # logprobs (k in 0..MAX_TOP_LOGPROBS): each output token's log-probability under the
+    # distribution it was output from, with that position's k most likely tokens (which
+    # distribution: `cascade.logprobs`). prompt_logprobs (k): the prompt's tokens' under the
+    # expert, the first one having none; with it, max_new_tokens may be 0 (score the prompt only).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -84,9 +91,16 @@ class GenerationRequest:
             raise ValueError(f"block_size={self.block_size} is out of range: expected 1..{MAX_BLOCK_SIZE}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
-        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP:
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
+                raise ValueError(f"{name}={k!r} is out of range: expected an integer 0..{MAX_TOP_LOGPROBS} (the "
+                                 "alternatives listed per token), or unset")
+        lowest = 0 if self.prompt_logprobs is not None else 1  # 0: only the prompt is scored
+        if not lowest <= self.max_new_tokens <= MAX_NEW_TOKENS_CAP:
             raise ValueError(
-                f"max_new_tokens={self.max_new_tokens} is out of range: expected 1..{MAX_NEW_TOKENS_CAP}"
+                f"max_new_tokens={self.max_new_tokens} is out of range: expected {lowest}..{MAX_NEW_TOKENS_CAP}"
+                + (" (0 only with prompt logprobs)" if lowest else "")
             )
         if not isinstance(self.sampling, SamplingParams):
             raise ValueError(f"sampling must be SamplingParams, got {type(self.sampling).__name__}")

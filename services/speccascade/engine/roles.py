@@ -32,9 +32,11 @@ class DrafterRole(Protocol):
 
 class ExpertRole(Protocol):
     async def verify(self, sequence: Sequence[int], start: int, block: DraftedBlock, rule: Rule, alpha: float,
-                     sampling: SamplingParams, seed: int) -> tuple[VerifyOutcome, CallReport]:
+                     sampling: SamplingParams, seed: int, *, logprobs: int | None = None,
+                     prompt_logprobs: int | None = None) -> tuple[VerifyOutcome, CallReport]:
         """Score `sequence` (context + the block drafted from `start`) and verify the block with the
-        rule; draws use the key (seed, start, verify)."""
+        rule; draws use the key (seed, start, verify). `logprobs` (k): the outcome carries the emitted
+        tokens' logprobs with the top k; `prompt_logprobs` (k): those of sequence[1:start] too."""
 
 
 class _Local:
@@ -58,9 +60,10 @@ class LocalDrafter(_Local):
 class LocalExpert(_Local):
     """The expert role on a backend session in this process."""
 
-    async def verify(self, sequence, start, block, rule, alpha, sampling, seed) -> tuple[VerifyOutcome, CallReport]:
+    async def verify(self, sequence, start, block, rule, alpha, sampling, seed, *, logprobs=None,
+                     prompt_logprobs=None) -> tuple[VerifyOutcome, CallReport]:
         started = time.perf_counter()
-        (outcome,), work = verify_blocks_on(
-            self.backend, [VerifyJob(self.session, sequence, start, block, rule, alpha, sampling, seed)])
+        (outcome,), work = verify_blocks_on(self.backend, [VerifyJob(
+            self.session, sequence, start, block, rule, alpha, sampling, seed, logprobs, prompt_logprobs)])
         return outcome, CallReport(forward_s=work.forward_s, decide_s=work.decide_s,
                                   wall_s=time.perf_counter() - started)

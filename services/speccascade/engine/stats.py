@@ -9,6 +9,9 @@ import enum
 from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
 
+# One output token's log-probability and its position's k most likely tokens, ((id, logprob), ...).
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
+
 
 class Source(str, enum.Enum):
     """Which model produced an output token."""
@@ -66,6 +69,9 @@ class RoundRecord(RoundCounters):
     drafter's whole answer, or one expert step, of a sequence-level cascade)."""
 
     emitted: list[tuple[int, Source]] = field(default_factory=list)  # output tokens, in order
+    # With a request's logprobs, one per emitted token: (log-probability of the token, its
+    # position's top k as ((id, log-probability), ...)), under the distribution it was output from.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     pipeline: str = ""  # pipelining this round: "on", "off", or auto's choice and why (speculative rounds)
 
 

@@ -34,6 +34,11 @@ async def _resolved(response):
     return await response
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class TierUnavailableError(RuntimeError):
     """A tier has no healthy replica. (Message-only, so it pickles across Ray.)"""
 
@@ -127,6 +132,10 @@ class TierClient:
                 log.info("%s call %s of session %s still queued after %gs; the replica is busy (%d calls "
                          "waiting), so it keeps its place", self.tier, method, session_id, waited, progress.queued)
         finally:
+            # A cancelled call ends as Serve's RequestCancelledError rather than as cancelled (its
+            # handle turns the one into the other): retrieved here, so that it is not logged as an
+            # exception nobody retrieved.
+            answer.add_done_callback(_retrieve)
             if not answer.done():
                 answer.cancel()
                 response.cancel()
@@ -199,7 +208,9 @@ class RemoteExpert(_Remote):
     """The expert role over the expert tier, for one request."""
 
     async def verify(self, sequence: Sequence[int], start: int, block: DraftedBlock, rule: Rule, alpha: float,
-                     sampling: SamplingParams, seed: int) -> tuple[VerifyOutcome, CallReport]:
+                     sampling: SamplingParams, seed: int, *, logprobs: int | None = None,
+                     prompt_logprobs: int | None = None) -> tuple[VerifyOutcome, CallReport]:
         reply, report = await self._exchange("verify", sequence, lambda delta: VerifyCall(
-            self.session_id, delta, start, block, rule, alpha, sampling, seed, self.share), start)
+            self.session_id, delta, start, block, rule, alpha, sampling, seed, self.share, logprobs,
+            prompt_logprobs), start)
         return reply.outcome, report

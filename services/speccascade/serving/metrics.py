@@ -85,12 +85,14 @@ class RouterMetrics:
         self.round_counters = {name: Counter(f"speccascade_{name}", COUNTER_HELP[name], tag_keys=REQUEST_TAGS)
                                for name in COUNTER_NAMES}
         self.rejections = Counter("speccascade_rejections", "Requests refused by tenancy, by reason "
-                                  "(unauthenticated, disabled, policy, concurrency, tokens_per_minute).",
+                                  "(unauthenticated, disabled, policy, concurrency, tokens_per_minute, resume_tenant).",
                                   tag_keys=("tenant", "reason"))
         self.quota_ledger_unreachable = Counter(
             "speccascade_quota_ledger_unreachable", "Admissions the shared quota ledger did not answer in time, by "
             "what was done (mode open: admitted by the router replica's own count; closed: refused).",
             tag_keys=("mode",))
+        self.resumed = Counter("speccascade_resumed_requests", "Streams continued from a resume token (a client "
+                               "whose stream broke off sent it back), by tenant.", tag_keys=("tenant",))
         self.tenant_reloads = Counter("speccascade_tenant_reloads", "Changes of the tenants file seen, by result "
                                       "(ok: applied; error: refused, the last good tenants stay).",
                                       tag_keys=("result",))

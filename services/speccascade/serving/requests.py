@@ -16,7 +16,7 @@ def request_with_policy(
     block_size: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
     top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stop: tuple[str, ...] = (),
     pipeline: Pipeline | str | None = None, ignore_eos: bool | None = None, min_tokens: int | None = None,
-    skip_special_tokens: bool | None = None,
+    skip_special_tokens: bool | None = None, logprobs: int | None = None, prompt_logprobs: int | None = None,
 ) -> GenerationRequest:
     """A request from whatever protocol carried it: unset (None) fields take the server's defaults,
     and the result obeys the server's limits. ValueError names the bad field; every protocol
@@ -38,4 +38,5 @@ def request_with_policy(
         pipeline=policy.pipeline if pipeline is None else pipeline,
         ignore_eos=False if ignore_eos is None else ignore_eos, min_tokens=0 if min_tokens is None else min_tokens,
         skip_special_tokens=True if skip_special_tokens is None else skip_special_tokens,
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs,
     )

@@ -37,6 +37,7 @@ from ..tenancy.gatekeeper import Caller, Gatekeeper
 from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport
 from .metrics import RouterMetrics, WindowCounters, metric_tags
 from .quota_ledger import SharedQuotas
+from .resume import ResumeSigner, StreamTokens, application_key
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ class Admitted:
     limit: int  # new tokens that fit the context window
     admission: Admission | None  # None: the caller has no quotas
     tags: dict[str, str]  # its metric labels
+    resume: StreamTokens  # its chunks' resume tokens (and, for a resumed stream, the output delivered before)
+
+    def resume_token(self, chunk: GenerationChunk) -> str:
+        """The resume token of the next chunk of this request's stream."""
+        return self.resume.after(chunk.token_ids)
 
 
 class PipeliningState:
@@ -98,6 +104,7 @@ class RouterCore:
         self._load_publisher: asyncio.Task | None = None
         self._tenant_reloader: asyncio.Task | None = None
         self.pipelining = PipeliningState()
+        self.signer = ResumeSigner(application_key(config.router))
 
     def _shared_quotas(self, tenancy: TenancyConfig) -> SharedQuotas | None:
         """The application's quota ledger, when quotas are counted for the application and this
@@ -136,21 +143,34 @@ class RouterCore:
     # ---- admission: who calls, what they ask for, their quota (errors here are the client's) ----
 
     async def admit(self, metadata: Iterable[tuple[str, str]],
-                    build: Callable[[CascadePolicy], GenerationRequest]) -> Admitted:
+                    build: Callable[[CascadePolicy], GenerationRequest], resume_token: str | None = None) -> Admitted:
         """What every protocol calls first: the caller (API key in `metadata`: gRPC metadata or HTTP
         headers), its request built under its policy by `build` (the protocol's mapping), the
         prompt's tokens and the caller's quota ticket. Raises TenancyError (refusals by tenancy) or
-        ValueError (a bad request, naming the field); both are counted here."""
+        ValueError (a bad request, naming the field); both are counted here.
+
+        `resume_token`: the request continues a stream that broke off (`serving.resume`); the
+        token must verify, be the caller's, and belong to this request (it brings the seed)."""
         self._publish_tenant_load()
         tags = metric_tags(None)
         try:
             caller = self.access.identify(metadata)
             tags = metric_tags(None, caller.id)
+            point = None
+            if resume_token:
+                point = self.signer.verify(resume_token)
+                point.check_caller(caller.id)
             request = build(self.access.policy_for(caller))
+            if point is not None:
+                request = point.apply(request)
             prompt, limit = self.generation.prepare(request)
             tags = metric_tags(request, caller.id)
             self.access.check(caller, request)
-            return Admitted(caller, request, prompt, limit, await self.access.admit(caller), tags)
+            tokens = StreamTokens(self.signer, caller.id, request, point)
+            admitted = Admitted(caller, request, prompt, limit, await self.access.admit(caller), tags, tokens)
+            if point is not None:
+                self.metrics.resumed.inc(tags={"tenant": caller.id})
+            return admitted
         except TenancyError as error:
             self.metrics.rejections.inc(tags={"tenant": tags["tenant"], "reason": error.reason})
             self.metrics.requests.inc(tags={**tags, "code": error.status})
@@ -169,9 +189,10 @@ class RouterCore:
 
     # ---- decoding over the tiers ----
 
-    async def stream(self, request: GenerationRequest, prompt: list[int], limit: int, caller: Caller = Caller(None)
-                     ) -> AsyncIterator[tuple[GenerationChunk, Transport]]:
-        """Like `CascadeEngine.astream`, over the tiers. The last chunk carries the result.
+    async def stream(self, request: GenerationRequest, prompt: list[int], limit: int, caller: Caller = Caller(None),
+                     delivered: tuple[int, ...] = ()) -> AsyncIterator[tuple[GenerationChunk, Transport]]:
+        """Like `CascadeEngine.astream`, over the tiers. The last chunk carries the result;
+        `delivered`: the output a broken-off stream of the request delivered, to continue after.
 
         The session id, which keys both tiers' caches, starts with the tenant's id and is made
         here, never taken from a request: no tenant can name another's cache."""
@@ -183,7 +204,7 @@ class RouterCore:
         expert = RemoteExpert(self.expert, session_id, transport, tag=tags["rule"], share=caller.share)
         observers = (self.window.observe, lambda record: self.metrics.observe(record, tags),
                      lambda record: self.pipelining.observe(session_id, record))
-        chunks = self.generation.stream_rounds(request, prompt, limit, drafter, expert, observers)
+        chunks = self.generation.stream_rounds(request, prompt, limit, drafter, expert, observers, delivered)
         try:
             async for chunk in chunks:
                 if chunk.result is not None:
@@ -204,7 +225,8 @@ class RouterCore:
         first_token = True
         try:
             async with self.access.decoding_slot(caller, request):
-                async with aclosing(self.stream(request, admitted.prompt, admitted.limit, caller)) as chunks:
+                async with aclosing(self.stream(request, admitted.prompt, admitted.limit, caller,
+                                                admitted.resume.delivered)) as chunks:
                     async for chunk, transport in chunks:
                         if admission is not None:
                             admission.charge(len(chunk.token_ids))

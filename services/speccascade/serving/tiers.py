@@ -75,9 +75,10 @@ class Work:
 
     @property
     def context(self) -> Sequence[int]:
-        """The tokens that must be cached before the call's own step."""
+        """The tokens that must be cached before the call's own step (a verify that wants its
+        prompt's logprobs scores every prompt row in its pass, so nothing is prefilled apart)."""
         job = self.job
-        return job.context if isinstance(job, DraftJob) else job.sequence[: job.start]
+        return job.context if isinstance(job, DraftJob) else job.sequence[: job.score_from]
 
 
 class ModelTier:
@@ -265,5 +266,5 @@ class ExpertTier(ModelTier):
         decoding) just samples the next token."""
         answer = await self._serve(call.session_id, call.share, call.delta, lambda entry: VerifyJob(
             entry.session, list(entry.known.tokens), call.start, call.block, call.rule, call.alpha, call.sampling,
-            call.seed))
+            call.seed, call.logprobs, call.prompt_logprobs))
         return VerifyReply(None) if answer is None else VerifyReply(*answer)

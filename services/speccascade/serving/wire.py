@@ -106,6 +106,8 @@ class VerifyCall:
     sampling: SamplingParams
     seed: int
     share: Share = DEFAULT_SHARE
+    logprobs: int | None = None  # the emitted tokens' logprobs and top k, if asked for
+    prompt_logprobs: int | None = None  # the prompt's, under the expert
 
     @property
     def nbytes(self) -> int:
@@ -137,4 +139,4 @@ class VerifyReply:
 
     @property
     def nbytes(self) -> int:
-        return VerifyOutcome.NBYTES if self.outcome is not None else SCALAR_BYTES
+        return self.outcome.nbytes if self.outcome is not None else SCALAR_BYTES

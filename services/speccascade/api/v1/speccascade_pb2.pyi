@@ -17,6 +17,8 @@ class Rule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RULE_OPT: _ClassVar[Rule]
     RULE_TOKEN: _ClassVar[Rule]
     RULE_LOSSY: _ClassVar[Rule]
+    RULE_TOKEN_V1: _ClassVar[Rule]
+    RULE_TOKEN_V2: _ClassVar[Rule]
 
 class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +54,8 @@ RULE_DIFF: Rule
 RULE_OPT: Rule
 RULE_TOKEN: Rule
 RULE_LOSSY: Rule
+RULE_TOKEN_V1: Rule
+RULE_TOKEN_V2: Rule
 METHOD_UNSPECIFIED: Method
 METHOD_CASCADE: Method
 METHOD_EXPERT_ONLY: Method
@@ -110,7 +114,7 @@ class CascadePolicy(_message.Message):
     def __init__(self, rule: _Optional[_Union[Rule, str]] = ..., alpha: _Optional[float] = ..., block_size: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., pipeline: _Optional[_Union[Pipeline, str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "chat", "max_new_tokens", "sampling", "policy", "stop", "ignore_eos", "min_tokens", "skip_special_tokens")
+    __slots__ = ("prompt", "chat", "max_new_tokens", "sampling", "policy", "stop", "ignore_eos", "min_tokens", "skip_special_tokens", "resume_token", "logprobs", "prompt_logprobs")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +124,9 @@ class GenerateRequest(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     chat: ChatMessages
     max_new_tokens: int
@@ -129,7 +136,28 @@ class GenerateRequest(_message.Message):
     ignore_eos: bool
     min_tokens: int
     skip_special_tokens: bool
-    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., policy: _Optional[_Union[CascadePolicy, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., min_tokens: _Optional[int] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
+    resume_token: str
+    logprobs: int
+    prompt_logprobs: int
+    def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., policy: _Optional[_Union[CascadePolicy, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., min_tokens: _Optional[int] = ..., skip_special_tokens: _Optional[bool] = ..., resume_token: _Optional[str] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob", "top")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+
+class TopLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -216,20 +244,24 @@ class GenerationStats(_message.Message):
     def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., deferred: _Optional[int] = ..., corrected: _Optional[int] = ..., bonus: _Optional[int] = ..., skipped_blocks: _Optional[int] = ..., expert_passes: _Optional[int] = ..., drafter_passes: _Optional[int] = ..., tokens_from_drafter: _Optional[int] = ..., tokens_from_expert: _Optional[int] = ..., drafter_seconds: _Optional[float] = ..., expert_seconds: _Optional[float] = ..., wall_seconds: _Optional[float] = ..., expert_only_fallback: _Optional[bool] = ..., tier_retries: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., seed: _Optional[int] = ..., context_bytes: _Optional[int] = ..., method: _Optional[_Union[Method, str]] = ..., rule: _Optional[_Union[Rule, str]] = ..., drafter_calls: _Optional[int] = ..., skippable_rounds: _Optional[int] = ..., drafter_queue_seconds: _Optional[float] = ..., drafter_forward_seconds: _Optional[float] = ..., drafter_decide_seconds: _Optional[float] = ..., expert_queue_seconds: _Optional[float] = ..., expert_forward_seconds: _Optional[float] = ..., expert_decide_seconds: _Optional[float] = ..., transport_seconds: _Optional[float] = ..., context_resends: _Optional[int] = ..., predrafts: _Optional[int] = ..., predrafts_used: _Optional[int] = ..., predrafts_wasted: _Optional[int] = ..., predraft_wasted_passes: _Optional[int] = ..., pipeline: _Optional[_Union[Pipeline, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "sources", "finish_reason", "usage", "stats")
+    __slots__ = ("text", "token_ids", "sources", "finish_reason", "usage", "stats", "logprobs", "prompt_logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sources: _containers.RepeatedScalarFieldContainer[Source]
     finish_reason: FinishReason
     usage: Usage
     stats: GenerationStats
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sources: _Optional[_Iterable[_Union[Source, str]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sources: _Optional[_Iterable[_Union[Source, str]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class TextSegment(_message.Message):
     __slots__ = ("text", "source")
@@ -240,7 +272,7 @@ class TextSegment(_message.Message):
     def __init__(self, text: _Optional[str] = ..., source: _Optional[_Union[Source, str]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text", "segments", "token_ids", "sources", "finish_reason", "usage", "stats")
+    __slots__ = ("text", "segments", "token_ids", "sources", "finish_reason", "usage", "stats", "resume_token", "logprobs", "prompt_logprobs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +280,9 @@ class GenerateStreamResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     text: str
     segments: _containers.RepeatedCompositeFieldContainer[TextSegment]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -255,4 +290,7 @@ class GenerateStreamResponse(_message.Message):
     finish_reason: FinishReason
     usage: Usage
     stats: GenerationStats
-    def __init__(self, text: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[TextSegment, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., sources: _Optional[_Iterable[_Union[Source, str]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
+    resume_token: str
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    def __init__(self, text: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[TextSegment, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., sources: _Optional[_Iterable[_Union[Source, str]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., resume_token: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...

@@ -75,6 +75,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+KILLABLE = ("Expert", "Drafter", "Router")
+
+
+def kill_order(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in KILLABLE]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"--kill-order takes deployments from {', '.join(KILLABLE)}, comma-separated; "
+                                         f"got {text!r}")
+    return names
+
+
 def register(benches) -> None:
     from ...commands.serve import add_execution_arguments
     from ...config.app import DTYPE_NAMES
@@ -105,6 +117,10 @@ def register(benches) -> None:
     load.add_argument("--block-size", type=int, default=5)
     load.add_argument("--kill-every", type=float, default=None, metavar="SECONDS",
                       help="kill an Expert replica, then a Drafter replica, ... every SECONDS (ray.kill)")
+    load.add_argument("--kill-order", type=kill_order, default=("Expert", "Drafter"), metavar="D1,D2,...",
+                      help="the deployments whose replicas are killed, in turn (Expert, Drafter, Router; default "
+                           "Expert,Drafter). Router: the streams it served break off and their clients resume them "
+                           "on another router replica (run two: router.replicas); the summary counts the resumes")
     load.add_argument("--seed", type=int, default=0, help="seed of the request plan (and the kills)")
     measure = parser.add_argument_group("the measurement")
     measure.add_argument("--sample-every", type=float, default=30.0, help="seconds between samples (default 30)")

@@ -78,6 +78,8 @@ def summarize(args: argparse.Namespace, samples: list[Sample], outcomes: list[Ou
         "latency_p95_s": percentile(latencies, 0.95) if latencies else None,
         "requests_with_tier_retries": sum(o.tier_retries > 0 for o in outcomes),
         "requests_with_expert_only_fallback": sum(o.expert_only_fallback for o in outcomes),
+        "requests_resumed": sum(o.resumes > 0 for o in outcomes),
+        "resumes": sum(o.resumes for o in outcomes),
         "kills": [asdict(k) for k in kills],
         "memory": memory_slopes(samples, skip_s=args.slope_skip_minutes * 60),
         "clients_stopped_at_min": stopped_s / 60,
@@ -105,7 +107,8 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
                   f"(+{summary['planned_deadlines_completed_in_time']} finished in time); "
                   f"latency p50 {fmt(summary['latency_p50_s'], 's')} p95 {fmt(summary['latency_p95_s'], 's')}; "
                   f"retried {summary['requests_with_tier_retries']}, expert-only fallback "
-                  f"{summary['requests_with_expert_only_fallback']}")
+                  f"{summary['requests_with_expert_only_fallback']}, streams resumed "
+                  f"{summary.get('requests_resumed', 0)} ({summary.get('resumes', 0)} resumes)")
     for failure in summary["failures"]:
         console.print(f"  [red]failed[/] #{failure['index']} {failure['label']} at {failure['at_min']:.1f} min: "
                       f"{failure['code']} {failure['detail']}")

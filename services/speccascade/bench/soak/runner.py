@@ -87,15 +87,16 @@ class Soak:
         return sample
 
     def _kill_schedule(self) -> None:
-        """Kill an Expert replica, then a Drafter replica, ... every --kill-every seconds of the load."""
+        """Kill a replica of each of --kill-order in turn (Expert, Drafter, ...) every --kill-every
+        seconds of the load."""
         rng = random.Random(f"{self.args.seed}:kills")
-        order = ("Expert", "Drafter")
+        order = tuple(getattr(self.args, "kill_order", None) or ("Expert", "Drafter"))
         number = 0
         while True:
             at = (number + 1) * self.args.kill_every
             if at >= self.args.minutes * 60 or self._stop.wait(timeout=max(0.0, at - self.now())):
                 return
-            deployment = order[number % 2]
+            deployment = order[number % len(order)]
             number += 1
             try:
                 victim = self.probe.kill_one(deployment, rng)

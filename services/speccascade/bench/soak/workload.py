@@ -78,6 +78,7 @@ class Outcome:
     detail: str = ""
     tier_retries: int = 0
     expert_only_fallback: bool = False
+    resumes: int = 0  # times its stream broke off (a router replica died) and the client resumed it
     token_ids: list[int] = field(default_factory=list)  # of completed requests
 
 
@@ -107,6 +108,7 @@ def run_request(client, spec: RequestSpec, *, deadline_s: float | None, clock_ze
                 outcome.token_ids += chunk.token_ids
                 chunks += 1
                 final = chunk
+                outcome.resumes = call.resumes
                 if spec.action == "cancel" and chunks >= spec.cancel_after_chunks and not chunk.HasField("stats"):
                     cancelled = True
                     call.cancel()

@@ -8,7 +8,7 @@ from ...api.v1 import speccascade_pb2 as pb
 from ...config.app import CascadePolicy
 from ...engine.generation import GenerationChunk, GenerationResult
 from ...engine.request import GenerationRequest
-from ...engine.stats import Source
+from ...engine.stats import Source, TokenLogprob
 from ...options import Method, Pipeline, Rule
 from ...serving.clients import Transport
 from ...serving.requests import request_with_policy
@@ -16,6 +16,7 @@ from ...serving.requests import request_with_policy
 RULES_BY_PROTO = {
     pb.RULE_LOSSLESS: Rule.LOSSLESS, pb.RULE_CHOW: Rule.CHOW, pb.RULE_DIFF: Rule.DIFF,
     pb.RULE_OPT: Rule.OPT, pb.RULE_TOKEN: Rule.TOKEN, pb.RULE_LOSSY: Rule.LOSSY,
+    pb.RULE_TOKEN_V1: Rule.TOKEN_V1, pb.RULE_TOKEN_V2: Rule.TOKEN_V2,
 }
 PROTO_BY_RULE = {rule: value for value, rule in RULES_BY_PROTO.items()}
 METHODS_BY_PROTO = {
@@ -78,6 +79,7 @@ def request_from_proto(message: pb.GenerateRequest, policy: CascadePolicy) -> Ge
         stop=tuple(message.stop), pipeline=pipeline_from_proto(policy_message.pipeline),
         ignore_eos=optional(message, "ignore_eos"), min_tokens=optional(message, "min_tokens"),
         skip_special_tokens=optional(message, "skip_special_tokens"),
+        logprobs=optional(message, "logprobs"), prompt_logprobs=optional(message, "prompt_logprobs"),
     )
 
 
@@ -98,11 +100,27 @@ def stats_proto(result: GenerationResult, request: GenerationRequest, transport:
     )
 
 
+def logprobs_to_proto(token_ids: list[int], entries: "list[TokenLogprob | None] | None") -> list[pb.TokenLogprob]:
+    """One TokenLogprob per token (none when not asked for); an entry of None (the prompt's first
+    token) leaves `logprob` unset."""
+    out = []
+    for token, entry in zip(token_ids, entries or []):
+        if entry is None:
+            out.append(pb.TokenLogprob(token_id=token))
+            continue
+        logprob, top = entry
+        out.append(pb.TokenLogprob(token_id=token, logprob=logprob,
+                                   top=[pb.TopLogprob(token_id=i, logprob=value) for i, value in top]))
+    return out
+
+
 def result_to_proto(result: GenerationResult, request: GenerationRequest, transport: Transport) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         text=result.text, token_ids=result.token_ids, sources=[PROTO_BY_SOURCE[s] for s in result.sources],
         finish_reason=PROTO_BY_FINISH[result.finish_reason], usage=usage_of(result),
         stats=stats_proto(result, request, transport),
+        logprobs=logprobs_to_proto(result.token_ids, result.logprobs),
+        prompt_logprobs=logprobs_to_proto(result.prompt_token_ids or [], result.prompt_logprobs),
     )
 
 
@@ -111,6 +129,8 @@ def chunk_to_proto(chunk: GenerationChunk, request: GenerationRequest, transport
         text=chunk.text,
         segments=[pb.TextSegment(text=s.text, source=PROTO_BY_SOURCE[s.source]) for s in chunk.segments],
         token_ids=chunk.token_ids, sources=[PROTO_BY_SOURCE[s] for s in chunk.sources],
+        logprobs=logprobs_to_proto(chunk.token_ids, chunk.logprobs),
+        prompt_logprobs=logprobs_to_proto(chunk.prompt_token_ids or [], chunk.prompt_logprobs),
     )
     if chunk.result is not None:
         message.finish_reason = PROTO_BY_FINISH[chunk.result.finish_reason]

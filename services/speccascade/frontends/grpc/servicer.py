@@ -9,6 +9,10 @@ tenancy's refusals, UNAVAILABLE when the expert tier has no running replica, CAN
 DEADLINE_EXCEEDED from the client side. With the drafter tier down, requests are decoded
 expert-only and say so in their stats.
 
+Every GenerateStream chunk carries a resume token; a request that sends one back
+(`GenerateRequest.resume_token`) continues that stream (`serving.resume`; a token that does not
+verify or belongs to another request is INVALID_ARGUMENT, another tenant's PERMISSION_DENIED).
+
 A request that ends early on the client's side (it hung up, or its deadline passed: Serve's proxy
 cancels the request either way and does not pass the deadline on, so the two look alike here) is
 logged as one line, with no traceback; real failures keep theirs.
@@ -27,7 +31,6 @@ from grpc_health.v1 import health_pb2
 
 from ...api.v1 import speccascade_pb2 as pb
 from ...engine.generation import GenerationChunk
-from ...engine.request import GenerationRequest
 from ...serving.clients import TierUnavailableError, Transport
 from ...serving.router import Admitted, RouterCore
 from ...tenancy import RETRY_AFTER_HEADER, MissingKey, QuotaExceeded, TenancyError
@@ -69,7 +72,8 @@ class GrpcFrontend:
         status, and a retry hint for quotas, are set on the context). Other failures raise."""
         try:
             return await self.core.admit(grpc_context.invocation_metadata(),
-                                  lambda policy: request_from_proto(message, policy))
+                                         lambda policy: request_from_proto(message, policy),
+                                         resume_token=message.resume_token or None)
         except TenancyError as error:
             if isinstance(error, QuotaExceeded):
                 grpc_context.set_trailing_metadata([(RETRY_AFTER_HEADER, str(error.retry_after_ms))])
@@ -81,7 +85,7 @@ class GrpcFrontend:
             raise
 
     async def _chunks(self, message: pb.GenerateRequest, grpc_context
-                      ) -> AsyncIterator[tuple[GenerationChunk, GenerationRequest, Transport] | None]:
+                      ) -> AsyncIterator[tuple[GenerationChunk, Admitted, Transport] | None]:
         """The request's chunks, with failures turned into gRPC status codes. A tenancy refusal
         yields None once and ends: the RPC then returns normally, since Serve's proxy forwards the
         status and trailing metadata (the retry hint) set on the context only with a message, and
@@ -95,7 +99,7 @@ class GrpcFrontend:
             # released right then, not whenever the abandoned inner generator is collected.
             async with aclosing(self.core.serve_request(admitted)) as chunks:
                 async for chunk, transport in chunks:
-                    yield chunk, admitted.request, transport
+                    yield chunk, admitted, transport
         except TierUnavailableError as error:
             self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE, error)
             raise
@@ -107,10 +111,10 @@ class GrpcFrontend:
             async with aclosing(self._chunks(message, grpc_context)) as chunks:
                 async for item in chunks:
                     if item is not None:
-                        chunk, request, transport = item
+                        chunk, admitted, transport = item
                         progress.tokens += len(chunk.token_ids)
                         if chunk.result is not None:
-                            response = result_to_proto(chunk.result, request, transport)
+                            response = result_to_proto(chunk.result, admitted.request, transport)
         except asyncio.CancelledError:
             progress.log_cancelled()
             raise
@@ -124,8 +128,11 @@ class GrpcFrontend:
                     if item is None:
                         yield pb.GenerateStreamResponse()
                         continue
-                    progress.tokens += len(item[0].token_ids)
-                    yield chunk_to_proto(*item)
+                    chunk, admitted, transport = item
+                    progress.tokens += len(chunk.token_ids)
+                    response = chunk_to_proto(chunk, admitted.request, transport)
+                    response.resume_token = admitted.resume_token(chunk)
+                    yield response
         except (asyncio.CancelledError, GeneratorExit):
             progress.log_cancelled()
             raise

@@ -66,6 +66,17 @@ def unavailable(error: TierUnavailableError) -> OpenAIError:
     return OpenAIError(503, str(error), type="server_error", code="tier_unavailable")
 
 
+def _resume_token(raw: bytes) -> str | None:
+    """The body's `resume_token`, looked at before the body is parsed (the router checks it with
+    the caller's key); a body that is not JSON, or a token that is not text, fails in parsing."""
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return None
+    token = document.get("resume_token") if isinstance(document, dict) else None
+    return token if isinstance(token, str) and token else None
+
+
 def sse(event: dict) -> str:
     return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
 
@@ -78,6 +89,7 @@ def build_http_app(router) -> FastAPI:
     app = FastAPI(title="speccascade", description="OpenAI-compatible API of a speculative cascade")
     created = int(time.time())
     drafter, expert = router.config.drafter.model, router.config.expert.model
+    token_texts = mapping.TokenTexts(router.generation.tokenizer)  # logprobs' token texts, cached per id
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, error: OpenAIError) -> JSONResponse:
@@ -139,7 +151,7 @@ def build_http_app(router) -> FastAPI:
             return mapping.generation_request(body, policy)
 
         try:
-            admitted = await router.admit(http_request.headers.items(), build)
+            admitted = await router.admit(http_request.headers.items(), build, resume_token=_resume_token(raw))
         except TenancyError as error:
             raise refused(error) from None
         except OpenAIError:
@@ -150,7 +162,7 @@ def build_http_app(router) -> FastAPI:
 
     async def generate(http_request: Request, body_type: type, kind: str):
         body, admitted = await admit(http_request, body_type)
-        reply = Reply.new(kind)
+        reply = Reply.new(kind, extras=mapping.choice_extras(body, admitted.prompt, token_texts))
         chunks = router.serve_request(admitted)
         if not body.stream:
             segments, result, transport = [], None, None
@@ -171,20 +183,23 @@ def build_http_app(router) -> FastAPI:
         options = body.stream_options
         include_usage = bool(options and options.include_usage)
         running = mapping.RunningUsage(len(admitted.prompt)) if options and options.continuous_usage_stats else None
-        return StreamingResponse(events(reply, first, chunks, admitted.request, include_usage, running),
+        return StreamingResponse(events(reply, first, chunks, admitted, include_usage, running),
                                  media_type="text/event-stream")
 
-    async def events(reply: Reply, first: tuple, chunks: AsyncIterator, request, include_usage: bool,
+    async def events(reply: Reply, first: tuple, chunks: AsyncIterator, admitted, include_usage: bool,
                      running: mapping.RunningUsage | None) -> AsyncIterator[str]:
-        """`running`: the usage so far, put in every chunk (vLLM's continuous usage stats)."""
+        """`running`: the usage so far, put in every chunk (vLLM's continuous usage stats). Every
+        event of a generation chunk carries the stream's `resume_token` after that chunk."""
         try:
             for event in reply.first_chunks(usage=running.json() if running else None):
                 yield sse(event)
             chunk, transport = first
             while True:
                 usage = running.add(chunk) if running else None
-                for event in reply.chunks(chunk, request, transport, include_usage=include_usage, usage=usage):
-                    yield sse(event)
+                token = admitted.resume_token(chunk)
+                for event in reply.chunks(chunk, admitted.request, transport, include_usage=include_usage,
+                                          usage=usage):
+                    yield sse({**event, "resume_token": token})
                 if chunk.result is not None:
                     break
                 chunk, transport = await anext(chunks)

@@ -8,17 +8,19 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from ...config.app import CascadePolicy
 from ...engine.generation import GenerationChunk, GenerationResult
 from ...engine.request import GenerationRequest
+from ...engine.stats import TokenLogprob
 from ...engine.text import Segment
 from ...options import Method
 from ...serving.clients import Transport
 from ...serving.requests import request_with_policy
-from .protocol import SERVED_MODEL, ChatCompletionBody, OpenAIError, RequestBody
+from .protocol import SERVED_MODEL, ChatCompletionBody, CompletionBody, OpenAIError, RequestBody
 
 # OpenAI's `developer` role is its newer name for `system` (instructions to the model).
 ROLE_ALIASES = {"developer": "system"}
@@ -36,6 +38,7 @@ _PARAM_OF_MESSAGE = [
     (re.compile(r"^prompt\b"), "prompt"), (re.compile(r"^(unknown pipeline|policy\.pipeline)\b"), "pipeline"),
     (re.compile(r"^min_tokens\b"), "min_tokens"), (re.compile(r"^ignore_eos\b"), "ignore_eos"),
     (re.compile(r"^skip_special_tokens\b"), "skip_special_tokens"),
+    (re.compile(r"^resume_token\b"), "resume_token"),
 ]
 
 
@@ -105,6 +108,10 @@ def generation_request(body: RequestBody, policy: CascadePolicy) -> GenerationRe
                     for i, m in enumerate(body.messages)]
     else:
         prompt, messages = _prompt_text(body.prompt), None
+    logprobs, prompt_logprobs = logprobs_asked(body)
+    if max_tokens == 0 and prompt_logprobs is None:
+        raise OpenAIError(400, "max_tokens=0 generates nothing: it is only allowed on completions with echo and "
+                               "logprobs (the prompt's log-probabilities)", param="max_tokens")
     try:
         return request_with_policy(
             policy, prompt=prompt, messages=messages,
@@ -112,10 +119,20 @@ def generation_request(body: RequestBody, policy: CascadePolicy) -> GenerationRe
             rule=body.rule, alpha=body.alpha, block_size=body.block_size, max_new_tokens=max_tokens,
             temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
             stop=_stop(body.stop), pipeline=body.pipeline, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
-            skip_special_tokens=body.skip_special_tokens,
+            skip_special_tokens=body.skip_special_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )
     except ValueError as error:
         raise invalid_request(error, chat=chat) from None
+
+
+def logprobs_asked(body: RequestBody) -> tuple[int | None, int | None]:
+    """(logprobs, prompt_logprobs) for the engine: the alternatives per token, or None when not
+    asked for. Chat: `logprobs: true` with `top_logprobs` (default 0); completions: `logprobs`, and
+    with `echo` the prompt's as well."""
+    if isinstance(body, ChatCompletionBody):
+        return ((body.top_logprobs or 0) if body.logprobs else None), None
+    k = getattr(body, "logprobs", None)
+    return k, (k if k is not None and getattr(body, "echo", None) else None)
 
 
 def check_model(requested: str, served: str = SERVED_MODEL) -> None:
@@ -184,19 +201,139 @@ def speccascade_json(result: GenerationResult, request: GenerationRequest, trans
             "stats": result.stats.as_dict()}
 
 
+# ----------------------------------------------------------------------------------- logprobs, echo
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token with no mass (an EOS masked by min_tokens), as vLLM shows it
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's, which Qwen's and SmolLM's tokenizers use) reversed: each
+    stand-in character of a token's string -> the byte it stands for."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(kept), 0
+    for byte in range(256):
+        if byte not in kept:
+            kept.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(kept, codes)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+class TokenTexts:
+    """A token id's text and UTF-8 bytes, as logprobs show them (cached per id). A byte-level BPE
+    token's bytes are exact, so a token holding part of a character has the bytes of that part (its
+    text then shows U+FFFD, as OpenAI's does); other tokenizers' tokens are decoded alone."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._known: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        known = self._known.get(token_id)
+        if known is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and piece and all(ch in _BYTE_DECODER for ch in piece):
+                raw = bytes(_BYTE_DECODER[ch] for ch in piece)
+                text = raw.decode("utf-8", errors="replace")
+            else:
+                text = self.tokenizer.decode([token_id])
+                raw = text.encode("utf-8")
+            known = self._known[token_id] = (text, list(raw))
+        return known
+
+
+def _floor(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+class ChoiceExtras:
+    """What a request's choice carries besides the generated text: the echoed prompt (completions)
+    and the logprobs, in the endpoint's shape. A stream's chunks go through one instance, which keeps
+    the completions' text offset and sends the echo once.
+
+    Chat (`choices[].logprobs.content[]`): per output token its text, logprob, bytes and
+    `top_logprobs` (the k most likely: token, logprob, bytes). Completions (`choices[].logprobs`):
+    `tokens`, `token_logprobs`, `top_logprobs` (a dict of the k most likely and the token itself,
+    as vLLM gives it) and `text_offset` (each token's character offset in the choice's text, from
+    the tokens' own texts), with the prompt's tokens first under `echo` (the first one null)."""
+
+    def __init__(self, kind: str, texts: TokenTexts, *, logprobs: bool, echo: str | None = None,
+                 prompt_ids: Sequence[int] = ()):
+        self.kind, self.texts, self.logprobs = kind, texts, logprobs
+        self.prompt_ids = list(prompt_ids)
+        self._echo = echo
+        self._offset = 0  # the completions' text_offset of the next token
+
+    def echo(self) -> str:
+        """The prompt's text, the first time (a completion with `echo`), else ""."""
+        text, self._echo = self._echo or "", None
+        return text
+
+    def choice_logprobs(self, token_ids: Sequence[int], entries: Sequence[TokenLogprob] | None,
+                        prompt_entries: Sequence[TokenLogprob | None] | None = None) -> dict | None:
+        """The choice's `logprobs` for these output tokens (and, first, the prompt's)."""
+        if not self.logprobs:
+            return None
+        entries = list(entries or [])
+        if self.kind == "chat":
+            return {"content": [self._chat_entry(token, entry) for token, entry in zip(token_ids, entries)]}
+        ids, all_entries = list(token_ids), entries
+        if prompt_entries is not None:
+            ids, all_entries = self.prompt_ids + ids, list(prompt_entries) + entries
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, entry in zip(ids, all_entries):
+            text, _ = self.texts(token)
+            out["tokens"].append(text)
+            out["text_offset"].append(self._offset)
+            self._offset += len(text)
+            if entry is None:  # the prompt's first token: nothing precedes it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            logprob, top = entry
+            out["token_logprobs"].append(_floor(logprob))
+            alternatives = {self.texts(i)[0]: _floor(value) for i, value in top}
+            alternatives.setdefault(text, _floor(logprob))
+            out["top_logprobs"].append(alternatives)
+        return out
+
+    def _chat_entry(self, token: int, entry: TokenLogprob) -> dict:
+        logprob, top = entry
+        text, raw = self.texts(token)
+        return {"token": text, "logprob": _floor(logprob), "bytes": raw,
+                "top_logprobs": [{"token": self.texts(i)[0], "logprob": _floor(value), "bytes": self.texts(i)[1]}
+                                 for i, value in top]}
+
+
+def choice_extras(body: RequestBody, prompt_ids: Sequence[int], texts: TokenTexts) -> "ChoiceExtras | None":
+    """The request's echo and logprobs, or None when it asks for neither."""
+    logprobs, _ = logprobs_asked(body)
+    echo = _prompt_text(body.prompt) if isinstance(body, CompletionBody) and body.echo else None
+    if logprobs is None and echo is None:
+        return None
+    kind = "chat" if isinstance(body, ChatCompletionBody) else "completion"
+    return ChoiceExtras(kind, texts, logprobs=logprobs is not None, echo=echo, prompt_ids=prompt_ids)
+
+
 @dataclass(frozen=True)
 class Reply:
-    """One response's identity: the same id, timestamp and model on every chunk."""
+    """One response's identity: the same id, timestamp and model on every chunk; `extras`: its echo
+    and logprobs, if the request asked for them."""
 
     kind: Literal["completion", "chat"]
     id: str
     created: int
     model: str
+    extras: ChoiceExtras | None = None
 
     @classmethod
-    def new(cls, kind: Literal["completion", "chat"], model: str = SERVED_MODEL) -> "Reply":
+    def new(cls, kind: Literal["completion", "chat"], model: str = SERVED_MODEL,
+            extras: ChoiceExtras | None = None) -> "Reply":
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
-        return cls(kind, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model)
+        return cls(kind, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model, extras)
 
     def _envelope(self, object_: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model, "choices": choices}
@@ -205,13 +342,16 @@ class Reply:
 
     def response(self, result: GenerationResult, segments: list[Segment], request: GenerationRequest,
                  transport: Transport) -> dict:
+        extras = self.extras
         choice: dict = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None,
                         "segments": segments_json(merged_segments(segments))}
+        if extras is not None:
+            choice["logprobs"] = extras.choice_logprobs(result.token_ids, result.logprobs, result.prompt_logprobs)
         if self.kind == "chat":
             choice["message"] = {"role": "assistant", "content": result.text}
             out = self._envelope("chat.completion", [choice])
         else:
-            choice["text"] = result.text
+            choice["text"] = (extras.echo() if extras is not None else "") + result.text
             out = self._envelope("text_completion", [choice])
         out["usage"] = usage_json(result)
         out["speccascade"] = speccascade_json(result, request, transport)
@@ -220,8 +360,8 @@ class Reply:
     # ---- streamed (server-sent events) ----
 
     def _chunk(self, text: str | None, segments: list[Segment], *, role: bool = False,
-               finish_reason: str | None = None, usage: dict | None = None) -> dict:
-        choice: dict = {"index": 0, "finish_reason": finish_reason, "logprobs": None,
+               finish_reason: str | None = None, usage: dict | None = None, logprobs: dict | None = None) -> dict:
+        choice: dict = {"index": 0, "finish_reason": finish_reason, "logprobs": logprobs,
                         "segments": segments_json(segments)}
         if self.kind == "chat":
             delta: dict = {"role": "assistant"} if role else {}
@@ -246,7 +386,12 @@ class Reply:
         """The events for one generation chunk: its text with provenance; after the last, the
         finish reason with the `speccascade` object, and the usage when asked for. `usage`: the
         running usage up to this chunk, put in each of its events (continuous usage stats)."""
-        events = [self._chunk(chunk.text, chunk.segments, usage=usage)] if chunk.text else []
+        text, logprobs, extras = chunk.text, None, self.extras
+        if extras is not None:  # the echoed prompt opens the first event; logprobs go with their tokens
+            text = extras.echo() + text
+            if chunk.token_ids or chunk.prompt_logprobs:
+                logprobs = extras.choice_logprobs(chunk.token_ids, chunk.logprobs, chunk.prompt_logprobs)
+        events = [self._chunk(text, chunk.segments, usage=usage, logprobs=logprobs)] if text or logprobs else []
         result = chunk.result
         if result is None:
             return events

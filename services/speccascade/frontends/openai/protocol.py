@@ -13,6 +13,8 @@ policy and method are extra body fields, which OpenAI clients send through `extr
     block_size  tokens drafted per round (gamma)
     top_k       top-k sampling (0 disables it)
     pipeline    on, off or auto: draft the next block while the expert verifies (same output)
+    resume_token  continue a stream that broke off: the `resume_token` of the last event received,
+                with the request otherwise the same (the output goes on token-identically)
 
 vLLM's extension fields, which load testers and evaluation harnesses send (guidellm, `vllm bench
 serve`), are honoured with vLLM's meaning:
@@ -22,6 +24,12 @@ serve`), are honoured with vLLM's meaning:
     skip_special_tokens  leave special tokens out of the text (default true)
     stream_options.continuous_usage_stats   cumulative usage in every streamed chunk
     repetition_penalty   only 1.0 (no penalty): see UNSUPPORTED_REASONS
+
+OpenAI's log-probabilities: chat's `logprobs` / `top_logprobs` (0..20), completions' `logprobs`
+(0..5) and `echo` (the prompt before the completion; with logprobs, the prompt tokens' under the
+expert, the first one null, as vLLM gives them; `max_tokens: 0` then scores the prompt only, which
+is how evaluation harnesses compute log-likelihoods). Which distribution each number is from:
+`speccascade.cascade.logprobs`.
 
 Unset fields take the server's defaults, as over gRPC; in particular an unset `temperature` means
 greedy decoding (OpenAI's own default is 1). Responses carry OpenAI's fields plus, per choice,
@@ -36,10 +44,12 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from ...config.base import StrictModel
+from ...options import MAX_TOP_LOGPROBS
 
 SERVED_MODEL = "speccascade"
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions API: at most 5 alternatives per token
 EXTRA_FIELDS = ("method", "rule", "alpha", "block_size", "top_k", "pipeline", "ignore_eos", "min_tokens",
-                "skip_special_tokens", "repetition_penalty")
+                "skip_special_tokens", "repetition_penalty", "resume_token")
 
 
 class OpenAIError(ValueError):
@@ -83,6 +93,7 @@ class RequestBody(StrictModel):
     block_size: int | None = None
     top_k: int | None = None
     pipeline: str | None = None
+    resume_token: str | None = None
     # vLLM's extra fields (see the module docstring)
     ignore_eos: bool | None = None
     min_tokens: int | None = None
@@ -101,8 +112,8 @@ class StreamOptions(StrictModel):
 
 class CompletionBody(RequestBody):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool | None = None
+    logprobs: int | None = None  # 0..MAX_COMPLETION_LOGPROBS alternatives per token (the legacy shape)
+    echo: bool | None = None  # the prompt before the completion; with logprobs, the prompt's too
     best_of: int | None = None
     suffix: str | None = None
 
@@ -117,7 +128,7 @@ class ChatCompletionBody(RequestBody):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = None  # 0..MAX_TOP_LOGPROBS alternatives per token, with logprobs: true
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -130,8 +141,7 @@ ChatCompletionBody.model_rebuild()
 # Unsupported fields and the values that mean "not used", which are accepted.
 NEUTRAL_VALUES: dict[str, tuple] = {
     "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-    "logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None, ""),
-    "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "best_of": (None, 1), "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}),
     "repetition_penalty": (None, 1, 1.0),
 }
@@ -176,4 +186,23 @@ def parse_body(raw: object, body_type: type[RequestBody]) -> RequestBody:
                           code="unsupported_parameter")
     if body.stream_options is not None and not body.stream:
         raise OpenAIError(400, "stream_options is only allowed with stream=true", param="stream_options")
+    _check_logprobs(body)
     return body
+
+
+def _check_logprobs(body: RequestBody) -> None:
+    """OpenAI's logprobs fields: on chat, `logprobs: true` with `top_logprobs` 0..20 alternatives per
+    token; on completions, `logprobs` 0..5 alternatives (and `echo` adds the prompt's)."""
+    if isinstance(body, ChatCompletionBody):
+        k = body.top_logprobs
+        if k is not None and not body.logprobs:
+            raise OpenAIError(400, f"top_logprobs={k} needs logprobs: true", param="top_logprobs")
+        if k is not None and (isinstance(k, bool) or not 0 <= k <= MAX_TOP_LOGPROBS):
+            raise OpenAIError(400, f"top_logprobs={k!r} is out of range: expected 0..{MAX_TOP_LOGPROBS}",
+                              param="top_logprobs")
+    elif isinstance(body, CompletionBody):
+        k = body.logprobs
+        if k is not None and not 0 <= k <= MAX_COMPLETION_LOGPROBS:
+            raise OpenAIError(400, f"logprobs={k!r} is out of range: expected 0..{MAX_COMPLETION_LOGPROBS} on "
+                                   f"completions (the most likely alternatives per token; chat's top_logprobs "
+                                   f"goes to {MAX_TOP_LOGPROBS})", param="logprobs")
