@@ -59,3 +59,77 @@ def test_failing_closed_refuses_with_unavailable_and_a_retry_hint():
     assert "quota ledger did not answer within 0.1s" in str(error.value) and "quota_ledger_unreachable=closed" in \
         str(error.value)
     assert unreachable.tags == [{"mode": "closed"}] and quotas.active() == {}
+
+
+class SlowStartingLedger:
+    """A ledger being made: nothing answers before `ready_after_s`, then every call does at once."""
+
+    def __init__(self, ready_after_s: float):
+        self.ready_after_s = ready_after_s
+        self.started: float | None = None
+
+    def __getattr__(self, method):
+        if method == "release":  # fire and forget
+            return SimpleNamespace(remote=lambda *args: None)
+
+        async def call(*args):
+            loop = asyncio.get_running_loop()
+            self.started = self.started or loop.time()
+            await asyncio.sleep(max(0.0, self.started + self.ready_after_s - loop.time()))
+            return {} if method == "active" else SimpleNamespace(raise_if_refused=lambda: None)
+
+        return SimpleNamespace(remote=call)
+
+
+def test_a_starting_replica_waits_for_a_ledger_slower_to_make_than_the_request_timeout():
+    quotas, unreachable = quotas_without_ledger("closed")
+    ledger = SlowStartingLedger(ready_after_s=0.4)  # four request timeouts
+    quotas._handle = lambda: ledger
+
+    async def scenario():
+        assert await quotas.connect(timeout_s=5.0)
+        admission = await quotas.admit(SINGLE)  # the ledger answers now, within the request timeout
+        assert quotas.active() == {"single": 1}
+        admission.release()
+        quotas.close()
+
+    asyncio.run(scenario())
+    assert unreachable.tags == []
+
+
+def test_a_replica_whose_ledger_never_answers_starts_and_follows_the_unreachable_rule(caplog):
+    quotas, unreachable = quotas_without_ledger("closed")
+    quotas._handle = lambda: SlowStartingLedger(ready_after_s=3600)
+    assert not asyncio.run(quotas.connect(timeout_s=0.2))
+    assert "did not answer within 0.2s of this router replica's start" in caplog.text
+    with pytest.raises(QuotaUnavailable):
+        asyncio.run(quotas.admit(SINGLE))
+
+
+def test_a_slow_answer_keeps_the_handle_and_a_dead_ledger_is_made_again_once(monkeypatch):
+    import ray
+    from ray.exceptions import RayActorError
+
+    quotas, _ = quotas_without_ledger("closed")
+    del quotas._handle  # the real one, over the handle set here
+    slow = SlowStartingLedger(ready_after_s=3600)
+    quotas._ledger = slow
+    with pytest.raises(QuotaUnavailable):
+        asyncio.run(quotas.admit(SINGLE))
+    assert quotas._ledger is slow  # a handle dropped here would let Ray collect a live ledger
+
+    async def dead(*args):
+        raise RayActorError()
+
+    remade, made = SlowStartingLedger(ready_after_s=0.0), []
+    monkeypatch.setattr(ray, "remote", lambda cls: SimpleNamespace(
+        options=lambda **options: SimpleNamespace(remote=lambda: made.append(options) or remade)))
+    quotas._ledger = SimpleNamespace(admit=SimpleNamespace(remote=dead))
+
+    async def scenario():
+        (await quotas.admit(SINGLE)).release()
+        quotas.close()
+
+    asyncio.run(scenario())
+    assert quotas._ledger is remade and [options["name"] for options in made] == ["quota-ledger/app"]
+    assert made[0]["get_if_exists"]  # another replica's new ledger is found, not doubled

@@ -16,10 +16,13 @@ from ..serving.router import RouterCore
 
 
 class Ingress(GrpcFrontend):
-    def __init__(self, drafter, expert, config: AppConfig):
+    async def __init__(self, drafter, expert, config: AppConfig):
+        """Serve awaits an async constructor on the replica's event loop, and counts the replica
+        ready only once it returns: after the quota ledger answers."""
         log_to_replica_file()
         self.core = RouterCore(drafter, expert, config)
-        self.core.start()  # Serve runs a replica's constructor on its event loop
+        self.core.start()
+        await self.core.connect()
 
     def __del__(self):
         """Serve's hook at replica shutdown: stop the core's background tasks."""

@@ -1,10 +1,13 @@
 """Tenant quotas for the whole application: the shared ledger (`tenancy.ledger.QuotaLedger`) as
 a named Ray actor, and a router replica's client of it.
 
-The ledger is a named actor in namespace `speccascade` (`quota-ledger/<application>`), created by
-the first router replica that admits a tenant's request (`get_if_exists`); Ray runs its calls one
-at a time. It belongs to that replica and goes with it; the next admission creates it again, and
-the other replicas' next sync tells it their requests in flight (their output-token buckets
+The ledger is a named actor in namespace `speccascade` (`quota-ledger/<application>`), made by
+the first router replica to start (`get_if_exists`; the others find it); Ray runs its calls one at
+a time. A router replica is ready only once the ledger answers it (`connect`, within
+`LEDGER_START_S`), so the first requests after a deploy do not wait on a ledger still being made.
+A replica keeps its handle while the ledger lives: a slow answer is not a dead ledger. The ledger
+belongs to the replica that made it and goes with it; the next admission anywhere makes it again,
+and the other replicas' next sync tells it their requests in flight (their output-token buckets
 restart full: a tenant may get one extra burst, three seconds of its rate).
 
 When the ledger does not answer within `tenancy.quota_ledger_timeout_s`, the application's choice
@@ -28,6 +31,8 @@ from ..tenancy.quota import QuotaUnavailable
 from .metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
+
+LEDGER_START_S = 60.0  # how long a starting router replica waits for the ledger to be made and answer
 
 
 def ledger_name(app_name: str) -> str:
@@ -75,12 +80,24 @@ class SharedQuotas:
             ).remote()
         return self._ledger
 
-    async def _ask(self, method: str, *args):
+    async def connect(self, timeout_s: float = LEDGER_START_S) -> bool:
+        """Make or find the ledger and wait until it answers; whether it did within `timeout_s`
+        (if not, admissions meet `tenancy.quota_ledger_unreachable` until it does)."""
+        try:
+            await self._ask("active", timeout_s=timeout_s)
+            return True
+        except Exception as error:
+            log.warning("the application's quota ledger did not answer within %gs of this router replica's start "
+                        "(%r); admissions follow tenancy.quota_ledger_unreachable=%s until it does",
+                        timeout_s, error, self.config.quota_ledger_unreachable)
+            return False
+
+    async def _ask(self, method: str, *args, timeout_s: float | None = None):
         from ray.exceptions import RayActorError
 
         for attempt in (1, 2):
             try:
-                async with asyncio.timeout(self.config.quota_ledger_timeout_s):
+                async with asyncio.timeout(timeout_s or self.config.quota_ledger_timeout_s):
                     return await getattr(self._handle(), method).remote(*args)
             except RayActorError:  # its owner (another router replica) is gone: make it again, once
                 self._ledger = None
@@ -94,7 +111,6 @@ class SharedQuotas:
         try:
             verdict = await self._ask("admit", ticket, tenant.id, tenant.limits)
         except Exception as error:  # timeout, or the actor could not be made or reached
-            self._ledger = None
             mode = self.config.quota_ledger_unreachable
             self.metrics.quota_ledger_unreachable.inc(tags={"mode": mode})
             reason = f"the application's quota ledger did not answer within {self.config.quota_ledger_timeout_s:g}s " \
@@ -132,7 +148,6 @@ class SharedQuotas:
             try:
                 await self._ask("sync", leases)
             except Exception as error:
-                self._ledger = None
                 for admission, tokens in zip(live, taken):  # report them with the next sync
                     admission.unreported += tokens
                 log.warning("quota ledger sync failed (%r); retrying in %gs", error, SYNC_PERIOD_S)

@@ -100,7 +100,8 @@ class RouterCore:
         self.expert = TierClient(expert, tier="expert", config=config.router, metrics=self.metrics)
         self._background: set[asyncio.Task] = set()
         self.active_sessions: set[str] = set()
-        self.access = Gatekeeper(config.tenancy, config.policy, shared_quotas=self._shared_quotas(config.tenancy))
+        self.shared_quotas = self._shared_quotas(config.tenancy)
+        self.access = Gatekeeper(config.tenancy, config.policy, shared_quotas=self.shared_quotas)
         self._load_publisher: asyncio.Task | None = None
         self._tenant_reloader: asyncio.Task | None = None
         self.pipelining = PipeliningState()
@@ -130,6 +131,12 @@ class RouterCore:
 
         self._tenant_reloader = asyncio.get_running_loop().create_task(self.access.reload_forever(count))
 
+    async def connect(self) -> None:
+        """Reach what admissions depend on before the replica takes requests: the application's
+        quota ledger, when quotas are counted for the application."""
+        if self.shared_quotas is not None:
+            await self.shared_quotas.connect()
+
     def close(self) -> None:
         """Cancel the replica's background tasks (the tenants file's reloads, the load posts); the
         sessions' releases in flight finish on their own."""
@@ -137,8 +144,8 @@ class RouterCore:
             if task is not None and not task.done() and not task.get_loop().is_closed():
                 task.cancel()
         self._tenant_reloader = self._load_publisher = None
-        if self.access.shared_quotas is not None:
-            self.access.shared_quotas.close()
+        if self.shared_quotas is not None:
+            self.shared_quotas.close()
 
     # ---- admission: who calls, what they ask for, their quota (errors here are the client's) ----
 
