@@ -151,6 +151,33 @@ def test_bad_requests_name_the_bad_value(kwargs, fragment):
         GenerationRequest(**kwargs)
 
 
+def test_a_token_id_prompt_generates_what_its_text_does(engine):
+    text = GenerationRequest(prompt=PROMPTS[0], max_new_tokens=12, rule="lossless")
+    ids = engine.encode(text)
+    by_ids = GenerationRequest(prompt_token_ids=ids, max_new_tokens=12, rule="lossless")
+    assert engine.encode(by_ids) == ids  # taken as given, nothing added
+    assert engine.generate(by_ids).token_ids == engine.generate(text).token_ids
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"prompt_token_ids": []}, r"prompt_token_ids must hold at least one token id"),
+    ({"prompt_token_ids": [1, -2]}, r"prompt_token_ids\[1\]=-2 is not a token id"),
+    ({"prompt_token_ids": [1, True]}, r"prompt_token_ids\[1\]=True is not a token id"),
+    ({"prompt_token_ids": "12"}, r"prompt_token_ids must be a list of token ids"),
+    ({"prompt_token_ids": [1], "prompt": "hi"}, r"give exactly one of prompt, messages or prompt_token_ids"),
+])
+def test_bad_token_id_prompts_name_the_bad_value(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        GenerationRequest(**kwargs)
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused(engine):
+    vocabulary = len(engine.tokenizer)
+    with pytest.raises(ValueError, match=rf"prompt_token_ids\[1\]={vocabulary} is outside the vocabulary: .* "
+                                         rf"0\.\.{vocabulary - 1}"):
+        engine.encode(GenerationRequest(prompt_token_ids=[1, vocabulary]))
+
+
 def test_prompt_longer_than_the_context_window_is_refused(engine):
     long_prompt = "word " * 600  # the tiny models have a 512-token window
     with pytest.raises(ValueError, match=r"prompt of \d+ tokens is too long: the context window is 512"):

@@ -83,6 +83,13 @@ def test_unknown_enum_value_is_invalid_argument(client, field, value):
     assert f"policy.{field}={value}" in error.value.details()
 
 
+def test_a_tokenized_prompt_is_served_as_its_text_is(client, local_engine):
+    ids = local_engine.encode(GenerationRequest(prompt=PROMPT))
+    by_text = client.generate(prompt=PROMPT, rule="token", alpha=0.3, max_new_tokens=24, seed=2)
+    by_ids = client.generate(prompt_token_ids=ids, rule="token", alpha=0.3, max_new_tokens=24, seed=2)
+    assert list(by_ids.token_ids) == list(by_text.token_ids) and by_ids.usage.prompt_tokens == len(ids)
+
+
 def test_stream_chunks_add_up_to_the_unary_response(client):
     options = dict(prompt=PROMPT, rule="token", alpha=0.3, max_new_tokens=30, seed=5)
     unary = client.generate(**options)
@@ -150,6 +157,9 @@ def test_greedy_rounds_ship_no_distributions(client):
     (dict(prompt=PROMPT, temperature=-1.0), "temperature"),
     (dict(prompt=PROMPT, top_p=0.0, temperature=1.0), "top_p"),
     (dict(prompt="word " * 600), "prompt of"),  # longer than the 512-token context window
+    (dict(prompt_token_ids=[]), "prompt_token_ids must hold at least one token id"),
+    (dict(prompt_token_ids=[1, -5]), "prompt_token_ids[1]=-5 is not a token id"),
+    (dict(prompt_token_ids=[1, 2**30]), "prompt_token_ids[1]=1073741824 is outside the vocabulary"),
 ])
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 def test_bad_requests_are_invalid_argument_naming_the_field(client, options, field, streaming):

@@ -14,7 +14,6 @@ import openai
 import pytest
 import torch
 from speccascade.api.client import build_request
-from speccascade.api.v1 import speccascade_pb2 as pb
 from speccascade.engine.request import GenerationRequest
 from speccascade.frontends.openai.mapping import TokenTexts
 from speccascade.options import SamplingParams
@@ -123,30 +122,52 @@ def test_echo_with_zero_max_tokens_scores_the_prompt_under_the_expert(oai, local
         assert usage.completion_tokens == 0 and usage.prompt_tokens == len(prompt_ids)
 
 
-def test_lm_evaluation_harness_loglikelihood_and_generation_bodies(openai_base_url, local_engine):
-    """The bodies lm-eval 0.4.13's `local-completions` sends (tokenized_requests=False), parsed as it
-    parses them (`parse_logprobs`: the continuation's token_logprobs, and is_greedy from top_logprobs)."""
-    def post(body: dict) -> dict:
-        request = urllib.request.Request(f"{openai_base_url}/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.load(response)
+def post_completion(openai_base_url: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{openai_base_url}/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)
 
+
+@pytest.mark.parametrize("tokenized", [False, True], ids=["text", "token-ids"])
+def test_lm_evaluation_harness_loglikelihood_and_generation_bodies(openai_base_url, local_engine, tokenized):
+    """The bodies lm-eval 0.4.13's `local-completions` sends (a batch of one prompt: text with
+    tokenized_requests=False, token ids by default), parsed as it parses them (`parse_logprobs`:
+    the continuation's token_logprobs, and is_greedy from top_logprobs)."""
     context, continuation = "def add(a, b):", " return a + b"
-    loglikelihood = post({"model": MODEL, "prompt": [context + continuation], "temperature": 0, "max_tokens": 1,
-                          "logprobs": 1, "seed": 1234, "echo": True})
-    (choice,) = loglikelihood["choices"]
     ids = local_engine.encode(GenerationRequest(prompt=context + continuation))
     ctxlen = len(local_engine.encode(GenerationRequest(prompt=context)))
+    prompt = [ids] if tokenized else [context + continuation]
+    loglikelihood = post_completion(openai_base_url, {"model": MODEL, "prompt": prompt, "temperature": 0,
+                                                      "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True})
+    (choice,) = loglikelihood["choices"]
+    assert choice["text"].startswith(context + continuation)  # token ids are echoed as their text
     assert len(choice["logprobs"]["token_logprobs"]) == len(ids) + 1  # the prompt's and one generated
+    assert loglikelihood["usage"]["prompt_tokens"] == len(ids)
     continuation_logprobs = choice["logprobs"]["token_logprobs"][ctxlen:-1]
     assert sum(continuation_logprobs) == pytest.approx(sum(expert_prompt_logprobs(local_engine, ids)[ctxlen - 1:]),
                                                        abs=2e-3)
     for logprob, top in zip(continuation_logprobs, choice["logprobs"]["top_logprobs"][ctxlen:-1]):
         assert logprob <= max(top.values())
-    generation = post({"model": MODEL, "prompt": [context], "max_tokens": 16, "temperature": 0, "stop": ["\n\n"],
-                       "seed": 1234})
-    assert generation["choices"][0]["finish_reason"] in ("stop", "length")
+    context_prompt = [local_engine.encode(GenerationRequest(prompt=context))] if tokenized else [context]
+    generation = post_completion(openai_base_url, {"model": MODEL, "prompt": context_prompt, "max_tokens": 16,
+                                                   "temperature": 0, "stop": ["\n\n"], "seed": 1234})
+    expected = in_process(local_engine, k=None, prompt=context, rule="lossless", max_new_tokens=16, stop=("\n\n",),
+                          seed=1234)
+    assert generation["choices"][0]["text"] == expected.text
+
+
+@pytest.mark.parametrize("prompt,fragment", [
+    ([[1, 2], [3, 4]], "a list of 2 prompts; this server takes one prompt per request"),
+    ([1, 10**9], "prompt_token_ids[1]=1000000000 is outside the vocabulary"),
+    ([1, -1], "prompt_token_ids[1]=-1 is not a token id"),
+])
+def test_bad_token_id_prompts_are_400s_naming_the_prompt(openai_base_url, prompt, fragment):
+    with pytest.raises(urllib.error.HTTPError) as error:
+        post_completion(openai_base_url, {"model": MODEL, "prompt": prompt, "max_tokens": 4})
+    assert error.value.code == 400
+    body = json.load(error.value)["error"]
+    assert body["param"] == "prompt" and fragment in body["message"]
 
 
 @pytest.mark.parametrize("path,body,param", [
@@ -164,20 +185,12 @@ def test_bad_logprobs_requests_are_400s_naming_the_field(openai_base_url, path, 
     assert json.load(error.value)["error"]["param"] == param
 
 
-def grpc_request(**fields) -> pb.GenerateRequest:
-    logprobs = {name: fields.pop(name) for name in ("logprobs", "prompt_logprobs") if name in fields}
-    message = build_request(**fields)
-    for name, value in logprobs.items():
-        setattr(message, name, value)
-    return message
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["Generate", "GenerateStream"])
 def test_grpc_logprobs_are_the_in_process_engines(client, local_engine, stream):
     """lossy, sampled (its output distribution blends q and p), with the prompt's logprobs."""
     expected = in_process(local_engine, k=4, prompt_logprobs=2, rule="lossy", alpha=0.3, max_new_tokens=16, seed=9,
                           sampling=SAMPLED)
-    message = grpc_request(prompt=PROMPT, rule="lossy", alpha=0.3, max_new_tokens=16, seed=9, logprobs=4,
+    message = build_request(prompt=PROMPT, rule="lossy", alpha=0.3, max_new_tokens=16, seed=9, logprobs=4,
                            prompt_logprobs=2, **SAMPLED)
     if stream:
         chunks = list(client.stream(message))
@@ -202,7 +215,7 @@ def test_grpc_logprobs_are_the_in_process_engines(client, local_engine, stream):
 
 
 def test_grpc_prompt_only_and_bad_logprobs(client, local_engine):
-    response = client.generate(grpc_request(prompt=PROMPT, max_new_tokens=0, prompt_logprobs=0))
+    response = client.generate(build_request(prompt=PROMPT, max_new_tokens=0, prompt_logprobs=0))
     prompt_ids = local_engine.encode(GenerationRequest(prompt=PROMPT))
     assert not response.token_ids and response.usage.completion_tokens == 0
     assert [e.logprob for e in response.prompt_logprobs[1:]] == pytest.approx(
@@ -211,6 +224,6 @@ def test_grpc_prompt_only_and_bad_logprobs(client, local_engine):
 
     for fields, name in ((dict(logprobs=21), "logprobs"), (dict(max_new_tokens=0), "max_new_tokens")):
         with pytest.raises(grpc.RpcError) as error:
-            client.generate(grpc_request(prompt=PROMPT, **fields))
+            client.generate(build_request(prompt=PROMPT, **fields))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error.value.details().startswith(f"{name}=")

@@ -43,10 +43,19 @@ def build_request(
     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
     seed: int | None = None, stop: Sequence[str] = (), pipeline: str | None = None,
     ignore_eos: bool | None = None, min_tokens: int | None = None, skip_special_tokens: bool | None = None,
+    prompt_token_ids: Sequence[int] | None = None, logprobs: int | None = None, prompt_logprobs: int | None = None,
 ) -> pb.GenerateRequest:
+    """A GenerateRequest from one of `prompt`, `messages` or `prompt_token_ids` (ids of the served
+    pair's tokenizer, taken as is) and the options to set; unset ones take the server's defaults.
+    `logprobs` / `prompt_logprobs`: alternatives listed per output / prompt token (0..20)."""
+    if sum(given is not None for given in (prompt, messages, prompt_token_ids)) > 1:
+        raise ValueError("give one of prompt, messages or prompt_token_ids")
     request = pb.GenerateRequest(stop=list(stop))
     if messages is not None:
         request.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+    elif prompt_token_ids is not None:
+        request.prompt_tokens.SetInParent()  # an empty list is still the prompt-tokens input (and refused)
+        request.prompt_tokens.ids.extend(prompt_token_ids)
     elif prompt is not None:
         request.prompt = prompt
     if method is not None:
@@ -66,7 +75,8 @@ def build_request(
         (request, "max_new_tokens", max_new_tokens), (request.sampling, "temperature", temperature),
         (request.sampling, "top_k", top_k), (request.sampling, "top_p", top_p), (request.sampling, "seed", seed),
         (request, "ignore_eos", ignore_eos), (request, "min_tokens", min_tokens),
-        (request, "skip_special_tokens", skip_special_tokens),
+        (request, "skip_special_tokens", skip_special_tokens), (request, "logprobs", logprobs),
+        (request, "prompt_logprobs", prompt_logprobs),
     ):
         if value is not None:
             setattr(message, field, value)

@@ -7,7 +7,15 @@ from .request import GenerationRequest
 
 
 def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
-    """Prompt token ids: chat messages through the tokenizer's chat template, a plain prompt as is."""
+    """Prompt token ids: chat messages through the tokenizer's chat template, a plain prompt as is,
+    token ids as given (each within the tokenizer's vocabulary)."""
+    if request.prompt_token_ids is not None:
+        vocabulary = len(tokenizer)
+        for i, token in enumerate(request.prompt_token_ids):
+            if token >= vocabulary:
+                raise ValueError(f"prompt_token_ids[{i}]={token} is outside the vocabulary: the models' tokenizer "
+                                 f"has ids 0..{vocabulary - 1}")
+        return list(request.prompt_token_ids)
     if request.messages is not None:
         text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -42,10 +42,23 @@ def _check_messages(messages: list[dict]) -> tuple[dict, ...]:
     return tuple(checked)
 
 
+def _check_token_ids(ids) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise ValueError(f"prompt_token_ids must be a list of token ids, got {ids!r}")
+    ids = tuple(ids)
+    if not ids:
+        raise ValueError("prompt_token_ids must hold at least one token id, got []")
+    for i, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"prompt_token_ids[{i}]={token!r} is not a token id (an integer >= 0)")
+    return ids
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str | None = None
     messages: tuple[dict, ...] | None = None
+    prompt_token_ids: tuple[int, ...] | None = None  # a prompt already tokenized, taken as is (no BOS added)
     method: Method = Method.CASCADE
     rule: Rule = DEFAULT_RULE
     alpha: float = DEFAULT_ALPHA
@@ -72,13 +85,15 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt or messages")
+        if sum(given is not None for given in (self.prompt, self.messages, self.prompt_token_ids)) != 1:
+            raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
         if self.prompt is not None:
             if not isinstance(self.prompt, str) or not self.prompt.strip():
                 raise ValueError(f"prompt must be non-empty text, got {self.prompt!r}")
-        else:
+        elif self.messages is not None:
             set_("messages", _check_messages(self.messages))
+        else:
+            set_("prompt_token_ids", _check_token_ids(self.prompt_token_ids))
         set_("method", Method.parse(self.method))
         set_("pipeline", Pipeline.parse(self.pipeline))
         set_("rule", Rule.parse(self.rule))

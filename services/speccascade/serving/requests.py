@@ -12,6 +12,7 @@ from ..options import Method, Pipeline, Rule, SamplingParams
 
 def request_with_policy(
     policy: CascadePolicy, *, prompt: str | None = None, messages: list[dict] | None = None,
+    prompt_token_ids: list[int] | None = None,
     method: Method | str = Method.CASCADE, rule: Rule | str | None = None, alpha: float | None = None,
     block_size: int | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
     top_k: int | None = None, top_p: float | None = None, seed: int | None = None, stop: tuple[str, ...] = (),
@@ -31,7 +32,7 @@ def request_with_policy(
         top_p=1.0 if top_p is None else top_p,
     )
     return GenerationRequest(
-        prompt=prompt, messages=messages, method=method, rule=policy.rule if rule is None else rule,
+        prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids, method=method, rule=policy.rule if rule is None else rule,
         alpha=policy.alpha if alpha is None else alpha,
         block_size=policy.block_size if block_size is None else block_size,
         max_new_tokens=max_new_tokens, sampling=params, seed=seed, stop=stop,

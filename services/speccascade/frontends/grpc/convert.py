@@ -61,7 +61,7 @@ def request_from_proto(message: pb.GenerateRequest, policy: CascadePolicy) -> Ge
     bad field). Unset fields take the server's defaults."""
     which = message.WhichOneof("input")
     if which is None:
-        raise ValueError("prompt: give either prompt or chat messages")
+        raise ValueError("prompt: give a prompt, chat messages or prompt tokens")
     policy_message, sampling = message.policy, message.sampling
 
     def optional(container, name: str):
@@ -72,6 +72,7 @@ def request_from_proto(message: pb.GenerateRequest, policy: CascadePolicy) -> Ge
         messages = [{"role": m.role, "content": m.content} for m in message.chat.messages]
     return request_with_policy(
         policy, prompt=message.prompt if which == "prompt" else None, messages=messages,
+        prompt_token_ids=list(message.prompt_tokens.ids) if which == "prompt_tokens" else None,
         method=method_from_proto(policy_message.method), rule=rule_from_proto(policy_message.rule, policy.rule),
         alpha=optional(policy_message, "alpha"), block_size=optional(policy_message, "block_size"),
         max_new_tokens=optional(message, "max_new_tokens"), temperature=optional(sampling, "temperature"),

@@ -20,7 +20,7 @@ from ...options import Method
 from ...serving.clients import Transport
 from ...serving.requests import request_with_policy
 from .logprobs import ChoiceExtras, TokenTexts
-from .protocol import SERVED_MODEL, ChatCompletionBody, CompletionBody, OpenAIError, RequestBody
+from .protocol import SERVED_MODEL, ChatCompletionBody, ChatMessage, CompletionBody, OpenAIError, RequestBody
 
 # OpenAI's `developer` role is its newer name for `system` (instructions to the model).
 ROLE_ALIASES = {"developer": "system"}
@@ -35,7 +35,7 @@ _PARAM_OF_MESSAGE = [
     (re.compile(r"^max_new_tokens\b"), "max_tokens"), (re.compile(r"^temperature\b"), "temperature"),
     (re.compile(r"^top_k\b"), "top_k"), (re.compile(r"^top_p\b"), "top_p"), (re.compile(r"^seed\b"), "seed"),
     (re.compile(r"^(at most \d+ )?stop\b"), "stop"), (re.compile(r"^messages\b"), "messages"),
-    (re.compile(r"^prompt\b"), "prompt"), (re.compile(r"^(unknown pipeline|policy\.pipeline)\b"), "pipeline"),
+    (re.compile(r"^prompt(_token_ids)?\b"), "prompt"), (re.compile(r"^(unknown pipeline|policy\.pipeline)\b"), "pipeline"),
     (re.compile(r"^min_tokens\b"), "min_tokens"), (re.compile(r"^ignore_eos\b"), "ignore_eos"),
     (re.compile(r"^skip_special_tokens\b"), "skip_special_tokens"),
     (re.compile(r"^resume_token\b"), "resume_token"),
@@ -58,18 +58,27 @@ def invalid_request(error: ValueError, *, chat: bool) -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
 
 
-def _prompt_text(prompt: str | list) -> str:
+def _one_prompt(prompt: str | list) -> str | list[int]:
+    """The one prompt of a completions request: text, or token ids (OpenAI's four shapes: a string,
+    token ids, or a list holding one of either)."""
     if isinstance(prompt, str):
         return prompt
     if not prompt:
-        raise OpenAIError(400, "prompt must be non-empty text, got []", param="prompt")
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    if prompt and all(isinstance(p, str) for p in prompt):
+        raise OpenAIError(400, "prompt must be non-empty text or token ids, got []", param="prompt")
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return list(prompt)
+    if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        return _one_prompt(prompt[0])
+    if all(isinstance(p, (str, list)) for p in prompt):
         raise OpenAIError(400, f"prompt is a list of {len(prompt)} prompts; this server takes one prompt "
                                "per request", param="prompt", code="unsupported_parameter")
-    raise OpenAIError(400, "prompt must be text; token-id prompts are not supported", param="prompt",
-                      code="unsupported_parameter")
+    raise OpenAIError(400, "prompt must be text, token ids, or a list holding one of them", param="prompt")
+
+
+def chat_messages(messages: Sequence[ChatMessage]) -> list[dict]:
+    """OpenAI chat messages as the engine takes them: roles by their engine names, text parts joined."""
+    return [{"role": ROLE_ALIASES.get(m.role, m.role), "content": _message_content(i, m.content)}
+            for i, m in enumerate(messages)]
 
 
 def _message_content(index: int, content: str | list[dict] | None) -> str:
@@ -102,19 +111,21 @@ def generation_request(body: RequestBody, policy: CascadePolicy) -> GenerationRe
             raise OpenAIError(400, f"max_tokens={max_tokens} and max_completion_tokens="
                                    f"{body.max_completion_tokens} disagree; give one", param="max_completion_tokens")
         max_tokens = body.max_completion_tokens
+    prompt_token_ids = None
     if chat:
         prompt = None
-        messages = [{"role": ROLE_ALIASES.get(m.role, m.role), "content": _message_content(i, m.content)}
-                    for i, m in enumerate(body.messages)]
+        messages = chat_messages(body.messages)
     else:
-        prompt, messages = _prompt_text(body.prompt), None
+        prompt, messages = _one_prompt(body.prompt), None
+        if isinstance(prompt, list):
+            prompt_token_ids, prompt = prompt, None
     logprobs, prompt_logprobs = logprobs_asked(body)
     if max_tokens == 0 and prompt_logprobs is None:
         raise OpenAIError(400, "max_tokens=0 generates nothing: it is only allowed on completions with echo and "
                                "logprobs (the prompt's log-probabilities)", param="max_tokens")
     try:
         return request_with_policy(
-            policy, prompt=prompt, messages=messages,
+            policy, prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids,
             method=Method.CASCADE if body.method is None else body.method,
             rule=body.rule, alpha=body.alpha, block_size=body.block_size, max_new_tokens=max_tokens,
             temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed,
@@ -206,7 +217,10 @@ def speccascade_json(result: GenerationResult, request: GenerationRequest, trans
 def choice_extras(body: RequestBody, prompt_ids: Sequence[int], texts: TokenTexts) -> "ChoiceExtras | None":
     """The request's echo and logprobs, or None when it asks for neither."""
     logprobs, _ = logprobs_asked(body)
-    echo = _prompt_text(body.prompt) if isinstance(body, CompletionBody) and body.echo else None
+    echo = None
+    if isinstance(body, CompletionBody) and body.echo:  # token ids are echoed as their text
+        prompt = _one_prompt(body.prompt)
+        echo = prompt if isinstance(prompt, str) else texts.tokenizer.decode(prompt)
     if logprobs is None and echo is None:
         return None
     kind = "chat" if isinstance(body, ChatCompletionBody) else "completion"
