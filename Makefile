@@ -33,7 +33,11 @@ install: $(INSTALLED)
 .tools/guidellm/bin/guidellm: scripts/install_guidellm.sh
 	bash scripts/install_guidellm.sh
 
-tools: .tools/bin/helm .tools/guidellm/bin/guidellm
+# lm-evaluation-harness, run against the served API by a test, in its own environment.
+.tools/lm-eval/bin/lm-eval: scripts/install_lm_eval.sh
+	bash scripts/install_lm_eval.sh
+
+tools: .tools/bin/helm .tools/guidellm/bin/guidellm .tools/lm-eval/bin/lm-eval
 
 run: install
 	$(VENV)/bin/speccascade serve

@@ -226,6 +226,28 @@ def test_health_is_serving(openai_base_url):
         assert response.status == 200 and json.load(response) == {"status": "SERVING"}
 
 
+def test_vllms_tokenizer_routes_use_the_served_pairs_tokenizer(openai_base_url, local_engine):
+    root = openai_base_url.removesuffix("/v1")
+
+    def call(path: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(f"{root}{path}", data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    ids = local_engine.encode(GenerationRequest(prompt=PROMPT))
+    answer = call("/tokenize", {"model": MODEL, "prompt": PROMPT})
+    assert answer["tokens"] == ids and answer["count"] == len(ids) and answer["max_model_len"] == 512
+    chat = call("/tokenize", {"messages": [{"role": "user", "content": "Say hi"}]})
+    assert chat["tokens"] == local_engine.encode(GenerationRequest(messages=[{"role": "user", "content": "Say hi"}]))
+    assert call("/detokenize", {"tokens": ids}) == {"prompt": local_engine.tokenizer.decode(ids)}
+    info = call("/tokenizer_info")
+    assert info["eos_token"] == local_engine.tokenizer.eos_token and info["model_max_length"] == 512
+    with pytest.raises(urllib.error.HTTPError) as error:
+        call("/detokenize", {"tokens": [10**9]})
+    assert error.value.code == 400 and json.load(error.value)["error"]["param"] == "tokens"
+
+
 # ---------------------------------------------------------------- vLLM's extensions (load testers)
 
 EOS_INDEX = 6  # where the early-EOS application's extra end-of-sequence token first appears
@@ -405,6 +427,15 @@ def test_tenants_call_with_their_api_key_and_others_are_refused(tenanted):
                                                 extra_body={"rule": "chow", "alpha": 0.3})
         assert response.choices[0].message.content and response.usage.completion_tokens == 8
         assert [m.id for m in acme.models.list().data] == [MODEL]
+    tokenize = urllib.request.Request(f"{base_url.removesuffix('/v1')}/tokenize", method="POST",
+                                      data=json.dumps({"prompt": "hi"}).encode(),
+                                      headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as error:  # the tokenizer routes want a key too
+        urllib.request.urlopen(tokenize, timeout=30)
+    assert error.value.code == 401
+    tokenize.add_header("Authorization", f"Bearer {keys['acme']}")
+    with urllib.request.urlopen(tokenize, timeout=30) as response:
+        assert json.load(response)["count"] > 0
     with tenant_client(base_url, "sc-not-a-key") as stranger:
         for call in (lambda: stranger.models.list(),
                      lambda: stranger.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)):

@@ -372,7 +372,7 @@ def test_http_ingress_routes_the_openai_api_to_serves_http_service_beside_the_gr
     paths = {p["path"]: p["backend"]["service"] for p in rule["http"]["paths"]}
     (ray_service,) = select_kind(objects, "RayService")
     serve_service = {"name": f"{ray_service['metadata']['name']}-serve-svc", "port": {"number": 8100}}
-    assert paths == {"/v1": serve_service, "/health": serve_service}
+    assert paths == {path: serve_service for path in ("/v1", "/health", "/tokenize", "/detokenize", "/tokenizer_info")}
     assert http_ingress["spec"]["tls"] == [{"secretName": "llm-tls", "hosts": ["llm.corp.test"]}]
     assert http_ingress["spec"]["ingressClassName"] == "nginx"
 

@@ -1,6 +1,6 @@
 """The HTTP routes of the OpenAI-compatible API: completions, chat completions (streamed as
-server-sent events) and models, plus a health check, on Serve's HTTP proxy beside gRPC (see
-`speccascade.app`).
+server-sent events) and models, plus a health check and vLLM's tokenizer routes (`tokenization`),
+on Serve's HTTP proxy beside gRPC (see `speccascade.app`).
 
     from openai import OpenAI
 
@@ -39,7 +39,7 @@ from ...tenancy import (
     TenancyError,
     Unauthenticated,
 )
-from . import mapping
+from . import mapping, tokenization
 from .mapping import Reply
 from .protocol import ChatCompletionBody, CompletionBody, OpenAIError, parse_body
 
@@ -77,6 +77,17 @@ def _resume_token(raw: bytes) -> str | None:
     return token if isinstance(token, str) and token else None
 
 
+def parse_json(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        raise OpenAIError(400, f"the request body is not valid JSON: {error}") from None
+
+
+async def json_body(request: Request) -> object:
+    return parse_json(await request.body())
+
+
 def sse(event: dict) -> str:
     return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
 
@@ -112,6 +123,23 @@ def build_http_app(router) -> FastAPI:
         except TenancyError as error:
             raise refused(error) from None
 
+    tokenizer, window = router.generation.tokenizer, router.generation.context_window
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        caller_of(request)
+        return tokenization.tokenize_json(tokenizer, await json_body(request), window)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        caller_of(request)
+        return tokenization.detokenize_json(tokenizer, await json_body(request))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict:
+        caller_of(request)
+        return tokenization.tokenizer_info_json(tokenizer, window)
+
     v1 = APIRouter(prefix="/v1")
 
     @v1.get("/models")
@@ -141,11 +169,7 @@ def build_http_app(router) -> FastAPI:
         parsed: list = []
 
         def build(policy):
-            try:
-                document = json.loads(raw)
-            except ValueError as error:
-                raise OpenAIError(400, f"the request body is not valid JSON: {error}") from None
-            body = parse_body(document, body_type)
+            body = parse_body(parse_json(raw), body_type)
             mapping.check_model(body.model)
             parsed.append(body)
             return mapping.generation_request(body, policy)

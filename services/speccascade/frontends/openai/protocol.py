@@ -157,23 +157,29 @@ UNSUPPORTED_REASONS = {
 }
 
 
-def parse_body(raw: object, body_type: type[RequestBody]) -> RequestBody:
-    """Validate a decoded JSON body; OpenAIError(400) names the first bad field."""
+def validate_shape(raw: object, body_type: type[StrictModel], *, known_extras: tuple[str, ...] = ()):
+    """A decoded JSON body as `body_type`; OpenAIError(400) names the first bad field (an unknown
+    field too, with the extra fields this server takes besides the API's own)."""
     if not isinstance(raw, dict):
         raise OpenAIError(400, f"the request body must be a JSON object, got {type(raw).__name__}")
     try:
-        body = body_type.model_validate(raw)
+        return body_type.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         param = ".".join(str(part) for part in first["loc"])
         if first["type"] == "extra_forbidden":
-            message = (f"unknown field {param!r}; besides OpenAI's fields this server takes "
-                       f"{', '.join(EXTRA_FIELDS)}")
+            message = f"unknown field {param!r}" + (
+                f"; besides OpenAI's fields this server takes {', '.join(known_extras)}" if known_extras else "")
         elif first["type"] == "missing":
             message = f"{param} is required"
         else:
             message = f"{param}: {first['msg']} (got {first.get('input')!r})"
         raise OpenAIError(400, message, param=param) from None
+
+
+def parse_body(raw: object, body_type: type[RequestBody]) -> RequestBody:
+    """Validate a decoded JSON body; OpenAIError(400) names the first bad field."""
+    body = validate_shape(raw, body_type, known_extras=EXTRA_FIELDS)
     for name, neutral in NEUTRAL_VALUES.items():
         value = getattr(body, name, None)
         if value not in neutral:
