@@ -90,3 +90,19 @@ def test_the_kill_order_names_deployments_and_refuses_others():
     for bad in ("", "router", "Expert,Proxy"):
         with pytest.raises(argparse.ArgumentTypeError, match="--kill-order takes deployments from Expert, Drafter"):
             kill_order(bad)
+
+
+def test_router_replicas_override_the_configs_and_must_be_positive():
+    import argparse
+
+    from speccascade.app.launcher import ServeOverrides
+    from speccascade.bench.soak.cli import positive_int
+
+    config = {"router": {"tier_call_timeout_s": 120, "replicas": {"min_replicas": 1, "max_replicas": 4}}}
+    applied = ServeOverrides(router_replicas=2).apply(config)
+    assert applied["router"] == {"tier_call_timeout_s": 120, "replicas": {"min_replicas": 2, "max_replicas": 2}}
+    assert ServeOverrides().apply(config)["router"] == config["router"]  # unset: the config's
+    assert positive_int("3") == 3
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
+            positive_int(bad)

@@ -25,3 +25,20 @@ def test_bench_tenants_runs_every_phase_and_the_quota(tmp_path):
     assert quota["tokens_per_minute"] == 600 and quota["delivered"] > 0
     # 10 tokens/s with a 30-token burst: four seconds of saturating clients cannot get much past that.
     assert quota["delivered"] <= 10 * quota["seconds"] + 30 + 4 * 8
+
+
+def test_bench_tenants_quota_alone_behind_two_router_replicas(tmp_path):
+    """One quota for the application: two router replicas share the tenant's bucket (counted per
+    replica, the clients would get about twice the bound below)."""
+    out = tmp_path / "two-routers.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "tenants", "--phases", "quota",
+                           "--router-replicas", "2", "--quota-seconds", "8", "--tokens-per-minute", "600",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["phases"] == [] and report["settings"]["router_replicas"] == 2
+    quota = report["quota"]
+    assert quota["delivered"] > 0 and quota["refusals"] > 0
+    assert quota["delivered"] <= 10 * quota["seconds"] + 30 + 4 * 8
+    assert "quota (2 router replicas)" in done.stdout

@@ -43,7 +43,7 @@ class Endpoints:
 @dataclass(frozen=True)
 class ServeOverrides:
     """What the command line changes in a Serve config's application: both tiers' models and
-    execution settings, and the tenants file."""
+    execution settings, the tenants file, and a fixed number of router replicas."""
 
     drafter: str | None = None
     expert: str | None = None
@@ -52,6 +52,7 @@ class ServeOverrides:
     device: str | None = None
     tenants_file: Path | None = None
     tier_settings: dict[str, dict] = field(default_factory=dict)  # "drafter"/"expert" -> fields to set
+    router_replicas: int | None = None
 
     def apply(self, app_args: dict | None) -> dict:
         out = {key: dict(value) if isinstance(value, dict) else value for key, value in (app_args or {}).items()}
@@ -63,6 +64,9 @@ class ServeOverrides:
                 if getattr(self, option):
                     tier_args[option] = getattr(self, option)
             tier_args.update(self.tier_settings.get(tier, {}))
+        if self.router_replicas is not None:
+            out["router"] = {**out.get("router", {}), "replicas": {"min_replicas": self.router_replicas,
+                                                                   "max_replicas": self.router_replicas}}
         if self.tenants_file:
             out["tenancy"] = {**out.get("tenancy", {}), "tenants_file": str(Path(self.tenants_file).resolve())}
         return out

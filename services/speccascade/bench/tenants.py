@@ -9,7 +9,10 @@ this 2-core machine's model speed, are what is measured; or any model sources):
 3. the same with plain FIFO (the application redeployed with `tenancy.fair_share: false`);
 4. a tenant limited to N output tokens per minute, saturated by several clients for two minutes:
    what it really got, against N.
-Target: with fair share the quiet tenant's p95 stays within 1.5x of alone.
+Target: with fair share the quiet tenant's p95 stays within 1.5x of alone; the quota within 5%.
+`--router-replicas 2` runs it all behind two router replicas (each client's channel reaches one of
+them through Serve's proxy), where the quota holds only if the replicas share one ledger;
+`--phases quota` runs the quota phase alone.
 """
 
 from __future__ import annotations
@@ -130,7 +133,8 @@ def deploy(stack, args, pair: tuple[str, str], tenants_file: Path, *, fair: bool
             "placement": {"num_cpus": 0}}
     config = {
         "drafter": {"model": pair[0], **tier}, "expert": {"model": pair[1], **tier},
-        "router": {"placement": {"num_cpus": 0}, "tier_call_timeout_s": 120.0},
+        "router": {"placement": {"num_cpus": 0}, "tier_call_timeout_s": 120.0,
+                   "replicas": {"min_replicas": args.router_replicas, "max_replicas": args.router_replicas}},
         "tenancy": {"tenants_file": str(tenants_file), "fair_share": fair,
                     "max_decoding_requests": args.max_decoding_requests, "reload_period_s": 1.0},
     }
@@ -149,7 +153,6 @@ def measure_quota(target: str, key: str, tokens_per_minute: int, seconds: float,
 def run(args: argparse.Namespace) -> int:
     import yaml
     from rich.console import Console
-    from rich.table import Table
 
     from ..app.launcher import LocalStack, free_port
     from ..tenancy import key_digest, new_api_key
@@ -168,13 +171,15 @@ def run(args: argparse.Namespace) -> int:
     report = Report(models="tiny random (hidden 256; drafter 2 layers, expert 6)" if not args.drafter
                     else f"{args.drafter} / {args.expert}", settings={
         "seconds_per_phase": args.seconds, "flood_clients": args.flood_clients, "max_new_tokens": args.max_new_tokens,
-        "max_batch_size": args.max_batch_size, "max_decoding_requests": args.max_decoding_requests})
+        "max_batch_size": args.max_batch_size, "max_decoding_requests": args.max_decoding_requests,
+        "router_replicas": args.router_replicas})
     with LocalStack(grpc_port=free_port(), http_port=free_port(), num_cpus=2) as stack:
         target = f"127.0.0.1:{stack.grpc_port}"
         alone = None
         flood_name = f"beside {args.flood_clients}x flood"
-        for phase, fair, flood in (("quiet alone", True, 0), (f"{flood_name}, fair share", True, args.flood_clients),
-                                   (f"{flood_name}, FIFO", False, args.flood_clients)):
+        fairness = (("quiet alone", True, 0), (f"{flood_name}, fair share", True, args.flood_clients),
+                    (f"{flood_name}, FIFO", False, args.flood_clients))
+        for phase, fair, flood in fairness if args.phases in ("all", "fairness") else ():
             with console.status(f"deploying ({'fair share' if fair else 'FIFO'})"):
                 deploy(stack, args, pair, tenants_file, fair=fair)
             with console.status(f"{phase}: {args.seconds:g} s"):
@@ -184,10 +189,35 @@ def run(args: argparse.Namespace) -> int:
             alone = alone or result
             result.p95_vs_alone = result.quiet_p95_s / alone.quiet_p95_s
             report.phases.append(result)
-        with console.status(f"quota: {args.tokens_per_minute} output tokens/min, {args.quota_seconds:g} s"):
-            deploy(stack, args, pair, tenants_file, fair=True)
-            report.quota = measure_quota(target, keys["metered"], args.tokens_per_minute, args.quota_seconds,
-                                         args.quota_clients)
+        if args.phases in ("all", "quota"):
+            with console.status(f"quota: {args.tokens_per_minute} output tokens/min, {args.quota_seconds:g} s"):
+                deploy(stack, args, pair, tenants_file, fair=True)
+                report.quota = measure_quota(target, keys["metered"], args.tokens_per_minute, args.quota_seconds,
+                                             args.quota_clients)
+    print_report(console, args, report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    data = asdict(report)
+    if report.quota is not None:
+        data["quota"].update(delivered_per_minute=report.quota.delivered_per_minute, ratio=report.quota.ratio)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    console.print(f"[dim]wrote {args.out}[/]")
+    return 0
+
+
+def print_report(console, args: argparse.Namespace, report: Report) -> None:
+
+    routers = f"{args.router_replicas} router replica{'s' if args.router_replicas > 1 else ''}"
+    if report.phases:
+        print_fairness(console, args, report, routers)
+    q = report.quota
+    if q is not None:
+        console.print(f"quota ({routers}): {q.delivered} tokens in {q.seconds:.0f} s = {q.delivered_per_minute:.0f}/min "
+                      f"against {q.tokens_per_minute}/min ({q.ratio:.3f}x; target within 5%: "
+                      f"{'met' if abs(q.ratio - 1) <= 0.05 else 'NOT met'}), {q.refusals} refusals")
+
+
+def print_fairness(console, args: argparse.Namespace, report: Report, routers: str) -> None:
+    from rich.table import Table
 
     table = Table(title=f"quiet tenant latency ({report.models}; {args.max_new_tokens} tokens a request)")
     for column in ("phase", "quiet requests", "p50 s", "p95 s", "p95 vs alone", "flood requests"):
@@ -196,19 +226,10 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(p.phase, str(p.quiet_requests), f"{p.quiet_p50_s:.3f}", f"{p.quiet_p95_s:.3f}",
                       f"{p.p95_vs_alone:.2f}x", str(p.flood_requests))
     console.print(table)
-    fair = report.phases[1].p95_vs_alone
-    console.print(f"fair share: quiet p95 {fair:.2f}x alone (target <= 1.5: {'met' if fair <= 1.5 else 'NOT met'}); "
-                  f"FIFO: {report.phases[2].p95_vs_alone:.2f}x")
-    q = report.quota
-    console.print(f"quota: {q.delivered} tokens in {q.seconds:.0f} s = {q.delivered_per_minute:.0f}/min against "
-                  f"{q.tokens_per_minute}/min ({q.ratio:.3f}x; target within 5%: "
-                  f"{'met' if abs(q.ratio - 1) <= 0.05 else 'NOT met'}), {q.refusals} refusals")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    data = asdict(report)
-    data["quota"].update(delivered_per_minute=q.delivered_per_minute, ratio=q.ratio)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
-    console.print(f"[dim]wrote {args.out}[/]")
-    return 0
+    if len(report.phases) > 2:
+        fair = report.phases[1].p95_vs_alone
+        console.print(f"fair share ({routers}): quiet p95 {fair:.2f}x alone (target <= 1.5: "
+                      f"{'met' if fair <= 1.5 else 'NOT met'}); FIFO: {report.phases[2].p95_vs_alone:.2f}x")
 
 
 def register(benches) -> None:
@@ -224,5 +245,9 @@ def register(benches) -> None:
                         help="the metered tenant's quota (below what its clients could take)")
     parser.add_argument("--quota-seconds", type=float, default=120.0)
     parser.add_argument("--quota-clients", type=int, default=4)
+    parser.add_argument("--router-replicas", type=int, default=1, choices=range(1, 9), metavar="N",
+                        help="router replicas (1..8, default 1); quotas hold across them through one shared ledger")
+    parser.add_argument("--phases", choices=("all", "fairness", "quota"), default="all",
+                        help="the fairness phases, the quota phase, or both (default)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.set_defaults(handler=run)

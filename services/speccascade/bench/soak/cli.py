@@ -34,7 +34,8 @@ def start_service(args: argparse.Namespace):
     from ...app.launcher import ServeOverrides, start_serve_config
 
     return start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert, dtype=args.dtype,
-                                                          backend=args.backend, device=args.device),
+                                                          backend=args.backend, device=args.device,
+                                                          router_replicas=args.router_replicas),
                               grpc_port=args.grpc_port, http_port=args.http_port)
 
 
@@ -78,6 +79,16 @@ def run(args: argparse.Namespace) -> int:
 KILLABLE = ("Expert", "Drafter", "Router")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def kill_order(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = [name for name in names if name not in KILLABLE]
@@ -102,6 +113,9 @@ def register(benches) -> None:
     service.add_argument("--drafter", help="drafter model source when starting here (default: the packaged pair)")
     service.add_argument("--expert", help="expert model source when starting here")
     service.add_argument("--dtype", choices=DTYPE_NAMES, help="both tiers' dtype when starting here")
+    service.add_argument("--router-replicas", type=positive_int, metavar="N",
+                         help="router replicas when starting here (default: the config's); two or more for "
+                              "--kill-order Router, so the broken streams have a router to resume on")
     add_execution_arguments(service, overrides_config=True)
     service.add_argument("--grpc-port", type=int, default=9421)
     service.add_argument("--http-port", type=int, default=8421)
