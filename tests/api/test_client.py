@@ -56,14 +56,14 @@ from speccascade.api.client import RESUME_ATTEMPTS, ResumingStream  # noqa: E402
 
 
 class FakeError(grpc.RpcError):
-    def __init__(self, code, trailing=()):
-        self._code, self._trailing = code, trailing
+    def __init__(self, code, trailing=(), details=None):
+        self._code, self._trailing, self._details = code, trailing, details
 
     def code(self):
         return self._code
 
     def details(self):
-        return self._code.name
+        return self._details or self._code.name
 
     def trailing_metadata(self):
         return self._trailing
@@ -129,6 +129,59 @@ def test_resuming_is_bounded_and_leaves_other_errors_and_early_failures_alone(mo
     assert len(server.requests) == 4
     with pytest.raises(grpc.RpcError):
         list(stream(FakeServer(5, [(unavailable, 2)]), attempts=0))
+
+
+# What Serve's proxy answers for a call whose router replica was killed under it.
+REPLICA_DIED = FakeError(grpc.StatusCode.INTERNAL, details="The actor died unexpectedly before finishing this task.\n"
+                         "\tclass_name: ServeReplica:speccascade:Router\nThe actor is dead because it was killed")
+
+
+def test_a_stream_whose_router_died_before_its_first_chunk_is_sent_again_as_it_was(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    server = FakeServer(4, [(REPLICA_DIED, 0), (REPLICA_DIED, 0)])
+    call = stream(server)
+    assert [t for chunk in call for t in chunk.token_ids] == list(range(4))
+    assert call.resumes == 2 and [r.resume_token for r in server.requests] == ["", "", ""]
+    # Any other INTERNAL before the first chunk is the server's answer to this request: not retried.
+    with pytest.raises(grpc.RpcError):
+        list(stream(FakeServer(4, [(FakeError(grpc.StatusCode.INTERNAL, details="division by zero"), 0)])))
+
+
+class FakeStub:
+    def __init__(self, errors: list):
+        self.errors = list(errors)
+        self.calls = []
+
+    def Generate(self, message, metadata, timeout):
+        self.calls.append(message)
+        if self.errors:
+            raise self.errors.pop(0)
+        return pb.GenerateResponse(token_ids=[7])
+
+
+def test_a_unary_call_whose_router_died_is_sent_again_and_others_are_not(monkeypatch):
+    from speccascade.api.client import SpecCascadeClient
+
+    waits = []
+    monkeypatch.setattr("time.sleep", waits.append)
+    busy = FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED, trailing=(("retry-after-ms", "800"),))
+    with SpecCascadeClient("localhost:1") as client:
+        client._stub = FakeStub([REPLICA_DIED, busy])
+        assert list(client.generate(prompt="hi", seed=3).token_ids) == [7]
+        assert client.resent_calls == 2 and waits == [0.25, 0.8]
+        assert all(m.prompt == "hi" and m.sampling.seed == 3 for m in client._stub.calls)
+        for first in (FakeError(grpc.StatusCode.UNAVAILABLE, details="the expert tier has no healthy replica"),
+                      FakeError(grpc.StatusCode.RESOURCE_EXHAUSTED), FakeError(grpc.StatusCode.INVALID_ARGUMENT)):
+            client._stub = FakeStub([first])
+            with pytest.raises(grpc.RpcError):
+                client.generate(prompt="hi")
+            assert len(client._stub.calls) == 1
+        client._stub = FakeStub([REPLICA_DIED] * 3)
+        with pytest.raises(grpc.RpcError):
+            client.generate(prompt="hi", resume_attempts=2)
+        assert len(client._stub.calls) == 3
+        with pytest.raises(ValueError, match="resume_attempts must be an integer >= 0"):
+            client.generate(prompt="hi", resume_attempts=-1)
 
 
 def test_a_resume_waits_out_a_quota_held_by_the_dead_router(monkeypatch):

@@ -106,3 +106,18 @@ def test_router_replicas_override_the_configs_and_must_be_positive():
     for bad in ("0", "-1", "two"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
             positive_int(bad)
+
+
+def test_the_replay_comparison_counts_the_resumed_requests_apart():
+    from functools import partial
+
+    from speccascade.bench.soak.runner import compare_with_reference
+    from speccascade.bench.soak.workload import Outcome
+
+    plan = partial(plan_request, seed=0, cancel_share=0.0, deadline_share=0.0, max_new_tokens=8, block_size=4)
+    outcomes = [Outcome(i, plan(i).label, "complete", "ok", 0.0, 1.0, resumes=r) for i, r in enumerate([1, 0, 2])]
+    tokens = {0: [1, 2, 3], 1: [4, 5], 2: [6, 7, 9]}
+    report = compare_with_reference(tokens, {0: [1, 2, 3], 1: [4, 5], 2: [6, 7, 8]}, plan, outcomes)
+    assert report["compared"] == 3 and report["resumed"] == {"compared": 2, "identical": 1}
+    (differed,) = report["differed"]
+    assert differed["index"] == 2 and differed["first_difference_at"] == 2 and differed["resumes"] == 2

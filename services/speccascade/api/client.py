@@ -12,12 +12,17 @@ status code (INVALID_ARGUMENT names the bad field). A server with tenants wants 
 A stream that breaks off after its first chunk (its router replica died or restarted, the
 connection was reset: UNAVAILABLE or INTERNAL) is resumed transparently: the request is sent again with the resume
 token of the last chunk received, and goes on on another router replica with exactly the chunks the
-broken stream would have sent next. `resume_attempts` bounds the tries in a row without a chunk.
+broken stream would have sent next. A call whose router replica died before it answered anything (a
+stream before its first chunk, a unary call; Serve's proxy says the replica's actor died) is sent
+again as it was: nothing reached the caller, and with a seed the output is the same. Other errors
+before the first chunk are the caller's to see. `resume_attempts` bounds the tries in a row
+without a chunk.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -89,8 +94,37 @@ RESUMABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERN
 RETRY_AFTER_METADATA = "retry-after-ms"
 
 
+# How Serve's proxy reports a call whose router replica died under it (Ray's ActorDiedError).
+_REPLICA_DIED = re.compile(r"actor died|actor is dead|ActorDiedError|ActorUnavailableError", re.IGNORECASE)
+
+
 def _backoff(attempt: int) -> float:
     return min(2.0, 0.25 * 2 ** attempt)
+
+
+def router_lost(error: grpc.RpcError) -> bool:
+    """Whether a call failed because its router replica went away (nothing about the request)."""
+    return error.code() in RESUMABLE_CODES and bool(_REPLICA_DIED.search(error.details() or ""))
+
+
+def retry_delay(error: grpc.RpcError, failures: int, *, broke_off: bool) -> float | None:
+    """Seconds to wait before sending a failed call again, or None when `error` ends it.
+    `broke_off`: the call had delivered chunks, so any UNAVAILABLE or INTERNAL is a drop; before
+    that, only a lost router is. A call sent again may meet the quota its dead router still holds
+    (RESOURCE_EXHAUSTED, until the ledger's lease runs out): it waits for the hint."""
+    code = error.code()
+    if (code in RESUMABLE_CODES) if broke_off else router_lost(error):
+        return _backoff(failures)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and failures > 0:
+        hint = dict(error.trailing_metadata() or ()).get(RETRY_AFTER_METADATA)
+        return float(hint) / 1000 if hint and hint.isdigit() else _backoff(failures)
+    return None
+
+
+def _check_attempts(attempts: object) -> int:
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
+        raise ValueError(f"resume_attempts must be an integer >= 0, got {attempts!r}")
+    return attempts
 
 
 class ResumingStream:
@@ -118,16 +152,9 @@ class ResumingStream:
 
     def _wait_before_retry(self, error: grpc.RpcError) -> float | None:
         """Seconds to wait before trying again, or None when `error` ends the stream."""
-        if self._cancelled or self._finished or not self._token or self._failures >= self._attempts:
-            return None  # a call that fails before its first chunk fails as it is (nothing broke off)
-        code = error.code()
-        if code in RESUMABLE_CODES:
-            return _backoff(self._failures)
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            # The broken stream's quota ticket may still be held by its dead router for a moment.
-            hint = dict(error.trailing_metadata() or ()).get(RETRY_AFTER_METADATA)
-            return float(hint) / 1000 if hint and hint.isdigit() else _backoff(self._failures)
-        return None
+        if self._cancelled or self._finished or self._failures >= self._attempts:
+            return None
+        return retry_delay(error, self._failures, broke_off=bool(self._token))
 
     def __next__(self) -> pb.GenerateStreamResponse:
         while True:
@@ -178,6 +205,7 @@ class SpecCascadeClient:
         self.timeout = timeout
         self._stub = pb_grpc.SpecCascadeStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self.resent_calls = 0  # unary calls sent again after their router replica died
 
     def __enter__(self) -> "SpecCascadeClient":
         return self
@@ -195,20 +223,36 @@ class SpecCascadeClient:
         return self.metadata + ((("request_id", request_id),) if request_id else ())
 
     def generate(self, request: pb.GenerateRequest | None = None, *, timeout: float | None = None,
-                 request_id: str | None = None, **options) -> pb.GenerateResponse:
-        """`request_id` names the request in the server's logs (Serve's request id; default: drawn)."""
-        return self._stub.Generate(self._request(request, options), metadata=self._metadata(request_id),
-                                   timeout=timeout or self.timeout)
+                 request_id: str | None = None, resume_attempts: int = RESUME_ATTEMPTS,
+                 **options) -> pb.GenerateResponse:
+        """`request_id` names the request in the server's logs (Serve's request id; default: drawn).
+        A call whose router replica died is sent again (up to `resume_attempts` times, within the
+        one deadline `timeout`; counted in `self.resent_calls`)."""
+        attempts, message = _check_attempts(resume_attempts), self._request(request, options)
+        timeout = timeout or self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failures = 0
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return self._stub.Generate(message, metadata=self._metadata(request_id), timeout=remaining)
+            except grpc.RpcError as error:
+                wait = retry_delay(error, failures, broke_off=False) if failures < attempts else None
+                if wait is None or (deadline is not None and deadline - time.monotonic() <= wait):
+                    raise
+                failures += 1
+                self.resent_calls += 1
+                time.sleep(wait)
 
     def stream(self, request: pb.GenerateRequest | None = None, *, timeout: float | None = None,
                request_id: str | None = None, resume_attempts: int = RESUME_ATTEMPTS,
                **options) -> ResumingStream:
         """Chunks as they are produced; the last one carries finish reason, usage and stats.
         `.cancel()` on the returned iterator stops generation on the server. A stream that breaks
-        off is resumed where it stopped (up to `resume_attempts` tries in a row; 0: never), within
-        the one deadline `timeout`."""
-        if isinstance(resume_attempts, bool) or not isinstance(resume_attempts, int) or resume_attempts < 0:
-            raise ValueError(f"resume_attempts must be an integer >= 0, got {resume_attempts!r}")
+        off is resumed where it stopped, and one whose router replica died before its first chunk is
+        sent again (up to `resume_attempts` tries in a row; 0: never), within the one deadline
+        `timeout`; the iterator's `resumes` counts both."""
+        _check_attempts(resume_attempts)
         metadata = self._metadata(request_id)
 
         def start(message: pb.GenerateRequest, remaining: float | None):

@@ -136,11 +136,14 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
     if reference.get("compared"):
         parts = [f"{k} {reference[k]['identical']}/{reference[k]['compared']}" for k in ("greedy", "sampled")
                  if reference[k]["compared"]]
+        resumed = reference.get("resumed", {})
+        if resumed.get("compared"):
+            parts.append(f"of them resumed {resumed['identical']}/{resumed['compared']}")
         console.print(f"identical to a fault-free replay: {', '.join(parts)}")
         for diff in reference["differed"]:
             console.print(f"  #{diff['index']} {diff['label']}: first difference at token "
                           f"{diff['first_difference_at']} of {diff['tokens']} (retries {diff['tier_retries']}, "
-                          f"fallback {diff['expert_only_fallback']})")
+                          f"fallback {diff['expert_only_fallback']}, resumes {diff.get('resumes', 0)})")
         for failed in reference["reference_failed"]:
             console.print(f"  [red]reference replay of #{failed['index']} failed: {failed['code']}[/]")
         floor = reference.get("replay_vs_replay")

@@ -140,12 +140,12 @@ class Soak:
 
     def reference(self) -> dict:
         """Replay completed requests fault-free (same seeds, no cancels, deadlines or kills) and compare
-        their tokens; requests that met a retry or a fallback are always among them. With
+        their tokens; requests that met a retry, a fallback or a resume are always among them. With
         --reference-repeats 2 the replay runs twice and the two are compared too: how often two
         fault-free runs differ (bf16 results depend on how requests were batched together)."""
         a = self.args
         completed = {o.index: o for o in self.outcomes if o.status == "ok"}
-        faulted = [i for i, o in completed.items() if o.tier_retries or o.expert_only_fallback]
+        faulted = [i for i, o in completed.items() if o.tier_retries or o.expert_only_fallback or o.resumes]
         others = [i for i in completed if i not in set(faulted)]
         random.Random(f"{a.seed}:reference").shuffle(others)
         chosen = sorted((faulted + others)[: a.reference_limit]) if a.reference_limit else []
@@ -155,7 +155,7 @@ class Soak:
         replays = []
         for repeat in range(a.reference_repeats):
             self.console.print(f"reference run {repeat + 1}/{a.reference_repeats}: {len(chosen)} completed requests "
-                               f"replayed fault-free ({len(faulted)} of them met a retry or fallback)...")
+                               f"replayed fault-free ({len(faulted)} of them met a retry, fallback or resume)...")
             replays.append(self._replay(chosen, repeat + 1))
         report = compare_with_reference({o.index: o.token_ids for o in self.outcomes if o.status == "ok"},
                                         replays[0], self.plan, self.outcomes)
@@ -194,9 +194,10 @@ class Soak:
 def compare_with_reference(tokens_by_index: dict[int, list[int]], reference: dict[int, list[int] | str], plan,
                            outcomes: list[Outcome] = ()) -> dict:
     """Identical / compared, greedy and sampled apart, with the requests that differed (and, given
-    the soak's outcomes, whether they met a retry or a fallback)."""
+    the soak's outcomes, whether they met a retry, a fallback or a resume; `resumed`: the resumed
+    requests among those compared)."""
     by_index = {o.index: o for o in outcomes}
-    report = {"compared": 0, "reference_failed": [], "differed": []}
+    report = {"compared": 0, "reference_failed": [], "differed": [], "resumed": {"compared": 0, "identical": 0}}
     for sampling in SAMPLINGS:
         report[sampling] = {"compared": 0, "identical": 0}
     for index, expected in sorted(reference.items()):
@@ -206,17 +207,20 @@ def compare_with_reference(tokens_by_index: dict[int, list[int]], reference: dic
         if index not in tokens_by_index:
             continue
         got, spec = tokens_by_index[index], plan(index)
+        resumed = index in by_index and by_index[index].resumes > 0
         report["compared"] += 1
         report[spec.sampling]["compared"] += 1
+        report["resumed"]["compared"] += resumed
         if got == expected:
             report[spec.sampling]["identical"] += 1
+            report["resumed"]["identical"] += resumed
             continue
         first = next((i for i, (x, y) in enumerate(zip(expected, got)) if x != y), min(len(expected), len(got)))
         differed = {"index": index, "label": spec.label, "first_difference_at": first, "tokens": len(got),
                     "reference_tokens": len(expected)}
         if index in by_index:
             differed |= {"tier_retries": by_index[index].tier_retries,
-                         "expert_only_fallback": by_index[index].expert_only_fallback}
+                         "expert_only_fallback": by_index[index].expert_only_fallback, "resumes": by_index[index].resumes}
         report["differed"].append(differed)
     return report
 

@@ -78,7 +78,7 @@ class Outcome:
     detail: str = ""
     tier_retries: int = 0
     expert_only_fallback: bool = False
-    resumes: int = 0  # times its stream broke off (a router replica died) and the client resumed it
+    resumes: int = 0  # times its router replica died under it and the client resumed it (or sent it again)
     token_ids: list[int] = field(default_factory=list)  # of completed requests
 
 
@@ -96,7 +96,11 @@ def run_request(client, spec: RequestSpec, *, deadline_s: float | None, clock_ze
     timeout = deadline_s if spec.action == "deadline" else None
     try:
         if spec.unary:
-            response = client.generate(spec.build(), timeout=timeout, request_id=request_id)
+            resent = client.resent_calls
+            try:
+                response = client.generate(spec.build(), timeout=timeout, request_id=request_id)
+            finally:
+                outcome.resumes = client.resent_calls - resent
             outcome.ttft_s = time.monotonic() - started
             outcome.token_ids, final = list(response.token_ids), response
         else:
