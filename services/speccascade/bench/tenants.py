@@ -12,7 +12,8 @@ this 2-core machine's model speed, are what is measured; or any model sources):
 Target: with fair share the quiet tenant's p95 stays within 1.5x of alone; the quota within 5%.
 `--router-replicas 2` runs it all behind two router replicas (each client's channel reaches one of
 them through Serve's proxy), where the quota holds only if the replicas share one ledger;
-`--phases quota` runs the quota phase alone.
+`--phases quota` runs the quota phase alone, and `--quota-scope replica` is the control (each
+replica counting alone).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def deploy(stack, args, pair: tuple[str, str], tenants_file: Path, *, fair: bool
         "router": {"placement": {"num_cpus": 0}, "tier_call_timeout_s": 120.0,
                    "replicas": {"min_replicas": args.router_replicas, "max_replicas": args.router_replicas}},
         "tenancy": {"tenants_file": str(tenants_file), "fair_share": fair,
-                    "max_decoding_requests": args.max_decoding_requests, "reload_period_s": 1.0},
+                    "max_decoding_requests": args.max_decoding_requests, "reload_period_s": 1.0,
+                    "quota_scope": args.quota_scope},
     }
     stack.deploy(config, name=APP, route_prefix=f"/{APP}")
 
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                     else f"{args.drafter} / {args.expert}", settings={
         "seconds_per_phase": args.seconds, "flood_clients": args.flood_clients, "max_new_tokens": args.max_new_tokens,
         "max_batch_size": args.max_batch_size, "max_decoding_requests": args.max_decoding_requests,
-        "router_replicas": args.router_replicas})
+        "router_replicas": args.router_replicas, "quota_scope": args.quota_scope})
     with LocalStack(grpc_port=free_port(), http_port=free_port(), num_cpus=2) as stack:
         target = f"127.0.0.1:{stack.grpc_port}"
         alone = None
@@ -206,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
 
 def print_report(console, args: argparse.Namespace, report: Report) -> None:
 
-    routers = f"{args.router_replicas} router replica{'s' if args.router_replicas > 1 else ''}"
+    routers = f"{args.router_replicas} router replica{'s' if args.router_replicas > 1 else ''}" + (
+        ", each counting alone" if args.quota_scope == "replica" else "")
     if report.phases:
         print_fairness(console, args, report, routers)
     q = report.quota
@@ -247,6 +250,9 @@ def register(benches) -> None:
     parser.add_argument("--quota-clients", type=int, default=4)
     parser.add_argument("--router-replicas", type=int, default=1, choices=range(1, 9), metavar="N",
                         help="router replicas (1..8, default 1); quotas hold across them through one shared ledger")
+    parser.add_argument("--quota-scope", choices=("application", "replica"), default="application",
+                        help="tenancy.quota_scope: one ledger for the application (default), or each router "
+                             "replica counting alone (the control: N replicas, about N times the quota)")
     parser.add_argument("--phases", choices=("all", "fairness", "quota"), default="all",
                         help="the fairness phases, the quota phase, or both (default)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
