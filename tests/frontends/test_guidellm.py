@@ -56,3 +56,24 @@ def test_guidellm_runs_unmodified_and_every_request_succeeds(guidellm, openai_ba
         assert body["ignore_eos"] is True and body["stream_options"]["continuous_usage_stats"] is True
         assert request["output_tokens"] == OUTPUT_TOKENS  # the length asked for, EOS or not
         assert request["time_to_first_token_ms"] > 0 and request["output"]
+
+
+def test_the_guidellm_benchmark_script_compares_methods_side_by_side(guidellm, openai_base_url, tiny_pair, tmp_path):
+    """scripts/bench_guidellm.py (the BENCHMARKS table's command): one run per method and load,
+    expert-only through the request's `method` extra field, one summary row each."""
+    import sys
+
+    out = tmp_path / "guidellm"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_guidellm.py"
+    done = subprocess.run([sys.executable, str(script), "--target", openai_base_url.removesuffix("/v1"),
+                           "--tokenizer", tiny_pair[1], "--streams", "1,2", "--methods", "cascade,expert",
+                           "--requests", "2", "--prompt-tokens", "24", "--output-tokens", str(OUTPUT_TOKENS),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [(r["method"], r["streams"]) for r in rows] == [("cascade", 1), ("expert", 1), ("cascade", 2),
+                                                           ("expert", 2)]
+    assert all(r["finished"] == r["total"] >= 2 and r["output_tokens_per_s"] > 0 for r in rows)
+    expert = json.loads((out / "expert-2-streams.json").read_text())["benchmarks"][0]["requests"]["successful"]
+    assert all(json.loads(r["request_args"])["body"]["method"] == "expert" for r in expert)
+    assert "| expert | 2 | 2/2 |" in done.stdout
