@@ -6,15 +6,20 @@ from __future__ import annotations
 from .request import GenerationRequest
 
 
+def check_vocabulary(tokenizer, ids, name: str) -> None:
+    """ValueError naming the first of `ids` (the field `name`) that is not an id of `tokenizer`."""
+    vocabulary = len(tokenizer)
+    for i, token in enumerate(ids):
+        if not 0 <= token < vocabulary:
+            raise ValueError(f"{name}[{i}]={token} is outside the vocabulary: the models' tokenizer has ids "
+                             f"0..{vocabulary - 1}")
+
+
 def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
     """Prompt token ids: chat messages through the tokenizer's chat template, a plain prompt as is,
     token ids as given (each within the tokenizer's vocabulary)."""
     if request.prompt_token_ids is not None:
-        vocabulary = len(tokenizer)
-        for i, token in enumerate(request.prompt_token_ids):
-            if token >= vocabulary:
-                raise ValueError(f"prompt_token_ids[{i}]={token} is outside the vocabulary: the models' tokenizer "
-                                 f"has ids 0..{vocabulary - 1}")
+        check_vocabulary(tokenizer, request.prompt_token_ids, "prompt_token_ids")
         return list(request.prompt_token_ids)
     if request.messages is not None:
         text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)

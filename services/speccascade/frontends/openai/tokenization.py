@@ -8,7 +8,7 @@ tokenizes them (the pair's chat template), so `count` is the prompt a chat reque
 from __future__ import annotations
 
 from ...config.base import StrictModel
-from ...engine.prompt import encode_prompt
+from ...engine.prompt import check_vocabulary, encode_prompt
 from ...engine.request import GenerationRequest
 from .mapping import chat_messages, check_model
 from .protocol import ChatMessage, OpenAIError, validate_shape
@@ -53,11 +53,10 @@ def detokenize_json(tokenizer, raw: object) -> dict:
     body = validate_shape(raw, DetokenizeBody)
     if body.model is not None:
         check_model(body.model)
-    vocabulary = len(tokenizer)
-    for i, token in enumerate(body.tokens):
-        if not 0 <= token < vocabulary:
-            raise OpenAIError(400, f"tokens[{i}]={token} is outside the vocabulary: the models' tokenizer has ids "
-                                   f"0..{vocabulary - 1}", param="tokens")
+    try:
+        check_vocabulary(tokenizer, body.tokens, "tokens")
+    except ValueError as error:
+        raise OpenAIError(400, str(error), param="tokens") from None
     return {"prompt": tokenizer.decode(body.tokens)}
 
 
