@@ -121,6 +121,20 @@ def retry_delay(error: grpc.RpcError, failures: int, *, broke_off: bool) -> floa
     return None
 
 
+class _Deadline:
+    """A call's one deadline across the tries of it (None: no deadline)."""
+
+    def __init__(self, timeout: float | None):
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        return None if self.at is None else max(0.0, self.at - time.monotonic())
+
+    def leaves(self, wait: float) -> bool:
+        """Whether waiting `wait` seconds still leaves time for another try."""
+        return self.at is None or self.at - time.monotonic() > wait
+
+
 def _check_attempts(attempts: object) -> int:
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 0:
         raise ValueError(f"resume_attempts must be an integer >= 0, got {attempts!r}")
@@ -136,7 +150,7 @@ class ResumingStream:
                  request: pb.GenerateRequest, *, timeout: float | None, attempts: int):
         self._start = start
         self._request = request
-        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._deadline = _Deadline(timeout)
         self._attempts = attempts
         self._failures = 0  # in a row, since the last chunk
         self._token = ""
@@ -146,9 +160,6 @@ class ResumingStream:
 
     def __iter__(self) -> "ResumingStream":
         return self
-
-    def _remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def _wait_before_retry(self, error: grpc.RpcError) -> float | None:
         """Seconds to wait before trying again, or None when `error` ends the stream."""
@@ -164,8 +175,7 @@ class ResumingStream:
                 raise
             except grpc.RpcError as error:
                 wait = self._wait_before_retry(error)
-                remaining = self._remaining()
-                if wait is None or (remaining is not None and remaining <= wait):
+                if wait is None or not self._deadline.leaves(wait):
                     raise
                 self._failures += 1
                 time.sleep(wait)
@@ -173,7 +183,7 @@ class ResumingStream:
                 request.CopyFrom(self._request)
                 request.resume_token = self._token
                 self.resumes += 1
-                self._call = self._start(request, self._remaining())
+                self._call = self._start(request, self._deadline.remaining())
                 continue
             self._failures = 0
             if chunk.resume_token:
@@ -229,16 +239,13 @@ class SpecCascadeClient:
         A call whose router replica died is sent again (up to `resume_attempts` times, within the
         one deadline `timeout`; counted in `self.resent_calls`)."""
         attempts, message = _check_attempts(resume_attempts), self._request(request, options)
-        timeout = timeout or self.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        failures = 0
+        deadline, failures = _Deadline(timeout or self.timeout), 0
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return self._stub.Generate(message, metadata=self._metadata(request_id), timeout=remaining)
+                return self._stub.Generate(message, metadata=self._metadata(request_id), timeout=deadline.remaining())
             except grpc.RpcError as error:
                 wait = retry_delay(error, failures, broke_off=False) if failures < attempts else None
-                if wait is None or (deadline is not None and deadline - time.monotonic() <= wait):
+                if wait is None or not deadline.leaves(wait):
                     raise
                 failures += 1
                 self.resent_calls += 1
