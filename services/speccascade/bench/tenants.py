@@ -207,7 +207,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_report(console, args: argparse.Namespace, report: Report) -> None:
-
     routers = f"{args.router_replicas} router replica{'s' if args.router_replicas > 1 else ''}" + (
         ", each counting alone" if args.quota_scope == "replica" else "")
     if report.phases:
