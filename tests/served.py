@@ -5,6 +5,8 @@ of a served request, and waiting for the cluster."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from speccascade.engine.request import GenerationRequest
 from speccascade.options import SamplingParams
@@ -76,3 +78,20 @@ def wait_for_running(app: str, deployments: list[str], timeout: float = 120.0) -
             return
         time.sleep(0.5)
     raise TimeoutError(f"{deployments} of {app} not running after {timeout}s")
+
+
+@contextmanager
+def deployed(app: str, args: dict, *, routers: int = 1) -> Iterator[None]:
+    """The application `app` built from `args`, deployed beside the session's, until the block
+    ends (then deleted); its three deployments running, with `routers` router replicas."""
+    from ray import serve
+    from speccascade.app import build_app
+    from speccascade.serving.replicas import replica_actor_names
+
+    serve._run(build_app(args), name=app, route_prefix=f"/{app}", _blocking=False)
+    try:
+        wait_for_running(app, ["Router", "Drafter", "Expert"])
+        assert len(replica_actor_names(app, "Router")) == routers
+        yield
+    finally:
+        serve.delete(app)

@@ -18,13 +18,12 @@ from speccascade.bench import machine
 from speccascade.bench.serve import cli
 from speccascade.bench.serve.measure import Breakdown, Concurrency
 
-from .test_soak_bench import REPO, free_port
+from .test_soak_bench import child_env, free_port
 
 
 def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_model_dirs, tmp_path):
     drafter, expert = tiny_model_dirs
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     out = tmp_path / "serve.json"
     command = [sys.executable, "-m", "speccascade.cli", "bench", "serve", "--drafter", drafter, "--expert", expert,
                "--dtype", "fp32", "--prompts", "2", "--max-new-tokens", "12", "--streams", "1,2",

@@ -19,6 +19,12 @@ from speccascade.cli import main
 REPO = Path(__file__).resolve().parents[2]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a benchmark run in a child process: this checkout's package first."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), os.environ.get("PYTHONPATH", "")]),
+            **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,8 +51,7 @@ def test_linear_slope():
 
 def test_bench_soak_on_tiny_models_with_cancels_deadlines_and_a_kill(tiny_model_dirs, tmp_path):
     drafter, expert = tiny_model_dirs
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "speccascade.cli", "bench", "soak", "--drafter", drafter, "--expert", expert,
                "--dtype", "fp32", "--clients", "2", "--minutes", "0.4", "--sample-every", "6", "--kill-every", "14",
                "--cancel-share", "0.3", "--deadline-share", "0.2", "--deadline-s", "0.05", "--max-new-tokens", "16",

@@ -2,20 +2,23 @@
 Ray cluster, which a test session's cluster (tests/serve) would refuse in this process."""
 
 import json
-import os
 import subprocess
 import sys
 
-from .test_soak_bench import REPO
+from .test_soak_bench import child_env
+
+
+def bench_tenants(out, *options: str) -> subprocess.CompletedProcess:
+    """`speccascade bench tenants OPTIONS --out OUT`, in a child process that must succeed."""
+    done = subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "tenants", *options, "--out", str(out)],
+                          env=child_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
 
 
 def test_bench_tenants_runs_every_phase_and_the_quota(tmp_path):
     out = tmp_path / "tenants.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "tenants", "--seconds", "3",
-                           "--flood-clients", "2", "--quota-seconds", "4", "--tokens-per-minute", "600",
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    bench_tenants(out, "--seconds", "3", "--flood-clients", "2", "--quota-seconds", "4", "--tokens-per-minute", "600")
     report = json.loads(out.read_text())
     phases = {p["phase"]: p for p in report["phases"]}
     assert list(phases) == ["quiet alone", "beside 2x flood, fair share", "beside 2x flood, FIFO"]
@@ -31,11 +34,8 @@ def test_bench_tenants_quota_alone_behind_two_router_replicas(tmp_path):
     """One quota for the application: two router replicas share the tenant's bucket (counted per
     replica, the clients would get about twice the bound below)."""
     out = tmp_path / "two-routers.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "speccascade.cli", "bench", "tenants", "--phases", "quota",
-                           "--router-replicas", "2", "--quota-seconds", "8", "--tokens-per-minute", "600",
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = bench_tenants(out, "--phases", "quota", "--router-replicas", "2", "--quota-seconds", "8",
+                         "--tokens-per-minute", "600")
     report = json.loads(out.read_text())
     assert report["phases"] == [] and report["settings"]["router_replicas"] == 2
     quota = report["quota"]

@@ -5,8 +5,6 @@ prompt's logprobs under the expert."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 from speccascade.engine.loop import speculative_rounds
@@ -14,6 +12,8 @@ from speccascade.engine.request import GenerationRequest
 from speccascade.engine.roles import LocalDrafter, LocalExpert
 from speccascade.engine.stats import Source
 from speccascade.options import Method, SamplingParams
+
+from .test_loop import first_rounds
 
 PROMPT = "def fibonacci(n):"
 GREEDY = SamplingParams()
@@ -65,19 +65,8 @@ def assert_logprob(entry, token: int, log_pi: torch.Tensor, k: int = K) -> None:
 def run_rounds(engine, request: GenerationRequest, rounds: int = 6):
     prompt = engine.encode(request)
     drafter, expert = LocalDrafter(engine.drafter), LocalExpert(engine.expert)
-
-    async def collect():
-        records = []
-        generator = speculative_rounds(drafter, expert, prompt, request, limit=1000)
-        async for record in generator:
-            records.append(record)
-            if len(records) == rounds:
-                break
-        await generator.aclose()
-        return records
-
     try:
-        return prompt, asyncio.run(collect())
+        return prompt, first_rounds(speculative_rounds(drafter, expert, prompt, request, limit=1000), rounds)
     finally:
         drafter.release()
         expert.release()

@@ -19,15 +19,10 @@ VOCAB = 500
 PROMPT = list(range(20, 60))
 
 
-def decode(drafter_model, expert_model, kind: str, request: GenerationRequest, rounds: int, **options):
-    """(emitted tokens, records) of the first `rounds` rounds."""
-    cls = backend_class(kind)
-    drafter = LocalDrafter(cls(drafter_model, name="drafter", **options))
-    expert = LocalExpert(cls(expert_model, name="expert", **options))
-
+def first_rounds(loop, rounds: int) -> list:
+    """The first `rounds` records of a decoding loop (an async generator), which is then closed."""
     async def collect():
         records = []
-        loop = rounds_for(request, drafter, expert, PROMPT, lambda answer: len(answer) >= 12, limit=1000)
         async for record in loop:
             records.append(record)
             if len(records) == rounds:
@@ -35,7 +30,16 @@ def decode(drafter_model, expert_model, kind: str, request: GenerationRequest, r
         await loop.aclose()
         return records
 
-    records = asyncio.run(collect())
+    return asyncio.run(collect())
+
+
+def decode(drafter_model, expert_model, kind: str, request: GenerationRequest, rounds: int, **options):
+    """(emitted tokens, records) of the first `rounds` rounds."""
+    cls = backend_class(kind)
+    drafter = LocalDrafter(cls(drafter_model, name="drafter", **options))
+    expert = LocalExpert(cls(expert_model, name="expert", **options))
+    records = first_rounds(rounds_for(request, drafter, expert, PROMPT, lambda answer: len(answer) >= 12, limit=1000),
+                           rounds)
     return [t for r in records for t, _ in r.emitted], records
 
 

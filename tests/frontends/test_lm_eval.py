@@ -15,9 +15,10 @@ import pytest
 import yaml
 from speccascade.engine.request import GenerationRequest
 
+from .test_guidellm import REPO, installed
 from .test_openai_logprobs import expert_prompt_logprobs
 
-LM_EVAL = Path(__file__).resolve().parents[2] / ".tools" / "lm-eval" / "bin" / "lm-eval"
+LM_EVAL = REPO / ".tools" / "lm-eval" / "bin" / "lm-eval"
 QUESTIONS = [  # lm-eval puts a space between question and choice
     {"question": "def add(a, b):\n    return", "choices": ["a + b", "a - b", "None"], "answer": 0},
     {"question": "for i in range(10):\n   ", "choices": ["print(i)", "pass", "break"], "answer": 1},
@@ -29,9 +30,7 @@ GENERATED_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def lm_eval() -> Path:
-    if not LM_EVAL.exists():
-        pytest.skip(f"lm-eval is not installed ({LM_EVAL}; `make tools` installs it)")
-    return LM_EVAL
+    return installed(LM_EVAL)
 
 
 def write_tasks(directory: Path) -> None:

@@ -14,14 +14,13 @@ import openai
 import pytest
 import ray
 import yaml
-from ray import serve
 from speccascade.api.client import SpecCascadeClient, build_request
 from speccascade.engine.request import GenerationRequest
 from speccascade.options import SamplingParams
 from speccascade.serving.replicas import replica_actor_names
 from speccascade.tenancy import key_digest, new_api_key
 
-from ..served import PROMPT, app_args, wait_for_running
+from ..served import PROMPT, app_args, deployed
 
 SAMPLED = dict(temperature=0.8, top_p=0.95)
 POLICIES = [("cascade", "lossless", 0.0, {}), ("cascade", "token", 0.3, SAMPLED), ("cascade", "chow", 0.3, SAMPLED),
@@ -142,8 +141,6 @@ def keys():
 
 @pytest.fixture(scope="module")
 def two_routers(grpc_port, tiny_pair, tmp_path_factory, keys):
-    from speccascade.app import build_app
-
     folder = tmp_path_factory.mktemp("resume")
     (folder / "tenants.yaml").write_text(yaml.safe_dump({"tenants": [
         {"id": name, "key_sha256": [key_digest(key)]} for name, key in keys.items()]}))
@@ -151,11 +148,8 @@ def two_routers(grpc_port, tiny_pair, tmp_path_factory, keys):
     args = app_args(*tiny_pair, router={"replicas": {"min_replicas": 2, "max_replicas": 2},
                                         "resume_key_file": str(folder / "resume.key")},
                     tenancy={"tenants_file": str(folder / "tenants.yaml")})
-    serve._run(build_app(args), name=APP, route_prefix=f"/{APP}", _blocking=False)
-    wait_for_running(APP, ["Router", "Drafter", "Expert"])
-    assert len(replica_actor_names(APP, "Router")) == 2
-    yield f"127.0.0.1:{grpc_port}"
-    serve.delete(APP)
+    with deployed(APP, args, routers=2):
+        yield f"127.0.0.1:{grpc_port}"
 
 
 def test_another_tenants_token_is_permission_denied(two_routers, keys):

@@ -5,12 +5,11 @@ Qwen output sizes and tokenizer (taken from the packaged drafter, hence `real_mo
 from __future__ import annotations
 
 import pytest
-from ray import serve
 from speccascade.api.client import SpecCascadeClient
 from speccascade.engine.request import GenerationRequest
 from speccascade.options import SamplingParams
 
-from ..served import app_args, wait_for_running
+from ..served import app_args, deployed
 
 pytestmark = pytest.mark.real_model
 
@@ -20,15 +19,9 @@ PROMPT = "def fibonacci(n):"
 
 @pytest.fixture(scope="module")
 def qwen_shaped_client(grpc_port, qwen_shaped_pair):
-    from speccascade.app import build_app
-
-    serve._run(build_app(app_args(*qwen_shaped_pair)), name=APP, route_prefix=f"/{APP}", _blocking=False)
-    wait_for_running(APP, ["Router", "Drafter", "Expert"])
-    try:
+    with deployed(APP, app_args(*qwen_shaped_pair)):
         with SpecCascadeClient(f"127.0.0.1:{grpc_port}", application=APP) as client:
             yield client
-    finally:
-        serve.delete(APP)
 
 
 @pytest.mark.parametrize("rule,sampling", [("lossless", {}), ("token", dict(temperature=0.8, top_p=0.95))],

@@ -17,7 +17,7 @@ from speccascade.api.client import SpecCascadeClient
 from speccascade.api.v1 import speccascade_pb2 as pb
 from speccascade.tenancy import key_digest, new_api_key
 
-from ..served import PROMPT, app_args, wait_for_running, wait_until
+from ..served import PROMPT, app_args, deployed, wait_until
 
 APP = "speccascade-tenants"
 RELOAD_S = 0.2
@@ -44,17 +44,13 @@ def tenants_document(keys, *extra) -> dict:
 
 @pytest.fixture(scope="module")
 def served_tenants(grpc_port, tiny_pair, tmp_path_factory, keys):
-    from speccascade.app import build_app
-
     path = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
     path.write_text(yaml.safe_dump(tenants_document(keys)))
     # The server's default rule is the shipped one (token), which a tenant held to lossless may not use.
     args = app_args(*tiny_pair, tenancy={"tenants_file": str(path), "reload_period_s": RELOAD_S},
                     policy={"rule": "token", "alpha": 0.5})
-    serve._run(build_app(args), name=APP, route_prefix=f"/{APP}", _blocking=False)
-    wait_for_running(APP, ["Router", "Drafter", "Expert"])
-    yield f"127.0.0.1:{grpc_port}", path
-    serve.delete(APP)
+    with deployed(APP, args):
+        yield f"127.0.0.1:{grpc_port}", path
 
 
 def client_for(served_tenants, key=None):

@@ -12,14 +12,12 @@ import grpc
 import pytest
 import ray
 import yaml
-from ray import serve
 from speccascade.api.client import SpecCascadeClient
 from speccascade.serving.quota_ledger import ledger_name
-from speccascade.serving.replicas import replica_actor_names
 from speccascade.status_board import NAMESPACE
 from speccascade.tenancy import key_digest, new_api_key
 
-from ..served import PROMPT, app_args, wait_for_running
+from ..served import PROMPT, app_args, deployed
 
 APP = "speccascade-shared-quotas"
 STREAMS = 6
@@ -32,8 +30,6 @@ def keys():
 
 @pytest.fixture(scope="module")
 def two_routers(grpc_port, tiny_pair, tmp_path_factory, keys):
-    from speccascade.app import build_app
-
     path = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
     path.write_text(yaml.safe_dump({"tenants": [
         {"id": "single", "key_sha256": [key_digest(keys["single"])], "limits": {"max_concurrent_requests": 1}},
@@ -43,11 +39,8 @@ def two_routers(grpc_port, tiny_pair, tmp_path_factory, keys):
     args = app_args(*tiny_pair, router={"replicas": {"min_replicas": 2, "max_replicas": 2}},
                     tenancy={"tenants_file": str(path), "quota_ledger_unreachable": "closed",
                              "quota_ledger_timeout_s": 1.0})
-    serve._run(build_app(args), name=APP, route_prefix=f"/{APP}", _blocking=False)
-    wait_for_running(APP, ["Router", "Drafter", "Expert"])
-    assert len(replica_actor_names(APP, "Router")) == 2
-    yield f"127.0.0.1:{grpc_port}"
-    serve.delete(APP)
+    with deployed(APP, args, routers=2):
+        yield f"127.0.0.1:{grpc_port}"
 
 
 def concurrent_streams(target: str, key: str, count: int) -> list[grpc.StatusCode]:
