@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from speccascade.app.launcher import free_port
 from speccascade.bench.soak.report import linear_slope
 from speccascade.bench.soak.workload import POLICIES, plan_request
 from speccascade.cli import main
@@ -23,12 +23,6 @@ def child_env(**extra: str) -> dict[str, str]:
     """The environment of a benchmark run in a child process: this checkout's package first."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), os.environ.get("PYTHONPATH", "")]),
             **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_request_plan_is_a_function_of_the_index_and_mixes_everything():

@@ -13,6 +13,7 @@ A Serve config file (`deploy/local-cpu.yaml` by default) gives the ports and the
 
 from __future__ import annotations
 
+import random
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +25,40 @@ LOCAL_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local-cpu.yaml"
 DEFAULT_HTTP_PORT = 8000
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_CHOSEN_PORT = 10000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections and port-0 binds (Linux's default where it
+    cannot be read)."""
+    try:
+        low, high = EPHEMERAL_PORTS.read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """A TCP port nothing listens on right now, below the kernel's ephemeral range.
+
+    A port the kernel hands out for a port-0 bind is one it may hand out again at once: between
+    this call and the proxy binding it, one of Ray's own sockets (a worker's connection, a gRPC
+    server on port 0) can take it, and Serve fails with "Failed to bind to address". Ports below
+    the ephemeral range are only ever taken by an explicit bind."""
+    rng = rng or random.SystemRandom()
+    low, high = ephemeral_port_range()
+    # Below the range; above it where a machine's range starts too low to leave room.
+    bottom, top = (LOWEST_CHOSEN_PORT, low) if low - LOWEST_CHOSEN_PORT >= 1000 else (high + 1, 65536)
+    for _ in range(200):
+        port = rng.randrange(bottom, top)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port found in {bottom}-{top - 1} after 200 tries")
 
 
 @dataclass(frozen=True)
