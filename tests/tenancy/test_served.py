@@ -177,7 +177,7 @@ def test_caches_are_keyed_by_tenant_and_no_session_id_crosses_tenants(served_ten
         for handle in handles.values():
             by_tenant = handle.cached_sessions_by_tenant.remote().result()
             assert set(by_tenant) <= {"acme", "auditor"} and by_tenant.get("acme") == 1
-        # `speccascade status` sees acme's request in flight (router replicas publish every 5 s).
+        # `speccascade status` sees acme's request in flight (a router replica posts within 0.5 s of a change).
         from speccascade.commands.status import format_tenant_load, read_tenant_load
 
         assert wait_until(lambda: read_tenant_load(APP)["active"].get("acme") == 1, timeout=15)

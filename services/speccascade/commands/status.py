@@ -71,7 +71,7 @@ def format_status(app: str, running: dict[str, int], record: dict | None, *, now
     return "\n".join(lines)
 
 
-TENANT_LOAD_STALE_S = 20.0  # a router replica posts every 5 s; older posts are replicas gone
+TENANT_LOAD_STALE_S = 20.0  # a router replica posts at least every 5 s; older posts are replicas gone
 
 
 def read_tenant_load(app: str) -> dict:

@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass
 
 from ..autoscale import signals as autoscale_signals
@@ -41,7 +41,10 @@ from .resume import ResumeSigner, StreamTokens, application_key
 
 log = logging.getLogger(__name__)
 
-TENANT_LOAD_PERIOD_S = 5.0  # how often a router replica posts its per-tenant load (`speccascade status`)
+# A router replica posts its per-tenant load (`speccascade status`) this long after it changed, and
+# at least every TENANT_LOAD_PERIOD_S without a change (the board drops posts of replicas gone).
+TENANT_LOAD_SETTLE_S = 0.5
+TENANT_LOAD_PERIOD_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class RouterCore:
         self.shared_quotas = self._shared_quotas(config.tenancy)
         self.access = Gatekeeper(config.tenancy, config.policy, shared_quotas=self.shared_quotas)
         self._load_publisher: asyncio.Task | None = None
+        self._load_changed = asyncio.Event()
         self._tenant_reloader: asyncio.Task | None = None
         self.pipelining = PipeliningState()
         self.signer = ResumeSigner(application_key(config.router))
@@ -175,6 +179,7 @@ class RouterCore:
             self.access.check(caller, request)
             tokens = StreamTokens(self.signer, caller.id, request, point)
             admitted = Admitted(caller, request, prompt, limit, await self.access.admit(caller), tags, tokens)
+            self._load_changed.set()
             if point is not None:
                 self.metrics.resumed.inc(tags={"tenant": caller.id})
             return admitted
@@ -232,6 +237,7 @@ class RouterCore:
         first_token = True
         try:
             async with self.access.decoding_slot(caller, request):
+                self._load_changed.set()
                 async with aclosing(self.stream(request, admitted.prompt, admitted.limit, caller,
                                                 admitted.resume.delivered)) as chunks:
                     async for chunk, transport in chunks:
@@ -247,6 +253,7 @@ class RouterCore:
         finally:
             if admission is not None:
                 admission.release()
+            self._load_changed.set()
         self.metrics.request_seconds.observe(time.perf_counter() - started, tags=tags)
         self.metrics.requests.inc(tags={**tags, "code": "OK"})
 
@@ -292,8 +299,10 @@ class RouterCore:
         return self.window_totals.including(self.window.as_dict())
 
     def _publish_tenant_load(self) -> None:
-        """From the first request on, every TENANT_LOAD_PERIOD_S: this replica's per-tenant load on
-        the application's status board, where `speccascade status` sums the replicas' posts."""
+        """From the first request on, TENANT_LOAD_SETTLE_S after each change and every
+        TENANT_LOAD_PERIOD_S at least: this replica's per-tenant load on the application's status
+        board, where `speccascade status` sums the replicas' posts. Posting after changes keeps a
+        short request visible; the settling time bounds the posts under heavy churn to two a second."""
         if self._load_publisher is not None and not self._load_publisher.done():
             return
         try:
@@ -306,8 +315,11 @@ class RouterCore:
 
         async def publish_forever():
             while True:
+                self._load_changed.clear()  # a change from here on is posted next time
                 await asyncio.to_thread(poster.post, TENANT_LOAD, replica, self.access.load())
                 await asyncio.to_thread(poster.post, PIPELINE, replica, self.pipelining.summary())
-                await asyncio.sleep(TENANT_LOAD_PERIOD_S)
+                await asyncio.sleep(TENANT_LOAD_SETTLE_S)
+                with suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._load_changed.wait(), TENANT_LOAD_PERIOD_S - TENANT_LOAD_SETTLE_S)
 
         self._load_publisher = asyncio.get_running_loop().create_task(publish_forever())
