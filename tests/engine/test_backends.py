@@ -320,12 +320,26 @@ def test_vocabulary_is_cut_to_the_tokenizer_ids():
         backend_class("hf")(model, name="small", vocab_size=VOCAB + 45)
 
 
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_a_backend_keeps_no_autograd_state(kind):
+    """Serving never trains: parameters are frozen, so no pass (nor a CUDA graph's capture, which
+    would keep every activation in its memory pool) records a graph for backward."""
+    backend = backend_class(kind)(tiny_qwen2(VOCAB, seed=3), name=kind)
+    assert not any(p.requires_grad for p in backend.model.parameters())
+    with torch.enable_grad():
+        logits = backend.model(torch.tensor([random_tokens(1, 6)])).logits
+    assert logits.grad_fn is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
 def test_static_cuda_graphs_equal_eager_on_the_gpu():
     model = tiny_qwen2(VOCAB, seed=3).cuda()
     eager = backend_class("static")(model, name="eager", slots=4, max_len=128, cuda_graphs=False)
     graphed = backend_class("static")(model, name="graphed", slots=4, max_len=128, cuda_graphs=True)
-    assert graphed.graphs is not None and graphed.graphs.graphs  # captured when the backend started
+    from speccascade.engine.backends.graphs import planned_shapes
+
+    # Captured when the backend started, every planned shape within the default budget.
+    assert graphed.graphs is not None and len(graphed.graphs.graphs) == len(planned_shapes(4, 128))
     sessions = ([eager.new_session() for _ in range(3)], [graphed.new_session() for _ in range(3)])
     sequences = [random_tokens(40 + i, 8 + 5 * i) for i in range(3)]
     from speccascade.engine.backends import ScoreJob

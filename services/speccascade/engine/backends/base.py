@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -164,7 +165,9 @@ class ModelBackend(abc.ABC):
     kind: str = ""
 
     def __init__(self, model, *, name: str, vocab_size: int | None = None):
-        self.model = model.eval()
+        # Serving never trains: no pass, eager or captured in a CUDA graph, keeps autograd state
+        # (a capture with grad enabled holds every activation in the graph pool).
+        self.model = model.eval().requires_grad_(False)
         self.name = name
         self.config = model.config
         self.output_rows = int(model.get_output_embeddings().weight.shape[0])
@@ -183,6 +186,9 @@ class ModelBackend(abc.ABC):
         # Scoring and releasing exclude each other: a release from another thread waits for the pass
         # in progress (which may be using the session), so it never frees a cache under a forward.
         self._lock = threading.RLock()
+        # Held around each forward pass: a lock shared with other processes on the same cores
+        # (serving.cpu_turns), or nothing.
+        self.pass_guard: AbstractContextManager = nullcontext()
 
     # ---- what a backend implements ----
 
@@ -293,7 +299,8 @@ class ModelBackend(abc.ABC):
         extended some caches and not others, and a cache must always hold exactly its session's
         tokens (the next call recomputes them)."""
         try:
-            return self._forward(plans, ids)
+            with self.pass_guard:
+                return self._forward(plans, ids)
         except BaseException:
             for plan in plans:  # unconditionally: the cache may hold keys its token list does not name
                 self._truncate(plan.session, 0)

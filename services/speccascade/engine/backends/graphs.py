@@ -118,14 +118,16 @@ class GraphSet:
         graph.graph.replay()
         return self.out[: shape.rows, : shape.tokens]
 
+    @torch.no_grad()
     def _capture_all(self, shapes: list[Shape], budget: int) -> None:
         before = torch.cuda.memory_reserved(self.device)
         skipped: list[Shape] = []
+        warmup = torch.cuda.Stream(device=self.device)  # one side stream for every shape's warm-up
         for shape in shapes:
             if torch.cuda.memory_reserved(self.device) - before > budget:
                 skipped.append(shape)
                 continue
-            self.graphs[shape] = self._capture(shape)
+            self.graphs[shape] = self._capture(shape, warmup)
         torch.cuda.synchronize(self.device)
         self.pool_bytes = torch.cuda.memory_reserved(self.device) - before
         out_mib = self.out.numel() * self.out.element_size() / MIB
@@ -134,12 +136,11 @@ class GraphSet:
                  list(TOKEN_BUCKETS), list(self.windows), self.pool_bytes / MIB, out_mib, budget / MIB,
                  f"; {len(skipped)} shapes over budget run eagerly, the smallest {skipped[0]}" if skipped else "")
 
-    def _capture(self, shape: Shape) -> _Graph:
+    def _capture(self, shape: Shape, side: torch.cuda.Stream) -> _Graph:
         # Warm-up and capture write only to the scratch position, so no session's keys change.
         ids = torch.zeros((shape.rows, shape.tokens), dtype=torch.long, device=self.device)
         positions = torch.full((shape.rows, shape.tokens), self.scratch, dtype=torch.long, device=self.device)
         slots = torch.zeros(shape.rows, dtype=torch.long, device=self.device)
-        side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
