@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from speccascade.app.launcher import free_port
 from speccascade.bench import machine
 from speccascade.bench.serve import cli
 from speccascade.bench.serve.measure import Breakdown, Concurrency
 
-from .test_soak_bench import child_env, free_port
+from .test_soak_bench import child_env
 
 
 def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_model_dirs, tmp_path):
@@ -29,11 +30,12 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
                "--dtype", "fp32", "--prompts", "2", "--max-new-tokens", "12", "--streams", "1,2",
                "--load-streams", "2", "--load-requests", "4", "--load-prompt-tokens", "40",
                "--load-max-new-tokens", "8", "--pipeline", "on,off", "--grpc-port", str(free_port()),
-               "--http-port", str(free_port()),
+               "--http-port", str(free_port()), "--cpu-lock-file", str(tmp_path / "cpu.lock"),
                "--json", str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(Path(out).read_text())
+    assert report["tiers"].endswith(f"passes take turns on {tmp_path / 'cpu.lock'}")
     paired = report["paired"]
     assert [p["sampling"] for p in paired].count("greedy") == 2 and len(paired) == 4
     assert all(p["identical"] for p in paired), paired  # fp32: served == in-process, greedy and sampled
@@ -52,6 +54,19 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     assert len(report["load"]["ttft_s"]) == 4 and report["load"]["baseline_ttft_s"]
     assert report["wire"]["greedy (ids + max q)"][1] > 0
     assert "identical outputs" in done.stdout + done.stderr
+
+
+def test_tiers_pinned_to_a_core_each_or_taking_turns():
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    parse = lambda *extra: parser.parse_args(["serve", *extra])  # noqa: E731
+    assert cli.tier_settings(parse()) == {"drafter": {}, "expert": {}}  # the config's settings
+    pinned = cli.tier_settings(parse("--pin-tiers"))
+    assert pinned["drafter"] == {"cpu_affinity": [0], "torch_threads": 1, "cpu_lock_file": None}
+    assert pinned["expert"]["cpu_affinity"] == [1]
+    assert cli.tier_settings(parse("--cpu-lock-file", "none")) == {"drafter": {"cpu_lock_file": None},
+                                                                    "expert": {"cpu_lock_file": None}}
+    assert cli.tier_settings(parse("--cpu-lock-file", "/tmp/t.lock"))["expert"] == {"cpu_lock_file": "/tmp/t.lock"}
 
 
 def test_a_stopped_bench_serve_still_reports_what_it_measured(tmp_path, monkeypatch, capsys):

@@ -124,6 +124,12 @@ class TierConfig(StrictModel):
         None, ge=1, le=256,
         description="Intra-op threads for forward passes. Default: torch's, which Ray caps at the replica's "
                     "num_cpus (and at 1 when num_cpus < 1) through OMP_NUM_THREADS.")
+    cpu_lock_file: str | None = Field(
+        None, min_length=1,
+        description="A file the tiers of one CPU machine lock around each forward pass, so that their passes take "
+                    "turns instead of running at once on the same cores (where each pass's threads would wait "
+                    "for the other's). For tiers that share cores and each use all of them; give both tiers "
+                    "the same path. Unset: no lock.")
 
     @field_validator("cpu_affinity")
     @classmethod
@@ -131,6 +137,13 @@ class TierConfig(StrictModel):
         if value is not None and (not value or any(core < 0 for core in value)):
             raise ValueError(f"cpu_affinity={value!r} must list one or more CPU core numbers (>= 0)")
         return value
+
+    @model_validator(mode="after")
+    def _lock_only_on_the_cpu(self) -> "TierConfig":
+        if self.cpu_lock_file and self.device.startswith("cuda"):
+            raise ValueError(f"cpu_lock_file={self.cpu_lock_file!r} makes passes on the CPU take turns; this tier runs "
+                             f"on device={self.device!r} (unset cpu_lock_file)")
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_the_slots(self) -> "TierConfig":

@@ -41,6 +41,7 @@ from ..engine.backends import ScoreJob, load_backend
 from ..engine.blocks import CallReport
 from ..engine.jobs import DraftJob, VerifyJob, WorkTimes, draft_blocks, verify_blocks_on
 from .batching import ContinuousBatcher, Prefill, Progress, Queued, SupersededError
+from .cpu_turns import CpuTurns
 from .heap import pin_mmap_threshold, trim_heap
 from .logs import log_to_replica_file
 from .metrics import TierMetrics
@@ -99,10 +100,14 @@ class ModelTier:
                                  f"{sorted(os.sched_getaffinity(0))} ({error})") from None
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
+        # Opened before the model loads, so a bad path fails at once.
+        turns = CpuTurns(config.cpu_lock_file, field=f"{role}.cpu_lock_file") if config.cpu_lock_file else None
         resolved = resolve_model(config.model, progress=False)
         vocab_size = len(AutoTokenizer.from_pretrained(resolved.path))
         self.backend = load_backend(config.backend, resolved.path, dtype=config.dtype, device=config.device,
                                     name=resolved.source, vocab_size=vocab_size, **config.backend_options())
+        if turns is not None:
+            self.backend.pass_guard = turns
         self.sessions = SessionStore(self.backend, budget_mb=config.kv_cache_budget_mb,
                                      idle_timeout_s=config.session_idle_timeout_s)
         self.metrics = TierMetrics(role)
@@ -112,8 +117,9 @@ class ModelTier:
             prefill=Prefill(self._pending_context, self._prefill, PREFILL_THRESHOLD, config.prefill_chunk_tokens),
             session_of=lambda work: work.session_id)
         self._sweeper: asyncio.Task | None = None
-        log.info("%s tier loaded %s (%s backend, %s, %s, %d threads)", role, resolved.source, config.backend,
-                 self.backend.dtype, self.backend.device, torch.get_num_threads())
+        log.info("%s tier loaded %s (%s backend, %s, %s, %d threads%s)", role, resolved.source, config.backend,
+                 self.backend.dtype, self.backend.device, torch.get_num_threads(),
+                 f", passes take turns on {config.cpu_lock_file}" if config.cpu_lock_file else "")
 
     # ---- the forward thread ----
 

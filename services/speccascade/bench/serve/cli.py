@@ -59,6 +59,7 @@ class Report:
     block_size: int
     max_new_tokens: int
     dtype: str
+    tiers: str = ""  # how the tiers share the machine's cores
     paired: list[Paired] = field(default_factory=list)
     breakdowns: dict[str, Breakdown] = field(default_factory=dict)  # in-process / served, paired requests
     concurrency: list[Concurrency] = field(default_factory=list)
@@ -121,6 +122,28 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds: the stack stops, the figures so far are printed and written
 
 
+def tier_settings(args: argparse.Namespace) -> dict[str, dict]:
+    """What the command line sets in both tiers: a core each (--pin-tiers, where the tiers' passes
+    need not take turns), or the lock their passes take turns on (--cpu-lock-file)."""
+    settings: dict[str, dict] = {"drafter": {}, "expert": {}}
+    if args.pin_tiers:
+        for core, tier in enumerate(settings):
+            settings[tier].update(cpu_affinity=[core], torch_threads=1, cpu_lock_file=None)
+    if args.cpu_lock_file is not None:
+        for tier in settings.values():
+            tier["cpu_lock_file"] = None if args.cpu_lock_file == "none" else args.cpu_lock_file
+    return settings
+
+
+def describe_tiers(config) -> str:
+    drafter, expert = config.drafter, config.expert
+    cores = "; ".join(f"{name} {tier.device}, {tier.torch_threads or 'default'} threads"
+                      + (f" on cores {tier.cpu_affinity}" if tier.cpu_affinity else "")
+                      for name, tier in (("drafter", drafter), ("expert", expert)))
+    turns = {drafter.cpu_lock_file, expert.cpu_lock_file} - {None}
+    return cores + (f"; passes take turns on {', '.join(sorted(turns))}" if turns else "; passes may run at once")
+
+
 def measure_all(args: argparse.Namespace, report: Report) -> None:
     from ray import serve
     from rich.console import Console
@@ -133,13 +156,13 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
     from . import measure
 
     tasks = TASKS[: args.prompts]
-    pinned = {"drafter": {"cpu_affinity": [0], "torch_threads": 1}, "expert": {"cpu_affinity": [1], "torch_threads": 1}}
     launched = start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert,
                                                               dtype=args.dtype, backend=args.backend,
                                                               device=None if args.device == "cpu" else args.device,
-                                                              tier_settings=pinned if args.pin_tiers else {}),
+                                                              tier_settings=tier_settings(args)),
                                   grpc_port=args.grpc_port, http_port=args.http_port)
     target, app = launched.endpoints.grpc_target, launched.endpoints.app_name
+    report.tiers = describe_tiers(launched.config)
     handles = {name: serve.get_deployment_handle(name, app_name=app) for name in ("Drafter", "Expert")}
     policy = dict(rule=args.rule, alpha=args.alpha, block_size=args.block_size)
 
@@ -247,6 +270,8 @@ def register(benches) -> None:
                              "(e.g. on,off,auto)")
     parser.add_argument("--pin-tiers", action="store_true",
                         help="the drafter on core 0 and the expert on core 1, one thread each (so they can overlap)")
+    parser.add_argument("--cpu-lock-file", help="the file both tiers' forward passes take turns on (TierConfig."
+                                                "cpu_lock_file; default: the config's), or 'none' for no turns")
     parser.add_argument("--grpc-port", type=int, default=9411)
     parser.add_argument("--http-port", type=int, default=8411)
     parser.add_argument("--skip-in-process", action="store_true", help="served figures only (half the memory)")

@@ -21,6 +21,8 @@ def print_report(report) -> None:
     console = Console()
     console.print(f"[bold]bench serve[/]: {report.pair}; {report.rule}(alpha={report.alpha:g}, "
                   f"gamma={report.block_size}), {report.max_new_tokens} new tokens, {report.dtype}")
+    if report.tiers:
+        console.print(f"tiers: {report.tiers}")
     if report.paired:
         table = Table(title="each request in-process, then served (interleaved): served / in-process")
         for column in ("request", "sampling", "per-token p50 ms (in / served)", "ratio", "TTFT ratio", "identical"):

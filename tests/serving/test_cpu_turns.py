@@ -1,0 +1,150 @@
+"""Forward passes that take turns across processes (`TierConfig.cpu_lock_file`): one process's
+pass waits while another holds the lock, a dead holder frees it, every pass of a tier takes it, and
+a bad path or a GPU tier is refused naming the field."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import pytest
+import torch
+from pydantic import ValidationError
+from speccascade.config.app import TierConfig
+from speccascade.engine.backends import BACKEND_KINDS, ScoreJob, backend_class
+from speccascade.serving.cpu_turns import CpuTurns
+
+from ..conftest import tiny_qwen2
+
+
+def _hold(path: str, held, release) -> None:
+    with CpuTurns(path):
+        held.set()
+        release.wait(60)
+
+
+def _hold_forever(path: str, held) -> None:
+    turns = CpuTurns(path)
+    turns.__enter__()
+    held.set()
+    threading.Event().wait(120)
+
+
+def _enter_in_thread(path: str) -> tuple[threading.Thread, threading.Event]:
+    entered = threading.Event()
+
+    def enter():
+        with CpuTurns(path):
+            entered.set()
+
+    thread = threading.Thread(target=enter, daemon=True)
+    thread.start()
+    return thread, entered
+
+
+@pytest.fixture
+def spawn():
+    context = multiprocessing.get_context("spawn")
+    children = []
+
+    def start(target, *args):
+        child = context.Process(target=target, args=args, daemon=True)
+        child.start()
+        children.append(child)
+        return child
+
+    yield context, start
+    for child in children:
+        if child.is_alive():
+            child.kill()
+        child.join(10)
+
+
+def test_a_pass_waits_while_another_process_holds_the_lock(tmp_path, spawn):
+    context, start = spawn
+    path = str(tmp_path / "cpu.lock")
+    held, release = context.Event(), context.Event()
+    start(_hold, path, held, release)
+    assert held.wait(60)
+    thread, entered = _enter_in_thread(path)
+    assert not entered.wait(0.5)  # the other process holds it (it lets go only when told to)
+    release.set()
+    assert entered.wait(30)
+    thread.join(5)
+
+
+def test_a_killed_holder_frees_the_lock(tmp_path, spawn):
+    context, start = spawn
+    path = str(tmp_path / "cpu.lock")
+    held = context.Event()
+    child = start(_hold_forever, path, held)
+    assert held.wait(60)
+    thread, entered = _enter_in_thread(path)
+    assert not entered.wait(0.5)
+    child.kill()
+    assert entered.wait(30)  # the kernel released the dead process's lock
+    thread.join(5)
+
+
+class CountingGuard:
+    def __init__(self):
+        self.entered = self.exited = 0
+
+    def __enter__(self):
+        self.entered += 1
+
+    def __exit__(self, *exc):
+        self.exited += 1
+
+
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_every_forward_pass_holds_the_guard_and_a_failing_pass_lets_it_go(kind):
+    backend = backend_class(kind)(tiny_qwen2(300, seed=3), name=kind)
+    guard = backend.pass_guard = CountingGuard()
+    sessions = [backend.new_session(), backend.new_session()]
+    backend.score([ScoreJob(sessions[0], [1, 2, 3, 4], 2), ScoreJob(sessions[1], [5, 6, 7], 1)])
+    assert guard.entered == guard.exited == backend.forward_calls
+    backend.step(sessions, torch.tensor([8, 9]))
+    assert guard.entered == guard.exited == backend.forward_calls
+    original = backend._forward
+    backend._forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("pass failed"))
+    with pytest.raises(RuntimeError, match="pass failed"):
+        backend.score([ScoreJob(sessions[0], [1, 2, 3, 4, 5], 5)])
+    backend._forward = original
+    assert guard.entered == guard.exited
+
+
+def test_an_unusable_lock_file_is_refused_naming_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"drafter.cpu_lock_file='.*missing/cpu.lock': cannot open it"):
+        CpuTurns(tmp_path / "missing" / "cpu.lock", field="drafter.cpu_lock_file")
+
+
+def test_a_gpu_tier_cannot_take_cpu_turns():
+    with pytest.raises(ValidationError, match="cpu_lock_file='/tmp/x.lock' makes passes on the CPU take turns"):
+        TierConfig(model="m", device="cuda", cpu_lock_file="/tmp/x.lock")
+    assert TierConfig(model="m", device="cpu", cpu_lock_file="/tmp/x.lock").cpu_lock_file == "/tmp/x.lock"
+
+
+def test_a_tier_given_a_lock_file_steps_only_in_its_turn(tmp_path, spawn, tiny_model_dirs):
+    import asyncio
+
+    from speccascade.engine.blocks import DraftPayload, SampleRows
+    from speccascade.options import SamplingParams
+    from speccascade.serving.tiers import DrafterTier
+    from speccascade.serving.wire import DraftCall, SentTokens
+
+    path = str(tmp_path / "cpu.lock")
+    drafter = DrafterTier(TierConfig(model=tiny_model_dirs[0], dtype="fp32", cpu_lock_file=path))
+    context, start = spawn
+    held, release = context.Event(), context.Event()
+    start(_hold, path, held, release)
+    assert held.wait(60)
+    call = DraftCall("s", SentTokens().delta([5, 17, 42]), 3, SamplingParams(), 0, DraftPayload(SampleRows.NONE))
+    replies = []
+    thread = threading.Thread(target=lambda: replies.append(asyncio.run(drafter.draft(call))), daemon=True)
+    thread.start()
+    thread.join(0.5)
+    assert not replies and drafter.backend.forward_calls == 0  # waiting for its turn
+    release.set()
+    thread.join(60)
+    assert len(replies[0].block.tokens) == 3
