@@ -141,6 +141,11 @@ class DraftedBlock:
         return TOKEN_BYTES * self.gamma + sum(a.nbytes for f in fields(self)
                                               if isinstance(a := getattr(self, f.name), np.ndarray))
 
+    def prefix(self, k: int) -> "DraftedBlock":
+        """The block's first k tokens, as if only they had been drafted."""
+        return DraftedBlock(self.tokens[:k], **{f.name: a[:k] for f in fields(self)
+                                                if isinstance(a := getattr(self, f.name), np.ndarray)})
+
     def after_first(self) -> "DraftedBlock":
         """The block without its first token (a pre-draft's guess at the bonus token)."""
         return DraftedBlock(self.tokens[1:], **{f.name: a[1:] for f in fields(self)

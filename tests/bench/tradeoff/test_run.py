@@ -11,7 +11,7 @@ import torch
 from speccascade.bench.humaneval import load_problems
 from speccascade.bench.tradeoff.cli import run_benchmark, step_cost_ratio, write_report
 from speccascade.bench.tradeoff.configs import METHODS, BenchConfig, build_configs
-from speccascade.bench.tradeoff.records import RECORDS_FILE, read_jsonl
+from speccascade.bench.tradeoff.records import BATCHED_RUNS_FILE, LATENCY_CHECK_FILE, RECORDS_FILE, read_jsonl
 from speccascade.bench.tradeoff.run import (
     expert_mean_logprob,
     generate_with_engine,
@@ -73,6 +73,45 @@ def test_run_writes_every_pair_and_a_rerun_skips_them(engine, problems, tmp_path
     assert (tmp_path / "mean-logprob_t0.7-p0.95.png").exists()
     summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
     assert len(summary) == len(configs) + len(more)
+
+
+def test_a_batched_run_records_what_a_sequential_one_does_and_checks_its_latency_model(engine, problems,
+                                                                                      tmp_path):
+    configs = build_configs(methods=("expert", "lossless", "token", "hf-assisted", "chow"),
+                            samplings=("greedy", "t0.7-p0.95"), quick=True, block_size=3,
+                            max_new_tokens=MAX_TOKENS)
+    alone, batched = tmp_path / "alone", tmp_path / "batched"
+    run_benchmark(engine, configs, problems, alone, base_seed=7, progress=False)
+    ran = run_benchmark(engine, configs, problems, batched, base_seed=7, progress=False, batch=4, latency_sample=3)
+    assert ran == len(configs) * len(problems)
+    same = ("completion", "generated_tokens", "passed", "drafter_passes", "expert_passes", "seed")
+    by_pair = {(r["config"], r["task_id"]): r for r in read_jsonl(alone / RECORDS_FILE)}
+    records = read_jsonl(batched / RECORDS_FILE)
+    assert len(records) == len(by_pair)
+    for r in records:
+        assert {k: r[k] for k in same} == {k: by_pair[r["config"], r["task_id"]][k] for k in same}
+        assert r["latency"] == ("measured" if r["method"] == "hf-assisted" else "modelled")
+        assert r["wall_seconds"] > 0
+    (run,) = read_jsonl(batched / BATCHED_RUNS_FILE)
+    assert run["requests"] == sum(r["method"] != "hf-assisted" for r in records) and run["failed"] == 0
+    assert run["throughput_gain"] > 0 and run["calls_per_batch"]["expert"] > 1
+    checks = read_jsonl(batched / LATENCY_CHECK_FILE)
+    assert len(checks) == 3 and len({c["config"] for c in checks}) == 3  # configurations in turn
+    assert all(c["identical"] and c["modelled_s"] > 0 and c["measured_s"] > 0 for c in checks)
+    text = write_report(batched)
+    assert "## Batched evaluation" in text and "Latency model check: 3 batched problems" in text
+    assert "identical outputs 3/3" in text
+    # A rerun skips every pair, batched or not.
+    assert run_benchmark(engine, configs, problems, batched, base_seed=7, progress=False, batch=4) == 0
+
+
+def test_batch_arguments_are_checked(capsys):
+    from speccascade.cli import main
+
+    assert main(["bench", "tradeoff", "--batch", "0"]) != 0
+    assert "--batch 0" in capsys.readouterr().err
+    assert main(["bench", "tradeoff", "--latency-sample", "2"]) != 0
+    assert "give --batch N too" in capsys.readouterr().err
 
 
 def _config(method, *, sampling="greedy", alpha=None, block_size=3, max_new_tokens=MAX_TOKENS):

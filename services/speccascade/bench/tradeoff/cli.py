@@ -22,9 +22,19 @@ from pathlib import Path
 
 from ..humaneval import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECONDS, load_problems
 from .configs import METHODS, SAMPLINGS, BenchConfig, build_configs, parse_alpha_overrides, parse_list
-from .records import CALIBRATION_FILE, RECORDS_FILE, SUMMARY_FILE, RecordStore, append_jsonl, read_jsonl
+from .records import (
+    BATCHED_RUNS_FILE,
+    CALIBRATION_FILE,
+    LATENCY_CHECK_FILE,
+    RECORDS_FILE,
+    SUMMARY_FILE,
+    RecordStore,
+    append_jsonl,
+    read_jsonl,
+)
 from .report import (
     QUALITY_MEASURES,
+    markdown_batched,
     markdown_summary,
     markdown_table,
     plot_tradeoff,
@@ -68,6 +78,12 @@ def register(subparsers) -> None:
     parser.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB, help=f"address-space limit per test run (default: {DEFAULT_MEMORY_MB})")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_LIMIT} problems, greedy, few alphas, {QUICK_MAX_NEW_TOKENS} tokens")
+    parser.add_argument("--batch", type=int, default=None, metavar="N",
+                        help="decode the engine configurations' problems N at a time through the pair, their "
+                             "latency modelled as alone (hf-assisted still runs alone; default: every one alone)")
+    parser.add_argument("--latency-sample", type=int, default=0, metavar="K",
+                        help="with --batch: decode K batched problems alone again, configurations in turn, to "
+                             "check the latency model (latency_check.jsonl)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild summary, table and plots (of the first --limit problems); load no model")
     parser.set_defaults(handler=handle)
@@ -83,6 +99,12 @@ def handle(args: argparse.Namespace) -> int:
     configs = build_configs(methods=parse_list(args.methods, METHODS, "method"), samplings=samplings,
                             quick=quick, block_size=args.block_size, max_new_tokens=max_new_tokens,
                             alphas=parse_alpha_overrides(args.alphas))
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: give at least 1 (problems decoded at once)")
+    if args.latency_sample and args.batch is None:
+        raise ValueError("--latency-sample checks the latency model of a batched run: give --batch N too")
+    if args.latency_sample < 0:
+        raise ValueError(f"--latency-sample {args.latency_sample}: give 0 or more")
     problems = load_problems(limit)
     out: Path = args.out or (QUICK_OUT if quick else DEFAULT_OUT)
     if not args.report_only:
@@ -91,7 +113,7 @@ def handle(args: argparse.Namespace) -> int:
         print(f"loading the pair ({args.dtype}) ...", flush=True)
         engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype)
         run_benchmark(engine, configs, problems, out, base_seed=args.seed, timeout=args.timeout,
-                      memory_mb=args.memory_mb)
+                      memory_mb=args.memory_mb, batch=args.batch, latency_sample=args.latency_sample)
     report = write_report(out, task_ids={p.task_id for p in problems} if limit is not None else None)
     print(report)
     return 0
@@ -99,12 +121,13 @@ def handle(args: argparse.Namespace) -> int:
 
 def run_benchmark(engine, configs: list[BenchConfig], problems, out: Path, *, base_seed: int,
                   timeout: float = DEFAULT_TIMEOUT_SECONDS, memory_mb: int = DEFAULT_MEMORY_MB,
-                  progress: bool = True) -> int:
+                  progress: bool = True, batch: int | None = None, latency_sample: int = 0) -> int:
     """Run every (configuration, problem) not yet in `out`; returns how many were run.
 
     Problem-major order: every configuration does a problem before the next problem starts, so a
     run stopped at any point compares all methods on the same problems, and slow drifts in machine
-    load fall on all configurations alike."""
+    load fall on all configurations alike. `batch`: the engine configurations' pairs decoded that
+    many at a time (`batched.py`), in the same order."""
     from tqdm import tqdm
 
     from .run import describe_machine, measure_step_cost, problem_seed, run_one
@@ -124,6 +147,12 @@ def run_benchmark(engine, configs: list[BenchConfig], problems, out: Path, *, ba
                                           "drafter_model": engine.drafter.name, "expert_model": engine.expert.name})
     print(f"step cost: drafter {calibration['drafter_step_ms']:.1f} ms, expert {calibration['expert_step_ms']:.1f} ms, "
           f"c = {calibration['c']:.3f}", flush=True)
+    if batch is not None:
+        from .batched import run_batched
+
+        run_batched(engine, todo, concurrency=batch, base_seed=base_seed, run_id=run_id, out=out, store=store,
+                    timeout=timeout, memory_mb=memory_mb, latency_sample=latency_sample, progress=progress)
+        return len(todo)
     bar = tqdm(todo, desc="tradeoff", unit="gen", disable=not progress, dynamic_ncols=True)
     for index, problem, config in bar:
         bar.set_postfix_str(f"{problem.task_id} {config.label} {config.sampling}")
@@ -189,6 +218,11 @@ def write_report(out: Path, task_ids: set[str] | None = None) -> str:
             path = plot_tradeoff(summaries, sampling, measure, out / f"{name}_{sampling}.png")
             parts += [f"## {QUALITY_MEASURES[measure][3]}, {sampling}", "",
                       markdown_table(summaries, sampling, measure), f"![{name} {sampling}]({path.name})", ""]
+    batched_runs = read_jsonl(out / BATCHED_RUNS_FILE)
+    if batched_runs:
+        parts += ["## Batched evaluation", "",
+                  "Latencies of batched records are modelled single-stream latencies (`latency: modelled`).", "",
+                  markdown_batched(batched_runs, read_jsonl(out / LATENCY_CHECK_FILE)), ""]
     parts += ["## Every configuration", "", markdown_summary(summaries)]
     text = "\n".join(parts)
     (out / "table.md").write_text(text)

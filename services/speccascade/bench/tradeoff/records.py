@@ -12,6 +12,11 @@ from pathlib import Path
 RECORDS_FILE = "records.jsonl"
 CALIBRATION_FILE = "calibration.jsonl"
 SUMMARY_FILE = "summary.jsonl"
+BATCHED_RUNS_FILE = "batched_runs.jsonl"  # one line per batched invocation: its throughput and cost model
+LATENCY_CHECK_FILE = "latency_check.jsonl"  # batched records decoded again alone: modelled vs measured
+
+# A record's `latency`: its wall_seconds measured (decoded alone) or modelled (decoded in a batch).
+MEASURED, MODELLED = "measured", "modelled"
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .configs import EXPERT, METHODS
+from .records import MEASURED
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -95,7 +96,9 @@ def step_cost_from_records(records: list[dict], method: str = "lossless") -> flo
     """A cross-check of c from inside a speculative run: seconds per drafter pass over seconds per
     expert (verify) pass, summed over `method`'s records. Drafting and verifying alternate every
     round, so both see the same machine load. nan without such records."""
-    rows = [r for r in records if r["method"] == method and r["drafter_passes"] and r["expert_passes"]]
+    # A batched record's call times are its batches' (shared with others), not its own.
+    rows = [r for r in records if r["method"] == method and r["drafter_passes"] and r["expert_passes"]
+            and r.get("latency", MEASURED) == MEASURED]
     if not rows:
         return math.nan
     drafter_step = sum(r["stats"]["drafter_seconds"] for r in rows) / sum(r["drafter_passes"] for r in rows)
@@ -332,3 +335,27 @@ def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, p
 
 def summary_records(summaries: list[ConfigSummary], c: float) -> list[dict]:
     return [{**asdict(s), "c": c} for s in summaries]
+
+
+def markdown_batched(runs: list[dict], checks: list[dict]) -> str:
+    """The batched runs' throughput against decoding alone, and the latency model's check: modelled
+    / measured single-stream latency of the batched pairs decoded alone again, per method."""
+    lines = ["| run | at once | generations | expert calls per pass | drafter calls per pass | decoding s "
+             "| single-stream s (modelled) | throughput gain |", "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        per_pass = run["calls_per_batch"]
+        lines.append(f"| {run['run_id']} | {run['concurrency']} | {run['requests'] - run.get('failed', 0)} "
+                     f"| {per_pass['expert']:.1f} | {per_pass['drafter']:.1f} | {run['decode_s']:.0f} "
+                     f"| {run['modelled_single_stream_s']:.0f} | **{run['throughput_gain']:.2f}×** |")
+    if checks:
+        by_method: dict[str, list[float]] = defaultdict(list)
+        for row in checks:
+            by_method[row["method"]].append(row["ratio"])
+        ratios = [row["ratio"] for row in checks]
+        identical = sum(bool(row["identical"]) for row in checks)
+        lines += ["", f"Latency model check: {len(checks)} batched problems decoded alone again; modelled / "
+                      f"measured latency median **{statistics.median(ratios):.2f}** "
+                      f"[{min(ratios):.2f}–{max(ratios):.2f}] ("
+                  + ", ".join(f"{method} {statistics.median(values):.2f}" for method, values in by_method.items())
+                  + f"); identical outputs {identical}/{len(checks)}."]
+    return "\n".join(lines)

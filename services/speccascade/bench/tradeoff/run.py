@@ -21,6 +21,7 @@ import torch
 
 from ..humaneval import STOP_SEQUENCES, Problem, check_completion, truncate_at_stop
 from .configs import HF_ASSISTED, BenchConfig
+from .records import MEASURED
 
 # Decode steps timed per model when measuring c, after a prefill of the calibration prompt.
 CALIBRATION_STEPS = 16
@@ -169,11 +170,30 @@ def expert_mean_logprob(expert_model, prompt_ids: list[int], completion_ids: lis
 
 def run_one(engine, config: BenchConfig, problem: Problem, seed: int, *, run_id: str, timeout: float,
             memory_mb: int) -> dict:
-    """Generate, check and score one (configuration, problem); the JSONL record."""
+    """Generate, check and score one (configuration, problem) alone; the JSONL record."""
     if config.method == HF_ASSISTED:
         completion = generate_with_hf_assisted(engine, config, problem.prompt, seed)
     else:
         completion = generate_with_engine(engine, config, problem.prompt, seed)
+    return make_record(engine, config, problem, seed, completion, run_id=run_id, timeout=timeout,
+                       memory_mb=memory_mb)
+
+
+def completion_of(result, latency_s: float) -> Completion:
+    """An engine result as a Completion whose latency is `latency_s` (a batched request's modelled
+    single-stream latency: its own clock ran while other requests shared its passes)."""
+    stats = result.stats
+    return Completion(
+        text=truncate_at_stop(result.text), token_ids=list(result.token_ids), finish_reason=result.finish_reason,
+        wall_seconds=latency_s, drafter_passes=stats.drafter_passes, expert_passes=stats.expert_passes,
+        stats=stats.as_dict(),
+    )
+
+
+def make_record(engine, config: BenchConfig, problem: Problem, seed: int, completion: Completion, *, run_id: str,
+                timeout: float, memory_mb: int, latency: str = MEASURED) -> dict:
+    """Check and score a completion; the JSONL record. `latency`: whether its wall_seconds were
+    measured (decoded alone) or modelled (decoded in a batch: `engine.batch`)."""
     execution = check_completion(problem, completion.text, timeout=timeout, memory_mb=memory_mb)
     prompt_ids = list(engine.tokenizer(problem.prompt)["input_ids"])
     scored = tokens_covering(engine.tokenizer, completion.token_ids, completion.text)
@@ -185,7 +205,7 @@ def run_one(engine, config: BenchConfig, problem: Problem, seed: int, *, run_id:
         "generated_tokens": len(completion.token_ids), "scored_tokens": len(scored),
         "passed": execution.passed, "outcome": execution.outcome.value, "exec_detail": execution.detail[-200:],
         "expert_mean_logprob": expert_mean_logprob(engine.expert.model, prompt_ids, scored),
-        "wall_seconds": completion.wall_seconds,
+        "wall_seconds": completion.wall_seconds, "latency": latency,
         "drafter_passes": completion.drafter_passes, "expert_passes": completion.expert_passes,
         "stats": completion.stats,
         "drafter_model": engine.drafter.name, "expert_model": engine.expert.name, "dtype": str(engine.expert.dtype),

@@ -308,19 +308,23 @@ class ModelBackend(abc.ABC):
                 plan.session.last_row = None
             raise
 
+    def kept_length(self, session: BackendSession, tokens: Sequence[int], start: int) -> int:
+        """How many of `tokens` a pass scoring them from `start` takes from the session's cache (it
+        feeds the rest): what `plan` keeps."""
+        common = common_prefix_length(session.tokens, tokens)
+        if common == session.cached_length == start and session.last_row is not None:
+            return start  # the cache ends exactly where scoring starts: its stored row is the first one
+        # Keep what is cached and still valid, but recompute at least position start - 1, whose
+        # logits give the first wanted row.
+        return min(common, start - 1)
+
     def plan(self, job: ScoreJob) -> Plan:
         session, tokens, start = job.session, job.tokens, job.start
         if not 1 <= start <= len(tokens):
             raise ValueError(f"start={start} must be in [1, {len(tokens)}] for {len(tokens)} tokens")
         session.last_used = time.monotonic()
-        common = common_prefix_length(session.tokens, tokens)
-        if common == session.cached_length == start and session.last_row is not None:
-            # The cache ends exactly where scoring starts: its stored row is the first one.
-            first_row, keep = session.last_row, start
-        else:
-            # Keep what is cached and still valid, but recompute at least position start - 1,
-            # whose logits give the first wanted row.
-            first_row, keep = None, min(common, start - 1)
+        keep = self.kept_length(session, tokens, start)
+        first_row = session.last_row if keep == start else None
         self.truncate(session, keep)
         rows_wanted = len(tokens) - start + 1
         return Plan(session, first_row, list(tokens[keep:]), rows_wanted - (first_row is not None))
