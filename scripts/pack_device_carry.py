@@ -46,6 +46,9 @@ DEVICE_MISSING = [
     # environments that install packages; not py-spy: the dashboard's profiler)
     "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto", "opentelemetry-exporter-prometheus",
     "opentelemetry-semantic-conventions", "importlib-metadata", "zipp",
+    # The image has these, but maybe older: our gRPC stubs (and Ray's) check at import that the
+    # protobuf runtime is at least the version they were generated with, so they travel at ours.
+    "protobuf", "grpcio", "six",
 ]
 # Parts of Ray that serving never loads (paths inside the installed package).
 RAY_STRIP = (

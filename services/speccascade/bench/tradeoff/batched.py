@@ -43,12 +43,12 @@ def run_batched(engine, todo: list, *, concurrency: int, base_seed: int, run_id:
     costs: dict[tuple, CallCosts] = {}
     if batched:
         first_index, first_problem, _ = batched[0]
-        for _, _, config in batched:
-            key = cost_key(config)
-            if key not in costs:
-                request = config.request(first_problem.prompt, seed=problem_seed(base_seed, first_index),
-                                         stop=STOP_SEQUENCES)
-                costs[key] = CallCosts.measure(engine, engine.prepare(request)[0], request)
+        kinds = {cost_key(config): config for _, _, config in batched}
+        for key, config in tqdm(kinds.items(), desc="single-stream call costs", unit="kind", disable=not progress,
+                                dynamic_ncols=True):
+            request = config.request(first_problem.prompt, seed=problem_seed(base_seed, first_index),
+                                     stop=STOP_SEQUENCES)
+            costs[key] = CallCosts.measure(engine, engine.prepare(request)[0], request)
         requests = [config.request(problem.prompt, seed=problem_seed(base_seed, index), stop=STOP_SEQUENCES)
                     for index, problem, config in batched]
         bar = tqdm(total=len(batched), desc=f"tradeoff, {concurrency} at a time", unit="gen", disable=not progress,
