@@ -8,6 +8,8 @@ import pytest
 from speccascade.bench.tradeoff.report import (
     markdown_table,
     mean_interval,
+    paired_bootstrap,
+    pareto_frontier,
     plot_tradeoff,
     summarize,
     tradeoff_table,
@@ -52,6 +54,23 @@ def test_wilson_interval_matches_known_values():
     assert low == 0.0 and 0.1 < high < 0.2
     assert wilson_interval(20, 20)[1] == 1.0 and wilson_interval(20, 20)[0] > 0.8
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_paired_bootstrap_resamples_problems_with_their_pairs():
+    assert paired_bootstrap([0.0] * 10) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap([2.0] * 5, [4.0] * 5) == (0.5, 0.5, 0.5)  # every problem 0.5x: no spread
+    point, low, high = paired_bootstrap([1.0, 3.0, 1.0, 3.0] * 10, [2.0] * 40)
+    assert point == 1.0 and low < 1.0 < high and high - low < 0.5
+    # Resampling pairs, not each side alone: perfectly correlated sides give no spread in the ratio.
+    assert paired_bootstrap([1.0, 10.0, 100.0], [2.0, 20.0, 200.0])[1:] == pytest.approx((0.5, 0.5))
+    assert paired_bootstrap([1.0, 0.0, -1.0]) == paired_bootstrap([1.0, 0.0, -1.0])  # seeded
+    assert all(math.isnan(x) for x in paired_bootstrap([]))
+
+
+def test_the_pareto_frontier_keeps_the_best_quality_each_cost_buys():
+    points = [(1.0, 0.80), (0.5, 0.60), (0.7, 0.60), (0.6, 0.75), (0.9, 0.70), (0.5, 0.55)]
+    assert pareto_frontier(points) == [(0.5, 0.60), (0.6, 0.75), (1.0, 0.80)]
+    assert pareto_frontier([]) == []
 
 
 def test_mean_interval():
@@ -155,8 +174,8 @@ def test_quality_is_compared_with_expert_problem_by_problem():
     assert shifted.pass_delta == 0.0 and shifted.pass_delta_low < 0 < shifted.pass_delta_high
     assert shifted.logprob_delta == pytest.approx(-0.05)
     assert losing.pass_delta == pytest.approx(-0.2)
-    # four -1s in twenty: sd 0.4104, half-width 1.96 * 0.4104 / sqrt(20) = 0.180
-    assert losing.pass_delta_high == pytest.approx(-0.2 + 0.1799, abs=1e-3)
+    # Four -1s in twenty: a resample holds Binomial(20, 0.2) of them, at least 1 in 97.5 % of draws.
+    assert losing.pass_delta_low == pytest.approx(-0.4, abs=0.051) and losing.pass_delta_high == pytest.approx(-0.05)
     assert losing.pass_at_1 >= wilson_interval(12, 20)[0]  # the unpaired test would have let it through
     _, rows = tradeoff_table(list(summarize(records, c=0.4)), "greedy")
     token = next(row for row in rows if row.method == "token")

@@ -12,6 +12,9 @@ Quality is compared with expert-only *paired*, problem by problem: every configu
 same problems, so the per-problem difference (pass or fail, log-likelihood) cancels how hard each
 problem is, and its 95% interval is far narrower than the gap between two unpaired intervals. A
 configuration "reaches expert-only quality" when that interval does not lie wholly below zero.
+Paired intervals (the quality differences, and relative latency) are percentile
+intervals of a paired bootstrap over problems: resampling problems keeps each problem's pair
+together, and needs no normal approximation for a mean of -1/0/+1 differences or for a ratio.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .configs import EXPERT, METHODS
 from .records import MEASURED
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+BOOTSTRAP_RESAMPLES = 4000
+BOOTSTRAP_SEED = 0  # fixed: a report rebuilt from the same records gives the same intervals
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
@@ -48,6 +55,22 @@ def mean_interval(values: list[float], z: float = Z_95) -> tuple[float, float, f
         return mean, mean, mean
     half = z * statistics.stdev(values) / math.sqrt(len(values))
     return mean, mean - half, mean + half
+
+
+def paired_bootstrap(values: list[float], reference: list[float] | None = None, *,
+                     resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """The statistic and its 95% percentile interval under resampling problems with replacement:
+    the mean of `values` (paired differences), or with `reference` the ratio of their sums
+    (sum values / sum reference, problem i's values[i] paired with reference[i]). nan for none."""
+    if not values:
+        return math.nan, math.nan, math.nan
+    a = np.asarray(values, dtype=np.float64)
+    b = None if reference is None else np.asarray(reference, dtype=np.float64)
+    point = float(a.mean()) if b is None else float(a.sum() / b.sum())
+    picks = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    stats = a[picks].mean(axis=1) if b is None else a[picks].sum(axis=1) / b[picks].sum(axis=1)
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return point, float(low), float(high)
 
 
 @dataclass(frozen=True)
@@ -76,6 +99,8 @@ class ConfigSummary:
     logprob_delta_high: float
     relative_latency: float  # vs expert-only on the common problems of the same run; nan without one
     relative_cost: float  # (drafter passes * c + expert passes) vs expert-only's, same problems
+    latency_low: float  # paired-bootstrap 95% interval of relative_latency
+    latency_high: float
     seconds_per_problem: float
     output_tokens: float  # mean generated tokens per problem
     drafter_passes: float  # per problem
@@ -128,14 +153,14 @@ def summarize(records: list[dict], c: float) -> list[ConfigSummary]:
         lp, lp_low, lp_high = mean_interval(logprobs)
         reference = expert_by_group.get(reference_group(first), {})
         common = [t for t in rows if t in reference]
-        pass_delta = mean_interval([float(bool(rows[t]["passed"])) - float(bool(reference[t]["passed"]))
-                                    for t in common])
-        logprob_delta = mean_interval([rows[t]["expert_mean_logprob"] - reference[t]["expert_mean_logprob"]
-                                       for t in common if rows[t]["expert_mean_logprob"] is not None
-                                       and reference[t]["expert_mean_logprob"] is not None])
+        pass_delta = paired_bootstrap([float(bool(rows[t]["passed"])) - float(bool(reference[t]["passed"]))
+                                       for t in common])
+        logprob_delta = paired_bootstrap([rows[t]["expert_mean_logprob"] - reference[t]["expert_mean_logprob"]
+                                          for t in common if rows[t]["expert_mean_logprob"] is not None
+                                          and reference[t]["expert_mean_logprob"] is not None])
         same_run = [t for t in common if rows[t].get("run_id") == reference[t].get("run_id")]
-        relative_latency = (sum(rows[t]["wall_seconds"] for t in same_run)
-                            / sum(reference[t]["wall_seconds"] for t in same_run)) if same_run else math.nan
+        relative_latency, latency_low, latency_high = paired_bootstrap(
+            [rows[t]["wall_seconds"] for t in same_run], [reference[t]["wall_seconds"] for t in same_run])
         relative_cost = (sum(_cost(rows[t], c) for t in common)
                          / sum(_cost(reference[t], c) for t in common)) if common else math.nan
         from_drafter = sum(r["stats"].get("tokens_from_drafter", 0) for r in values)
@@ -148,6 +173,7 @@ def summarize(records: list[dict], c: float) -> list[ConfigSummary]:
             pass_delta=pass_delta[0], pass_delta_low=pass_delta[1], pass_delta_high=pass_delta[2],
             logprob_delta=logprob_delta[0], logprob_delta_low=logprob_delta[1], logprob_delta_high=logprob_delta[2],
             relative_latency=relative_latency, relative_cost=relative_cost,
+            latency_low=latency_low, latency_high=latency_high,
             seconds_per_problem=statistics.fmean(r["wall_seconds"] for r in values),
             output_tokens=statistics.fmean(r["generated_tokens"] for r in values),
             drafter_passes=statistics.fmean(r["drafter_passes"] for r in values),
@@ -238,6 +264,10 @@ def _fmt_ratio(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.2f}"
 
 
+def _fmt_ratio_interval(value: float, low: float, high: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def _fmt_alpha(s: ConfigSummary) -> str:
     return "–" if s.alpha is None else f"{s.alpha:g}"
 
@@ -260,7 +290,8 @@ def markdown_table(summaries: list[ConfigSummary], sampling: str, measure: str =
             reach = "not reached" if row.cheapest is None else "no latency from the expert's run"
         else:
             s = row.reaches
-            reach = (f"**{s.relative_latency:.2f}×** (α={_fmt_alpha(s)}; {_fmt_quality(s, measure)}; "
+            reach = (f"**{s.relative_latency:.2f}×** [{s.latency_low:.2f}, {s.latency_high:.2f}] "
+                     f"(α={_fmt_alpha(s)}; {_fmt_quality(s, measure)}; "
                      f"Δ {_fmt_delta(s, measure)}; {s.relative_cost:.2f}×)")
         if row.best_within is None:
             best = "none within 1.00×"
@@ -276,7 +307,7 @@ def markdown_table(summaries: list[ConfigSummary], sampling: str, measure: str =
 def markdown_summary(summaries: list[ConfigSummary]) -> str:
     lines = [
         "| sampling | method | α | n | pass@1 [95% CI] | Δpass@1 vs expert [paired 95% CI] "
-        "| expert log-lik./token [95% CI] | Δlog-lik. vs expert [paired 95% CI] | rel. latency "
+        "| expert log-lik./token [95% CI] | Δlog-lik. vs expert [paired 95% CI] | rel. latency [paired 95% CI] "
         "| rel. cost | s/problem | tokens | drafter passes | expert passes | drafter token share |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -285,11 +316,21 @@ def markdown_summary(summaries: list[ConfigSummary]) -> str:
         lines.append(
             f"| {s.sampling} | {s.method} | {_fmt_alpha(s)} | {s.problems} | {_fmt_quality(s, 'pass_at_1')} "
             f"| {_fmt_delta(s, 'pass_at_1')} | {_fmt_quality(s, 'mean_logprob')} | {_fmt_delta(s, 'mean_logprob')} "
-            f"| {_fmt_ratio(s.relative_latency)} | {_fmt_ratio(s.relative_cost)} "
-            f"| {s.seconds_per_problem:.1f} | {s.output_tokens:.0f} | {s.drafter_passes:.0f} "
+            f"| {_fmt_ratio_interval(s.relative_latency, s.latency_low, s.latency_high)} "
+            f"| {_fmt_ratio(s.relative_cost)} | {s.seconds_per_problem:.1f} | {s.output_tokens:.0f} | {s.drafter_passes:.0f} "
             f"| {s.expert_passes:.0f} | {share} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both counts (lower cost, higher quality), by cost: the
+    best quality each cost buys."""
+    frontier: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not frontier or y > frontier[-1][1]:
+            frontier.append((x, y))
+    return frontier
 
 
 def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, path: Path) -> Path:
@@ -302,13 +343,15 @@ def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, p
 
     value_field, low_field, high_field, name = QUALITY_MEASURES[measure]
     here = [s for s in summaries if s.sampling == sampling and not math.isnan(getattr(s, value_field))]
-    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.8), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8), sharey=True)
     markers = "osD^vP<>Xhd"  # distinct shapes, since points of different methods often coincide
-    for ax, x_field, x_name in ((axes[0], "relative_latency", "wall-clock latency relative to expert-only"),
-                                (axes[1], "relative_cost", "cost relative to expert-only (drafter passes·c + expert passes)")):
+    panels = ((axes[0], "relative_latency", "wall-clock latency relative to expert-only"),
+              (axes[1], "relative_cost", "cost relative to expert-only (drafter passes·c + expert passes)"),
+              (axes[2], "expert_passes", "expert calls per problem"))
+    for ax, x_field, x_name in panels:
+        placed = [s for s in here if not math.isnan(getattr(s, x_field))]
         for number, method in enumerate(METHODS):
-            points = sorted((s for s in here if s.method == method and not math.isnan(getattr(s, x_field))),
-                            key=lambda s: getattr(s, x_field))
+            points = sorted((s for s in placed if s.method == method), key=lambda s: getattr(s, x_field))
             if not points:
                 continue
             xs = [getattr(s, x_field) for s in points]
@@ -318,14 +361,22 @@ def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, p
                 ax.axhspan(getattr(e, low_field), getattr(e, high_field), color="grey", alpha=0.15)
                 ax.plot(xs, ys, marker="*", markersize=14, linestyle="none", color="black", label="expert-only")
                 continue
-            ax.plot(xs, ys, marker=markers[number % len(markers)], markersize=5, linewidth=1.2, alpha=0.85,
-                    label=method)
+            line, = ax.plot(xs, ys, marker=markers[number % len(markers)], markersize=5, linewidth=1.2, alpha=0.85,
+                            label=method)
+            if x_field == "relative_latency":  # the paired-bootstrap interval of each point's latency
+                ax.errorbar(xs, ys, xerr=[[x - s.latency_low for x, s in zip(xs, points)],
+                                          [s.latency_high - x for x, s in zip(xs, points)]],
+                            fmt="none", ecolor=line.get_color(), alpha=0.35, linewidth=0.8)
+        frontier = pareto_frontier([(getattr(s, x_field), getattr(s, value_field)) for s in placed])
+        if len(frontier) > 1:
+            ax.step(*zip(*frontier), where="post", color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
         ax.set_xlabel(x_name)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{name} (HumanEval)")
     n = max((s.problems for s in here), default=0)
-    fig.suptitle(f"Quality vs cost, {sampling}, up to {n} problems (band: expert-only 95% CI)")
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"Quality vs cost, {sampling}, up to {n} problems (band: expert-only 95% CI; bars: paired 95% CI)")
+    if axes[2].get_legend_handles_labels()[0]:
+        axes[2].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
