@@ -6,6 +6,7 @@ import math
 
 import pytest
 from speccascade.bench.tradeoff.report import (
+    beats_expert,
     markdown_table,
     mean_interval,
     paired_bootstrap,
@@ -65,6 +66,18 @@ def test_paired_bootstrap_resamples_problems_with_their_pairs():
     assert paired_bootstrap([1.0, 10.0, 100.0], [2.0, 20.0, 200.0])[1:] == pytest.approx((0.5, 0.5))
     assert paired_bootstrap([1.0, 0.0, -1.0]) == paired_bootstrap([1.0, 0.0, -1.0])  # seeded
     assert all(math.isnan(x) for x in paired_bootstrap([]))
+
+
+def test_a_configuration_better_than_expert_only_is_named():
+    records = [record("expert", f"T/{i}", passed=i < 10, wall=10.0) for i in range(20)]
+    records += [record("token", f"T/{i}", passed=i < 18, wall=6.0, alpha=0.1) for i in range(20)]  # +8, no loss
+    records += [record("chow", f"T/{i}", passed=i < 11, wall=6.0, alpha=0.3) for i in range(20)]  # +1: not significant
+    summaries = summarize(records, c=0.4)
+    assert [s.label for s in beats_expert(summaries, "greedy", "pass_at_1")] == ["token α=0.1"]
+    assert "Better than expert-only (pass@1; the paired 95% interval above 0): token α=0.1 (Δ +0.400 [" in \
+        markdown_table(summaries, "greedy")
+    only_expert = [r for r in records if r["method"] == "expert"]
+    assert "the paired 95% interval above 0): none." in markdown_table(summarize(only_expert, c=0.4), "greedy")
 
 
 def test_the_pareto_frontier_keeps_the_best_quality_each_cost_buys():

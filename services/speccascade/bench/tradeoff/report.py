@@ -301,7 +301,18 @@ def markdown_table(summaries: list[ConfigSummary], sampling: str, measure: str =
         cheapest = ("not reached" if row.cheapest is None
                     else f"**{row.cheapest.relative_cost:.2f}×** (α={_fmt_alpha(row.cheapest)})")
         lines.append(f"| {row.method} | {reach} | {cheapest} | {best} |")
+    lines += ["", f"Better than expert-only ({name}; the paired 95% interval above 0): "
+              + (", ".join(f"{s.label} (Δ {_fmt_delta(s, measure)})" for s in beats_expert(summaries, sampling, measure))
+                 or "none") + "."]
     return "\n".join(lines) + "\n"
+
+
+def beats_expert(summaries: list[ConfigSummary], sampling: str, measure: str) -> list[ConfigSummary]:
+    """Configurations significantly better than expert-only: the paired interval of the difference
+    lies wholly above 0."""
+    _, low_field, _ = QUALITY_DELTAS[measure]
+    return [s for s in summaries if s.sampling == sampling and s.method != EXPERT
+            and not math.isnan(getattr(s, low_field)) and getattr(s, low_field) > 0.0]
 
 
 def markdown_summary(summaries: list[ConfigSummary]) -> str:
