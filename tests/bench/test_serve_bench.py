@@ -40,6 +40,11 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     assert [p["sampling"] for p in paired].count("greedy") == 2 and len(paired) == 4
     assert all(p["identical"] for p in paired), paired  # fp32: served == in-process, greedy and sampled
     assert all(r["token"] > 0 and r["ttft"] > 0 for r in report["paired_ratios"])
+    # Page faults per round, of this process in-process and of the tiers served (vocabulary-sized
+    # tensors are mapped afresh in the tiers, whose allocator returns large blocks at once).
+    assert all(p["page_faults_per_round"][0] >= 0 and p["page_faults_per_round"][1] > 0 for p in paired)
+    assert all(set(c["page_faults_per_round"]) == {"Drafter", "Expert"} for c in report["concurrency"])
+    assert "page faults per round" in done.stdout
     # Where the rounds' time went, from the requests' own stats: the served rounds spent time in Ray
     # and in the tiers' batchers, the in-process ones in neither.
     served, local = report["breakdown_ms_per_round"]["served"], report["breakdown_ms_per_round"]["in-process"]

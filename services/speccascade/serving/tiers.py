@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -240,9 +241,12 @@ class ModelTier:
 
     async def batch_stats(self) -> dict[str, int]:
         """Forward passes and the calls they served since start (mean batch size is the ratio);
-        `forward_calls` counts every model call, batched or not, prefill chunks included."""
+        `forward_calls` counts every model call, batched or not, prefill chunks included;
+        `page_faults`: the replica process's page faults since it started (each large tensor the
+        allocator maps afresh is faulted in page by page: `bench serve` counts them per round)."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         return {"batches": self.metrics.batches, "batched_requests": self.metrics.batched_requests,
-                "forward_calls": self.backend.forward_calls}
+                "forward_calls": self.backend.forward_calls, "page_faults": usage.ru_minflt + usage.ru_majflt}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: calls served and forward-pass seconds

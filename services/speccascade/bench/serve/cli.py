@@ -189,7 +189,7 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
                 report.breakdowns = {"in-process": Breakdown(), "served": Breakdown()}
                 unpipelined = [(task, label, {**options, "pipeline": "off"}) for task, label, options in requests]
                 report.paired = measure.run_paired(engine, client, unpipelined, lambda: progress.advance(bar),
-                                                   report.breakdowns)
+                                                   report.breakdowns, handles)
                 del engine
             if args.pipeline:
                 progress.update(bar, description=f"bench serve: pipelining {', '.join(args.pipeline)}, request by "

@@ -5,6 +5,7 @@ comes with the per-round split of where the time went, read from the requests' o
 from __future__ import annotations
 
 import random
+import resource
 import statistics
 import threading
 import time
@@ -50,6 +51,9 @@ class Paired:
     in_process: StreamTiming
     served: StreamTiming
     identical: bool
+    # Page faults per round: of this process while it decoded in-process, of both tiers' processes
+    # while they served the request.
+    page_faults_per_round: tuple[float, float] = (0.0, 0.0)
 
     @property
     def token_ratio(self) -> float:
@@ -87,6 +91,7 @@ class Concurrency:
     pipeline: str = "off"
     predrafts: tuple[int, int] = (0, 0)  # made, used
     failures: list[str] = field(default_factory=list)  # the gRPC status of each stream that failed
+    page_faults_per_round: dict[str, float] = field(default_factory=dict)  # per tier process
 
     @property
     def tokens_per_s(self) -> float:
@@ -129,8 +134,13 @@ class Timed:
         return last.result.stats if getattr(last, "result", None) is not None else last.stats
 
 
+def own_page_faults() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 def run_paired(engine, client, requests: Sequence[tuple[str, str, dict]], advance: Callable[[], None],
-               breakdowns: dict[str, Breakdown]) -> list[Paired]:
+               breakdowns: dict[str, Breakdown], handles) -> list[Paired]:
     """Each (task, sampling label, options) in-process then served, interleaved request by request,
     so the machine's drift hits both alike."""
     from ...api.client import build_request
@@ -141,17 +151,24 @@ def run_paired(engine, client, requests: Sequence[tuple[str, str, dict]], advanc
     for task, label, options in requests:
         sampling = {k: options[k] for k in ("temperature", "top_p") if k in options}
         common = {k: v for k, v in options.items() if k not in sampling}
+        faults = own_page_faults()
         local = Timed(engine.stream(GenerationRequest(**common, sampling=SamplingParams(**sampling))))
+        local_faults = own_page_faults() - faults
+        faults = batch_counts(handles)
         remote = Timed(client.stream(build_request(**options)))
+        after = batch_counts(handles)
+        served_faults = sum(after[name][2] - faults[name][2] for name in handles)
         breakdowns["in-process"].add(local.stats)
         breakdowns["served"].add(remote.stats)
-        paired.append(Paired(task, label, local.timing, remote.timing, local.tokens == remote.tokens))
+        paired.append(Paired(task, label, local.timing, remote.timing, local.tokens == remote.tokens,
+                             (local_faults / max(local.stats.rounds, 1), served_faults / max(remote.stats.rounds, 1))))
         advance()
     return paired
 
 
-def batch_counts(handles) -> dict[str, tuple[int, int]]:
-    return {name: (s["batches"], s["batched_requests"])
+def batch_counts(handles) -> dict[str, tuple[int, int, int]]:
+    """Per tier: (batches, calls they served, the process's page faults) since it started."""
+    return {name: (s["batches"], s["batched_requests"], s["page_faults"])
             for name, s in ((n, h.batch_stats.remote().result()) for n, h in handles.items())}
 
 
@@ -212,8 +229,10 @@ def concurrent(target: str, app: str, build: Callable[[int], object], streams: i
         breakdown.add(timed.stats)
     gaps = [g for timed in results for g in timed.timing.token_gaps_s]
     predrafts = (sum(t.stats.predrafts for t in results), sum(t.stats.predrafts_used for t in results))
+    rounds = max(sum(t.stats.rounds for t in results), 1)
+    faults = {name: (after[name][2] - before[name][2]) / rounds for name in handles}
     return Concurrency(streams, sum(t.timing.tokens for t in results), wall, 1e3 * percentile(gaps, 0.5),
-                       means["Drafter"], means["Expert"], breakdown, pipeline, predrafts, failures)
+                       means["Drafter"], means["Expert"], breakdown, pipeline, predrafts, failures, faults)
 
 
 def synthetic_prompt(tokenizer, tokens: int, seed: int) -> str:

@@ -9,9 +9,11 @@ from ..timing import percentile
 from .measure import OTHER, PHASES
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], digits: int = 2) -> str:
+    """Median [min-max]."""
     ordered = sorted(values)
-    return f"{statistics.median(ordered):.2f} [{ordered[0]:.2f}-{ordered[-1]:.2f}]" if ordered else "-"
+    return (f"{statistics.median(ordered):,.{digits}f} [{ordered[0]:,.{digits}f}-{ordered[-1]:,.{digits}f}]"
+            if ordered else "-")
 
 
 def print_report(report) -> None:
@@ -37,6 +39,9 @@ def print_report(report) -> None:
                       f"{spread([p.token_ratio for p in report.paired])} over {len(report.paired)} requests; TTFT "
                       f"{spread([p.ttft_ratio for p in report.paired])}; identical outputs "
                       f"{sum(p.identical for p in report.paired)}/{len(report.paired)}")
+        console.print(f"page faults per round: in-process {spread([p.page_faults_per_round[0] for p in report.paired], 0)}"
+                      f" (this process), served {spread([p.page_faults_per_round[1] for p in report.paired], 0)} "
+                      f"(both tiers' processes)")
     splits = {name: b.per_round() for name, b in report.breakdowns.items() if b.rounds}
     splits.update({f"served, {c.streams} streams" + (f", {c.pipeline}" if c.pipeline != "off" else ""):
                    c.breakdown.per_round() for c in report.concurrency if c.breakdown.rounds})
@@ -83,6 +88,10 @@ def print_report(report) -> None:
                           f"{c.tokens_per_s / base[c.pipeline]:.2f}" if base[c.pipeline] else "-", f"{c.token_p50_ms:.1f}", used,
                           f"{c.mean_drafter_batch:.2f}", f"{c.mean_expert_batch:.2f}")
         console.print(table)
+        for c in report.concurrency:
+            if c.page_faults_per_round:
+                console.print(f"{c.streams} streams, pipelining {c.pipeline}: page faults per round "
+                              + ", ".join(f"{name} {faults:,.0f}" for name, faults in c.page_faults_per_round.items()))
         for c in report.concurrency:
             for failure in sorted(set(c.failures)):
                 console.print(f"[red]{c.streams} streams, pipelining {c.pipeline}: {c.failures.count(failure)} "
