@@ -320,6 +320,32 @@ def test_vocabulary_is_cut_to_the_tokenizer_ids():
         backend_class("hf")(model, name="small", vocab_size=VOCAB + 45)
 
 
+def test_logits_to_keep_gathers_a_partial_set_of_rows_and_takes_all_rows_as_an_int():
+    from speccascade.engine.backends.base import logits_to_keep
+
+    assert logits_to_keep(1, 1) == 1 and logits_to_keep(6, 6) == 6
+    assert logits_to_keep(5, 2).tolist() == [3, 4]  # not the int: a slice would copy the output weight (CPU, bf16)
+
+
+@pytest.mark.parametrize("kind", BACKEND_KINDS)
+def test_a_pass_keeping_fewer_rows_than_it_feeds_names_them_and_scores_right(kind):
+    backend = backend_class(kind)(tiny_qwen2(VOCAB, seed=3), name=kind)
+    seen = []
+    forward = backend.model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["logits_to_keep"])
+        return forward(*args, **kwargs)
+
+    backend.model.forward = spy
+    tokens = random_tokens(4, 12)
+    session = backend.new_session()
+    rows = backend.distributions(session, tokens, start=12)  # one pass over 12 tokens, one row kept
+    assert isinstance(seen[-1], torch.Tensor) and seen[-1].tolist() == [11]
+    backend.model.forward = forward
+    torch.testing.assert_close(rows, scratch(backend, tokens, 12), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", BACKEND_KINDS)
 def test_a_backend_keeps_no_autograd_state(kind):
     """Serving never trains: parameters are frozen, so no pass (nor a CUDA graph's capture, which

@@ -160,9 +160,12 @@ def expert_mean_logprob(expert_model, prompt_ids: list[int], completion_ids: lis
     n = len(completion_ids)
     if n == 0:
         return None
+    from ...engine.backends.base import logits_to_keep
+
     input_ids = torch.tensor([prompt_ids + completion_ids], dtype=torch.long)
     # Logits at positions len(prompt)-1 .. end-1 predict the completion tokens.
-    logits = expert_model(input_ids=input_ids, logits_to_keep=n + 1).logits[0, :-1].float()  # [n, V]
+    keep = logits_to_keep(input_ids.shape[1], n + 1, input_ids.device)
+    logits = expert_model(input_ids=input_ids, logits_to_keep=keep).logits[0, :-1].float()  # [n, V]
     logprobs = torch.log_softmax(logits, dim=-1)
     targets = torch.tensor(completion_ids, dtype=torch.long)
     return float(logprobs.gather(-1, targets.unsqueeze(-1)).mean())

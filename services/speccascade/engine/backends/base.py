@@ -98,6 +98,19 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def logits_to_keep(new_tokens: int, rows: int, device: torch.device | str = "cpu") -> int | Tensor:
+    """transformers' `logits_to_keep` for the last `rows` of a pass over `new_tokens` positions.
+
+    An int makes the model slice its hidden states (`[:, -rows:]`); a partial slice of a pass over
+    several tokens reaches the output layer as a matmul that torch runs as a batched one, copying
+    the whole [vocabulary, hidden] weight first: on a CPU, +0.5 s a pass for a 0.5B model in bf16
+    (a 2-token pass took 820 ms instead of 60). The positions as a tensor make the model gather
+    those rows into a tensor of their own, which goes through a plain matmul. All rows: the int."""
+    if rows >= new_tokens:
+        return rows
+    return torch.arange(new_tokens - rows, new_tokens, device=device)
+
+
 @dataclass(frozen=True)
 class CacheKwargs:
     """How this transformers version's model call takes a cache: transformers 5.2x renamed

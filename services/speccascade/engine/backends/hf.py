@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import BackendSession, ModelBackend, Plan
+from .base import BackendSession, ModelBackend, Plan, logits_to_keep
 
 PAD_TOKEN = 0  # any valid id: padded positions are masked out and their outputs discarded
 
@@ -59,7 +59,8 @@ class HFBackend(ModelBackend):
             out = self.model(
                 input_ids=ids if ids is not None else torch.tensor([plan.new_tokens], dtype=torch.long,
                                                                     device=self.device),
-                use_cache=True, logits_to_keep=plan.rows_needed, **self.cache_kwargs(plan.session.cache),
+                use_cache=True, logits_to_keep=logits_to_keep(len(plan.new_tokens), plan.rows_needed, self.device),
+                **self.cache_kwargs(plan.session.cache),
             )
             self.forward_calls += 1
             return [self.probabilities(out.logits[0, -plan.rows_needed:])]
@@ -103,7 +104,8 @@ class HFBackend(ModelBackend):
         logits_needed = max(p.rows_needed for p in plans)
         out = self.model(
             input_ids=ids if ids is not None else input_ids.to(device), attention_mask=attention_mask.to(device),
-            position_ids=position_ids.to(device), use_cache=True, logits_to_keep=logits_needed,
+            position_ids=position_ids.to(device), use_cache=True,
+            logits_to_keep=logits_to_keep(n_max, logits_needed, device),
             **self.cache_kwargs(past),
         )
         self.forward_calls += 1

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ...config.app import STATIC_DEFAULT_MAX_LEN
-from .base import BackendSession, ModelBackend, Plan
+from .base import BackendSession, ModelBackend, Plan, logits_to_keep
 from .graphs import GraphSet
 
 PAD_TOKEN = 0  # any valid id: padding writes to the scratch position and its outputs are discarded
@@ -238,7 +238,8 @@ class StaticBackend(ModelBackend):
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=positions.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=dict.fromkeys(self._layer_types, mask),
-                         use_cache=True, logits_to_keep=keep, **self.cache_kwargs(self.cache, positions[0]))
+                         use_cache=True, logits_to_keep=logits_to_keep(ids.shape[1], keep, ids.device),
+                         **self.cache_kwargs(self.cache, positions[0]))
         return self.probabilities(out.logits)
 
     def _graph_step(self, ids: Tensor, positions: Tensor, slots: Tensor, window: int, out: Tensor) -> None:
