@@ -26,8 +26,17 @@ def request(index: int, sampling: str, **options) -> GenerationRequest:
                              **options)
 
 
+@pytest.fixture(scope="module")
+def static_engine(tokenizer):
+    from ..conftest import make_engine
+
+    return make_engine(tokenizer, backend="static")
+
+
 @pytest.mark.parametrize("sampling", sorted(SAMPLINGS))
-def test_every_method_in_one_batch_decodes_as_it_does_alone(engine, sampling):
+@pytest.mark.parametrize("backend", ["hf", "static"])
+def test_every_method_in_one_batch_decodes_as_it_does_alone(engine, static_engine, backend, sampling):
+    engine = engine if backend == "hf" else static_engine
     requests = [request(i, sampling, **options) for i, options in enumerate(METHODS)]
     outcomes, stats = generate_many(engine, requests, concurrency=len(requests))
     for req, outcome in zip(requests, outcomes):

@@ -36,15 +36,17 @@ class CascadeEngine(TextGeneration):
 
     @classmethod
     def load(cls, drafter: str | None = None, expert: str | None = None, *, dtype: str = "auto",
-             backend: str = "hf", device: str = "auto", progress: bool = True) -> "CascadeEngine":
+             backend: str = "hf", device: str = "auto", progress: bool = True,
+             static_slots: int = IN_PROCESS_STATIC_SLOTS) -> "CascadeEngine":
         """Load a pair by source (packaged name, local dir, GGUF file or hub id) onto `device`
-        ("auto": CUDA when present), each model behind a `backend` ("hf" or "static")."""
+        ("auto": CUDA when present), each model behind a `backend` ("hf" or "static"; the static
+        backend with `static_slots` sessions cached at once: one per request decoded at once)."""
         from ..models import DRAFTER_DEFAULT, EXPERT_DEFAULT
 
         pair = PairInfo.load(drafter or DRAFTER_DEFAULT, expert or EXPERT_DEFAULT, progress=progress)
         options = dict(dtype=dtype, device=device, vocab_size=pair.vocab_size)
         if backend == "static":
-            options["slots"] = IN_PROCESS_STATIC_SLOTS
+            options["slots"] = static_slots
         return cls(
             load_backend(backend, pair.drafter_path, name=pair.drafter_name, **options),
             load_backend(backend, pair.expert_path, name=pair.expert_name, **options),

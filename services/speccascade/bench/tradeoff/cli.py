@@ -81,6 +81,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch", type=int, default=None, metavar="N",
                         help="decode the engine configurations' problems N at a time through the pair, their "
                              "latency modelled as alone (hf-assisted still runs alone; default: every one alone)")
+    parser.add_argument("--backend", default="hf", choices=("hf", "static"),
+                        help="model execution (default hf); static keeps a slot per problem decoded at once, so a "
+                             "batch copies no cache (hf lays each batch's caches out afresh)")
     parser.add_argument("--latency-sample", type=int, default=0, metavar="K",
                         help="with --batch: decode K batched problems alone again, configurations in turn, to "
                              "check the latency model (latency_check.jsonl)")
@@ -111,7 +114,8 @@ def handle(args: argparse.Namespace) -> int:
         from ...engine.engine import CascadeEngine
 
         print(f"loading the pair ({args.dtype}) ...", flush=True)
-        engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype)
+        engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, backend=args.backend,
+                                    static_slots=max(args.batch or 1, 2))
         run_benchmark(engine, configs, problems, out, base_seed=args.seed, timeout=args.timeout,
                       memory_mb=args.memory_mb, batch=args.batch, latency_sample=args.latency_sample)
     report = write_report(out, task_ids={p.task_id for p in problems} if limit is not None else None)

@@ -212,6 +212,7 @@ def make_record(engine, config: BenchConfig, problem: Problem, seed: int, comple
         "drafter_passes": completion.drafter_passes, "expert_passes": completion.expert_passes,
         "stats": completion.stats,
         "drafter_model": engine.drafter.name, "expert_model": engine.expert.name, "dtype": str(engine.expert.dtype),
+        "backend": engine.expert.kind,
     }
 
 
