@@ -27,10 +27,17 @@ from ..options import Pipeline
 from .backends import ModelBackend, ScoreJob
 from .blocks import EMPTY_BLOCK, CallReport, DraftPayload
 from .generation import GenerationResult
-from .jobs import DraftJob, VerifyJob, draft_blocks, verify_blocks_on
+from .jobs import (
+    PREFILL_THRESHOLD,
+    DraftJob,
+    VerifyJob,
+    context_to_cache,
+    draft_blocks,
+    scoring_job,
+    verify_blocks_on,
+)
 from .request import GenerationRequest
 
-PREFILL_THRESHOLD = 16  # a call feeding more context tokens than this is prefilled alone (as the tiers do)
 DRAFTER, EXPERT = "drafter", "expert"
 
 
@@ -80,18 +87,6 @@ class _Call:
     future: asyncio.Future
 
 
-def _scored(job: DraftJob | VerifyJob) -> tuple[Sequence[int], int]:
-    """(tokens, start) of the job's scoring pass: what `draft_blocks` / `verify_blocks_on` score."""
-    if isinstance(job, DraftJob):
-        return job.context, len(job.context)
-    return job.sequence, job.score_from
-
-
-def _context(job: DraftJob | VerifyJob) -> Sequence[int]:
-    """The tokens that must be cached before the call's own step (the tiers' `Work.context`)."""
-    return job.context if isinstance(job, DraftJob) else job.sequence[: job.score_from]
-
-
 class _Batches:
     """The calls of the running requests, run model by model once every running request waits."""
 
@@ -125,7 +120,7 @@ class _Batches:
     def _run(self, model: str, calls: list[_Call]) -> None:
         backend = self.backends[model]
         for call in calls:
-            context = _context(call.job)
+            context = context_to_cache(call.job)
             session = call.job.session
             if len(context) - backend.kept_length(session, context, len(context)) > PREFILL_THRESHOLD:
                 started = time.perf_counter()
@@ -143,8 +138,8 @@ class _Batches:
         if not calls:
             return
         for call in calls:
-            tokens, start = _scored(call.job)
-            fed = len(tokens) - backend.kept_length(call.job.session, tokens, start)
+            scored = scoring_job(call.job)
+            fed = len(scored.tokens) - backend.kept_length(scored.session, scored.tokens, scored.start)
             if isinstance(call.job, DraftJob):
                 call.log.drafts.append((call.job.gamma, fed))
             else:

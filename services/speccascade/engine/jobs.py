@@ -70,6 +70,26 @@ class VerifyJob:
         return self.start if self.prompt_logprobs is None else 1
 
 
+# A call with more uncached context tokens than this is prefilled apart before it joins the
+# batches (the tiers in chunks, batched evaluation alone): a verify after a normal round has 1
+# (the round's last token), after a chow skip gamma + 1.
+PREFILL_THRESHOLD = 16
+
+
+def scoring_job(job: DraftJob | VerifyJob) -> ScoreJob:
+    """The pass a job's call starts with: a draft scores its context for the first token, a verify
+    its sequence from `score_from`."""
+    if isinstance(job, DraftJob):
+        return ScoreJob(job.session, job.context, len(job.context))
+    return ScoreJob(job.session, job.sequence, job.score_from)
+
+
+def context_to_cache(job: DraftJob | VerifyJob) -> Sequence[int]:
+    """The tokens that must be cached before the call's own step (a verify that wants its
+    prompt's logprobs scores every prompt row in its pass, so nothing is prefilled apart)."""
+    return job.context if isinstance(job, DraftJob) else job.sequence[: job.score_from]
+
+
 @dataclass
 class WorkTimes:
     """Seconds a batch spent in model passes, and in choosing tokens (drafting) or deciding blocks
@@ -149,7 +169,7 @@ def draft_blocks(backend: ModelBackend, jobs: Sequence[DraftJob], *,
     there and gets None (its session was released: nobody reads its block)."""
     stopwatch = _Stopwatch(backend.device)
     times = WorkTimes()
-    rows = [row[0] for row in backend.score([ScoreJob(job.session, job.context, len(job.context)) for job in jobs])]
+    rows = [row[0] for row in backend.score([scoring_job(job) for job in jobs])]
     q = torch.stack(rows)  # [B, V]
     stopwatch.lap()
     drafted: list[list[tuple[Tensor, Tensor, Tensor | None]]] = [[] for _ in jobs]  # (token, q row, q_sample row)
@@ -204,7 +224,7 @@ def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[
     """Score every job's sequence in one pass and verify every block, grouped by (rule, gamma,
     sampling) into `cascade.verify_blocks` calls; the outcomes reach the host together."""
     stopwatch = _Stopwatch(backend.device)
-    scored = backend.score([ScoreJob(job.session, job.sequence, job.score_from) for job in jobs])
+    scored = backend.score([scoring_job(job) for job in jobs])
     # A job that wants its prompt's logprobs was scored from position 1: its first start - 1 rows
     # are the expert's distributions of the prompt's tokens 1..start-1 given what precedes them
     # (as scored, with no min_tokens mask: that mask is about output positions).

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-from pathlib import Path
 
 
 class CpuTurns:
@@ -23,9 +22,8 @@ class CpuTurns:
     it needs no lock of its own within the process."""
 
     def __init__(self, path: str | os.PathLike, *, field: str = "cpu_lock_file"):
-        self.path = Path(path)
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as error:
             raise ValueError(f"{field}={str(path)!r}: cannot open it for locking ({error.strerror})") from None
 
@@ -36,7 +34,3 @@ class CpuTurns:
     def __exit__(self, *exc) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 
 
 def _load_glibc(name: str):
@@ -30,6 +31,13 @@ def pin_mmap_threshold() -> bool:
     soak: +0.86 % instead of +1.05 % per 10 min for the expert, 0.1 GiB lower; BENCHMARKS.md, soak).
     True if set."""
     return _MALLOPT is not None and _MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+
+
+def page_faults() -> int:
+    """This process's page faults since it started (minor and major): with the threshold pinned,
+    each large tensor is mapped afresh and faulted in page by page (`bench serve` counts them)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
 
 
 def trim_heap() -> bool:

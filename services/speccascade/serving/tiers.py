@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,10 +39,18 @@ from ..autoscale.signals import TIER_BUSY_SECONDS, TIER_CALLS
 from ..config.app import TierConfig
 from ..engine.backends import ScoreJob, load_backend
 from ..engine.blocks import CallReport
-from ..engine.jobs import DraftJob, VerifyJob, WorkTimes, draft_blocks, verify_blocks_on
+from ..engine.jobs import (
+    PREFILL_THRESHOLD,
+    DraftJob,
+    VerifyJob,
+    WorkTimes,
+    context_to_cache,
+    draft_blocks,
+    verify_blocks_on,
+)
 from .batching import ContinuousBatcher, Prefill, Progress, Queued, SupersededError
 from .cpu_turns import CpuTurns
-from .heap import pin_mmap_threshold, trim_heap
+from .heap import page_faults, pin_mmap_threshold, trim_heap
 from .logs import log_to_replica_file
 from .metrics import TierMetrics
 from .sessions import CacheStats, SessionEndedError, SessionEntry, SessionStore
@@ -52,9 +59,6 @@ from .wire import DraftCall, DraftReply, VerifyCall, VerifyReply
 log = logging.getLogger(__name__)
 
 MAX_SWEEP_PERIOD_S = 30.0  # idle sessions are looked for (and the heap trimmed) at least this often
-# A call with more uncached context tokens than this is prefilled in chunks before it joins the
-# batches: a verify after a normal round has 1 (the round's last token), after a chow skip gamma + 1.
-PREFILL_THRESHOLD = 16
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,7 @@ class Work:
 
     @property
     def context(self) -> Sequence[int]:
-        """The tokens that must be cached before the call's own step (a verify that wants its
-        prompt's logprobs scores every prompt row in its pass, so nothing is prefilled apart)."""
-        job = self.job
-        return job.context if isinstance(job, DraftJob) else job.sequence[: job.score_from]
+        return context_to_cache(self.job)
 
 
 class ModelTier:
@@ -244,9 +245,8 @@ class ModelTier:
         `forward_calls` counts every model call, batched or not, prefill chunks included;
         `page_faults`: the replica process's page faults since it started (each large tensor the
         allocator maps afresh is faulted in page by page: `bench serve` counts them per round)."""
-        usage = resource.getrusage(resource.RUSAGE_SELF)
         return {"batches": self.metrics.batches, "batched_requests": self.metrics.batched_requests,
-                "forward_calls": self.backend.forward_calls, "page_faults": usage.ru_minflt + usage.ru_majflt}
+                "forward_calls": self.backend.forward_calls, "page_faults": page_faults()}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: calls served and forward-pass seconds

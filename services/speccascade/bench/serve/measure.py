@@ -5,7 +5,6 @@ comes with the per-round split of where the time went, read from the requests' o
 from __future__ import annotations
 
 import random
-import resource
 import statistics
 import threading
 import time
@@ -134,11 +133,6 @@ class Timed:
         return last.result.stats if getattr(last, "result", None) is not None else last.stats
 
 
-def own_page_faults() -> int:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_minflt + usage.ru_majflt
-
-
 def run_paired(engine, client, requests: Sequence[tuple[str, str, dict]], advance: Callable[[], None],
                breakdowns: dict[str, Breakdown], handles) -> list[Paired]:
     """Each (task, sampling label, options) in-process then served, interleaved request by request,
@@ -146,18 +140,19 @@ def run_paired(engine, client, requests: Sequence[tuple[str, str, dict]], advanc
     from ...api.client import build_request
     from ...engine.request import GenerationRequest
     from ...options import SamplingParams
+    from ...serving.heap import page_faults
 
     paired = []
     for task, label, options in requests:
         sampling = {k: options[k] for k in ("temperature", "top_p") if k in options}
         common = {k: v for k, v in options.items() if k not in sampling}
-        faults = own_page_faults()
+        before = page_faults()
         local = Timed(engine.stream(GenerationRequest(**common, sampling=SamplingParams(**sampling))))
-        local_faults = own_page_faults() - faults
-        faults = batch_counts(handles)
+        local_faults = page_faults() - before
+        tiers_before = batch_counts(handles)
         remote = Timed(client.stream(build_request(**options)))
-        after = batch_counts(handles)
-        served_faults = sum(after[name][2] - faults[name][2] for name in handles)
+        tiers_after = batch_counts(handles)
+        served_faults = sum(tiers_after[name][2] - tiers_before[name][2] for name in handles)
         breakdowns["in-process"].add(local.stats)
         breakdowns["served"].add(remote.stats)
         paired.append(Paired(task, label, local.timing, remote.timing, local.tokens == remote.tokens,

@@ -22,7 +22,15 @@ from pathlib import Path
 from ...engine.batch import CallCosts, generate_many
 from ..humaneval import STOP_SEQUENCES
 from .configs import BenchConfig
-from .records import BATCHED_RUNS_FILE, LATENCY_CHECK_FILE, MODELLED, RecordStore, append_jsonl
+from .records import (
+    BATCHED_RUNS_FILE,
+    LATENCY_CHECK_FILE,
+    MODELLED,
+    RECORDS_FILE,
+    RecordStore,
+    append_jsonl,
+    read_jsonl,
+)
 from .run import completion_of, describe_machine, generate_with_engine, make_record, problem_seed, run_one
 
 
@@ -123,8 +131,6 @@ def check_latency(engine, batched: list, *, sample: int, base_seed: int, run_id:
     """Decode a sample of the batched pairs alone, one configuration after another; modelled vs
     measured latency, and whether the output is the batched one."""
     from tqdm import tqdm
-
-    from .records import RECORDS_FILE, read_jsonl
 
     modelled = {(r["config"], r["task_id"]): r for r in read_jsonl(out / RECORDS_FILE) if r.get("run_id") == run_id}
     rows = []
