@@ -276,3 +276,66 @@ def test_report_can_be_restricted_to_some_problems(tmp_path):
     write_report(tmp_path)
     summary = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
     assert {s["problems"] for s in summary} == {20}
+
+
+def test_chosen_alpha_is_the_fastest_point_as_good_as_expert_else_the_best():
+    from speccascade.bench.tradeoff.report import chosen_alphas, markdown_alpha_curves
+
+    records = _sweep_records()  # expert 12/20 at 10 s; token 0.1: 12 at 6 s, 0.5: 9 at 3 s; chow 0.3: 5
+    records += [record("token", f"T/{i}", passed=i < 13, wall=8.0, alpha=0.05) for i in range(20)]
+    records += [record("chow", f"T/{i}", passed=i < 7, wall=9.0, alpha=0.1) for i in range(20)]
+    records += [record("chow", f"T/{i}", passed=i < 7, wall=4.0, alpha=0.5) for i in range(20)]
+    summaries = summarize(records, c=0.4)
+    chosen = chosen_alphas(summaries, "greedy")
+    # token: 0.05 and 0.1 pass at least as many as expert; 0.1 is faster. The faster 0.5 loses 3.
+    assert chosen["token"].alpha == 0.1
+    # chow never reaches 12: its best pass@1 (7) at the faster of the two alphas that reach it.
+    assert chosen["chow"].alpha == 0.5
+    assert set(chosen) == {"token", "chow", "sequence-cascade"}  # rules with an alpha only
+    text = markdown_alpha_curves(summaries, "greedy")
+    assert "**0.1: 12/20, +0.000 [+0.000, +0.000], 0.60×**" in text
+    assert "0.05: 13/20" in text and "**0.05: 13/20" not in text
+    assert "`--alphas token=0.1 --alphas chow=0.5 --alphas sequence-cascade=0.1`" in text
+    assert chosen_alphas([s for s in summaries if s.method != "expert"], "greedy") == {}
+
+
+def test_combined_report_keeps_each_directory_against_its_own_expert(tmp_path):
+    import json
+
+    from speccascade.bench.tradeoff.cli import write_combined_report
+
+    def write(directory, records):
+        directory.mkdir()
+        with (directory / "records.jsonl").open("w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+    # Two invocations on machines of different speed: each rule's latency against its own expert.
+    first = [dict(record("expert", f"T/{i}", passed=True, wall=10.0), run_id="a") for i in range(4)]
+    first += [dict(record("lossless", f"T/{i}", passed=True, wall=6.0), run_id="a") for i in range(4)]
+    first += [dict(record("token", f"T/{i}", passed=i < 3, wall=5.0, alpha=0.3), run_id="a") for i in range(4)]
+    second = [dict(record("expert", f"T/{i}", passed=True, wall=20.0), run_id="b") for i in range(4)]
+    second += [dict(record("lossless", f"T/{i}", passed=True, wall=14.0), run_id="b") for i in range(4)]
+    second += [dict(record("chow", f"T/{i}", passed=True, wall=11.0, alpha=0.2), run_id="b") for i in range(4)]
+    write(tmp_path / "one", first)
+    write(tmp_path / "two", second)
+    text = write_combined_report([tmp_path / "one", tmp_path / "two"], tmp_path / "out")
+    assert "0.2: 4/4, +0.000 [+0.000, +0.000], 0.55×" in text  # chow: 11 s against its own 20 s
+    assert "0.3: 3/4" in text and "0.50×" in text  # token: 5 s against 10 s
+    assert "lossless 4/4, +0.000 [+0.000, +0.000], 0.60×" in text  # the first directory's lossless
+    assert (tmp_path / "out" / "curves.md").read_text() == text
+    assert (tmp_path / "out" / "alpha-curves_pass-at-1_greedy.png").stat().st_size > 10_000
+    with pytest.raises(ValueError, match="no records"):
+        write_combined_report([tmp_path / "one", tmp_path / "missing"], tmp_path / "out")
+
+
+def test_combine_needs_report_only(tmp_path):
+    import argparse
+
+    from speccascade.bench.tradeoff import cli as tradeoff
+
+    parser = argparse.ArgumentParser()
+    tradeoff.register(parser.add_subparsers())
+    args = parser.parse_args(["tradeoff", "--combine", str(tmp_path), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--report-only"):
+        args.handler(args)

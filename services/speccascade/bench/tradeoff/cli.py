@@ -34,12 +34,14 @@ from .records import (
 )
 from .report import (
     QUALITY_MEASURES,
+    markdown_alpha_curves,
     markdown_batched,
     markdown_summary,
     markdown_table,
     plot_tradeoff,
     step_cost_from_records,
     summarize,
+    summary_order,
     summary_records,
 )
 
@@ -89,6 +91,10 @@ def register(subparsers) -> None:
                              "check the latency model (latency_check.jsonl)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild summary, table and plots (of the first --limit problems); load no model")
+    parser.add_argument("--combine", action="append", type=Path, metavar="DIR",
+                        help="with --report-only: the alpha curves of a sweep made by several invocations, one "
+                             "directory each with its own expert-only reference (repeatable), into --out: "
+                             "curves.md, the chosen alpha per rule and the plots")
     parser.set_defaults(handler=handle)
 
 
@@ -108,8 +114,14 @@ def handle(args: argparse.Namespace) -> int:
         raise ValueError("--latency-sample checks the latency model of a batched run: give --batch N too")
     if args.latency_sample < 0:
         raise ValueError(f"--latency-sample {args.latency_sample}: give 0 or more")
+    if args.combine and not args.report_only:
+        raise ValueError("--combine reports on sweeps already run: give --report-only too")
     problems = load_problems(limit)
     out: Path = args.out or (QUICK_OUT if quick else DEFAULT_OUT)
+    if args.combine:
+        print(write_combined_report(args.combine, out,
+                                    task_ids={p.task_id for p in problems} if limit is not None else None))
+        return 0
     if not args.report_only:
         from ...engine.engine import CascadeEngine
 
@@ -230,4 +242,40 @@ def write_report(out: Path, task_ids: set[str] | None = None) -> str:
     parts += ["## Every configuration", "", markdown_summary(summaries)]
     text = "\n".join(parts)
     (out / "table.md").write_text(text)
+    return text
+
+
+COMBINED_FILE = "curves.md"
+
+
+def write_combined_report(sources: list[Path], out: Path, task_ids: set[str] | None = None) -> str:
+    """The alpha curves of a sweep run as several invocations into `sources` (each directory with
+    its own expert-only reference, since wall-clock is compared only within an invocation): every
+    configuration summarised in its own directory, one that several hold (expert-only, lossless)
+    taken from the first; then per sampling setting the curves, the chosen alpha per rule, Table 2
+    and the plots, written to `out` (curves.md, alpha-curves_<measure>_<sampling>.png)."""
+    summaries, seen = [], set()
+    for source in sources:
+        records = [r for r in read_jsonl(Path(source) / RECORDS_FILE) if task_ids is None or r["task_id"] in task_ids]
+        if not records:
+            raise ValueError(f"--combine {source}: no records there (of the problems asked for)")
+        for s in summarize(records, step_cost_ratio(Path(source))):
+            if s.config not in seen:
+                seen.add(s.config)
+                summaries.append(s)
+    summaries.sort(key=summary_order)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = ["# Alpha curves", "", "From " + ", ".join(f"`{source}`" for source in sources)
+             + ": each configuration's relative latency and paired differences against the expert-only "
+               "run of its own directory; expert-only and lossless as in the first.", ""]
+    for sampling in [s for s in SAMPLINGS if any(x.sampling == s for x in summaries)]:
+        for measure in QUALITY_MEASURES:
+            name = measure.replace("_", "-")
+            path = plot_tradeoff(summaries, sampling, measure, out / f"alpha-curves_{name}_{sampling}.png",
+                                 label_alphas=True)
+            parts += [f"## {QUALITY_MEASURES[measure][3]}, {sampling}", "",
+                      markdown_alpha_curves(summaries, sampling, measure),
+                      markdown_table(summaries, sampling, measure), f"![{name} {sampling}]({path.name})", ""]
+    text = "\n".join(parts)
+    (out / COMBINED_FILE).write_text(text)
     return text

@@ -180,10 +180,13 @@ def summarize(records: list[dict], c: float) -> list[ConfigSummary]:
             expert_passes=statistics.fmean(r["expert_passes"] for r in values),
             drafter_token_share=(from_drafter / (from_drafter + from_expert)) if from_drafter + from_expert else math.nan,
         ))
-    order = {m: i for i, m in enumerate(METHODS)}
-    summaries.sort(key=lambda s: (s.sampling, s.max_new_tokens, order.get(s.method, len(order)),
-                                  -math.inf if s.alpha is None else s.alpha))
-    return summaries
+    return sorted(summaries, key=summary_order)
+
+
+def summary_order(s: ConfigSummary) -> tuple:
+    """Sampling setting, token budget, METHODS order, then alpha."""
+    method = METHODS.index(s.method) if s.method in METHODS else len(METHODS)
+    return s.sampling, s.max_new_tokens, method, -math.inf if s.alpha is None else s.alpha
 
 
 # Quality measures: (summary field, its 95% interval fields, name in tables and plots).
@@ -344,9 +347,11 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, floa
     return frontier
 
 
-def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, path: Path) -> Path:
-    """Quality vs relative latency (left) and vs relative machine-independent cost (right), one
-    curve per method, expert-only as a star with its 95% band."""
+def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, path: Path, *,
+                  label_alphas: bool = False) -> Path:
+    """Quality vs relative latency (left), vs relative machine-independent cost (middle) and vs
+    expert calls per problem (right), one curve per method, expert-only as a star with its 95% band;
+    `label_alphas` writes each point's α beside it on the latency panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -362,7 +367,9 @@ def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, p
     for ax, x_field, x_name in panels:
         placed = [s for s in here if not math.isnan(getattr(s, x_field))]
         for number, method in enumerate(METHODS):
-            points = sorted((s for s in placed if s.method == method), key=lambda s: getattr(s, x_field))
+            # A curve joins a rule's points in alpha order where alphas are labelled, else by cost.
+            points = sorted((s for s in placed if s.method == method),
+                            key=(lambda s: s.alpha or 0.0) if label_alphas else (lambda s: getattr(s, x_field)))
             if not points:
                 continue
             xs = [getattr(s, x_field) for s in points]
@@ -378,6 +385,11 @@ def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, p
                 ax.errorbar(xs, ys, xerr=[[x - s.latency_low for x, s in zip(xs, points)],
                                           [s.latency_high - x for x, s in zip(xs, points)]],
                             fmt="none", ecolor=line.get_color(), alpha=0.35, linewidth=0.8)
+                if label_alphas:
+                    for x, y, s in zip(xs, ys, points):
+                        if s.alpha is not None:
+                            ax.annotate(f"{s.alpha:g}", (x, y), textcoords="offset points", xytext=(3, 3),
+                                        fontsize=6, color=line.get_color())
         frontier = pareto_frontier([(getattr(s, x_field), getattr(s, value_field)) for s in placed])
         if len(frontier) > 1:
             ax.step(*zip(*frontier), where="post", color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
@@ -393,6 +405,62 @@ def plot_tradeoff(summaries: list[ConfigSummary], sampling: str, measure: str, p
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def chosen_alphas(summaries: list[ConfigSummary], sampling: str, measure: str = "pass_at_1"
+                  ) -> dict[str, ConfigSummary]:
+    """Per method with an α grid, the point to run on every problem: the lowest relative latency
+    among its points at least as good as expert-only on the grid's problems (pass@1: as many
+    problems passed); where none is, its best quality (ties: the faster). Points without a
+    relative latency are left out."""
+    value_field = QUALITY_MEASURES[measure][0]
+    here = [s for s in summaries if s.sampling == sampling and not math.isnan(s.relative_latency)]
+    expert = next((s for s in here if s.method == EXPERT), None)
+    if expert is None:
+        return {}
+    chosen = {}
+    for method in METHODS:
+        points = [s for s in here if s.method == method and s.alpha is not None]
+        if not points:
+            continue
+        as_good = [s for s in points if getattr(s, value_field) >= getattr(expert, value_field)]
+        chosen[method] = (min(as_good, key=lambda s: s.relative_latency) if as_good
+                          else max(points, key=lambda s: (getattr(s, value_field), -s.relative_latency)))
+    return chosen
+
+
+def markdown_alpha_curves(summaries: list[ConfigSummary], sampling: str, measure: str = "pass_at_1") -> str:
+    """Each α rule's curve as one row (α: quality, paired Δ, relative latency), the chosen point in
+    bold, and the `--alphas` arguments that run the chosen points."""
+    value_field, _, _, name = QUALITY_MEASURES[measure]
+    here = [s for s in summaries if s.sampling == sampling]
+    expert = next((s for s in here if s.method == EXPERT), None)
+    if expert is None:
+        return f"_No expert-only records for {sampling}: nothing to compare against._\n"
+    chosen = chosen_alphas(summaries, sampling, measure)
+    passed = measure == "pass_at_1"
+    lines = [f"Expert-only ({sampling}): {name} {_fmt_quality(expert, measure)} over {expert.problems} problems. "
+             f"Each cell: α: {name}" + (" (problems passed)" if passed else "")
+             + "; Δ vs expert, paired; relative latency. Bold: the chosen point (`chosen_alphas`).", "",
+             "| method | points |", "|---|---|"]
+    for method in METHODS:
+        points = sorted((s for s in here if s.method == method and s.alpha is not None), key=lambda s: s.alpha)
+        if not points:
+            continue
+        cells = []
+        for s in points:
+            quality = f"{s.passed}/{s.problems}" if passed else f"{getattr(s, value_field):.3f}"
+            cell = f"{s.alpha:g}: {quality}, {_fmt_delta(s, measure)}, {_fmt_ratio(s.relative_latency)}×"
+            cells.append(f"**{cell}**" if chosen.get(method) is s else cell)
+        lines.append(f"| {method} | " + "; ".join(cells) + " |")
+    others = [s for s in here if s.alpha is None and s.method != EXPERT]
+    if others:
+        lines += ["", "Without α: " + "; ".join(
+            f"{s.method} " + (f"{s.passed}/{s.problems}" if passed else f"{getattr(s, value_field):.3f}")
+            + f", {_fmt_delta(s, measure)}, {_fmt_ratio(s.relative_latency)}×" for s in others) + "."]
+    lines += ["", "Chosen points as arguments: `" + " ".join(
+        f"--alphas {method}={s.alpha:g}" for method, s in chosen.items()) + "`"]
+    return "\n".join(lines) + "\n"
 
 
 def summary_records(summaries: list[ConfigSummary], c: float) -> list[dict]:
