@@ -323,6 +323,7 @@ def test_combined_report_keeps_each_directory_against_its_own_expert(tmp_path):
     assert "0.2: 4/4, +0.000 [+0.000, +0.000], 0.55×" in text  # chow: 11 s against its own 20 s
     assert "0.3: 3/4" in text and "0.50×" in text  # token: 5 s against 10 s
     assert "lossless 4/4, +0.000 [+0.000, +0.000], 0.60×" in text  # the first directory's lossless
+    assert f"| `{tmp_path / 'two'}` (greedy) | 20.0 | 0.70 [0.70, 0.70] |" in text  # each one's yardstick
     assert (tmp_path / "out" / "curves.md").read_text() == text
     assert (tmp_path / "out" / "alpha-curves_pass-at-1_greedy.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="no records"):

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from ..humaneval import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_SECONDS, load_problems
-from .configs import METHODS, SAMPLINGS, BenchConfig, build_configs, parse_alpha_overrides, parse_list
+from .configs import EXPERT, LOSSLESS, METHODS, SAMPLINGS, BenchConfig, build_configs, parse_alpha_overrides, parse_list
 from .records import (
     BATCHED_RUNS_FILE,
     CALIBRATION_FILE,
@@ -255,19 +255,30 @@ def write_combined_report(sources: list[Path], out: Path, task_ids: set[str] | N
     taken from the first; then per sampling setting the curves, the chosen alpha per rule, Table 2
     and the plots, written to `out` (curves.md, alpha-curves_<measure>_<sampling>.png)."""
     summaries, seen = [], set()
+    yardsticks = ["| directory | expert-only s/problem | lossless rel. latency [paired 95% CI] | c |", "|---|---|---|---|"]
     for source in sources:
         records = [r for r in read_jsonl(Path(source) / RECORDS_FILE) if task_ids is None or r["task_id"] in task_ids]
         if not records:
             raise ValueError(f"--combine {source}: no records there (of the problems asked for)")
-        for s in summarize(records, step_cost_ratio(Path(source))):
+        c = step_cost_ratio(Path(source))
+        here = summarize(records, c)
+        for s in here:
             if s.config not in seen:
                 seen.add(s.config)
                 summaries.append(s)
+        # The same methods timed by each invocation: how far its latency model and machine moved.
+        for expert in (s for s in here if s.method == EXPERT):
+            lossless = next((s for s in here if s.method == LOSSLESS and s.sampling == expert.sampling
+                             and s.max_new_tokens == expert.max_new_tokens), None)
+            yardsticks.append(f"| `{source}` ({expert.sampling}) | {expert.seconds_per_problem:.1f} | "
+                              + ("–" if lossless is None else f"{lossless.relative_latency:.2f} "
+                                 f"[{lossless.latency_low:.2f}, {lossless.latency_high:.2f}]") + f" | {c:.3f} |")
     summaries.sort(key=summary_order)
     out.mkdir(parents=True, exist_ok=True)
     parts = ["# Alpha curves", "", "From " + ", ".join(f"`{source}`" for source in sources)
              + ": each configuration's relative latency and paired differences against the expert-only "
-               "run of its own directory; expert-only and lossless as in the first.", ""]
+               "run of its own directory; expert-only and lossless as in the first. What each directory's "
+               "own runs of the same methods gave:", "", *yardsticks, ""]
     for sampling in [s for s in SAMPLINGS if any(x.sampling == s for x in summaries)]:
         for measure in QUALITY_MEASURES:
             name = measure.replace("_", "-")
