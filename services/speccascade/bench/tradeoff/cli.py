@@ -199,10 +199,31 @@ def step_cost_ratio(out: Path) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def read_records(directory: Path, task_ids: set[str] | None = None) -> list[dict]:
+    """The records in `directory` (only those of `task_ids`, if given)."""
+    return [r for r in read_jsonl(directory / RECORDS_FILE) if task_ids is None or r["task_id"] in task_ids]
+
+
+def quality_sections(summaries, samplings, out: Path, *, curves: bool = False) -> list[str]:
+    """Per sampling setting and quality measure: a heading, Table 2 and the plot written to `out`;
+    `curves`: each rule's alpha curve before the table, plots named alpha-curves_* with alphas labelled."""
+    parts = []
+    for sampling in samplings:
+        for measure in QUALITY_MEASURES:
+            name = measure.replace("_", "-")
+            path = plot_tradeoff(summaries, sampling, measure,
+                                 out / (f"alpha-curves_{name}_{sampling}.png" if curves else f"{name}_{sampling}.png"),
+                                 label_alphas=curves)
+            parts += [f"## {QUALITY_MEASURES[measure][3]}, {sampling}", "",
+                      *([markdown_alpha_curves(summaries, sampling, measure)] if curves else []),
+                      markdown_table(summaries, sampling, measure), f"![{name} {sampling}]({path.name})", ""]
+    return parts
+
+
 def write_report(out: Path, task_ids: set[str] | None = None) -> str:
     """summary.jsonl, table.md and plots from the records in `out` (only those of `task_ids`, if
     given: `--limit N` reports on the first N problems); returns the markdown."""
-    records = [r for r in read_jsonl(out / RECORDS_FILE) if task_ids is None or r["task_id"] in task_ids]
+    records = read_records(out, task_ids)
     if not records:
         raise ValueError(f"no records in {out}: run the benchmark first")
     c = step_cost_ratio(out)
@@ -228,12 +249,7 @@ def write_report(out: Path, task_ids: set[str] | None = None) -> str:
             f"{c_in_run:.3f}.",
             "",
         ]
-    for sampling in samplings:
-        for measure in QUALITY_MEASURES:
-            name = measure.replace("_", "-")
-            path = plot_tradeoff(summaries, sampling, measure, out / f"{name}_{sampling}.png")
-            parts += [f"## {QUALITY_MEASURES[measure][3]}, {sampling}", "",
-                      markdown_table(summaries, sampling, measure), f"![{name} {sampling}]({path.name})", ""]
+    parts += quality_sections(summaries, samplings, out)
     batched_runs = read_jsonl(out / BATCHED_RUNS_FILE)
     if batched_runs:
         parts += ["## Batched evaluation", "",
@@ -257,7 +273,7 @@ def write_combined_report(sources: list[Path], out: Path, task_ids: set[str] | N
     summaries, seen = [], set()
     yardsticks = ["| directory | expert-only s/problem | lossless rel. latency [paired 95% CI] | c |", "|---|---|---|---|"]
     for source in sources:
-        records = [r for r in read_jsonl(Path(source) / RECORDS_FILE) if task_ids is None or r["task_id"] in task_ids]
+        records = read_records(Path(source), task_ids)
         if not records:
             raise ValueError(f"--combine {source}: no records there (of the problems asked for)")
         c = step_cost_ratio(Path(source))
@@ -279,14 +295,8 @@ def write_combined_report(sources: list[Path], out: Path, task_ids: set[str] | N
              + ": each configuration's relative latency and paired differences against the expert-only "
                "run of its own directory; expert-only and lossless as in the first. What each directory's "
                "own runs of the same methods gave:", "", *yardsticks, ""]
-    for sampling in [s for s in SAMPLINGS if any(x.sampling == s for x in summaries)]:
-        for measure in QUALITY_MEASURES:
-            name = measure.replace("_", "-")
-            path = plot_tradeoff(summaries, sampling, measure, out / f"alpha-curves_{name}_{sampling}.png",
-                                 label_alphas=True)
-            parts += [f"## {QUALITY_MEASURES[measure][3]}, {sampling}", "",
-                      markdown_alpha_curves(summaries, sampling, measure),
-                      markdown_table(summaries, sampling, measure), f"![{name} {sampling}]({path.name})", ""]
+    parts += quality_sections(summaries, [s for s in SAMPLINGS if any(x.sampling == s for x in summaries)], out,
+                              curves=True)
     text = "\n".join(parts)
     (out / COMBINED_FILE).write_text(text)
     return text

@@ -439,6 +439,10 @@ def markdown_alpha_curves(summaries: list[ConfigSummary], sampling: str, measure
         return f"_No expert-only records for {sampling}: nothing to compare against._\n"
     chosen = chosen_alphas(summaries, sampling, measure)
     passed = measure == "pass_at_1"
+
+    def quality(s: ConfigSummary) -> str:
+        return f"{s.passed}/{s.problems}" if passed else f"{getattr(s, value_field):.3f}"
+
     lines = [f"Expert-only ({sampling}): {name} {_fmt_quality(expert, measure)} over {expert.problems} problems. "
              f"Each cell: α: {name}" + (" (problems passed)" if passed else "")
              + "; Δ vs expert, paired; relative latency. Bold: the chosen point (`chosen_alphas`).", "",
@@ -449,15 +453,13 @@ def markdown_alpha_curves(summaries: list[ConfigSummary], sampling: str, measure
             continue
         cells = []
         for s in points:
-            quality = f"{s.passed}/{s.problems}" if passed else f"{getattr(s, value_field):.3f}"
-            cell = f"{s.alpha:g}: {quality}, {_fmt_delta(s, measure)}, {_fmt_ratio(s.relative_latency)}×"
+            cell = f"{s.alpha:g}: {quality(s)}, {_fmt_delta(s, measure)}, {_fmt_ratio(s.relative_latency)}×"
             cells.append(f"**{cell}**" if chosen.get(method) is s else cell)
         lines.append(f"| {method} | " + "; ".join(cells) + " |")
     others = [s for s in here if s.alpha is None and s.method != EXPERT]
     if others:
         lines += ["", "Without α: " + "; ".join(
-            f"{s.method} " + (f"{s.passed}/{s.problems}" if passed else f"{getattr(s, value_field):.3f}")
-            + f", {_fmt_delta(s, measure)}, {_fmt_ratio(s.relative_latency)}×" for s in others) + "."]
+            f"{s.method} {quality(s)}, {_fmt_delta(s, measure)}, {_fmt_ratio(s.relative_latency)}×" for s in others) + "."]
     lines += ["", "Chosen points as arguments: `" + " ".join(
         f"--alphas {method}={s.alpha:g}" for method, s in chosen.items()) + "`"]
     return "\n".join(lines) + "\n"
