@@ -12,6 +12,14 @@ ARG TORCH_VERSION=2.13.0
 # https://download.pytorch.org/whl/cu128 to pin torch to one CUDA version.
 ARG TORCH_INDEX_URL=
 
+# jemalloc and tcmalloc, the C allocators a tier may ask for (TierConfig.allocator; glibc's is the
+# default): CPU passes reuse their large tensors instead of faulting them in afresh each pass.
+USER root
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libjemalloc2 libtcmalloc-minimal4 \
+ && rm -rf /var/lib/apt/lists/*
+USER ray
+
 WORKDIR /home/ray
 COPY --chown=ray:users dist/speccascade-*.whl wheels/
 # torch first, from its index; then the package, whose torch range that torch satisfies, and

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
+from speccascade.serving.heap import ALLOCATOR_LIBRARIES
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "speccascade"
@@ -88,16 +89,23 @@ def test_make_image_tags_what_the_chart_runs_by_default():
 def copy_and_run(parsed: DockerfileParser, *, context: Path, workdir: Path, venv: Path, build_args: dict) -> None:
     """Run the Dockerfile's steps after FROM as `docker build` would inside the image: ARGs as
     environment variables, COPY from the build context to WORKDIR-relative destinations, RUN in
-    a shell whose pip and python are the fresh virtual environment's."""
+    a shell whose pip and python are the fresh virtual environment's. Steps run as root install
+    system packages into the image, not into this machine: they are left out
+    (test_the_images_install_the_allocators_a_tier_may_ask_for checks them)."""
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
     args = {**parsed.args, **build_args}
-    started = False
+    started, user = False, None
     for op, value in instructions(parsed):
         if op == "FROM":
             started = True
             continue
         if not started or op == "ARG":
+            continue
+        if op == "USER":
+            user = value
+            continue
+        if user == "root":
             continue
         if op == "WORKDIR":
             assert value.startswith("/"), value  # the image's home; here, the rehearsal's directory
@@ -115,6 +123,18 @@ def copy_and_run(parsed: DockerfileParser, *, context: Path, workdir: Path, venv
             subprocess.run(["sh", "-c", value], cwd=workdir, env={**env, **args}, check=True)
         else:
             pytest.fail(f"the rehearsal does not know {op} {value}; teach it before using it in an image")
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_the_images_install_the_allocators_a_tier_may_ask_for(flavour):
+    steps = [(op, value) for op, value in instructions(dockerfile(flavour)) if op in ("USER", "RUN")]
+    users = [value for op, value in steps if op == "USER"]
+    assert users == ["root", "ray"]  # root for the system package only; Ray's user runs everything else
+    as_root = [value for op, value in steps[steps.index(("USER", "root")):steps.index(("USER", "ray"))] if op == "RUN"]
+    # Debian/Ubuntu's packages of the libraries a tier preloads for each allocator it may ask for.
+    packages = {"libjemalloc2": "libjemalloc.so.2", "libtcmalloc-minimal4": "libtcmalloc_minimal.so.4"}
+    assert sorted(packages.values()) == sorted(ALLOCATOR_LIBRARIES.values())
+    assert any(f"apt-get install -y --no-install-recommends {' '.join(packages)}" in step for step in as_root)
 
 
 @pytest.mark.slow

@@ -1,16 +1,28 @@
-"""A tier keeps glibc's mmap threshold fixed, so a large block freed after the first batches goes
-back to the OS at once instead of staying in a fragmenting heap. Checked in a fresh process with
-the C allocator itself: free a 16 MiB block (glibc would raise its threshold above that), then
-allocate, touch and free 8 MiB beneath a small block that pins the heap's top."""
+"""A tier's C allocator. Under glibc a tier keeps the mmap threshold fixed, so a large block freed
+after the first batches goes back to the OS at once instead of staying in a fragmenting heap
+(checked in a fresh process with the C allocator itself: free a 16 MiB block, which would raise
+glibc's threshold above that, then allocate, touch and free 8 MiB beneath a small block that pins
+the heap's top). The price is that every large tensor is faulted in afresh; jemalloc or tcmalloc,
+preloaded into the replica's process, reuse it (checked in fresh processes that allocate tensors
+as a pass does). A replica runs on the allocator it asked for or refuses to start."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from speccascade.serving.heap import _MALLOPT, pin_mmap_threshold
+from speccascade.serving import heap
+from speccascade.serving.heap import (
+    _MALLOPT,
+    allocator_env,
+    allocator_installed,
+    pin_mmap_threshold,
+    prepare_allocator,
+    running_allocator,
+)
 
 PROBE = textwrap.dedent("""
     import ctypes, os, sys
@@ -45,3 +57,100 @@ def test_a_large_block_freed_after_warm_up_returns_to_the_os_only_with_the_thres
     assert pin_mmap_threshold()
     assert freed_bytes("pinned") >= 7 << 20
     assert freed_bytes("default") < 1 << 20  # what the tiers saw before: the freed block stays resident
+
+
+# A pass's large temporaries: a 4 MiB tensor (1,024 pages; six rows of logits over a 150k-token
+# vocabulary are 3.6 MiB) allocated, written and freed 20 times after a warm-up, in a process that
+# prepared its allocator as a tier does.
+TENSOR_PROBE = textwrap.dedent("""
+    import sys
+    import torch
+    from speccascade.serving.heap import page_faults, prepare_allocator
+    running = prepare_allocator(sys.argv[1])
+    for _ in range(3):
+        torch.ones(1 << 20).sum()
+    before = page_faults()
+    for _ in range(20):
+        torch.ones(1 << 20).sum()
+    print(running, (page_faults() - before) / 20)
+""")
+
+
+def tensor_probe(allocator: str) -> tuple[str, float]:
+    env = {**os.environ, **allocator_env(allocator)}
+    done = subprocess.run([sys.executable, "-c", TENSOR_PROBE, allocator], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    running, faults = done.stdout.split()
+    return running, float(faults)
+
+
+@pytest.mark.parametrize("allocator", ["jemalloc", "tcmalloc"])
+def test_a_preloaded_allocator_reuses_a_large_tensor_that_pinned_glibc_faults_in_every_time(allocator):
+    if not allocator_installed(allocator):
+        pytest.skip(f"{heap.ALLOCATOR_LIBRARIES[allocator]} is not installed")
+    running, faults = tensor_probe(allocator)
+    assert running == allocator
+    assert faults < 50  # the freed 4 MiB came back without faults
+    if _MALLOPT is not None:
+        assert tensor_probe("glibc") == ("glibc", pytest.approx(1024, rel=0.1))  # every page, every time
+
+
+def test_the_replica_environment_preloads_the_chosen_allocator():
+    assert allocator_env("glibc") == {}
+    assert allocator_env("tcmalloc") == {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+    jemalloc = allocator_env("jemalloc")
+    assert jemalloc["LD_PRELOAD"] == "libjemalloc.so.2"
+    # An idle replica gives its pages back; tensors of every size are kept for reuse alike.
+    assert {"background_thread:true", "oversize_threshold:0"} <= set(jemalloc["MALLOC_CONF"].split(","))
+
+
+@pytest.mark.parametrize("mapped,expected", [
+    ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n", "jemalloc"),
+    ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4.5.10\n", "tcmalloc"),
+    ("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n", "glibc"),
+])
+def test_the_running_allocator_is_read_from_the_mapped_libraries(tmp_path, mapped, expected):
+    maps = tmp_path / "maps"
+    maps.write_text(mapped)
+    assert running_allocator(maps) == expected
+    assert running_allocator(tmp_path / "missing") == "glibc"
+
+
+def test_a_replica_without_the_allocator_it_asked_for_refuses_to_start():
+    assert running_allocator() == "glibc", "the test process runs on glibc's malloc"
+    with pytest.raises(ValueError, match=r"drafter\.allocator='jemalloc': libjemalloc\.so\.2 is not loaded"):
+        prepare_allocator("jemalloc", field="drafter.allocator")
+    assert prepare_allocator("glibc") == "glibc"
+
+
+def test_served_tiers_run_on_the_allocators_their_config_asks_for_and_answer_alike(local_stack, tiny_pair, tier_handles,
+                                                                                    local_engine):
+    """glibc by default (the shared application); tcmalloc and jemalloc preloaded into another
+    application's tier processes through their runtime environment, answering the same tokens."""
+    from ray import serve
+    from speccascade.api.client import SpecCascadeClient
+
+    from ..served import PROMPT, app_args, in_process_policy
+
+    for name in ("Drafter", "Expert"):
+        assert tier_handles[name].batch_stats.remote().result()["allocator"] == "glibc"
+    asked = {"drafter": "tcmalloc", "expert": "jemalloc"}
+    for allocator in asked.values():
+        if not allocator_installed(allocator):
+            pytest.skip(f"{heap.ALLOCATOR_LIBRARIES[allocator]} is not installed")
+    name = "speccascade-allocators"
+    endpoints = local_stack.deploy(app_args(*tiny_pair, **{tier: {"allocator": a} for tier, a in asked.items()}),
+                                   name=name, route_prefix=f"/{name}")
+    try:
+        for tier, allocator in asked.items():
+            handle = serve.get_deployment_handle(tier.capitalize(), app_name=name)
+            assert handle.batch_stats.remote().result()["allocator"] == allocator
+        with SpecCascadeClient(endpoints.grpc_target, application=name) as client:
+            for rule, alpha, sampling in (("lossless", 0.0, {}), ("token", 0.3, dict(temperature=0.7, top_p=0.95))):
+                options = dict(seed=5, max_new_tokens=24)
+                served = client.generate(prompt=PROMPT, rule=rule, alpha=alpha, block_size=4, **options, **sampling)
+                expected = in_process_policy(local_engine, "cascade", rule, alpha, sampling, **options)
+                assert list(served.token_ids) == expected.token_ids
+    finally:
+        serve.delete(name)

@@ -30,6 +30,7 @@ from ray.serve.config import RequestRouterConfig
 
 from ..config.app import AppConfig, Replicas, TierConfig
 from ..serving.affinity import SessionAffinityRouter
+from ..serving.heap import allocator_env
 from ..serving.tiers import DrafterTier, ExpertTier
 from .ingress import Ingress
 
@@ -51,9 +52,19 @@ def replica_options(replicas: Replicas) -> dict:
     return {"autoscaling_config": autoscaling}
 
 
+def tier_actor_options(tier: TierConfig) -> dict:
+    """Ray actor options of a tier's replicas: its placement, and the environment that gives its
+    process the configured C allocator (preloaded at the process's start)."""
+    options = tier.placement.ray_actor_options()
+    env = allocator_env(tier.allocator)
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    return options
+
+
 def tier_deployment(cls, name: str, tier: TierConfig):
     return serve.deployment(
-        cls, name=name, ray_actor_options=tier.placement.ray_actor_options(),
+        cls, name=name, ray_actor_options=tier_actor_options(tier),
         max_ongoing_requests=tier.max_ongoing_requests,
         request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter),
         **replica_options(tier.replicas),

@@ -80,6 +80,7 @@ class ServeOverrides:
     dtype: str | None = None
     backend: str | None = None
     device: str | None = None
+    allocator: str | None = None
     tenants_file: Path | None = None
     tier_settings: dict[str, dict] = field(default_factory=dict)  # "drafter"/"expert" -> fields to set
     router_replicas: int | None = None
@@ -90,7 +91,7 @@ class ServeOverrides:
             tier_args = out.setdefault(tier, {})
             if getattr(self, tier):
                 tier_args["model"] = getattr(self, tier)
-            for option in ("dtype", "backend", "device"):
+            for option in ("dtype", "backend", "device", "allocator"):
                 if getattr(self, option):
                     tier_args[option] = getattr(self, option)
             tier_args.update(self.tier_settings.get(tier, {}))

@@ -27,6 +27,9 @@ from .base import ReplicaBounds, StrictModel
 # or preallocated per-slot K/V buffers with CUDA graphs.
 BackendKind = Literal["hf", "static"]
 BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
+# The C allocator of a tier process (`serving.heap`).
+AllocatorName = Literal["glibc", "jemalloc", "tcmalloc"]
+ALLOCATOR_NAMES: tuple[str, ...] = get_args(AllocatorName)
 DtypeName = Literal["auto", "bf16", "fp32"]  # auto: bf16 on GPUs and CPUs with bf16 matrix units, else fp32
 DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 STATIC_DEFAULT_MAX_LEN = 4096  # tokens per static slot when the model's window is larger (memory grows with it)
@@ -124,6 +127,13 @@ class TierConfig(StrictModel):
         None, ge=1, le=256,
         description="Intra-op threads for forward passes. Default: torch's, which Ray caps at the replica's "
                     "num_cpus (and at 1 when num_cpus < 1) through OMP_NUM_THREADS.")
+    allocator: AllocatorName = Field(
+        "glibc", description="The C allocator of the replica's process, from which torch takes every CPU tensor. glibc "
+                             "(mmap threshold pinned, heap trimmed between batches): resident memory stays flat, but a "
+                             "CPU pass maps and faults in its large tensors afresh. jemalloc or tcmalloc (preloaded; "
+                             "Debian/Ubuntu libjemalloc2, libtcmalloc-minimal4, in the images): freed tensors are "
+                             "reused, CPU passes run faster, and resident memory grows over hours (BENCHMARKS.md). "
+                             "A replica without the allocator asked for refuses to start.")
     cpu_lock_file: str | None = Field(
         None, min_length=1,
         description="A file the tiers of one CPU machine lock around each forward pass, so that their passes take "

@@ -1,11 +1,20 @@
-"""Keeping a tier replica's resident memory flat over a long run: glibc's heap, not a leak, is what
-creeps (see `pin_mmap_threshold` and `trim_heap`; measured in BENCHMARKS.md, soak)."""
+"""A tier replica's C allocator: fast passes and flat resident memory over a long run.
+
+torch takes every CPU tensor from the process's malloc. Under glibc's, with its mmap threshold
+pinned (`pin_mmap_threshold`) and the heap trimmed between batches (`trim_heap`), resident memory
+stays flat, but each large tensor (logits, padded batches) is mapped and faulted in afresh every
+pass. jemalloc and tcmalloc keep freed memory for the next pass: the passes run faster, and
+resident memory grows for as long as a 25-minute soak runs (measured in BENCHMARKS.md, serving and
+soak). `allocator_env` preloads one into a replica's process; `prepare_allocator` checks, in the
+replica, which one it got."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import resource
+from pathlib import Path
 
 
 def _load_glibc(name: str):
@@ -49,3 +58,59 @@ def trim_heap() -> bool:
         return False
     _MALLOC_TRIM(0)
     return True
+
+
+# The shared libraries preloaded for each allocator (Debian/Ubuntu: libjemalloc2,
+# libtcmalloc-minimal4), named by soname so that ld.so finds them on any architecture.
+ALLOCATOR_LIBRARIES = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
+# jemalloc's background thread hands pages unused for 10 s back to the OS even when the replica is
+# idle (without it, purging happens only inside later allocations); oversize_threshold:0 keeps
+# allocations over 8 MiB (an 8-row batch of logits) in the same reuse instead of purging them at once.
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:10000,oversize_threshold:0"
+
+
+def _library_stem(name: str) -> str:
+    return ALLOCATOR_LIBRARIES[name].split(".so")[0]  # libjemalloc
+
+
+def allocator_installed(name: str) -> bool:
+    """Whether this machine's dynamic loader finds the allocator's library."""
+    return ctypes.util.find_library(_library_stem(name).removeprefix("lib")) is not None
+
+
+def allocator_env(name: str) -> dict[str, str]:
+    """Environment variables that give a replica's process the allocator: LD_PRELOAD takes effect
+    only when a process starts, so they go into the replica's runtime environment."""
+    if name not in ALLOCATOR_LIBRARIES:  # glibc's malloc: nothing to preload
+        return {}
+    env = {"LD_PRELOAD": ALLOCATOR_LIBRARIES[name]}
+    if name == "jemalloc":
+        env["MALLOC_CONF"] = JEMALLOC_CONF
+    return env
+
+
+def running_allocator(maps: Path = Path("/proc/self/maps")) -> str:
+    """The allocator this process runs on: jemalloc or tcmalloc when its library is mapped (it was
+    preloaded), else glibc."""
+    try:
+        mapped = maps.read_text()
+    except OSError:
+        return "glibc"
+    for name in ALLOCATOR_LIBRARIES:
+        if f"/{_library_stem(name)}.so" in mapped:
+            return name
+    return "glibc"
+
+
+def prepare_allocator(requested: str, *, field: str = "allocator") -> str:
+    """In a replica at start: the allocator it runs on, glibc's mmap threshold pinned when it is
+    glibc's. A ValueError when jemalloc or tcmalloc was asked for and is not loaded (not installed
+    on this node)."""
+    running = running_allocator()
+    if requested in ALLOCATOR_LIBRARIES and running != requested:
+        preload = os.environ.get("LD_PRELOAD", "")
+        raise ValueError(f"{field}={requested!r}: {ALLOCATOR_LIBRARIES[requested]} is not loaded in this replica "
+                         f"(LD_PRELOAD={preload!r}); install it on every node or set {field} to glibc")
+    if running == "glibc":
+        pin_mmap_threshold()
+    return running

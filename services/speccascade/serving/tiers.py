@@ -50,7 +50,7 @@ from ..engine.jobs import (
 )
 from .batching import ContinuousBatcher, Prefill, Progress, Queued, SupersededError
 from .cpu_turns import CpuTurns
-from .heap import page_faults, pin_mmap_threshold, trim_heap
+from .heap import page_faults, prepare_allocator, trim_heap
 from .logs import log_to_replica_file
 from .metrics import TierMetrics
 from .sessions import CacheStats, SessionEndedError, SessionEntry, SessionStore
@@ -91,7 +91,7 @@ class ModelTier:
         from ..models import resolve_model
 
         log_to_replica_file()
-        pin_mmap_threshold()
+        self.allocator = prepare_allocator(config.allocator, field=f"{role}.allocator")
         self.config = config
         self.role = role
         if config.cpu_affinity:
@@ -119,8 +119,8 @@ class ModelTier:
             prefill=Prefill(self._pending_context, self._prefill, PREFILL_THRESHOLD, config.prefill_chunk_tokens),
             session_of=lambda work: work.session_id)
         self._sweeper: asyncio.Task | None = None
-        log.info("%s tier loaded %s (%s backend, %s, %s, %d threads%s)", role, resolved.source, config.backend,
-                 self.backend.dtype, self.backend.device, torch.get_num_threads(),
+        log.info("%s tier loaded %s (%s backend, %s, %s, %d threads, %s allocator%s)", role, resolved.source,
+                 config.backend, self.backend.dtype, self.backend.device, torch.get_num_threads(), self.allocator,
                  f", passes take turns on {config.cpu_lock_file}" if config.cpu_lock_file else "")
 
     # ---- the forward thread ----
@@ -213,7 +213,8 @@ class ModelTier:
         while True:
             await asyncio.sleep(period)
             reclaimed = await self.batcher.run_between_batches(self.sessions.reclaim_idle)
-            await self.batcher.run_between_batches(trim_heap)
+            if self.allocator == "glibc":  # jemalloc and tcmalloc return unused pages themselves
+                await self.batcher.run_between_batches(trim_heap)
             self.metrics.observe_cache(self.sessions.stats())
             if reclaimed:
                 log.info("%s tier reclaimed %d session cache(s) idle for over %gs (router gone or request "
@@ -240,13 +241,15 @@ class ModelTier:
         whatever the forward thread is doing)."""
         return self.batcher.progress()
 
-    async def batch_stats(self) -> dict[str, int]:
+    async def batch_stats(self) -> dict[str, int | str]:
         """Forward passes and the calls they served since start (mean batch size is the ratio);
         `forward_calls` counts every model call, batched or not, prefill chunks included;
         `page_faults`: the replica process's page faults since it started (each large tensor the
-        allocator maps afresh is faulted in page by page: `bench serve` counts them per round)."""
+        allocator maps afresh is faulted in page by page: `bench serve` counts them per round);
+        `allocator`: the C allocator the process runs on."""
         return {"batches": self.metrics.batches, "batched_requests": self.metrics.batched_requests,
-                "forward_calls": self.backend.forward_calls, "page_faults": page_faults()}
+                "forward_calls": self.backend.forward_calls, "page_faults": page_faults(),
+                "allocator": self.allocator}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: calls served and forward-pass seconds

@@ -135,10 +135,12 @@ def tier_settings(args: argparse.Namespace) -> dict[str, dict]:
     return settings
 
 
-def describe_tiers(config) -> str:
+def describe_tiers(config, allocators: dict[str, str]) -> str:
+    """How the tiers run: device, threads, cores, the C allocator each replica reports, turns."""
     drafter, expert = config.drafter, config.expert
     cores = "; ".join(f"{name} {tier.device}, {tier.torch_threads or 'default'} threads"
                       + (f" on cores {tier.cpu_affinity}" if tier.cpu_affinity else "")
+                      + f", {allocators[name]} allocator"
                       for name, tier in (("drafter", drafter), ("expert", expert)))
     turns = {drafter.cpu_lock_file, expert.cpu_lock_file} - {None}
     return cores + (f"; passes take turns on {', '.join(sorted(turns))}" if turns else "; passes may run at once")
@@ -159,11 +161,13 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
     launched = start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert,
                                                               dtype=args.dtype, backend=args.backend,
                                                               device=None if args.device == "cpu" else args.device,
+                                                              allocator=args.allocator,
                                                               tier_settings=tier_settings(args)),
                                   grpc_port=args.grpc_port, http_port=args.http_port)
     target, app = launched.endpoints.grpc_target, launched.endpoints.app_name
-    report.tiers = describe_tiers(launched.config)
     handles = {name: serve.get_deployment_handle(name, app_name=app) for name in ("Drafter", "Expert")}
+    report.tiers = describe_tiers(launched.config, {name.lower(): handle.batch_stats.remote().result()["allocator"]
+                                                    for name, handle in handles.items()})
     policy = dict(rule=args.rule, alpha=args.alpha, block_size=args.block_size)
 
     def chat(task: str, n: int, **sampling) -> dict:
@@ -237,7 +241,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def register(benches) -> None:
-    from ...config.app import DTYPE_NAMES
+    from ...config.app import ALLOCATOR_NAMES, DTYPE_NAMES
 
     parser = benches.add_parser("serve", help="served (gRPC) vs in-process per request, where a round's time goes, "
                                               "throughput at 1/8/32 streams, a load of long prompts")
@@ -270,6 +274,8 @@ def register(benches) -> None:
                              "(e.g. on,off,auto)")
     parser.add_argument("--pin-tiers", action="store_true",
                         help="the drafter on core 0 and the expert on core 1, one thread each (so they can overlap)")
+    parser.add_argument("--allocator", choices=ALLOCATOR_NAMES,
+                        help="both tiers' C allocator (TierConfig.allocator; default: the config's)")
     parser.add_argument("--cpu-lock-file", help="the file both tiers' forward passes take turns on (TierConfig."
                                                 "cpu_lock_file; default: the config's), or 'none' for no turns")
     parser.add_argument("--grpc-port", type=int, default=9411)

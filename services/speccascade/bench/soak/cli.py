@@ -35,6 +35,7 @@ def start_service(args: argparse.Namespace):
 
     return start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert, dtype=args.dtype,
                                                           backend=args.backend, device=args.device,
+                                                          allocator=args.allocator,
                                                           router_replicas=args.router_replicas),
                               grpc_port=args.grpc_port, http_port=args.http_port)
 
@@ -100,7 +101,7 @@ def kill_order(text: str) -> tuple[str, ...]:
 
 def register(benches) -> None:
     from ...commands.serve import add_execution_arguments
-    from ...config.app import DTYPE_NAMES
+    from ...config.app import ALLOCATOR_NAMES, DTYPE_NAMES
 
     parser = benches.add_parser("soak", help="concurrent clients for minutes, with cancels, deadlines and replica "
                                              "kills: failures, memory slope, sessions left, identical outputs",
@@ -117,6 +118,8 @@ def register(benches) -> None:
                          help="router replicas when starting here (default: the config's); two or more for "
                               "--kill-order Router, so the broken streams have a router to resume on")
     add_execution_arguments(service, overrides_config=True)
+    service.add_argument("--allocator", choices=ALLOCATOR_NAMES,
+                         help="both tiers' C allocator when starting here (default: the config's)")
     service.add_argument("--grpc-port", type=int, default=9421)
     service.add_argument("--http-port", type=int, default=8421)
     load = parser.add_argument_group("the load")

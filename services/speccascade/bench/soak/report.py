@@ -222,6 +222,7 @@ def plot_title(config: dict) -> str:
     return (f"bench soak: {config['clients']} clients, {config['minutes']:g} min, cancels "
             f"{config['cancel_share']:.0%}, deadlines {config['deadline_share']:.0%}"
             + (f", {config['dtype']}" if config.get("dtype") else "")
+            + (f", {config['allocator']} allocator" if config.get("allocator") else "")
             + (f", a replica kill every {config['kill_every']:g}s" if config.get("kill_every") else ""))
 
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# jemalloc and tcmalloc, the C allocators a tier may ask for (TierConfig.allocator; glibc's, the
+# default, needs nothing): Debian/Ubuntu's libjemalloc2 and libtcmalloc-minimal4, installed where
+# this user may (root, or sudo without a password). CI runs it so that the tests preloading them
+# run; elsewhere it says what is missing. Never fails: those tests skip without the libraries.
+set -uo pipefail
+
+missing() {
+  python3 - <<'PY'
+import ctypes.util
+print(" ".join(package for package, library in (("libjemalloc2", "jemalloc"), ("libtcmalloc-minimal4", "tcmalloc_minimal"))
+               if ctypes.util.find_library(library) is None))
+PY
+}
+
+packages=$(missing)
+[ -z "$packages" ] && exit 0
+if command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then sudo=(); elif sudo -n true 2>/dev/null; then sudo=(sudo -n); else sudo=(none); fi
+  if [ "${sudo[0]:-}" != none ]; then
+    echo "installing $packages (C allocators a tier may ask for)"
+    export DEBIAN_FRONTEND=noninteractive
+    # shellcheck disable=SC2086
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends $packages >/dev/null 2>&1 \
+      || { "${sudo[@]}" apt-get update -q >/dev/null 2>&1 \
+           && "${sudo[@]}" apt-get install -y -q --no-install-recommends $packages >/dev/null 2>&1; }
+  fi
+fi
+packages=$(missing)
+[ -n "$packages" ] && echo "not installed: $packages; a tier asking for that allocator will not start" \
+                          "(the tests that preload it skip)" >&2
+exit 0
