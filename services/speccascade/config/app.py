@@ -129,10 +129,10 @@ class TierConfig(StrictModel):
                     "num_cpus (and at 1 when num_cpus < 1) through OMP_NUM_THREADS.")
     allocator: AllocatorName = Field(
         "glibc", description="The C allocator of the replica's process, from which torch takes every CPU tensor. glibc "
-                             "(mmap threshold pinned, heap trimmed between batches): resident memory stays flat, but a "
-                             "CPU pass maps and faults in its large tensors afresh. jemalloc or tcmalloc (preloaded; "
-                             "Debian/Ubuntu libjemalloc2, libtcmalloc-minimal4, in the images): freed tensors are "
-                             "reused, CPU passes run faster, and resident memory grows over hours (BENCHMARKS.md). "
+                             "(mmap threshold pinned, heap trimmed between batches): a CPU pass maps and faults in "
+                             "its large tensors afresh. jemalloc or tcmalloc (preloaded; Debian/Ubuntu libjemalloc2, "
+                             "libtcmalloc-minimal4, in the images): freed tensors are reused and CPU passes run "
+                             "faster (BENCHMARKS.md). "
                              "A replica without the allocator asked for refuses to start.")
     cpu_lock_file: str | None = Field(
         None, min_length=1,

@@ -3,10 +3,9 @@
 torch takes every CPU tensor from the process's malloc. Under glibc's, with its mmap threshold
 pinned (`pin_mmap_threshold`) and the heap trimmed between batches (`trim_heap`), resident memory
 stays flat, but each large tensor (logits, padded batches) is mapped and faulted in afresh every
-pass. jemalloc and tcmalloc keep freed memory for the next pass: the passes run faster, and
-resident memory grows for as long as a 25-minute soak runs (measured in BENCHMARKS.md, serving and
-soak). `allocator_env` preloads one into a replica's process; `prepare_allocator` checks, in the
-replica, which one it got."""
+pass. jemalloc and tcmalloc keep freed memory for the next pass, and the passes run faster
+(measured in BENCHMARKS.md, serving and soak). `allocator_env` preloads one into a replica's
+process; `prepare_allocator` checks, in the replica, which one it got."""
 
 from __future__ import annotations
 
