@@ -4,12 +4,15 @@
 # this user may (root, or sudo without a password). CI runs it so that the tests preloading them
 # run; elsewhere it says what is missing. Never fails: those tests skip without the libraries.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 
+# The packages and the check the tiers use (serving/heap.py needs only the standard library, so it
+# runs before the package is installed).
 missing() {
   python3 - <<'PY'
-import ctypes.util
-print(" ".join(package for package, library in (("libjemalloc2", "jemalloc"), ("libtcmalloc-minimal4", "tcmalloc_minimal"))
-               if ctypes.util.find_library(library) is None))
+import runpy
+heap = runpy.run_path("services/speccascade/serving/heap.py")
+print(" ".join(package for name, package in heap["ALLOCATOR_PACKAGES"].items() if not heap["allocator_installed"](name)))
 PY
 }
 

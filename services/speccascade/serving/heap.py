@@ -59,9 +59,11 @@ def trim_heap() -> bool:
     return True
 
 
-# The shared libraries preloaded for each allocator (Debian/Ubuntu: libjemalloc2,
-# libtcmalloc-minimal4), named by soname so that ld.so finds them on any architecture.
+# The shared libraries preloaded for each allocator, named by soname so that ld.so finds them on
+# any architecture, and the Debian/Ubuntu packages that install them (the images and
+# scripts/install_allocators.sh install these).
 ALLOCATOR_LIBRARIES = {"jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
+ALLOCATOR_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}
 # jemalloc's background thread hands pages unused for 10 s back to the OS even when the replica is
 # idle (without it, purging happens only inside later allocations); oversize_threshold:0 keeps
 # allocations over 8 MiB (an 8-row batch of logits) in the same reuse instead of purging them at once.
@@ -109,7 +111,8 @@ def prepare_allocator(requested: str, *, field: str = "allocator") -> str:
     if requested in ALLOCATOR_LIBRARIES and running != requested:
         preload = os.environ.get("LD_PRELOAD", "")
         raise ValueError(f"{field}={requested!r}: {ALLOCATOR_LIBRARIES[requested]} is not loaded in this replica "
-                         f"(LD_PRELOAD={preload!r}); install it on every node or set {field} to glibc")
+                         f"(LD_PRELOAD={preload!r}); install it on every node (Debian/Ubuntu: "
+                         f"{ALLOCATOR_PACKAGES[requested]}) or set {field} to glibc")
     if running == "glibc":
         pin_mmap_threshold()
     return running
