@@ -43,3 +43,27 @@ def test_each_session_is_computed_on_one_replica_only(two_expert_app):
     # Every verify call of a session found its cache: one miss per session in total. Without
     # affinity, calls would alternate between the replicas and each switch would recompute.
     assert sum(new_sessions.values()) == sessions
+
+
+def test_the_routing_index_forgets_sessions_whose_calls_were_all_routed():
+    """Serve drops an entry of its index by multiplexed id only when the same id comes again; a
+    session's id never does once it ends, so the router drops the routed ones itself."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from speccascade.serving.affinity import forget_routed
+
+    loop = asyncio.new_event_loop()
+    try:
+        def pending(done: bool):
+            future = loop.create_future()
+            if done:
+                future.set_result("replica")
+            return SimpleNamespace(future=future)
+
+        index = {"ended": [pending(True), pending(True)], "waiting": [pending(True), pending(False)],
+                 "new": [pending(False)]}
+        assert forget_routed(index) == 1
+        assert set(index) == {"waiting", "new"}
+    finally:
+        loop.close()
