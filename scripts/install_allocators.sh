@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# jemalloc and tcmalloc, the C allocators a tier may ask for (TierConfig.allocator; glibc's, the
-# default, needs nothing): Debian/Ubuntu's libjemalloc2 and libtcmalloc-minimal4, installed where
-# this user may (root, or sudo without a password). CI runs it so that the tests preloading them
-# run; elsewhere it says what is missing. Never fails: those tests skip without the libraries.
+# jemalloc and tcmalloc, the C allocators a tier may ask for (TierConfig.allocator; the default,
+# auto, runs tcmalloc where installed and glibc's otherwise): Debian/Ubuntu's libjemalloc2 and
+# libtcmalloc-minimal4, installed where this user may (root, or sudo without a password).
+# `make install` runs it (so CI's tests preloading them run); where it cannot install, it says what
+# is missing. Never fails: the tiers then run on glibc's, those tests skip.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,6 @@ if command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 packages=$(missing)
-[ -n "$packages" ] && echo "not installed: $packages; a tier asking for that allocator will not start" \
-                          "(the tests that preload it skip)" >&2
+[ -n "$packages" ] && echo "not installed: $packages; tiers with allocator auto run on glibc's (slower CPU" \
+                          "passes), a tier asking for a missing one by name will not start" >&2
 exit 0

@@ -91,18 +91,20 @@ def test_the_kill_order_names_deployments_and_refuses_others():
             kill_order(bad)
 
 
-def test_router_replicas_override_the_configs_and_must_be_positive():
+def test_router_replicas_and_tier_processes_override_the_configs_and_take_valid_numbers_only():
     import argparse
 
     from speccascade.app.launcher import ServeOverrides
-    from speccascade.bench.soak.cli import positive_int
+    from speccascade.commands.serve import positive_int
 
     config = {"router": {"tier_call_timeout_s": 120, "replicas": {"min_replicas": 1, "max_replicas": 4}}}
     applied = ServeOverrides(router_replicas=2).apply(config)
     assert applied["router"] == {"tier_call_timeout_s": 120, "replicas": {"min_replicas": 2, "max_replicas": 2}}
     assert ServeOverrides().apply(config)["router"] == config["router"]  # unset: the config's
+    tiers = ServeOverrides(allocator="tcmalloc", cpu_kernel_cache=1).apply(config)
+    assert tiers["drafter"] == tiers["expert"] == {"allocator": "tcmalloc", "cpu_kernel_cache": 1}
     assert positive_int("3") == 3
-    for bad in ("0", "-1", "two"):
+    for bad in ("0", "-1", "two"):  # also --cpu-kernel-cache's
         with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
             positive_int(bad)
 

@@ -118,3 +118,10 @@ def test_the_policy_schema_accepts_exactly_the_alphas_the_model_does(rule):
 def test_the_resources_schema_accepts_exactly_what_the_model_does(resources, valid):
     args = {"drafter": {"model": "m", "placement": {"resources": resources}}}
     assert schema_accepts(args) == model_accepts(args) == valid
+
+
+def test_a_tier_keeps_at_least_one_compiled_cpu_kernel():
+    """torch's bf16 matmuls crash on an empty kernel cache; the bound is checked at config load."""
+    assert AppConfig.model_validate({"drafter": {"model": "m", "cpu_kernel_cache": 1}}).drafter.cpu_kernel_cache == 1
+    with pytest.raises(ValidationError, match=r"drafter\.cpu_kernel_cache\n.*greater than or equal to 1"):
+        AppConfig.model_validate({"drafter": {"model": "m", "cpu_kernel_cache": 0}})

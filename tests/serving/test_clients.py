@@ -125,3 +125,18 @@ def test_a_tier_without_running_replicas_is_unavailable_at_the_first_timeout():
         call(tier, attempts=3)
     assert "has no running replica (a verify call waited 0.2s)" in str(error.value)
     assert len(tier.replies) == 1 and tier.replies[0].cancelled and tier.probes == 0
+
+
+@pytest.mark.parametrize("transport,by_reference", [("grpc", False), ("ray", True)])
+def test_the_router_reaches_a_tier_over_the_configured_transport(transport, by_reference):
+    """grpc: Serve's channel between replicas (`_by_reference=False`); ray: actor calls."""
+    from speccascade.serving.clients import tier_handle
+
+    class Handle:
+        def options(self, **options):
+            self.options_set = options
+            return self
+
+    handle = tier_handle(Handle(), RouterConfig(tier_transport=transport))
+    assert handle.options_set == {"_by_reference": by_reference}
+    assert RouterConfig().tier_transport == "grpc"

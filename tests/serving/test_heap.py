@@ -4,7 +4,9 @@ after the first batches goes back to the OS at once instead of staying in a frag
 glibc's threshold above that, then allocate, touch and free 8 MiB beneath a small block that pins
 the heap's top). The price is that every large tensor is faulted in afresh; jemalloc or tcmalloc,
 preloaded into the replica's process, reuse it (checked in fresh processes that allocate tensors
-as a pass does). A replica runs on the allocator it asked for or refuses to start."""
+as a pass does). A replica runs on the allocator it asked for or refuses to start. Apart from the
+allocator, the compiled kernels of CPU matmuls in bf16 stay within the replica's bound however many
+shapes its passes meet."""
 
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from speccascade.serving.heap import (
     _MALLOPT,
     allocator_env,
     allocator_installed,
+    describe_allocator,
+    kernel_cache_entries,
+    kernel_cache_env,
     pin_mmap_threshold,
     prepare_allocator,
     running_allocator,
@@ -99,10 +104,61 @@ def test_a_preloaded_allocator_reuses_a_large_tensor_that_pinned_glibc_faults_in
 def test_the_replica_environment_preloads_the_chosen_allocator():
     assert allocator_env("glibc") == {}
     assert allocator_env("tcmalloc") == {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+    assert allocator_env("auto") == allocator_env("tcmalloc")  # whatever this machine has: the replica's node decides
     jemalloc = allocator_env("jemalloc")
     assert jemalloc["LD_PRELOAD"] == "libjemalloc.so.2"
     # An idle replica gives its pages back; tensors of every size are kept for reuse alike.
     assert {"background_thread:true", "oversize_threshold:0"} <= set(jemalloc["MALLOC_CONF"].split(","))
+
+
+KERNEL_PROBE = textwrap.dedent("""
+    import torch
+    from speccascade.serving.heap import pin_mmap_threshold, trim_heap
+    pin_mmap_threshold()
+    torch.set_num_threads(1)
+    layer = torch.nn.Linear(896, 4864, bias=False).to(torch.bfloat16)  # the packaged drafter's MLP
+    def rss_mib():
+        trim_heap()
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    with torch.inference_mode():
+        for tokens in range(1, 41):  # every cache already over its bound, if it has one
+            layer(torch.ones(1, tokens, 896, dtype=torch.bfloat16))
+        before = rss_mib()
+        for tokens in range(41, 161):  # 120 more shapes, a kernel each
+            layer(torch.ones(1, tokens, 896, dtype=torch.bfloat16))
+        print(rss_mib() - before)
+""")
+
+
+def kernel_growth_mib(env: dict[str, str]) -> float:
+    clean = {k: v for k, v in os.environ.items() if k not in heap.KERNEL_CACHE_VARIABLES}
+    done = subprocess.run([sys.executable, "-c", KERNEL_PROBE], capture_output=True, text=True, timeout=300,
+                          env={**clean, **env})
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout)
+
+
+def test_bf16_matmul_kernels_stay_within_the_bound_however_many_shapes_a_process_meets():
+    """Each new (tokens x hidden) shape compiles and keeps a oneDNN kernel; at the libraries'
+    default bounds 120 new shapes keep tens of MiB, with the replica's bound they keep nothing."""
+    unbounded = kernel_growth_mib({})
+    if unbounded < 20:
+        pytest.skip(f"bf16 matmuls on this CPU do not keep a kernel per shape (+{unbounded:.0f} MiB over 120 shapes)")
+    assert kernel_growth_mib(kernel_cache_env(8)) < 8, "the bounded caches kept growing"
+
+
+def test_the_replica_environment_bounds_both_kernel_caches(monkeypatch):
+    assert kernel_cache_env(256) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256", "LRU_CACHE_CAPACITY": "256"}
+    with pytest.raises(ValueError, match="kernel cache entries=0 must be >= 1"):
+        kernel_cache_env(0)  # torch's bf16 matmuls crash without a cache
+    for name, value in kernel_cache_env(64).items():
+        monkeypatch.setenv(name, value)
+    assert kernel_cache_entries() == 64
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "1024")  # bounded apart: no single bound to report
+    assert kernel_cache_entries() is None
+    monkeypatch.delenv("LRU_CACHE_CAPACITY")
+    assert kernel_cache_entries() is None
 
 
 @pytest.mark.parametrize("mapped,expected", [
@@ -117,35 +173,58 @@ def test_the_running_allocator_is_read_from_the_mapped_libraries(tmp_path, mappe
     assert running_allocator(tmp_path / "missing") == "glibc"
 
 
-def test_a_replica_without_the_allocator_it_asked_for_refuses_to_start():
+def test_a_replica_without_the_allocator_it_asked_for_refuses_to_start_unless_auto():
     assert running_allocator() == "glibc", "the test process runs on glibc's malloc"
     with pytest.raises(ValueError, match=r"drafter\.allocator='jemalloc': libjemalloc\.so\.2 is not loaded"):
         prepare_allocator("jemalloc", field="drafter.allocator")
     assert prepare_allocator("glibc") == "glibc"
+    assert prepare_allocator("auto") == "glibc"
+    assert describe_allocator("auto", "glibc") == ("glibc allocator (auto: libtcmalloc_minimal.so.4 is not installed "
+                                                   "on this node; Debian/Ubuntu: libtcmalloc-minimal4)")
+    assert describe_allocator("auto", "tcmalloc") == "tcmalloc allocator (auto)"
+    assert describe_allocator("jemalloc", "jemalloc") == "jemalloc allocator"
 
 
-def test_served_tiers_run_on_the_allocators_their_config_asks_for_and_answer_alike(local_stack, tiny_pair, tier_handles,
-                                                                                    local_engine):
-    """glibc by default (the shared application); tcmalloc and jemalloc preloaded into another
-    application's tier processes through their runtime environment, answering the same tokens."""
+def test_auto_on_a_node_without_tcmalloc_starts_on_glibc():
+    """The replica's environment preloads tcmalloc whatever the node has; where the loader cannot
+    find it, the process starts anyway, on glibc's malloc, pinned."""
+    missing = {**allocator_env("auto"), "LD_PRELOAD": "libspeccascade_absent_allocator.so.4"}
+    probe = "from speccascade.serving.heap import prepare_allocator; print(prepare_allocator('auto'))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **missing})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["glibc"]
+    assert "cannot be preloaded" in done.stderr  # the loader's warning; the replica's log says the rest
+
+
+def test_served_tiers_run_on_the_allocators_and_kernel_caches_their_config_asks_for_and_answer_alike(
+        local_stack, tiny_pair, tier_handles, local_engine):
+    """auto (tcmalloc where installed) and the default kernel bound (the shared application);
+    tcmalloc and jemalloc preloaded, and other bounds set, in another application's tier processes
+    through their runtime environment, answering the same tokens."""
     from ray import serve
     from speccascade.api.client import SpecCascadeClient
+    from speccascade.config.app import TierConfig
 
     from ..served import PROMPT, app_args, in_process_policy
 
+    auto = "tcmalloc" if allocator_installed("tcmalloc") else "glibc"
     for name in ("Drafter", "Expert"):
-        assert tier_handles[name].batch_stats.remote().result()["allocator"] == "glibc"
-    asked = {"drafter": "tcmalloc", "expert": "jemalloc"}
-    for allocator in asked.values():
-        if not allocator_installed(allocator):
-            pytest.skip(f"{heap.ALLOCATOR_LIBRARIES[allocator]} is not installed")
+        stats = tier_handles[name].batch_stats.remote().result()
+        assert (stats["allocator"], stats["kernel_cache"]) == (auto, TierConfig.model_fields["cpu_kernel_cache"].default)
+    # Tier answers arrive in the router's heap: it runs on the same allocator.
+    assert tier_handles["Router"].process_stats.remote().result()["allocator"] == auto
+    asked = {"drafter": {"allocator": "tcmalloc", "cpu_kernel_cache": 1},
+             "expert": {"allocator": "jemalloc", "cpu_kernel_cache": 64}}
+    for settings in asked.values():
+        if not allocator_installed(settings["allocator"]):
+            pytest.skip(f"{heap.ALLOCATOR_LIBRARIES[settings['allocator']]} is not installed")
     name = "speccascade-allocators"
-    endpoints = local_stack.deploy(app_args(*tiny_pair, **{tier: {"allocator": a} for tier, a in asked.items()}),
-                                   name=name, route_prefix=f"/{name}")
+    endpoints = local_stack.deploy(app_args(*tiny_pair, **asked), name=name, route_prefix=f"/{name}")
     try:
-        for tier, allocator in asked.items():
-            handle = serve.get_deployment_handle(tier.capitalize(), app_name=name)
-            assert handle.batch_stats.remote().result()["allocator"] == allocator
+        for tier, settings in asked.items():
+            stats = serve.get_deployment_handle(tier.capitalize(), app_name=name).batch_stats.remote().result()
+            assert (stats["allocator"], stats["kernel_cache"]) == (settings["allocator"], settings["cpu_kernel_cache"])
         with SpecCascadeClient(endpoints.grpc_target, application=name) as client:
             for rule, alpha, sampling in (("lossless", 0.0, {}), ("token", 0.3, dict(temperature=0.7, top_p=0.95))):
                 options = dict(seed=5, max_new_tokens=24)

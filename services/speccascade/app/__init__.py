@@ -28,9 +28,10 @@ from __future__ import annotations
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from ..config.app import AppConfig, Replicas, TierConfig
+from ..config.app import AppConfig, Replicas, RouterConfig, TierConfig
 from ..serving.affinity import SessionAffinityRouter
-from ..serving.heap import allocator_env
+from ..serving.clients import GRPC_MESSAGE_ENV
+from ..serving.heap import allocator_env, kernel_cache_env
 from ..serving.tiers import DrafterTier, ExpertTier
 from .ingress import Ingress
 
@@ -53,13 +54,20 @@ def replica_options(replicas: Replicas) -> dict:
 
 
 def tier_actor_options(tier: TierConfig) -> dict:
-    """Ray actor options of a tier's replicas: its placement, and the environment that gives its
-    process the configured C allocator (preloaded at the process's start)."""
+    """Ray actor options of a tier's replicas: its placement, and the environment its process
+    starts with: the configured C allocator (preloaded) and the bound on compiled CPU kernels."""
     options = tier.placement.ray_actor_options()
-    env = allocator_env(tier.allocator)
-    if env:
-        options["runtime_env"] = {"env_vars": env}
+    options["runtime_env"] = {"env_vars": allocator_env(tier.allocator) | kernel_cache_env(tier.cpu_kernel_cache)
+                              | GRPC_MESSAGE_ENV}
     return options
+
+
+def router_actor_options(router: RouterConfig) -> dict:
+    """Ray actor options of the router's replicas: its placement, and the environment its process
+    starts with: the configured C allocator and Serve's gRPC message bound (the tiers' answers may
+    carry whole probability rows)."""
+    return {**router.placement.ray_actor_options(),
+            "runtime_env": {"env_vars": allocator_env(router.allocator) | GRPC_MESSAGE_ENV}}
 
 
 def tier_deployment(cls, name: str, tier: TierConfig):
@@ -77,7 +85,7 @@ def build_app(args: dict | AppConfig | None = None) -> serve.Application:
     drafter = tier_deployment(DrafterTier, DRAFTER_DEPLOYMENT, config.drafter).bind(config.drafter)
     expert = tier_deployment(ExpertTier, EXPERT_DEPLOYMENT, config.expert).bind(config.expert)
     router = serve.deployment(
-        serve.ingress()(Ingress), name=ROUTER_DEPLOYMENT, ray_actor_options=config.router.placement.ray_actor_options(),
+        serve.ingress()(Ingress), name=ROUTER_DEPLOYMENT, ray_actor_options=router_actor_options(config.router),
         max_ongoing_requests=config.router.max_ongoing_requests, **replica_options(config.router.replicas),
         # Draining: a stopping replica gets no new requests; its streams have this long to finish.
         graceful_shutdown_timeout_s=config.router.drain_timeout_s,

@@ -9,10 +9,15 @@ autoscaling window and stats, active sessions) are the core's.
 
 from __future__ import annotations
 
+import logging
+
 from ..config import AppConfig
 from ..frontends.grpc.servicer import GrpcFrontend
+from ..serving.heap import describe_allocator, prepare_allocator
 from ..serving.logs import log_to_replica_file
 from ..serving.router import RouterCore
+
+log = logging.getLogger(__name__)
 
 
 class Ingress(GrpcFrontend):
@@ -20,6 +25,8 @@ class Ingress(GrpcFrontend):
         """Serve awaits an async constructor on the replica's event loop, and counts the replica
         ready only once it returns: after the quota ledger answers."""
         log_to_replica_file()
+        self.allocator = prepare_allocator(config.router.allocator, field="router.allocator")
+        log.info("router replica on the %s", describe_allocator(config.router.allocator, self.allocator))
         self.core = RouterCore(drafter, expert, config)
         self.core.start()
         await self.core.connect()
@@ -50,3 +57,11 @@ class Ingress(GrpcFrontend):
 
     async def active_session_count(self) -> int:
         return len(self.core.active_sessions)
+
+    async def process_stats(self) -> dict[str, int | str]:
+        """This replica's process: id, resident memory and the C allocator it runs on."""
+        import os
+
+        import psutil
+
+        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "allocator": self.allocator}

@@ -81,6 +81,7 @@ class ServeOverrides:
     backend: str | None = None
     device: str | None = None
     allocator: str | None = None
+    cpu_kernel_cache: int | None = None
     tenants_file: Path | None = None
     tier_settings: dict[str, dict] = field(default_factory=dict)  # "drafter"/"expert" -> fields to set
     router_replicas: int | None = None
@@ -91,8 +92,8 @@ class ServeOverrides:
             tier_args = out.setdefault(tier, {})
             if getattr(self, tier):
                 tier_args["model"] = getattr(self, tier)
-            for option in ("dtype", "backend", "device", "allocator"):
-                if getattr(self, option):
+            for option in ("dtype", "backend", "device", "allocator", "cpu_kernel_cache"):
+                if getattr(self, option) is not None:
                     tier_args[option] = getattr(self, option)
             tier_args.update(self.tier_settings.get(tier, {}))
         if self.router_replicas is not None:

@@ -22,6 +22,28 @@ def add_execution_arguments(parser: argparse.ArgumentParser, *, overrides_config
                         help="auto (CUDA when present), cpu, cuda or cuda:N" + suffix)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_tier_process_arguments(parser: argparse.ArgumentParser, *, when: str = "") -> None:
+    """--allocator and --cpu-kernel-cache: how both tiers' processes run, over the Serve config's
+    values (`when`: a condition for the help, e.g. " when starting here")."""
+    from ..config.app import ALLOCATOR_NAMES
+
+    parser.add_argument("--allocator", choices=ALLOCATOR_NAMES,
+                        help=f"both tiers' C allocator{when} (TierConfig.allocator; default: the config's)")
+    parser.add_argument("--cpu-kernel-cache", type=positive_int, metavar="N",
+                        help=f"compiled CPU matmul kernels both tiers keep per cache{when} "
+                             "(TierConfig.cpu_kernel_cache; default: the config's)")
+
+
 def usage(endpoints) -> str:
     """How to call the running service: gRPC (CLI, grpcurl) and the OpenAI API (Python, curl)."""
     from ..frontends.openai.protocol import SERVED_MODEL
@@ -53,7 +75,8 @@ def overrides_of(args: argparse.Namespace):
     from ..app.launcher import ServeOverrides
 
     return ServeOverrides(drafter=args.drafter, expert=args.expert, dtype=args.dtype, backend=args.backend,
-                          device=args.device, tenants_file=getattr(args, "tenants", None))
+                          device=args.device, allocator=args.allocator, cpu_kernel_cache=args.cpu_kernel_cache,
+                          tenants_file=getattr(args, "tenants", None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +126,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, help="override both tiers' dtype (auto: bf16 on GPUs and "
                                                              "CPUs with bf16 matrix units, else fp32)")
     add_execution_arguments(parser, overrides_config=True)
+    add_tier_process_arguments(parser)
     parser.add_argument("--tenants", type=Path, help="tenants file: every call then needs a tenant's API key "
                                                      "(`speccascade tenants add` writes it; reloaded when it changes)")
     parser.add_argument("--grpc-port", type=int, help="override the gRPC port (default from the config: 9000)")

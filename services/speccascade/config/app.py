@@ -28,8 +28,10 @@ from .base import ReplicaBounds, StrictModel
 BackendKind = Literal["hf", "static"]
 BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
 # The C allocator of a tier process (`serving.heap`).
-AllocatorName = Literal["glibc", "jemalloc", "tcmalloc"]
+AllocatorName = Literal["auto", "glibc", "jemalloc", "tcmalloc"]
 ALLOCATOR_NAMES: tuple[str, ...] = get_args(AllocatorName)
+# How the router calls the tiers (`serving.clients`): Serve's gRPC channel between replicas, or Ray actor calls.
+TierTransport = Literal["grpc", "ray"]
 DtypeName = Literal["auto", "bf16", "fp32"]  # auto: bf16 on GPUs and CPUs with bf16 matrix units, else fp32
 DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 STATIC_DEFAULT_MAX_LEN = 4096  # tokens per static slot when the model's window is larger (memory grows with it)
@@ -128,12 +130,21 @@ class TierConfig(StrictModel):
         description="Intra-op threads for forward passes. Default: torch's, which Ray caps at the replica's "
                     "num_cpus (and at 1 when num_cpus < 1) through OMP_NUM_THREADS.")
     allocator: AllocatorName = Field(
-        "glibc", description="The C allocator of the replica's process, from which torch takes every CPU tensor. glibc "
-                             "(mmap threshold pinned, heap trimmed between batches): a CPU pass maps and faults in "
-                             "its large tensors afresh. jemalloc or tcmalloc (preloaded; Debian/Ubuntu libjemalloc2, "
-                             "libtcmalloc-minimal4, in the images): freed tensors are reused and CPU passes run "
-                             "faster (BENCHMARKS.md). "
-                             "A replica without the allocator asked for refuses to start.")
+        "auto", description="The C allocator of the replica's process, from which torch takes every CPU tensor. "
+                            "tcmalloc or jemalloc (preloaded; Debian/Ubuntu libtcmalloc-minimal4, libjemalloc2, in "
+                            "the images): freed tensors are reused and CPU passes run faster (BENCHMARKS.md). glibc "
+                            "(mmap threshold pinned, heap trimmed between batches): needs nothing installed; a CPU "
+                            "pass maps and faults in its large tensors afresh. auto: tcmalloc where the replica's "
+                            "node has it, else glibc (the replica's log says which). A replica without the "
+                            "allocator asked for by name refuses to start.")
+    cpu_kernel_cache: int = Field(
+        256, ge=1, le=65536,
+        description="Compiled CPU matmul kernels (oneDNN's, one per matrix shape a pass has met) the replica's "
+                    "process keeps, in each of oneDNN's and torch's caches. Prompt chunks, verify blocks and "
+                    "batches of every size keep adding shapes: at the libraries' default (1,024 each) the "
+                    "kernels hold hundreds of MiB and a long run's memory grows for hours; too few, and passes "
+                    "compile their kernels again (64 cost 25 % on the packaged drafter cycling through 48 "
+                    "shapes, 256 nothing). No effect on a GPU's passes.")
     cpu_lock_file: str | None = Field(
         None, min_length=1,
         description="A file the tiers of one CPU machine lock around each forward pass, so that their passes take "
@@ -198,6 +209,16 @@ class RouterConfig(StrictModel):
         description="When a router replica stops (scale-down, upgrade, deletion), Serve sends it no new requests "
                     "and waits up to this long for its streams to finish before it ends; a stream still running "
                     "then breaks off and its client resumes it on another replica (resume tokens).")
+    allocator: AllocatorName = Field(
+        "auto", description="The C allocator of the router replica's process, as a tier's (TierConfig.allocator). "
+                            "With calls over gRPC it takes every tier answer's message from it: whole probability "
+                            "rows of ~1.5 MB a call fragmented glibc's heap, which grew ~25 MB a minute in a soak.")
+    tier_transport: TierTransport = Field(
+        "grpc", description="How the router's calls reach the tiers. grpc: Serve's direct gRPC channel to the replica "
+                            "(each call's payload in its message). ray: Ray actor calls, where a payload over 100 KiB "
+                            "(whole probability rows: the opt rule, unfiltered sampling, logprobs of a mixed target) "
+                            "passes through Ray's shared-memory object store, whose pages stay resident once "
+                            "touched (BENCHMARKS.md, soak).")
     resume_key_file: str | None = Field(
         None, description="File holding the key (at least 32 bytes) that signs streams' resume tokens, the same "
                           "for every router replica (the Helm chart mounts it from a Secret). Unset: a random key is "

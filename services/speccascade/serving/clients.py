@@ -28,6 +28,18 @@ from .wire import DraftCall, SentTokens, VerifyCall
 log = logging.getLogger(__name__)
 
 HEALTH_CACHE_S = 2.0  # how long a tier-health answer is reused (it asks the Serve controller)
+# The largest message a router or tier replica accepts over Serve's gRPC channel (its default is 4 MiB):
+# a call carrying whole float32 probability rows of a 65-token block over a 151,936-token vocabulary
+# is ~40 MB, and vocabularies run to ~256k. Read by Serve at the replica process's start.
+GRPC_MESSAGE_BYTES = 256 * 2**20
+GRPC_MESSAGE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MESSAGE_BYTES)}
+
+
+def tier_handle(handle, config: RouterConfig):
+    """The router's handle to a tier over the configured transport: Serve's gRPC channel (the call's
+    payload travels in its message) or Ray actor calls (payloads over 100 KiB go through the object
+    store)."""
+    return handle.options(_by_reference=config.tier_transport == "ray")
 
 
 async def _resolved(response):

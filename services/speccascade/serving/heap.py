@@ -5,7 +5,10 @@ pinned (`pin_mmap_threshold`) and the heap trimmed between batches (`trim_heap`)
 stays flat, but each large tensor (logits, padded batches) is mapped and faulted in afresh every
 pass. jemalloc and tcmalloc keep freed memory for the next pass, and the passes run faster
 (measured in BENCHMARKS.md, serving and soak). `allocator_env` preloads one into a replica's
-process; `prepare_allocator` checks, in the replica, which one it got."""
+process; `prepare_allocator` checks, in the replica, which one it got.
+
+Apart from the allocator, torch's CPU matmuls keep a compiled kernel for every matrix shape they
+have seen (`kernel_cache_env` bounds how many)."""
 
 from __future__ import annotations
 
@@ -79,9 +82,17 @@ def allocator_installed(name: str) -> bool:
     return ctypes.util.find_library(_library_stem(name).removeprefix("lib")) is not None
 
 
+# What `auto` preloads: the fastest in the serving benchmarks, no more memory than glibc's in the soak.
+AUTO_ALLOCATOR = "tcmalloc"
+
+
 def allocator_env(name: str) -> dict[str, str]:
     """Environment variables that give a replica's process the allocator: LD_PRELOAD takes effect
-    only when a process starts, so they go into the replica's runtime environment."""
+    only when a process starts, so they go into the replica's runtime environment. `auto` preloads
+    tcmalloc whatever this machine has: the replica may start on another node, and where the
+    library is missing there, the loader skips it (with a warning) and the process runs on glibc."""
+    if name == "auto":
+        name = AUTO_ALLOCATOR
     if name not in ALLOCATOR_LIBRARIES:  # glibc's malloc: nothing to preload
         return {}
     env = {"LD_PRELOAD": ALLOCATOR_LIBRARIES[name]}
@@ -106,7 +117,7 @@ def running_allocator(maps: Path = Path("/proc/self/maps")) -> str:
 def prepare_allocator(requested: str, *, field: str = "allocator") -> str:
     """In a replica at start: the allocator it runs on, glibc's mmap threshold pinned when it is
     glibc's. A ValueError when jemalloc or tcmalloc was asked for and is not loaded (not installed
-    on this node)."""
+    on this node); `auto` takes what it got."""
     running = running_allocator()
     if requested in ALLOCATOR_LIBRARIES and running != requested:
         preload = os.environ.get("LD_PRELOAD", "")
@@ -116,3 +127,41 @@ def prepare_allocator(requested: str, *, field: str = "allocator") -> str:
     if running == "glibc":
         pin_mmap_threshold()
     return running
+
+
+# torch runs CPU matmuls in bf16 through oneDNN, which JIT-compiles a kernel for each new matrix
+# shape, and a pass's shapes follow its rows x tokens: prompt chunks, verify blocks and batches of
+# every size keep adding new ones. Two caches keep the kernels, oneDNN's own and torch's (ideep's),
+# up to 1,024 each by default, at 0.2-0.6 MiB apiece for the packaged pair: a tier's memory grew for
+# the length of a 25-minute soak (drafter +11 %/10 min, expert +4 %), whatever the allocator. Both
+# variables are read once, at the process's first matmul, so they go into the replica's runtime
+# environment with the allocator's.
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def kernel_cache_env(entries: int) -> dict[str, str]:
+    """Environment variables that keep at most `entries` compiled CPU kernels in each cache (at
+    least 1: torch 2.13 crashes on its first bf16 matmul with LRU_CACHE_CAPACITY=0)."""
+    if entries < 1:
+        raise ValueError(f"kernel cache entries={entries} must be >= 1")
+    return {name: str(entries) for name in KERNEL_CACHE_VARIABLES}
+
+
+def kernel_cache_entries() -> int | None:
+    """The bound this process's kernel caches run with, from its environment; None when unset or
+    when the two caches were given different bounds (then the libraries' defaults or a mix apply)."""
+    values = {os.environ.get(name) for name in KERNEL_CACHE_VARIABLES}
+    if len(values) != 1 or None in values:
+        return None
+    (value,) = values
+    return int(value) if value.isdigit() else None
+
+
+def describe_allocator(requested: str, running: str) -> str:
+    """The replica's log words for its allocator: which one, and for `auto`, why."""
+    if requested != "auto":
+        return f"{running} allocator"
+    if running == AUTO_ALLOCATOR:
+        return f"{running} allocator (auto)"
+    return (f"{running} allocator (auto: {ALLOCATOR_LIBRARIES[AUTO_ALLOCATOR]} is not installed on this node; "
+            f"Debian/Ubuntu: {ALLOCATOR_PACKAGES[AUTO_ALLOCATOR]})")

@@ -34,7 +34,7 @@ from ..models import PairInfo
 from ..status_board import PIPELINE, TENANT_LOAD, StatusPoster
 from ..tenancy import Admission, TenancyError
 from ..tenancy.gatekeeper import Caller, Gatekeeper
-from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport
+from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport, tier_handle
 from .metrics import RouterMetrics, WindowCounters, metric_tags
 from .quota_ledger import SharedQuotas
 from .resume import ResumeSigner, StreamTokens, application_key
@@ -99,8 +99,10 @@ class RouterCore:
         self.metrics = RouterMetrics()
         self.window = WindowCounters()
         self.window_totals = autoscale_signals.CumulativeCounters(autoscale_signals.ROUTER_COUNTERS)
-        self.drafter = TierClient(drafter, tier="drafter", config=config.router, metrics=self.metrics)
-        self.expert = TierClient(expert, tier="expert", config=config.router, metrics=self.metrics)
+        self.drafter = TierClient(tier_handle(drafter, config.router), tier="drafter", config=config.router,
+                                  metrics=self.metrics)
+        self.expert = TierClient(tier_handle(expert, config.router), tier="expert", config=config.router,
+                                 metrics=self.metrics)
         self._background: set[asyncio.Task] = set()
         self.active_sessions: set[str] = set()
         self.shared_quotas = self._shared_quotas(config.tenancy)

@@ -50,7 +50,7 @@ from ..engine.jobs import (
 )
 from .batching import ContinuousBatcher, Prefill, Progress, Queued, SupersededError
 from .cpu_turns import CpuTurns
-from .heap import page_faults, prepare_allocator, trim_heap
+from .heap import describe_allocator, kernel_cache_entries, page_faults, prepare_allocator, trim_heap
 from .logs import log_to_replica_file
 from .metrics import TierMetrics
 from .sessions import CacheStats, SessionEndedError, SessionEntry, SessionStore
@@ -119,8 +119,11 @@ class ModelTier:
             prefill=Prefill(self._pending_context, self._prefill, PREFILL_THRESHOLD, config.prefill_chunk_tokens),
             session_of=lambda work: work.session_id)
         self._sweeper: asyncio.Task | None = None
-        log.info("%s tier loaded %s (%s backend, %s, %s, %d threads, %s allocator%s)", role, resolved.source,
-                 config.backend, self.backend.dtype, self.backend.device, torch.get_num_threads(), self.allocator,
+        self.kernel_cache = kernel_cache_entries()
+        log.info("%s tier loaded %s (%s backend, %s, %s, %d threads, %s, CPU kernel cache %s%s)", role,
+                 resolved.source, config.backend, self.backend.dtype, self.backend.device, torch.get_num_threads(),
+                 describe_allocator(config.allocator, self.allocator),
+                 "at the libraries' default" if self.kernel_cache is None else f"{self.kernel_cache} entries",
                  f", passes take turns on {config.cpu_lock_file}" if config.cpu_lock_file else "")
 
     # ---- the forward thread ----
@@ -246,10 +249,11 @@ class ModelTier:
         `forward_calls` counts every model call, batched or not, prefill chunks included;
         `page_faults`: the replica process's page faults since it started (each large tensor the
         allocator maps afresh is faulted in page by page: `bench serve` counts them per round);
-        `allocator`: the C allocator the process runs on."""
+        `allocator`: the C allocator the process runs on; `kernel_cache`: the compiled CPU kernels
+        each cache keeps (-1: the libraries' default, not set by the replica's environment)."""
         return {"batches": self.metrics.batches, "batched_requests": self.metrics.batched_requests,
                 "forward_calls": self.backend.forward_calls, "page_faults": page_faults(),
-                "allocator": self.allocator}
+                "allocator": self.allocator, "kernel_cache": -1 if self.kernel_cache is None else self.kernel_cache}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: calls served and forward-pass seconds

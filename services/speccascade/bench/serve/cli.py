@@ -135,15 +135,21 @@ def tier_settings(args: argparse.Namespace) -> dict[str, dict]:
     return settings
 
 
-def describe_tiers(config, allocators: dict[str, str]) -> str:
-    """How the tiers run: device, threads, cores, the C allocator each replica reports, turns."""
+def describe_tiers(config, replica_stats: dict[str, dict]) -> str:
+    """How the tiers run: device, threads, cores, the C allocator and CPU kernel cache each replica
+    reports (its `batch_stats`), turns, and how the router's calls reach them."""
     drafter, expert = config.drafter, config.expert
+
+    def kernels(entries: int) -> str:
+        return "default CPU kernel cache" if entries < 0 else f"CPU kernel cache {entries}"
+
     cores = "; ".join(f"{name} {tier.device}, {tier.torch_threads or 'default'} threads"
                       + (f" on cores {tier.cpu_affinity}" if tier.cpu_affinity else "")
-                      + f", {allocators[name]} allocator"
+                      + f", {replica_stats[name]['allocator']} allocator, {kernels(replica_stats[name]['kernel_cache'])}"
                       for name, tier in (("drafter", drafter), ("expert", expert)))
     turns = {drafter.cpu_lock_file, expert.cpu_lock_file} - {None}
-    return cores + (f"; passes take turns on {', '.join(sorted(turns))}" if turns else "; passes may run at once")
+    return (cores + (f"; passes take turns on {', '.join(sorted(turns))}" if turns else "; passes may run at once")
+            + f"; tier calls over {config.router.tier_transport}")
 
 
 def measure_all(args: argparse.Namespace, report: Report) -> None:
@@ -162,11 +168,12 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
                                                               dtype=args.dtype, backend=args.backend,
                                                               device=None if args.device == "cpu" else args.device,
                                                               allocator=args.allocator,
+                                                              cpu_kernel_cache=args.cpu_kernel_cache,
                                                               tier_settings=tier_settings(args)),
                                   grpc_port=args.grpc_port, http_port=args.http_port)
     target, app = launched.endpoints.grpc_target, launched.endpoints.app_name
     handles = {name: serve.get_deployment_handle(name, app_name=app) for name in ("Drafter", "Expert")}
-    report.tiers = describe_tiers(launched.config, {name.lower(): handle.batch_stats.remote().result()["allocator"]
+    report.tiers = describe_tiers(launched.config, {name.lower(): handle.batch_stats.remote().result()
                                                     for name, handle in handles.items()})
     policy = dict(rule=args.rule, alpha=args.alpha, block_size=args.block_size)
 
@@ -241,7 +248,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def register(benches) -> None:
-    from ...config.app import ALLOCATOR_NAMES, DTYPE_NAMES
+    from ...commands.serve import add_tier_process_arguments
+    from ...config.app import DTYPE_NAMES
 
     parser = benches.add_parser("serve", help="served (gRPC) vs in-process per request, where a round's time goes, "
                                               "throughput at 1/8/32 streams, a load of long prompts")
@@ -274,8 +282,7 @@ def register(benches) -> None:
                              "(e.g. on,off,auto)")
     parser.add_argument("--pin-tiers", action="store_true",
                         help="the drafter on core 0 and the expert on core 1, one thread each (so they can overlap)")
-    parser.add_argument("--allocator", choices=ALLOCATOR_NAMES,
-                        help="both tiers' C allocator (TierConfig.allocator; default: the config's)")
+    add_tier_process_arguments(parser)
     parser.add_argument("--cpu-lock-file", help="the file both tiers' forward passes take turns on (TierConfig."
                                                 "cpu_lock_file; default: the config's), or 'none' for no turns")
     parser.add_argument("--grpc-port", type=int, default=9411)

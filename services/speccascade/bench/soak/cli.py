@@ -36,6 +36,7 @@ def start_service(args: argparse.Namespace):
     return start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert, dtype=args.dtype,
                                                           backend=args.backend, device=args.device,
                                                           allocator=args.allocator,
+                                                          cpu_kernel_cache=args.cpu_kernel_cache,
                                                           router_replicas=args.router_replicas),
                               grpc_port=args.grpc_port, http_port=args.http_port)
 
@@ -80,16 +81,6 @@ def run(args: argparse.Namespace) -> int:
 KILLABLE = ("Expert", "Drafter", "Router")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def kill_order(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = [name for name in names if name not in KILLABLE]
@@ -100,8 +91,8 @@ def kill_order(text: str) -> tuple[str, ...]:
 
 
 def register(benches) -> None:
-    from ...commands.serve import add_execution_arguments
-    from ...config.app import ALLOCATOR_NAMES, DTYPE_NAMES
+    from ...commands.serve import add_execution_arguments, add_tier_process_arguments, positive_int
+    from ...config.app import DTYPE_NAMES
 
     parser = benches.add_parser("soak", help="concurrent clients for minutes, with cancels, deadlines and replica "
                                              "kills: failures, memory slope, sessions left, identical outputs",
@@ -118,8 +109,7 @@ def register(benches) -> None:
                          help="router replicas when starting here (default: the config's); two or more for "
                               "--kill-order Router, so the broken streams have a router to resume on")
     add_execution_arguments(service, overrides_config=True)
-    service.add_argument("--allocator", choices=ALLOCATOR_NAMES,
-                         help="both tiers' C allocator when starting here (default: the config's)")
+    add_tier_process_arguments(service, when=" when starting here")
     service.add_argument("--grpc-port", type=int, default=9421)
     service.add_argument("--http-port", type=int, default=8421)
     load = parser.add_argument_group("the load")

@@ -223,6 +223,8 @@ def plot_title(config: dict) -> str:
             f"{config['cancel_share']:.0%}, deadlines {config['deadline_share']:.0%}"
             + (f", {config['dtype']}" if config.get("dtype") else "")
             + (f", {config['allocator']} allocator" if config.get("allocator") else "")
+            + (f", CPU kernel cache {config['cpu_kernel_cache']}" if config.get("cpu_kernel_cache") is not None
+               else "")
             + (f", a replica kill every {config['kill_every']:g}s" if config.get("kill_every") else ""))
 
 
