@@ -210,15 +210,14 @@ class RouterConfig(StrictModel):
                     "and waits up to this long for its streams to finish before it ends; a stream still running "
                     "then breaks off and its client resumes it on another replica (resume tokens).")
     allocator: AllocatorName = Field(
-        "auto", description="The C allocator of the router replica's process, as a tier's (TierConfig.allocator). "
-                            "With calls over gRPC it takes every tier answer's message from it: whole probability "
-                            "rows of ~1.5 MB a call fragmented glibc's heap, which grew ~25 MB a minute in a soak.")
+        "auto", description="The C allocator of the router replica's process, as a tier's (TierConfig.allocator; "
+                            "on glibc the mmap threshold is pinned). With calls over gRPC the tiers' answers, whole "
+                            "probability rows of ~1.5 MB included, are allocated from it.")
     tier_transport: TierTransport = Field(
         "grpc", description="How the router's calls reach the tiers. grpc: Serve's direct gRPC channel to the replica "
                             "(each call's payload in its message). ray: Ray actor calls, where a payload over 100 KiB "
                             "(whole probability rows: the opt rule, unfiltered sampling, logprobs of a mixed target) "
-                            "passes through Ray's shared-memory object store, whose pages stay resident once "
-                            "touched (BENCHMARKS.md, soak).")
+                            "is put into Ray's shared-memory object store on its way.")
     resume_key_file: str | None = Field(
         None, description="File holding the key (at least 32 bytes) that signs streams' resume tokens, the same "
                           "for every router replica (the Helm chart mounts it from a Secret). Unset: a random key is "
