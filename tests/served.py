@@ -23,6 +23,17 @@ POLICIES = [
 SAMPLINGS = {"greedy": {}, "sampled": dict(temperature=0.7, top_p=0.95)}
 
 
+class UncalledTierHandle:
+    """A tier's deployment handle for a router core that is never to call it: its name, its
+    application, and `options` (the router picks the transport once, at start)."""
+
+    def __init__(self, name: str, app_name: str = "speccascade"):
+        self.deployment_name, self.app_name = name, app_name
+
+    def options(self, **_options) -> "UncalledTierHandle":
+        return self
+
+
 def app_args(drafter_dir: str, expert_dir: str, **overrides) -> dict:
     """The application on the tiny pair, fp32; `overrides` update a section each."""
     tier = {"dtype": "fp32", "kv_cache_budget_mb": 64}

@@ -35,7 +35,7 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(Path(out).read_text())
-    assert report["tiers"].endswith(f"passes take turns on {tmp_path / 'cpu.lock'}")
+    assert report["tiers"].endswith(f"passes take turns on {tmp_path / 'cpu.lock'}; tier calls over grpc")
     paired = report["paired"]
     assert [p["sampling"] for p in paired].count("greedy") == 2 and len(paired) == 4
     assert all(p["identical"] for p in paired), paired  # fp32: served == in-process, greedy and sampled

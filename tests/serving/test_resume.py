@@ -125,7 +125,7 @@ def test_a_resumed_request_is_charged_only_for_its_new_tokens_and_continues_exac
     from speccascade.serving.router import RouterCore
     from speccascade.tenancy import key_digest, new_api_key
 
-    from ..served import app_args
+    from ..served import UncalledTierHandle, app_args
 
     keys = {name: new_api_key() for name in ("acme", "other")}
     path = tmp_path / "tenants.yaml"
@@ -133,8 +133,7 @@ def test_a_resumed_request_is_charged_only_for_its_new_tokens_and_continues_exac
         {"id": name, "key_sha256": [key_digest(key)], "limits": {"output_tokens_per_minute": 100_000}}
         for name, key in keys.items()]}))
     config = AppConfig.model_validate(app_args(*tiny_pair, tenancy={"tenants_file": str(path)}))
-    handle = lambda name: SimpleNamespace(deployment_name=name, app_name="speccascade")  # noqa: E731
-    core = RouterCore(handle("Drafter"), handle("Expert"), config)
+    core = RouterCore(UncalledTierHandle("Drafter"), UncalledTierHandle("Expert"), config)
 
     async def local_stream(request, prompt, limit, caller, delivered=()):  # the tiers, in-process
         chunks = core.generation.stream_rounds(request, prompt, limit, LocalDrafter(local_engine.drafter),

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import yaml
 from speccascade.config import AppConfig
 from speccascade.serving.router import RouterCore
 from speccascade.tenancy import key_digest, new_api_key
 
-from ..served import app_args
+from ..served import UncalledTierHandle, app_args
 
 
 def tier_handle(name: str):
     """What the core reads of a tier's handle without calling it."""
-    return SimpleNamespace(deployment_name=name, app_name="speccascade")
+    return UncalledTierHandle(name)
 
 
 def test_the_tenants_file_is_reloaded_on_a_clock_and_the_task_ends_with_the_replica(tiny_pair, tmp_path):
