@@ -72,6 +72,9 @@ def test_bench_soak_on_tiny_models_with_cancels_deadlines_and_a_kill(tiny_model_
     assert phases.count("load") >= 3 and phases[-1] == "settled"
     assert all(r["rss_bytes"] > 0 for s in report["samples"] for rs in s["tiers"].values() for r in rs)
     assert summary["memory"]["Drafter"] or summary["memory"]["Expert"]  # a slope where a replica lived long enough
+    # The router's memory is sampled too (the leak of ended sessions' calls grew there, not in the tiers).
+    assert all(len(s["routers"]) == 1 and s["routers"][0]["rss_bytes"] > 0 for s in report["samples"])
+    assert summary["memory"]["Router"]
     assert (tmp_path / "tiny.png").stat().st_size > 10_000
     assert "ok" in done.stderr and "min]" in done.stderr  # progress lines while it ran
     # --report summarizes a finished soak again from its JSON, to the same figures.

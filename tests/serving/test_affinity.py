@@ -27,7 +27,7 @@ def two_expert_app(grpc_port, tiny_pair):
 
 def expert_caches() -> dict[str, object]:
     """Cache stats of every Expert replica, each asked through a replica pin."""
-    return {stats.replica_id: stats.cache for stats in tier_replica_stats(APP, "Expert")}
+    return {stats.process.replica_id: stats.cache for stats in tier_replica_stats(APP, "Expert")}
 
 
 def test_each_session_is_computed_on_one_replica_only(two_expert_app):

@@ -213,7 +213,7 @@ def test_served_tiers_run_on_the_allocators_and_kernel_caches_their_config_asks_
         stats = tier_handles[name].batch_stats.remote().result()
         assert (stats["allocator"], stats["kernel_cache"]) == (auto, TierConfig.model_fields["cpu_kernel_cache"].default)
     # Tier answers arrive in the router's heap: it runs on the same allocator.
-    assert tier_handles["Router"].process_stats.remote().result()["allocator"] == auto
+    assert tier_handles["Router"].process_stats.remote().result().allocator == auto
     asked = {"drafter": {"allocator": "tcmalloc", "cpu_kernel_cache": 1},
              "expert": {"allocator": "jemalloc", "cpu_kernel_cache": 64}}
     for settings in asked.values():

@@ -78,7 +78,7 @@ def test_the_router_keeps_nothing_of_a_finished_request(grpc_port, qwen_shaped_c
     router = serve.get_deployment_handle("Router", app_name=APP)
 
     def router_mib() -> float:
-        return router.process_stats.remote().result()["rss_bytes"] / 2**20
+        return router.process_stats.remote().result().rss_bytes / 2**20
 
     for seed in range(3):  # warm-up: buffers, allocator pools
         qwen_shaped_client.generate(**{**opt_rows_request(5), "seed": seed})

@@ -13,7 +13,7 @@ import logging
 
 from ..config import AppConfig
 from ..frontends.grpc.servicer import GrpcFrontend
-from ..serving.heap import describe_allocator, prepare_allocator
+from ..serving.heap import ProcessStats, describe_allocator, prepare_allocator, replica_process_stats
 from ..serving.logs import log_to_replica_file
 from ..serving.router import RouterCore
 
@@ -58,10 +58,6 @@ class Ingress(GrpcFrontend):
     async def active_session_count(self) -> int:
         return len(self.core.active_sessions)
 
-    async def process_stats(self) -> dict[str, int | str]:
-        """This replica's process: id, resident memory and the C allocator it runs on."""
-        import os
-
-        import psutil
-
-        return {"pid": os.getpid(), "rss_bytes": psutil.Process().memory_info().rss, "allocator": self.allocator}
+    async def process_stats(self) -> ProcessStats:
+        """This replica's process: replica and process ids, resident memory, C allocator."""
+        return replica_process_stats(self.allocator)

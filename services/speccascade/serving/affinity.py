@@ -16,7 +16,8 @@ request with the same id is matched; a session's id never comes again once it en
 of its calls, and the arguments they hold (a verify call carries the drafted block, whole
 probability rows included), stayed referenced for the life of the router process (~20 MB a request
 of the opt rule with unfiltered sampling; Ray Serve 2.60). The router drops the entries of requests
-already routed (`forget_routed`) as it routes each request and as each completes.
+already routed (`forget_routed`) as each request completes: Serve calls `on_request_completed` once
+for every request it dispatched, whatever its outcome.
 """
 
 from __future__ import annotations
@@ -70,7 +71,6 @@ class SessionAffinityRouter(RequestRouter):
         candidate_replicas: List[RunningReplica],
         pending_request: Optional[PendingRequest] = None,
     ) -> List[List[RunningReplica]]:
-        self._forget_routed()
         if pending_request is not None:
             # Back off between routing attempts when every ranked replica is full.
             pending_request.routing_context.should_backoff = True

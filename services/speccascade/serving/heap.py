@@ -8,7 +8,9 @@ pass. jemalloc and tcmalloc keep freed memory for the next pass, and the passes 
 process; `prepare_allocator` checks, in the replica, which one it got.
 
 Apart from the allocator, torch's CPU matmuls keep a compiled kernel for every matrix shape they
-have seen (`kernel_cache_env` bounds how many)."""
+have seen (`kernel_cache_env` bounds how many).
+
+`replica_process_stats` is what a replica, tier or router, reports of its process."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import ctypes
 import ctypes.util
 import os
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -165,3 +168,22 @@ def describe_allocator(requested: str, running: str) -> str:
         return f"{running} allocator (auto)"
     return (f"{running} allocator (auto: {ALLOCATOR_LIBRARIES[AUTO_ALLOCATOR]} is not installed on this node; "
             f"Debian/Ubuntu: {ALLOCATOR_PACKAGES[AUTO_ALLOCATOR]})")
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    """One Serve replica's process (soak tests, operators)."""
+
+    replica_id: str
+    pid: int
+    rss_bytes: int  # resident memory
+    allocator: str  # the C allocator it runs on
+
+
+def replica_process_stats(allocator: str) -> ProcessStats:
+    """The calling Serve replica's `ProcessStats`."""
+    import psutil
+    from ray import serve
+
+    return ProcessStats(serve.get_replica_context().replica_id.unique_id, os.getpid(),
+                        psutil.Process().memory_info().rss, allocator)

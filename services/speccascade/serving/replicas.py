@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from .affinity import pinned_to
 
 if TYPE_CHECKING:
+    from .heap import ProcessStats
     from .tiers import ReplicaStats
 
 SERVE_NAMESPACE = "serve"
@@ -64,7 +65,33 @@ def tier_replica_stats(app: str, deployment: str, *, timeout_s: float = 30.0) ->
             continue
         except RayError:  # the replica died between listing and answering
             continue
-        stats[answer.replica_id] = answer  # a pin to a replica gone meanwhile may land on another
+        stats[answer.process.replica_id] = answer  # a pin to a replica gone meanwhile may land on another
+    return sorted(stats.values(), key=lambda s: s.process.replica_id)
+
+
+def router_process_stats(app: str, deployment: str = "Router", *, timeout_s: float = 30.0,
+                         calls_per_replica: int = 4) -> list[ProcessStats]:
+    """`ProcessStats` of the router replicas that answered. The router deployment takes Serve's own
+    load-balancing (no replica pins), so it is asked up to `calls_per_replica` times per live replica
+    until every one has answered (Serve picks which replica answers each call: one can be missed)."""
+    from ray import serve
+    from ray.exceptions import RayError
+
+    live = set(replica_ids(app, deployment))
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    stats: dict[str, ProcessStats] = {}
+    for _ in range(calls_per_replica * len(live)):
+        response = handle.process_stats.remote()
+        try:
+            answer = response.result(timeout_s=timeout_s)
+        except TimeoutError:
+            response.cancel()
+            break
+        except RayError:
+            continue
+        stats[answer.replica_id] = answer
+        if live <= stats.keys():
+            break
     return sorted(stats.values(), key=lambda s: s.replica_id)
 
 

@@ -50,7 +50,15 @@ from ..engine.jobs import (
 )
 from .batching import ContinuousBatcher, Prefill, Progress, Queued, SupersededError
 from .cpu_turns import CpuTurns
-from .heap import describe_allocator, kernel_cache_entries, page_faults, prepare_allocator, trim_heap
+from .heap import (
+    ProcessStats,
+    describe_allocator,
+    kernel_cache_entries,
+    page_faults,
+    prepare_allocator,
+    replica_process_stats,
+    trim_heap,
+)
 from .logs import log_to_replica_file
 from .metrics import TierMetrics
 from .sessions import CacheStats, SessionEndedError, SessionEntry, SessionStore
@@ -65,9 +73,7 @@ MAX_SWEEP_PERIOD_S = 30.0  # idle sessions are looked for (and the heap trimmed)
 class ReplicaStats:
     """One tier replica's process and caches (for soak tests and operators)."""
 
-    replica_id: str
-    pid: int
-    rss_bytes: int  # resident memory of the replica's process
+    process: ProcessStats
     cache: CacheStats
 
 
@@ -232,12 +238,8 @@ class ModelTier:
         return self.sessions.tenants()
 
     async def replica_stats(self) -> ReplicaStats:
-        """This replica's id, process id, resident memory and cache stats."""
-        import psutil
-        from ray import serve
-
-        return ReplicaStats(serve.get_replica_context().replica_id.unique_id, os.getpid(),
-                            psutil.Process().memory_info().rss, self.sessions.stats())
+        """This replica's process (id, resident memory, allocator) and cache stats."""
+        return ReplicaStats(replica_process_stats(self.allocator), self.sessions.stats())
 
     async def progress(self) -> Progress:
         """Whether this replica's model is getting through its work (answered by the event loop,

@@ -1,12 +1,14 @@
 """What the soak samples of the service through Ray (each tier replica's memory and cache
-sessions, the router's active sessions) and how it kills replicas."""
+sessions, each router replica's memory, the router's active sessions) and how it kills replicas."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TIERS = ("Drafter", "Expert")
+ROUTER = "Router"
+MEMORY_DEPLOYMENTS = (ROUTER, *TIERS)  # whose replicas' resident memory the soak follows
 STATS_TIMEOUT_S = 10.0  # a replica that does not answer a sample in time (it is starting) is left out
 
 
@@ -23,6 +25,13 @@ class ReplicaSample:
 
 
 @dataclass
+class RouterSample:
+    replica_id: str
+    pid: int
+    rss_bytes: int
+
+
+@dataclass
 class Sample:
     t_s: float
     phase: str  # load | settled (clients stopped --settle-s ago)
@@ -35,6 +44,11 @@ class Sample:
     ttft_p50_s: float | None
     router_active_sessions: int | None
     tiers: dict[str, list[ReplicaSample]]
+    routers: list[RouterSample] = field(default_factory=list)  # absent from soaks before stop 33
+
+    def memory(self, deployment: str) -> list[RouterSample | ReplicaSample]:
+        """The deployment's replicas that answered this sample (each with `replica_id`, `rss_bytes`)."""
+        return self.routers if deployment == ROUTER else self.tiers.get(deployment, [])
 
     def sessions(self, tier: str) -> int | None:
         """Cache sessions over the tier's replicas; None if no replica answered (all restarting)."""
@@ -58,17 +72,23 @@ class ServiceProbe:
     def tiers(self) -> dict[str, list[ReplicaSample]]:
         from ...serving.replicas import tier_replica_stats
 
-        return {tier: [ReplicaSample(s.replica_id, s.pid, s.rss_bytes, s.cache.sessions, s.cache.nbytes,
+        return {tier: [ReplicaSample(s.process.replica_id, s.process.pid, s.process.rss_bytes, s.cache.sessions, s.cache.nbytes,
                                      s.cache.released, s.cache.reclaimed, s.cache.late_calls)
                        for s in tier_replica_stats(self.app, tier, timeout_s=STATS_TIMEOUT_S)]
                 for tier in TIERS}
+
+    def routers(self) -> list[RouterSample]:
+        from ...serving.replicas import router_process_stats
+
+        return [RouterSample(s.replica_id, s.pid, s.rss_bytes)
+                for s in router_process_stats(self.app, ROUTER, timeout_s=STATS_TIMEOUT_S)]
 
     def router_active_sessions(self) -> int | None:
         from ray import serve
         from ray.exceptions import RayError
 
         try:
-            return serve.get_deployment_handle("Router", app_name=self.app).active_session_count.remote().result(
+            return serve.get_deployment_handle(ROUTER, app_name=self.app).active_session_count.remote().result(
                 timeout_s=30)
         except (TimeoutError, RayError):
             return None
@@ -88,4 +108,4 @@ class ServiceProbe:
     def wait_until_running(self, timeout_s: float) -> None:
         from ...serving.replicas import wait_until_running
 
-        wait_until_running(self.app, ["Router", *TIERS], timeout_s=timeout_s)
+        wait_until_running(self.app, [ROUTER, *TIERS], timeout_s=timeout_s)

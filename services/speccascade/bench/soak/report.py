@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..timing import percentile
-from .probe import TIERS, KillEvent, ReplicaSample, Sample
+from .probe import MEMORY_DEPLOYMENTS, TIERS, KillEvent, ReplicaSample, RouterSample, Sample
 from .workload import Outcome
 
 GIB = 1 << 30
@@ -33,17 +33,17 @@ def slope_pct_per_10min(points: list[tuple[float, float]]) -> float:
 
 
 def memory_slopes(samples: list[Sample], *, skip_s: float) -> dict[str, list[dict]]:
-    """Per tier, per replica seen in at least 3 load samples after its first `skip_s` (its warm-up;
+    """Per deployment (router and tiers), per replica seen in at least 3 load samples after its first `skip_s` (its warm-up;
     a replacement replica's counts from its own first sample): resident memory at the first and
     last of those samples and its least-squares slope in % of the mean per 10 minutes; also the
     slope over the second half of those samples (whether it still grows once warm) and over all
     of the replica's load samples, warm-up included."""
     out: dict[str, list[dict]] = {}
-    for tier in TIERS:
+    for deployment in MEMORY_DEPLOYMENTS:
         series: dict[str, list[tuple[float, float]]] = {}
         for sample in samples:
             if sample.phase == "load":
-                for replica in sample.tiers.get(tier, []):
+                for replica in sample.memory(deployment):
                     series.setdefault(replica.replica_id, []).append((sample.t_s, replica.rss_bytes))
         rows = []
         for replica_id, every in series.items():
@@ -58,7 +58,7 @@ def memory_slopes(samples: list[Sample], *, skip_s: float) -> dict[str, list[dic
                                                     if len(points) >= 6 else None),
                 "slope_with_warmup_pct_per_10min": slope_pct_per_10min(every),
             })
-        out[tier] = rows
+        out[deployment] = rows
     return out
 
 
@@ -115,13 +115,13 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
     for kill in summary["kills"]:
         console.print(f"  killed {kill['deployment']} replica {kill['replica_id']} at {kill['t_s'] / 60:.1f} min")
     table = Table(title=f"resident memory per replica (after its first {args.slope_skip_minutes:g} min)")
-    for column in ("tier", "replica", "samples", "minutes", "first GiB", "last GiB", "slope %/10 min",
+    for column in ("deployment", "replica", "samples", "minutes", "first GiB", "last GiB", "slope %/10 min",
                    "second half", "with warm-up"):
         table.add_column(column, justify="right")
-    for tier, rows in summary["memory"].items():
+    for deployment, rows in summary["memory"].items():
         for row in rows:
             half = row["slope_second_half_pct_per_10min"]
-            table.add_row(tier, row["replica_id"], str(row["samples"]), f"{row['from_min']:.1f}-{row['to_min']:.1f}",
+            table.add_row(deployment, row["replica_id"], str(row["samples"]), f"{row['from_min']:.1f}-{row['to_min']:.1f}",
                           f"{row['first_gib']:.3f}", f"{row['last_gib']:.3f}", f"{row['slope_pct_per_10min']:+.2f}",
                           "-" if half is None else f"{half:+.2f}", f"{row['slope_with_warmup_pct_per_10min']:+.2f}")
     console.print(table)
@@ -158,26 +158,29 @@ def fmt(value: float | None, unit: str) -> str:
 
 
 def plot(samples: list[Sample], kills: list[KillEvent], stopped_s: float, path: Path, title: str) -> None:
-    """Resident memory of each tier's replicas (one panel per tier, so a slow creep shows), and
-    cache sessions per tier with the router's active requests, over time."""
+    """Resident memory of the router's and each tier's replicas (one panel each, so a slow creep
+    shows), and cache sessions per tier with the router's active requests, over time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True, gridspec_kw={"height_ratios": [1, 1, 1.2]})
-    colors = dict(zip(TIERS, ("tab:cyan", "tab:purple")))
-    for ax, tier in zip(axes, TIERS):
+    panels = len(MEMORY_DEPLOYMENTS) + 1
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 3 * panels), sharex=True,
+                             gridspec_kw={"height_ratios": [1] * (panels - 1) + [1.2]})
+    colors = dict(zip(MEMORY_DEPLOYMENTS, ("tab:gray", "tab:cyan", "tab:purple")))
+    for ax, deployment in zip(axes, MEMORY_DEPLOYMENTS):
         replicas: dict[str, list[tuple[float, float]]] = {}
         for sample in samples:
-            for replica in sample.tiers.get(tier, []):
+            for replica in sample.memory(deployment):
                 replicas.setdefault(replica.replica_id, []).append((sample.t_s / 60, replica.rss_bytes / GIB))
         for i, (replica_id, points) in enumerate(replicas.items()):
-            ax.plot(*zip(*points), marker=".", color=colors[tier], alpha=1.0 if i == 0 else 0.55,
+            ax.plot(*zip(*points), marker=".", color=colors[deployment], alpha=1.0 if i == 0 else 0.55,
                     label=f"replica {replica_id}")
-        ax.set_ylabel(f"{tier.lower()} RSS (GiB)")
-        ax.legend(loc="lower right", fontsize=8)
-    sessions = axes[2]
+        ax.set_ylabel(f"{deployment.lower()} RSS (GiB)")
+        if replicas:
+            ax.legend(loc="lower right", fontsize=8)
+    sessions = axes[-1]
     for tier in TIERS:
         counted = [(s.t_s / 60, s.sessions(tier)) for s in samples if s.sessions(tier) is not None]
         if counted:
@@ -208,7 +211,8 @@ def report_again(json_path: Path) -> dict:
 
     data = json.loads(json_path.read_text())
     args = argparse.Namespace(**{**data["config"], "out": json_path.parent, "name": json_path.stem})
-    samples = [Sample(**{**s, "tiers": {tier: [ReplicaSample(**r) for r in rs] for tier, rs in s["tiers"].items()}})
+    samples = [Sample(**{**s, "tiers": {tier: [ReplicaSample(**r) for r in rs] for tier, rs in s["tiers"].items()},
+                         "routers": [RouterSample(**r) for r in s.get("routers", [])]})
                for s in data["samples"]]
     outcomes = [Outcome(**r) for r in data["requests"]]
     kills = [KillEvent(**k) for k in data["summary"]["kills"]]

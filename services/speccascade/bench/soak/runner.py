@@ -69,6 +69,7 @@ class Soak:
 
     def sample(self, phase: str) -> Sample:
         tiers = self.probe.tiers()
+        routers = self.probe.routers()
         router = self.probe.router_active_sessions()
         with self._lock:
             outcomes = list(self.outcomes)
@@ -81,7 +82,8 @@ class Soak:
             t_s=self.now(), phase=phase, **counts,
             latency_p50_s=percentile(latencies, 0.5) if latencies else None,
             latency_p95_s=percentile(latencies, 0.95) if latencies else None,
-            ttft_p50_s=percentile(ttfts, 0.5) if ttfts else None, router_active_sessions=router, tiers=tiers)
+            ttft_p50_s=percentile(ttfts, 0.5) if ttfts else None, router_active_sessions=router, tiers=tiers,
+            routers=routers)
         self.samples.append(sample)
         self.console.print(progress_line(sample), soft_wrap=True)
         return sample
@@ -226,8 +228,8 @@ def compare_with_reference(tokens_by_index: dict[int, list[int]], reference: dic
 
 
 def progress_line(sample: Sample) -> str:
-    def gib(tier):
-        return "+".join(f"{r.rss_bytes / (1 << 30):.2f}" for r in sample.tiers.get(tier, [])) or "-"
+    def gib(deployment):
+        return "+".join(f"{r.rss_bytes / (1 << 30):.2f}" for r in sample.memory(deployment)) or "-"
 
     def seconds(value):
         return f"{value:.1f}s" if value is not None else "-"
@@ -238,5 +240,5 @@ def progress_line(sample: Sample) -> str:
     router = sample.router_active_sessions if sample.router_active_sessions is not None else "?"
     return (f"[{sample.t_s / 60:5.1f} min] ok {sample.ok} failed {sample.failed} cancelled {sample.cancelled} "
             f"deadline {sample.deadline} | p50 {seconds(sample.latency_p50_s)} p95 {seconds(sample.latency_p95_s)} "
-            f"| RSS GiB drafter {gib('Drafter')} expert {gib('Expert')} | sessions drafter "
+            f"| RSS GiB router {gib('Router')} drafter {gib('Drafter')} expert {gib('Expert')} | sessions drafter "
             f"{count(sample.sessions('Drafter'))} expert {count(sample.sessions('Expert'))} router {router}")
