@@ -98,14 +98,18 @@ def test_router_replicas_and_tier_processes_override_the_configs_and_take_valid_
     import argparse
 
     from speccascade.app.launcher import ServeOverrides
-    from speccascade.commands.serve import positive_int
+    from speccascade.commands.serve import non_negative_int, positive_int
 
     config = {"router": {"tier_call_timeout_s": 120, "replicas": {"min_replicas": 1, "max_replicas": 4}}}
     applied = ServeOverrides(router_replicas=2).apply(config)
     assert applied["router"] == {"tier_call_timeout_s": 120, "replicas": {"min_replicas": 2, "max_replicas": 2}}
     assert ServeOverrides().apply(config)["router"] == config["router"]  # unset: the config's
-    tiers = ServeOverrides(allocator="tcmalloc", cpu_kernel_cache=1).apply(config)
-    assert tiers["drafter"] == tiers["expert"] == {"allocator": "tcmalloc", "cpu_kernel_cache": 1}
+    tiers = ServeOverrides(allocator="tcmalloc", cpu_kernel_cache=1, cpu_spin_count=0).apply(config)
+    assert tiers["drafter"] == tiers["expert"] == {"allocator": "tcmalloc", "cpu_kernel_cache": 1, "cpu_spin_count": 0}
+    assert non_negative_int("0") == 0
+    for bad in ("-1", "two"):  # --cpu-spin-count's
+        with pytest.raises(argparse.ArgumentTypeError, match="expected an integer >= 0"):
+            non_negative_int(bad)
     assert positive_int("3") == 3
     for bad in ("0", "-1", "two"):  # also --cpu-kernel-cache's
         with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):

@@ -211,11 +211,12 @@ def test_served_tiers_run_on_the_allocators_and_kernel_caches_their_config_asks_
     auto = "tcmalloc" if allocator_installed("tcmalloc") else "glibc"
     for name in ("Drafter", "Expert"):
         stats = tier_handles[name].batch_stats.remote().result()
-        assert (stats["allocator"], stats["kernel_cache"]) == (auto, TierConfig.model_fields["cpu_kernel_cache"].default)
+        assert (stats["allocator"], stats["kernel_cache"], stats["cpu_spin"]) == (
+            auto, TierConfig.model_fields["cpu_kernel_cache"].default, TierConfig.model_fields["cpu_spin_count"].default)
     # Tier answers arrive in the router's heap: it runs on the same allocator.
     assert tier_handles["Router"].process_stats.remote().result().allocator == auto
-    asked = {"drafter": {"allocator": "tcmalloc", "cpu_kernel_cache": 1},
-             "expert": {"allocator": "jemalloc", "cpu_kernel_cache": 64}}
+    asked = {"drafter": {"allocator": "tcmalloc", "cpu_kernel_cache": 1, "cpu_spin_count": 0},
+             "expert": {"allocator": "jemalloc", "cpu_kernel_cache": 64, "cpu_spin_count": 300_000}}
     for settings in asked.values():
         if not allocator_installed(settings["allocator"]):
             pytest.skip(f"{heap.ALLOCATOR_LIBRARIES[settings['allocator']]} is not installed")
@@ -224,7 +225,8 @@ def test_served_tiers_run_on_the_allocators_and_kernel_caches_their_config_asks_
     try:
         for tier, settings in asked.items():
             stats = serve.get_deployment_handle(tier.capitalize(), app_name=name).batch_stats.remote().result()
-            assert (stats["allocator"], stats["kernel_cache"]) == (settings["allocator"], settings["cpu_kernel_cache"])
+            assert (stats["allocator"], stats["kernel_cache"], stats["cpu_spin"]) == (
+                settings["allocator"], settings["cpu_kernel_cache"], settings["cpu_spin_count"])
         with SpecCascadeClient(endpoints.grpc_target, application=name) as client:
             for rule, alpha, sampling in (("lossless", 0.0, {}), ("token", 0.3, dict(temperature=0.7, top_p=0.95))):
                 options = dict(seed=5, max_new_tokens=24)

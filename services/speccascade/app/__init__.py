@@ -31,6 +31,7 @@ from ray.serve.config import RequestRouterConfig
 from ..config.app import AppConfig, Replicas, RouterConfig, TierConfig
 from ..serving.affinity import SessionAffinityRouter
 from ..serving.clients import GRPC_MESSAGE_ENV
+from ..serving.cpu_turns import cpu_spin_env
 from ..serving.heap import allocator_env, kernel_cache_env
 from ..serving.tiers import DrafterTier, ExpertTier
 from .ingress import Ingress
@@ -55,10 +56,11 @@ def replica_options(replicas: Replicas) -> dict:
 
 def tier_actor_options(tier: TierConfig) -> dict:
     """Ray actor options of a tier's replicas: its placement, and the environment its process
-    starts with: the configured C allocator (preloaded) and the bound on compiled CPU kernels."""
+    starts with: the configured C allocator (preloaded), the bound on compiled CPU kernels and how
+    long its idle OpenMP threads spin."""
     options = tier.placement.ray_actor_options()
     options["runtime_env"] = {"env_vars": allocator_env(tier.allocator) | kernel_cache_env(tier.cpu_kernel_cache)
-                              | GRPC_MESSAGE_ENV}
+                              | cpu_spin_env(tier.cpu_spin_count) | GRPC_MESSAGE_ENV}
     return options
 
 

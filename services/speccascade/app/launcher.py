@@ -70,6 +70,9 @@ class Endpoints:
     openai_base_url: str  # the OpenAI clients' base_url
 
 
+TIER_PROCESS_OPTIONS = ("allocator", "cpu_kernel_cache", "cpu_spin_count")  # how both tiers' processes run
+
+
 @dataclass(frozen=True)
 class ServeOverrides:
     """What the command line changes in a Serve config's application: both tiers' models and
@@ -82,6 +85,7 @@ class ServeOverrides:
     device: str | None = None
     allocator: str | None = None
     cpu_kernel_cache: int | None = None
+    cpu_spin_count: int | None = None
     tenants_file: Path | None = None
     tier_settings: dict[str, dict] = field(default_factory=dict)  # "drafter"/"expert" -> fields to set
     router_replicas: int | None = None
@@ -92,7 +96,7 @@ class ServeOverrides:
             tier_args = out.setdefault(tier, {})
             if getattr(self, tier):
                 tier_args["model"] = getattr(self, tier)
-            for option in ("dtype", "backend", "device", "allocator", "cpu_kernel_cache"):
+            for option in ("dtype", "backend", "device", *TIER_PROCESS_OPTIONS):
                 if getattr(self, option) is not None:
                     tier_args[option] = getattr(self, option)
             tier_args.update(self.tier_settings.get(tier, {}))

@@ -32,9 +32,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def add_tier_process_arguments(parser: argparse.ArgumentParser, *, when: str = "") -> None:
-    """--allocator and --cpu-kernel-cache: how both tiers' processes run, over the Serve config's
-    values (`when`: a condition for the help, e.g. " when starting here")."""
+    """--allocator, --cpu-kernel-cache and --cpu-spin-count: how both tiers' processes run, over the
+    Serve config's values (`when`: a condition for the help, e.g. " when starting here")."""
     from ..config.app import ALLOCATOR_NAMES
 
     parser.add_argument("--allocator", choices=ALLOCATOR_NAMES,
@@ -42,6 +52,16 @@ def add_tier_process_arguments(parser: argparse.ArgumentParser, *, when: str = "
     parser.add_argument("--cpu-kernel-cache", type=positive_int, metavar="N",
                         help=f"compiled CPU matmul kernels both tiers keep per cache{when} "
                              "(TierConfig.cpu_kernel_cache; default: the config's)")
+    parser.add_argument("--cpu-spin-count", type=non_negative_int, metavar="N",
+                        help=f"how many times both tiers' idle OpenMP threads spin before they sleep{when} "
+                             "(TierConfig.cpu_spin_count; default: the config's)")
+
+
+def tier_process_overrides(args: argparse.Namespace) -> dict:
+    """The `ServeOverrides` fields that add_tier_process_arguments' flags set."""
+    from ..app.launcher import TIER_PROCESS_OPTIONS
+
+    return {option: getattr(args, option) for option in TIER_PROCESS_OPTIONS}
 
 
 def usage(endpoints) -> str:
@@ -75,8 +95,8 @@ def overrides_of(args: argparse.Namespace):
     from ..app.launcher import ServeOverrides
 
     return ServeOverrides(drafter=args.drafter, expert=args.expert, dtype=args.dtype, backend=args.backend,
-                          device=args.device, allocator=args.allocator, cpu_kernel_cache=args.cpu_kernel_cache,
-                          tenants_file=getattr(args, "tenants", None))
+                          device=args.device, tenants_file=getattr(args, "tenants", None),
+                          **tier_process_overrides(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,7 +49,7 @@ from ..engine.jobs import (
     verify_blocks_on,
 )
 from .batching import ContinuousBatcher, Prefill, Progress, Queued, SupersededError
-from .cpu_turns import CpuTurns
+from .cpu_turns import CpuTurns, cpu_spin_count
 from .heap import (
     ProcessStats,
     describe_allocator,
@@ -126,10 +126,12 @@ class ModelTier:
             session_of=lambda work: work.session_id)
         self._sweeper: asyncio.Task | None = None
         self.kernel_cache = kernel_cache_entries()
-        log.info("%s tier loaded %s (%s backend, %s, %s, %d threads, %s, CPU kernel cache %s%s)", role,
-                 resolved.source, config.backend, self.backend.dtype, self.backend.device, torch.get_num_threads(),
-                 describe_allocator(config.allocator, self.allocator),
+        self.cpu_spin = cpu_spin_count()
+        log.info("%s tier loaded %s (%s backend, %s, %s, %d threads, %s, CPU kernel cache %s, OpenMP spin %s%s)",
+                 role, resolved.source, config.backend, self.backend.dtype, self.backend.device,
+                 torch.get_num_threads(), describe_allocator(config.allocator, self.allocator),
                  "at the libraries' default" if self.kernel_cache is None else f"{self.kernel_cache} entries",
+                 "libgomp's default" if self.cpu_spin is None else self.cpu_spin,
                  f", passes take turns on {config.cpu_lock_file}" if config.cpu_lock_file else "")
 
     # ---- the forward thread ----
@@ -252,10 +254,13 @@ class ModelTier:
         `page_faults`: the replica process's page faults since it started (each large tensor the
         allocator maps afresh is faulted in page by page: `bench serve` counts them per round);
         `allocator`: the C allocator the process runs on; `kernel_cache`: the compiled CPU kernels
-        each cache keeps (-1: the libraries' default, not set by the replica's environment)."""
+        each cache keeps (-1: the libraries' default, not set by the replica's environment);
+        `cpu_spin`: how many times its idle OpenMP threads spin before they sleep (-1: libgomp's
+        default)."""
         return {"batches": self.metrics.batches, "batched_requests": self.metrics.batched_requests,
                 "forward_calls": self.backend.forward_calls, "page_faults": page_faults(),
-                "allocator": self.allocator, "kernel_cache": -1 if self.kernel_cache is None else self.kernel_cache}
+                "allocator": self.allocator, "kernel_cache": -1 if self.kernel_cache is None else self.kernel_cache,
+                "cpu_spin": -1 if self.cpu_spin is None else self.cpu_spin}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: calls served and forward-pass seconds

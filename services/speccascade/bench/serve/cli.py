@@ -136,16 +136,20 @@ def tier_settings(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def describe_tiers(config, replica_stats: dict[str, dict]) -> str:
-    """How the tiers run: device, threads, cores, the C allocator and CPU kernel cache each replica
-    reports (its `batch_stats`), turns, and how the router's calls reach them."""
+    """How the tiers run: device, threads, cores, the C allocator, CPU kernel cache and OpenMP spin
+    each replica reports (its `batch_stats`), turns, and how the router's calls reach them."""
     drafter, expert = config.drafter, config.expert
 
     def kernels(entries: int) -> str:
         return "default CPU kernel cache" if entries < 0 else f"CPU kernel cache {entries}"
 
+    def spin(iterations: int) -> str:
+        return "default OpenMP spin" if iterations < 0 else f"OpenMP spin {iterations:,}"
+
     cores = "; ".join(f"{name} {tier.device}, {tier.torch_threads or 'default'} threads"
                       + (f" on cores {tier.cpu_affinity}" if tier.cpu_affinity else "")
                       + f", {replica_stats[name]['allocator']} allocator, {kernels(replica_stats[name]['kernel_cache'])}"
+                      + f", {spin(replica_stats[name]['cpu_spin'])}"
                       for name, tier in (("drafter", drafter), ("expert", expert)))
     turns = {drafter.cpu_lock_file, expert.cpu_lock_file} - {None}
     return (cores + (f"; passes take turns on {', '.join(sorted(turns))}" if turns else "; passes may run at once")
@@ -159,6 +163,7 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
 
     from ...api.client import SpecCascadeClient, build_request
     from ...app.launcher import ServeOverrides, start_serve_config
+    from ...commands.serve import tier_process_overrides
     from ...engine.engine import CascadeEngine
     from ...engine.request import GenerationRequest
     from . import measure
@@ -167,9 +172,8 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
     launched = start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert,
                                                               dtype=args.dtype, backend=args.backend,
                                                               device=None if args.device == "cpu" else args.device,
-                                                              allocator=args.allocator,
-                                                              cpu_kernel_cache=args.cpu_kernel_cache,
-                                                              tier_settings=tier_settings(args)),
+                                                              tier_settings=tier_settings(args),
+                                                              **tier_process_overrides(args)),
                                   grpc_port=args.grpc_port, http_port=args.http_port)
     target, app = launched.endpoints.grpc_target, launched.endpoints.app_name
     handles = {name: serve.get_deployment_handle(name, app_name=app) for name in ("Drafter", "Expert")}

@@ -32,12 +32,12 @@ DEFAULT_OUT = Path("benchmarks/soak")
 
 def start_service(args: argparse.Namespace):
     from ...app.launcher import ServeOverrides, start_serve_config
+    from ...commands.serve import tier_process_overrides
 
     return start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert, dtype=args.dtype,
                                                           backend=args.backend, device=args.device,
-                                                          allocator=args.allocator,
-                                                          cpu_kernel_cache=args.cpu_kernel_cache,
-                                                          router_replicas=args.router_replicas),
+                                                          router_replicas=args.router_replicas,
+                                                          **tier_process_overrides(args)),
                               grpc_port=args.grpc_port, http_port=args.http_port)
 
 

@@ -229,6 +229,7 @@ def plot_title(config: dict) -> str:
             + (f", {config['allocator']} allocator" if config.get("allocator") else "")
             + (f", CPU kernel cache {config['cpu_kernel_cache']}" if config.get("cpu_kernel_cache") is not None
                else "")
+            + (f", OpenMP spin {config['cpu_spin_count']:,}" if config.get("cpu_spin_count") is not None else "")
             + (f", a replica kill every {config['kill_every']:g}s" if config.get("kill_every") else ""))
 
 
