@@ -146,12 +146,13 @@ class TierConfig(StrictModel):
                     "compile their kernels again (64 cost 25 % on the packaged drafter cycling through 48 "
                     "shapes, 256 nothing). No effect on a GPU's passes.")
     cpu_spin_count: int = Field(
-        10_000, ge=0, le=100_000_000,
+        1_000, ge=0, le=100_000_000,
         description="How many times the replica's OpenMP threads (torch's CPU intra-op threads, libgomp) spin "
                     "for more work after each parallel operation before they sleep (GOMP_SPINCOUNT). libgomp's "
                     "default, 300,000, is several milliseconds: after a pass the idle threads keep holding cores "
-                    "the other tier, the router and Ray need next. 10,000 cost a pass alone nothing and made "
-                    "the tiny pair's served round ~10 % faster on 2 cores (BENCHMARKS.md). 0: sleep at once. "
+                    "the other tier, the router and Ray need next. 1,000 made the tiny pair's served round ~9 % "
+                    "faster at one stream and its throughput ~40 % higher at 8 streams on 2 cores "
+                    "(BENCHMARKS.md). 0: sleep at once. "
                     "No effect on a GPU's passes.")
     cpu_lock_file: str | None = Field(
         None, min_length=1,

@@ -24,8 +24,8 @@ import os
 # milliseconds on a 2-core AMD EPYC. Within a pass that spin catches the next operation; after the
 # pass it holds a core that the other tier's pass (or the router, or Ray) needs next. Two processes
 # taking turns at small matmul passes lost ~6 ms a handoff at the default and nothing at 10,000,
-# which cost the same processes nothing alone (BENCHMARKS.md, serving). Read once, when the
-# process's OpenMP starts: it goes into the replica's runtime environment.
+# which cost the same processes nothing alone; served, 1,000 did best (BENCHMARKS.md, serving).
+# Read once, when the process's OpenMP starts: it goes into the replica's runtime environment.
 SPIN_VARIABLE = "GOMP_SPINCOUNT"
 
 
