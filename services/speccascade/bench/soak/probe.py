@@ -44,7 +44,7 @@ class Sample:
     ttft_p50_s: float | None
     router_active_sessions: int | None
     tiers: dict[str, list[ReplicaSample]]
-    routers: list[RouterSample] = field(default_factory=list)  # absent from soaks before stop 33
+    routers: list[RouterSample] = field(default_factory=list)  # absent from soak files written before 2026-12-05
 
     def memory(self, deployment: str) -> list[RouterSample | ReplicaSample]:
         """The deployment's replicas that answered this sample (each with `replica_id`, `rss_bytes`)."""
