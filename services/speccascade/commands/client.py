@@ -62,18 +62,9 @@ def run(args: argparse.Namespace) -> int:
 RESUME_ATTEMPTS = 8  # as speccascade.api.client (not imported here: the CLI starts without gRPC)
 
 
-def _attempts(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--resume-attempts must be an integer >= 0, got {text!r}")
-    return value
-
-
 def register(subparsers) -> None:
     from .generate import add_generation_arguments
+    from .serve import non_negative_int
 
     parser = subparsers.add_parser("client", help="stream a response from a running speccascade server")
     add_generation_arguments(parser)
@@ -81,7 +72,7 @@ def register(subparsers) -> None:
     parser.add_argument("--application", help="Serve application name, when the cluster runs several")
     parser.add_argument("--timeout", type=float, help="deadline in seconds")
     parser.add_argument("--api-key", help="API key of a tenant (default: $SPECCASCADE_API_KEY)")
-    parser.add_argument("--resume-attempts", type=_attempts, default=RESUME_ATTEMPTS,
+    parser.add_argument("--resume-attempts", type=non_negative_int, default=RESUME_ATTEMPTS,
                         help="tries in a row to resume a stream that broke off (its router replica died, the "
                              f"connection was reset), where it stopped; 0: never (default: {RESUME_ATTEMPTS})")
     parser.add_argument("--json", action="store_true", help="print the unary response as JSON")

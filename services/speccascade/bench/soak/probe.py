@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from ...serving.heap import ProcessStats
+
 TIERS = ("Drafter", "Expert")
 ROUTER = "Router"
 MEMORY_DEPLOYMENTS = (ROUTER, *TIERS)  # whose replicas' resident memory the soak follows
@@ -25,13 +27,6 @@ class ReplicaSample:
 
 
 @dataclass
-class RouterSample:
-    replica_id: str
-    pid: int
-    rss_bytes: int
-
-
-@dataclass
 class Sample:
     t_s: float
     phase: str  # load | settled (clients stopped --settle-s ago)
@@ -44,9 +39,9 @@ class Sample:
     ttft_p50_s: float | None
     router_active_sessions: int | None
     tiers: dict[str, list[ReplicaSample]]
-    routers: list[RouterSample] = field(default_factory=list)  # absent from soak files written before 2026-12-05
+    routers: list[ProcessStats] = field(default_factory=list)  # absent from soak files written before 2026-12-05
 
-    def memory(self, deployment: str) -> list[RouterSample | ReplicaSample]:
+    def memory(self, deployment: str) -> list[ProcessStats | ReplicaSample]:
         """The deployment's replicas that answered this sample (each with `replica_id`, `rss_bytes`)."""
         return self.routers if deployment == ROUTER else self.tiers.get(deployment, [])
 
@@ -77,11 +72,10 @@ class ServiceProbe:
                        for s in tier_replica_stats(self.app, tier, timeout_s=STATS_TIMEOUT_S)]
                 for tier in TIERS}
 
-    def routers(self) -> list[RouterSample]:
+    def routers(self) -> list[ProcessStats]:
         from ...serving.replicas import router_process_stats
 
-        return [RouterSample(s.replica_id, s.pid, s.rss_bytes)
-                for s in router_process_stats(self.app, ROUTER, timeout_s=STATS_TIMEOUT_S)]
+        return router_process_stats(self.app, ROUTER, timeout_s=STATS_TIMEOUT_S)
 
     def router_active_sessions(self) -> int | None:
         from ray import serve

@@ -8,8 +8,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from ...serving.heap import ProcessStats
 from ..timing import percentile
-from .probe import MEMORY_DEPLOYMENTS, TIERS, KillEvent, ReplicaSample, RouterSample, Sample
+from .probe import MEMORY_DEPLOYMENTS, TIERS, KillEvent, ReplicaSample, Sample
 from .workload import Outcome
 
 GIB = 1 << 30
@@ -212,7 +213,8 @@ def report_again(json_path: Path) -> dict:
     data = json.loads(json_path.read_text())
     args = argparse.Namespace(**{**data["config"], "out": json_path.parent, "name": json_path.stem})
     samples = [Sample(**{**s, "tiers": {tier: [ReplicaSample(**r) for r in rs] for tier, rs in s["tiers"].items()},
-                         "routers": [RouterSample(**r) for r in s.get("routers", [])]})
+                         "routers": [ProcessStats(**{"allocator": "not recorded", **r})  # the first such files had none
+                                     for r in s.get("routers", [])]})
                for s in data["samples"]]
     outcomes = [Outcome(**r) for r in data["requests"]]
     kills = [KillEvent(**k) for k in data["summary"]["kills"]]
