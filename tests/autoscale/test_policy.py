@@ -86,7 +86,8 @@ class Cluster:
         self.totals = {name: {} for name in ("Router", "Drafter", "Expert")}
         self.history: list[tuple[float, dict[str, int]]] = []
 
-    def run(self, traffic: Traffic, seconds: int, ongoing_override: dict[str, float] | None = None):
+    def run(self, traffic: Traffic, seconds: int, ongoing_override: dict[str, float] | None = None,
+            gauges: dict[str, dict[str, float]] | None = None):
         push_every = self.controller.settings.metrics_interval_s
         for _ in range(seconds):
             self.now += 1.0
@@ -95,7 +96,7 @@ class Cluster:
                 totals = self.totals[name]
                 for key, rate in rates.items():
                     totals[key] = totals.get(key, 0.0) + rate
-                self.controller.record(name, self.now, totals, ongoing[name])
+                self.controller.record(name, self.now, {**totals, **(gauges or {}).get(name, {})}, ongoing[name])
             if self.now % push_every == 0:
                 self.controller.push(self.now)
             for name, rec in self.controller.records.items():
@@ -225,6 +226,30 @@ def test_burst_of_ongoing_requests_raises_the_floor_without_waiting():
     assert cluster.controller.last_record["tiers"]["expert"]["reason"] in ("queue floor", "hold")
     assert cluster.targets["Expert"] == 10
     assert cluster.targets["Drafter"] == before["Drafter"]
+
+
+def test_calls_serve_never_saw_raise_the_floor_as_its_own_ongoing_requests_do():
+    """With the direct transport a session's calls after its first bypass Serve, whose count of
+    ongoing requests then misses them; the replicas' own in-flight gauge does not."""
+    traffic = Traffic(tokens_per_s=30.0, deferral=0.1)
+    cluster = Cluster(initial=steady_targets(traffic))
+    before = cluster.run(traffic, 60)
+    cluster.run(traffic, 40, gauges={"Expert": {sig.TIER_IN_FLIGHT: 40.0}})
+    expert = cluster.controller.last_record["tiers"]["expert"]
+    assert expert["queue_floor"] == 10 and expert["ongoing_requests"] == 40.0
+    assert cluster.targets["Expert"] == 10 and cluster.targets["Drafter"] == before["Drafter"]
+
+
+def test_the_in_flight_gauge_is_read_as_its_latest_value_and_never_as_a_counter():
+    from speccascade.autoscale.policy import latest_total
+
+    config = Cluster().controller.records["Expert"].config
+    gauge = series((0, 9), (10, 3))
+    context = make_context("Expert", target=2, running=2, raw_metrics={sig.TIER_IN_FLIGHT: gauge},
+                           ongoing_requests=0.0, config=config, policy_state={}, now=10.0)
+    assert latest_total(context, sig.TIER_IN_FLIGHT) == 3
+    assert latest_total(context, sig.TIER_CALLS) == 0
+    assert not counter_window(context, since=-1).has(sig.TIER_IN_FLIGHT)
 
 
 def test_bounds_cap_a_huge_demand_and_idle_goes_to_min_replicas():

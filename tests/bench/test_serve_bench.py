@@ -35,7 +35,7 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(Path(out).read_text())
-    assert report["tiers"].endswith(f"passes take turns on {tmp_path / 'cpu.lock'}; tier calls over grpc")
+    assert report["tiers"].endswith(f"passes take turns on {tmp_path / 'cpu.lock'}; tier calls over direct")
     paired = report["paired"]
     assert [p["sampling"] for p in paired].count("greedy") == 2 and len(paired) == 4
     assert all(p["identical"] for p in paired), paired  # fp32: served == in-process, greedy and sampled
@@ -72,6 +72,9 @@ def test_tiers_pinned_to_a_core_each_or_taking_turns():
     assert cli.tier_settings(parse("--cpu-lock-file", "none")) == {"drafter": {"cpu_lock_file": None},
                                                                     "expert": {"cpu_lock_file": None}}
     assert cli.tier_settings(parse("--cpu-lock-file", "/tmp/t.lock"))["expert"] == {"cpu_lock_file": "/tmp/t.lock"}
+    assert parse().tier_transport is None and parse("--tier-transport", "grpc").tier_transport == "grpc"
+    with pytest.raises(SystemExit):
+        parse("--tier-transport", "carrier-pigeon")
 
 
 def test_a_stopped_bench_serve_still_reports_what_it_measured(tmp_path, monkeypatch, capsys):

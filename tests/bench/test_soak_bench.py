@@ -104,6 +104,7 @@ def test_router_replicas_and_tier_processes_override_the_configs_and_take_valid_
     applied = ServeOverrides(router_replicas=2).apply(config)
     assert applied["router"] == {"tier_call_timeout_s": 120, "replicas": {"min_replicas": 2, "max_replicas": 2}}
     assert ServeOverrides().apply(config)["router"] == config["router"]  # unset: the config's
+    assert ServeOverrides(tier_transport="grpc").apply(config)["router"] == {**config["router"], "tier_transport": "grpc"}
     tiers = ServeOverrides(allocator="tcmalloc", cpu_kernel_cache=1, cpu_spin_count=0).apply(config)
     assert tiers["drafter"] == tiers["expert"] == {"allocator": "tcmalloc", "cpu_kernel_cache": 1, "cpu_spin_count": 0}
     assert non_negative_int("0") == 0

@@ -194,6 +194,24 @@ def test_cancelled_stream_frees_the_session_in_both_tiers(client, tier_handles):
     assert tier_handles["Router"].active_session_count.remote().result() == 0
 
 
+def test_a_sessions_calls_after_its_first_reach_each_tier_directly(client, tier_handles):
+    """The default transport: Serve places the session with its first call to a tier; every later
+    call, the release included, goes to that replica's own endpoint."""
+    def calls():
+        stats = {name: tier_handles[name].batch_stats.remote().result() for name in ("Drafter", "Expert")}
+        return {name: (s["batched_requests"], s["direct_calls"]) for name, s in stats.items()}
+
+    before = calls()
+    result = client.generate(prompt=PROMPT, rule="lossless", block_size=2, max_new_tokens=24, pipeline="off")
+    assert result.stats.rounds >= 4
+    assert wait_until(lambda: cached_sessions(tier_handles) == {"Drafter": 0, "Expert": 0})  # released directly
+    after = calls()
+    for name in ("Drafter", "Expert"):
+        batched, direct = (a - b for a, b in zip(after[name], before[name]))
+        assert batched == result.stats.rounds
+        assert direct == batched  # every call but the first, and the release
+
+
 def test_finished_requests_leave_no_cached_sessions(client, tier_handles):
     client.generate(prompt=PROMPT, max_new_tokens=8)
     assert wait_until(lambda: cached_sessions(tier_handles) == {"Drafter": 0, "Expert": 0})

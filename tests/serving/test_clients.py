@@ -10,6 +10,7 @@ import pytest
 from speccascade.config.app import RouterConfig
 from speccascade.serving.batching import Progress
 from speccascade.serving.clients import TierClient, TierUnavailableError, Transport
+from speccascade.serving.direct import DirectServer, Route
 
 TIMEOUT_S = 0.2
 NEVER_S = 3600.0
@@ -79,8 +80,8 @@ class Counted:
 
 def call(tier: StandInTier, attempts: int = 2):
     metrics = SimpleNamespace(tier_retries=Counted(), tier_busy_waits=Counted(), tier_call_seconds=Counted())
-    client = TierClient(tier, tier="expert", config=RouterConfig(tier_call_timeout_s=TIMEOUT_S,
-                                                                 tier_call_attempts=attempts), metrics=metrics)
+    config = RouterConfig(tier_call_timeout_s=TIMEOUT_S, tier_call_attempts=attempts, tier_transport="grpc")
+    client = TierClient(tier, tier="expert", config=config, metrics=metrics)
 
     async def running_replicas():
         return tier.running
@@ -89,7 +90,8 @@ def call(tier: StandInTier, attempts: int = 2):
     transport = Transport()
 
     async def scenario():
-        return await client.call("verify", SimpleNamespace(session_id="s1"), rule="lossless", transport=transport)
+        return await client.call("verify", SimpleNamespace(session_id="s1"), rule="lossless", transport=transport,
+                                 route=Route("s1"))
 
     return asyncio.run(scenario()), metrics, transport
 
@@ -127,9 +129,10 @@ def test_a_tier_without_running_replicas_is_unavailable_at_the_first_timeout():
     assert len(tier.replies) == 1 and tier.replies[0].cancelled and tier.probes == 0
 
 
-@pytest.mark.parametrize("transport,by_reference", [("grpc", False), ("ray", True)])
+@pytest.mark.parametrize("transport,by_reference", [("direct", False), ("grpc", False), ("ray", True)])
 def test_the_router_reaches_a_tier_over_the_configured_transport(transport, by_reference):
-    """grpc: Serve's channel between replicas (`_by_reference=False`); ray: actor calls."""
+    """grpc: Serve's channel between replicas (`_by_reference=False`), which direct takes for a
+    session's first call; ray: actor calls."""
     from speccascade.serving.clients import tier_handle
 
     class Handle:
@@ -139,4 +142,102 @@ def test_the_router_reaches_a_tier_over_the_configured_transport(transport, by_r
 
     handle = tier_handle(Handle(), RouterConfig(tier_transport=transport))
     assert handle.options_set == {"_by_reference": by_reference}
-    assert RouterConfig().tier_transport == "grpc"
+    assert RouterConfig().tier_transport == "direct"
+
+
+class Answered(SimpleNamespace):
+    """A tier's reply: which way it came, and the answering replica's direct endpoint."""
+
+
+class DirectReplica:
+    """A tier replica's methods as its direct channel serves them."""
+
+    def __init__(self):
+        self.endpoint: str | None = None
+        self.calls = 0
+        self.released: list[str] = []
+
+    async def verify(self, call):
+        self.calls += 1
+        return Answered(via="direct", endpoint=self.endpoint)
+
+    async def release(self, session_id):
+        self.released.append(session_id)
+        return True
+
+
+class PlacingTier(StandInTier):
+    """Serve's handle: places the session on `replica` and answers with its endpoint."""
+
+    def __init__(self):
+        super().__init__(answer_after_s=0.0, progress=BUSY)
+        self.replica: DirectReplica | None = None
+        self.released: list[str] = []
+
+    @property
+    def verify(self):
+        def remote(call):
+            self.replies.append(Reply(0.0, Answered(via="serve", endpoint=self.replica.endpoint)))
+            return self.replies[-1]
+        return SimpleNamespace(remote=remote)
+
+    @property
+    def release(self):
+        def remote(session_id):
+            self.released.append(session_id)
+            return Reply(0.0, True)
+        return SimpleNamespace(remote=remote)
+
+
+def test_direct_transport_keeps_a_session_on_the_replica_serve_placed_it_on_and_places_it_again_when_it_is_gone():
+    metrics = SimpleNamespace(tier_retries=Counted(), tier_busy_waits=Counted(), tier_call_seconds=Counted())
+    serve_handle = PlacingTier()
+    client = TierClient(serve_handle, tier="expert", config=RouterConfig(tier_transport="direct"), metrics=metrics)
+    transport, route, session = Transport(), Route("s1"), SimpleNamespace(session_id="s1")
+
+    async def start(replica: DirectReplica) -> DirectServer:
+        server = DirectServer(replica, host="127.0.0.1", message_bytes=2**20)
+        replica.endpoint = await server.endpoint()
+        serve_handle.replica = replica
+        return server
+
+    async def verify():
+        return await client.call("verify", session, rule="lossless", transport=transport, route=route)
+
+    async def scenario():
+        first, second = DirectReplica(), DirectReplica()
+        first_server = await start(first)
+        placed = await verify()
+        assert placed.via == "serve" and route.endpoint == first.endpoint
+        assert [(await verify()).via for _ in range(3)] == ["direct"] * 3 and first.calls == 3
+        assert len(serve_handle.replies) == 1
+        await first_server.stop()  # the replica is gone, and Serve has not noticed yet
+        assert (await verify()).via == "serve" and transport.tier_retries == 1
+        assert route.endpoint is None  # Serve still named the unreachable replica: not bound to again
+        second_server = await start(second)  # Serve places the session on another replica
+        replaced = await verify()
+        assert replaced.via == "serve" and route.endpoint == second.endpoint
+        assert transport.tier_retries == 1 and len(serve_handle.replies) == 3
+        assert (await verify()).via == "direct" and second.calls == 1
+        assert await client.release(route) and second.released == ["s1"] and serve_handle.released == []
+        await second_server.stop()
+        assert await client.release(route) and serve_handle.released == ["s1"]  # gone: through Serve
+        await client.direct.close()
+
+    asyncio.run(scenario())
+
+
+def test_without_the_direct_transport_every_call_goes_through_serve():
+    metrics = SimpleNamespace(tier_retries=Counted(), tier_busy_waits=Counted(), tier_call_seconds=Counted())
+    serve_handle = PlacingTier()
+    serve_handle.replica = SimpleNamespace(endpoint="10.0.0.1:1234")  # a tier that has a direct channel
+    client = TierClient(serve_handle, tier="expert", config=RouterConfig(tier_transport="grpc"), metrics=metrics)
+    route = Route("s1")
+
+    async def scenario():
+        for _ in range(2):
+            await client.call("verify", SimpleNamespace(session_id="s1"), rule="lossless", transport=Transport(),
+                              route=route)
+
+    asyncio.run(scenario())
+    assert len(serve_handle.replies) == 2 and route.endpoint is None and client.direct is None

@@ -44,14 +44,14 @@ def opt_rows_request(block_size: int) -> dict:
                 temperature=1.0)
 
 
-@pytest.mark.parametrize("transport", ["grpc", "ray"])
-def test_whole_probability_rows_past_grpc_default_limit_travel_over_either_transport(
+@pytest.mark.parametrize("transport", ["direct", "grpc", "ray"])
+def test_whole_probability_rows_past_grpc_default_limit_travel_over_every_transport(
         grpc_port, qwen_shaped_client, qwen_shaped_pair, transport):
     """A 16-token block's rows are ~9.7 MB a call: past gRPC's default 4 MiB message, within the
-    replicas' bound; over Ray actor calls they pass through the object store. Both answer as
-    in-process."""
+    bound of the direct channel and of Serve's channel between replicas; over Ray actor calls they
+    pass through the object store. All answer as in-process."""
     from speccascade.engine.engine import CascadeEngine
-    from speccascade.serving.clients import GRPC_MESSAGE_BYTES
+    from speccascade.serving.wire import GRPC_MESSAGE_BYTES
 
     block_size = 16
     assert 2 * block_size * 151_936 * 2 > 4 * 2**20 and 2 * 65 * 152_064 * 4 < GRPC_MESSAGE_BYTES
@@ -60,11 +60,11 @@ def test_whole_probability_rows_past_grpc_default_limit_travel_over_either_trans
     expected = engine.generate(GenerationRequest(
         prompt=PROMPT, rule="opt", alpha=0.3, block_size=block_size, max_new_tokens=24,
         sampling=SamplingParams(temperature=1.0), seed=3))
-    if transport == "grpc":  # the module's application: the default transport
+    if transport == "direct":  # the module's application: the default transport
         assert list(qwen_shaped_client.generate(**request).token_ids) == expected.token_ids
         return
-    app = f"{APP}-ray-calls"
-    with deployed(app, app_args(*qwen_shaped_pair, router={"tier_transport": "ray"})):
+    app = f"{APP}-{transport}-calls"
+    with deployed(app, app_args(*qwen_shaped_pair, router={"tier_transport": transport})):
         with SpecCascadeClient(f"127.0.0.1:{grpc_port}", application=app) as client:
             assert list(client.generate(**request).token_ids) == expected.token_ids
 

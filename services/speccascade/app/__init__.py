@@ -30,10 +30,10 @@ from ray.serve.config import RequestRouterConfig
 
 from ..config.app import AppConfig, Replicas, RouterConfig, TierConfig
 from ..serving.affinity import SessionAffinityRouter
-from ..serving.clients import GRPC_MESSAGE_ENV
 from ..serving.cpu_turns import cpu_spin_env
 from ..serving.heap import allocator_env, kernel_cache_env
 from ..serving.tiers import DrafterTier, ExpertTier
+from ..serving.wire import GRPC_MESSAGE_ENV
 from .ingress import Ingress
 
 APP_NAME = "speccascade"
@@ -84,8 +84,9 @@ def tier_deployment(cls, name: str, tier: TierConfig):
 def build_app(args: dict | AppConfig | None = None) -> serve.Application:
     """Validate `args` into an `AppConfig` (errors name the bad value) and wire the deployments."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    drafter = tier_deployment(DrafterTier, DRAFTER_DEPLOYMENT, config.drafter).bind(config.drafter)
-    expert = tier_deployment(ExpertTier, EXPERT_DEPLOYMENT, config.expert).bind(config.expert)
+    direct = config.router.tier_transport == "direct"  # the tiers open their direct channel
+    drafter = tier_deployment(DrafterTier, DRAFTER_DEPLOYMENT, config.drafter).bind(config.drafter, direct=direct)
+    expert = tier_deployment(ExpertTier, EXPERT_DEPLOYMENT, config.expert).bind(config.expert, direct=direct)
     router = serve.deployment(
         serve.ingress()(Ingress), name=ROUTER_DEPLOYMENT, ray_actor_options=router_actor_options(config.router),
         max_ongoing_requests=config.router.max_ongoing_requests, **replica_options(config.router.replicas),

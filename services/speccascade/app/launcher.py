@@ -76,7 +76,8 @@ TIER_PROCESS_OPTIONS = ("allocator", "cpu_kernel_cache", "cpu_spin_count")  # ho
 @dataclass(frozen=True)
 class ServeOverrides:
     """What the command line changes in a Serve config's application: both tiers' models and
-    execution settings, the tenants file, and a fixed number of router replicas."""
+    execution settings, the tenants file, a fixed number of router replicas, and how the router
+    reaches the tiers."""
 
     drafter: str | None = None
     expert: str | None = None
@@ -89,6 +90,7 @@ class ServeOverrides:
     tenants_file: Path | None = None
     tier_settings: dict[str, dict] = field(default_factory=dict)  # "drafter"/"expert" -> fields to set
     router_replicas: int | None = None
+    tier_transport: str | None = None  # RouterConfig.tier_transport
 
     def apply(self, app_args: dict | None) -> dict:
         out = {key: dict(value) if isinstance(value, dict) else value for key, value in (app_args or {}).items()}
@@ -103,6 +105,8 @@ class ServeOverrides:
         if self.router_replicas is not None:
             out["router"] = {**out.get("router", {}), "replicas": {"min_replicas": self.router_replicas,
                                                                    "max_replicas": self.router_replicas}}
+        if self.tier_transport is not None:
+            out["router"] = {**out.get("router", {}), "tier_transport": self.tier_transport}
         if self.tenants_file:
             out["tenancy"] = {**out.get("tenancy", {}), "tenants_file": str(Path(self.tenants_file).resolve())}
         return out

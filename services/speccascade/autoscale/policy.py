@@ -43,7 +43,8 @@ A change of δ moves n and τ within w, before the load rates over W have caught
 is resized for a new deferral rate while the drafter (which R drives) holds.
 
 Safety floor: each tier gets at least ⌈ongoing requests / queue_floor_ongoing_per_replica⌉
-replicas, and a scale-up the floor alone demands skips the upscale delay, so a burst that the
+replicas (ongoing: the larger of Serve's count of requests in flight to the tier and the calls its
+replicas last said they hold, which includes the calls of the direct transport that Serve never sees), and a scale-up the floor alone demands skips the upscale delay, so a burst that the
 rate signals have not seen yet is never starved. The router is scaled on ongoing requests /
 `target_ongoing_requests`, like Ray's own policy.
 
@@ -126,6 +127,8 @@ def counter_window(ctx, since: float) -> CounterWindow:
     increases: dict[str, float] = {}
     rates: dict[str, float] = {}
     for name, by_replica in (ctx.raw_metrics or {}).items():
+        if name == sig.TIER_IN_FLIGHT:  # a gauge
+            continue
         for series in by_replica.values():
             measured = counter_increase(series, since)
             if measured is None:
@@ -134,6 +137,11 @@ def counter_window(ctx, since: float) -> CounterWindow:
             increases[name] = increases.get(name, 0.0) + increase
             rates[name] = rates.get(name, 0.0) + increase / seconds
     return CounterWindow(increases, rates)
+
+
+def latest_total(ctx, name: str) -> float:
+    """A gauge's latest value, summed over the deployment's replicas (0 where none reported it)."""
+    return sum(series[-1].value for series in (ctx.raw_metrics or {}).get(name, {}).values() if series)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +318,8 @@ def decide(contexts: Mapping, settings: AutoscalingSettings) -> tuple[dict, dict
                 measured_service_time(windows_long[role], router_long, calls_key, seconds_key)
                 or state.get("service_time_s") or scaling.service_time_s
             )
+            # Calls the replicas hold, whichever way they came (Serve sees only its own).
+            ongoing = max(ongoing, latest_total(ctx, sig.TIER_IN_FLIGHT))
             floor = queue_floor(ongoing, scaling.queue_floor_ongoing_per_replica)
             if demand is None or service_time is None:
                 desired = float(ctx.target_num_replicas)

@@ -32,6 +32,10 @@ ROUTER_COUNTERS = (COUNTER.rounds, COUNTER.drafted, COUNTER.deferred, COUNTER.sk
 TIER_CALLS = "tier_calls"  # calls served
 TIER_BUSY_SECONDS = "tier_busy_seconds"  # compute seconds spent serving them
 TIER_COUNTERS = (TIER_CALLS, TIER_BUSY_SECONDS)
+# A gauge, not a counter: the calls a tier replica holds at the moment it reports (queued or running),
+# however they reached it. Serve counts only the calls that went through it as ongoing requests; with
+# the direct transport most do not (`serving/direct.py`), so the queue floor reads this too.
+TIER_IN_FLIGHT = "tier_in_flight_calls"
 
 # Why a tier's target is what the policy made it, as a closed set (a Prometheus label): a step
 # towards the demand estimate, towards the floor the ongoing requests set, no change wanted, a

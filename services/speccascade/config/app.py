@@ -31,7 +31,7 @@ BACKEND_KINDS: tuple[str, ...] = get_args(BackendKind)
 AllocatorName = Literal["auto", "glibc", "jemalloc", "tcmalloc"]
 ALLOCATOR_NAMES: tuple[str, ...] = get_args(AllocatorName)
 # How the router calls the tiers (`serving.clients`): Serve's gRPC channel between replicas, or Ray actor calls.
-TierTransport = Literal["grpc", "ray"]
+TierTransport = Literal["direct", "grpc", "ray"]
 DtypeName = Literal["auto", "bf16", "fp32"]  # auto: bf16 on GPUs and CPUs with bf16 matrix units, else fp32
 DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
 STATIC_DEFAULT_MAX_LEN = 4096  # tokens per static slot when the model's window is larger (memory grows with it)
@@ -223,8 +223,11 @@ class RouterConfig(StrictModel):
                             "on glibc the mmap threshold is pinned). With calls over gRPC the tiers' answers, whole "
                             "probability rows of ~1.5 MB included, are allocated from it.")
     tier_transport: TierTransport = Field(
-        "grpc", description="How the router's calls reach the tiers. grpc: Serve's direct gRPC channel to the replica "
-                            "(each call's payload in its message). ray: Ray actor calls, where a payload over 100 KiB "
+        "direct", description="How the router's calls reach the tiers. direct: a session's first call to a tier goes "
+                            "through Serve, which places it on a replica (session affinity); its later calls go "
+                            "straight to that replica's own gRPC endpoint (a port each tier replica opens), and back "
+                            "through Serve if it cannot be reached. grpc: every call through Serve's gRPC channel to "
+                            "the replica (each call's payload in its message). ray: Ray actor calls, where a payload over 100 KiB "
                             "(whole probability rows: the opt rule, unfiltered sampling, logprobs of a mixed target) "
                             "is put into Ray's shared-memory object store on its way.")
     resume_key_file: str | None = Field(

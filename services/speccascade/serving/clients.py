@@ -21,24 +21,20 @@ from ..engine.blocks import EMPTY_BLOCK, TOKEN_BYTES, CallReport, DraftedBlock, 
 from ..options import Rule, SamplingParams
 from ..tenancy.fairness import DEFAULT_SHARE, Share
 from .batching import Progress
+from .direct import UNREACHABLE_COOLDOWN_S, DirectChannels, DirectUnavailableError, Route
 from .metrics import RouterMetrics
 from .replicas import running_count
-from .wire import DraftCall, SentTokens, VerifyCall
+from .wire import GRPC_MESSAGE_BYTES, DraftCall, SentTokens, VerifyCall
 
 log = logging.getLogger(__name__)
 
 HEALTH_CACHE_S = 2.0  # how long a tier-health answer is reused (it asks the Serve controller)
-# The largest message a router or tier replica accepts over Serve's gRPC channel (its default is 4 MiB):
-# a call carrying whole float32 probability rows of a 65-token block over a 151,936-token vocabulary
-# is ~40 MB, and vocabularies run to ~256k. Read by Serve at the replica process's start.
-GRPC_MESSAGE_BYTES = 256 * 2**20
-GRPC_MESSAGE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MESSAGE_BYTES)}
 
 
 def tier_handle(handle, config: RouterConfig):
     """The router's handle to a tier over the configured transport: Serve's gRPC channel (the call's
-    payload travels in its message) or Ray actor calls (payloads over 100 KiB go through the object
-    store)."""
+    payload travels in its message; with `direct`, for a session's first call, which places it) or
+    Ray actor calls (payloads over 100 KiB go through the object store)."""
     return handle.options(_by_reference=config.tier_transport == "ray")
 
 
@@ -69,7 +65,9 @@ class Transport:
 
 
 class TierClient:
-    """Calls one tier with session affinity, a timeout, retries, and a health verdict."""
+    """Calls one tier with session affinity, a timeout, retries, and a health verdict. With the
+    direct transport, a session's calls go through Serve until one is answered, then straight to
+    the replica that answered (its `Route`), until that replica cannot be reached."""
 
     def __init__(self, handle, *, tier: str, config: RouterConfig, metrics: RouterMetrics):
         self.handle = handle
@@ -80,6 +78,8 @@ class TierClient:
         self.metrics = metrics
         self._down_until = 0.0
         self._health: tuple[float, int] | None = None  # (checked at, running replicas)
+        self.direct = DirectChannels(message_bytes=GRPC_MESSAGE_BYTES) if config.tier_transport == "direct" else None
+        self._unreachable: dict[str, float] = {}  # endpoint -> until when no session is bound to it
 
     async def running_replicas(self) -> int:
         now = time.monotonic()
@@ -91,7 +91,14 @@ class TierClient:
             self._health = (now, running)
         return self._health[1]
 
-    async def call(self, method: str, call, *, rule: str, transport: Transport):
+    def _request(self, route: Route, method: str, *args):
+        """The call `method(*args)` for the session on `route`: to its replica's direct endpoint,
+        or through Serve's handle (affinity by session id)."""
+        if route.endpoint is not None:
+            return self.direct.call(route.endpoint, method, *args)
+        return getattr(self.handle.options(multiplexed_model_id=route.session_id), method).remote(*args)
+
+    async def call(self, method: str, call, *, rule: str, transport: Transport, route: Route):
         if time.monotonic() < self._down_until:
             raise TierUnavailableError.of(self.tier, "it was found without running replicas moments ago")
         last_error: BaseException | None = None
@@ -100,20 +107,45 @@ class TierClient:
                 transport.tier_retries += 1
                 self.metrics.tier_retries.inc(tags={"tier": self.tier})
             started = time.perf_counter()
-            response = getattr(self.handle.options(multiplexed_model_id=call.session_id), method).remote(call)
+            response = self._request(route, method, call)
             try:
-                result = await self._while_moving(method, call.session_id, response)
-            except (RayActorError, TimeoutError) as error:  # died or stuck: retry, another replica recomputes
+                result = await self._while_moving(method, route, response)
+            except (RayActorError, TimeoutError, DirectUnavailableError) as error:
+                # Died or stuck: retry through Serve; another replica recomputes.
                 log.warning("%s call %s failed (attempt %d): %r", self.tier, method, attempt + 1, error)
                 last_error = error
+                if isinstance(error, DirectUnavailableError):
+                    self._unreachable_now(route)
+                route.endpoint = None
                 continue
             self.metrics.tier_call_seconds.observe(time.perf_counter() - started,
                                                    tags={"tier": self.tier, "rule": rule})
+            if self.direct is not None:
+                self._bind(route, result.endpoint)
             return result
         raise TierUnavailableError.of(
             self.tier, f"{self.config.tier_call_attempts} attempts of {method} failed; last: {last_error!r}")
 
-    async def _while_moving(self, method: str, session_id: str, response):
+    def _unreachable_now(self, route: Route) -> None:
+        """The session's replica could not be reached: its calls go through Serve again."""
+        now = time.monotonic()
+        self._unreachable = {endpoint: until for endpoint, until in self._unreachable.items() if until > now}
+        self._unreachable[route.endpoint] = now + UNREACHABLE_COOLDOWN_S
+        route.endpoint = None
+
+    def _bind(self, route: Route, endpoint: str | None) -> None:
+        """Send the session's next calls to `endpoint` (the replica that answered), unless it was
+        found unreachable lately: a replica that died, or a port the router cannot reach."""
+        if endpoint is None or endpoint == route.endpoint:
+            return
+        until = self._unreachable.get(endpoint)
+        if until is not None:
+            if time.monotonic() < until:
+                return
+            del self._unreachable[endpoint]
+        route.endpoint = endpoint
+
+    async def _while_moving(self, method: str, route: Route, response):
         """The call's result. Each time `tier_call_timeout_s` passes without it, the replica is asked
         whether its model is still getting through work: a busy one (overloaded, or a long prompt
         ahead in its queue) keeps the call, since a retry would only queue it again at the back; one
@@ -133,7 +165,7 @@ class TierClient:
                     raise TierUnavailableError.of(
                         self.tier, f"deployment {self.deployment!r} has no running replica (a {method} call "
                                    f"waited {waited:g}s)")
-                progress = await self._progress(session_id)
+                progress = await self._progress(route)
                 if progress is None:
                     raise TimeoutError(f"{method} call unanswered after {waited:g}s, and the replica did not "
                                        f"say within {timeout:g}s whether it is working")
@@ -142,7 +174,8 @@ class TierClient:
                                        f"no pass for {progress.still_s:.0f}s")
                 self.metrics.tier_busy_waits.inc(tags={"tier": self.tier})
                 log.info("%s call %s of session %s still queued after %gs; the replica is busy (%d calls "
-                         "waiting), so it keeps its place", self.tier, method, session_id, waited, progress.queued)
+                         "waiting), so it keeps its place", self.tier, method, route.session_id, waited,
+                         progress.queued)
         finally:
             # A cancelled call ends as Serve's RequestCancelledError rather than as cancelled (its
             # handle turns the one into the other): retrieved here, so that it is not logged as an
@@ -152,16 +185,21 @@ class TierClient:
                 answer.cancel()
                 response.cancel()
 
-    async def _progress(self, session_id: str) -> Progress | None:
+    async def _progress(self, route: Route) -> Progress | None:
         """The progress of the replica the session's calls go to; None if it does not answer in time."""
         try:
             async with asyncio.timeout(self.config.tier_call_timeout_s):
-                return await self.handle.options(multiplexed_model_id=session_id).progress.remote()
-        except (TimeoutError, RayActorError):
+                return await self._request(route, "progress")
+        except (TimeoutError, RayActorError, DirectUnavailableError):
             return None
 
-    def release(self, session_id: str):
-        return self.handle.options(multiplexed_model_id=session_id).release.remote(session_id)
+    async def release(self, route: Route) -> bool:
+        """End the session on the replica that holds it (through Serve, if that one is gone)."""
+        try:
+            return await self._request(route, "release", route.session_id)
+        except DirectUnavailableError:
+            self._unreachable_now(route)
+            return await self._request(route, "release", route.session_id)
 
 
 class _Remote:
@@ -169,6 +207,7 @@ class _Remote:
                  share: Share = DEFAULT_SHARE):
         self.tier, self.session_id, self.transport, self.tag, self.share = tier, session_id, transport, tag, share
         self.sent = SentTokens()  # what this session's tier holds
+        self.route = Route(session_id)  # which replica holds it
 
     async def _exchange(self, method: str, sequence: Sequence[int], build, context_length: int):
         """Send the call `build(delta)` makes for `sequence`; once more with the whole sequence if
@@ -182,7 +221,7 @@ class _Remote:
             # that never arrived makes the next call's base unknown there, which asks for it whole.
             self.sent.sent(delta, sequence)
             call = build(delta)
-            reply = await self.tier.call(method, call, rule=self.tag, transport=self.transport)
+            reply = await self.tier.call(method, call, rule=self.tag, transport=self.transport, route=self.route)
             wire_bytes += call.nbytes + reply.nbytes
             if not reply.needs_context:
                 break

@@ -35,6 +35,7 @@ from ..status_board import PIPELINE, TENANT_LOAD, StatusPoster
 from ..tenancy import Admission, TenancyError
 from ..tenancy.gatekeeper import Caller, Gatekeeper
 from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport, tier_handle
+from .direct import Route
 from .metrics import RouterMetrics, WindowCounters, metric_tags
 from .quota_ledger import SharedQuotas
 from .resume import ResumeSigner, StreamTokens, application_key
@@ -228,7 +229,7 @@ class RouterCore:
             try:
                 await chunks.aclose()
             finally:  # whatever closing the loop raised, the tiers free the session
-                self._release(session_id)
+                self._release(session_id, drafter.route, expert.route)
 
     async def serve_request(self, admitted: Admitted) -> AsyncIterator[tuple[GenerationChunk, Transport]]:
         """An admitted request decoded in its fair turn, its output charged to its quota, its
@@ -259,7 +260,7 @@ class RouterCore:
         self.metrics.request_seconds.observe(time.perf_counter() - started, tags=tags)
         self.metrics.requests.inc(tags={**tags, "code": "OK"})
 
-    def _release(self, session_id: str) -> None:
+    def _release(self, session_id: str, *routes: Route) -> None:
         """Free the session in both tiers, in the background: this also runs while the request's
         own task is being cancelled, and must not wait on the tiers.
 
@@ -270,14 +271,14 @@ class RouterCore:
         self.active_sessions.discard(session_id)
         self.pipelining.forget(session_id)
 
-        async def release(tier: TierClient):
+        async def release(tier: TierClient, route: Route):
             try:
-                await asyncio.wait_for(tier.release(session_id), self.config.router.tier_call_timeout_s)
+                await asyncio.wait_for(tier.release(route), self.config.router.tier_call_timeout_s)
             except Exception as error:  # the tier is down: its caches went with it, or its idle sweep frees them
                 log.info("releasing session %s on the %s tier failed: %r", session_id, tier.tier, error)
 
         async def release_both():
-            await asyncio.gather(release(self.drafter), release(self.expert))
+            await asyncio.gather(*(release(tier, route) for tier, route in zip((self.drafter, self.expert), routes)))
 
         task = asyncio.get_running_loop().create_task(release_both(), context=contextvars.Context())
         self._background.add(task)

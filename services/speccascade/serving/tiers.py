@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..autoscale.signals import TIER_BUSY_SECONDS, TIER_CALLS
+from ..autoscale.signals import TIER_BUSY_SECONDS, TIER_CALLS, TIER_IN_FLIGHT
 from ..config.app import TierConfig
 from ..engine.backends import ScoreJob, load_backend
 from ..engine.blocks import CallReport
@@ -50,6 +50,7 @@ from ..engine.jobs import (
 )
 from .batching import ContinuousBatcher, Prefill, Progress, Queued, SupersededError
 from .cpu_turns import CpuTurns, cpu_spin_count
+from .direct import DirectServer
 from .heap import (
     ProcessStats,
     describe_allocator,
@@ -62,7 +63,7 @@ from .heap import (
 from .logs import log_to_replica_file
 from .metrics import TierMetrics
 from .sessions import CacheStats, SessionEndedError, SessionEntry, SessionStore
-from .wire import DraftCall, DraftReply, VerifyCall, VerifyReply
+from .wire import GRPC_MESSAGE_BYTES, DraftCall, DraftReply, VerifyCall, VerifyReply
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,9 @@ class Work:
 
 
 class ModelTier:
-    def __init__(self, config: TierConfig, role: str):
+    def __init__(self, config: TierConfig, role: str, *, direct: bool = False):
+        """`direct`: answer the router's calls on this replica's own gRPC endpoint too, after Serve
+        has placed a session here (`direct.py`)."""
         from transformers import AutoTokenizer
 
         from ..models import resolve_model
@@ -120,11 +123,14 @@ class ModelTier:
                                      idle_timeout_s=config.session_idle_timeout_s)
         self.metrics = TierMetrics(role)
         self.calls = 0  # draft / verify calls served, for autoscaling
+        self.in_flight = 0  # calls queued or running now, however they came (autoscaling's queue floor)
         self.batcher = ContinuousBatcher(
             self._run_batch, max_batch_size=config.max_batch_size, name=role, ended=self._ended,
             prefill=Prefill(self._pending_context, self._prefill, PREFILL_THRESHOLD, config.prefill_chunk_tokens),
             session_of=lambda work: work.session_id)
         self._sweeper: asyncio.Task | None = None
+        self.direct = DirectServer(self, message_bytes=GRPC_MESSAGE_BYTES) if direct else None
+        self.endpoint: str | None = None  # the direct channel's, once open
         self.kernel_cache = kernel_cache_entries()
         self.cpu_spin = cpu_spin_count()
         log.info("%s tier loaded %s (%s backend, %s, %s, %d threads, %s, CPU kernel cache %s, OpenMP spin %s%s)",
@@ -189,7 +195,10 @@ class ModelTier:
         hold the sequence the call builds on. A session ended before or during the call ends it
         as cancelled (one access-log line, no traceback: its request was cancelled or is over)."""
         self._start_sweeper()
+        if self.direct is not None and self.endpoint is None:
+            self.endpoint = await self.direct.endpoint()
         self.calls += 1
+        self.in_flight += 1
         try:
             entry = self.sessions.entry(session_id)
             if not entry.known.apply(delta):
@@ -199,6 +208,8 @@ class ModelTier:
         except (SessionEndedError, SupersededError) as ended:
             log.debug("%s call stopped: %s", self.role, ended)
             raise asyncio.CancelledError(str(ended)) from None
+        finally:
+            self.in_flight -= 1
         waited = max(0.0, time.perf_counter() - queued.enqueued_at - times.forward_s - times.decide_s)
         return result, CallReport(queued_s=max(0.0, waited - queued.prefill_s),
                                   forward_s=times.forward_s + queued.prefill_s, decide_s=times.decide_s,
@@ -256,33 +267,37 @@ class ModelTier:
         `allocator`: the C allocator the process runs on; `kernel_cache`: the compiled CPU kernels
         each cache keeps (-1: the libraries' default, not set by the replica's environment);
         `cpu_spin`: how many times its idle OpenMP threads spin before they sleep (-1: libgomp's
-        default)."""
+        default); `direct_calls`: calls that reached it over its direct channel rather than
+        through Serve (`direct.py`)."""
         return {"batches": self.metrics.batches, "batched_requests": self.metrics.batched_requests,
                 "forward_calls": self.backend.forward_calls, "page_faults": page_faults(),
                 "allocator": self.allocator, "kernel_cache": -1 if self.kernel_cache is None else self.kernel_cache,
-                "cpu_spin": -1 if self.cpu_spin is None else self.cpu_spin}
+                "cpu_spin": -1 if self.cpu_spin is None else self.cpu_spin,
+                "direct_calls": self.direct.calls if self.direct is not None else 0}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: calls served and forward-pass seconds
-        since the replica started (cumulative; see `speccascade.autoscale.signals`)."""
-        return {TIER_CALLS: float(self.calls), TIER_BUSY_SECONDS: self.metrics.busy_seconds}
+        since the replica started (cumulative), and the calls it holds now (see
+        `speccascade.autoscale.signals`)."""
+        return {TIER_CALLS: float(self.calls), TIER_BUSY_SECONDS: self.metrics.busy_seconds,
+                TIER_IN_FLIGHT: float(self.in_flight)}
 
 
 class DrafterTier(ModelTier):
-    def __init__(self, config: TierConfig):
-        super().__init__(config, "drafter")
+    def __init__(self, config: TierConfig, *, direct: bool = False):
+        super().__init__(config, "drafter", direct=direct)
 
     async def draft(self, call: DraftCall) -> DraftReply:
         """Draft `call.gamma` tokens after the session's context, one model step each, in one job
         with every other session's draft in the batch; `call.share` says whose work it is."""
         answer = await self._serve(call.session_id, call.share, call.delta, lambda entry: DraftJob(
             entry.session, list(entry.known.tokens), call.gamma, call.sampling, call.seed, call.payload))
-        return DraftReply(None) if answer is None else DraftReply(*answer)
+        return DraftReply(*(answer or (None,)), endpoint=self.endpoint)
 
 
 class ExpertTier(ModelTier):
-    def __init__(self, config: TierConfig):
-        super().__init__(config, "expert")
+    def __init__(self, config: TierConfig, *, direct: bool = False):
+        super().__init__(config, "expert", direct=direct)
 
     async def verify(self, call: VerifyCall) -> VerifyReply:
         """Score the session's sequence (context + the drafted block from `call.start`) and verify
@@ -291,4 +306,4 @@ class ExpertTier(ModelTier):
         answer = await self._serve(call.session_id, call.share, call.delta, lambda entry: VerifyJob(
             entry.session, list(entry.known.tokens), call.start, call.block, call.rule, call.alpha, call.sampling,
             call.seed, call.logprobs, call.prompt_logprobs))
-        return VerifyReply(None) if answer is None else VerifyReply(*answer)
+        return VerifyReply(*(answer or (None,)), endpoint=self.endpoint)

@@ -26,6 +26,12 @@ from ..options import Rule, SamplingParams
 from ..tenancy.fairness import DEFAULT_SHARE, Share
 
 TOKEN_DTYPE = np.int32  # token ids: vocabularies are far below 2**31
+# The largest message a router or tier replica accepts over gRPC, Serve's channel or the direct one
+# (gRPC's default is 4 MiB): a call carrying whole float32 probability rows of a 65-token block over
+# a 151,936-token vocabulary is ~40 MB, and vocabularies run to ~256k. Serve reads its bound from the
+# replica process's environment at the process's start.
+GRPC_MESSAGE_BYTES = 256 * 2**20
+GRPC_MESSAGE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MESSAGE_BYTES)}
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class VerifyCall:
 class DraftReply:
     block: DraftedBlock | None  # None: `needs_context`
     report: CallReport = CallReport()
+    endpoint: str | None = None  # the replica's direct channel, when the application uses it (`direct.py`)
 
     @property
     def needs_context(self) -> bool:
@@ -132,6 +139,7 @@ class DraftReply:
 class VerifyReply:
     outcome: VerifyOutcome | None  # None: `needs_context`
     report: CallReport = CallReport()
+    endpoint: str | None = None  # the replica's direct channel, when the application uses it (`direct.py`)
 
     @property
     def needs_context(self) -> bool:

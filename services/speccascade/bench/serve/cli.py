@@ -173,6 +173,7 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
                                                               dtype=args.dtype, backend=args.backend,
                                                               device=None if args.device == "cpu" else args.device,
                                                               tier_settings=tier_settings(args),
+                                                              tier_transport=args.tier_transport,
                                                               **tier_process_overrides(args)),
                                   grpc_port=args.grpc_port, http_port=args.http_port)
     target, app = launched.endpoints.grpc_target, launched.endpoints.app_name
@@ -252,8 +253,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def register(benches) -> None:
+    from typing import get_args
+
     from ...commands.serve import add_tier_process_arguments
-    from ...config.app import DTYPE_NAMES
+    from ...config.app import DTYPE_NAMES, TierTransport
 
     parser = benches.add_parser("serve", help="served (gRPC) vs in-process per request, where a round's time goes, "
                                               "throughput at 1/8/32 streams, a load of long prompts")
@@ -289,6 +292,8 @@ def register(benches) -> None:
     add_tier_process_arguments(parser)
     parser.add_argument("--cpu-lock-file", help="the file both tiers' forward passes take turns on (TierConfig."
                                                 "cpu_lock_file; default: the config's), or 'none' for no turns")
+    parser.add_argument("--tier-transport", choices=get_args(TierTransport),
+                        help="how the router reaches the tiers (RouterConfig.tier_transport; default: the config's)")
     parser.add_argument("--grpc-port", type=int, default=9411)
     parser.add_argument("--http-port", type=int, default=8411)
     parser.add_argument("--skip-in-process", action="store_true", help="served figures only (half the memory)")
