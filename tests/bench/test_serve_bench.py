@@ -48,8 +48,8 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     # Where the rounds' time went, from the requests' own stats: the served rounds spent time in Ray
     # and in the tiers' batchers, the in-process ones in neither.
     served, local = report["breakdown_ms_per_round"]["served"], report["breakdown_ms_per_round"]["in-process"]
-    assert served["Ray + (de)serialisation"] > 0 and served["expert forward"] > 0
-    assert local["Ray + (de)serialisation"] < served["Ray + (de)serialisation"]
+    assert served["tier calls + (de)serialisation"] > 0 and served["expert forward"] > 0
+    assert local["tier calls + (de)serialisation"] < served["tier calls + (de)serialisation"]
     assert local["drafter queue"] == local["expert queue"] == 0
     assert [(c["streams"], c["pipeline"]) for c in report["concurrency"]] == [(1, "on"), (1, "off"), (2, "on"),
                                                                                (2, "off")]

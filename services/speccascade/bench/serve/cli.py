@@ -6,8 +6,9 @@ same rule, same requests, in one run.
    per-token latency and time to first token served / in-process, with their spread; how many
    outputs were identical token for token.
 2. Where a round's time goes, in-process and served: drafter queueing / forward passes / choosing
-   tokens, expert queueing / forward passes / verification, Ray calls and (de)serialisation, and
-   the router's loop itself, read from every request's own stats.
+   tokens, expert queueing / forward passes / verification, the tier calls (through Serve or the
+   direct channel) and (de)serialisation, and the router's loop itself, read from every request's
+   own stats.
 3. Aggregate throughput at 1, 8 and 32 concurrent streams, with the tiers' mean batch sizes and
    the same split.
 4. With --load-streams: a guidellm-style load (that many streams of --load-prompt-tokens-token

@@ -18,7 +18,7 @@ PHASES = {
     "drafter queue": "drafter_queue_seconds", "drafter forward": "drafter_forward_seconds",
     "drafter tokens": "drafter_decide_seconds", "expert queue": "expert_queue_seconds",
     "expert forward": "expert_forward_seconds", "verification": "expert_decide_seconds",
-    "Ray + (de)serialisation": "transport_seconds",
+    "tier calls + (de)serialisation": "transport_seconds",  # Serve or the direct channel
 }
 OTHER = "router loop + text"  # the rest of the request's wall time: the loop itself, detokenising, streaming
 
