@@ -44,8 +44,9 @@ is resized for a new deferral rate while the drafter (which R drives) holds.
 
 Safety floor: each tier gets at least ⌈ongoing requests / queue_floor_ongoing_per_replica⌉
 replicas (ongoing: the larger of Serve's count of requests in flight to the tier and the calls its
-replicas last said they hold, which includes the calls of the direct transport that Serve never sees), and a scale-up the floor alone demands skips the upscale delay, so a burst that the
-rate signals have not seen yet is never starved. The router is scaled on ongoing requests /
+replicas last said they hold, which includes the direct transport's calls that Serve never sees),
+and a scale-up the floor alone demands skips the upscale delay, so a burst that the rate signals
+have not seen yet is never starved. The router is scaled on ongoing requests /
 `target_ongoing_requests`, like Ray's own policy.
 
 Turning a desired (fractional) count into the next target, per tier:
