@@ -10,7 +10,7 @@ import pytest
 from speccascade.config.app import RouterConfig
 from speccascade.serving.batching import Progress
 from speccascade.serving.clients import TierClient, TierUnavailableError, Transport
-from speccascade.serving.direct import DirectServer, Route
+from speccascade.serving.direct import DirectServer, Endpoint, Route
 
 TIMEOUT_S = 0.2
 NEVER_S = 3600.0
@@ -230,7 +230,7 @@ def test_direct_transport_keeps_a_session_on_the_replica_serve_placed_it_on_and_
 def test_without_the_direct_transport_every_call_goes_through_serve():
     metrics = SimpleNamespace(tier_retries=Counted(), tier_busy_waits=Counted(), tier_call_seconds=Counted())
     serve_handle = PlacingTier()
-    serve_handle.replica = SimpleNamespace(endpoint="10.0.0.1:1234")  # a tier that has a direct channel
+    serve_handle.replica = SimpleNamespace(endpoint=Endpoint("10.0.0.1:1234", "token"))  # tiers with direct channels
     client = TierClient(serve_handle, tier="expert", config=RouterConfig(tier_transport="grpc"), metrics=metrics)
     route = Route("s1")
 

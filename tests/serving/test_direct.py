@@ -5,11 +5,21 @@ replica that is gone is told apart from a call that failed, so the call can be p
 from __future__ import annotations
 
 import asyncio
+import pickle
 
+import grpc
 import numpy as np
 import pytest
 from ray.serve.exceptions import RequestCancelledError
-from speccascade.serving.direct import METHODS, DirectChannels, DirectServer, DirectUnavailableError
+from speccascade.serving.direct import (
+    METHODS,
+    SERVICE,
+    TOKEN_METADATA,
+    DirectChannels,
+    DirectServer,
+    DirectUnavailableError,
+    Endpoint,
+)
 
 MESSAGE_BYTES = 64 * 2**20
 
@@ -121,7 +131,29 @@ def test_a_replica_that_is_gone_is_unavailable_and_its_channel_forgotten():
         await server.stop()
         with pytest.raises(DirectUnavailableError, match=f"draft at {endpoint}: UNAVAILABLE"):
             await channels.call(endpoint, "draft", "block")
-        assert endpoint not in channels._channels
+        assert endpoint.address not in channels._channels
+
+    scenario(body)
+
+
+def test_a_call_without_the_replicas_token_is_refused_before_its_payload_is_unpickled():
+    """Reaching the port is not enough: the token is told only through Serve. A router holding a
+    restarted replica's old token is refused like an unreachable replica (the session is placed
+    again)."""
+    async def body(tier, server, channels, endpoint):
+        with pytest.raises(DirectUnavailableError, match="PERMISSION_DENIED"):
+            await channels.call(Endpoint(endpoint.address, "a-stale-token"), "release", "s1")
+        async with grpc.aio.insecure_channel(endpoint.address) as channel:
+            stub = channel.unary_unary(f"/{SERVICE}/draft")
+            for metadata in ((), ((TOKEN_METADATA, "guess"),)):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub(b"not a pickle", metadata=metadata)
+                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # not a failed unpickle
+            # With the token it is unpickled, and the failure to is the answer.
+            ok, error = pickle.loads(await stub(b"not a pickle", metadata=((TOKEN_METADATA, endpoint.token),)))
+            assert not ok and isinstance(error, pickle.UnpicklingError)
+        assert tier.released == [] and server.calls == 1
+        assert await channels.call(endpoint, "release", "s1") and tier.released == ["s1"]
 
     scenario(body)
 

@@ -21,7 +21,7 @@ from ..engine.blocks import EMPTY_BLOCK, TOKEN_BYTES, CallReport, DraftedBlock, 
 from ..options import Rule, SamplingParams
 from ..tenancy.fairness import DEFAULT_SHARE, Share
 from .batching import Progress
-from .direct import UNREACHABLE_COOLDOWN_S, DirectChannels, DirectUnavailableError, Route
+from .direct import UNREACHABLE_COOLDOWN_S, DirectChannels, DirectUnavailableError, Endpoint, Route
 from .metrics import RouterMetrics
 from .replicas import running_count
 from .wire import GRPC_MESSAGE_BYTES, DraftCall, SentTokens, VerifyCall
@@ -79,7 +79,7 @@ class TierClient:
         self._down_until = 0.0
         self._health: tuple[float, int] | None = None  # (checked at, running replicas)
         self.direct = DirectChannels(message_bytes=GRPC_MESSAGE_BYTES) if config.tier_transport == "direct" else None
-        self._unreachable: dict[str, float] = {}  # endpoint -> until when no session is bound to it
+        self._unreachable: dict[Endpoint, float] = {}  # until when no session is bound to it
 
     async def running_replicas(self) -> int:
         now = time.monotonic()
@@ -133,7 +133,7 @@ class TierClient:
         self._unreachable[route.endpoint] = now + UNREACHABLE_COOLDOWN_S
         route.endpoint = None
 
-    def _bind(self, route: Route, endpoint: str | None) -> None:
+    def _bind(self, route: Route, endpoint: Endpoint | None) -> None:
         """Send the session's next calls to `endpoint` (the replica that answered), unless it was
         found unreachable lately: a replica that died, or a port the router cannot reach."""
         if endpoint is None or endpoint == route.endpoint:

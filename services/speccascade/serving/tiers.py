@@ -50,7 +50,7 @@ from ..engine.jobs import (
 )
 from .batching import ContinuousBatcher, Prefill, Progress, Queued, SupersededError
 from .cpu_turns import CpuTurns, cpu_spin_count
-from .direct import DirectServer
+from .direct import DirectServer, Endpoint
 from .heap import (
     ProcessStats,
     describe_allocator,
@@ -130,7 +130,7 @@ class ModelTier:
             session_of=lambda work: work.session_id)
         self._sweeper: asyncio.Task | None = None
         self.direct = DirectServer(self, message_bytes=GRPC_MESSAGE_BYTES) if direct else None
-        self.endpoint: str | None = None  # the direct channel's, once open
+        self.endpoint: Endpoint | None = None  # the direct channel's, once open
         self.kernel_cache = kernel_cache_entries()
         self.cpu_spin = cpu_spin_count()
         log.info("%s tier loaded %s (%s backend, %s, %s, %d threads, %s, CPU kernel cache %s, OpenMP spin %s%s)",

@@ -24,6 +24,7 @@ from ..engine.backends import common_prefix_length
 from ..engine.blocks import SCALAR_BYTES, TOKEN_BYTES, CallReport, DraftedBlock, DraftPayload, VerifyOutcome
 from ..options import Rule, SamplingParams
 from ..tenancy.fairness import DEFAULT_SHARE, Share
+from .direct import Endpoint
 
 TOKEN_DTYPE = np.int32  # token ids: vocabularies are far below 2**31
 # The largest message a router or tier replica accepts over gRPC, Serve's channel or the direct one
@@ -124,7 +125,7 @@ class VerifyCall:
 class DraftReply:
     block: DraftedBlock | None  # None: `needs_context`
     report: CallReport = CallReport()
-    endpoint: str | None = None  # the replica's direct channel, when the application uses it (`direct.py`)
+    endpoint: Endpoint | None = None  # the replica's direct channel, when the application uses it
 
     @property
     def needs_context(self) -> bool:
@@ -139,7 +140,7 @@ class DraftReply:
 class VerifyReply:
     outcome: VerifyOutcome | None  # None: `needs_context`
     report: CallReport = CallReport()
-    endpoint: str | None = None  # the replica's direct channel, when the application uses it (`direct.py`)
+    endpoint: Endpoint | None = None  # the replica's direct channel, when the application uses it
 
     @property
     def needs_context(self) -> bool:
