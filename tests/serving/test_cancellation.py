@@ -47,8 +47,10 @@ def test_cancels_and_deadlines_leave_no_cache_and_one_log_line_each(client, tier
         call.cancel()
     deadline_ids = [f"deadline-{uuid.uuid4().hex[:12]}" for _ in range(3)]
     for i, request_id in enumerate(deadline_ids):  # deadlines that pass mid-generation
+        # One token a round at most: the tiny pair served 300 tokens of γ = 4 in under a second.
         with pytest.raises(grpc.RpcError) as error:
-            client.generate(prompt=PROMPT, max_new_tokens=300, seed=i, request_id=request_id, timeout=1.0)
+            client.generate(prompt=PROMPT, max_new_tokens=400, block_size=1, seed=i, request_id=request_id,
+                            timeout=0.5)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
     router = tier_handles["Router"]

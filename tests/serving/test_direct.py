@@ -30,6 +30,7 @@ class StandInTier:
     def __init__(self):
         self.started = asyncio.Event()
         self.cancelled = asyncio.Event()
+        self.gate = asyncio.Event()
         self.released: list[str] = []
 
     async def draft(self, call):
@@ -44,6 +45,11 @@ class StandInTier:
             raise asyncio.CancelledError("session s1 has ended")  # as `ModelTier._serve` does
         if call == "bad":
             raise ValueError("block_size=0 is out of range")
+        if call == "gated":
+            self.started.set()
+            await self.gate.wait()
+        if call == "unpicklable":
+            return lambda: None
         return {"echo": call}
 
     async def verify(self, rows: np.ndarray):
@@ -131,6 +137,48 @@ def test_a_replica_that_is_gone_is_unavailable_and_its_channel_forgotten():
         await server.stop()
         with pytest.raises(DirectUnavailableError, match=f"draft at {endpoint}: UNAVAILABLE"):
             await channels.call(endpoint, "draft", "block")
+        assert endpoint.address not in channels._channels
+
+    scenario(body)
+
+
+def test_an_address_that_no_longer_serves_a_tier_is_unavailable():
+    """Another gRPC server at a replica's old address answers UNIMPLEMENTED: not our replica."""
+    async def body(tier, server, channels, endpoint):
+        other = grpc.aio.server()
+        port = other.add_insecure_port("127.0.0.1:0")
+        await other.start()
+        try:
+            with pytest.raises(DirectUnavailableError, match="UNIMPLEMENTED"):
+                await channels.call(Endpoint(f"127.0.0.1:{port}", endpoint.token), "draft", "block")
+            assert f"127.0.0.1:{port}" not in channels._channels
+        finally:
+            await other.stop(None)
+
+    scenario(body)
+
+
+def test_an_answer_that_cannot_come_back_fails_over_without_dropping_the_channel():
+    async def body(tier, server, channels, endpoint):
+        with pytest.raises(DirectUnavailableError, match="draft at .*: UNKNOWN"):
+            await channels.call(endpoint, "draft", "unpicklable")
+        assert endpoint.address in channels._channels  # the replica is there: other sessions keep it
+        assert await channels.call(endpoint, "draft", "after") == {"echo": "after"}
+
+    scenario(body)
+
+
+def test_dropping_a_channel_never_cancels_another_sessions_call_on_it():
+    """One session finds the replica unreachable while another's call is still on the channel:
+    that call ends as the tier answers it, and only then is the channel closed."""
+    async def body(tier, server, channels, endpoint):
+        response = channels.call(endpoint, "draft", "gated")
+        await asyncio.wait_for(tier.started.wait(), 10)
+        channels.forget(endpoint.address)
+        await asyncio.sleep(0.2)
+        tier.gate.set()
+        assert await response == {"echo": "gated"}
+        await asyncio.sleep(0)
         assert endpoint.address not in channels._channels
 
     scenario(body)

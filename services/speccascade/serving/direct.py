@@ -45,7 +45,6 @@ TOKEN_METADATA = "speccascade-direct-token"
 METHODS = ("draft", "verify", "release", "progress")
 CONNECT_TIMEOUT_MS = 2000  # a replica's port that does not answer (gone, or closed by a firewall) fails this soon
 UNREACHABLE_COOLDOWN_S = 60.0  # an endpoint found unreachable is not bound to again for this long
-CLOSE_GRACE_S = 5.0  # calls still on a channel to a replica found unreachable get this long to end
 
 
 def _dumps(value: Any) -> bytes:
@@ -162,6 +161,9 @@ class DirectResponse:
 
     def __init__(self, call: Awaitable[Any]):
         self._task = asyncio.ensure_future(call)
+        # A call its caller stopped awaiting (cancelled) may still end in an error, the tier's
+        # cancellation included: retrieved here, so that asyncio does not log it as unretrieved.
+        self._task.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     def __await__(self):
         return self._task.__await__()
@@ -170,57 +172,76 @@ class DirectResponse:
         self._task.cancel()
 
 
+@dataclass
+class _Channel:
+    channel: grpc.aio.Channel
+    stubs: dict[str, Any]
+    active: int = 0  # calls in flight on it
+    forgotten: bool = False  # closed once its last call in flight ends
+
+
 class DirectChannels:
-    """The router's side: one channel per tier replica endpoint, opened on first use."""
+    """The router's side: one channel per tier replica address, opened on first use."""
 
     def __init__(self, *, message_bytes: int):
         self.message_bytes = message_bytes
-        self._channels: dict[str, tuple[grpc.aio.Channel, dict[str, Any]]] = {}  # by address
+        self._channels: dict[str, _Channel] = {}  # by address
         self._closing: set[asyncio.Task] = set()
 
     def call(self, endpoint: Endpoint, method: str, *args: Any) -> DirectResponse:
-        """`method(*args)` of the replica at `endpoint`."""
+        """`method(*args)` of the replica at `endpoint`. A call the tier cancelled raises Serve's
+        `RequestCancelledError`; one that did not get through to the replica (or whose answer did
+        not come back) `DirectUnavailableError`, so that it can go through Serve instead."""
         return DirectResponse(self._call(endpoint, method, args))
 
     async def _call(self, endpoint: Endpoint, method: str, args: tuple) -> Any:
-        stub = self._stub(endpoint.address, method)
+        entry = self._entry(endpoint.address)
+        if method not in entry.stubs:
+            entry.stubs[method] = entry.channel.unary_unary(f"/{SERVICE}/{method}")
+        entry.active += 1
         try:
-            answer = await stub(_dumps(args), metadata=((TOKEN_METADATA, endpoint.token),))
+            answer = await entry.stubs[method](_dumps(args), metadata=((TOKEN_METADATA, endpoint.token),))
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.CANCELLED:
+            code = error.code()
+            if code == grpc.StatusCode.CANCELLED:
                 raise RequestCancelledError(f"{method} at {endpoint}: {error.details()}") from None
-            # Gone or going; or another process at its address now (a restarted replica), which
-            # does not know the token.
-            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED):
+            # Gone or going; or no longer our replica at that address: another process (a restarted
+            # replica does not know the old token; something else does not serve our methods).
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED,
+                        grpc.StatusCode.UNIMPLEMENTED):
                 self.forget(endpoint.address)
-                raise DirectUnavailableError(f"{method} at {endpoint}: {error.code().name} "
-                                             f"({error.details()})") from None
-            raise
+            raise DirectUnavailableError(f"{method} at {endpoint}: {code.name} ({error.details()})") from None
+        finally:
+            entry.active -= 1
+            if entry.forgotten and not entry.active:
+                self._close_later(entry)
         ok, value = pickle.loads(answer)
         if not ok:
             raise value
         return value
 
-    def _stub(self, address: str, method: str):
+    def _entry(self, address: str) -> _Channel:
         if address not in self._channels:
             # gRPC waits 20 s for a connection by default; the router would rather place the session again.
             options = [*_message_options(self.message_bytes), ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS)]
-            channel = grpc.aio.insecure_channel(address, options=options)
-            self._channels[address] = (channel, {})
-        channel, stubs = self._channels[address]
-        if method not in stubs:
-            stubs[method] = channel.unary_unary(f"/{SERVICE}/{method}")
-        return stubs[method]
+            self._channels[address] = _Channel(grpc.aio.insecure_channel(address, options=options), {})
+        return self._channels[address]
 
     def forget(self, address: str) -> None:
-        """Close the channel to a replica found unreachable, in the background (a later session
-        placed at the same address opens a new one)."""
+        """Stop using the channel to a replica found unreachable (a later session placed at the
+        same address opens a new one); it closes once the calls still on it have ended, so that
+        closing it never cancels another session's call."""
         entry = self._channels.pop(address, None)
         if entry is not None:
-            task = asyncio.get_running_loop().create_task(entry[0].close(CLOSE_GRACE_S))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            entry.forgotten = True
+            if not entry.active:
+                self._close_later(entry)
+
+    def _close_later(self, entry: _Channel) -> None:
+        task = asyncio.get_running_loop().create_task(entry.channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(channel.close() for channel, _ in channels), *self._closing)
+        await asyncio.gather(*(entry.channel.close() for entry in channels), *self._closing)
