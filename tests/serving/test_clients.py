@@ -10,7 +10,8 @@ import pytest
 from speccascade.config.app import RouterConfig
 from speccascade.serving.batching import Progress
 from speccascade.serving.clients import TierClient, TierUnavailableError, Transport
-from speccascade.serving.direct import DirectServer, Endpoint, Route
+from speccascade.serving.direct import DirectServer, Route
+from speccascade.serving.wire import Endpoint
 
 TIMEOUT_S = 0.2
 NEVER_S = 3600.0

@@ -18,8 +18,8 @@ from speccascade.serving.direct import (
     DirectChannels,
     DirectServer,
     DirectUnavailableError,
-    Endpoint,
 )
+from speccascade.serving.wire import Endpoint
 
 MESSAGE_BYTES = 64 * 2**20
 

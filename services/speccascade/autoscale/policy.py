@@ -128,7 +128,7 @@ def counter_window(ctx, since: float) -> CounterWindow:
     increases: dict[str, float] = {}
     rates: dict[str, float] = {}
     for name, by_replica in (ctx.raw_metrics or {}).items():
-        if name == sig.TIER_IN_FLIGHT:  # a gauge
+        if name in sig.TIER_GAUGES:
             continue
         for series in by_replica.values():
             measured = counter_increase(series, since)

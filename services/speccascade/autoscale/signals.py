@@ -36,6 +36,7 @@ TIER_COUNTERS = (TIER_CALLS, TIER_BUSY_SECONDS)
 # however they reached it. Serve counts only the calls that went through it as ongoing requests; with
 # the direct transport most do not (`serving/direct.py`), so the queue floor reads this too.
 TIER_IN_FLIGHT = "tier_in_flight_calls"
+TIER_GAUGES = (TIER_IN_FLIGHT,)  # reported beside the counters, read as their latest value
 
 # Why a tier's target is what the policy made it, as a closed set (a Prometheus label): a step
 # towards the demand estimate, towards the floor the ongoing requests set, no change wanted, a

@@ -21,10 +21,10 @@ from ..engine.blocks import EMPTY_BLOCK, TOKEN_BYTES, CallReport, DraftedBlock, 
 from ..options import Rule, SamplingParams
 from ..tenancy.fairness import DEFAULT_SHARE, Share
 from .batching import Progress
-from .direct import UNREACHABLE_COOLDOWN_S, DirectChannels, DirectUnavailableError, Endpoint, Route
+from .direct import UNREACHABLE_COOLDOWN_S, DirectChannels, DirectUnavailableError, Route
 from .metrics import RouterMetrics
 from .replicas import running_count
-from .wire import GRPC_MESSAGE_BYTES, DraftCall, SentTokens, VerifyCall
+from .wire import GRPC_MESSAGE_BYTES, DraftCall, Endpoint, SentTokens, VerifyCall
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,8 @@ class TierClient:
     def _bind(self, route: Route, endpoint: Endpoint | None) -> None:
         """Send the session's next calls to `endpoint` (the replica that answered), unless it was
         found unreachable lately: a replica that died, or a port the router cannot reach."""
-        if endpoint is None or endpoint == route.endpoint:
-            return
-        until = self._unreachable.get(endpoint)
-        if until is not None:
-            if time.monotonic() < until:
-                return
-            del self._unreachable[endpoint]
-        route.endpoint = endpoint
+        if endpoint is not None and self._unreachable.get(endpoint, 0.0) <= time.monotonic():
+            route.endpoint = endpoint  # (expired entries are dropped as new ones are added)
 
     async def _while_moving(self, method: str, route: Route, response):
         """The call's result. Each time `tier_call_timeout_s` passes without it, the replica is asked

@@ -229,7 +229,7 @@ class RouterCore:
             try:
                 await chunks.aclose()
             finally:  # whatever closing the loop raised, the tiers free the session
-                self._release(session_id, drafter.route, expert.route)
+                self._release(session_id, drafter=drafter.route, expert=expert.route)
 
     async def serve_request(self, admitted: Admitted) -> AsyncIterator[tuple[GenerationChunk, Transport]]:
         """An admitted request decoded in its fair turn, its output charged to its quota, its
@@ -260,7 +260,7 @@ class RouterCore:
         self.metrics.request_seconds.observe(time.perf_counter() - started, tags=tags)
         self.metrics.requests.inc(tags={**tags, "code": "OK"})
 
-    def _release(self, session_id: str, *routes: Route) -> None:
+    def _release(self, session_id: str, *, drafter: Route, expert: Route) -> None:
         """Free the session in both tiers, in the background: this also runs while the request's
         own task is being cancelled, and must not wait on the tiers.
 
@@ -278,7 +278,7 @@ class RouterCore:
                 log.info("releasing session %s on the %s tier failed: %r", session_id, tier.tier, error)
 
         async def release_both():
-            await asyncio.gather(*(release(tier, route) for tier, route in zip((self.drafter, self.expert), routes)))
+            await asyncio.gather(release(self.drafter, drafter), release(self.expert, expert))
 
         task = asyncio.get_running_loop().create_task(release_both(), context=contextvars.Context())
         self._background.add(task)

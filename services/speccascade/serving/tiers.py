@@ -50,7 +50,7 @@ from ..engine.jobs import (
 )
 from .batching import ContinuousBatcher, Prefill, Progress, Queued, SupersededError
 from .cpu_turns import CpuTurns, cpu_spin_count
-from .direct import DirectServer, Endpoint
+from .direct import DirectServer
 from .heap import (
     ProcessStats,
     describe_allocator,
@@ -63,7 +63,7 @@ from .heap import (
 from .logs import log_to_replica_file
 from .metrics import TierMetrics
 from .sessions import CacheStats, SessionEndedError, SessionEntry, SessionStore
-from .wire import GRPC_MESSAGE_BYTES, DraftCall, DraftReply, VerifyCall, VerifyReply
+from .wire import GRPC_MESSAGE_BYTES, DraftCall, DraftReply, Endpoint, VerifyCall, VerifyReply
 
 log = logging.getLogger(__name__)
 

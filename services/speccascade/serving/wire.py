@@ -24,7 +24,6 @@ from ..engine.backends import common_prefix_length
 from ..engine.blocks import SCALAR_BYTES, TOKEN_BYTES, CallReport, DraftedBlock, DraftPayload, VerifyOutcome
 from ..options import Rule, SamplingParams
 from ..tenancy.fairness import DEFAULT_SHARE, Share
-from .direct import Endpoint
 
 TOKEN_DTYPE = np.int32  # token ids: vocabularies are far below 2**31
 # The largest message a router or tier replica accepts over gRPC, Serve's channel or the direct one
@@ -33,6 +32,18 @@ TOKEN_DTYPE = np.int32  # token ids: vocabularies are far below 2**31
 # replica process's environment at the process's start.
 GRPC_MESSAGE_BYTES = 256 * 2**20
 GRPC_MESSAGE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MESSAGE_BYTES)}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A tier replica's direct channel (`direct.py`): its address, and the token every call to it
+    carries. Named in the replica's answers through Serve."""
+
+    address: str  # host:port
+    token: str
+
+    def __str__(self) -> str:
+        return self.address
 
 
 @dataclass(frozen=True)
