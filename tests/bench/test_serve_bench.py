@@ -45,6 +45,13 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     assert all(p["page_faults_per_round"][0] >= 0 and p["page_faults_per_round"][1] > 0 for p in paired)
     assert all(set(c["page_faults_per_round"]) == {"Drafter", "Expert"} for c in report["concurrency"])
     assert "page faults per round" in done.stdout
+    # Each tier's forward thread was busy part of each concurrency run's wall time; with turns it
+    # may wait for calls handed over (counted: turns and milliseconds, never negative).
+    for c in report["concurrency"]:
+        assert set(c["tier_activity"]) == {"Drafter", "Expert"}
+        assert all(0 < a["busy_share"] < 1 and a["turn_gathers"] >= 0 and a["turn_gather_ms"] >= 0
+                   for a in c["tier_activity"].values())
+    assert "passes ran Drafter" in done.stdout
     # Where the rounds' time went, from the requests' own stats: the served rounds spent time in Ray
     # and in the tiers' batchers, the in-process ones in neither.
     served, local = report["breakdown_ms_per_round"]["served"], report["breakdown_ms_per_round"]["in-process"]

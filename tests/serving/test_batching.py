@@ -7,7 +7,7 @@ import asyncio
 import threading
 
 import pytest
-from speccascade.serving.batching import ContinuousBatcher, Prefill, SupersededError
+from speccascade.serving.batching import GATHER_MAX_S, GATHER_SHARE, ContinuousBatcher, Prefill, SupersededError
 from speccascade.tenancy.fairness import Share
 
 
@@ -202,5 +202,110 @@ def test_progress_tells_a_running_pass_and_its_queue_from_a_still_model():
         await asyncio.gather(first, *queued)
         done = b.progress()
         assert (done.running, done.queued) == (False, 0) and done.moving(0.2)
+
+    asyncio.run(scenario())
+
+
+class Turn:
+    """A stand-in for the shared cores' turn: `others` holds it until set; records what the batcher
+    handed over and when it took the turn."""
+
+    def __init__(self, handed: tuple[str, ...] = ()):
+        self.others = threading.Event()
+        self.others.set()
+        self.handed = handed
+        self.released: list[list[str]] = []
+        self.held = False
+
+    def try_acquire(self):
+        if not self.others.is_set():
+            return None
+        self.held = True
+        return self.handed
+
+    def acquire(self):
+        self.others.wait(30)
+        self.held = True
+        return self.handed
+
+    def release(self, handoff=()):
+        self.held = False
+        self.released.append(sorted(handoff))
+
+
+def turn_batcher(model: Model, turn: Turn, holds=lambda session: True) -> ContinuousBatcher:
+    return ContinuousBatcher(model.run_batch, max_batch_size=8, name="test", turns=turn, holds=holds,
+                             session_of=lambda item: item.split(".")[0])
+
+
+def test_with_turns_the_batch_forms_once_the_turn_is_taken():
+    """Calls that arrive while the other tier holds the turn all join the batch that then runs, not
+    only the one that was queued when the wait began; the turn goes back naming the sessions it
+    answered."""
+    model = Model()
+    turn = Turn()
+
+    async def scenario():
+        b = turn_batcher(model, turn)
+        turn.others.clear()
+        first = asyncio.create_task(b.submit("a"))
+        await asyncio.sleep(0.05)  # "a" waits for the turn
+        rest = [asyncio.create_task(b.submit(x)) for x in ("b", "c")]
+        await asyncio.sleep(0.05)
+        turn.others.set()
+        assert [r for r, _ in await asyncio.gather(first, *rest)] == ["A", "B", "C"]
+        assert b.gathers == 0  # nothing was handed over
+
+    asyncio.run(scenario())
+    assert model.log == [("batch", ["a", "b", "c"])]
+    assert turn.released == [["a", "b", "c"]] and not turn.held
+
+
+def test_a_turn_waits_a_moment_for_the_calls_handed_over_and_no_longer():
+    """The sessions the other tier just answered are on their way: the batch waits for those this
+    replica holds (not for one it does not hold), at most a share of its recent batch time, and
+    never past GATHER_MAX_S."""
+    model = Model()
+    turn = Turn(handed=("b", "c", "elsewhere"))
+
+    async def scenario():
+        b = turn_batcher(model, turn, holds=lambda session: session != "elsewhere")
+        assert (await b.submit("warm"))[0] == "WARM"  # a first batch: its time bounds later waits
+        b._batch_s = 0.15 / GATHER_SHARE  # a 0.15 s share of it, capped at GATHER_MAX_S
+        assert GATHER_MAX_S < 0.15
+        late = []
+
+        async def arrive(item, delay):
+            await asyncio.sleep(delay)
+            late.append(asyncio.create_task(b.submit(item)))
+
+        first = asyncio.create_task(b.submit("a"))
+        await asyncio.gather(arrive("b", GATHER_MAX_S / 4), arrive("c", GATHER_MAX_S / 2))
+        assert [r for r, _ in await asyncio.gather(first, *late)] == ["A", "B", "C"]
+        assert b.gathers == 1 and GATHER_MAX_S / 2 <= b.gather_s < GATHER_MAX_S + 0.05
+
+        # "b" and "c" never come: the wait ends at its bound, and the batch runs without them.
+        for batch_s, bound in ((1.0, GATHER_MAX_S), (0.1, 0.1 * GATHER_SHARE)):
+            b._batch_s = batch_s
+            started = asyncio.get_running_loop().time()
+            assert (await b.submit("a.2"))[0] == "A.2"
+            waited = asyncio.get_running_loop().time() - started
+            assert bound <= waited < bound + 0.1
+
+    asyncio.run(scenario())
+    assert model.log == [("batch", ["warm"]), ("batch", ["a", "b", "c"]), ("batch", ["a.2"]), ("batch", ["a.2"])]
+
+
+def test_a_lone_session_never_waits_for_company():
+    """At one stream the session handed over is the one already queued: its call runs at once."""
+    model = Model()
+    turn = Turn(handed=("a",))
+
+    async def scenario():
+        b = turn_batcher(model, turn)
+        b._batch_s = 10.0
+        for n in range(3):
+            assert (await b.submit(f"a.{n}"))[0] == f"A.{n}"
+        assert b.gathers == 0 and b.gather_s == 0.0
 
     asyncio.run(scenario())

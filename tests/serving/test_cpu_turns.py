@@ -90,6 +90,32 @@ def test_a_killed_holder_frees_the_lock(tmp_path, spawn):
     thread.join(5)
 
 
+def test_the_turn_carries_the_sessions_its_last_holder_answered(tmp_path):
+    """Two CpuTurns on one file contend as two processes do (flock is per open file)."""
+    path = str(tmp_path / "cpu.lock")
+    drafter, expert = CpuTurns(path), CpuTurns(path)
+    assert drafter.acquire() == ()  # a fresh file: nothing handed over
+    assert expert.try_acquire() is None  # held by the other: no wait, no turn
+    drafter.release(["tenant-a:1", "tenant-b:2"])
+    assert expert.try_acquire() == ("tenant-a:1", "tenant-b:2")
+    expert.release([])
+    assert drafter.acquire() == ()  # an empty handoff clears the note
+
+
+def test_a_pass_inside_a_held_turn_takes_nothing_more(tmp_path):
+    path = str(tmp_path / "cpu.lock")
+    tier, other = CpuTurns(path), CpuTurns(path)
+    tier.acquire()
+    with tier:  # the pass guard within the batch's turn
+        assert tier.held
+    assert tier.held and other.try_acquire() is None  # the inner exit did not give the turn back
+    tier.release(["s"])
+    assert not tier.held and other.try_acquire() == ("s",)
+    other.release()
+    tier.release()  # a release with no turn held (its acquire was cancelled) does nothing
+    assert tier.try_acquire() == ()
+
+
 class CountingGuard:
     def __init__(self):
         self.entered = self.exited = 0

@@ -156,10 +156,11 @@ class TierConfig(StrictModel):
                     "No effect on a GPU's passes.")
     cpu_lock_file: str | None = Field(
         None, min_length=1,
-        description="A file the tiers of one CPU machine lock around each forward pass, so that their passes take "
+        description="A file the tiers of one CPU machine lock around each batch, so that their passes take "
                     "turns instead of running at once on the same cores (where each pass's threads would wait "
-                    "for the other's). For tiers that share cores and each use all of them; give both tiers "
-                    "the same path. Unset: no lock.")
+                    "for the other's); a tier forms its batch once it has the turn, with the calls the other "
+                    "tier has just handed on. For tiers that share cores and each use all of them; give both "
+                    "tiers the same path. Unset: no lock.")
 
     @field_validator("cpu_affinity")
     @classmethod

@@ -1,9 +1,11 @@
 """Continuous batching of tier calls inside a replica, with chunked prefill.
 
 While the model runs one batch, new calls queue up; as soon as it is free, everything queued (up to
-`max_batch_size`) runs as the next batch. Nothing ever waits for company: a lone session's call
-runs the moment it arrives at an idle model, and under load batches form by themselves from what
-queued during the previous pass.
+`max_batch_size`) runs as the next batch. A lone session's call runs the moment it arrives at an
+idle model, and under load batches form by themselves from what queued during the previous pass.
+On cores shared with the other tier (`turns`), the batch forms once the replica has the cores'
+turn, and may wait a bounded moment for the calls the other tier's turn has just answered
+(`_take_turn`, `_gather`); never for a lone session's.
 
 A call whose context the model has not yet seen (a new prompt, or a session that lost its cache)
 would make its batch's pass long for everyone in it, and, batched, make every row as long as the
@@ -37,10 +39,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from ..tenancy.fairness import DEFAULT_SHARE, FairQueue, Share
 
@@ -51,6 +53,24 @@ T = TypeVar("T")
 
 class SupersededError(RuntimeError):
     """A call replaced by a newer call for the same session before it finished."""
+
+
+class Turns(Protocol):
+    """The shared cores' turn (`cpu_turns.CpuTurns`), taken and given back on the forward thread;
+    it carries the sessions whose calls the last holder answered."""
+
+    def acquire(self) -> Sequence[str]: ...
+
+    def try_acquire(self) -> Sequence[str] | None: ...
+
+    def release(self, handoff: Sequence[str] = ()) -> None: ...
+
+
+# How long a replica that took the turn waits for the calls handed over to it (see `_gather`): a
+# share of its own recent batch time, so the wait stays small against the passes it fills, and at
+# most GATHER_MAX_S.
+GATHER_SHARE = 0.25
+GATHER_MAX_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -91,17 +111,27 @@ class ContinuousBatcher(Generic[Item, Result]):
     def __init__(self, run_batch: Callable[[list[Queued]], list[Result | Exception]], *, max_batch_size: int,
                  name: str, prefill: Prefill | None = None,
                  ended: Callable[[Item], Exception | None] = lambda item: None,
-                 session_of: Callable[[Item], Hashable] | None = None):
+                 session_of: Callable[[Item], Hashable] | None = None, turns: Turns | None = None,
+                 holds: Callable[[Hashable], bool] = lambda session: False):
         """`run_batch` is blocking (a forward pass); it runs on one worker thread, so the event loop
         keeps accepting calls meanwhile. It returns one result per queued call, or an exception for
         a call that failed alone (that caller gets it raised; the others their results).
         `ended(item)` is the error of a call whose session has ended (None while it lives);
-        `session_of(item)` names the call's session (None: every call is its own)."""
+        `session_of(item)` names the call's session (None: every call is its own). With `turns`,
+        the replica takes the shared cores' turn before it forms a batch and holds it until the
+        batch and the prefill pass after it are done (see `_run_forever`); `holds(session)` says
+        whether this replica serves the session (a session handed over on the turn that it does
+        not hold is not waited for)."""
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.prefill = prefill
         self.ended = ended
         self.session_of = session_of
+        self.turns = turns
+        self.holds = holds
+        self.gathers = 0  # turns on which the replica waited for calls handed over to it
+        self.gather_s = 0.0  # seconds it waited, all told
+        self._batch_s = 0.0  # a moving average of its batches' time (the gather's bound)
         self._latest: dict[Hashable, Queued] = {}  # each session's newest call, until it finishes
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-forward")
         self._ready: FairQueue[Queued] = FairQueue()
@@ -190,18 +220,80 @@ class ContinuousBatcher(Generic[Item, Result]):
                 tokens += self.prefill.pending(queued.item)
         return self._chunking
 
+    def _has_work(self) -> bool:
+        return bool(self._ready) or (self.prefill is not None and bool(self._prefilling or self._chunking))
+
     async def _run_forever(self) -> None:
         while True:
-            batch = self._take_batch()
-            prefilling = self._next_prefill() if self.prefill is not None else []
-            if not batch and not prefilling:
+            if not self._has_work():
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            if batch:
-                await self._run(batch)
-            if prefilling:
-                await self._prefill(list(prefilling))
+            batch: list[Queued] = []
+            try:
+                if self.turns is not None:
+                    await self._take_turn()
+                batch = self._take_batch()
+                prefilling = self._next_prefill() if self.prefill is not None else []
+                if batch:
+                    await self._run(batch)
+                if prefilling:
+                    await self._prefill(list(prefilling))
+            except BaseException:
+                if self.turns is not None:
+                    # The forward thread may still be in this turn's pass, or taking the turn: it goes
+                    # back after that, queued there (a release without the turn held does nothing).
+                    self._thread.submit(self.turns.release, ())
+                raise
+            if self.turns is not None:
+                self.turns.release(self._answered(batch))
+
+    async def _take_turn(self) -> None:
+        """On cores shared with another tier, the batch forms once this replica has the turn: the
+        calls that arrived while the other tier's passes ran join it, instead of waiting for a whole
+        further batch (a draft batch is gamma passes) behind one formed before the wait; and the
+        calls the other tier's turn just answered, on their way here, are awaited a moment
+        (`_gather`). Batches grow with the load and the sessions fall into step: a tier's batch
+        goes on to the other tier together."""
+        handed = self.turns.try_acquire()  # a free turn (the usual case at one stream): no thread hop
+        if handed is None:
+            handed = await self._on_thread(self.turns.acquire)
+        await self._gather(handed)
+
+    def _answered(self, batch: list[Queued]) -> list[str]:
+        """The sessions whose calls in `batch` got their results."""
+        if self.session_of is None:
+            return []
+        return [str(self.session_of(queued.item)) for queued in batch
+                if queued.future.done() and not queued.future.cancelled() and queued.future.exception() is None]
+
+    async def _gather(self, handed: Sequence[str]) -> None:
+        """Wait, a moment at most, until every session handed over with the turn that this replica
+        holds has its next call queued here (or has ended). Those calls left the other tier as it
+        gave the turn back and take a router hop (a few milliseconds) to arrive; a batch formed
+        without them would leave them a whole batch behind, the sessions split into groups that
+        take turns at half the batch size. A lone session's call is queued before the replica asks
+        for the turn: it never waits. The wait is bounded by a share of the replica's own recent
+        batch time, and counted (`gathers`, `gather_s`)."""
+        if not handed or self.session_of is None or self._batch_s <= 0.0:
+            return
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + min(GATHER_MAX_S, GATHER_SHARE * self._batch_s)
+        waited = False
+        while any(key not in self._latest and self.holds(key) for key in handed):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            waited = True
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        if waited:
+            self.gathers += 1
+            self.gather_s += loop.time() - started
 
     async def _prefill(self, calls: list[Queued]) -> None:
         started = time.perf_counter()
@@ -221,6 +313,7 @@ class ContinuousBatcher(Generic[Item, Result]):
                 self._ready.push(queued, queued.share)
 
     async def _run(self, batch: list[Queued]) -> None:
+        started = time.perf_counter()
         try:
             results = await self._on_thread(self.run_batch, batch)
         except Exception as error:  # the whole batch failed: every caller gets the error
@@ -228,6 +321,8 @@ class ContinuousBatcher(Generic[Item, Result]):
                 if not queued.future.done():
                     queued.future.set_exception(error)
             return
+        elapsed = time.perf_counter() - started
+        self._batch_s = elapsed if self._batch_s == 0.0 else 0.8 * self._batch_s + 0.2 * elapsed
         for queued, result in zip(batch, results):
             if queued.future.done():
                 continue

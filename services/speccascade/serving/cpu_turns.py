@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Sequence
 
 # torch's OpenMP on Linux (libgomp) keeps a pass's worker threads spinning for more work after
 # every parallel region, GOMP_SPINCOUNT iterations before they sleep: 300,000 by default, several
@@ -45,19 +46,66 @@ def cpu_spin_count() -> int | None:
 
 
 class CpuTurns:
-    """A context manager: held for one forward pass. One forward thread per process takes it, so
-    it needs no lock of its own within the process."""
+    """The turn of one process's forward thread on the shared cores. A context manager (one forward
+    pass), and `acquire`/`release` for a batch that holds the turn across its passes (the batcher
+    takes the turn before it forms the batch, `ContinuousBatcher`). Re-entrant: a pass inside a held
+    turn takes nothing more. Within a process the turn is taken and given back one step after
+    another (the batcher awaits each), so it needs no lock of its own.
+
+    The turn carries a note: a process giving it back names the sessions whose calls it has just
+    answered (`release(handoff)`), and the next to take it reads them (`acquire()`): those sessions'
+    next calls are on their way to the other tier, which can wait the moment they take to arrive
+    rather than run a batch without them. The note lives in the locked file, read and written only
+    by the turn's holder."""
 
     def __init__(self, path: str | os.PathLike, *, field: str = "cpu_lock_file"):
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as error:
             raise ValueError(f"{field}={str(path)!r}: cannot open it for locking ({error.strerror})") from None
+        self._held = 0
+
+    @property
+    def held(self) -> bool:
+        return self._held > 0
+
+    def acquire(self) -> tuple[str, ...]:
+        """Take the turn (wait for it); the sessions the last holder handed over (none when the turn
+        was already held here)."""
+        return self._take(blocking=True)  # type: ignore[return-value]
+
+    def try_acquire(self) -> tuple[str, ...] | None:
+        """Take the turn if nobody holds it (without waiting: callable from an event loop); the
+        sessions handed over, or None when another process holds it."""
+        return self._take(blocking=False)
+
+    def _take(self, *, blocking: bool) -> tuple[str, ...] | None:
+        if self._held:
+            self._held += 1
+            return ()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        self._held = 1
+        note = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
+        return tuple(note.decode().split("\n")) if note else ()
+
+    def release(self, handoff: Sequence[str] = ()) -> None:
+        """Give the turn back, naming the sessions whose calls this turn answered (a release without
+        a turn held does nothing: its acquire was cancelled before it ran)."""
+        if self._held == 0:
+            return
+        self._held -= 1
+        if self._held == 0:
+            note = "\n".join(handoff).encode()
+            os.pwrite(self._fd, note, 0)
+            os.ftruncate(self._fd, len(note))
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def __enter__(self) -> CpuTurns:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-
+        self.release()

@@ -127,7 +127,7 @@ class ModelTier:
         self.batcher = ContinuousBatcher(
             self._run_batch, max_batch_size=config.max_batch_size, name=role, ended=self._ended,
             prefill=Prefill(self._pending_context, self._prefill, PREFILL_THRESHOLD, config.prefill_chunk_tokens),
-            session_of=lambda work: work.session_id)
+            session_of=lambda work: work.session_id, turns=turns, holds=self._holds)
         self._sweeper: asyncio.Task | None = None
         self.direct = DirectServer(self, message_bytes=GRPC_MESSAGE_BYTES) if direct else None
         self.endpoint: Endpoint | None = None  # the direct channel's, once open
@@ -144,6 +144,9 @@ class ModelTier:
 
     def _ended(self, work: Work) -> Exception | None:
         return self.sessions.refuse_late(work.session_id) if self.sessions.is_ended(work.session_id) else None
+
+    def _holds(self, session_id: str) -> bool:
+        return session_id in self.sessions and not self.sessions.is_ended(session_id)
 
     def _pending_context(self, work: Work) -> int:
         """Context tokens the call's step would run that the cache does not hold (read from the event
@@ -259,7 +262,7 @@ class ModelTier:
         whatever the forward thread is doing)."""
         return self.batcher.progress()
 
-    async def batch_stats(self) -> dict[str, int | str]:
+    async def batch_stats(self) -> dict[str, int | float | str]:
         """Forward passes and the calls they served since start (mean batch size is the ratio);
         `forward_calls` counts every model call, batched or not, prefill chunks included;
         `page_faults`: the replica process's page faults since it started (each large tensor the
@@ -273,7 +276,9 @@ class ModelTier:
                 "forward_calls": self.backend.forward_calls, "page_faults": page_faults(),
                 "allocator": self.allocator, "kernel_cache": -1 if self.kernel_cache is None else self.kernel_cache,
                 "cpu_spin": -1 if self.cpu_spin is None else self.cpu_spin,
-                "direct_calls": self.direct.calls if self.direct is not None else 0}
+                "direct_calls": self.direct.calls if self.direct is not None else 0,
+                "busy_s": self.metrics.busy_seconds,
+                "turn_gathers": self.batcher.gathers, "turn_gather_ms": self.batcher.gather_s * 1e3}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: calls served and forward-pass seconds

@@ -91,6 +91,9 @@ class Concurrency:
     predrafts: tuple[int, int] = (0, 0)  # made, used
     failures: list[str] = field(default_factory=list)  # the gRPC status of each stream that failed
     page_faults_per_round: dict[str, float] = field(default_factory=dict)  # per tier process
+    # Per tier: the share of the wall time its forward thread ran batches, the turns on which it
+    # waited for calls handed over by the other tier, and those waits' milliseconds.
+    tier_activity: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -149,10 +152,10 @@ def run_paired(engine, client, requests: Sequence[tuple[str, str, dict]], advanc
         before = page_faults()
         local = Timed(engine.stream(GenerationRequest(**common, sampling=SamplingParams(**sampling))))
         local_faults = page_faults() - before
-        tiers_before = batch_counts(handles)
+        tiers_before = tier_stats(handles)
         remote = Timed(client.stream(build_request(**options)))
-        tiers_after = batch_counts(handles)
-        served_faults = sum(tiers_after[name][2] - tiers_before[name][2] for name in handles)
+        tiers_after = tier_stats(handles)
+        served_faults = sum(tiers_after[name]["page_faults"] - tiers_before[name]["page_faults"] for name in handles)
         breakdowns["in-process"].add(local.stats)
         breakdowns["served"].add(remote.stats)
         paired.append(Paired(task, label, local.timing, remote.timing, local.tokens == remote.tokens,
@@ -161,10 +164,9 @@ def run_paired(engine, client, requests: Sequence[tuple[str, str, dict]], advanc
     return paired
 
 
-def batch_counts(handles) -> dict[str, tuple[int, int, int]]:
-    """Per tier: (batches, calls they served, the process's page faults) since it started."""
-    return {name: (s["batches"], s["batched_requests"], s["page_faults"])
-            for name, s in ((n, h.batch_stats.remote().result()) for n, h in handles.items())}
+def tier_stats(handles) -> dict[str, dict]:
+    """Per tier, its replica's counters since it started (`ModelTier.batch_stats`)."""
+    return {name: handle.batch_stats.remote().result() for name, handle in handles.items()}
 
 
 def run_pipelined(client, requests: Sequence[tuple[str, str, dict]], modes: Sequence[str],
@@ -191,7 +193,7 @@ def concurrent(target: str, app: str, build: Callable[[int], object], streams: i
 
     from ...api.client import SpecCascadeClient
 
-    before = batch_counts(handles)
+    before = tier_stats(handles)
     results: list[Timed] = []
     failures: list[str] = []
     lock = threading.Lock()
@@ -214,20 +216,22 @@ def concurrent(target: str, app: str, build: Callable[[int], object], streams: i
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    after = batch_counts(handles)
-    means = {}
-    for name in handles:
-        batches = after[name][0] - before[name][0]
-        means[name] = (after[name][1] - before[name][1]) / batches if batches else 0.0
+    after = tier_stats(handles)
+    grew = {name: {key: after[name][key] - before[name][key] for key in
+                   ("batches", "batched_requests", "page_faults", "busy_s", "turn_gathers", "turn_gather_ms")}
+            for name in handles}
+    means = {name: g["batched_requests"] / g["batches"] if g["batches"] else 0.0 for name, g in grew.items()}
+    activity = {name: {"busy_share": g["busy_s"] / wall, "turn_gathers": g["turn_gathers"],
+                       "turn_gather_ms": g["turn_gather_ms"]} for name, g in grew.items()}
     breakdown = Breakdown()
     for timed in results:
         breakdown.add(timed.stats)
     gaps = [g for timed in results for g in timed.timing.token_gaps_s]
     predrafts = (sum(t.stats.predrafts for t in results), sum(t.stats.predrafts_used for t in results))
     rounds = max(sum(t.stats.rounds for t in results), 1)
-    faults = {name: (after[name][2] - before[name][2]) / rounds for name in handles}
+    faults = {name: g["page_faults"] / rounds for name, g in grew.items()}
     return Concurrency(streams, sum(t.timing.tokens for t in results), wall, 1e3 * percentile(gaps, 0.5),
-                       means["Drafter"], means["Expert"], breakdown, pipeline, predrafts, failures, faults)
+                       means["Drafter"], means["Expert"], breakdown, pipeline, predrafts, failures, faults, activity)
 
 
 def synthetic_prompt(tokenizer, tokens: int, seed: int) -> str:

@@ -92,6 +92,12 @@ def print_report(report) -> None:
             if c.page_faults_per_round:
                 console.print(f"{c.streams} streams, pipelining {c.pipeline}: page faults per round "
                               + ", ".join(f"{name} {faults:,.0f}" for name, faults in c.page_faults_per_round.items()))
+            if c.tier_activity:
+                console.print(f"{c.streams} streams, pipelining {c.pipeline}: passes ran "
+                              + ", ".join(f"{name} {a['busy_share']:.0%} of the wall time"
+                                          + (f" (waited for handed-over calls on {a['turn_gathers']:.0f} turns, "
+                                             f"{a['turn_gather_ms']:,.0f} ms)" if a["turn_gathers"] else "")
+                                          for name, a in c.tier_activity.items()))
         for c in report.concurrency:
             for failure in sorted(set(c.failures)):
                 console.print(f"[red]{c.streams} streams, pipelining {c.pipeline}: {c.failures.count(failure)} "
