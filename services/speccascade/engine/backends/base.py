@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ...cascade import logits_to_probs
+from .attention import use_grouped_query_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,9 @@ class ModelBackend(abc.ABC):
         # Serving never trains: no pass, eager or captured in a CUDA graph, keeps autograd state
         # (a capture with grad enabled holds every activation in the graph pool).
         self.model = model.eval().requires_grad_(False)
+        # On the CPU, batched (masked) passes of grouped-query models attend without copying each
+        # key/value head per query head (attention.py).
+        self.grouped_query_sdpa = use_grouped_query_sdpa(self.model)
         self.name = name
         self.config = model.config
         self.output_rows = int(model.get_output_embeddings().weight.shape[0])
