@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -228,3 +229,27 @@ def test_the_spin_count_is_checked_at_config_load():
     assert TierConfig(model="m", cpu_spin_count=0).cpu_spin_count == 0
     with pytest.raises(ValidationError, match=r"cpu_spin_count\n.*greater than or equal to 0"):
         TierConfig(model="m", cpu_spin_count=-5)
+
+
+def test_turns_alternate_while_another_process_waits(tmp_path):
+    """A holder that gives the turn back with more work queued does not take it again at once while
+    another waits for it (flock alone wakes waiters in no order: a tier with a queue of prompt
+    chunks kept the cores turn after turn)."""
+    path = str(tmp_path / "cpu.lock")
+    tier, other = CpuTurns(path), CpuTurns(path)
+    assert not tier.others_waiting()
+    tier.acquire()
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(other.acquire()), daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while not tier.others_waiting() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert tier.others_waiting()
+    tier.release(["s"])
+    assert tier.try_acquire() is None  # the waiting process goes first
+    waiter.join(30)
+    assert got == [("s",)] and other.held
+    assert not tier.others_waiting()  # it waits no more
+    other.release(["t"])
+    assert tier.try_acquire() == ("t",)  # nobody waiting: taken at once

@@ -159,8 +159,9 @@ class TierConfig(StrictModel):
         description="A file the tiers of one CPU machine lock around each batch, so that their passes take "
                     "turns instead of running at once on the same cores (where each pass's threads would wait "
                     "for the other's); a tier forms its batch once it has the turn, with the calls the other "
-                    "tier has just handed on. For tiers that share cores and each use all of them; give both "
-                    "tiers the same path. Unset: no lock.")
+                    "tier has just handed on; turns alternate while both have work (a second file, the path "
+                    "+ '.waiting', says who waits). For tiers that share cores and each use all of them; give "
+                    "both tiers the same path. Unset: no lock.")
 
     @field_validator("cpu_affinity")
     @classmethod

@@ -56,11 +56,18 @@ class CpuTurns:
     answered (`release(handoff)`), and the next to take it reads them (`acquire()`): those sessions'
     next calls are on their way to the other tier, which can wait the moment they take to arrive
     rather than run a batch without them. The note lives in the locked file, read and written only
-    by the turn's holder."""
+    by the turn's holder.
+
+    Turns alternate while both sides have work: a process about to wait for the turn says so (a
+    shared lock on a second file, `<path>.waiting`), and one giving the turn back does not take it
+    again at once while another waits (`try_acquire`); flock itself wakes its waiters in no order,
+    so a tier with a queue of prompt chunks would otherwise keep the cores turn after turn while
+    the other tier's decode batch waits."""
 
     def __init__(self, path: str | os.PathLike, *, field: str = "cpu_lock_file"):
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            self._waiting = os.open(f"{path}.waiting", os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as error:
             raise ValueError(f"{field}={str(path)!r}: cannot open it for locking ({error.strerror})") from None
         self._held = 0
@@ -75,18 +82,36 @@ class CpuTurns:
         return self._take(blocking=True)  # type: ignore[return-value]
 
     def try_acquire(self) -> tuple[str, ...] | None:
-        """Take the turn if nobody holds it (without waiting: callable from an event loop); the
-        sessions handed over, or None when another process holds it."""
+        """Take the turn if nobody holds it and no other process waits for it (without waiting:
+        callable from an event loop); the sessions handed over, or None."""
         return self._take(blocking=False)
+
+    def others_waiting(self) -> bool:
+        """Whether another process waits for the turn."""
+        try:
+            fcntl.flock(self._waiting, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self._waiting, fcntl.LOCK_UN)
+        return False
 
     def _take(self, *, blocking: bool) -> tuple[str, ...] | None:
         if self._held:
             self._held += 1
             return ()
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None
+        if blocking:
+            fcntl.flock(self._waiting, fcntl.LOCK_SH)  # seen by a holder about to take the turn again
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            finally:
+                fcntl.flock(self._waiting, fcntl.LOCK_UN)
+        else:
+            if self.others_waiting():
+                return None
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
         self._held = 1
         note = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
         return tuple(note.decode().split("\n")) if note else ()
