@@ -1,12 +1,13 @@
-"""Forward passes that take turns across processes: the tiers of one CPU machine each lock one
-file around every forward pass (`TierConfig.cpu_lock_file`).
+"""Forward passes that take turns across processes: the tiers of one CPU machine lock one file
+around each batch and its passes (`TierConfig.cpu_lock_file`; the batcher takes the turn before
+it forms a batch, `batching.ContinuousBatcher`).
 
 Why: on a small CPU machine both tiers' intra-op threads are spread over the same cores (each tier
 alone should use all of them, as the tiers mostly alternate). Under concurrent streams a drafter
 pass and an expert pass then run at once, and each pass's OpenMP threads wait in barriers for
 threads the other process has preempted: both passes run several times slower than one after the
-other. Taking turns gives each pass all the cores; the host work between passes (sampling, the
-verify decisions, the event loop) still overlaps.
+other. Taking turns gives each pass all the cores; the host work between turns (the router, the
+calls, the event loops) still overlaps.
 
 An advisory lock (flock) on an open file: it is released by the kernel when its process dies, so
 a killed replica never leaves the other waiting.
