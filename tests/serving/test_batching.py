@@ -208,7 +208,7 @@ def test_progress_tells_a_running_pass_and_its_queue_from_a_still_model():
 
 class Turn:
     """A stand-in for the shared cores' turn: `others` holds it until set; records what the batcher
-    handed over and when it took the turn."""
+    handed over at each release and whether it holds the turn."""
 
     def __init__(self, handed: tuple[str, ...] = ()):
         self.others = threading.Event()

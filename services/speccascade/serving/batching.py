@@ -56,8 +56,9 @@ class SupersededError(RuntimeError):
 
 
 class Turns(Protocol):
-    """The shared cores' turn (`cpu_turns.CpuTurns`), taken and given back on the forward thread;
-    it carries the sessions whose calls the last holder answered."""
+    """The shared cores' turn (`cpu_turns.CpuTurns`): `try_acquire` and `release` are quick (the
+    event loop calls them), `acquire` waits (the forward thread calls it); it carries the sessions
+    whose calls the last holder answered."""
 
     def acquire(self) -> Sequence[str]: ...
 
