@@ -208,3 +208,71 @@ def test_verify_blocks_names_mismatched_shapes():
     with pytest.raises(ValueError, match="one generator per block"):
         verify_blocks("lossless", [0.0], torch.zeros(1, 2, dtype=torch.long), random_rows((1, 2), 1),
                       random_rows((1, 3), 2), SamplingParams(temperature=1.0))
+
+
+# --- greedy verification from a few numbers per position ----------------------------------
+
+def coarse_rows(shape, seed: int, vocab: int) -> torch.Tensor:
+    """Distributions built from small integer weights: many exact ties (maxima shared by several
+    tokens, a drafted token exactly at a rule's threshold), where a careless shortcut decides
+    differently from the whole distributions."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.randint(0, 4, (*shape, vocab), generator=gen).float()
+    weights[..., 0] += 1.0  # never all zero
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("rule", ["lossless", "chow", "diff", "token", "token_v1", "token_v2", "lossy"])
+@pytest.mark.parametrize("rows", [random_rows, coarse_rows], ids=["smooth", "ties"])
+def test_greedy_verification_from_evidence_equals_verification_of_whole_distributions(rule, rows):
+    """For every rule it covers, `verify_greedy_blocks` gives the verdict `verify_blocks` gives with
+    the drafter's one-hot sampling rows, including at drafted tokens that are not q's argmax."""
+    from speccascade.cascade import GreedyEvidence, verify_blocks, verify_greedy_blocks
+
+    low = -1.0 if rule == "diff" else 0.0
+    high = 0.9 if rule == "lossy" else 1.0
+    alphas = [low, high, 0.25, 0.5, 0.75, 0.1, 0.0, 1.0 / 3.0]
+    alphas = [min(max(a, low), high) for a in alphas]
+    vocab = 7
+    for trial in range(40):
+        gamma = trial % 6
+        q = rows((len(alphas), gamma), 100 + trial, vocab) if rows is coarse_rows else random_rows(
+            (len(alphas), gamma), 100 + trial, sharp=float(trial % 4))
+        p = rows((len(alphas), gamma + 1), 500 + trial, vocab) if rows is coarse_rows else random_rows(
+            (len(alphas), gamma + 1), 500 + trial, sharp=float(trial % 5))
+        vocab_of = q.shape[-1] if gamma else p.shape[-1]
+        drafted = q.argmax(dim=-1) if trial % 3 else torch.randint(
+            0, vocab_of, (len(alphas), gamma), generator=torch.Generator().manual_seed(trial))
+        if trial % 5 == 0 and gamma:  # some drafts the expert agrees with
+            drafted[:, 0] = p[:, 0].argmax(dim=-1)
+        q_sample = torch.zeros_like(q).scatter_(-1, drafted.unsqueeze(-1), 1.0)
+        expected = verify_blocks(rule, alphas, drafted, q, p, GREEDY, q_sample=q_sample)
+        got = verify_greedy_blocks(rule, alphas, drafted, GreedyEvidence.of(drafted, q, p))
+        assert got.num_accepted.tolist() == expected.num_accepted.tolist(), trial
+        assert got.next_token.tolist() == expected.next_token.tolist(), trial
+        assert got.is_bonus.tolist() == expected.is_bonus.tolist(), trial
+        assert got.deferred.tolist() == expected.deferred.tolist(), trial
+        assert got.num_accepted.dtype == expected.num_accepted.dtype and got.deferred.dtype == torch.bool
+
+
+def test_greedy_verification_takes_the_first_of_tied_expert_tokens():
+    from speccascade.cascade import GreedyEvidence, verify_greedy_blocks
+
+    q = torch.stack([soft(1, 8, 1, 1, 1)]).unsqueeze(0)
+    p = torch.stack([soft(1, 1, 4, 4, 1), soft(1, 3, 1, 3, 1)]).unsqueeze(0)
+    drafted = torch.tensor([[1]])
+    verdict = verify_greedy_blocks("lossless", [0.0], drafted, GreedyEvidence.of(drafted, q, p))
+    assert (int(verdict.num_accepted[0]), int(verdict.next_token[0])) == (0, 2)
+
+
+def test_greedy_verification_refuses_opt_and_names_mismatched_evidence():
+    from speccascade.cascade import GreedyEvidence, verify_greedy_blocks
+
+    drafted = torch.zeros(2, 3, dtype=torch.long)
+    evidence = GreedyEvidence.of(drafted, random_rows((2, 3), 1), random_rows((2, 4), 2))
+    with pytest.raises(ValueError, match="opt.*verify_blocks"):
+        verify_greedy_blocks("opt", [0.5, 0.5], drafted, evidence)
+    with pytest.raises(ValueError, match="3 blocks of gamma=3"):
+        verify_greedy_blocks("lossless", [0.0] * 3, torch.zeros(3, 3, dtype=torch.long), evidence)
+    with pytest.raises(ValueError, match="alpha=1.5 is out of range"):
+        verify_greedy_blocks("chow", [0.5, 1.5], drafted, evidence)

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from speccascade.cascade import Rule, SamplingParams, adjust_probs, sample, verify_block
-from speccascade.engine.blocks import EMPTY_BLOCK, DraftPayload, SampleRows, block_from_host, densify, summarize_draft
+from speccascade.engine.blocks import (
+    EMPTY_BLOCK,
+    DraftPayload,
+    SampleRows,
+    block_from_host,
+    densify,
+    drafted_q,
+    summarize_draft,
+)
 from speccascade.engine.seeding import Purpose, draw_generator, draw_seed
 
 VOCAB, GAMMA = 50, 4
@@ -53,6 +63,24 @@ def test_verdict_from_the_payload_equals_the_verdict_from_full_q(sampling, rows,
         assert (got.num_accepted, got.next_token, got.is_bonus) == (
             expected.num_accepted, expected.next_token, expected.is_bonus), trial
         assert torch.equal(got.deferred, expected.deferred)
+
+
+@pytest.mark.parametrize("rule", [Rule.CHOW, Rule.OPT])
+def test_drafted_q_is_what_densify_rebuilds_at_the_drafted_tokens(rule):
+    """Greedy verification reads max q and q at each drafted token without rebuilding the rows:
+    the same numbers densify's rows hold, also where a near-uniform q's max lies below the mass
+    densify spreads over the other tokens."""
+    flat = torch.full((GAMMA, VOCAB), 1.0 / VOCAB)
+    flat[0, 3] = 0.001
+    for q in (peaked(5, GAMMA), flat / flat.sum(dim=-1, keepdim=True)):
+        tokens, _ = draft(q, SamplingParams(), seed=0)
+        block = ship(tokens, q, None, DraftPayload.for_request(rule, SamplingParams()))
+        if rule is Rule.CHOW:  # the shipped max of a row whose drafted token holds too little
+            block = replace(block, max_q=np.where(np.arange(GAMMA) == 0, np.float32(0.001), block.max_q))
+        rebuilt, _ = densify(block, VOCAB, "cpu")
+        max_q, at_drafted = drafted_q(block, VOCAB, "cpu")
+        assert torch.equal(max_q, rebuilt.amax(dim=-1))
+        assert torch.equal(at_drafted, rebuilt.gather(-1, torch.tensor(tokens).view(-1, 1)).squeeze(-1))
 
 
 def test_greedy_payload_is_tokens_and_max_q_only():

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from speccascade.engine.backends import BACKEND_KINDS, backend_class
-from speccascade.engine.blocks import DraftPayload
+import torch
+from speccascade.cascade import GREEDY, verify_block
+from speccascade.engine.backends import BACKEND_KINDS, ScoreJob, backend_class
+from speccascade.engine.blocks import DraftPayload, densify
 from speccascade.engine.jobs import DraftJob, VerifyJob, draft_blocks, verify_blocks_on
 from speccascade.options import Rule, SamplingParams
 
-from ..conftest import tiny_qwen2
+from ..conftest import perturbed_copy, tiny_qwen2
 
 VOCAB = 400
 SAMPLINGS = [SamplingParams(), SamplingParams(temperature=0.9), SamplingParams(temperature=0.7, top_p=0.9)]
@@ -100,6 +102,36 @@ def test_a_batch_of_verifies_equals_each_verify_alone(kind):
     together, times = verify_blocks_on(expert, jobs_together)
     assert together == alone
     assert times.forward_s > 0 and times.decide_s > 0
+
+
+@pytest.mark.parametrize("rule", [Rule.LOSSLESS, Rule.CHOW, Rule.DIFF, Rule.TOKEN, Rule.TOKEN_V1, Rule.TOKEN_V2,
+                                  Rule.LOSSY, Rule.OPT])
+def test_greedy_verification_equals_verification_of_the_whole_distributions(rule):
+    """The greedy path decides from a few numbers per position; its outcomes, over alphas from strict
+    to lenient, are those of `cascade.verify_block` on the expert's rows and the drafter's rows
+    rebuilt from the block."""
+    expert_model = tiny_qwen2(VOCAB, seed=3)
+    drafter = backend_class("hf")(perturbed_copy(expert_model, seed=4, scale=0.1), name="drafter")
+    expert = backend_class("hf")(expert_model, name="expert")
+    payload = DraftPayload.for_request(rule, GREEDY)
+    alphas = {Rule.DIFF: (-0.3, -0.05, 0.0, 0.05, 0.3), Rule.LOSSY: (0.0, 0.5, 0.9)}.get(rule, (0.0, 0.1, 0.4, 0.7, 1.0))
+    jobs = []
+    for i, context in enumerate(contexts()):
+        (block,), _ = draft_blocks(drafter, [DraftJob(drafter.new_session(), context, 4, GREEDY, i, payload)])
+        for alpha in alphas:
+            jobs.append(VerifyJob(expert.new_session(), list(context) + list(block.tokens), len(context), block,
+                                  rule, alpha, GREEDY, i))
+    outcomes, _ = verify_blocks_on(expert, jobs)
+    scorer = backend_class("hf")(expert_model, name="scorer")
+    for job, outcome in zip(jobs, outcomes):
+        (p,) = scorer.score([ScoreJob(scorer.new_session(), job.sequence, job.start)])
+        q, q_sample = densify(job.block, VOCAB, "cpu")
+        expected = verify_block(rule, job.alpha, torch.tensor(job.block.tokens), q, p, GREEDY, q_sample=q_sample)
+        assert (outcome.num_accepted, outcome.next_token, outcome.is_bonus, outcome.num_deferred) == (
+            expected.num_accepted, expected.next_token, expected.is_bonus, expected.num_deferred), job.alpha
+    assert len({outcome.num_accepted for outcome in outcomes}) > 1
+    if rule not in (Rule.LOSSLESS, Rule.LOSSY):  # the alphas reach both sides of the rule's decisions
+        assert len({outcome.num_deferred for outcome in outcomes}) > 1
 
 
 def test_suppression_masks_only_the_positions_before_its_end_and_renormalises():

@@ -30,7 +30,7 @@ from ..options import (
 from .baselines import sequence_cascade_defers, sequence_confidence, token_cascade_defers
 from .rules import defers, target_distribution, total_variation
 from .sampling import adjust_probs, logits_to_probs, sample
-from .verify import BatchVerdict, BlockVerdict, verify_block, verify_blocks
+from .verify import BatchVerdict, BlockVerdict, GreedyEvidence, verify_block, verify_blocks, verify_greedy_blocks
 
 __all__ = [
     "ALPHA_RANGES",
@@ -39,6 +39,7 @@ __all__ = [
     "GREEDY",
     "BatchVerdict",
     "BlockVerdict",
+    "GreedyEvidence",
     "Rule",
     "SamplingParams",
     "adjust_probs",
@@ -53,4 +54,5 @@ __all__ = [
     "validate_alpha",
     "verify_block",
     "verify_blocks",
+    "verify_greedy_blocks",
 ]

@@ -48,7 +48,13 @@ def token_accept_set(rule: Rule, q: Tensor, p: Tensor, alpha: "float | Tensor") 
     `token` (V3): those the expert finds nearly as good as its best, relatively; `token_v2`: the
     same, additively; `token_v1`: those the drafter rates nearly as high as the expert rates its
     best. (Every alpha may be one per leading row: `per_row`.)"""
-    max_p = p.amax(dim=-1, keepdim=True)
+    return token_in_accept_set(rule, q, p, p.amax(dim=-1, keepdim=True), alpha)
+
+
+def token_in_accept_set(rule: Rule, q: Tensor, p: Tensor, max_p: Tensor, alpha: "float | Tensor") -> Tensor:
+    """Whether tokens are in A, from q and p at those tokens and max p at their positions (broadcast
+    against them): all that deciding one token's membership reads, so greedy verification decides
+    its drafted tokens without the rest of the vocabulary."""
     if rule is Rule.TOKEN:
         return p >= per_row(1.0 - alpha, p) * max_p
     if rule is Rule.TOKEN_V2:
@@ -60,18 +66,30 @@ def token_accept_set(rule: Rule, q: Tensor, p: Tensor, alpha: "float | Tensor") 
 
 def mixture_defers(rule: Rule, q: Tensor, p: Tensor | None, alpha: "float | Tensor") -> Tensor:
     """r for the mixture rules (lossless, chow, diff, opt): [..., V] -> [...] bool."""
-    max_q = q.amax(dim=-1)
+    if rule in (Rule.LOSSLESS, Rule.CHOW):
+        return confidence_defers(rule, q.amax(dim=-1), None, alpha)
+    if p is None:
+        raise ValueError(f"rule {rule.value!r} needs the expert distribution p to decide")
+    distance = total_variation(p, q) if rule is Rule.OPT else None
+    return confidence_defers(rule, q.amax(dim=-1), p.amax(dim=-1), alpha, distance)
+
+
+def confidence_defers(rule: Rule, max_q: Tensor, max_p: Tensor | None, alpha: "float | Tensor",
+                      distance: Tensor | None = None) -> Tensor:
+    """r for the mixture rules from the models' confidences max q and max p ([...] each) and, for
+    opt, D_TV(p, q): all the rules read of the distributions."""
     if rule is Rule.LOSSLESS:
         return torch.ones_like(max_q, dtype=torch.bool)
     if rule is Rule.CHOW:
         return max_q < per_row(1.0 - alpha, max_q)
-    if p is None:
+    if max_p is None:
         raise ValueError(f"rule {rule.value!r} needs the expert distribution p to decide")
-    max_p = p.amax(dim=-1)
     if rule is Rule.DIFF:
         return max_q < max_p - per_row(alpha, max_p)
     if rule is Rule.OPT:
-        return max_q < max_p - per_row(alpha, max_p) * total_variation(p, q)
+        if distance is None:
+            raise ValueError("rule 'opt' needs D_TV(p, q) to decide")
+        return max_q < max_p - per_row(alpha, max_p) * distance
     raise ValueError(f"rule {rule.value!r} is not a mixture rule")
 
 

@@ -15,7 +15,16 @@ import torch
 from torch import Tensor
 
 from ..options import Rule, SamplingParams, validate_alpha
-from .rules import lossy_accept_probability, mixture_defers, residual, token_accept_set, token_defers, token_target
+from .rules import (
+    confidence_defers,
+    lossy_accept_probability,
+    mixture_defers,
+    residual,
+    token_accept_set,
+    token_defers,
+    token_in_accept_set,
+    token_target,
+)
 from .sampling import adjust_probs, sample
 
 
@@ -126,6 +135,74 @@ def verify_blocks(
     else:
         next_token = torch.cat([sample(resample_from[i: i + 1], g, greedy=False) for i, g in enumerate(generators)])
     return BatchVerdict(num_accepted, next_token, is_bonus, deferred)
+
+
+@dataclass(frozen=True)
+class GreedyEvidence:
+    """What greedy verification reads of G blocks' distributions (temperature 1): the drafter's q and
+    the expert's p at each drafted token, the maxima, and the expert's argmax, which is its greedy
+    token ([G, gamma] each; the expert's over gamma + 1 positions, the last the bonus position)."""
+
+    max_q: Tensor
+    q_drafted: Tensor
+    max_p: Tensor  # [G, gamma + 1]
+    argmax_p: Tensor  # [G, gamma + 1] int64, the first index on ties
+    p_drafted: Tensor
+
+    @classmethod
+    def of(cls, draft_tokens: Tensor, q: Tensor, p: Tensor) -> "GreedyEvidence":
+        """From whole distributions: q [G, gamma, V], p [G, gamma + 1, V]."""
+        gamma = draft_tokens.shape[-1]
+        drafted = draft_tokens.unsqueeze(-1)
+        q, p = q.float(), p.float()
+        return cls(q.amax(dim=-1), q.gather(-1, drafted).squeeze(-1), p.amax(dim=-1), p.argmax(dim=-1),
+                   p[..., :gamma, :].gather(-1, drafted).squeeze(-1))
+
+
+def verify_greedy_blocks(
+    rule: "str | Rule",
+    alphas: "Sequence[float]",
+    draft_tokens: Tensor,  # [G, gamma] int64, each the drafter's greedy token
+    evidence: GreedyEvidence,
+) -> BatchVerdict:
+    """`verify_blocks` with greedy sampling, deciding from a few numbers per position instead of
+    whole distributions: the verdicts are the same, bit for bit (the same comparisons on the same
+    float32 values).
+
+    Greedy, the drafter samples from the one-hot at each drafted token x and the expert from the
+    one-hot at its argmax a, so every target pi is one of those two one-hots: x is kept iff pi = 1_x,
+    i.e. the position does not defer, or x = a, or (token rules) x is in A; the first rejected
+    position's residual norm(max(0, 1_a - 1_x)) is 1_a, and so is the bonus position's. What a rule
+    decides from reads max q, max p, and q and p at x, never the rest of the vocabulary; opt's
+    D_TV(p, q) reads all of it, so opt is verified whole (`verify_blocks`)."""
+    rule = Rule.parse(rule)
+    if rule is Rule.OPT:
+        raise ValueError("rule 'opt' decides from D_TV(p, q), all of both distributions: verify it with verify_blocks")
+    alpha = torch.tensor([validate_alpha(rule, a) for a in alphas], dtype=torch.float64)
+    blocks, gamma = draft_tokens.shape
+    if evidence.max_p.shape != (blocks, gamma + 1) or evidence.max_q.shape != (blocks, gamma) \
+            or alpha.shape[0] != blocks:
+        raise ValueError(
+            f"verify_greedy_blocks needs evidence for {blocks} blocks of gamma={gamma} ([G, gamma] for q, "
+            f"[G, gamma + 1] for p) and G alphas; got max q {tuple(evidence.max_q.shape)}, max p "
+            f"{tuple(evidence.max_p.shape)} and {alpha.shape[0]} alphas"
+        )
+    expert_agrees = draft_tokens == evidence.argmax_p[:, :gamma]
+    if rule is Rule.LOSSY:
+        # min(1, 1_a(x) / (1 - alpha)) with 1 - alpha > 0: kept iff x = a; every position is checked.
+        deferred = torch.ones_like(expert_agrees)
+        accepted = expert_agrees
+    elif rule.is_token_specific:
+        in_accept_set = token_in_accept_set(rule, evidence.q_drafted, evidence.p_drafted,
+                                            evidence.max_p[:, :gamma], alpha)
+        deferred = ~in_accept_set  # q = 1_x puts its mass outside A
+        accepted = in_accept_set | expert_agrees
+    else:
+        deferred = confidence_defers(rule, evidence.max_q, evidence.max_p[:, :gamma], alpha)
+        accepted = ~deferred | expert_agrees
+    num_accepted = accepted.int().cumprod(dim=-1).sum(dim=-1)
+    next_token = evidence.argmax_p.gather(-1, num_accepted.view(-1, 1)).squeeze(-1)
+    return BatchVerdict(num_accepted, next_token, num_accepted == gamma, deferred)
 
 
 def verify_block(

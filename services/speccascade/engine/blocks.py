@@ -257,3 +257,16 @@ def densify(block: DraftedBlock, vocab_size: int, device: torch.device | str) ->
         q_sample = torch.zeros(gamma, vocab_size, device=device)
         q_sample.scatter_(-1, tokens, 1.0)
     return q, q_sample
+
+
+def drafted_q(block: DraftedBlock, vocab_size: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """max q and q at each drafted token ([gamma] float32 each) of the q `densify` rebuilds, without
+    the [gamma, V] rows where the block carries no full ones: all greedy verification reads of q."""
+    tokens = torch.tensor(block.tokens, dtype=torch.long, device=device).view(-1, 1)
+    if block.decision_full is not None:
+        q, _ = densify(block, vocab_size, device)
+        return q.amax(dim=-1), q.gather(-1, tokens).squeeze(-1)
+    max_q = torch.from_numpy(block.max_q).to(device).float()
+    # densify's q holds max_q at the drafted token and (1 - max_q) / (V - 1) everywhere else.
+    rest = ((1.0 - max_q) / max(vocab_size - 1, 1)).clamp_min(0)
+    return torch.maximum(max_q, rest) if vocab_size > 1 else max_q, max_q

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..cascade import adjust_probs, sample, verify_blocks
+from ..cascade import GreedyEvidence, adjust_probs, sample, verify_blocks, verify_greedy_blocks
 from ..cascade.logprobs import output_distributions
 from ..options import Rule, SamplingParams
 from .backends import BackendSession, ModelBackend, ScoreJob
@@ -34,6 +34,7 @@ from .blocks import (
     VerifyOutcome,
     block_from_host,
     densify,
+    drafted_q,
     logprobs_on_device,
     summarize_draft,
 )
@@ -245,17 +246,24 @@ def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[
     logprob_groups: list[tuple[list[int], dict[str, Tensor]]] = []
     for (rule, gamma, sampling), indices in groups.items():
         members = [jobs[i] for i in indices]
-        dense = [densify(job.block, backend.vocab_size, device) for job in members]
         drafted = torch.tensor([job.block.tokens for job in members], dtype=torch.long, device=device).view(
             len(members), gamma)
-        p = torch.stack([p_rows[i] for i in indices])
-        verdict = verify_blocks(
-            rule, [job.alpha for job in members], drafted,
-            torch.stack([q for q, _ in dense]), p, sampling,
-            None if sampling.is_greedy else [draw_generator(job.seed, job.start, Purpose.VERIFY, device)
-                                             for job in members],
-            q_sample=torch.stack([q_sample for _, q_sample in dense]),
-        )
+        alphas = [job.alpha for job in members]
+        p = None
+        if sampling.is_greedy and rule is not Rule.OPT:
+            # A few numbers per position decide a greedy block (`verify_greedy_blocks`): no [G, gamma, V]
+            # tables, none of the drafter's rows rebuilt, the expert's rows not even stacked.
+            verdict = verify_greedy_blocks(rule, alphas, drafted,
+                                           _greedy_evidence(members, [p_rows[i] for i in indices], drafted, backend))
+        else:
+            dense = [densify(job.block, backend.vocab_size, device) for job in members]
+            p = torch.stack([p_rows[i] for i in indices])
+            verdict = verify_blocks(
+                rule, alphas, drafted, torch.stack([q for q, _ in dense]), p, sampling,
+                None if sampling.is_greedy else [draw_generator(job.seed, job.start, Purpose.VERIFY, device)
+                                                 for job in members],
+                q_sample=torch.stack([q_sample for _, q_sample in dense]),
+            )
         order += indices
         verdicts.append(torch.stack([verdict.num_accepted, verdict.next_token, verdict.is_bonus.long(),
                                      verdict.deferred.sum(dim=-1)], dim=-1))
@@ -263,6 +271,8 @@ def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[
         wanting = [g for g, job in enumerate(members) if job.logprobs is not None]
         if wanting:
             picked = torch.tensor(wanting, dtype=torch.long, device=device)
+            if p is None:
+                p = torch.stack([p_rows[i] for i in indices])
             logprob_groups.append(([indices[g] for g in wanting], _emitted_logprobs(
                 rule, [members[g] for g in wanting], drafted[picked], p[picked], verdict.num_accepted[picked],
                 verdict.next_token[picked], verdict.deferred[picked], device)))
@@ -281,6 +291,23 @@ def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[
                 outcomes[index] = replace(outcome, logprobs=_merged_logprobs(job, outcome, arrays, row))
     forward_s, decide_s = stopwatch.laps()
     return outcomes, WorkTimes(forward_s, decide_s)  # type: ignore[return-value]
+
+
+def _greedy_evidence(members: Sequence[VerifyJob], p_rows: Sequence[Tensor], drafted: Tensor,
+                     backend: ModelBackend) -> GreedyEvidence:
+    """`GreedyEvidence` of a group's blocks from each block's shipped numbers and each job's expert
+    rows ([gamma + 1, V]), reduced row by row."""
+    gamma = drafted.shape[1]
+    q_parts = [drafted_q(job.block, backend.vocab_size, backend.device) for job in members]
+    p_parts = [rows.float() for rows in p_rows]
+    return GreedyEvidence(
+        max_q=torch.stack([max_q for max_q, _ in q_parts]),
+        q_drafted=torch.stack([at for _, at in q_parts]),
+        max_p=torch.stack([rows.amax(dim=-1) for rows in p_parts]),
+        argmax_p=torch.stack([rows.argmax(dim=-1) for rows in p_parts]),
+        p_drafted=torch.stack([rows[:gamma].gather(-1, tokens.view(-1, 1)).squeeze(-1)
+                               for rows, tokens in zip(p_parts, drafted)]),
+    )
 
 
 def _prompt_logprobs(job: VerifyJob, rows: Tensor) -> TokenLogprobs:
