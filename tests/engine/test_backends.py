@@ -261,6 +261,47 @@ def test_steps_on_tokens_chosen_on_the_device_equal_scoring_the_known_tokens(kin
     assert backend.forward_calls == calls
 
 
+def test_hf_steps_of_one_batch_extend_its_padded_cache_and_each_session_leaves_it_intact():
+    """A draft's steps over the same sessions run on one padded batch, with nothing copied in or out
+    per step; a session used otherwise afterwards (cut back, alone, in another batch, released) gets
+    its own cache back, holding exactly its tokens."""
+    from speccascade.engine.backends import ScoreJob
+
+    backend = backend_class("hf")(tiny_qwen2(VOCAB, seed=3), name="hf")
+    contexts = [random_tokens(21, 40), random_tokens(22, 9), random_tokens(23, 25)]
+    sessions = [backend.new_session() for _ in contexts]
+    backend.score([ScoreJob(s, c, len(c)) for s, c in zip(sessions, contexts)])
+    batch = sessions[0].batch
+    assert batch is not None and all(s.batch is batch and s.cache is None for s in sessions)
+    # Each row's bytes: the padded batch's, padding included.
+    per_row = backend.session_bytes(sessions[0])
+    assert per_row > 0 and all(backend.session_bytes(s) == per_row for s in sessions)
+    chosen = [[5, 9, 13], [17, 2, 8], [4, 4, 4]]
+    for k in range(3):
+        rows = backend.step(sessions, torch.tensor([c[k] for c in chosen]))
+        assert all(s.batch is batch for s in sessions)  # extended, not re-padded
+        for row, (context, c) in enumerate(zip(contexts, chosen)):
+            torch.testing.assert_close(rows[row], scratch(backend, context + c[: k + 1], len(context) + k + 1)[0],
+                                       atol=1e-5, rtol=1e-4)
+    for session, c in zip(sessions, chosen):
+        backend.settle(session, c)
+    grown = [context + c for context, c in zip(contexts, chosen)]
+    # Cut back after a verdict: the first session keeps 2 of its 3 drafted tokens, alone.
+    kept = grown[0][:-1] + [7]
+    assert_same_rows(backend.score([ScoreJob(sessions[0], kept, len(kept) - 1)]), [scratch(backend, kept, len(kept) - 1)])
+    assert sessions[0].batch is None and sessions[0].cache.get_seq_length() == len(kept)
+    # The other two, in a batch of their own (in the other order): padded anew from their rows.
+    pair = [sessions[2], sessions[1]]
+    tails = [grown[2] + [1, 2], grown[1] + [3]]
+    got = backend.score([ScoreJob(s, t, len(t) - 1) for s, t in zip(pair, tails)])
+    assert_same_rows(got, [scratch(backend, t, len(t) - 1) for t in tails])
+    assert batch.members == [None, None, None]  # every member left the first batch
+    assert pair[0].batch is pair[1].batch is not batch
+    backend.release(pair[1])
+    assert pair[1].batch is None and pair[1].tokens == [] and backend.session_bytes(pair[1]) == 0
+    assert_same_rows([backend.distributions(pair[1], tails[1], 3)], [scratch(backend, tails[1], 3)])
+
+
 @pytest.mark.parametrize("kind", BACKEND_KINDS)
 def test_a_session_twice_in_one_step_is_refused_and_its_cache_stays_whole(kind):
     backend = backend_class(kind)(tiny_qwen2(VOCAB, seed=3), name=kind)
