@@ -93,6 +93,83 @@ def test_an_empty_draft_turns_the_round_into_an_expert_step(models):
         assert asyncio.run(collect()) == expert_only, method
 
 
+class PrefillingExpert(LocalExpert):
+    """An expert with compute of its own: `prefill` caches the prompt on the session while the drafter
+    drafts (it yields first, as a remote call would), or fails; every call is logged in order."""
+
+    def __init__(self, backend, events: list, *, fails: bool = False):
+        super().__init__(backend)
+        self.events, self.fails = events, fails
+
+    async def prefill(self, prompt, rule, alpha, sampling, seed):
+        from speccascade.engine.backends import ScoreJob
+        from speccascade.engine.blocks import CallReport
+
+        self.events.append("prefill sent")
+        await asyncio.sleep(0.05)
+        if self.fails:
+            self.events.append("prefill failed")
+            raise RuntimeError("the tier is restarting")
+        self.backend.score([ScoreJob(self.session, prompt, len(prompt))])
+        self.events.append("prefill done")
+        return CallReport(queued_s=0.125, forward_s=0.25)
+
+    async def verify(self, sequence, start, block, *args, **kwargs):
+        self.events.append(("verify", len(sequence) - start, self.session.cached_length))
+        return await super().verify(sequence, start, block, *args, **kwargs)
+
+
+class LoggedDrafter(LocalDrafter):
+    def __init__(self, backend, events: list):
+        super().__init__(backend)
+        self.events = events
+
+    async def draft(self, *args):
+        self.events.append("draft")
+        await asyncio.sleep(0)  # a remote call yields while it waits for its answer
+        answer = await super().draft(*args)
+        self.events.append("drafted")
+        return answer
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["prefilled", "prefill failed"])
+def test_the_expert_prefills_the_prompt_while_the_first_block_is_drafted(models, fails):
+    """The prefill is sent before the first draft; the first verify waits for it (it never overtakes
+    it), counts its cost, and the output is the one decoded without it, failed or not."""
+    request = GenerationRequest(prompt="x", rule="lossless", block_size=4, seed=0)
+    expected, _ = decode(*models, "hf", request, rounds=4)
+    events: list = []
+    drafter = LoggedDrafter(backend_class("hf")(models[0], name="drafter"), events)
+    expert = PrefillingExpert(backend_class("hf")(models[1], name="expert"), events, fails=fails)
+    records = first_rounds(rounds_for(request, drafter, expert, PROMPT, lambda answer: False, limit=1000), 4)
+    assert [t for r in records for t, _ in r.emitted] == expected
+    first_verify = next(i for i, event in enumerate(events) if isinstance(event, tuple))
+    assert events[:3] == ["draft", "prefill sent", "drafted"]  # in flight together
+    assert events[first_verify - 1] == ("prefill failed" if fails else "prefill done")
+    assert events[first_verify][2] == (0 if fails else len(PROMPT))  # the prompt was cached before the verify
+    assert events.count("prefill sent") == 1
+    assert (records[0].expert_queue_seconds, records[0].expert_forward_seconds >= 0.25) == (
+        (0.0, False) if fails else (0.125, True))
+    assert records[0].expert_seconds >= 0.04  # the loop waited for the prefill
+
+
+def test_a_request_closed_before_its_first_verify_cancels_the_prefill(models):
+    events: list = []
+    request = GenerationRequest(prompt="x", rule="chow", alpha=1.0, block_size=4, seed=0)  # chow never defers
+    drafter = LoggedDrafter(backend_class("hf")(models[0], name="drafter"), events)
+    expert = PrefillingExpert(backend_class("hf")(models[1], name="expert"), events)
+
+    async def scenario():
+        loop = rounds_for(request, drafter, expert, PROMPT, lambda answer: False, limit=1000)
+        record = await loop.__anext__()  # kept whole by chow: no verify yet
+        assert record.expert_passes == 0
+        await loop.aclose()
+        await asyncio.sleep(0.1)
+        return events
+
+    assert "prefill done" not in asyncio.run(scenario())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["hf", "static"])
 def test_the_loop_on_cuda_decodes_greedy_like_the_cpu_and_is_seeded(models, kind):

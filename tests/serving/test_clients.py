@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from speccascade.config.app import RouterConfig
 from speccascade.serving.batching import Progress
@@ -242,3 +243,42 @@ def test_without_the_direct_transport_every_call_goes_through_serve():
 
     asyncio.run(scenario())
     assert len(serve_handle.replies) == 2 and route.endpoint is None and client.direct is None
+
+
+class RecordingTier:
+    """A tier client that answers every verify call at once and records it."""
+
+    def __init__(self):
+        from speccascade.engine.blocks import CallReport, VerifyOutcome
+
+        self.calls = []
+        self.metrics = SimpleNamespace(context_resends=Counted())
+        self.tier = "expert"
+        self._reply = lambda: SimpleNamespace(outcome=VerifyOutcome(0, 7, True, 0), needs_context=False, nbytes=16,
+                                              report=CallReport(queued_s=0.25, forward_s=0.5))
+
+    async def call(self, method, call, *, rule, transport, route):
+        self.calls.append((method, call))
+        return self._reply()
+
+
+def test_an_early_prefill_is_a_verify_of_an_empty_block_after_the_prompt_and_only_for_a_long_prompt():
+    """The prompt travels once: the first verify after the prefill sends only its block."""
+    from speccascade.engine.blocks import EMPTY_BLOCK, DraftedBlock
+    from speccascade.engine.jobs import PREFILL_THRESHOLD
+    from speccascade.options import GREEDY, Rule
+    from speccascade.serving.clients import RemoteExpert
+
+    tier = RecordingTier()
+    expert = RemoteExpert(tier, "s1", Transport(), tag="lossless")
+    short = list(range(3, 3 + PREFILL_THRESHOLD))
+    assert asyncio.run(expert.prefill(short, Rule.LOSSLESS, 0.0, GREEDY, 1)) is None and tier.calls == []
+    prompt = list(range(3, 3 + PREFILL_THRESHOLD + 1))
+    report = asyncio.run(expert.prefill(prompt, Rule.TOKEN, 0.3, GREEDY, 1))
+    (method, call), = tier.calls
+    assert method == "verify" and call.block == EMPTY_BLOCK and call.start == len(prompt)
+    assert call.delta.tokens.tolist() == prompt and (call.rule, call.alpha, call.seed) == (Rule.TOKEN, 0.3, 1)
+    assert (report.queued_s, report.forward_s) == (0.25, 0.5)
+    block = DraftedBlock(tokens=(9, 9), max_q=np.array([0.5, 0.5], dtype=np.float32))
+    asyncio.run(expert.verify(prompt + [9, 9], len(prompt), block, Rule.TOKEN, 0.3, GREEDY, 1))
+    assert tier.calls[-1][1].delta.position == len(prompt) and tier.calls[-1][1].delta.tokens.tolist() == [9, 9]

@@ -187,6 +187,9 @@ class _BatchedExpert:
         return outcome, CallReport(forward_s=times.forward_s, decide_s=times.decide_s,
                                    wall_s=times.forward_s + times.decide_s)
 
+    async def prefill(self, prompt, rule, alpha, sampling, seed) -> None:
+        return None  # the batches run one model at a time: the first verify prefills
+
 
 def generate_many(engine, requests: Sequence[GenerationRequest], *, concurrency: int = 16,
                   on_done: Callable[[int, BatchedGeneration], None] | None = None

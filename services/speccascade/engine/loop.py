@@ -151,18 +151,42 @@ class _Ahead:
         record.predraft_wasted_passes += self.gamma + 1
 
 
+class _Prefill:
+    """The expert caching the prompt while the drafter drafts the first block (`ExpertRole.prefill`);
+    the first verify waits for it, so it never overtakes it (it would be the session's newer call),
+    and then feeds only its block."""
+
+    def __init__(self, expert: ExpertRole, prompt: list[int], request: GenerationRequest):
+        self.task = asyncio.ensure_future(expert.prefill(list(prompt), request.rule, request.alpha, request.sampling,
+                                                         request.seed))
+
+    async def wait(self, record: RoundRecord) -> None:
+        """Until the prompt is cached; counts what the prefill cost into `record`. A prefill that
+        failed is only logged: the verify prefills (or fails) itself."""
+        with _timed(record, "expert_seconds"):  # only the part the loop waits for
+            try:
+                report = await self.task
+            except Exception:
+                log.debug("an early prefill failed", exc_info=True)
+                return
+        if report is not None:
+            _count_call(record, "expert", report)
+
+
 async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: list[int], request: GenerationRequest,
                              limit: int) -> Rounds:
-    """Draft gamma tokens, score them with one expert pass, keep what the rule accepts. With
-    pipelining (`request.pipeline`), the drafter drafts the next block ahead while the expert
-    verifies (`_Ahead`); the output is the same either way. `limit`: the most new tokens the
-    request may produce (no block is drafted ahead past it)."""
+    """Draft gamma tokens, score them with one expert pass, keep what the rule accepts. The expert
+    caches the prompt while the first block is drafted (`_Prefill`). With pipelining
+    (`request.pipeline`), the drafter drafts the next block ahead while the expert verifies
+    (`_Ahead`); the output is the same either way. `limit`: the most new tokens the request may
+    produce (no block is drafted ahead past it)."""
     tokens = list(prompt)
     rule, alpha = request.rule, request.alpha
     payload = DraftPayload.for_request(rule, request.sampling, logprobs=request.logprobs)
     governor = PipelineGovernor(request.pipeline)
     ahead: _Ahead | None = None
     outcome: VerifyOutcome | None = None
+    prefill: _Prefill | None = _Prefill(expert, tokens, request)
     try:
         while True:
             record = RoundRecord(skippable_rounds=int(not rule.needs_expert_to_decide), pipeline=governor.reason())
@@ -181,6 +205,9 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
                 if block.gamma and produced + 2 * block.gamma + 1 < limit and governor.wants_predraft():
                     ahead = _Ahead(drafter, tokens, block, request, payload)
                     record.predrafts += 1
+                if prefill is not None:
+                    await prefill.wait(record)
+                    prefill = None
                 outcome = await _verify(expert, tokens, block, rule, alpha, request, record)
             governor.observe_round(ahead is not None)
             tokens += [t for t, _ in record.emitted]
@@ -188,6 +215,9 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
     finally:
         if ahead is not None:  # the request ended (or was cancelled) with a block drafted ahead
             ahead.task.cancel()
+        if prefill is not None:  # ... or before its first verify
+            prefill.task.cancel()
+            prefill.task.add_done_callback(lambda task: task.cancelled() or task.exception())
 
 
 async def expert_steps(expert: ExpertRole, prompt: list[int], request: GenerationRequest) -> Rounds:

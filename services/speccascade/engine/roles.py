@@ -38,6 +38,12 @@ class ExpertRole(Protocol):
         rule; draws use the key (seed, start, verify). `logprobs` (k): the outcome carries the emitted
         tokens' logprobs with the top k; `prompt_logprobs` (k): those of sequence[1:start] too."""
 
+    async def prefill(self, prompt: Sequence[int], rule: Rule, alpha: float, sampling: SamplingParams,
+                      seed: int) -> CallReport | None:
+        """Cache `prompt` ahead of the first verify, while the drafter drafts the first block: an
+        expert with compute of its own (a tier) works through the prompt meanwhile. Returns what it
+        cost, or None where nothing was sent (in-process the first verify prefills)."""
+
 
 class _Local:
     def __init__(self, backend: ModelBackend, session: BackendSession | None = None):
@@ -67,3 +73,6 @@ class LocalExpert(_Local):
             self.session, sequence, start, block, rule, alpha, sampling, seed, logprobs, prompt_logprobs)])
         return outcome, CallReport(forward_s=work.forward_s, decide_s=work.decide_s,
                                   wall_s=time.perf_counter() - started)
+
+    async def prefill(self, prompt, rule, alpha, sampling, seed) -> None:
+        return None  # one process, one model at a time: nothing would run beside the draft

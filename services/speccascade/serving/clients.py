@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError
 
 from ..config.app import RouterConfig
 from ..engine.blocks import EMPTY_BLOCK, TOKEN_BYTES, CallReport, DraftedBlock, DraftPayload, VerifyOutcome
+from ..engine.jobs import PREFILL_THRESHOLD
 from ..options import Rule, SamplingParams
 from ..tenancy.fairness import DEFAULT_SHARE, Share
 from .batching import Progress
@@ -259,3 +260,17 @@ class RemoteExpert(_Remote):
             self.session_id, delta, start, block, rule, alpha, sampling, seed, self.share, logprobs,
             prompt_logprobs), start)
         return reply.outcome, report
+
+    async def prefill(self, prompt: Sequence[int], rule: Rule, alpha: float, sampling: SamplingParams,
+                      seed: int) -> CallReport | None:
+        """A verify of an empty block after the prompt, sent while the drafter drafts: the tier
+        prefills the prompt in chunks as it would for the first verify, now in its own turns beside
+        the drafter's, and answers once it is cached (its answer, the expert's next token, is not
+        used). The first verify then feeds just its block. A prompt the tier would not prefill
+        apart (`PREFILL_THRESHOLD` tokens or fewer) is left to the first verify: prefilling it early
+        would cost a pass of its own."""
+        if len(prompt) <= PREFILL_THRESHOLD:
+            return None
+        _, report = await self._exchange("verify", prompt, lambda delta: VerifyCall(
+            self.session_id, delta, len(prompt), EMPTY_BLOCK, rule, alpha, sampling, seed, self.share), len(prompt))
+        return report
