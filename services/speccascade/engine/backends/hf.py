@@ -81,9 +81,10 @@ class HFBackend(ModelBackend):
         own = DynamicCache(config=self.config)
         positions = batch.mask[session.row].nonzero().view(-1)[:keep]
         if len(positions):
-            for index, layer in enumerate(batch.cache.layers):
-                own.update(layer.keys[session.row: session.row + 1].index_select(2, positions),
-                           layer.values[session.row: session.row + 1].index_select(2, positions), index)
+            for index, layer in enumerate(batch.cache.layers):  # (a model spread over GPUs: per layer's device)
+                at = positions.to(layer.keys.device)
+                own.update(layer.keys[session.row: session.row + 1].index_select(2, at),
+                           layer.values[session.row: session.row + 1].index_select(2, at), index)
         batch.members[session.row] = None
         session.cache, session.batch = own, None
 
@@ -156,7 +157,8 @@ class HFBackend(ModelBackend):
                 shape = layer.keys.shape  # [1, kv_heads, L, head_dim]
                 keys, values = [], []
                 for session, length in zip(sessions, cached):
-                    pad = torch.zeros((1, shape[1], l_max - length, shape[3]), dtype=self.dtype, device=self.device)
+                    pad = torch.zeros((1, shape[1], l_max - length, shape[3]), dtype=layer.keys.dtype,
+                                      device=layer.keys.device)
                     if not length:
                         keys.append(pad)
                         values.append(pad)
