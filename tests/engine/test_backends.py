@@ -286,20 +286,23 @@ def test_hf_steps_of_one_batch_extend_its_padded_cache_and_each_session_leaves_i
     for session, c in zip(sessions, chosen):
         backend.settle(session, c)
     grown = [context + c for context, c in zip(contexts, chosen)]
-    # Cut back after a verdict: the first session keeps 2 of its 3 drafted tokens, alone.
+    # Cut back after a verdict: the first session keeps 2 of its 3 drafted tokens, alone. That
+    # splits the batch: every member owns exactly its tokens again.
     kept = grown[0][:-1] + [7]
     assert_same_rows(backend.score([ScoreJob(sessions[0], kept, len(kept) - 1)]), [scratch(backend, kept, len(kept) - 1)])
-    assert sessions[0].batch is None and sessions[0].cache.get_seq_length() == len(kept)
-    # The other two, in a batch of their own (in the other order): padded anew from their rows.
+    assert all(s.batch is None for s in sessions)
+    assert [s.cache.get_seq_length() for s in sessions] == [len(kept), len(grown[1]), len(grown[2])]
+    # The other two, in a batch of their own (in the other order): padded anew from their caches.
     pair = [sessions[2], sessions[1]]
     tails = [grown[2] + [1, 2], grown[1] + [3]]
     got = backend.score([ScoreJob(s, t, len(t) - 1) for s, t in zip(pair, tails)])
     assert_same_rows(got, [scratch(backend, t, len(t) - 1) for t in tails])
-    assert batch.members == [None, None, None]  # every member left the first batch
     assert pair[0].batch is pair[1].batch is not batch
     backend.release(pair[1])
     assert pair[1].batch is None and pair[1].tokens == [] and backend.session_bytes(pair[1]) == 0
+    assert pair[0].batch is None and pair[0].cache.get_seq_length() == len(tails[0])  # not left holding two rows
     assert_same_rows([backend.distributions(pair[1], tails[1], 3)], [scratch(backend, tails[1], 3)])
+    assert_same_rows([backend.distributions(pair[0], tails[0], 5)], [scratch(backend, tails[0], 5)])
 
 
 @pytest.mark.parametrize("kind", BACKEND_KINDS)

@@ -7,8 +7,8 @@ growing list of per-layer tensors. A batch of several sessions is laid out as
 
 with padding masked out of attention and explicit position ids, so each real token sees exactly
 its own sequence. The batched cache then stays as it is (`PaddedBatch`): the next pass over the
-same sessions in the same order (a draft's gamma steps) appends its tokens to it, and a session's
-own cache is cut back out of it only when the session is next used otherwise (alone, in another
+same sessions in the same order (a draft's gamma steps) appends its tokens to it, and the sessions'
+own caches are cut back out of it only when one of them is next used otherwise (alone, in another
 batch, cut back after a verdict, released). So a draft batch copies each cached context twice a
 block rather than twice a step; the `static` backend, with caches in fixed slots, copies nothing.
 A batch of one runs on the session's own cache, with nothing to copy. In fp32 batched results
@@ -39,10 +39,10 @@ class HFSession(BackendSession):
 class PaddedBatch:
     """The keys/values of the sessions of the last batched pass, as that pass left them: row r holds
     `members[r]`'s tokens at the positions where `mask[r]` is 1 (padding and other rows' extra new
-    tokens elsewhere). A member leaves (`HFBackend._detach`) when it is used otherwise; `members[r]`
-    is then None, and the batch is freed with its last member."""
+    tokens elsewhere). It lives while all its members do: the first used otherwise splits it
+    (`HFBackend._detach`), so every byte it holds is one member's (`session_bytes`)."""
 
-    members: list[HFSession | None]
+    members: list[HFSession]
     cache: object  # transformers DynamicCache, [rows, kv_heads, positions, head_dim] a layer
     mask: Tensor  # [rows, positions] long
 
@@ -71,22 +71,25 @@ class HFBackend(ModelBackend):
         return total
 
     def _detach(self, session: HFSession, keep: int | None = None) -> None:
-        """Give a member of a padded batch its own cache again: its row's first `keep` tokens (all of
-        them when None), copied out of the batch."""
+        """Split the padded batch `session` is a member of: each member gets its own cache again,
+        its row's real positions copied out (`session`'s first `keep` only, when given). A member
+        used otherwise (alone, cut back, released, in another batch) ends its batch: the others
+        would be cut out at their next pass anyway, and a batch kept for one idle member would hold
+        every row."""
         from transformers import DynamicCache
 
         batch = session.batch
         if batch is None:
             return
-        own = DynamicCache(config=self.config)
-        positions = batch.mask[session.row].nonzero().view(-1)[:keep]
-        if len(positions):
-            for index, layer in enumerate(batch.cache.layers):  # (a model spread over GPUs: per layer's device)
-                at = positions.to(layer.keys.device)
-                own.update(layer.keys[session.row: session.row + 1].index_select(2, at),
-                           layer.values[session.row: session.row + 1].index_select(2, at), index)
-        batch.members[session.row] = None
-        session.cache, session.batch = own, None
+        for row, member in enumerate(batch.members):
+            own = DynamicCache(config=self.config)
+            positions = batch.mask[row].nonzero().view(-1)[: keep if member is session else None]
+            if len(positions):
+                for index, layer in enumerate(batch.cache.layers):  # (a model spread over GPUs: per layer's device)
+                    at = positions.to(layer.keys.device)
+                    own.update(layer.keys[row: row + 1].index_select(2, at),
+                               layer.values[row: row + 1].index_select(2, at), index)
+            member.cache, member.batch = own, None
 
     def _truncate(self, session: HFSession, keep: int) -> None:
         if session.batch is not None:
