@@ -59,9 +59,9 @@ class HFBackend(ModelBackend):
         return HFSession(DynamicCache(config=self.config))
 
     def session_bytes(self, session: HFSession) -> int:
-        if session.batch is not None:  # its row of the padded batch, padding included
-            return sum(t[session.row].numel() * t.element_size()
-                       for layer in session.batch.cache.layers for t in (layer.keys, layer.values))
+        batch = session.batch  # (read once: statistics may ask from another thread than the passes')
+        if batch is not None:  # its row of the padded batch, padding included
+            return sum(t[0].numel() * t.element_size() for layer in batch.cache.layers for t in (layer.keys, layer.values))
         total = 0
         for layer in getattr(session.cache, "layers", []):
             for name in ("keys", "values"):
