@@ -18,6 +18,7 @@ class Model:
         self.log: list = []
         self.tokens_left: dict[str, int] = {}
         self.chunks_per_prompt = chunks_per_prompt
+        self.budgets: list[int] = []  # each prefill pass's budget
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -33,10 +34,11 @@ class Model:
         return self.tokens_left.setdefault(item, CHUNK * self.chunks_per_prompt) if item.startswith("long") else 1
 
     def run(self, items: list[str], budget: int) -> list[bool]:
-        """Feeds the prompts in order, as many tokens as the budget has left."""
+        """Feeds the prompts in order, as many tokens as the budget has left, a chunk at most each."""
         fed, done = [], []
+        self.budgets.append(budget)
         for item in items:
-            n = min(self.pending(item), budget)
+            n = min(self.pending(item), budget, CHUNK)
             if n:
                 budget -= n
                 self.tokens_left[item] -= n
@@ -49,9 +51,10 @@ class Model:
 CHUNK = 20  # a prompt's tokens per chunk
 
 
-def batcher(model: Model, ended=lambda item: None, max_batch_size: int = 8, budget: int = CHUNK) -> ContinuousBatcher:
+def batcher(model: Model, ended=lambda item: None, max_batch_size: int = 8, budget: int = CHUNK,
+            prompts: int = 1) -> ContinuousBatcher:
     return ContinuousBatcher(model.run_batch, max_batch_size=max_batch_size, name="test", ended=ended,
-                             prefill=Prefill(model.pending, model.run, threshold=16, budget=budget),
+                             prefill=Prefill(model.pending, model.run, threshold=16, budget=budget, prompts=prompts),
                              session_of=lambda item: item.split(".")[0])  # "b.2": session b's second call
 
 
@@ -109,6 +112,33 @@ def test_a_burst_of_prompts_is_prefilled_several_to_a_pass_within_the_budget():
     assert passes == [["long0", "long1"], ["long2", "long3"]]
     second_pass = model.log.index(("chunk", ["long2", "long3"]))
     assert model.log[second_pass - 1][0] == "batch"  # the stream stepped between the two passes
+
+
+@pytest.mark.parametrize("prompts", [1, 3])
+def test_a_pass_feeds_a_chunk_to_each_waiting_prompt_up_to_prefill_pass_prompts(prompts):
+    """Four new prompts of two chunks each: with `prompts` 3, a pass feeds a chunk to each of the
+    first three (its budget three chunks) until they are cached, then the fourth: four passes for
+    eight chunks; with 1, a chunk a pass. A lone prompt's passes stay one chunk either way."""
+    model = Model(chunks_per_prompt=2)
+
+    async def scenario():
+        b = batcher(model, prompts=prompts)
+        burst = [asyncio.create_task(b.submit(f"long{i}")) for i in range(4)]
+        assert [(await p)[0] for p in burst] == [f"LONG{i}" for i in range(4)]
+        start = len(model.budgets)
+        assert (await b.submit("longer"))[0] == "LONGER"
+        return model.budgets[start:]
+
+    lone = asyncio.run(scenario())
+    passes = [fed for kind, fed in model.log if kind == "chunk"]
+    if prompts == 1:
+        assert passes[:8] == [[f"long{i}"] for i in range(4) for _ in range(2)]
+        assert model.budgets[:8] == [CHUNK] * 8
+    else:
+        first_three = ["long0", "long1", "long2"]
+        assert passes[:4] == [first_three, first_three, ["long3"], ["long3"]]
+        assert model.budgets[:4] == [3 * CHUNK, 3 * CHUNK, CHUNK, CHUNK]
+    assert lone == [CHUNK, CHUNK]
 
 
 def test_calls_of_an_ended_session_are_dropped_before_they_run():

@@ -36,6 +36,32 @@ def draft(tier, session_id, sent: SentTokens, context, gamma=4, whole=False):
     return reply
 
 
+@pytest.mark.parametrize("pass_prompts", [1, 3])
+def test_a_prefill_pass_feeds_each_waiting_prompt_a_chunk_up_to_prefill_pass_prompts(tiny_model_dirs, pass_prompts):
+    """Three 40-token prompts at once, chunks of 16: with prefill_pass_prompts 3 every pass feeds
+    each prompt 16 tokens (16, 32, 40), with 1 a pass feeds 16 tokens in all; the drafts are the
+    same either way."""
+    drafter = DrafterTier(tier_config(tiny_model_dirs[0], "hf", prefill_chunk_tokens=16,
+                                      prefill_pass_prompts=pass_prompts))
+    prompts = [[(7 * i + k) % 300 + 3 for i in range(40)] for k in range(3)]
+    passes = []
+    score = drafter.backend.score
+    drafter.backend.score = lambda jobs: (passes.append([len(j.tokens) for j in jobs]), score(jobs))[1]
+
+    async def scenario():
+        calls = [drafter.draft(DraftCall(f"p{k}", SentTokens().delta(prompt), 4, GREEDY, 0,
+                                         DraftPayload(SampleRows.NONE))) for k, prompt in enumerate(prompts)]
+        return [reply.block.tokens for reply in await asyncio.gather(*calls)]
+
+    blocks = asyncio.run(scenario())
+    if pass_prompts == 3:
+        assert passes[:3] == [[16, 16, 16], [32, 32, 32], [40, 40, 40]]
+    else:  # 16 tokens a pass in all, the rest of one prompt's chunk going to the next
+        assert passes[:3] == [[16], [32], [40, 8]]
+    alone = DrafterTier(tier_config(tiny_model_dirs[0], "hf"))
+    assert blocks == [draft(alone, f"a{k}", SentTokens(), prompt).block.tokens for k, prompt in enumerate(prompts)]
+
+
 def test_slim_calls_answer_like_whole_ones_and_a_replica_missing_the_sequence_asks_for_it(tiers):
     drafter, expert = tiers
     slim, whole = SentTokens(), SentTokens()

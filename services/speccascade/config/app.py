@@ -112,8 +112,15 @@ class TierConfig(StrictModel):
                                                             "nothing waits for company.")
     prefill_chunk_tokens: int = Field(
         256, ge=16, le=65536,
-        description="Tokens of new contexts prefilled per pass, shared by the prompts waiting. Prompts are prefilled "
-                    "in passes between the decode batches, so a running stream's step waits for at most one pass.")
+        description="Tokens of new contexts prefilled per pass, shared by the prompts waiting (each prompt at most "
+                    "this many a pass). Prompts are prefilled in passes between the decode batches, so a running "
+                    "stream's step waits for at most one pass.")
+    prefill_pass_prompts: int = Field(
+        1, ge=1, le=256,
+        description="Waiting prompts one prefill pass may feed prefill_chunk_tokens each: a pass's budget grows with "
+                    "the prompts waiting, up to this many chunks. 1: one chunk a pass, shared. More prefills a burst "
+                    "of new prompts in fewer, larger passes (a pass's fixed cost, reading the weights, is paid once "
+                    "for all), while a running stream's step may wait for that larger pass.")
     kv_cache_budget_mb: int = Field(1024, ge=1, description="KV cache memory per replica before LRU eviction.")
     session_idle_timeout_s: float = Field(
         300.0, gt=0, le=86400,

@@ -11,10 +11,11 @@ A call whose context the model has not yet seen (a new prompt, or a session that
 would make its batch's pass long for everyone in it, and, batched, make every row as long as the
 longest. Such calls (more than `Prefill.threshold` context tokens uncached) queue apart and are
 prefilled in passes of their own, one after each batch, each pass at most `Prefill.budget` tokens
-(`prefill_chunk_tokens`) shared by as many waiting prompts as it holds, in fair order
-(`Prefill.run`): a running stream's next step waits for at most one such pass, and a burst of new
-prompts is prefilled several to a pass rather than one chunk of one prompt per batch. Once its
-context is cached, a call joins the batches like any other.
+(`prefill_chunk_tokens`) a prompt, and as many such chunks as prompts wait, up to `Prefill.prompts`
+(`prefill_pass_prompts`), shared in fair order (`Prefill.run`): a running stream's next step waits
+for at most one such pass, and a burst of new prompts is prefilled several to a pass rather than
+one chunk of one prompt per batch. Once its context is cached, a call joins the batches like any
+other.
 
 Which queued calls make the next batch (and which prompt gets the next chunk) is decided by
 weighted fair queueing across tenants (`tenancy.FairQueue`; each call says whose share it is), so a
@@ -92,11 +93,12 @@ class Prefill(Generic[Item]):
     """How a replica prefills long contexts apart from its batches."""
 
     pending: Callable[[Item], int]  # context tokens the call's step would run uncached (an estimate, event loop)
-    # Forward thread: one pass feeding up to `budget` context tokens, shared by the calls in order;
-    # for each call, True once its context is cached.
+    # Forward thread: one pass feeding up to the given number of context tokens, shared by the calls
+    # in order, at most `budget` to each; for each call, True once its context is cached.
     run: Callable[[list[Item], int], list[bool]]
     threshold: int  # calls with more pending tokens than this are prefilled first
-    budget: int  # context tokens per prefill pass
+    budget: int  # context tokens per prefill pass, and per prompt in a pass
+    prompts: int = 1  # a pass feeds up to `budget` tokens to each of this many waiting prompts
 
 
 @dataclass(eq=False)
@@ -138,6 +140,7 @@ class ContinuousBatcher(Generic[Item, Result]):
         self._ready: FairQueue[Queued] = FairQueue()
         self._prefilling: FairQueue[Queued] = FairQueue()
         self._chunking: list[Queued] = []  # the calls whose prompts the next prefill pass feeds
+        self._pass_budget = prefill.budget if prefill is not None else 0  # tokens the next prefill pass feeds
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._running = False
@@ -211,14 +214,18 @@ class ContinuousBatcher(Generic[Item, Result]):
 
     def _next_prefill(self) -> list[Queued]:
         """The calls the next prefill pass feeds: those it fed before, still alive, then more in fair
-        order while the pass's budget has room."""
+        order while the pass's budget has room. The budget is a chunk per waiting prompt, up to
+        `Prefill.prompts` chunks (`_pass_budget`)."""
         self._chunking = [queued for queued in self._chunking if self._alive(queued)]
-        tokens = sum(self.prefill.pending(queued.item) for queued in self._chunking)
-        while self._prefilling and tokens < self.prefill.budget:
+        chunk = self.prefill.budget
+        waiting = len(self._chunking) + len(self._prefilling)
+        self._pass_budget = chunk * min(max(waiting, 1), self.prefill.prompts)
+        tokens = sum(min(self.prefill.pending(queued.item), chunk) for queued in self._chunking)
+        while self._prefilling and tokens < self._pass_budget:
             queued = self._prefilling.pop()
             if self._alive(queued):
                 self._chunking.append(queued)
-                tokens += self.prefill.pending(queued.item)
+                tokens += min(self.prefill.pending(queued.item), chunk)
         return self._chunking
 
     def _has_work(self) -> bool:
@@ -299,7 +306,7 @@ class ContinuousBatcher(Generic[Item, Result]):
     async def _prefill(self, calls: list[Queued]) -> None:
         started = time.perf_counter()
         try:
-            done = await self._on_thread(self.prefill.run, [queued.item for queued in calls], self.prefill.budget)
+            done = await self._on_thread(self.prefill.run, [queued.item for queued in calls], self._pass_budget)
         except Exception as error:  # the pass's calls fail (the caches of a failed pass are emptied)
             self._chunking = [queued for queued in self._chunking if queued not in calls]
             for queued in calls:
