@@ -152,11 +152,17 @@ class GreedyEvidence:
     @classmethod
     def of(cls, draft_tokens: Tensor, q: Tensor, p: Tensor) -> "GreedyEvidence":
         """From whole distributions: q [G, gamma, V], p [G, gamma + 1, V]."""
-        gamma = draft_tokens.shape[-1]
-        drafted = draft_tokens.unsqueeze(-1)
-        q, p = q.float(), p.float()
-        return cls(q.amax(dim=-1), q.gather(-1, drafted).squeeze(-1), p.amax(dim=-1), p.argmax(dim=-1),
-                   p[..., :gamma, :].gather(-1, drafted).squeeze(-1))
+        q = q.float()
+        return cls(q.amax(dim=-1), q.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1),
+                   *cls.of_expert(draft_tokens, p))
+
+    @staticmethod
+    def of_expert(draft_tokens: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The expert's part, (max_p, argmax_p, p_drafted), from p [..., gamma + 1, V] and the drafted
+        tokens [..., gamma]."""
+        p = p.float()
+        drafted = p[..., : draft_tokens.shape[-1], :].gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+        return p.amax(dim=-1), p.argmax(dim=-1), drafted
 
 
 def verify_greedy_blocks(

@@ -296,18 +296,12 @@ def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[
 def _greedy_evidence(members: Sequence[VerifyJob], p_rows: Sequence[Tensor], drafted: Tensor,
                      backend: ModelBackend) -> GreedyEvidence:
     """`GreedyEvidence` of a group's blocks from each block's shipped numbers and each job's expert
-    rows ([gamma + 1, V]), reduced row by row."""
-    gamma = drafted.shape[1]
+    rows ([gamma + 1, V]), reduced row by row (the rows are never stacked)."""
     q_parts = [drafted_q(job.block, backend.vocab_size, backend.device) for job in members]
-    p_parts = [rows.float() for rows in p_rows]
-    return GreedyEvidence(
-        max_q=torch.stack([max_q for max_q, _ in q_parts]),
-        q_drafted=torch.stack([at for _, at in q_parts]),
-        max_p=torch.stack([rows.amax(dim=-1) for rows in p_parts]),
-        argmax_p=torch.stack([rows.argmax(dim=-1) for rows in p_parts]),
-        p_drafted=torch.stack([rows[:gamma].gather(-1, tokens.view(-1, 1)).squeeze(-1)
-                               for rows, tokens in zip(p_parts, drafted)]),
-    )
+    p_parts = [GreedyEvidence.of_expert(tokens, rows) for rows, tokens in zip(p_rows, drafted)]
+    max_q, q_drafted = (torch.stack(column) for column in zip(*q_parts))
+    max_p, argmax_p, p_drafted = (torch.stack(column) for column in zip(*p_parts))
+    return GreedyEvidence(max_q, q_drafted, max_p, argmax_p, p_drafted)
 
 
 def _prompt_logprobs(job: VerifyJob, rows: Tensor) -> TokenLogprobs:

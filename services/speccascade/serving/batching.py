@@ -140,7 +140,6 @@ class ContinuousBatcher(Generic[Item, Result]):
         self._ready: FairQueue[Queued] = FairQueue()
         self._prefilling: FairQueue[Queued] = FairQueue()
         self._chunking: list[Queued] = []  # the calls whose prompts the next prefill pass feeds
-        self._pass_budget = prefill.budget if prefill is not None else 0  # tokens the next prefill pass feeds
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._running = False
@@ -212,21 +211,21 @@ class ContinuousBatcher(Generic[Item, Result]):
                 taken.append(queued)
         return taken
 
-    def _next_prefill(self) -> list[Queued]:
-        """The calls the next prefill pass feeds: those it fed before, still alive, then more in fair
-        order while the pass's budget has room. The budget is a chunk per waiting prompt, up to
-        `Prefill.prompts` chunks (`_pass_budget`)."""
+    def _next_prefill(self) -> tuple[list[Queued], int]:
+        """The calls the next prefill pass feeds, and its budget: those it fed before, still alive,
+        then more in fair order while the budget has room. The budget is a chunk per waiting prompt,
+        up to `Prefill.prompts` chunks."""
         self._chunking = [queued for queued in self._chunking if self._alive(queued)]
         chunk = self.prefill.budget
         waiting = len(self._chunking) + len(self._prefilling)
-        self._pass_budget = chunk * min(max(waiting, 1), self.prefill.prompts)
+        budget = chunk * min(max(waiting, 1), self.prefill.prompts)
         tokens = sum(min(self.prefill.pending(queued.item), chunk) for queued in self._chunking)
-        while self._prefilling and tokens < self._pass_budget:
+        while self._prefilling and tokens < budget:
             queued = self._prefilling.pop()
             if self._alive(queued):
                 self._chunking.append(queued)
                 tokens += min(self.prefill.pending(queued.item), chunk)
-        return self._chunking
+        return self._chunking, budget
 
     def _has_work(self) -> bool:
         return bool(self._ready) or (self.prefill is not None and bool(self._prefilling or self._chunking))
@@ -242,11 +241,11 @@ class ContinuousBatcher(Generic[Item, Result]):
                 if self.turns is not None:
                     await self._take_turn()
                 batch = self._take_batch()
-                prefilling = self._next_prefill() if self.prefill is not None else []
+                prefilling, budget = self._next_prefill() if self.prefill is not None else ([], 0)
                 if batch:
                     await self._run(batch)
                 if prefilling:
-                    await self._prefill(list(prefilling))
+                    await self._prefill(list(prefilling), budget)
             except BaseException:
                 if self.turns is not None:
                     # The forward thread may still be in this turn's pass, or taking the turn: it goes
@@ -303,10 +302,10 @@ class ContinuousBatcher(Generic[Item, Result]):
             self.gathers += 1
             self.gather_s += loop.time() - started
 
-    async def _prefill(self, calls: list[Queued]) -> None:
+    async def _prefill(self, calls: list[Queued], budget: int) -> None:
         started = time.perf_counter()
         try:
-            done = await self._on_thread(self.prefill.run, [queued.item for queued in calls], self._pass_budget)
+            done = await self._on_thread(self.prefill.run, [queued.item for queued in calls], budget)
         except Exception as error:  # the pass's calls fail (the caches of a failed pass are emptied)
             self._chunking = [queued for queued in self._chunking if queued not in calls]
             for queued in calls:
