@@ -19,6 +19,7 @@ class Model:
         self.tokens_left: dict[str, int] = {}
         self.chunks_per_prompt = chunks_per_prompt
         self.budgets: list[int] = []  # each prefill pass's budget
+        self.shares: list[int] = []  # and the most it gives one prompt
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -33,12 +34,13 @@ class Model:
         """A long prompt: its tokens not yet prefilled; other calls: one token."""
         return self.tokens_left.setdefault(item, CHUNK * self.chunks_per_prompt) if item.startswith("long") else 1
 
-    def run(self, items: list[str], budget: int) -> list[bool]:
-        """Feeds the prompts in order, as many tokens as the budget has left, a chunk at most each."""
+    def run(self, items: list[str], budget: int, most: int) -> list[bool]:
+        """Feeds the prompts in order, as many tokens as the budget has left, `most` at most each."""
         fed, done = [], []
         self.budgets.append(budget)
+        self.shares.append(most)
         for item in items:
-            n = min(self.pending(item), budget, CHUNK)
+            n = min(self.pending(item), budget, most)
             if n:
                 budget -= n
                 self.tokens_left[item] -= n
@@ -52,9 +54,10 @@ CHUNK = 20  # a prompt's tokens per chunk
 
 
 def batcher(model: Model, ended=lambda item: None, max_batch_size: int = 8, budget: int = CHUNK,
-            prompts: int = 1) -> ContinuousBatcher:
+            prompts: int = 1, live=None) -> ContinuousBatcher:
     return ContinuousBatcher(model.run_batch, max_batch_size=max_batch_size, name="test", ended=ended,
-                             prefill=Prefill(model.pending, model.run, threshold=16, budget=budget, prompts=prompts),
+                             prefill=Prefill(model.pending, model.run, threshold=16, budget=budget, prompts=prompts,
+                                             live=live),
                              session_of=lambda item: item.split(".")[0])  # "b.2": session b's second call
 
 
@@ -139,6 +142,42 @@ def test_a_pass_feeds_a_chunk_to_each_waiting_prompt_up_to_prefill_pass_prompts(
         assert passes[:4] == [first_three, first_three, ["long3"], ["long3"]]
         assert model.budgets[:4] == [3 * CHUNK, 3 * CHUNK, CHUNK, CHUNK]
     assert lone == [CHUNK, CHUNK]
+
+
+def test_while_no_stream_decodes_a_pass_budget_is_shared_by_the_prompts_waiting():
+    """`live` names the replica's sessions. A lone prompt of four chunks with nothing else live:
+    passes of the whole budget (three chunks), so two passes, not four. The same prompt while a
+    stream decodes: a chunk a pass, the stream's steps between. Three prompts at once, nothing else
+    live: the budget evenly, a chunk each, every prompt cached by the same pass."""
+    sessions: set[str] = set()
+
+    def run(model, prompts, stepping=()):
+        async def scenario():
+            b = batcher(model, prompts=3, live=lambda: sorted(sessions))
+            sessions.update(prompts)
+            calls = [asyncio.create_task(b.submit(p)) for p in prompts]
+            for step in stepping:
+                assert (await b.submit(step))[0] == step.upper()
+            assert [(await c)[0] for c in calls] == [p.upper() for p in prompts]
+            sessions.clear()
+
+        asyncio.run(scenario())
+        return [fed for kind, fed in model.log if kind == "chunk"], model.shares
+
+    alone = Model(chunks_per_prompt=4)
+    passes, shares = run(alone, ["long"])
+    assert passes == [["long"], ["long"]] and shares == [3 * CHUNK, 3 * CHUNK]
+    assert alone.budgets == [3 * CHUNK, 3 * CHUNK]
+
+    beside = Model(chunks_per_prompt=4)
+    sessions.add("s")  # a decoding stream
+    passes, shares = run(beside, ["long"], stepping=[f"s.{i}" for i in range(4)])
+    assert passes == [["long"]] * 4 and shares == [CHUNK] * 4
+    assert [kind for kind, _ in beside.log[:6]] == ["batch", "chunk"] * 3  # the steps between the chunks
+
+    burst = Model(chunks_per_prompt=2)
+    passes, shares = run(burst, ["long0", "long1", "long2"])
+    assert passes == [["long0", "long1", "long2"]] * 2 and shares == [CHUNK, CHUNK]
 
 
 def test_calls_of_an_ended_session_are_dropped_before_they_run():

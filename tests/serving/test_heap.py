@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 from speccascade.serving import heap
@@ -179,8 +180,12 @@ def test_a_replica_without_the_allocator_it_asked_for_refuses_to_start_unless_au
         prepare_allocator("jemalloc", field="drafter.allocator")
     assert prepare_allocator("glibc") == "glibc"
     assert prepare_allocator("auto") == "glibc"
-    assert describe_allocator("auto", "glibc") == ("glibc allocator (auto: libtcmalloc_minimal.so.4 is not installed "
-                                                   "on this node; Debian/Ubuntu: libtcmalloc-minimal4)")
+    with mock.patch("speccascade.serving.heap.allocator_installed", return_value=False):
+        assert describe_allocator("auto", "glibc") == ("glibc allocator (auto: libtcmalloc_minimal.so.4 is not "
+                                                       "installed on this node; Debian/Ubuntu: libtcmalloc-minimal4)")
+    with mock.patch("speccascade.serving.heap.allocator_installed", return_value=True):
+        assert describe_allocator("auto", "glibc") == ("glibc allocator (auto: libtcmalloc_minimal.so.4 is installed "
+                                                       "but was not preloaded into this process)")
     assert describe_allocator("auto", "tcmalloc") == "tcmalloc allocator (auto)"
     assert describe_allocator("jemalloc", "jemalloc") == "jemalloc allocator"
 

@@ -51,6 +51,17 @@ def test_a_call_after_its_release_is_refused_and_caches_nothing(store):
     assert (stats.sessions, stats.released, stats.late_calls) == (0, 1, 2)
 
 
+def test_live_names_the_sessions_held_and_not_ended(store):
+    """What the batcher reads to tell whether a stream is decoding: an ended session whose cache
+    is not yet freed is not live."""
+    store.get("a"), store.get("b")
+    assert store.live() == ["a", "b"]
+    store.end("a")
+    assert "a" in store and store.live() == ["b"]
+    store.free("a")
+    assert store.live() == ["b"]
+
+
 def test_a_release_that_arrives_before_any_call_still_ends_the_session(store):
     assert not store.release("b")  # nothing cached yet: the release overtook the session's first call
     with pytest.raises(SessionEndedError):

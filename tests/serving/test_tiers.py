@@ -62,6 +62,26 @@ def test_a_prefill_pass_feeds_each_waiting_prompt_a_chunk_up_to_prefill_pass_pro
     assert blocks == [draft(alone, f"a{k}", SentTokens(), prompt).block.tokens for k, prompt in enumerate(prompts)]
 
 
+@pytest.mark.parametrize("beside_a_stream", [False, True])
+def test_a_lone_prompt_takes_the_whole_pass_budget_while_no_stream_decodes(tiny_model_dirs, beside_a_stream):
+    """A 40-token prompt, chunks of 16, prefill_pass_prompts 3: with no other session on the
+    replica one pass caches all of it; while another session is live there (a stream between its
+    steps) 16 tokens a pass. The draft is the same either way."""
+    drafter = DrafterTier(tier_config(tiny_model_dirs[0], "hf", prefill_chunk_tokens=16, prefill_pass_prompts=3))
+    prompt = [(7 * i) % 300 + 3 for i in range(40)]
+    if beside_a_stream:
+        draft(drafter, "stream", SentTokens(), CONTEXT)
+    passes = []
+    score = drafter.backend.score
+    drafter.backend.score = lambda jobs: (passes.append([len(j.tokens) for j in jobs]), score(jobs))[1]
+    block = draft(drafter, "new", SentTokens(), prompt).block.tokens
+    if beside_a_stream:
+        assert passes[:3] == [[16], [32], [40]]
+    else:  # then the draft's own steps
+        assert passes[0] == [40] and [16] not in passes and [32] not in passes
+    assert block == draft(DrafterTier(tier_config(tiny_model_dirs[0], "hf")), "alone", SentTokens(), prompt).block.tokens
+
+
 def test_slim_calls_answer_like_whole_ones_and_a_replica_missing_the_sequence_asks_for_it(tiers):
     drafter, expert = tiers
     slim, whole = SentTokens(), SentTokens()

@@ -120,7 +120,9 @@ class TierConfig(StrictModel):
         description="Waiting prompts one prefill pass may feed prefill_chunk_tokens each: a pass's budget grows with "
                     "the prompts waiting, up to this many chunks. 1: one chunk a pass, shared. More prefills a burst "
                     "of new prompts in fewer, larger passes (a pass's fixed cost, reading the weights, is paid once "
-                    "for all), while a running stream's step may wait for that larger pass.")
+                    "for all), while a running stream's step may wait for that larger pass. While no stream decodes "
+                    "on the replica, a pass feeds prefill_chunk_tokens x this many, shared evenly by the prompts "
+                    "waiting (a lone prompt gets all of it).")
     kv_cache_budget_mb: int = Field(1024, ge=1, description="KV cache memory per replica before LRU eviction.")
     session_idle_timeout_s: float = Field(
         300.0, gt=0, le=86400,

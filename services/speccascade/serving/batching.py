@@ -14,8 +14,11 @@ prefilled in passes of their own, one after each batch, each pass at most `Prefi
 (`prefill_chunk_tokens`) a prompt, and as many such chunks as prompts wait, up to `Prefill.prompts`
 (`prefill_pass_prompts`), shared in fair order (`Prefill.run`): a running stream's next step waits
 for at most one such pass, and a burst of new prompts is prefilled several to a pass rather than
-one chunk of one prompt per batch. Once its context is cached, a call joins the batches like any
-other.
+one chunk of one prompt per batch. While no stream is decoding on the replica (every session it
+serves waits for its prefill: `Prefill.live`), nobody's step waits behind a pass, and a pass's
+whole budget (`Prefill.prompts` chunks) is shared evenly by the prompts waiting: a lone prompt is
+prefilled in a few large passes rather than many small ones, each of which reads every weight.
+Once its context is cached, a call joins the batches like any other.
 
 Which queued calls make the next batch (and which prompt gets the next chunk) is decided by
 weighted fair queueing across tenants (`tenancy.FairQueue`; each call says whose share it is), so a
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -93,12 +96,17 @@ class Prefill(Generic[Item]):
     """How a replica prefills long contexts apart from its batches."""
 
     pending: Callable[[Item], int]  # context tokens the call's step would run uncached (an estimate, event loop)
-    # Forward thread: one pass feeding up to the given number of context tokens, shared by the calls
-    # in order, at most `budget` to each; for each call, True once its context is cached.
-    run: Callable[[list[Item], int], list[bool]]
+    # Forward thread: one pass feeding up to `tokens` context tokens, shared by the calls in order, at
+    # most `share` to each: run(calls, tokens, share); for each call, True once its context is cached.
+    run: Callable[[list[Item], int, int], list[bool]]
     threshold: int  # calls with more pending tokens than this are prefilled first
-    budget: int  # context tokens per prefill pass, and per prompt in a pass
+    budget: int  # context tokens per prompt in a pass while streams decode (`prefill_chunk_tokens`)
     prompts: int = 1  # a pass feeds up to `budget` tokens to each of this many waiting prompts
+    # The sessions the replica serves now, not ended (event loop). While every one of them is
+    # waiting for its prefill, no stream's step waits behind a pass, and a pass's whole budget
+    # (`budget` x `prompts`) is shared by the prompts waiting, all of it to a lone one. None: assume
+    # some stream is always decoding.
+    live: Callable[[], Iterable[Hashable]] | None = None
 
 
 @dataclass(eq=False)
@@ -108,6 +116,7 @@ class Queued(Generic[Item]):
     share: Share
     enqueued_at: float = field(default_factory=time.perf_counter)
     prefill_s: float = 0.0  # forward-pass seconds spent on its prefill chunks
+    prefilling: bool = False  # waiting for its context to be prefilled
 
 
 class ContinuousBatcher(Generic[Item, Result]):
@@ -173,6 +182,7 @@ class ContinuousBatcher(Generic[Item, Result]):
             self._latest[key] = queued
             queued.future.add_done_callback(lambda _, key=key: self._forget(key, queued))
         if self.prefill is not None and self.prefill.pending(item) > self.prefill.threshold:
+            queued.prefilling = True
             self._prefilling.push(queued, share)
         else:
             self._ready.push(queued, share)
@@ -211,21 +221,39 @@ class ContinuousBatcher(Generic[Item, Result]):
                 taken.append(queued)
         return taken
 
-    def _next_prefill(self) -> tuple[list[Queued], int]:
-        """The calls the next prefill pass feeds, and its budget: those it fed before, still alive,
-        then more in fair order while the budget has room. The budget is a chunk per waiting prompt,
-        up to `Prefill.prompts` chunks."""
+    def _next_prefill(self) -> tuple[list[Queued], int, int]:
+        """The calls the next prefill pass feeds, its budget and each call's most: those it fed
+        before, still alive, then more in fair order while the budget has room. While a stream
+        decodes (its next step waits for this pass), the budget is a chunk per waiting prompt, up to
+        `Prefill.prompts` chunks, and a chunk the most for each; while none does, `Prefill.prompts`
+        chunks, shared evenly by the prompts waiting (a lone prompt gets them all: fewer, larger
+        passes; a burst as many as while streams decode: every prompt cached by the same pass)."""
         self._chunking = [queued for queued in self._chunking if self._alive(queued)]
         chunk = self.prefill.budget
-        waiting = len(self._chunking) + len(self._prefilling)
-        budget = chunk * min(max(waiting, 1), self.prefill.prompts)
-        tokens = sum(min(self.prefill.pending(queued.item), chunk) for queued in self._chunking)
+        waiting = max(len(self._chunking) + len(self._prefilling), 1)
+        if self._decoding():
+            budget, share = chunk * min(waiting, self.prefill.prompts), chunk
+        else:
+            budget = chunk * self.prefill.prompts
+            share = max(chunk, -(-budget // waiting))
+        tokens = sum(min(self.prefill.pending(queued.item), share) for queued in self._chunking)
         while self._prefilling and tokens < budget:
             queued = self._prefilling.pop()
             if self._alive(queued):
                 self._chunking.append(queued)
-                tokens += min(self.prefill.pending(queued.item), chunk)
-        return self._chunking, budget
+                tokens += min(self.prefill.pending(queued.item), share)
+        return self._chunking, budget, share
+
+    def _decoding(self) -> bool:
+        """Whether some session on the replica is past its prefill (or might be: `Prefill.live` not
+        given), so that its next step would wait behind a prefill pass."""
+        if self.prefill.live is None or self.session_of is None:
+            return True
+        for key in self.prefill.live():
+            latest = self._latest.get(key)
+            if latest is None or not latest.prefilling:
+                return True
+        return False
 
     def _has_work(self) -> bool:
         return bool(self._ready) or (self.prefill is not None and bool(self._prefilling or self._chunking))
@@ -241,11 +269,11 @@ class ContinuousBatcher(Generic[Item, Result]):
                 if self.turns is not None:
                     await self._take_turn()
                 batch = self._take_batch()
-                prefilling, budget = self._next_prefill() if self.prefill is not None else ([], 0)
+                prefilling, budget, share = self._next_prefill() if self.prefill is not None else ([], 0, 0)
                 if batch:
                     await self._run(batch)
                 if prefilling:
-                    await self._prefill(list(prefilling), budget)
+                    await self._prefill(list(prefilling), budget, share)
             except BaseException:
                 if self.turns is not None:
                     # The forward thread may still be in this turn's pass, or taking the turn: it goes
@@ -302,10 +330,10 @@ class ContinuousBatcher(Generic[Item, Result]):
             self.gathers += 1
             self.gather_s += loop.time() - started
 
-    async def _prefill(self, calls: list[Queued], budget: int) -> None:
+    async def _prefill(self, calls: list[Queued], budget: int, share: int) -> None:
         started = time.perf_counter()
         try:
-            done = await self._on_thread(self.prefill.run, [queued.item for queued in calls], budget)
+            done = await self._on_thread(self.prefill.run, [queued.item for queued in calls], budget, share)
         except Exception as error:  # the pass's calls fail (the caches of a failed pass are emptied)
             self._chunking = [queued for queued in self._chunking if queued not in calls]
             for queued in calls:
@@ -317,6 +345,7 @@ class ContinuousBatcher(Generic[Item, Result]):
             queued.prefill_s += elapsed
             if cached:
                 self._chunking.remove(queued)
+                queued.prefilling = False
                 self._ready.push(queued, queued.share)
 
     async def _run(self, batch: list[Queued]) -> None:

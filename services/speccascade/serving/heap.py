@@ -166,8 +166,11 @@ def describe_allocator(requested: str, running: str) -> str:
         return f"{running} allocator"
     if running == AUTO_ALLOCATOR:
         return f"{running} allocator (auto)"
-    return (f"{running} allocator (auto: {ALLOCATOR_LIBRARIES[AUTO_ALLOCATOR]} is not installed on this node; "
-            f"Debian/Ubuntu: {ALLOCATOR_PACKAGES[AUTO_ALLOCATOR]})")
+    library = ALLOCATOR_LIBRARIES[AUTO_ALLOCATOR]
+    if allocator_installed(AUTO_ALLOCATOR):  # a tier built in a process Serve did not start
+        return f"{running} allocator (auto: {library} is installed but was not preloaded into this process)"
+    return f"{running} allocator (auto: {library} is not installed on this node; " \
+           f"Debian/Ubuntu: {ALLOCATOR_PACKAGES[AUTO_ALLOCATOR]})"
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,11 @@ class SessionStore:
                 self.backend.release(session)
                 self.evictions += 1
 
+    def live(self) -> list[str]:
+        """The sessions held here that have not ended."""
+        with self._lock:
+            return [session_id for session_id in self._sessions if session_id not in self._ended]
+
     def __contains__(self, session_id: str) -> bool:
         with self._lock:
             return session_id in self._sessions

@@ -127,7 +127,7 @@ class ModelTier:
         self.batcher = ContinuousBatcher(
             self._run_batch, max_batch_size=config.max_batch_size, name=role, ended=self._ended,
             prefill=Prefill(self._pending_context, self._prefill, PREFILL_THRESHOLD, config.prefill_chunk_tokens,
-                            config.prefill_pass_prompts),
+                            config.prefill_pass_prompts, live=self.sessions.live),
             session_of=lambda work: work.session_id, turns=turns, holds=self._holds)
         self._sweeper: asyncio.Task | None = None
         self.direct = DirectServer(self, message_bytes=GRPC_MESSAGE_BYTES) if direct else None
@@ -155,16 +155,15 @@ class ModelTier:
         whether the call is prefilled in chunks first)."""
         return len(work.context) - work.job.session.cached_length
 
-    def _prefill(self, works: list[Work], budget: int) -> list[bool]:
+    def _prefill(self, works: list[Work], budget: int, most: int) -> list[bool]:
         """One pass caching the next context tokens of the calls, `budget` tokens in all, shared in
-        order, at most `prefill_chunk_tokens` to each; for each call, True once all of its context is
-        cached. A call whose session ended meanwhile gets nothing (the batcher drops it)."""
+        order, at most `most` to each (the batcher's choice); for each call, True once all of its
+        context is cached. A call whose session ended meanwhile gets nothing (the batcher drops it)."""
         jobs, done, fed = [], [], 0
-        chunk = self.config.prefill_chunk_tokens
         for work in works:
             context, session = work.context, work.job.session
             cached = min(session.cached_length, len(context))
-            share = min(budget - fed, chunk)
+            share = min(budget - fed, most)
             end = cached if self.sessions.is_ended(work.session_id) else min(len(context), cached + share)
             if end > cached:
                 jobs.append(ScoreJob(session, context[:end], end))  # keeps the distribution after `end`
