@@ -12,6 +12,7 @@ import pytest
 from speccascade.config.app import TenancyConfig
 from speccascade.serving.quota_ledger import SharedQuotas
 from speccascade.tenancy import QuotaExceeded, Tenant
+from speccascade.tenancy.ledger import QuotaLedger
 from speccascade.tenancy.quota import QuotaUnavailable
 
 
@@ -79,6 +80,52 @@ class SlowStartingLedger:
             return {} if method == "active" else SimpleNamespace(raise_if_refused=lambda: None)
 
         return SimpleNamespace(remote=call)
+
+
+class LateLedger:
+    """A real ledger behind a handle with Ray's semantics for one caller: calls delivered in order,
+    each `delay_s` late, and run whether or not the caller still waits for the answer."""
+
+    def __init__(self, delay_s: float):
+        self.ledger = QuotaLedger()
+        self.delay_s = delay_s
+        self._last: asyncio.Future | None = None
+
+    def __getattr__(self, method):
+        def remote(*args):
+            previous, delay_s = self._last, self.delay_s
+
+            async def deliver():
+                if previous is not None:
+                    await asyncio.wait([previous])
+                await asyncio.sleep(delay_s)
+                return getattr(self.ledger, method)(*args)
+
+            self._last = asyncio.ensure_future(deliver())
+            return asyncio.shield(self._last)  # a caller that stops waiting does not stop the call
+
+        return SimpleNamespace(remote=remote)
+
+
+def test_an_admission_the_ledger_grants_after_the_wait_ended_is_given_back():
+    """Failing closed, the request is refused when the ledger answers too late; the ledger still
+    admits its ticket when the call arrives, and the release that follows it frees the tenant's
+    one slot at once (not when the lease runs out)."""
+    quotas, unreachable = quotas_without_ledger("closed")
+    del quotas._handle  # the real one, over the handle set here
+    quotas._ledger = late = LateLedger(delay_s=0.3)  # three request timeouts
+
+    async def scenario():
+        with pytest.raises(QuotaUnavailable):
+            await quotas.admit(SINGLE)
+        await asyncio.wait([late._last])  # the admission, then its release, reached the ledger
+        assert late.ledger.active() == {}
+        late.delay_s = 0.0
+        (await quotas.admit(SINGLE)).release()  # the tenant's next request is admitted
+        quotas.close()
+
+    asyncio.run(scenario())
+    assert unreachable.tags == [{"mode": "closed"}]
 
 
 def test_a_starting_replica_waits_for_a_ledger_slower_to_make_than_the_request_timeout():

@@ -111,6 +111,12 @@ class SharedQuotas:
         try:
             verdict = await self._ask("admit", ticket, tenant.id, tenant.limits)
         except Exception as error:  # timeout, or the actor could not be made or reached
+            # Only the wait ended: a ledger slow to answer (being made again, say) still admits the
+            # ticket when the call reaches it, and would count a request that never ran until its
+            # lease ran out, refusing the tenant's next one. Given back at once: Ray delivers this
+            # replica's calls in order, so the release comes after the admission.
+            if self._ledger is not None:
+                self._release_ticket(ticket, 0)
             mode = self.config.quota_ledger_unreachable
             self.metrics.quota_ledger_unreachable.inc(tags={"mode": mode})
             reason = f"the application's quota ledger did not answer within {self.config.quota_ledger_timeout_s:g}s " \
@@ -130,11 +136,15 @@ class SharedQuotas:
 
     def _give_back(self, admission: SharedAdmission) -> None:
         self._live.pop(admission.ticket, None)
-        try:  # Ray delivers one caller's calls in order: after any sync that still named the ticket
-            self._handle().release.remote(admission.ticket, admission.unreported)
+        # Ray delivers one caller's calls in order: after any sync that still named the ticket.
+        self._release_ticket(admission.ticket, admission.unreported)
+
+    def _release_ticket(self, ticket: str, tokens: int) -> None:
+        try:
+            self._handle().release.remote(ticket, tokens)
         except Exception:
             log.warning("could not give ticket %s back to the quota ledger; its lease runs out instead",
-                        admission.ticket, exc_info=True)
+                        ticket, exc_info=True)
 
     async def _sync_forever(self) -> None:
         """Renew this replica's tickets and report their output tokens, while any are live."""
