@@ -10,8 +10,9 @@ from speccascade.config.app import TierConfig
 from speccascade.engine.backends import BACKEND_KINDS
 from speccascade.engine.blocks import DraftPayload, SampleRows
 from speccascade.options import Rule, SamplingParams
+from speccascade.serving.direct import DirectServer
 from speccascade.serving.tiers import DrafterTier, ExpertTier
-from speccascade.serving.wire import DraftCall, SentTokens, VerifyCall
+from speccascade.serving.wire import GRPC_MESSAGE_BYTES, DraftCall, SentTokens, VerifyCall
 
 GREEDY = SamplingParams()
 CONTEXT = [5, 17, 42, 99, 3, 250, 7, 61]
@@ -80,6 +81,52 @@ def test_a_lone_prompt_takes_the_whole_pass_budget_while_no_stream_decodes(tiny_
     else:  # then the draft's own steps
         assert passes[0] == [40] and [16] not in passes and [32] not in passes
     assert block == draft(DrafterTier(tier_config(tiny_model_dirs[0], "hf")), "alone", SentTokens(), prompt).block.tokens
+
+
+@pytest.mark.parametrize("released", [True, False])
+def test_a_stopping_replica_answers_its_sessions_until_they_end_then_closes_its_direct_channel(tiny_model_dirs,
+                                                                                                released):
+    """Serve's shutdown hook (`drain`) on a replica called directly: the session held there keeps
+    being answered; once its router releases it the drain ends at once, else after
+    `drain_timeout_s` with the session counted as still running; either way the channel closes."""
+    timeout_s = 30.0 if released else 0.4
+    drafter = DrafterTier(tier_config(tiny_model_dirs[0], "hf", drain_timeout_s=timeout_s), direct=True)
+    drafter.direct = DirectServer(drafter, host="127.0.0.1", message_bytes=GRPC_MESSAGE_BYTES)
+
+    async def call(sent: SentTokens, context):
+        delta = sent.delta(context)
+        reply = await drafter.draft(DraftCall("s", delta, 4, GREEDY, 0, DraftPayload(SampleRows.NONE)))
+        sent.sent(delta, context)
+        return reply
+
+    async def scenario():
+        loop, sent = asyncio.get_running_loop(), SentTokens()
+        first = await call(sent, CONTEXT)
+        assert first.endpoint is not None and drafter.direct._server is not None
+        started = loop.time()
+        draining = asyncio.create_task(drafter.drain())
+        await asyncio.sleep(0.2)
+        assert not draining.done()
+        again = await call(sent, CONTEXT + list(first.block.tokens[:2]))  # still answered while draining
+        assert len(again.block.tokens) == 4
+        if released:
+            assert await drafter.release("s")
+        still_running = await asyncio.wait_for(draining, 10)
+        return still_running, loop.time() - started
+
+    still_running, waited = asyncio.run(scenario())
+    assert drafter.direct._server is None
+    if released:
+        assert still_running == 0 and waited < 5
+    else:
+        assert still_running == 1 and timeout_s <= waited < 5
+
+
+def test_a_replica_called_through_serve_alone_has_nothing_to_drain(tiny_model_dirs):
+    drafter = DrafterTier(tier_config(tiny_model_dirs[0], "hf", drain_timeout_s=60))
+    draft(drafter, "s", SentTokens(), CONTEXT)
+    assert drafter.sessions.live() == ["s"]
+    assert asyncio.run(asyncio.wait_for(drafter.drain(), 5)) == 0  # its next call goes elsewhere: no wait
 
 
 def test_slim_calls_answer_like_whole_ones_and_a_replica_missing_the_sequence_asks_for_it(tiers):

@@ -25,6 +25,8 @@ RPC methods by name. One deployment, one loop, both protocols.
 
 from __future__ import annotations
 
+import asyncio
+
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -72,11 +74,37 @@ def router_actor_options(router: RouterConfig) -> dict:
             "runtime_env": {"env_vars": allocator_env(router.allocator) | GRPC_MESSAGE_ENV}}
 
 
+# Serve waits for the calls it routed to a stopping tier replica (every this many seconds) before
+# the replica's own drain (`ModelTier.drain`) starts; the margin covers that wait.
+TIER_SHUTDOWN_WAIT_LOOP_S = 0.5
+TIER_SHUTDOWN_MARGIN_S = 5.0
+
+
+def served_tier(cls):
+    """The tier class as Serve runs it: Serve's shutdown hook, `__del__`, drains the replica
+    (`ModelTier.drain`). Serve calls it on the replica's event loop and awaits the coroutine it
+    returns; the interpreter calls it again when it collects the object, outside any loop, where it
+    must not make a coroutine that nobody awaits (nor does a plain tier, which has no hook)."""
+
+    def __del__(self):
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        return self.drain()
+
+    return type(cls.__name__, (cls,), {"__del__": __del__, "__module__": cls.__module__,
+                                       "__doc__": cls.__doc__})
+
+
 def tier_deployment(cls, name: str, tier: TierConfig):
     return serve.deployment(
-        cls, name=name, ray_actor_options=tier_actor_options(tier),
+        served_tier(cls), name=name, ray_actor_options=tier_actor_options(tier),
         max_ongoing_requests=tier.max_ongoing_requests,
         request_router_config=RequestRouterConfig(request_router_class=SessionAffinityRouter),
+        # Stopping: Serve's own calls, then the tier's sessions (drain_timeout_s), then it ends.
+        graceful_shutdown_timeout_s=tier.drain_timeout_s + TIER_SHUTDOWN_MARGIN_S,
+        graceful_shutdown_wait_loop_s=TIER_SHUTDOWN_WAIT_LOOP_S,
         **replica_options(tier.replicas),
     )
 

@@ -124,6 +124,12 @@ class TierConfig(StrictModel):
                     "on the replica, a pass feeds prefill_chunk_tokens x this many, shared evenly by the prompts "
                     "waiting (a lone prompt gets all of it).")
     kv_cache_budget_mb: int = Field(1024, ge=1, description="KV cache memory per replica before LRU eviction.")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="When a replica stops (scale-down, upgrade, deletion) and the router calls the tiers directly "
+                    "(router.tier_transport: direct), it keeps answering the sessions it holds, whose calls come "
+                    "straight from the router, until each has ended or this long has passed; a session still "
+                    "running then moves to another replica, which recomputes its cache.")
     session_idle_timeout_s: float = Field(
         300.0, gt=0, le=86400,
         description="A session cache with no call for this long is reclaimed (its router replica may have "

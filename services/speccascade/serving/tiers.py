@@ -68,6 +68,8 @@ from .wire import GRPC_MESSAGE_BYTES, DraftCall, DraftReply, Endpoint, VerifyCal
 log = logging.getLogger(__name__)
 
 MAX_SWEEP_PERIOD_S = 30.0  # idle sessions are looked for (and the heap trimmed) at least this often
+DRAIN_POLL_S = 0.1  # a stopping replica looks this often whether its sessions have ended
+DRAIN_CLOSE_GRACE_S = 1.0  # then the calls still on its direct channel have this long to finish
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,31 @@ class ModelTier:
                          "stalled)", self.role, reclaimed, self.sessions.idle_timeout_s)
 
     # ---- operations ----
+
+    async def drain(self) -> int:
+        """Serve's shutdown hook (`app.served_tier`: scale-down, upgrade, deletion), run once the
+        calls Serve routed here have finished. With direct calls the sessions held here keep calling
+        this replica straight, past Serve, which no longer routes to it: it answers them until each
+        has ended (released by its router) or `drain_timeout_s` has passed, then closes its direct
+        channel; a session still running then fails over to Serve and moves, its new replica
+        recomputing its cache. Through Serve alone the sessions' next calls already go elsewhere:
+        nothing to wait for. Returns the sessions still live when it stopped waiting."""
+        if self.direct is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout_s
+        live = self.sessions.live()
+        if live:
+            log.info("%s replica stopping: answering its %d session(s) until they end, at most %gs",
+                     self.role, len(live), self.config.drain_timeout_s)
+        while (live or self.in_flight) and loop.time() < deadline:
+            await asyncio.sleep(min(DRAIN_POLL_S, max(0.0, deadline - loop.time())))
+            live = self.sessions.live()
+        if live:
+            log.warning("%s replica stopping after %gs with %d session(s) still running: they move to another "
+                        "replica, which recomputes their caches", self.role, self.config.drain_timeout_s, len(live))
+        await self.direct.stop(DRAIN_CLOSE_GRACE_S)
+        return len(live)
 
     async def cache_stats(self) -> CacheStats:
         return self.sessions.stats()

@@ -1,0 +1,64 @@
+"""A scale-down on a real cluster: the drafter replica Serve stops keeps answering the sessions it
+holds (their calls come to it directly, past Serve) until they end, so none of them is recomputed
+elsewhere; without the drain (`drain_timeout_s: 0`) they are. Every stream gives the in-process
+output either way."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from ray import serve
+from speccascade.api.client import SpecCascadeClient
+from speccascade.serving.replicas import replica_ids, tier_replica_stats
+
+from ..served import PROMPT, app_args, in_process_policy, wait_for_running, wait_until
+
+APP = "speccascade-scale-down"
+OPTIONS = dict(seed=3, max_new_tokens=160, block_size=1)  # a round a token: streams that last seconds
+
+
+@pytest.mark.parametrize("drain_timeout_s", [30.0, 0.0])
+def test_a_stopping_drafter_replica_finishes_its_sessions_instead_of_losing_them(local_stack, tiny_pair,
+                                                                                 local_engine, drain_timeout_s):
+    expected = in_process_policy(local_engine, "cascade", "lossless", 0.0, {}, **OPTIONS).token_ids
+    drafter = {"drain_timeout_s": drain_timeout_s}
+    two = app_args(*tiny_pair, drafter={**drafter, "replicas": {"min_replicas": 2, "max_replicas": 2}})
+    endpoints = local_stack.deploy(two, name=APP, route_prefix=f"/{APP}")
+    try:
+        wait_for_running(APP, ["Drafter", "Expert", "Router"])
+        assert wait_until(lambda: len(replica_ids(APP, "Drafter")) == 2, timeout=60)
+        finished: list = []
+
+        def stream() -> None:
+            with SpecCascadeClient(endpoints.grpc_target, application=APP) as client:
+                finished.append(list(client.stream(prompt=PROMPT, rule="lossless", alpha=0.0, **OPTIONS)))
+
+        def holding() -> list[int]:
+            return [stats.cache.sessions for stats in tier_replica_stats(APP, "Drafter")]
+
+        # Streams until each drafter replica holds one (sessions are placed by hashing their ids).
+        streams: list[threading.Thread] = []
+        while len(streams) < 12 and not (len(held := holding()) == 2 and min(held) >= 1):
+            streams.append(threading.Thread(target=stream))
+            streams[-1].start()
+            wait_until(lambda: sum(holding()) >= len(streams) - len(finished), timeout=5)
+        assert len(held) == 2 and min(held) >= 1, f"sessions per drafter replica: {held}"
+
+        one = app_args(*tiny_pair, drafter={**drafter, "replicas": {"min_replicas": 1, "max_replicas": 1}})
+        local_stack.deploy(one, name=APP, route_prefix=f"/{APP}")  # Serve stops one of the two
+        assert wait_until(lambda: len(replica_ids(APP, "Drafter")) == 1, timeout=60)
+        for thread in streams:
+            thread.join(timeout=120)
+        assert len(finished) == len(streams)
+        moved = 0
+        for chunks in finished:
+            assert [t for c in chunks for t in c.token_ids] == expected
+            stats = chunks[-1].stats
+            moved += stats.context_resends > 0 or stats.tier_retries > 0
+        if drain_timeout_s:
+            assert moved == 0  # no session lost its drafter: none sent again whole, no call retried
+        else:
+            assert moved >= 1  # the stopped replica's sessions moved and were recomputed
+    finally:
+        serve.delete(APP)
