@@ -229,6 +229,8 @@ class ContinuousBatcher(Generic[Item, Result]):
         chunks, shared evenly by the prompts waiting (a lone prompt gets them all: fewer, larger
         passes; a burst as many as while streams decode: every prompt cached by the same pass)."""
         self._chunking = [queued for queued in self._chunking if self._alive(queued)]
+        if not self._chunking and not self._prefilling:  # the usual case: no session is asked about
+            return self._chunking, 0, 0
         chunk = self.prefill.budget
         waiting = max(len(self._chunking) + len(self._prefilling), 1)
         if self._decoding():
