@@ -1,20 +1,21 @@
-"""The tiers' direct channel over real gRPC on this machine: what a tier method answers, raises or
-cancels reaches the router as over Serve's handle; a caller that gives up stops the tier's work; a
-replica that is gone is told apart from a call that failed, so the call can be placed again."""
+"""The tiers' direct channel over real TCP connections on this machine: what a tier method answers,
+raises or cancels reaches the router as over Serve's handle; calls in flight on one connection are
+answered in any order; a caller that gives up (or a connection that closes) stops the tier's work;
+a replica that is gone, or a process that is not this replica, is told apart from a call that
+failed, so the call can be placed again."""
 
 from __future__ import annotations
 
 import asyncio
 import pickle
+import struct
 
-import grpc
 import numpy as np
 import pytest
 from ray.serve.exceptions import RequestCancelledError
 from speccascade.serving.direct import (
+    GREETING,
     METHODS,
-    SERVICE,
-    TOKEN_METADATA,
     DirectChannels,
     DirectServer,
     DirectUnavailableError,
@@ -22,6 +23,8 @@ from speccascade.serving.direct import (
 from speccascade.serving.wire import Endpoint
 
 MESSAGE_BYTES = 64 * 2**20
+HEADER = struct.Struct("!IBQ")  # the frame header as the module documents it: payload bytes, kind, call id
+CALL, ERROR, REFUSED = 1, 4, 7
 
 
 class StandInTier:
@@ -63,13 +66,13 @@ class StandInTier:
         return "moving"
 
 
-def scenario(body):
+def scenario(body, *, message_bytes: int = MESSAGE_BYTES):
     """Run `body(tier, server, channels, endpoint)` against a stand-in tier's direct server."""
 
     async def run():
         tier = StandInTier()
-        server = DirectServer(tier, host="127.0.0.1", message_bytes=MESSAGE_BYTES)
-        channels = DirectChannels(message_bytes=MESSAGE_BYTES)
+        server = DirectServer(tier, host="127.0.0.1", message_bytes=message_bytes)
+        channels = DirectChannels(message_bytes=message_bytes)
         endpoint = await server.endpoint()
         try:
             return await body(tier, server, channels, endpoint)
@@ -80,6 +83,23 @@ def scenario(body):
     return asyncio.run(run())
 
 
+async def raw_exchange(endpoint: Endpoint, opening: bytes, frame: bytes) -> tuple[int, int, bytes]:
+    """Open a bare connection to the replica, send `opening` then `frame`; the first frame back."""
+    host, port = endpoint.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(opening + frame)
+        size, kind, call_id = HEADER.unpack(await asyncio.wait_for(reader.readexactly(HEADER.size), 10))
+        return kind, call_id, await reader.readexactly(size)
+    finally:
+        writer.close()
+
+
+def call_frame(call_id: int, method: str, pickled: bytes) -> bytes:
+    payload = bytes((len(method),)) + method.encode() + pickled
+    return HEADER.pack(len(payload), CALL, call_id) + payload
+
+
 def test_every_tier_method_answers_over_the_channel_and_the_server_starts_once():
     async def body(tier, server, channels, endpoint):
         assert set(server.methods) == set(METHODS)
@@ -87,19 +107,61 @@ def test_every_tier_method_answers_over_the_channel_and_the_server_starts_once()
         assert await channels.call(endpoint, "draft", "block") == {"echo": "block"}
         assert await channels.call(endpoint, "release", "s1") is True and tier.released == ["s1"]
         assert await channels.call(endpoint, "progress") == "moving"
+        assert server.calls == 3 and len(channels._connections) == 1  # one connection for them all
 
     scenario(body)
 
 
-def test_messages_past_grpcs_default_bound_travel():
-    """A verify call with whole float32 rows of a long block runs to tens of MB (gRPC's default
-    bound is 4 MiB)."""
+def test_calls_in_flight_on_one_connection_are_answered_as_each_finishes():
+    """Sessions share the router's connection to a replica: a call the tier holds back does not hold
+    back the answers to calls made after it."""
+    async def body(tier, server, channels, endpoint):
+        held = channels.call(endpoint, "draft", "gated")
+        await asyncio.wait_for(tier.started.wait(), 10)
+        answers = await asyncio.gather(*(channels.call(endpoint, "draft", f"s{index}") for index in range(20)))
+        assert answers == [{"echo": f"s{index}"} for index in range(20)]
+        tier.gate.set()
+        assert await held == {"echo": "gated"}
+
+    scenario(body)
+
+
+def test_large_messages_travel_both_ways():
+    """A verify call with whole float32 rows of a long block runs to tens of MB."""
     rows = np.arange(3 * 2**20, dtype=np.float32)  # 12 MiB each way
 
     async def body(tier, server, channels, endpoint):
         return await channels.call(endpoint, "verify", rows)
 
     np.testing.assert_array_equal(scenario(body), rows * 2)
+
+
+def test_a_call_over_the_channels_bound_goes_through_serve_and_the_connection_stays():
+    async def body(tier, server, channels, endpoint):
+        assert await channels.call(endpoint, "progress") == "moving"
+        with pytest.raises(DirectUnavailableError, match=r"verify at .*: a call of \d+ bytes is over the channel's bound"):
+            await channels.call(endpoint, "verify", np.zeros(2**20, dtype=np.float32))
+        with pytest.raises(DirectUnavailableError, match=r"verify at .*: its answer of \d+ bytes is over"):
+            await channels.call(endpoint, "verify", np.zeros(3 * 2**16, dtype=np.float32))  # 768 KiB, 1.5 MiB back
+        assert endpoint in channels._connections
+        assert await channels.call(endpoint, "progress") == "moving"
+
+    class Doubling(StandInTier):
+        async def verify(self, rows):
+            return np.concatenate([rows, rows])
+
+    async def run():
+        tier = Doubling()
+        server = DirectServer(tier, host="127.0.0.1", message_bytes=2**20 + 2**18)
+        channels = DirectChannels(message_bytes=2**20 + 2**18)
+        endpoint = await server.endpoint()
+        try:
+            await body(tier, server, channels, endpoint)
+        finally:
+            await channels.close()
+            await server.stop()
+
+    asyncio.run(run())
 
 
 def test_a_tier_error_reaches_the_caller_as_itself():
@@ -113,8 +175,9 @@ def test_a_tier_error_reaches_the_caller_as_itself():
 
 def test_a_call_the_tier_cancels_ends_as_serves_cancellation():
     async def body(tier, server, channels, endpoint):
-        with pytest.raises(RequestCancelledError, match="session s1 has ended"):
+        with pytest.raises(RequestCancelledError, match="draft at .*: session s1 has ended"):
             await channels.call(endpoint, "draft", "ended")
+        assert await channels.call(endpoint, "progress") == "moving"
 
     scenario(body)
 
@@ -127,79 +190,87 @@ def test_a_caller_that_gives_up_cancels_the_tiers_work():
         with pytest.raises(asyncio.CancelledError):
             await response
         await asyncio.wait_for(tier.cancelled.wait(), 10)
+        assert await channels.call(endpoint, "progress") == "moving"  # the connection is still in use
 
     scenario(body)
 
 
-def test_a_replica_that_is_gone_is_unavailable_and_its_channel_forgotten():
+def test_a_router_that_goes_away_cancels_the_tiers_work_on_its_calls():
+    async def body(tier, server, channels, endpoint):
+        response = channels.call(endpoint, "draft", "slow")
+        await asyncio.wait_for(tier.started.wait(), 10)
+        await channels.close()
+        with pytest.raises(DirectUnavailableError, match="the router closed its channels"):
+            await response
+        await asyncio.wait_for(tier.cancelled.wait(), 10)
+
+    scenario(body)
+
+
+def test_a_replica_that_is_gone_is_unavailable_and_its_connection_forgotten():
     async def body(tier, server, channels, endpoint):
         assert await channels.call(endpoint, "progress") == "moving"
-        await server.stop()
-        with pytest.raises(DirectUnavailableError, match=f"draft at {endpoint}: UNAVAILABLE"):
-            await channels.call(endpoint, "draft", "block")
-        assert endpoint.address not in channels._channels
+        in_flight = channels.call(endpoint, "draft", "slow")
+        await asyncio.wait_for(tier.started.wait(), 10)
+        await server.stop(0)
+        with pytest.raises(DirectUnavailableError, match=f"draft at {endpoint}: the replica closed the connection"):
+            await in_flight
+        assert endpoint not in channels._connections
+        with pytest.raises(DirectUnavailableError, match=f"draft at {endpoint}: unreachable"):
+            await channels.call(endpoint, "draft", "block")  # nothing listens there now
+        assert endpoint not in channels._connections
 
     scenario(body)
 
 
-def test_an_address_that_no_longer_serves_a_tier_is_unavailable():
-    """Another gRPC server at a replica's old address answers UNIMPLEMENTED: not our replica."""
+def test_an_address_that_is_not_a_direct_channel_is_unavailable():
+    """Another process at a replica's old address (here one that answers every connection with
+    bytes that are not frames) is not our replica."""
+    async def answer_junk(reader, writer):
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n" * 4)
+        await writer.drain()
+        writer.close()
+
     async def body(tier, server, channels, endpoint):
-        other = grpc.aio.server()
-        port = other.add_insecure_port("127.0.0.1:0")
-        await other.start()
+        other = await asyncio.start_server(answer_junk, "127.0.0.1", 0)
+        elsewhere = Endpoint(f"127.0.0.1:{other.sockets[0].getsockname()[1]}", endpoint.token)
         try:
-            with pytest.raises(DirectUnavailableError, match="UNIMPLEMENTED"):
-                await channels.call(Endpoint(f"127.0.0.1:{port}", endpoint.token), "draft", "block")
-            assert f"127.0.0.1:{port}" not in channels._channels
+            with pytest.raises(DirectUnavailableError, match=f"draft at {elsewhere}: unreachable"):
+                await channels.call(elsewhere, "draft", "block")
+            assert elsewhere not in channels._connections
         finally:
-            await other.stop(None)
+            other.close()
 
     scenario(body)
 
 
-def test_an_answer_that_cannot_come_back_fails_over_without_dropping_the_channel():
+def test_an_answer_that_cannot_come_back_fails_over_without_dropping_the_connection():
     async def body(tier, server, channels, endpoint):
-        with pytest.raises(DirectUnavailableError, match="draft at .*: UNKNOWN"):
+        with pytest.raises(DirectUnavailableError, match="draft at .*: its answer cannot be pickled"):
             await channels.call(endpoint, "draft", "unpicklable")
-        assert endpoint.address in channels._channels  # the replica is there: other sessions keep it
+        assert endpoint in channels._connections  # the replica is there: other sessions keep it
         assert await channels.call(endpoint, "draft", "after") == {"echo": "after"}
 
     scenario(body)
 
 
-def test_dropping_a_channel_never_cancels_another_sessions_call_on_it():
-    """One session finds the replica unreachable while another's call is still on the channel:
-    that call ends as the tier answers it, and only then is the channel closed."""
-    async def body(tier, server, channels, endpoint):
-        response = channels.call(endpoint, "draft", "gated")
-        await asyncio.wait_for(tier.started.wait(), 10)
-        channels.forget(endpoint.address)
-        await asyncio.sleep(0.2)
-        tier.gate.set()
-        assert await response == {"echo": "gated"}
-        await asyncio.sleep(0)
-        assert endpoint.address not in channels._channels
-
-    scenario(body)
-
-
-def test_a_call_without_the_replicas_token_is_refused_before_its_payload_is_unpickled():
+def test_a_connection_without_the_replicas_token_is_refused_before_anything_on_it_is_unpickled():
     """Reaching the port is not enough: the token is told only through Serve. A router holding a
     restarted replica's old token is refused like an unreachable replica (the session is placed
     again)."""
     async def body(tier, server, channels, endpoint):
-        with pytest.raises(DirectUnavailableError, match="PERMISSION_DENIED"):
-            await channels.call(Endpoint(endpoint.address, "a-stale-token"), "release", "s1")
-        async with grpc.aio.insecure_channel(endpoint.address) as channel:
-            stub = channel.unary_unary(f"/{SERVICE}/draft")
-            for metadata in ((), ((TOKEN_METADATA, "guess"),)):
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await stub(b"not a pickle", metadata=metadata)
-                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # not a failed unpickle
-            # With the token it is unpickled, and the failure to is the answer.
-            ok, error = pickle.loads(await stub(b"not a pickle", metadata=((TOKEN_METADATA, endpoint.token),)))
-            assert not ok and isinstance(error, pickle.UnpicklingError)
+        stale = Endpoint(endpoint.address, "a-stale-token")
+        with pytest.raises(DirectUnavailableError, match="release at .*: refused"):
+            await channels.call(stale, "release", "s1")
+        assert stale not in channels._connections
+        garbage = call_frame(1, "draft", b"not a pickle")
+        for opening in (b"", GREETING + b"\x05guess", b"GET / HTTP/1.1\r\n\r\n"):
+            kind, call_id, _ = await raw_exchange(endpoint, opening, garbage)
+            assert (kind, call_id) == (REFUSED, 0)  # not a failed unpickle
+        # With the token the payload is unpickled, and the failure to is the answer.
+        token = endpoint.token.encode()
+        kind, call_id, answer = await raw_exchange(endpoint, GREETING + bytes((len(token),)) + token, garbage)
+        assert (kind, call_id) == (ERROR, 1) and isinstance(pickle.loads(answer), pickle.UnpicklingError)
         assert tier.released == [] and server.calls == 1
         assert await channels.call(endpoint, "release", "s1") and tier.released == ["s1"]
 
@@ -211,5 +282,30 @@ def test_a_tier_answers_only_the_calls_it_has():
         async def draft(self, call):
             return call
 
-    server = DirectServer(DrafterOnly(), host="127.0.0.1", message_bytes=MESSAGE_BYTES)
-    assert set(server.methods) == {"draft"}
+    async def run():
+        server = DirectServer(DrafterOnly(), host="127.0.0.1", message_bytes=MESSAGE_BYTES)
+        channels = DirectChannels(message_bytes=MESSAGE_BYTES)
+        endpoint = await server.endpoint()
+        try:
+            assert set(server.methods) == {"draft"}
+            with pytest.raises(DirectUnavailableError, match="verify at .*: this replica has no method 'verify'"):
+                await channels.call(endpoint, "verify", "block")
+            assert await channels.call(endpoint, "draft", "block") == "block"
+        finally:
+            await channels.close()
+            await server.stop()
+
+    asyncio.run(run())
+
+
+def test_a_stopping_replica_answers_the_calls_in_progress_within_its_grace():
+    async def body(tier, server, channels, endpoint):
+        in_flight = channels.call(endpoint, "draft", "gated")
+        await asyncio.wait_for(tier.started.wait(), 10)
+        stopping = asyncio.ensure_future(server.stop(10))
+        await asyncio.sleep(0.1)
+        tier.gate.set()
+        assert await in_flight == {"echo": "gated"}
+        await asyncio.wait_for(stopping, 10)
+
+    scenario(body)

@@ -242,7 +242,7 @@ class RouterConfig(StrictModel):
     tier_transport: TierTransport = Field(
         "direct", description="How the router's calls reach the tiers. direct: a session's first call to a tier goes "
                             "through Serve, which places it on a replica (session affinity); its later calls go "
-                            "straight to that replica's own gRPC endpoint (a port each tier replica opens), and back "
+                            "straight to that replica's own endpoint (a TCP port each tier replica opens: serving/direct.py), and back "
                             "through Serve if it cannot be reached. grpc: every call through Serve's gRPC channel to "
                             "the replica (each call's payload in its message). ray: Ray actor calls, where a payload over 100 KiB "
                             "(whole probability rows: the opt rule, unfiltered sampling, logprobs of a mixed target) "

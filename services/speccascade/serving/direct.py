@@ -4,62 +4,109 @@ holds its cache, past Serve's request path (`RouterConfig.tier_transport: direct
 Serve still places every session: its first call to a tier goes through the deployment handle, so
 the session-affinity router (`affinity.py`) picks the replica, autoscaling and health decide which
 replicas exist, and a replica that is gone is never chosen. The answer names the replica's own
-gRPC endpoint, and the session's later calls to that tier (drafts or verifies, the progress
-question of a call that waits long, the release) go there over one long-lived channel per replica.
+endpoint, and the session's later calls to that tier (drafts or verifies, the progress question
+of a call that waits long, the release) go there over one long-lived connection per replica.
 When the replica cannot be reached (it died, or stopped after a scale-down), the call fails over to
 Serve, which places the session again; the new replica recomputes it (`needs_context`), as after
 any move.
 
 Why: a call through Serve's handle crosses the handle's routing loop, the replica's request loop and
 its user-code thread, with Serve's request bookkeeping at each end. On two shared cores the two
-calls of a lossless round took 8.3 ms through Serve and take 4.8 ms here (a bare gRPC call between
-idle processes: 0.31 ms; BENCHMARKS.md, serving).
+calls of a lossless round took 8.3 ms through Serve and 4.8 ms over gRPC straight to the replica.
+
+Why not gRPC: a round's calls come one at a time, each to a process that has slept through the
+other tier's pass. `grpc.aio` receives on a poller thread of its own that then wakes the event loop,
+so every message wakes two threads in the receiving process; on two shared cores a call between
+such idle processes took 1.04-1.09 ms over `grpc.aio` and 0.17-0.33 ms over an asyncio stream
+(BENCHMARKS.md, serving). The channel is therefore a plain TCP connection read by the event loop
+itself, one per router and replica, with many calls in flight on it (`_Frame`: length, kind, call
+id, payload).
 
 The payloads are the same call and reply objects as over Serve (numpy arrays and small dataclasses),
 pickled: the channel runs between the application's own processes inside the Ray cluster. Each
 replica draws a random token when it opens its channel and tells it only in answers through Serve;
-a call without it is refused before anything in it is unpickled, so reaching the port is not enough
-to have the replica unpickle a payload (a replica restarted at the same address has a new token:
-the router's old one is refused, and the session is placed again). A tier's exception travels back
-as itself; a call the tier ends as cancelled (its session was released or superseded) ends as Serve's
-`RequestCancelledError`, as over the handle.
+a connection opens with the token, and one without it is refused before anything sent on it is
+unpickled, so reaching the port is not enough to have the replica unpickle a payload (a replica
+restarted at the same address has a new token: the router's old one is refused, and the session is
+placed again). A tier's exception travels back as itself; a call the tier ends as cancelled (its
+session was released or superseded) ends as Serve's `RequestCancelledError`, as over the handle; a
+caller that stops waiting (or a connection that closes) cancels the tier's work on the call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import hmac
+import itertools
 import logging
 import pickle
 import secrets
+import socket
+import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from ray.serve.exceptions import RequestCancelledError
 
 from .wire import Endpoint
 
 log = logging.getLogger(__name__)
 
-SERVICE = "speccascade.TierDirect"
-TOKEN_METADATA = "speccascade-direct-token"
 METHODS = ("draft", "verify", "release", "progress")
-CONNECT_TIMEOUT_MS = 2000  # a replica's port that does not answer (gone, or closed by a firewall) fails this soon
+CONNECT_TIMEOUT_S = 2.0  # a replica's port that does not answer (gone, or closed by a firewall) fails this soon
+GREETING_TIMEOUT_S = 10.0  # a connection that does not open with its greeting within this is closed
 UNREACHABLE_COOLDOWN_S = 60.0  # an endpoint found unreachable is not bound to again for this long
+
+# A connection opens with GREETING, one byte of token length and the token; then frames both ways.
+GREETING = b"speccascade-direct/1\n"
+MAX_TOKEN_BYTES = 255
+_HEADER = struct.Struct("!IBQ")  # payload bytes, kind, call id
+
+
+class _Kind(enum.IntEnum):
+    CALL = 1  # router -> replica: method name (one byte of length, then ASCII) and pickled arguments
+    CANCEL = 2  # router -> replica: the caller stopped waiting; the tier's work on the call is cancelled
+    RESULT = 3  # replica -> router: the pickled answer
+    ERROR = 4  # the tier's exception, pickled
+    CANCELLED = 5  # the tier ended the call as cancelled (UTF-8 reason)
+    UNAVAILABLE = 6  # the call cannot be answered here (UTF-8 reason): it goes through Serve instead
+    REFUSED = 7  # call id 0: the connection's token is not this replica's (UTF-8 reason); then closed
+
+
+class DirectUnavailableError(ConnectionError):
+    """The replica at a session's endpoint could not be reached or could not answer the call; the
+    call goes through Serve."""
+
+
+class _ProtocolError(ConnectionError):
+    """The peer broke the framing (or is not a direct channel at all)."""
 
 
 def _dumps(value: Any) -> bytes:
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _message_options(message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", message_bytes), ("grpc.max_receive_message_length", message_bytes)]
+def _write(writer: asyncio.StreamWriter, kind: _Kind, call_id: int, payload: bytes = b"") -> None:
+    if not writer.is_closing():
+        writer.writelines((_HEADER.pack(len(payload), kind, call_id), payload))
 
 
-class DirectUnavailableError(ConnectionError):
-    """The replica at a session's endpoint could not be reached; the call goes through Serve."""
+async def _read(reader: asyncio.StreamReader, limit: int) -> tuple[_Kind, int, bytes]:
+    size, kind, call_id = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    if size > limit:
+        raise _ProtocolError(f"a frame of {size} bytes, over the channel's bound of {limit}")
+    try:
+        kind = _Kind(kind)
+    except ValueError:
+        raise _ProtocolError(f"a frame of unknown kind {kind}") from None
+    return kind, call_id, await reader.readexactly(size)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 @dataclass
@@ -71,18 +118,28 @@ class Route:
     endpoint: Endpoint | None = None
 
 
+
+@dataclass(eq=False)
+class _Link:
+    """One router connection as the replica sees it: the calls it is answering, by call id."""
+
+    writer: asyncio.StreamWriter
+    calls: dict[int, asyncio.Task] = field(default_factory=dict)
+
+
 class DirectServer:
-    """A tier replica's side: a gRPC server on the replica's event loop (the one its calls and its
+    """A tier replica's side: a TCP server on the replica's event loop (the one its calls and its
     batcher run on), answering `METHODS` of `target`. Started by the first call that asks for its
     endpoint."""
 
     def __init__(self, target: object, *, host: str | None = None, message_bytes: int):
-        self.methods: dict[str, Callable[[Any], Awaitable[Any]]] = {
+        self.methods: dict[str, Callable[..., Awaitable[Any]]] = {
             name: getattr(target, name) for name in METHODS if hasattr(target, name)}
         self.host = host
         self.message_bytes = message_bytes
         self._started: asyncio.Task | None = None
-        self._server: grpc.aio.Server | None = None
+        self._server: asyncio.Server | None = None
+        self._links: set[_Link] = set()
         self._token = secrets.token_urlsafe(24)
         self.calls = 0  # answered here rather than through Serve
 
@@ -94,43 +151,98 @@ class DirectServer:
 
     async def _start(self) -> Endpoint:
         host = self.host or _node_address()
-        server = grpc.aio.server(options=_message_options(self.message_bytes))
-        handlers = {name: grpc.unary_unary_rpc_method_handler(self._handler(method))
-                    for name, method in self.methods.items()}
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        address = host if ":" not in host else f"[{host}]"  # IPv6
-        port = server.add_insecure_port(f"{address}:0")
-        await server.start()
+        server = await asyncio.start_server(self._serve_link, host, 0)
         self._server = server
+        port = server.sockets[0].getsockname()[1]
+        address = host if ":" not in host else f"[{host}]"  # IPv6
         endpoint = Endpoint(f"{address}:{port}", self._token)
         log.info("direct channel open at %s (%s)", endpoint, ", ".join(self.methods))
         return endpoint
 
-    def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
-        token = dict(context.invocation_metadata() or ()).get(TOKEN_METADATA, "")
-        return hmac.compare_digest(token.encode(), self._token.encode())
+    async def _greeted(self, reader: asyncio.StreamReader) -> bool:
+        """Whether the connection opened with the greeting and this replica's token."""
+        try:
+            async with asyncio.timeout(GREETING_TIMEOUT_S):
+                if await reader.readexactly(len(GREETING)) != GREETING:
+                    return False
+                (length,) = await reader.readexactly(1)
+                token = await reader.readexactly(length)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return False
+        return hmac.compare_digest(token, self._token.encode())
 
-    def _handler(self, method: Callable[[Any], Awaitable[Any]]):
-        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            if not self._authorized(context):  # before anything is unpickled
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, "a direct call without this replica's token")
-            self.calls += 1
-            try:
-                value = await method(*pickle.loads(request))
-            except asyncio.CancelledError as cancelled:
-                if asyncio.current_task().cancelling():
-                    raise  # the caller went away: gRPC ends the call
-                await context.abort(grpc.StatusCode.CANCELLED, str(cancelled) or "the tier cancelled the call")
-            except Exception as error:  # the tier's own error, for the caller to raise
-                return _dumps((False, _portable(error)))
-            return _dumps((True, value))
+    async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = _Link(writer)
+        self._links.add(link)
+        try:
+            if not await self._greeted(reader):  # before anything sent on it is unpickled
+                _write(writer, _Kind.REFUSED, 0, "a connection without this replica's token".encode())
+                return
+            loop = asyncio.get_running_loop()
+            while True:
+                kind, call_id, payload = await _read(reader, self.message_bytes)
+                if kind == _Kind.CALL:
+                    task = loop.create_task(self._answer(writer, call_id, payload))
+                    link.calls[call_id] = task
+                    task.add_done_callback(lambda _, call_id=call_id: link.calls.pop(call_id, None))
+                elif kind == _Kind.CANCEL and call_id in link.calls:
+                    link.calls[call_id].cancel()
+        except (asyncio.IncompleteReadError, ConnectionError) as error:
+            if isinstance(error, _ProtocolError):
+                log.warning("direct channel: closing a connection that broke the framing: %s", error)
+        finally:
+            for task in link.calls.values():  # the router went away: nobody reads these answers
+                task.cancel()
+            self._links.discard(link)
+            writer.close()
 
-        return handle
+    async def _answer(self, writer: asyncio.StreamWriter, call_id: int, payload: bytes) -> None:
+        self.calls += 1
+        try:
+            name = payload[1:1 + payload[0]].decode("ascii", errors="replace")
+            method = self.methods.get(name)
+            if method is None:
+                _write(writer, _Kind.UNAVAILABLE, call_id, f"this replica has no method {name!r}".encode())
+                return
+            value = await method(*pickle.loads(payload[1 + payload[0]:]))
+        except asyncio.CancelledError as cancelled:
+            if asyncio.current_task().cancelling():
+                raise  # the caller stopped waiting, or its connection closed
+            _write(writer, _Kind.CANCELLED, call_id, (str(cancelled) or "the tier cancelled the call").encode())
+            return
+        except Exception as error:  # the tier's own error (or arguments it could not unpickle), for the caller
+            _write(writer, _Kind.ERROR, call_id, _dumps(_portable(error)))
+            return
+        try:
+            answer = _dumps(value)
+        except Exception as error:
+            _write(writer, _Kind.UNAVAILABLE, call_id, f"its answer cannot be pickled ({error!r})".encode())
+            return
+        if len(answer) > self.message_bytes:
+            _write(writer, _Kind.UNAVAILABLE, call_id,
+                   f"its answer of {len(answer)} bytes is over the channel's bound of {self.message_bytes}".encode())
+            return
+        _write(writer, _Kind.RESULT, call_id, answer)
+        try:
+            await writer.drain()  # a large answer: wait while the socket's buffer is full
+        except ConnectionError:
+            pass  # the router went away; its connection's end cancels the rest
 
     async def stop(self, grace_s: float | None = None) -> None:
-        if self._server is not None:
-            await self._server.stop(grace_s)
-            self._server = None
+        """Stop listening; give the calls in progress `grace_s` seconds (None: no limit) to be
+        answered, then cancel them and close every connection."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        running = [task for link in self._links for task in link.calls.values()]
+        if running and grace_s != 0:
+            await asyncio.wait(running, timeout=grace_s)
+        for link in list(self._links):
+            for task in link.calls.values():
+                task.cancel()
+            link.writer.close()
+        await server.wait_closed()
 
 
 def _portable(error: Exception) -> Exception:
@@ -164,76 +276,152 @@ class DirectResponse:
         self._task.cancel()
 
 
-@dataclass
-class _Channel:
-    channel: grpc.aio.Channel
-    stubs: dict[str, Any]
-    active: int = 0  # calls in flight on it
-    forgotten: bool = False  # closed once its last call in flight ends
+class _Connection:
+    """The router's connection to one replica (at one endpoint): calls in flight by id, answered by
+    a task that reads the replica's frames. Once it breaks, every call on it fails as unavailable
+    and it is not used again."""
+
+    def __init__(self, endpoint: Endpoint, message_bytes: int, on_lost: Callable[[_Connection], None]):
+        self.endpoint = endpoint
+        self.message_bytes = message_bytes
+        self.on_lost = on_lost
+        self.pending: dict[int, tuple[str, asyncio.Future]] = {}
+        self._ids = itertools.count(1)
+        self._reading: asyncio.Task | None = None
+        self._lost: DirectUnavailableError | None = None
+        self._opened = asyncio.get_running_loop().create_task(self._open())
+        self._opened.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def _open(self) -> asyncio.StreamWriter:
+        token = self.endpoint.token.encode()
+        if len(token) > MAX_TOKEN_BYTES:
+            raise ValueError(f"a direct channel token of {len(token)} bytes (at most {MAX_TOKEN_BYTES})")
+        host, port = _host_port(self.endpoint.address)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError) as error:
+            self._lose(f"unreachable ({error!r})")
+            raise self._lost from None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        writer.write(GREETING + bytes((len(token),)) + token)
+        self._reading = asyncio.get_running_loop().create_task(self._read_forever(reader, writer))
+        return writer
+
+    async def call(self, method: str, args: tuple) -> Any:
+        if self._lost is not None:
+            raise DirectUnavailableError(f"{method} at {self.endpoint}: {self._lost}")
+        payload = bytes((len(method),)) + method.encode("ascii") + _dumps(args)
+        if len(payload) > self.message_bytes:
+            raise DirectUnavailableError(f"{method} at {self.endpoint}: a call of {len(payload)} bytes is over the "
+                                         f"channel's bound of {self.message_bytes}")
+        try:
+            writer = await asyncio.shield(self._opened)
+        except DirectUnavailableError as error:
+            raise DirectUnavailableError(f"{method} at {self.endpoint}: {error}") from None
+        if self._lost is not None:
+            raise DirectUnavailableError(f"{method} at {self.endpoint}: {self._lost}")
+        call_id = next(self._ids)
+        answer = asyncio.get_running_loop().create_future()
+        self.pending[call_id] = (method, answer)
+        _write(writer, _Kind.CALL, call_id, payload)
+        try:
+            await writer.drain()  # a large call: wait while the socket's buffer is full
+            return await answer
+        except asyncio.CancelledError:
+            if answer.cancelled() or not answer.done():  # (cancelling the caller cancels `answer` too)
+                _write(writer, _Kind.CANCEL, call_id)  # the tier stops working on it
+            raise
+        except DirectUnavailableError:
+            raise
+        except ConnectionError as error:  # (from `drain`: the connection broke while the call was sent)
+            raise DirectUnavailableError(f"{method} at {self.endpoint}: unreachable ({error!r})") from None
+        finally:
+            self.pending.pop(call_id, None)
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # retrieved (the caller may have left by `drain`'s error)
+
+    async def _read_forever(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reason = "the replica closed the connection"
+        try:
+            while True:
+                kind, call_id, payload = await _read(reader, self.message_bytes)
+                if kind == _Kind.REFUSED:
+                    reason = f"refused ({payload.decode(errors='replace')}: the replica there is not the one named)"
+                    break
+                method, answer = self.pending.get(call_id, ("", None))
+                if answer is None or answer.done():
+                    continue  # a call its caller stopped waiting for
+                if kind in (_Kind.RESULT, _Kind.ERROR):
+                    try:
+                        value = pickle.loads(payload)
+                    except Exception as error:  # (a class this process lacks): the call goes through Serve
+                        answer.set_exception(DirectUnavailableError(
+                            f"{method} at {self.endpoint}: its answer cannot be unpickled here ({error!r})"))
+                        continue
+                    if kind == _Kind.RESULT:
+                        answer.set_result(value)
+                    else:
+                        answer.set_exception(value)
+                elif kind == _Kind.CANCELLED:
+                    answer.set_exception(RequestCancelledError(
+                        f"{method} at {self.endpoint}: {payload.decode(errors='replace')}"))
+                elif kind == _Kind.UNAVAILABLE:
+                    answer.set_exception(DirectUnavailableError(
+                        f"{method} at {self.endpoint}: {payload.decode(errors='replace')}"))
+                else:
+                    raise _ProtocolError(f"a frame of kind {kind.name} from the replica")
+        except (asyncio.IncompleteReadError, ConnectionError) as error:
+            if not isinstance(error, asyncio.IncompleteReadError):
+                reason = f"unreachable ({error!r})"
+        finally:
+            self._lose(reason)
+            writer.close()
+
+    def _lose(self, reason: str) -> None:
+        """The connection is gone: its calls fail as unavailable, and it is forgotten."""
+        if self._lost is None:
+            self._lost = DirectUnavailableError(reason)
+            self.on_lost(self)
+        for method, answer in self.pending.values():
+            if not answer.done():
+                answer.set_exception(DirectUnavailableError(f"{method} at {self.endpoint}: {reason}"))
+
+    async def close(self) -> None:
+        self._lose("the router closed its channels")
+        if self._reading is not None:
+            self._reading.cancel()
+            await asyncio.gather(self._reading, return_exceptions=True)
+        elif not self._opened.done():
+            self._opened.cancel()
 
 
 class DirectChannels:
-    """The router's side: one channel per tier replica address, opened on first use."""
+    """The router's side: one connection per tier replica endpoint, opened on first use."""
 
     def __init__(self, *, message_bytes: int):
         self.message_bytes = message_bytes
-        self._channels: dict[str, _Channel] = {}  # by address
-        self._closing: set[asyncio.Task] = set()
+        self._connections: dict[Endpoint, _Connection] = {}
 
     def call(self, endpoint: Endpoint, method: str, *args: Any) -> DirectResponse:
         """`method(*args)` of the replica at `endpoint`. A call the tier cancelled raises Serve's
-        `RequestCancelledError`; one that did not get through to the replica (or whose answer did
+        `RequestCancelledError`; one that did not get through to the replica (or whose answer could
         not come back) `DirectUnavailableError`, so that it can go through Serve instead."""
-        return DirectResponse(self._call(endpoint, method, args))
+        return DirectResponse(self._connection(endpoint).call(method, args))
 
-    async def _call(self, endpoint: Endpoint, method: str, args: tuple) -> Any:
-        entry = self._entry(endpoint.address)
-        if method not in entry.stubs:
-            entry.stubs[method] = entry.channel.unary_unary(f"/{SERVICE}/{method}")
-        entry.active += 1
-        try:
-            answer = await entry.stubs[method](_dumps(args), metadata=((TOKEN_METADATA, endpoint.token),))
-        except grpc.aio.AioRpcError as error:
-            code = error.code()
-            if code == grpc.StatusCode.CANCELLED:
-                raise RequestCancelledError(f"{method} at {endpoint}: {error.details()}") from None
-            # Gone or going; or no longer our replica at that address: another process (a restarted
-            # replica does not know the old token; something else does not serve our methods).
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.PERMISSION_DENIED,
-                        grpc.StatusCode.UNIMPLEMENTED):
-                self.forget(endpoint.address)
-            raise DirectUnavailableError(f"{method} at {endpoint}: {code.name} ({error.details()})") from None
-        finally:
-            entry.active -= 1
-            if entry.forgotten and not entry.active:
-                self._close_later(entry)
-        ok, value = pickle.loads(answer)
-        if not ok:
-            raise value
-        return value
+    def _connection(self, endpoint: Endpoint) -> _Connection:
+        connection = self._connections.get(endpoint)
+        if connection is None:
+            connection = _Connection(endpoint, self.message_bytes, self._forget)
+            self._connections[endpoint] = connection
+        return connection
 
-    def _entry(self, address: str) -> _Channel:
-        if address not in self._channels:
-            # gRPC waits 20 s for a connection by default; the router would rather place the session again.
-            options = [*_message_options(self.message_bytes), ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS)]
-            self._channels[address] = _Channel(grpc.aio.insecure_channel(address, options=options), {})
-        return self._channels[address]
-
-    def forget(self, address: str) -> None:
-        """Stop using the channel to a replica found unreachable (a later session placed at the
-        same address opens a new one); it closes once the calls still on it have ended, so that
-        closing it never cancels another session's call."""
-        entry = self._channels.pop(address, None)
-        if entry is not None:
-            entry.forgotten = True
-            if not entry.active:
-                self._close_later(entry)
-
-    def _close_later(self, entry: _Channel) -> None:
-        task = asyncio.get_running_loop().create_task(entry.channel.close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    def _forget(self, connection: _Connection) -> None:
+        if self._connections.get(connection.endpoint) is connection:
+            del self._connections[connection.endpoint]
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(entry.channel.close() for entry in channels), *self._closing)
+        connections, self._connections = list(self._connections.values()), {}
+        await asyncio.gather(*(connection.close() for connection in connections))

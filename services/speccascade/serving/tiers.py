@@ -95,7 +95,7 @@ class Work:
 
 class ModelTier:
     def __init__(self, config: TierConfig, role: str, *, direct: bool = False):
-        """`direct`: answer the router's calls on this replica's own gRPC endpoint too, after Serve
+        """`direct`: answer the router's calls on this replica's own TCP endpoint too, after Serve
         has placed a session here (`direct.py`)."""
         from transformers import AutoTokenizer
 

@@ -36,8 +36,8 @@ GRPC_MESSAGE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MESSAG
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A tier replica's direct channel (`direct.py`): its address, and the token every call to it
-    carries. Named in the replica's answers through Serve."""
+    """A tier replica's direct channel (`direct.py`): its address, and the token every connection
+    to it opens with. Named in the replica's answers through Serve."""
 
     address: str  # host:port
     token: str
