@@ -157,16 +157,16 @@ class ModelTier:
         whether the call is prefilled in chunks first)."""
         return len(work.context) - work.job.session.cached_length
 
-    def _prefill(self, works: list[Work], budget: int, most: int) -> list[bool]:
-        """One pass caching the next context tokens of the calls, `budget` tokens in all, shared in
-        order, at most `most` to each (the batcher's choice); for each call, True once all of its
-        context is cached. A call whose session ended meanwhile gets nothing (the batcher drops it)."""
+    def _prefill(self, works: list[Work], budget: int, share: int) -> list[bool]:
+        """One pass caching the next context tokens of the calls, `budget` tokens in all, in order,
+        at most `share` to each (the batcher's choice); for each call, True once all of its context
+        is cached. A call whose session ended meanwhile gets nothing (the batcher drops it)."""
         jobs, done, fed = [], [], 0
         for work in works:
             context, session = work.context, work.job.session
             cached = min(session.cached_length, len(context))
-            share = min(budget - fed, most)
-            end = cached if self.sessions.is_ended(work.session_id) else min(len(context), cached + share)
+            amount = min(budget - fed, share)
+            end = cached if self.sessions.is_ended(work.session_id) else min(len(context), cached + amount)
             if end > cached:
                 jobs.append(ScoreJob(session, context[:end], end))  # keeps the distribution after `end`
                 fed += end - cached
