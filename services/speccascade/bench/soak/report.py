@@ -195,8 +195,10 @@ def plot(samples: list[Sample], kills: list[KillEvent], stopped_s: float, path: 
             ax.axvline(kill.t_s / 60, color="tab:red", linestyle="--", linewidth=1)
         ax.axvspan(stopped_s / 60, end, color="0.9")
     for kill in kills:
+        # Just inside the top panel, clear of its frame, on white so the curves under it do not cross it.
         axes[0].annotate(f"kill {kill.deployment.lower()}", (kill.t_s / 60, 1.0), xycoords=("data", "axes fraction"),
-                         rotation=90, va="top", ha="right", fontsize=8, color="tab:red")
+                         xytext=(-3, -5), textcoords="offset points", rotation=90, va="top", ha="right",
+                         fontsize=8, color="tab:red", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     axes[0].set_title(title)
     sessions.set_ylabel("sessions")
     sessions.set_xlabel("minutes (grey: the clients have stopped)")
