@@ -309,3 +309,28 @@ def test_a_stopping_replica_answers_the_calls_in_progress_within_its_grace():
         await asyncio.wait_for(stopping, 10)
 
     scenario(body)
+
+
+def test_both_ends_probe_an_idle_connection_so_a_vanished_peer_is_noticed_within_a_minute():
+    """A peer whose node went away never closes its connection: without keepalive probes (Linux's
+    default starts them after two hours) the router would keep binding sessions to it, and a replica
+    would keep the calls of a router that is gone."""
+    import socket
+
+    from speccascade.serving import direct
+
+    async def body(tier, server, channels, endpoint):
+        assert await channels.call(endpoint, "progress") == "moving"
+        connection = channels._connections[endpoint]
+        (link,) = server._links
+        for writer in (await connection._opened, link.writer):
+            sock = writer.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                probes = (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                          sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                          sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT))
+                assert probes == (direct.KEEPALIVE_IDLE_S, direct.KEEPALIVE_INTERVAL_S, direct.KEEPALIVE_PROBES)
+                assert probes[0] + probes[1] * probes[2] <= 60
+
+    scenario(body)

@@ -58,6 +58,13 @@ METHODS = ("draft", "verify", "release", "progress")
 CONNECT_TIMEOUT_S = 2.0  # a replica's port that does not answer (gone, or closed by a firewall) fails this soon
 GREETING_TIMEOUT_S = 10.0  # a connection that does not open with its greeting within this is closed
 UNREACHABLE_COOLDOWN_S = 60.0  # an endpoint found unreachable is not bound to again for this long
+# A peer that vanished without closing its connection (its node lost power, or the network between
+# went down) is noticed by TCP keepalive probes: the first after this many idle seconds, then one
+# every KEEPALIVE_INTERVAL_S, the connection given up after KEEPALIVE_PROBES unanswered (~1 min in
+# all, against Linux's default of over two hours). Its calls then fail over to Serve.
+KEEPALIVE_IDLE_S = 30
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_PROBES = 3
 
 # A connection opens with GREETING, one byte of token length and the token; then frames both ways.
 GREETING = b"speccascade-direct/1\n"
@@ -102,6 +109,18 @@ async def _read(reader: asyncio.StreamReader, limit: int) -> tuple[_Kind, int, b
     except ValueError:
         raise _ProtocolError(f"a frame of unknown kind {kind}") from None
     return kind, call_id, await reader.readexactly(size)
+
+
+def _keep_alive(writer: asyncio.StreamWriter) -> None:
+    """Probe the connection while it is idle (`KEEPALIVE_IDLE_S`), where the platform lets us."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                          ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        if hasattr(socket, option):  # Linux; macOS names the first TCP_KEEPALIVE
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -174,6 +193,7 @@ class DirectServer:
     async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         link = _Link(writer)
         self._links.add(link)
+        _keep_alive(writer)  # a router gone without closing: its calls' work is cancelled
         try:
             if not await self._greeted(reader):  # before anything sent on it is unpickled
                 _write(writer, _Kind.REFUSED, 0, "a connection without this replica's token".encode())
@@ -303,9 +323,7 @@ class _Connection:
         except (OSError, TimeoutError) as error:
             self._lose(f"unreachable ({error!r})")
             raise self._lost from None
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        _keep_alive(writer)
         writer.write(GREETING + bytes((len(token),)) + token)
         self._reading = asyncio.get_running_loop().create_task(self._read_forever(reader, writer))
         return writer
