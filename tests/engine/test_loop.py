@@ -71,6 +71,8 @@ def test_an_empty_draft_turns_the_round_into_an_expert_step(models):
     from speccascade.engine.blocks import EMPTY_BLOCK, CallReport
 
     class DownDrafter:
+        computes_apart = True  # a tier that is down
+
         async def draft(self, *args):
             return EMPTY_BLOCK, CallReport()
 
@@ -168,6 +170,54 @@ def test_a_request_closed_before_its_first_verify_cancels_the_prefill(models):
         return events
 
     assert "prefill done" not in asyncio.run(scenario())
+
+
+def test_the_next_blocks_draft_goes_out_before_the_round_is_yielded_and_closing_cancels_it(models):
+    """While the caller takes a round (streams it), a drafter that computes apart already drafts the
+    next block: the same call, after the same tokens, so the output is unchanged. A caller that
+    stops there closes the loop, which cancels that draft; no draft goes out past the request's
+    limit, and none early to an in-process drafter (it would run before the caller's work)."""
+    request = GenerationRequest(prompt="x", rule="lossless", block_size=4, seed=0)
+    expected, _ = decode(*models, "hf", request, rounds=4)
+    events: list = []
+
+    class CancellableDrafter(LoggedDrafter):
+        computes_apart = True  # as a tier: its draft runs beside the caller
+
+        async def draft(self, *args):
+            try:
+                return await super().draft(*args)
+            except asyncio.CancelledError:
+                self.events.append("draft cancelled")
+                raise
+
+    drafter = CancellableDrafter(backend_class("hf")(models[0], name="drafter"), events)
+    expert = LocalExpert(backend_class("hf")(models[1], name="expert"))
+
+    async def scenario(limit: int, rounds: int):
+        events.clear()
+        loop = rounds_for(request, drafter, expert, PROMPT, lambda answer: False, limit=limit)
+        emitted, drafts_sent_when_yielded = [], []
+        async for record in loop:
+            emitted += [t for t, _ in record.emitted]
+            drafts_sent_when_yielded.append(events.count("draft"))
+            if len(drafts_sent_when_yielded) == rounds:
+                break
+        await loop.aclose()
+        await asyncio.sleep(0)
+        return emitted, drafts_sent_when_yielded, list(events)
+
+    emitted, sent, log = asyncio.run(scenario(limit=1000, rounds=4))
+    assert emitted == expected
+    assert sent == [2, 3, 4, 5]  # each round yielded with the next round's draft already sent
+    assert log[-2:] == ["draft", "draft cancelled"] and log.count("drafted") == 4
+
+    emitted, sent, log = asyncio.run(scenario(limit=1, rounds=1))  # the first round reaches the limit
+    assert sent == [1] and "draft cancelled" not in log
+
+    drafter.computes_apart = False
+    emitted, sent, log = asyncio.run(scenario(limit=1000, rounds=4))
+    assert emitted == expected and sent == [1, 2, 3, 4] and "draft cancelled" not in log
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

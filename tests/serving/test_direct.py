@@ -334,3 +334,32 @@ def test_both_ends_probe_an_idle_connection_so_a_vanished_peer_is_noticed_within
                 assert probes[0] + probes[1] * probes[2] <= 60
 
     scenario(body)
+
+
+def test_on_an_open_connection_a_call_is_written_before_the_caller_next_waits_and_a_cancel_then_reaches_the_tier():
+    """The decoding loop sends the next block's draft and goes on streaming the round: the call must
+    be on its way before the loop's next await, and a call cancelled before its task ever ran must
+    still stop the tier's work and leave nothing behind."""
+    async def body(tier, server, channels, endpoint):
+        assert await channels.call(endpoint, "progress") == "moving"  # the connection is open
+        connection = channels._connections[endpoint]
+        response = channels.call(endpoint, "draft", "slow")
+        assert len(connection.pending) == 1  # written and awaiting its answer, with no await yet
+        await asyncio.wait_for(tier.started.wait(), 10)
+        response.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await response
+        await asyncio.wait_for(tier.cancelled.wait(), 10)
+        tier.started.clear()
+        tier.cancelled.clear()
+        response = channels.call(endpoint, "draft", "slow")
+        response.cancel()  # before its task first runs
+        with pytest.raises(asyncio.CancelledError):
+            await response
+        await asyncio.sleep(0.2)
+        assert connection.pending == {}
+        assert all(not link.calls for link in server._links)  # the tier holds no call of it
+        assert tier.cancelled.is_set() or not tier.started.is_set()
+        assert await channels.call(endpoint, "progress") == "moving"
+
+    scenario(body)

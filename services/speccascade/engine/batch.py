@@ -163,6 +163,8 @@ class _Batches:
 
 
 class _BatchedDrafter:
+    computes_apart = False  # the batches run one model at a time
+
     def __init__(self, batches: _Batches, backend: ModelBackend, log: CallLog):
         self.batches, self.backend, self.log = batches, backend, log
         self.session = backend.new_session()

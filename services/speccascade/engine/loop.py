@@ -56,6 +56,12 @@ async def _draft(drafter: DrafterRole, tokens: list[int], gamma: int, request: G
                  payload: DraftPayload, record: RoundRecord, governor: PipelineGovernor | None = None) -> DraftedBlock:
     with _timed(record, "drafter_seconds"):
         block, report = await drafter.draft(tokens, gamma, request.sampling, request.seed, payload)
+    return _drafted(record, block, report, governor)
+
+
+def _drafted(record: RoundRecord, block: DraftedBlock, report: CallReport,
+             governor: PipelineGovernor | None = None) -> DraftedBlock:
+    """Count a draft call's block and report into the round that uses the block."""
     _count_call(record, "drafter", report)
     if governor is not None:
         governor.observe_draft_call(report)
@@ -64,6 +70,28 @@ async def _draft(drafter: DrafterRole, tokens: list[int], gamma: int, request: G
         record.drafter_passes += block.gamma
         record.drafted += block.gamma
     return block
+
+
+class _NextDraft:
+    """The next round's block, drafted while the caller takes the round just done (streams its
+    tokens, checks its stop conditions), rather than after: with a drafter that computes apart
+    (a tier), the draft call goes out before the loop yields the round. It is the call the next
+    round would make, after the same tokens, so it is the same block; a caller that stops there
+    closes the loop, which cancels it (a drafter step or two of work past the end, on the drafter
+    alone)."""
+
+    def __init__(self, drafter: DrafterRole, tokens: list[int], request: GenerationRequest, payload: DraftPayload):
+        self.task = asyncio.ensure_future(drafter.draft(list(tokens), request.block_size, request.sampling,
+                                                        request.seed, payload))
+
+    async def take(self, record: RoundRecord, governor: PipelineGovernor) -> DraftedBlock:
+        with _timed(record, "drafter_seconds"):  # only the part the loop waits for
+            block, report = await self.task
+        return _drafted(record, block, report, governor)
+
+    def cancel(self) -> None:
+        self.task.cancel()
+        self.task.add_done_callback(lambda task: task.cancelled() or task.exception())
 
 
 async def _verify(expert: ExpertRole, tokens: list[int], block: DraftedBlock, rule: Rule, alpha: float,
@@ -178,13 +206,17 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
     """Draft gamma tokens, score them with one expert pass, keep what the rule accepts. The expert
     caches the prompt while the first block is drafted (`_Prefill`). With pipelining
     (`request.pipeline`), the drafter drafts the next block ahead while the expert verifies
-    (`_Ahead`); the output is the same either way. `limit`: the most new tokens the request may
-    produce (no block is drafted ahead past it)."""
+    (`_Ahead`); without a block drafted ahead, a drafter that computes apart (a tier) gets the next
+    block's draft before the round is yielded, so the caller's work on the round (streaming it)
+    overlaps the drafter's (`_NextDraft`).
+    The output is the same either way. `limit`: the most new tokens the request may produce (no
+    block is drafted ahead past it)."""
     tokens = list(prompt)
     rule, alpha = request.rule, request.alpha
     payload = DraftPayload.for_request(rule, request.sampling, logprobs=request.logprobs)
     governor = PipelineGovernor(request.pipeline)
     ahead: _Ahead | None = None
+    next_draft: _NextDraft | None = None
     outcome: VerifyOutcome | None = None
     prefill: _Prefill | None = _Prefill(expert, tokens, request)
     try:
@@ -192,6 +224,9 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
             record = RoundRecord(skippable_rounds=int(not rule.needs_expert_to_decide), pipeline=governor.reason())
             block = await ahead.take(record, outcome, governor) if ahead is not None else None
             ahead = None
+            if block is None and next_draft is not None:
+                block = await next_draft.take(record, governor)
+            next_draft = None
             if block is None:
                 block = await _draft(drafter, tokens, request.block_size, request, payload, record, governor)
             if rule is Rule.CHOW and block.gamma and _chow_keeps(block, alpha):
@@ -211,10 +246,15 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
                 outcome = await _verify(expert, tokens, block, rule, alpha, request, record)
             governor.observe_round(ahead is not None)
             tokens += [t for t, _ in record.emitted]
+            if ahead is None and drafter.computes_apart and len(tokens) - len(prompt) < limit:
+                next_draft = _NextDraft(drafter, tokens, request, payload)
+                await asyncio.sleep(0)  # its call goes out (its first step sends it) before the round is taken
             yield record
     finally:
         if ahead is not None:  # the request ended (or was cancelled) with a block drafted ahead
             ahead.task.cancel()
+        if next_draft is not None:  # ... or with the next block's draft on its way
+            next_draft.cancel()
         if prefill is not None:  # ... or before its first verify
             prefill.task.cancel()
             prefill.task.add_done_callback(lambda task: task.cancelled() or task.exception())

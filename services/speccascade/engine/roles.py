@@ -24,6 +24,11 @@ from .jobs import DraftJob, VerifyJob, draft_blocks, verify_blocks_on
 
 
 class DrafterRole(Protocol):
+    # Whether the drafter computes apart from the loop (a tier: True): a draft sent before the
+    # loop's caller takes a round then runs beside the caller's work. In-process (False) it would
+    # only run before it, delaying the round.
+    computes_apart: bool
+
     async def draft(self, context: Sequence[int], gamma: int, sampling: SamplingParams, seed: int,
                     payload: DraftPayload) -> tuple[DraftedBlock, CallReport]:
         """Draft gamma tokens after `context`, one model step each; the token at position n is drawn
@@ -56,6 +61,8 @@ class _Local:
 
 class LocalDrafter(_Local):
     """The drafter role on a backend session in this process."""
+
+    computes_apart = False
 
     async def draft(self, context, gamma, sampling, seed, payload) -> tuple[DraftedBlock, CallReport]:
         started = time.perf_counter()

@@ -235,6 +235,8 @@ class RemoteDrafter(_Remote):
     """The drafter role over the drafter tier, for one request. When the tier is down it answers
     with empty blocks, which the loop turns into expert steps (expert-only decoding)."""
 
+    computes_apart = True
+
     async def draft(self, context: Sequence[int], gamma: int, sampling: SamplingParams, seed: int,
                     payload: DraftPayload) -> tuple[DraftedBlock, CallReport]:
         if self.transport.expert_only_fallback:

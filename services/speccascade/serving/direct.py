@@ -123,6 +123,10 @@ def _keep_alive(writer: asyncio.StreamWriter) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+async def _raise(error: Exception) -> Any:
+    raise error
+
+
 def _host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -295,6 +299,9 @@ class DirectResponse:
     def cancel(self) -> None:
         self._task.cancel()
 
+    def add_done_callback(self, callback: Callable[[asyncio.Task], object]) -> None:
+        self._task.add_done_callback(callback)
+
 
 class _Connection:
     """The router's connection to one replica (at one endpoint): calls in flight by id, answered by
@@ -328,23 +335,57 @@ class _Connection:
         self._reading = asyncio.get_running_loop().create_task(self._read_forever(reader, writer))
         return writer
 
-    async def call(self, method: str, args: tuple) -> Any:
+    def call(self, method: str, args: tuple) -> DirectResponse:
+        """The call, in flight. On an open connection it is written at once, before the caller's
+        next await: a caller that goes on with other work meanwhile (the decoding loop streaming a
+        round while the next block is drafted) has the tier working beside it."""
+        try:
+            payload = self._payload(method, args)
+        except DirectUnavailableError as error:
+            return DirectResponse(_raise(error))  # raised where the answer is awaited, as every failure
+        opened = self._opened
+        if self._lost is None and opened.done() and not opened.cancelled() and opened.exception() is None:
+            call_id, answer = self._send(method, payload, opened.result())
+            response = DirectResponse(self._await_answer(method, call_id, answer, opened.result()))
+            # Cancelled before its task first ran, the coroutine never sees the cancellation.
+            response.add_done_callback(lambda task: task.cancelled() and self._abandon(call_id))
+            return response
+        return DirectResponse(self._call_once_open(method, payload))
+
+    def _payload(self, method: str, args: tuple) -> bytes:
         if self._lost is not None:
             raise DirectUnavailableError(f"{method} at {self.endpoint}: {self._lost}")
         payload = bytes((len(method),)) + method.encode("ascii") + _dumps(args)
         if len(payload) > self.message_bytes:
             raise DirectUnavailableError(f"{method} at {self.endpoint}: a call of {len(payload)} bytes is over the "
                                          f"channel's bound of {self.message_bytes}")
+        return payload
+
+    async def _call_once_open(self, method: str, payload: bytes) -> Any:
         try:
             writer = await asyncio.shield(self._opened)
         except DirectUnavailableError as error:
             raise DirectUnavailableError(f"{method} at {self.endpoint}: {error}") from None
         if self._lost is not None:
             raise DirectUnavailableError(f"{method} at {self.endpoint}: {self._lost}")
+        return await self._await_answer(method, *self._send(method, payload, writer), writer)
+
+    def _send(self, method: str, payload: bytes, writer: asyncio.StreamWriter) -> tuple[int, asyncio.Future]:
+        """Write the call now: its id, and the future its answer will resolve."""
         call_id = next(self._ids)
         answer = asyncio.get_running_loop().create_future()
         self.pending[call_id] = (method, answer)
         _write(writer, _Kind.CALL, call_id, payload)
+        return call_id, answer
+
+    def _abandon(self, call_id: int) -> None:
+        """The caller stopped waiting for a call still unanswered: the tier stops working on it."""
+        _, answer = self.pending.pop(call_id, (None, None))
+        if answer is not None and not answer.done() and self._lost is None and self._opened.done():
+            _write(self._opened.result(), _Kind.CANCEL, call_id)
+
+    async def _await_answer(self, method: str, call_id: int, answer: asyncio.Future,
+                            writer: asyncio.StreamWriter) -> Any:
         try:
             await writer.drain()  # a large call: wait while the socket's buffer is full
             return await answer
@@ -427,7 +468,7 @@ class DirectChannels:
         """`method(*args)` of the replica at `endpoint`. A call the tier cancelled raises Serve's
         `RequestCancelledError`; one that did not get through to the replica (or whose answer could
         not come back) `DirectUnavailableError`, so that it can go through Serve instead."""
-        return DirectResponse(self._connection(endpoint).call(method, args))
+        return self._connection(endpoint).call(method, args)
 
     def _connection(self, endpoint: Endpoint) -> _Connection:
         connection = self._connections.get(endpoint)
