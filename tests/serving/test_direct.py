@@ -66,11 +66,11 @@ class StandInTier:
         return "moving"
 
 
-def scenario(body, *, message_bytes: int = MESSAGE_BYTES):
+def scenario(body, *, tier_class=StandInTier, message_bytes: int = MESSAGE_BYTES):
     """Run `body(tier, server, channels, endpoint)` against a stand-in tier's direct server."""
 
     async def run():
-        tier = StandInTier()
+        tier = tier_class()
         server = DirectServer(tier, host="127.0.0.1", message_bytes=message_bytes)
         channels = DirectChannels(message_bytes=message_bytes)
         endpoint = await server.endpoint()
@@ -150,18 +150,7 @@ def test_a_call_over_the_channels_bound_goes_through_serve_and_the_connection_st
         async def verify(self, rows):
             return np.concatenate([rows, rows])
 
-    async def run():
-        tier = Doubling()
-        server = DirectServer(tier, host="127.0.0.1", message_bytes=2**20 + 2**18)
-        channels = DirectChannels(message_bytes=2**20 + 2**18)
-        endpoint = await server.endpoint()
-        try:
-            await body(tier, server, channels, endpoint)
-        finally:
-            await channels.close()
-            await server.stop()
-
-    asyncio.run(run())
+    scenario(body, tier_class=Doubling, message_bytes=2**20 + 2**18)
 
 
 def test_a_tier_error_reaches_the_caller_as_itself():
@@ -282,20 +271,13 @@ def test_a_tier_answers_only_the_calls_it_has():
         async def draft(self, call):
             return call
 
-    async def run():
-        server = DirectServer(DrafterOnly(), host="127.0.0.1", message_bytes=MESSAGE_BYTES)
-        channels = DirectChannels(message_bytes=MESSAGE_BYTES)
-        endpoint = await server.endpoint()
-        try:
-            assert set(server.methods) == {"draft"}
-            with pytest.raises(DirectUnavailableError, match="verify at .*: this replica has no method 'verify'"):
-                await channels.call(endpoint, "verify", "block")
-            assert await channels.call(endpoint, "draft", "block") == "block"
-        finally:
-            await channels.close()
-            await server.stop()
+    async def body(tier, server, channels, endpoint):
+        assert set(server.methods) == {"draft"}
+        with pytest.raises(DirectUnavailableError, match="verify at .*: this replica has no method 'verify'"):
+            await channels.call(endpoint, "verify", "block")
+        assert await channels.call(endpoint, "draft", "block") == "block"
 
-    asyncio.run(run())
+    scenario(body, tier_class=DrafterOnly)
 
 
 def test_a_stopping_replica_answers_the_calls_in_progress_within_its_grace():

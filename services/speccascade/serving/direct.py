@@ -17,10 +17,10 @@ calls of a lossless round took 8.3 ms through Serve and 4.8 ms over gRPC straigh
 Why not gRPC: a round's calls come one at a time, each to a process that has slept through the
 other tier's pass. `grpc.aio` receives on a poller thread of its own that then wakes the event loop,
 so every message wakes two threads in the receiving process; on two shared cores a call between
-such idle processes took 1.04-1.09 ms over `grpc.aio` and 0.17-0.33 ms over an asyncio stream
-(BENCHMARKS.md, serving). The channel is therefore a plain TCP connection read by the event loop
-itself, one per router and replica, with many calls in flight on it (`_Frame`: length, kind, call
-id, payload).
+such idle processes took 1.2-1.6 ms over `grpc.aio` and 0.44-0.75 ms over a plain connection
+(`scripts/bench_direct_channel.py`; BENCHMARKS.md, serving). The channel is therefore a plain TCP
+connection read by the event loop itself, one per router and replica, with many calls in flight on
+it (each frame: `_HEADER`, its payload's length, kind and call id, then the payload).
 
 The payloads are the same call and reply objects as over Serve (numpy arrays and small dataclasses),
 pickled: the channel runs between the application's own processes inside the Ray cluster. Each
@@ -139,7 +139,6 @@ class Route:
 
     session_id: str
     endpoint: Endpoint | None = None
-
 
 
 @dataclass(eq=False)
@@ -345,8 +344,9 @@ class _Connection:
             return DirectResponse(_raise(error))  # raised where the answer is awaited, as every failure
         opened = self._opened
         if self._lost is None and opened.done() and not opened.cancelled() and opened.exception() is None:
-            call_id, answer = self._send(method, payload, opened.result())
-            response = DirectResponse(self._await_answer(method, call_id, answer, opened.result()))
+            writer = opened.result()
+            call_id, answer = self._send(method, payload, writer)
+            response = DirectResponse(self._await_answer(method, call_id, answer, writer))
             # Cancelled before its task first ran, the coroutine never sees the cancellation.
             response.add_done_callback(lambda task: task.cancelled() and self._abandon(call_id))
             return response
@@ -379,9 +379,10 @@ class _Connection:
         return call_id, answer
 
     def _abandon(self, call_id: int) -> None:
-        """The caller stopped waiting for a call still unanswered: the tier stops working on it."""
+        """The caller stopped waiting for a call still unanswered (cancelling the caller cancels the
+        answer's future too): the tier stops working on it."""
         _, answer = self.pending.pop(call_id, (None, None))
-        if answer is not None and not answer.done() and self._lost is None and self._opened.done():
+        if answer is not None and (answer.cancelled() or not answer.done()) and self._lost is None:
             _write(self._opened.result(), _Kind.CANCEL, call_id)
 
     async def _await_answer(self, method: str, call_id: int, answer: asyncio.Future,
@@ -390,8 +391,7 @@ class _Connection:
             await writer.drain()  # a large call: wait while the socket's buffer is full
             return await answer
         except asyncio.CancelledError:
-            if answer.cancelled() or not answer.done():  # (cancelling the caller cancels `answer` too)
-                _write(writer, _Kind.CANCEL, call_id)  # the tier stops working on it
+            self._abandon(call_id)
             raise
         except DirectUnavailableError:
             raise
