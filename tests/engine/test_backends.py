@@ -425,3 +425,95 @@ def test_static_cuda_graphs_equal_eager_on_the_gpu():
         a, b = (backend.score([ScoreJob(ss[i], sequences[i], st) for i, st in zip(batch, starts)])
                 for backend, ss in zip((eager, graphed), sessions))
         assert_same_rows([x.cpu() for x in b], [x.cpu() for x in a])
+
+
+def test_every_pass_is_counted_by_how_it_ran(runner):
+    """On the CPU no backend captures graphs: every pass is eager, none a replay or a fallback."""
+    before = dict(runner.steps)
+    calls = runner.forward_calls
+    runner.distributions(runner.new_session(), random_tokens(70, 12), start=6)
+    grew = {how: runner.steps[how] - before[how] for how in before}
+    assert grew == {"graph": 0, "eager": runner.forward_calls - calls, "wide": 0, "uncaptured": 0}
+    assert grew["eager"] >= 1
+
+
+def test_a_session_that_loses_its_static_slot_is_counted_once_and_logged_once(caplog):
+    backend = backend_class("static")(tiny_qwen2(VOCAB, seed=3), name="few-slots", slots=2, max_len=64)
+    sessions = [backend.new_session() for _ in range(4)]
+    with caplog.at_level("WARNING", logger="speccascade.engine.backends.static"):
+        for index, session in enumerate(sessions[:2]):
+            backend.distributions(session, random_tokens(80 + index, 6), start=6)
+        assert backend.slot_evictions == 0
+        for index, session in enumerate(sessions[2:]):
+            backend.distributions(session, random_tokens(82 + index, 6), start=6)
+    assert backend.slot_evictions == 2
+    assert sessions[0].slot is None and sessions[1].slot is None  # the least recently used lost theirs
+    assert len(caplog.records) == 1 and "all 2 slots in use" in caplog.records[0].getMessage()
+
+
+class EagerGraphs:
+    """The static backend's captured graphs without CUDA, for the CPU: `GraphSet`'s choice of shape
+    and its explanations, with a 'replay' that runs the step the graph would have captured eagerly on
+    the padded inputs. `captured` picks which planned shapes count as captured (the rest: over the
+    memory budget)."""
+
+    def __init__(self, backend, *, max_rows: int, captured):
+        from speccascade.engine.backends.graphs import GraphSet, planned_shapes
+
+        self.graphset = GraphSet.__new__(GraphSet)
+        planned = planned_shapes(max_rows, backend.max_len + 1)
+        rows, windows = (sorted({getattr(s, key) for s in planned}) for key in ("rows", "window"))
+        vars(self.graphset).update(rows=tuple(rows), windows=tuple(windows), budget_mb=1,
+                                   graphs={s: None for s in planned if captured(s)},
+                                   skipped=[s for s in planned if not captured(s)])
+        self.step = backend._graph_step
+        self.out = torch.empty(rows[-1], 17, backend.vocab_size)
+        self.replayed = []
+
+    def __getattr__(self, name):
+        return getattr(self.graphset, name)
+
+    def replay(self, shape, ids, positions, slots):
+        assert ids.shape == positions.shape == (shape.rows, shape.tokens) and slots.shape == (shape.rows,)
+        self.replayed.append(shape)
+        self.step(ids, positions, slots, shape.window, self.out)
+        return self.out[: shape.rows, : shape.tokens]
+
+
+def test_static_steps_padded_to_captured_shapes_score_as_eager_and_are_counted(caplog):
+    """A step replays the smallest captured shape that holds it (rows, tokens a row and window
+    padded): the same distributions as the eager step. A prefill wider than any graph is `wide`; a
+    step whose shape the budget left out is `uncaptured`, logged once with the reason."""
+    from speccascade.engine.backends import ScoreJob
+    from speccascade.engine.backends.graphs import Shape
+
+    model = tiny_qwen2(VOCAB, seed=3)
+    eager = backend_class("static")(model, name="eager", slots=4, max_len=512)
+    graphed = backend_class("static")(model, name="graphed", slots=4, max_len=512)
+    graphed.graphs = EagerGraphs(graphed, max_rows=4, captured=lambda s: s.window == 256 and s.rows <= 2)
+    sequences = [random_tokens(90 + i, 30 + 7 * i) for i in range(3)]
+    sessions = ([eager.new_session() for _ in sequences], [graphed.new_session() for _ in sequences])
+
+    def both(indices, starts):
+        got = [backend.score([ScoreJob(ss[i], sequences[i], st) for i, st in zip(indices, starts)])
+               for backend, ss in zip((eager, graphed), sessions)]
+        assert_same_rows(got[1], got[0])
+
+    with caplog.at_level("WARNING", logger="speccascade.engine.backends.static"):
+        both([0, 1], [len(sequences[0]), len(sequences[1])])  # prefills of 30 and 37 tokens: wider than 17
+        assert graphed.steps == {"graph": 0, "eager": 0, "wide": 1, "uncaptured": 0}
+        for _ in range(2):  # one token each: 2 rows of 1 token over a 256-key window
+            sequences[:2] = [t + random_tokens(len(t), 1) for t in sequences[:2]]
+            both([0, 1], [len(sequences[0]) - 1, len(sequences[1]) - 1])
+        sequences[1] += random_tokens(7, 6)  # a verify of 6 tokens on one row: 1 x 8 x 256
+        both([1], [len(sequences[1]) - 5])
+        assert graphed.graphs.replayed == [Shape(2, 1, 256), Shape(2, 1, 256), Shape(1, 8, 256)]
+        assert graphed.steps["graph"] == 3 and graphed.steps["uncaptured"] == 0
+        both([2], [len(sequences[2])])  # the third session's prefill (44 tokens)
+        for _ in range(2):  # three rows: the 4-row shapes were left out by the "budget"
+            sequences = [t + random_tokens(len(t) + 1, 1) for t in sequences]
+            both([0, 1, 2], [len(t) - 1 for t in sequences])
+    assert graphed.steps == {"graph": 3, "eager": 0, "wide": 2, "uncaptured": 2}
+    assert eager.steps["eager"] == eager.forward_calls and eager.steps["graph"] == 0
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "3 rows x 1 tokens" in warnings[0] and "graph memory budget" in warnings[0]

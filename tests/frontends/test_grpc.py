@@ -212,6 +212,23 @@ def test_a_sessions_calls_after_its_first_reach_each_tier_directly(client, tier_
         assert direct == batched  # every call but the first, and the release
 
 
+def test_the_tiers_count_their_passes_by_how_they_ran(client, tier_handles):
+    """`batch_stats` (what `bench serve` and the metrics read): on the CPU every pass is eager, and
+    sessions that fit the slots never lose them."""
+    keys = ("forward_calls", "steps_graph", "steps_eager", "steps_wide", "steps_uncaptured", "slot_evictions")
+
+    def stats():
+        return {name: tier_handles[name].batch_stats.remote().result() for name in ("Drafter", "Expert")}
+
+    before = stats()
+    client.generate(prompt=PROMPT, rule="lossless", block_size=3, max_new_tokens=16, pipeline="off")
+    after = stats()
+    for name in ("Drafter", "Expert"):
+        calls, graph, eager, wide, uncaptured, evictions = (after[name][key] - before[name][key] for key in keys)
+        assert calls >= 2 and eager == calls
+        assert graph == wide == uncaptured == evictions == 0
+
+
 def test_finished_requests_leave_no_cached_sessions(client, tier_handles):
     client.generate(prompt=PROMPT, max_new_tokens=8)
     assert wait_until(lambda: cached_sessions(tier_handles) == {"Drafter": 0, "Expert": 0})

@@ -22,7 +22,7 @@ class Recorder:
 
 def recording_metrics() -> TierMetrics:
     metrics = TierMetrics("expert")
-    for name in ("cached_sessions", "cache_bytes", "sessions_ended", "late_calls"):
+    for name in ("cached_sessions", "cache_bytes", "sessions_ended", "late_calls", "steps", "slot_evictions"):
         setattr(metrics, name, Recorder())
     return metrics
 
@@ -44,6 +44,16 @@ def test_cache_counters_grow_by_what_changed_between_sweeps_and_gauges_follow_th
     assert metrics.late_calls.values[(("tier", "expert"),)] == 2
     assert metrics.cached_sessions.values[(("tier", "expert"),)] == 0  # the last sweep's value, not a sum
     assert metrics.cache_bytes.values[(("tier", "expert"),)] == 0
+
+
+def test_step_counters_grow_by_what_the_backend_counted_since_the_last_pass():
+    metrics = recording_metrics()
+    metrics.observe_steps({"graph": 3, "eager": 0, "wide": 1, "uncaptured": 0}, slot_evictions=0)
+    metrics.observe_steps({"graph": 7, "eager": 0, "wide": 1, "uncaptured": 2}, slot_evictions=1)
+    metrics.observe_steps({"graph": 7, "eager": 0, "wide": 1, "uncaptured": 2}, slot_evictions=1)
+    steps = {dict(key)["how"]: value for key, value in metrics.steps.values.items()}
+    assert steps == {"graph": 7, "wide": 1, "uncaptured": 2}  # kinds that never ran export nothing
+    assert metrics.slot_evictions.values[(("tier", "expert"),)] == 1
 
 
 def test_every_exported_metric_is_documented():

@@ -162,6 +162,15 @@ class TierMetrics:
         self.prefill_chunk_seconds = Histogram("speccascade_tier_prefill_chunk_seconds",
                                                "Duration of prefill passes (a running stream waits for at most one).",
                                                boundaries=LATENCY_BOUNDARIES_S, tag_keys=("tier",))
+        self.steps = Counter("speccascade_tier_steps", "Forward passes by how they ran: graph (a captured CUDA graph "
+                             "replayed), eager (no graphs on this backend or device), wide (a prefill chunk wider "
+                             "than any graph), uncaptured (a decode or verify step whose shape was not captured: "
+                             "an eager fallback).", tag_keys=("tier", "how"))
+        self.slot_evictions = Counter("speccascade_tier_slot_evictions", "Sessions that lost their static-backend "
+                                      "slot to another (all slots in use); each recomputes its context.",
+                                      tag_keys=("tier",))
+        self._last_steps: dict[str, int] = {}
+        self._last_slot_evictions = 0
         self._last_cache_stats = None
         self.batches = 0
         self.batched_requests = 0
@@ -181,6 +190,18 @@ class TierMetrics:
         if late > 0:
             self.late_calls.inc(late, tags=self.tags)
         self._last_cache_stats = stats
+
+    def observe_steps(self, steps: dict[str, int], slot_evictions: int) -> None:
+        """Export the backend's cumulative step kinds and slot evictions by what changed since the
+        last observation."""
+        for how, count in steps.items():
+            delta = count - self._last_steps.get(how, 0)
+            if delta > 0:
+                self.steps.inc(delta, tags={**self.tags, "how": how})
+        self._last_steps = dict(steps)
+        if slot_evictions > self._last_slot_evictions:
+            self.slot_evictions.inc(slot_evictions - self._last_slot_evictions, tags=self.tags)
+        self._last_slot_evictions = slot_evictions
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         self.busy_seconds += seconds

@@ -175,6 +175,7 @@ class ModelTier:
             started = time.perf_counter()
             self.backend.score(jobs)
             self.metrics.observe_prefill(fed, time.perf_counter() - started)
+            self.metrics.observe_steps(self.backend.steps, self.backend.slot_evictions)
         return done
 
     def _run_batch(self, batch: list[Queued]) -> list[tuple[Any, WorkTimes] | Exception]:
@@ -190,6 +191,7 @@ class ModelTier:
         else:
             results, times = verify_blocks_on(self.backend, jobs)
         self.metrics.observe_batch(len(jobs), time.perf_counter() - started)
+        self.metrics.observe_steps(self.backend.steps, self.backend.slot_evictions)
         self.sessions.evict_to_budget(keep=frozenset(work.session_id for work in works))
         return [(result, times) if result is not None else
                 asyncio.CancelledError() if queued.future.done() else self.sessions.refuse_late(work.session_id)
@@ -300,14 +302,18 @@ class ModelTier:
         each cache keeps (-1: the libraries' default, not set by the replica's environment);
         `cpu_spin`: how many times its idle OpenMP threads spin before they sleep (-1: libgomp's
         default); `direct_calls`: calls that reached it over its direct channel rather than
-        through Serve (`direct.py`)."""
+        through Serve (`direct.py`); `steps_graph`, `steps_eager`, `steps_wide`, `steps_uncaptured`:
+        forward passes by how they ran (`engine.backends.base.STEP_KINDS`); `slot_evictions`: sessions
+        that lost their static-backend slot to another's."""
         return {"batches": self.metrics.batches, "batched_requests": self.metrics.batched_requests,
                 "forward_calls": self.backend.forward_calls, "page_faults": page_faults(),
                 "allocator": self.allocator, "kernel_cache": -1 if self.kernel_cache is None else self.kernel_cache,
                 "cpu_spin": -1 if self.cpu_spin is None else self.cpu_spin,
                 "direct_calls": self.direct.calls if self.direct is not None else 0,
                 "busy_s": self.metrics.busy_seconds,
-                "turn_gathers": self.batcher.gathers, "turn_gather_ms": self.batcher.gather_s * 1e3}
+                "turn_gathers": self.batcher.gathers, "turn_gather_ms": self.batcher.gather_s * 1e3,
+                **{f"steps_{how}": count for how, count in self.backend.steps.items()},
+                "slot_evictions": self.backend.slot_evictions}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve's hook for custom autoscaling metrics: calls served and forward-pass seconds

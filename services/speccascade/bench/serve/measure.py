@@ -94,6 +94,9 @@ class Concurrency:
     # Per tier: the share of the wall time its forward thread ran batches, the turns on which it
     # waited for calls handed over by the other tier, and those waits' milliseconds.
     tier_activity: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per tier: its forward passes by how they ran (graph, eager, wide, uncaptured: `STEP_KINDS`) and
+    # the sessions that lost their static slot to another's (slot_evictions).
+    tier_steps: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -192,6 +195,7 @@ def concurrent(target: str, app: str, build: Callable[[int], object], streams: i
     import grpc
 
     from ...api.client import SpecCascadeClient
+    from ...engine.backends.base import STEP_KINDS
 
     before = tier_stats(handles)
     results: list[Timed] = []
@@ -217,9 +221,11 @@ def concurrent(target: str, app: str, build: Callable[[int], object], streams: i
         thread.join()
     wall = time.perf_counter() - started
     after = tier_stats(handles)
+    counted = [f"steps_{how}" for how in STEP_KINDS] + ["slot_evictions"]
     grew = {name: {key: after[name][key] - before[name][key] for key in
-                   ("batches", "batched_requests", "page_faults", "busy_s", "turn_gathers", "turn_gather_ms")}
+                   ("batches", "batched_requests", "page_faults", "busy_s", "turn_gathers", "turn_gather_ms", *counted)}
             for name in handles}
+    steps = {name: {key.removeprefix("steps_"): int(g[key]) for key in counted} for name, g in grew.items()}
     means = {name: g["batched_requests"] / g["batches"] if g["batches"] else 0.0 for name, g in grew.items()}
     activity = {name: {"busy_share": g["busy_s"] / wall, "turn_gathers": g["turn_gathers"],
                        "turn_gather_ms": g["turn_gather_ms"]} for name, g in grew.items()}
@@ -231,7 +237,8 @@ def concurrent(target: str, app: str, build: Callable[[int], object], streams: i
     rounds = max(sum(t.stats.rounds for t in results), 1)
     faults = {name: g["page_faults"] / rounds for name, g in grew.items()}
     return Concurrency(streams, sum(t.timing.tokens for t in results), wall, 1e3 * percentile(gaps, 0.5),
-                       means["Drafter"], means["Expert"], breakdown, pipeline, predrafts, failures, faults, activity)
+                       means["Drafter"], means["Expert"], breakdown, pipeline, predrafts, failures, faults, activity,
+                       steps)
 
 
 def synthetic_prompt(tokenizer, tokens: int, seed: int) -> str:

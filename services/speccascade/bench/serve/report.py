@@ -98,6 +98,14 @@ def print_report(report) -> None:
                                           + (f" (waited for handed-over calls on {a['turn_gathers']:.0f} turns, "
                                              f"{a['turn_gather_ms']:,.0f} ms)" if a["turn_gathers"] else "")
                                           for name, a in c.tier_activity.items()))
+            if c.tier_steps:
+                console.print(f"{c.streams} streams, pipelining {c.pipeline}: forward passes "
+                              + "; ".join(f"{name} " + ", ".join(
+                                  f"[red]{count:,} uncaptured[/]" if how == "uncaptured" else f"{count:,} {how}"
+                                  for how, count in steps.items() if count and how != "slot_evictions")
+                                  + (f", [red]{steps['slot_evictions']:,} slot evictions[/]"
+                                     if steps["slot_evictions"] else ", no slot evictions")
+                                  for name, steps in c.tier_steps.items()))
         for c in report.concurrency:
             for failure in sorted(set(c.failures)):
                 console.print(f"[red]{c.streams} streams, pipelining {c.pipeline}: {c.failures.count(failure)} "

@@ -157,6 +157,13 @@ class ScoreJob:
 # in the session's token list until `settle` writes the id, and matches no real token meanwhile.
 UNSETTLED = -1
 
+# How a forward pass ran (`ModelBackend.steps`): `graph`, a captured CUDA graph replayed; `eager`, on
+# a backend that captures none (hf, or any backend on the CPU); `wide`, graphs captured but the step
+# feeds more tokens a row than any of them (a prefill chunk: eager by design); `uncaptured`, a step
+# that would fit a graph but whose shape was not captured (more rows or a longer window than those
+# captured, or cut by the graph memory budget): the eager fallback a GPU deployment should not see.
+STEP_KINDS = ("graph", "eager", "wide", "uncaptured")
+
 
 @dataclass
 class Plan:
@@ -199,6 +206,10 @@ class ModelBackend(abc.ABC):
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
         self.forward_calls = 0
+        self.steps: dict[str, int] = dict.fromkeys(STEP_KINDS, 0)  # forward passes by how they ran
+        # Sessions whose cache was taken for another's (the static backend's slots, all in use):
+        # each recomputes its context on its next call.
+        self.slot_evictions = 0
         self.cache_kwargs = CacheKwargs.of(model)
         # Scoring and releasing exclude each other: a release from another thread waits for the pass
         # in progress (which may be using the session), so it never frees a cache under a forward.
@@ -206,6 +217,10 @@ class ModelBackend(abc.ABC):
         # Held around each forward pass: a lock shared with other processes on the same cores
         # (serving.cpu_turns), or nothing.
         self.pass_guard: AbstractContextManager = nullcontext()
+
+    def _count_step(self, how: str) -> None:
+        self.forward_calls += 1
+        self.steps[how] += 1
 
     # ---- what a backend implements ----
 

@@ -98,15 +98,33 @@ class GraphSet:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[Shape, _Graph] = {}
         self.pool_bytes = 0
+        self.budget_mb = memory_budget_mb
+        self.skipped: list[Shape] = []  # shapes left out by the memory budget
         self._capture_all(planned_shapes(max_rows, capacity), memory_budget_mb * MIB)
 
     def shape_for(self, rows: int, tokens: int, window: int) -> Shape | None:
         """The captured shape a step of this size replays, if any."""
-        r, t, w = bucket(rows, self.rows), bucket(tokens, TOKEN_BUCKETS), bucket(window, self.windows)
+        r, t, w = self.bucketed(rows, tokens, window)
         if r is None or t is None or w is None:
             return None
         shape = Shape(r, t, w)
         return shape if shape in self.graphs else None
+
+    def bucketed(self, rows: int, tokens: int, window: int) -> tuple[int | None, int | None, int | None]:
+        """The buckets a step of this size falls in (None: past the last)."""
+        return bucket(rows, self.rows), bucket(tokens, TOKEN_BUCKETS), bucket(window, self.windows)
+
+    def why_not(self, bucketed: tuple[int | None, int | None, int | None]) -> str:
+        """Why a step in these buckets has no graph (`shape_for` found none)."""
+        rows, tokens, window = bucketed
+        if rows is None:
+            return f"more rows than the {self.rows[-1]} captured: raise static.slots or lower max_batch_size"
+        if tokens is None:
+            return f"more tokens a row than the {TOKEN_BUCKETS[-1]} captured"
+        if window is None:
+            return f"a window past the slots' capacity of {self.windows[-1]}"
+        return (f"shape {Shape(rows, tokens, window)} not captured: {len(self.skipped)} shapes were over the graph "
+                f"memory budget of {self.budget_mb} MiB (static.graph_memory_mb)")
 
     def replay(self, shape: Shape, ids: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
         """Run the captured step on inputs already padded to `shape`; the probabilities
@@ -121,7 +139,7 @@ class GraphSet:
     @torch.no_grad()
     def _capture_all(self, shapes: list[Shape], budget: int) -> None:
         before = torch.cuda.memory_reserved(self.device)
-        skipped: list[Shape] = []
+        skipped = self.skipped
         warmup = torch.cuda.Stream(device=self.device)  # one side stream for every shape's warm-up
         for shape in shapes:
             if torch.cuda.memory_reserved(self.device) - before > budget:

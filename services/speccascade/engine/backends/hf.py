@@ -112,7 +112,7 @@ class HFBackend(ModelBackend):
                 use_cache=True, logits_to_keep=logits_to_keep(len(plan.new_tokens), plan.rows_needed, self.device),
                 **self.cache_kwargs(plan.session.cache),
             )
-            self.forward_calls += 1
+            self._count_step("eager")
             return [self.probabilities(out.logits[0, -plan.rows_needed:])]
         return self._forward_padded(plans, ids)
 
@@ -143,7 +143,7 @@ class HFBackend(ModelBackend):
             logits_to_keep=logits_to_keep(n_max, logits_needed, self.device),
             **self.cache_kwargs(batch.cache),
         )
-        self.forward_calls += 1
+        self._count_step("eager")
         batch.mask = attention_mask  # the pass appended its tokens to every row of the batch's cache
         return [self.probabilities(out.logits[row, -plan.rows_needed:]) for row, plan in enumerate(plans)]
 

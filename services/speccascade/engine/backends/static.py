@@ -28,12 +28,16 @@ once (after the pass in progress, if one is running on another thread).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from ...config.app import STATIC_DEFAULT_MAX_LEN
 from .base import BackendSession, ModelBackend, Plan, logits_to_keep
-from .graphs import GraphSet
+from .graphs import TOKEN_BUCKETS, GraphSet, Shape
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN = 0  # any valid id: padding writes to the scratch position and its outputs are discarded
 DEFAULT_GRAPH_MEMORY_MB = 2048
@@ -123,6 +127,7 @@ class StaticBackend(ModelBackend):
         self._owners: list[StaticSession | None] = [None] * self.slots
         self._layer_types = sorted(layer_types)
         self.graphs: GraphSet | None = None
+        self._uncaptured_seen: set = set()  # step sizes whose eager fallback was logged
         if cuda_graphs and self.device.type == "cuda" and self._single_device(model):
             self.graphs = GraphSet(self._graph_step, device=self.device, max_rows=min(max_batch or self.slots, self.slots),
                                    capacity=self.max_len, vocab=self.vocab_size, scratch=self._scratch,
@@ -172,6 +177,11 @@ class StaticBackend(ModelBackend):
             if None not in self._owners:
                 victim = min((s for s in self._owners if id(s) not in in_batch), key=lambda s: s.last_used)
                 self._free(victim)  # it recomputes on its next call
+                self.slot_evictions += 1
+                if self.slot_evictions == 1:
+                    log.warning("static backend %r: all %d slots in use, a session lost its slot and recomputes "
+                                "its context on its next call (raise static.slots; later evictions are counted, "
+                                "not logged)", self.name, self.slots)
             slot = self._owners.index(None)
             self._owners[slot] = session
             session.slot = slot
@@ -199,6 +209,7 @@ class StaticBackend(ModelBackend):
         n = max(len(plan.new_tokens) for plan in batch)
         longest = max(plan.session.cached_length + len(plan.new_tokens) for plan in batch)
         shape = self.graphs.shape_for(len(batch), n, longest) if self.graphs else None
+        self._count_step(self._how(shape, len(batch), n, longest))
         rows, width, window = (shape.rows, shape.tokens, shape.window) if shape else (len(batch), n, longest)
 
         host_ids = torch.full((rows, width), PAD_TOKEN, dtype=torch.long)
@@ -222,11 +233,26 @@ class StaticBackend(ModelBackend):
             keep = max(plan.rows_needed for plan in batch)
             probs = self._step(step_ids, positions.to(self.device), None if contiguous else slot_index.to(self.device),
                                window, keep)  # [rows, keep, V]
-        self.forward_calls += 1
         results: list[Tensor | None] = [None] * len(plans)
         for row, (index, plan) in enumerate(zip(order, batch)):
             results[index] = probs[row, probs.shape[1] - plan.rows_needed:].clone()
         return results  # type: ignore[return-value]
+
+    def _how(self, shape: Shape | None, rows: int, tokens: int, window: int) -> str:
+        """How a step of this size runs (`base.STEP_KINDS`); the first uncaptured step of each size
+        is logged with what would have captured it."""
+        if self.graphs is None:
+            return "eager"
+        if shape is not None:
+            return "graph"
+        if tokens > TOKEN_BUCKETS[-1]:
+            return "wide"
+        missed = self.graphs.bucketed(rows, tokens, window)
+        if missed not in self._uncaptured_seen:
+            self._uncaptured_seen.add(missed)
+            log.warning("static backend %r: a step of %d rows x %d tokens over %d keys has no captured CUDA graph "
+                        "and runs eagerly (%s)", self.name, rows, tokens, window, self.graphs.why_not(missed))
+        return "uncaptured"
 
     def _step(self, ids: Tensor, positions: Tensor, slots: Tensor | None, window: int, keep: int) -> Tensor:
         """[rows, keep, V] probabilities of the last `keep` positions of each row (`slots`: each
