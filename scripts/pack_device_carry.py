@@ -6,10 +6,8 @@ enough to travel with the working tree (the device tool carries at most 64 MiB i
     python scripts/pack_device_carry.py                  # .device/serving.tar.xz for Python 3.12, x86_64
     python scripts/pack_device_carry.py --python 3.11    # for this machine's Python (to try it here)
 
-On the device (docs/gpu.md):
-
-    mkdir -p /tmp/sc && tar -xJf .device/serving.tar.xz -C /tmp/sc
-    PYTHONPATH=services:/tmp/sc/site python3 -m speccascade.cli bench serve ... --tokenizer /tmp/sc/tokenizer
+On the device (docs/gpu.md), carrying .device: `bash scripts/device_bench.sh`, which unpacks it and
+runs `bench serve` with `PYTHONPATH=services:<unpacked>/site` and `--tokenizer <unpacked>/tokenizer`.
 
 Ray's wheel for CPython 3.12 is about 79 MB; most of it is what serving does not use: the Java
 worker's jars (31 MB), the dashboard's built web client, and the libraries for training, tuning,
