@@ -52,6 +52,12 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
         assert all(0 < a["busy_share"] < 1 and a["turn_gathers"] >= 0 and a["turn_gather_ms"] >= 0
                    for a in c["tier_activity"].values())
     assert "passes ran Drafter" in done.stdout
+    # How every pass ran: on the CPU all eager (no graphs), and sessions kept their slots.
+    for c in report["concurrency"]:
+        for steps in c["tier_steps"].values():
+            assert steps["eager"] > 0 and steps["graph"] == steps["wide"] == steps["uncaptured"] == 0
+            assert steps["slot_evictions"] == 0
+    assert "forward passes Drafter" in done.stdout and "no slot evictions" in done.stdout
     # Where the rounds' time went, from the requests' own stats: the served rounds spent time in Ray
     # and in the tiers' batchers, the in-process ones in neither.
     served, local = report["breakdown_ms_per_round"]["served"], report["breakdown_ms_per_round"]["in-process"]
@@ -106,3 +112,17 @@ def test_a_stopped_bench_serve_still_reports_what_it_measured(tmp_path, monkeypa
     printed = capsys.readouterr()
     assert "stopped before the end" in printed.err
     assert "3/4" in printed.out and "1 failed with UNAVAILABLE" in printed.out
+
+
+def test_the_device_script_refuses_what_it_cannot_run(tmp_path):
+    """`scripts/device_bench.sh` (one call on a lent GPU) stops at once, saying why, on an unknown
+    argument or without its carry, and says so in the log it brings back."""
+    script = Path(__file__).parents[2] / "scripts" / "device_bench.sh"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "CARRY": str(tmp_path / "missing.tar.xz"),
+           "PYTHON": sys.executable, "SITE": str(tmp_path / "site")}
+    wrong = subprocess.run(["bash", str(script), "--gpu"], env=env, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "usage:" in wrong.stderr
+    missing = subprocess.run(["bash", str(script), "--tiny"], env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1
+    log = (tmp_path / "out" / "log").read_text()
+    assert "environment (tiny)" in log and f"no {tmp_path / 'missing.tar.xz'}: pack it first" in log
