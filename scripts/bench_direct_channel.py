@@ -6,6 +6,9 @@ other tier's pass). Interleaved call by call (A, B, A, B ...), so the machine's 
     .venv/bin/python scripts/bench_direct_channel.py --calls 300 --pause-ms 15
 
 Prints each channel's round-trip time (median, p10, p90) and the per-call ratio with its spread.
+`--beside-mib 4` times the same small calls while another task keeps a call of that many MiB each
+way in flight on the same channel (sessions whose rounds carry whole float rows): what a small call
+waits behind a large one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from speccascade.serving.direct import DirectChannels, DirectServer
 from speccascade.serving.wire import GRPC_MESSAGE_BYTES
 
 GRPC_METHOD = "/bench.Echo/echo"
+LIMITS = [("grpc.max_send_message_length", GRPC_MESSAGE_BYTES), ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES)]
 
 
 class Echo:
@@ -34,7 +38,7 @@ async def _serve(ready) -> None:
     async def echo(request: bytes, context) -> bytes:
         return pickle.dumps(pickle.loads(request), protocol=pickle.HIGHEST_PROTOCOL)
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=LIMITS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "bench.Echo", {"echo": grpc.unary_unary_rpc_method_handler(echo)}),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -48,21 +52,38 @@ def _server_process(ready) -> None:
     asyncio.run(_serve(ready))
 
 
-async def _measure(grpc_address: str, endpoint, calls: int, pause_s: float) -> dict[str, list[float]]:
+async def _measure(grpc_address: str, endpoint, calls: int, pause_s: float,
+                   beside_bytes: int) -> dict[str, list[float]]:
     payload = {"tokens": np.arange(8, dtype=np.int64), "position": 123, "session": "bench"}
+    large = {"rows": np.ones(beside_bytes // 4, dtype=np.float32)}
     channels = DirectChannels(message_bytes=GRPC_MESSAGE_BYTES)
     times: dict[str, list[float]] = {"grpc.aio": [], "direct": []}
-    async with grpc.aio.insecure_channel(grpc_address) as channel:
+    async with grpc.aio.insecure_channel(grpc_address, options=LIMITS) as channel:
         stub = channel.unary_unary(GRPC_METHOD)
-        for call in range(calls + 10):  # the first 10 of each warm up
+
+        async def call(name: str, value) -> None:
+            if name == "direct":
+                await channels.call(endpoint, "verify", value)
+            else:
+                pickle.loads(await stub(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
+
+        async def beside(name: str, stop: asyncio.Event) -> None:  # a large call in flight until stopped
+            while not stop.is_set():
+                await call(name, large)
+
+        for index in range(calls + 10):  # the first 10 of each warm up
             for name in times:
+                stop = asyncio.Event()
+                load = asyncio.create_task(beside(name, stop)) if beside_bytes else None
+                if load is not None:
+                    await asyncio.sleep(pause_s)  # the large call under way
                 started = time.perf_counter()
-                if name == "direct":
-                    await channels.call(endpoint, "verify", payload)
-                else:
-                    pickle.loads(await stub(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)))
-                if call >= 10:
+                await call(name, payload)
+                if index >= 10:
                     times[name].append((time.perf_counter() - started) * 1e3)
+                if load is not None:  # its call finishes: nothing of it left to weigh on the next channel
+                    stop.set()
+                    await load
                 await asyncio.sleep(pause_s)
     await channels.close()
     return times
@@ -72,15 +93,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300, help="calls per channel (default 300)")
     parser.add_argument("--pause-ms", type=float, default=15.0, help="pause after each call (default 15 ms)")
+    parser.add_argument("--beside-mib", type=float, default=0.0,
+                        help="keep a call of this many MiB each way in flight beside the timed ones (default none)")
     args = parser.parse_args()
-    if args.calls < 1 or args.pause_ms < 0:
-        parser.error(f"--calls={args.calls} must be >= 1 and --pause-ms={args.pause_ms} >= 0")
+    if args.calls < 1 or args.pause_ms < 0 or not 0 <= args.beside_mib <= 64:
+        parser.error(f"--calls={args.calls} must be >= 1, --pause-ms={args.pause_ms} >= 0 and "
+                     f"--beside-mib={args.beside_mib} between 0 and 64")
     ready, told = multiprocessing.Pipe()
     server = multiprocessing.get_context("spawn").Process(target=_server_process, args=(told,), daemon=True)
     server.start()
     try:
         grpc_address, endpoint = ready.recv()
-        times = asyncio.run(_measure(grpc_address, endpoint, args.calls, args.pause_ms / 1e3))
+        times = asyncio.run(_measure(grpc_address, endpoint, args.calls, args.pause_ms / 1e3,
+                                     int(args.beside_mib * (1 << 20))))
     finally:
         server.terminate()
         server.join()

@@ -24,7 +24,7 @@ from speccascade.serving.wire import Endpoint
 
 MESSAGE_BYTES = 64 * 2**20
 HEADER = struct.Struct("!IBQ")  # the frame header as the module documents it: payload bytes, kind, call id
-CALL, ERROR, REFUSED = 1, 4, 7
+CALL, RESULT, ERROR, REFUSED = 1, 3, 4, 7
 
 
 class StandInTier:
@@ -134,6 +134,59 @@ def test_large_messages_travel_both_ways():
         return await channels.call(endpoint, "verify", rows)
 
     np.testing.assert_array_equal(scenario(body), rows * 2)
+
+
+def test_a_short_call_overtakes_a_long_message_on_the_same_connection():
+    """Sessions sampling with whole float rows send megabytes a round: a greedy session's call made
+    meanwhile on the same connection goes out between the long message's pieces, and its answer
+    comes back before the long call's (frames in order, it would wait for the whole of it)."""
+    rows = np.ones(8 * 2**20, dtype=np.float32)  # 32 MiB each way
+
+    async def body(tier, server, channels, endpoint):
+        assert await channels.call(endpoint, "progress") == "moving"  # the connection is open
+        long = asyncio.ensure_future(channels.call(endpoint, "verify", rows))
+        short = asyncio.ensure_future(channels.call(endpoint, "draft", "block"))
+        done, _ = await asyncio.wait((long, short), return_when=asyncio.FIRST_COMPLETED, timeout=60)
+        assert done == {short} and short.result() == {"echo": "block"}
+        np.testing.assert_array_equal(await long, rows * 2)
+
+    scenario(body)
+
+
+def test_long_messages_interleave_arrive_whole_and_a_cancelled_one_is_forgotten_at_both_ends():
+    first, second = (np.full(3 * 2**20, value, dtype=np.float32) for value in (1.0, 2.0))  # 12 MiB each
+
+    async def body(tier, server, channels, endpoint):
+        answers = await asyncio.gather(*(channels.call(endpoint, "verify", rows) for rows in (first, second)))
+        np.testing.assert_array_equal(answers[0], first * 2)
+        np.testing.assert_array_equal(answers[1], second * 2)
+        (link,) = server._links
+        verified = server.calls
+        cancelled = channels.call(endpoint, "verify", np.zeros(12 * 2**20, dtype=np.float32))  # 48 MiB
+        await asyncio.sleep(0.005)  # some of its pieces on their way
+        cancelled.cancel()
+        assert await channels.call(endpoint, "draft", "after") == {"echo": "after"}  # the connection goes on
+        connection = channels._connections[endpoint]
+        assert not connection.pending and not (await connection._opened)._long  # nothing more of it sent
+        assert link.incoming._partial == {}  # and what arrived of it forgotten, never run
+        assert server.calls == verified + 1
+
+    scenario(body)
+
+
+def test_a_call_in_pieces_is_answered():
+    """The wire format of a long message: every piece but the last has the kind's high bit set."""
+    async def body(tier, server, channels, endpoint):
+        pickled = pickle.dumps(("in pieces",))
+        payload = bytes((len("draft"),)) + b"draft" + pickled
+        half = len(payload) // 2
+        frames = (HEADER.pack(half, CALL | 0x80, 9) + payload[:half]
+                  + HEADER.pack(len(payload) - half, CALL, 9) + payload[half:])
+        token = endpoint.token.encode()
+        kind, call_id, answer = await raw_exchange(endpoint, GREETING + bytes((len(token),)) + token, frames)
+        assert (kind, call_id, pickle.loads(answer)) == (RESULT, 9, {"echo": "in pieces"})
+
+    scenario(body)
 
 
 def test_a_call_over_the_channels_bound_goes_through_serve_and_the_connection_stays():
@@ -305,9 +358,11 @@ def test_both_ends_probe_an_idle_connection_so_a_vanished_peer_is_noticed_within
         assert await channels.call(endpoint, "progress") == "moving"
         connection = channels._connections[endpoint]
         (link,) = server._links
-        for writer in (await connection._opened, link.writer):
+        for writer in ((await connection._opened).writer, link.writer):
             sock = writer.get_extra_info("socket")
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            if hasattr(socket, "TCP_NOTSENT_LOWAT"):  # at most about a piece of a long message unsent
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == direct.PIECE_BYTES
             if hasattr(socket, "TCP_KEEPIDLE"):
                 probes = (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
                           sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),

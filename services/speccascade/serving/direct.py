@@ -20,7 +20,11 @@ so every message wakes two threads in the receiving process; on two shared cores
 such idle processes took 1.2-1.6 ms over `grpc.aio` and 0.44-0.75 ms over a plain connection
 (`scripts/bench_direct_channel.py`; BENCHMARKS.md, serving). The channel is therefore a plain TCP
 connection read by the event loop itself, one per router and replica, with many calls in flight on
-it (each frame: `_HEADER`, its payload's length, kind and call id, then the payload).
+it (each frame: `_HEADER`, its payload's length, kind and call id, then the payload). A message over
+`PIECE_BYTES` (a round's whole float rows under unfiltered sampling: megabytes) goes in pieces, one
+piece of each such message in turn, with no more than about a piece unsent in the kernel
+(`TCP_NOTSENT_LOWAT`), so a small call written meanwhile waits behind a piece rather than the whole
+message, as HTTP/2 interleaves its frames (`_Outgoing`, `_Incoming`).
 
 The payloads are the same call and reply objects as over Serve (numpy arrays and small dataclasses),
 pickled: the channel runs between the application's own processes inside the Ray cluster. Each
@@ -44,6 +48,7 @@ import pickle
 import secrets
 import socket
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,7 +74,12 @@ KEEPALIVE_PROBES = 3
 # A connection opens with GREETING, one byte of token length and the token; then frames both ways.
 GREETING = b"speccascade-direct/1\n"
 MAX_TOKEN_BYTES = 255
-_HEADER = struct.Struct("!IBQ")  # payload bytes, kind, call id
+_HEADER = struct.Struct("!IBQ")  # payload bytes, kind (| _MORE), call id
+_MORE = 0x80  # on a frame's kind: a piece of a long message, more of which follows
+# A longer message goes in pieces of this size, interleaved with other messages' frames; the kernel
+# holds at most about this much of a connection's data unsent (TCP_NOTSENT_LOWAT), so a short frame
+# waits behind a few hundred KiB at most (a millisecond or less between processes of one machine).
+PIECE_BYTES = 128 * 1024
 
 
 class _Kind(enum.IntEnum):
@@ -95,27 +105,101 @@ def _dumps(value: Any) -> bytes:
     return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _write(writer: asyncio.StreamWriter, kind: _Kind, call_id: int, payload: bytes = b"") -> None:
-    if not writer.is_closing():
-        writer.writelines((_HEADER.pack(len(payload), kind, call_id), payload))
+class _Outgoing:
+    """Frames to one peer. A message of at most `PIECE_BYTES` is written at once (before the
+    caller's next await); a longer one in pieces, its first at once when no other long message is
+    under way, the rest one piece of each long message in turn, each once the connection has taken
+    the previous one (`drain`): the transport then never holds more than about a piece, and a short
+    message written meanwhile goes out right after it."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self._long: deque[list] = deque()  # [kind, call id, payload (memoryview), bytes sent]
+        self._pieces: asyncio.Task | None = None
+
+    def send(self, kind: _Kind, call_id: int, payload: bytes = b"") -> None:
+        if self.writer.is_closing():
+            return
+        if len(payload) <= PIECE_BYTES:
+            self.writer.writelines((_HEADER.pack(len(payload), kind, call_id), payload))
+            return
+        message = [kind, call_id, memoryview(payload), 0]
+        if not self._long:
+            self._send_piece(message)
+        self._long.append(message)
+        if self._pieces is None or self._pieces.done():
+            self._pieces = asyncio.get_running_loop().create_task(self._send_pieces())
+
+    def drop(self, call_id: int) -> None:
+        """Send no more of a call's long message (its caller stopped waiting; a CANCEL frame tells
+        the peer to forget the pieces it has)."""
+        self._long = deque(message for message in self._long if message[1] != call_id)
+
+    def _send_piece(self, message: list) -> None:
+        kind, call_id, payload, sent = message
+        piece = payload[sent:sent + PIECE_BYTES]
+        message[3] = sent + len(piece)
+        more = _MORE if message[3] < len(payload) else 0
+        self.writer.writelines((_HEADER.pack(len(piece), kind | more, call_id), piece))
+
+    async def _send_pieces(self) -> None:
+        try:
+            while self._long:
+                await self.writer.drain()
+                if not self._long or self.writer.is_closing():
+                    break
+                message = self._long.popleft()
+                self._send_piece(message)
+                if message[3] < len(message[2]):
+                    self._long.append(message)
+        except ConnectionError:
+            pass  # the connection broke: its reader fails the calls on it
+        finally:
+            if self.writer.is_closing():
+                self._long.clear()
 
 
-async def _read(reader: asyncio.StreamReader, limit: int) -> tuple[_Kind, int, bytes]:
-    size, kind, call_id = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-    if size > limit:
-        raise _ProtocolError(f"a frame of {size} bytes, over the channel's bound of {limit}")
-    try:
-        kind = _Kind(kind)
-    except ValueError:
-        raise _ProtocolError(f"a frame of unknown kind {kind}") from None
-    return kind, call_id, await reader.readexactly(size)
+class _Incoming:
+    """Frames from one peer, the pieces of a long message joined (by call id). A CANCEL frame also
+    forgets the pieces of its call's message received so far."""
+
+    def __init__(self, reader: asyncio.StreamReader, limit: int):
+        self.reader = reader
+        self.limit = limit
+        self._partial: dict[int, tuple[_Kind, bytearray]] = {}
+
+    async def next(self) -> tuple[_Kind, int, bytes | bytearray]:
+        while True:
+            size, flags, call_id = _HEADER.unpack(await self.reader.readexactly(_HEADER.size))
+            if size > self.limit:
+                raise _ProtocolError(f"a frame of {size} bytes, over the channel's bound of {self.limit}")
+            try:
+                kind = _Kind(flags & ~_MORE)
+            except ValueError:
+                raise _ProtocolError(f"a frame of unknown kind {flags}") from None
+            payload = await self.reader.readexactly(size)
+            started = self._partial.pop(call_id, None)
+            if kind == _Kind.CANCEL or (started is None and not flags & _MORE):
+                return kind, call_id, payload
+            joined = started[1] if started is not None else bytearray()
+            if started is not None and started[0] != kind:
+                raise _ProtocolError(f"a piece of kind {kind.name} continuing a message of kind {started[0].name}")
+            joined += payload
+            if len(joined) > self.limit:
+                raise _ProtocolError(f"a message of over {self.limit} bytes, the channel's bound")
+            if not flags & _MORE:
+                return kind, call_id, joined
+            self._partial[call_id] = (kind, joined)
 
 
-def _keep_alive(writer: asyncio.StreamWriter) -> None:
-    """Probe the connection while it is idle (`KEEPALIVE_IDLE_S`), where the platform lets us."""
+def _tune(writer: asyncio.StreamWriter) -> None:
+    """Probe the connection while it is idle (`KEEPALIVE_IDLE_S`), and keep at most about a piece
+    unsent in the kernel (`PIECE_BYTES`), where the platform lets us."""
     sock = writer.get_extra_info("socket")
     if sock is None:
         return
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, PIECE_BYTES)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
                           ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
@@ -145,8 +229,13 @@ class Route:
 class _Link:
     """One router connection as the replica sees it: the calls it is answering, by call id."""
 
+    incoming: _Incoming
     writer: asyncio.StreamWriter
     calls: dict[int, asyncio.Task] = field(default_factory=dict)
+    out: _Outgoing = field(init=False)
+
+    def __post_init__(self):
+        self.out = _Outgoing(self.writer)
 
 
 class DirectServer:
@@ -194,18 +283,18 @@ class DirectServer:
         return hmac.compare_digest(token, self._token.encode())
 
     async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = _Link(writer)
+        link = _Link(_Incoming(reader, self.message_bytes), writer)
         self._links.add(link)
-        _keep_alive(writer)  # a router gone without closing: its calls' work is cancelled
+        _tune(writer)  # a router gone without closing: its calls' work is cancelled
         try:
             if not await self._greeted(reader):  # before anything sent on it is unpickled
-                _write(writer, _Kind.REFUSED, 0, "a connection without this replica's token".encode())
+                link.out.send(_Kind.REFUSED, 0, "a connection without this replica's token".encode())
                 return
             loop = asyncio.get_running_loop()
             while True:
-                kind, call_id, payload = await _read(reader, self.message_bytes)
+                kind, call_id, payload = await link.incoming.next()
                 if kind == _Kind.CALL:
-                    task = loop.create_task(self._answer(writer, call_id, payload))
+                    task = loop.create_task(self._answer(link.out, call_id, payload))
                     link.calls[call_id] = task
                     task.add_done_callback(lambda _, call_id=call_id: link.calls.pop(call_id, None))
                 elif kind == _Kind.CANCEL and call_id in link.calls:
@@ -219,37 +308,33 @@ class DirectServer:
             self._links.discard(link)
             writer.close()
 
-    async def _answer(self, writer: asyncio.StreamWriter, call_id: int, payload: bytes) -> None:
+    async def _answer(self, out: _Outgoing, call_id: int, payload: bytes | bytearray) -> None:
         self.calls += 1
         try:
             name = payload[1:1 + payload[0]].decode("ascii", errors="replace")
             method = self.methods.get(name)
             if method is None:
-                _write(writer, _Kind.UNAVAILABLE, call_id, f"this replica has no method {name!r}".encode())
+                out.send(_Kind.UNAVAILABLE, call_id, f"this replica has no method {name!r}".encode())
                 return
-            value = await method(*pickle.loads(payload[1 + payload[0]:]))
+            value = await method(*pickle.loads(memoryview(payload)[1 + payload[0]:]))  # (no copy of a long call)
         except asyncio.CancelledError as cancelled:
             if asyncio.current_task().cancelling():
                 raise  # the caller stopped waiting, or its connection closed
-            _write(writer, _Kind.CANCELLED, call_id, (str(cancelled) or "the tier cancelled the call").encode())
+            out.send(_Kind.CANCELLED, call_id, (str(cancelled) or "the tier cancelled the call").encode())
             return
         except Exception as error:  # the tier's own error (or arguments it could not unpickle), for the caller
-            _write(writer, _Kind.ERROR, call_id, _dumps(_portable(error)))
+            out.send(_Kind.ERROR, call_id, _dumps(_portable(error)))
             return
         try:
             answer = _dumps(value)
         except Exception as error:
-            _write(writer, _Kind.UNAVAILABLE, call_id, f"its answer cannot be pickled ({error!r})".encode())
+            out.send(_Kind.UNAVAILABLE, call_id, f"its answer cannot be pickled ({error!r})".encode())
             return
         if len(answer) > self.message_bytes:
-            _write(writer, _Kind.UNAVAILABLE, call_id,
-                   f"its answer of {len(answer)} bytes is over the channel's bound of {self.message_bytes}".encode())
+            out.send(_Kind.UNAVAILABLE, call_id,
+                     f"its answer of {len(answer)} bytes is over the channel's bound of {self.message_bytes}".encode())
             return
-        _write(writer, _Kind.RESULT, call_id, answer)
-        try:
-            await writer.drain()  # a large answer: wait while the socket's buffer is full
-        except ConnectionError:
-            pass  # the router went away; its connection's end cancels the rest
+        out.send(_Kind.RESULT, call_id, answer)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop listening; give the calls in progress `grace_s` seconds (None: no limit) to be
@@ -318,7 +403,7 @@ class _Connection:
         self._opened = asyncio.get_running_loop().create_task(self._open())
         self._opened.add_done_callback(lambda task: task.cancelled() or task.exception())
 
-    async def _open(self) -> asyncio.StreamWriter:
+    async def _open(self) -> _Outgoing:
         token = self.endpoint.token.encode()
         if len(token) > MAX_TOKEN_BYTES:
             raise ValueError(f"a direct channel token of {len(token)} bytes (at most {MAX_TOKEN_BYTES})")
@@ -329,10 +414,10 @@ class _Connection:
         except (OSError, TimeoutError) as error:
             self._lose(f"unreachable ({error!r})")
             raise self._lost from None
-        _keep_alive(writer)
+        _tune(writer)
         writer.write(GREETING + bytes((len(token),)) + token)
         self._reading = asyncio.get_running_loop().create_task(self._read_forever(reader, writer))
-        return writer
+        return _Outgoing(writer)
 
     def call(self, method: str, args: tuple) -> DirectResponse:
         """The call, in flight. On an open connection it is written at once, before the caller's
@@ -344,9 +429,8 @@ class _Connection:
             return DirectResponse(_raise(error))  # raised where the answer is awaited, as every failure
         opened = self._opened
         if self._lost is None and opened.done() and not opened.cancelled() and opened.exception() is None:
-            writer = opened.result()
-            call_id, answer = self._send(method, payload, writer)
-            response = DirectResponse(self._await_answer(method, call_id, answer, writer))
+            call_id, answer = self._send(method, payload, opened.result())
+            response = DirectResponse(self._await_answer(method, call_id, answer))
             # Cancelled before its task first ran, the coroutine never sees the cancellation.
             response.add_done_callback(lambda task: task.cancelled() and self._abandon(call_id))
             return response
@@ -363,19 +447,19 @@ class _Connection:
 
     async def _call_once_open(self, method: str, payload: bytes) -> Any:
         try:
-            writer = await asyncio.shield(self._opened)
+            out = await asyncio.shield(self._opened)
         except DirectUnavailableError as error:
             raise DirectUnavailableError(f"{method} at {self.endpoint}: {error}") from None
         if self._lost is not None:
             raise DirectUnavailableError(f"{method} at {self.endpoint}: {self._lost}")
-        return await self._await_answer(method, *self._send(method, payload, writer), writer)
+        return await self._await_answer(method, *self._send(method, payload, out))
 
-    def _send(self, method: str, payload: bytes, writer: asyncio.StreamWriter) -> tuple[int, asyncio.Future]:
+    def _send(self, method: str, payload: bytes, out: _Outgoing) -> tuple[int, asyncio.Future]:
         """Write the call now: its id, and the future its answer will resolve."""
         call_id = next(self._ids)
         answer = asyncio.get_running_loop().create_future()
         self.pending[call_id] = (method, answer)
-        _write(writer, _Kind.CALL, call_id, payload)
+        out.send(_Kind.CALL, call_id, payload)
         return call_id, answer
 
     def _abandon(self, call_id: int) -> None:
@@ -383,30 +467,25 @@ class _Connection:
         answer's future too): the tier stops working on it."""
         _, answer = self.pending.pop(call_id, (None, None))
         if answer is not None and (answer.cancelled() or not answer.done()) and self._lost is None:
-            _write(self._opened.result(), _Kind.CANCEL, call_id)
+            out = self._opened.result()
+            out.drop(call_id)  # what of a long call is still to go stays here
+            out.send(_Kind.CANCEL, call_id)
 
-    async def _await_answer(self, method: str, call_id: int, answer: asyncio.Future,
-                            writer: asyncio.StreamWriter) -> Any:
+    async def _await_answer(self, method: str, call_id: int, answer: asyncio.Future) -> Any:
         try:
-            await writer.drain()  # a large call: wait while the socket's buffer is full
-            return await answer
+            return await answer  # (a connection that breaks fails it: `_lose`)
         except asyncio.CancelledError:
             self._abandon(call_id)
             raise
-        except DirectUnavailableError:
-            raise
-        except ConnectionError as error:  # (from `drain`: the connection broke while the call was sent)
-            raise DirectUnavailableError(f"{method} at {self.endpoint}: unreachable ({error!r})") from None
         finally:
             self.pending.pop(call_id, None)
-            if answer.done() and not answer.cancelled():
-                answer.exception()  # retrieved (the caller may have left by `drain`'s error)
 
     async def _read_forever(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reason = "the replica closed the connection"
+        incoming = _Incoming(reader, self.message_bytes)
         try:
             while True:
-                kind, call_id, payload = await _read(reader, self.message_bytes)
+                kind, call_id, payload = await incoming.next()
                 if kind == _Kind.REFUSED:
                     reason = f"refused ({payload.decode(errors='replace')}: the replica there is not the one named)"
                     break
