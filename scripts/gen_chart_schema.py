@@ -8,8 +8,8 @@ The `app` block is the Serve application's `args`: its schema is pydantic's JSON
 constraints), so the chart accepts exactly AppConfig's fields and `helm lint` / `helm install`
 refuse a wrong one with a message naming it. The deferral-aware autoscaling policy's kwargs are
 checked against `speccascade.autoscale.settings.AutoscalingSettings` the same way. The chart-only
-values (worker groups, pods, image, services, metrics, autoscaler, dashboard, helm test) are described below; their
-descriptions are the `# --` comments of values.yaml. Rules that span several fields (min_replicas <= max_replicas, static.slots >=
+values (worker groups, pods, image, services, metrics, network policy, autoscaler, dashboard, helm
+test) are described below; their descriptions are the `# --` comments of values.yaml. Rules that span several fields (min_replicas <= max_replicas, static.slots >=
 max_batch_size, ...) are beyond JSON Schema: AppConfig checks them when Serve builds the app.
 """
 
@@ -197,6 +197,12 @@ def chart_values_schema(deferral_policy_function: str) -> dict:
             "port": port(),
             "podAnnotations": boolean(),
             "serviceMonitor": closed({"enabled": boolean(), "interval": string(), "labels": strings()}),
+        }),
+        "networkPolicy": closed({
+            "enabled": boolean(),
+            "clients": objects(),  # NetworkPolicy `from` peers, passed through with toYaml
+            "metrics": objects(),
+            "operator": objects(),
         }),
         "grafana": closed({
             "dashboard": closed({

@@ -537,6 +537,40 @@ def test_service_monitor_selects_the_metrics_service_which_selects_ray_pods(rend
     assert select_kind(render(), "ServiceMonitor") == []
 
 
+def test_the_network_policy_lets_ray_pods_talk_and_others_reach_only_the_api_metrics_and_operator_ports(render,
+                                                                                                       tmp_path):
+    """Ray pods of the release reach each other on every port (Ray's own traffic, and the tiers'
+    direct channels on ephemeral ports); clients, Prometheus and the KubeRay operator reach only
+    their ports, from the peers the values name (the dashboard also takes Ray jobs: never open)."""
+    operator = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}]
+    clients = [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"networkPolicy": {"enabled": True, "operator": operator, "clients": clients}}))
+    objects = render(values_files=(values,))
+    (policy,) = select_kind(objects, "NetworkPolicy", "networking.k8s.io/v1")
+    kubernetes_validate.validate(policy, KUBERNETES_VERSION, strict=True)
+    spec = policy["spec"]
+    ray_pods = spec["podSelector"]
+    assert ray_pods["matchExpressions"] == [{"key": "ray.io/node-type", "operator": "Exists"}]  # KubeRay's label
+    for template in pod_templates(rayservice_of(objects)):
+        assert ray_pods["matchLabels"].items() <= template["metadata"]["labels"].items()
+    (test_pod,) = [p for p in select_kind(objects, "Pod") if p["metadata"]["labels"].get("app.kubernetes.io/component") == "test"]
+    assert "ray.io/node-type" not in test_pod["metadata"]["labels"]  # a client, not a Ray pod
+    among_themselves, api, metrics, kuberay = spec["ingress"]
+    assert among_themselves == {"from": [{"podSelector": ray_pods}]} and spec["policyTypes"] == ["Ingress"]
+    container_ports = {p["name"]: p["containerPort"] for p in pod_templates(rayservice_of(objects))[0]["spec"]["containers"][0]["ports"]}
+    assert {p["port"] for p in api["ports"]} == {container_ports["grpc"], container_ports["serve"]}
+    assert api["from"] == clients
+    assert [p["port"] for p in metrics["ports"]] == [container_ports["metrics"]] and "from" not in metrics  # any
+    assert {p["port"] for p in kuberay["ports"]} == {container_ports["dashboard"], 52365} and kuberay["from"] == operator
+    assert select_kind(render(), "NetworkPolicy") == []  # off by default
+
+
+def test_a_network_policy_without_the_operators_place_fails(render):
+    with pytest.raises(HelmError, match="networkPolicy.operator must name where the KubeRay operator runs"):
+        render(set_values=["networkPolicy.enabled=true"])
+
+
 # ------------------------------------------------------------------------------------ chart hygiene
 
 def test_one_pod_template_serves_every_group():
