@@ -425,6 +425,8 @@ def test_static_cuda_graphs_equal_eager_on_the_gpu():
         a, b = (backend.score([ScoreJob(ss[i], sequences[i], st) for i, st in zip(batch, starts)])
                 for backend, ss in zip((eager, graphed), sessions))
         assert_same_rows([x.cpu() for x in b], [x.cpu() for x in a])
+    # Every decode step replayed a graph (the first, the prompts' prefill, is wider than any).
+    assert graphed.steps["graph"] >= 5 and graphed.steps["eager"] == graphed.steps["uncaptured"] == 0
 
 
 def test_every_pass_is_counted_by_how_it_ran(runner):

@@ -139,11 +139,10 @@ class GraphSet:
     @torch.no_grad()
     def _capture_all(self, shapes: list[Shape], budget: int) -> None:
         before = torch.cuda.memory_reserved(self.device)
-        skipped = self.skipped
         warmup = torch.cuda.Stream(device=self.device)  # one side stream for every shape's warm-up
         for shape in shapes:
             if torch.cuda.memory_reserved(self.device) - before > budget:
-                skipped.append(shape)
+                self.skipped.append(shape)
                 continue
             self.graphs[shape] = self._capture(shape, warmup)
         torch.cuda.synchronize(self.device)
@@ -152,7 +151,8 @@ class GraphSet:
         log.info("static backend: captured %d CUDA graphs (rows %s x tokens %s x windows %s) in %.0f MiB of pool "
                  "and a %.0f MiB output buffer (budget %.0f MiB)%s", len(self.graphs), list(self.rows),
                  list(TOKEN_BUCKETS), list(self.windows), self.pool_bytes / MIB, out_mib, budget / MIB,
-                 f"; {len(skipped)} shapes over budget run eagerly, the smallest {skipped[0]}" if skipped else "")
+                 f"; {len(self.skipped)} shapes over budget run eagerly, the smallest {self.skipped[0]}" if self.skipped
+                 else "")
 
     def _capture(self, shape: Shape, side: torch.cuda.Stream) -> _Graph:
         # Warm-up and capture write only to the scratch position, so no session's keys change.

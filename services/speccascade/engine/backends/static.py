@@ -240,7 +240,7 @@ class StaticBackend(ModelBackend):
 
     def _how(self, shape: Shape | None, rows: int, tokens: int, window: int) -> str:
         """How a step of this size runs (`base.STEP_KINDS`); the first uncaptured step of each size
-        is logged with what would have captured it."""
+        is logged with the reason."""
         if self.graphs is None:
             return "eager"
         if shape is not None:
