@@ -8,7 +8,8 @@ other tier's pass). Interleaved call by call (A, B, A, B ...), so the machine's 
 Prints each channel's round-trip time (median, p10, p90) and the per-call ratio with its spread.
 `--beside-mib 4` times the same small calls while another task keeps a call of that many MiB each
 way in flight on the same channel (sessions whose rounds carry whole float rows): what a small call
-waits behind a large one.
+waits behind a large one. `--payload-mib 3` times calls that themselves carry that many MiB each
+way (a round's whole float rows) instead of the small ones.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def _server_process(ready) -> None:
 
 
 async def _measure(grpc_address: str, endpoint, calls: int, pause_s: float,
-                   beside_bytes: int) -> dict[str, list[float]]:
-    payload = {"tokens": np.arange(8, dtype=np.int64), "position": 123, "session": "bench"}
+                   beside_bytes: int, payload_bytes: int) -> dict[str, list[float]]:
+    payload = ({"rows": np.ones(payload_bytes // 4, dtype=np.float32)} if payload_bytes else
+               {"tokens": np.arange(8, dtype=np.int64), "position": 123, "session": "bench"})
     large = {"rows": np.ones(beside_bytes // 4, dtype=np.float32)}
     channels = DirectChannels(message_bytes=GRPC_MESSAGE_BYTES)
     times: dict[str, list[float]] = {"grpc.aio": [], "direct": []}
@@ -93,19 +95,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300, help="calls per channel (default 300)")
     parser.add_argument("--pause-ms", type=float, default=15.0, help="pause after each call (default 15 ms)")
+    parser.add_argument("--payload-mib", type=float, default=0.0,
+                        help="time calls carrying this many MiB each way (default: a few small arrays)")
     parser.add_argument("--beside-mib", type=float, default=0.0,
                         help="keep a call of this many MiB each way in flight beside the timed ones (default none)")
     args = parser.parse_args()
-    if args.calls < 1 or args.pause_ms < 0 or not 0 <= args.beside_mib <= 64:
-        parser.error(f"--calls={args.calls} must be >= 1, --pause-ms={args.pause_ms} >= 0 and "
-                     f"--beside-mib={args.beside_mib} between 0 and 64")
+    if args.calls < 1 or args.pause_ms < 0 or not 0 <= args.beside_mib <= 64 or not 0 <= args.payload_mib <= 64:
+        parser.error(f"--calls={args.calls} must be >= 1, --pause-ms={args.pause_ms} >= 0, and "
+                     f"--beside-mib={args.beside_mib} and --payload-mib={args.payload_mib} between 0 and 64")
     ready, told = multiprocessing.Pipe()
     server = multiprocessing.get_context("spawn").Process(target=_server_process, args=(told,), daemon=True)
     server.start()
     try:
         grpc_address, endpoint = ready.recv()
         times = asyncio.run(_measure(grpc_address, endpoint, args.calls, args.pause_ms / 1e3,
-                                     int(args.beside_mib * (1 << 20))))
+                                     int(args.beside_mib * (1 << 20)), int(args.payload_mib * (1 << 20))))
     finally:
         server.terminate()
         server.join()
