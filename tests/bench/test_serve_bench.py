@@ -27,7 +27,8 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     env = child_env(OMP_NUM_THREADS="1")
     out = tmp_path / "serve.json"
     command = [sys.executable, "-m", "speccascade.cli", "bench", "serve", "--drafter", drafter, "--expert", expert,
-               "--dtype", "fp32", "--prompts", "2", "--max-new-tokens", "12", "--streams", "1,2",
+               "--dtype", "fp32", "--prompts", "2", "--sampling", "greedy,unfiltered", "--max-new-tokens", "12",
+               "--streams", "1,2",
                "--load-streams", "2", "--load-requests", "4", "--load-prompt-tokens", "40",
                "--load-max-new-tokens", "8", "--pipeline", "on,off", "--grpc-port", str(free_port()),
                "--http-port", str(free_port()), "--cpu-lock-file", str(tmp_path / "cpu.lock"),
@@ -37,8 +38,10 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     report = json.loads(Path(out).read_text())
     assert report["tiers"].endswith(f"passes take turns on {tmp_path / 'cpu.lock'}; tier calls over direct")
     paired = report["paired"]
-    assert [p["sampling"] for p in paired].count("greedy") == 2 and len(paired) == 4
-    assert all(p["identical"] for p in paired), paired  # fp32: served == in-process, greedy and sampled
+    assert [p["sampling"] for p in paired] == ["greedy", "T=1.0, unfiltered"] * 2
+    # fp32: served == in-process, greedy and sampled (unfiltered: whole rows over the direct channel, in pieces)
+    assert all(p["identical"] for p in paired), paired
+    assert "per-token served / in-process by sampling: greedy" in done.stdout
     assert all(r["token"] > 0 and r["ttft"] > 0 for r in report["paired_ratios"])
     # Page faults per round, of this process in-process and of the tiers served (vocabulary-sized
     # tensors are mapped afresh in the tiers, whose allocator returns large blocks at once).
@@ -72,6 +75,12 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     assert len(report["load"]["ttft_s"]) == 4 and report["load"]["baseline_ttft_s"]
     assert report["wire"]["greedy (ids + max q)"][1] > 0
     assert "identical outputs" in done.stdout + done.stderr
+
+
+def test_an_unknown_sampling_mode_is_refused_naming_the_known_ones():
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown sampling mode.*topk.*greedy, nucleus, unfiltered"):
+        cli._samplings("greedy,topk")
+    assert cli._samplings("unfiltered, greedy") == ["unfiltered", "greedy"]
 
 
 def test_tiers_pinned_to_a_core_each_or_taking_turns():

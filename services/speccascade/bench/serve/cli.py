@@ -2,9 +2,9 @@
 same rule, same requests, in one run.
 
 1. Paired: each request in-process, then served, request by request (in-process, served,
-   in-process, ...; greedy and sampled with a fixed seed), so the machine's drift hits both alike:
-   per-token latency and time to first token served / in-process, with their spread; how many
-   outputs were identical token for token.
+   in-process, ...; in each `--sampling` mode, with a fixed seed), so the machine's drift hits both
+   alike: per-token latency and time to first token served / in-process, with their spread, by
+   sampling mode too; how many outputs were identical token for token.
 2. Where a round's time goes, in-process and served: drafter queueing / forward passes / choosing
    tokens, expert queueing / forward passes / verification, the tier calls (through Serve or the
    direct channel) and (de)serialisation, and the router's loop itself, read from every request's
@@ -43,7 +43,13 @@ from ..workload import TASKS
 from .measure import Breakdown, Concurrency, Load, Paired, PipelinedRequest
 from .report import print_report
 
-PAIRED_SAMPLINGS = {"greedy": dict(temperature=0.0), "T=0.7, top-p 0.95": dict(temperature=0.7, top_p=0.95)}
+# Sampling modes of the paired comparison (`--sampling`): name -> (label, options). `unfiltered` is
+# the OpenAI API's default (temperature 1, no top-p): its rounds carry whole float rows.
+PAIRED_SAMPLINGS = {
+    "greedy": ("greedy", dict(temperature=0.0)),
+    "nucleus": ("T=0.7, top-p 0.95", dict(temperature=0.7, top_p=0.95)),
+    "unfiltered": ("T=1.0, unfiltered", dict(temperature=1.0)),
+}
 # Sampling modes and what the drafter ships for them (engine/blocks.py).
 WIRE_MODES = {
     "greedy (ids + max q)": dict(temperature=0.0),
@@ -187,8 +193,8 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
         return dict(messages=[{"role": "user", "content": task}], **policy, max_new_tokens=n, seed=0, **sampling)
 
     modes = args.pipeline or ["off"]  # served vs in-process compares the serving path itself: no pipelining
-    requests = [(task, label, chat(task, args.max_new_tokens, **sampling))
-                for task in tasks for label, sampling in PAIRED_SAMPLINGS.items()]
+    requests = [(task, PAIRED_SAMPLINGS[name][0], chat(task, args.max_new_tokens, **PAIRED_SAMPLINGS[name][1]))
+                for task in tasks for name in args.sampling]
 
     steps = (0 if args.skip_in_process else len(requests)) + (len(requests) if args.pipeline else 0) + \
         len(args.streams) * len(modes) + (2 if args.load_streams else 0) + 1
@@ -253,6 +259,15 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _samplings(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PAIRED_SAMPLINGS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown sampling mode(s) {', '.join(unknown) or '(none given)'}; "
+                                         f"choose from {', '.join(PAIRED_SAMPLINGS)}")
+    return names
+
+
 def register(benches) -> None:
     from typing import get_args
 
@@ -277,8 +292,11 @@ def register(benches) -> None:
     parser.add_argument("--alpha", type=float, default=0.0)
     parser.add_argument("--block-size", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--prompts", type=int, default=4, help="prompts of the paired comparison (each greedy and "
-                                                              "sampled)")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts of the paired comparison (each in every "
+                                                              "--sampling mode)")
+    parser.add_argument("--sampling", type=_samplings, default=["greedy", "nucleus"],
+                        help=f"sampling modes of the paired comparison, of {', '.join(PAIRED_SAMPLINGS)} "
+                             "(default greedy,nucleus; unfiltered: the OpenAI API's defaults, whole rows on the wire)")
     parser.add_argument("--streams", type=_int_list, default=[1, 8, 32], help="concurrent streams (default 1,8,32)")
     parser.add_argument("--load-streams", type=int, default=0, help="a load of this many concurrent streams")
     parser.add_argument("--load-prompt-tokens", type=int, default=128)

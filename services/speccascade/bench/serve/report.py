@@ -39,6 +39,10 @@ def print_report(report) -> None:
                       f"{spread([p.token_ratio for p in report.paired])} over {len(report.paired)} requests; TTFT "
                       f"{spread([p.ttft_ratio for p in report.paired])}; identical outputs "
                       f"{sum(p.identical for p in report.paired)}/{len(report.paired)}")
+        labels = list(dict.fromkeys(p.sampling for p in report.paired))
+        if len(labels) > 1:
+            console.print("per-token served / in-process by sampling: " + "; ".join(
+                f"{label} {spread([p.token_ratio for p in report.paired if p.sampling == label])}" for label in labels))
         console.print(f"page faults per round: in-process {spread([p.page_faults_per_round[0] for p in report.paired], 0)}"
                       f" (this process), served {spread([p.page_faults_per_round[1] for p in report.paired], 0)} "
                       f"(both tiers' processes)")
