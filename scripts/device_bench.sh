@@ -57,7 +57,7 @@ else
 fi
 step "bench serve ${models[*]}"
 timeout --kill-after=20 "$LIMIT_S" "$PYTHON" -m speccascade.cli bench serve "${models[@]}" \
-    --tokenizer "$SITE/tokenizer" --prompts 2 --json "$OUT/serve.json"
+    --tokenizer "$SITE/tokenizer" --prompts 2 --sampling greedy,nucleus,unfiltered --json "$OUT/serve.json"
 status=$?
 step "bench serve exited with $status"
 if [ "$status" -ne 0 ] && [ -d /tmp/ray/session_latest/logs ]; then
