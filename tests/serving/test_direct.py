@@ -19,6 +19,8 @@ from speccascade.serving.direct import (
     DirectChannels,
     DirectServer,
     DirectUnavailableError,
+    _dumps,
+    _loads,
 )
 from speccascade.serving.wire import Endpoint
 
@@ -174,17 +176,31 @@ def test_long_messages_interleave_arrive_whole_and_a_cancelled_one_is_forgotten_
     scenario(body)
 
 
+def test_payloads_carry_array_data_out_of_band_and_arrays_come_back_writable():
+    """A round's whole float rows are not copied into the pickle stream: the payload is the count and
+    sizes of the buffers, the stream, then the arrays' bytes as they are."""
+    rows = np.arange(5 * 1000, dtype=np.float16).reshape(5, 1000)
+    payload = _dumps({"rows": rows, "ids": [1, 2]})
+    assert payload.endswith(rows.tobytes()) and struct.unpack_from("!IQ", payload) == (1, rows.nbytes)
+    back = _loads(payload)
+    np.testing.assert_array_equal(back["rows"], rows)
+    assert back["ids"] == [1, 2] and back["rows"].flags.writeable
+    back["rows"][0, 0] = 7  # the tiers may work on what they receive in place
+    with pytest.raises(pickle.UnpicklingError, match="not a direct channel payload"):
+        _loads(b"\xff\xff\xff\xff")
+
+
 def test_a_call_in_pieces_is_answered():
     """The wire format of a long message: every piece but the last has the kind's high bit set."""
     async def body(tier, server, channels, endpoint):
-        pickled = pickle.dumps(("in pieces",))
+        pickled = _dumps(("in pieces",))
         payload = bytes((len("draft"),)) + b"draft" + pickled
         half = len(payload) // 2
         frames = (HEADER.pack(half, CALL | 0x80, 9) + payload[:half]
                   + HEADER.pack(len(payload) - half, CALL, 9) + payload[half:])
         token = endpoint.token.encode()
         kind, call_id, answer = await raw_exchange(endpoint, GREETING + bytes((len(token),)) + token, frames)
-        assert (kind, call_id, pickle.loads(answer)) == (RESULT, 9, {"echo": "in pieces"})
+        assert (kind, call_id, _loads(answer)) == (RESULT, 9, {"echo": "in pieces"})
 
     scenario(body)
 
@@ -306,13 +322,14 @@ def test_a_connection_without_the_replicas_token_is_refused_before_anything_on_i
             await channels.call(stale, "release", "s1")
         assert stale not in channels._connections
         garbage = call_frame(1, "draft", b"not a pickle")
-        for opening in (b"", GREETING + b"\x05guess", b"GET / HTTP/1.1\r\n\r\n"):
+        token = endpoint.token.encode()
+        older = b"speccascade-direct/1\n" + bytes((len(token),)) + token  # a peer of the earlier wire format
+        for opening in (b"", GREETING + b"\x05guess", b"GET / HTTP/1.1\r\n\r\n", older):
             kind, call_id, _ = await raw_exchange(endpoint, opening, garbage)
             assert (kind, call_id) == (REFUSED, 0)  # not a failed unpickle
         # With the token the payload is unpickled, and the failure to is the answer.
-        token = endpoint.token.encode()
         kind, call_id, answer = await raw_exchange(endpoint, GREETING + bytes((len(token),)) + token, garbage)
-        assert (kind, call_id) == (ERROR, 1) and isinstance(pickle.loads(answer), pickle.UnpicklingError)
+        assert (kind, call_id) == (ERROR, 1) and isinstance(_loads(answer), pickle.UnpicklingError)
         assert tier.released == [] and server.calls == 1
         assert await channels.call(endpoint, "release", "s1") and tier.released == ["s1"]
 

@@ -27,7 +27,7 @@ piece of each such message in turn, with no more than about a piece unsent in th
 message, as HTTP/2 interleaves its frames (`_Outgoing`, `_Incoming`).
 
 The payloads are the same call and reply objects as over Serve (numpy arrays and small dataclasses),
-pickled: the channel runs between the application's own processes inside the Ray cluster. Each
+pickled, arrays' bytes out of band after the pickle stream (`_dumps`): the channel runs between the application's own processes inside the Ray cluster. Each
 replica draws a random token when it opens its channel and tells it only in answers through Serve;
 a connection opens with the token, and one without it is refused before anything sent on it is
 unpickled, so reaching the port is not enough to have the replica unpickle a payload (a replica
@@ -72,7 +72,7 @@ KEEPALIVE_INTERVAL_S = 10
 KEEPALIVE_PROBES = 3
 
 # A connection opens with GREETING, one byte of token length and the token; then frames both ways.
-GREETING = b"speccascade-direct/1\n"
+GREETING = b"speccascade-direct/2\n"  # /2: messages in pieces, buffers out of band (a /1 peer is refused)
 MAX_TOKEN_BYTES = 255
 _HEADER = struct.Struct("!IBQ")  # payload bytes, kind (| _MORE), call id
 _MORE = 0x80  # on a frame's kind: a piece of a long message, more of which follows
@@ -101,8 +101,39 @@ class _ProtocolError(ConnectionError):
     """The peer broke the framing (or is not a direct channel at all)."""
 
 
+_COUNT = struct.Struct("!I")
+
+
 def _dumps(value: Any) -> bytes:
-    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    """`value` pickled with its large contiguous buffers (numpy arrays' data) out of band, after the
+    pickle stream rather than copied into it: the buffer count, each buffer's size, the stream,
+    then the buffers (a round's whole float16 rows: 0.1 ms against 0.9 ms pickled in band)."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    raw = [buffer.raw() for buffer in buffers]
+    return b"".join([_COUNT.pack(len(raw)), struct.pack(f"!{len(raw)}Q", *(r.nbytes for r in raw)), stream, *raw])
+
+
+def _loads(payload: bytes | bytearray | memoryview) -> Any:
+    """What `_dumps` wrote; each out-of-band buffer copied into a bytearray of its own, so arrays
+    come back writable, as pickled in band."""
+    view = memoryview(payload)
+    try:
+        (count,) = _COUNT.unpack_from(view)
+        if count > len(view) // 8:
+            raise struct.error(f"{count} buffers")
+        sizes = struct.unpack_from(f"!{count}Q", view, _COUNT.size)
+    except struct.error as error:
+        raise pickle.UnpicklingError(f"not a direct channel payload ({error})") from None
+    end = len(view) - sum(sizes)
+    start = _COUNT.size + 8 * count
+    if end < start:
+        raise pickle.UnpicklingError(f"a payload of {len(view)} bytes cannot hold buffers of {sum(sizes)}")
+    buffers, at = [], end
+    for size in sizes:
+        buffers.append(bytearray(view[at:at + size]))
+        at += size
+    return pickle.loads(view[start:end], buffers=buffers)
 
 
 class _Outgoing:
@@ -316,7 +347,7 @@ class DirectServer:
             if method is None:
                 out.send(_Kind.UNAVAILABLE, call_id, f"this replica has no method {name!r}".encode())
                 return
-            value = await method(*pickle.loads(memoryview(payload)[1 + payload[0]:]))  # (no copy of a long call)
+            value = await method(*_loads(memoryview(payload)[1 + payload[0]:]))
         except asyncio.CancelledError as cancelled:
             if asyncio.current_task().cancelling():
                 raise  # the caller stopped waiting, or its connection closed
@@ -356,7 +387,7 @@ class DirectServer:
 def _portable(error: Exception) -> Exception:
     """The error itself if it survives pickling, else a RuntimeError naming it."""
     try:
-        pickle.loads(_dumps(error))
+        _loads(_dumps(error))
         return error
     except Exception:
         return RuntimeError(repr(error))
@@ -494,7 +525,7 @@ class _Connection:
                     continue  # a call its caller stopped waiting for
                 if kind in (_Kind.RESULT, _Kind.ERROR):
                     try:
-                        value = pickle.loads(payload)
+                        value = _loads(payload)
                     except Exception as error:  # (a class this process lacks): the call goes through Serve
                         answer.set_exception(DirectUnavailableError(
                             f"{method} at {self.endpoint}: its answer cannot be unpickled here ({error!r})"))
