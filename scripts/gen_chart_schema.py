@@ -9,8 +9,9 @@ constraints), so the chart accepts exactly AppConfig's fields and `helm lint` / 
 refuse a wrong one with a message naming it. The deferral-aware autoscaling policy's kwargs are
 checked against `speccascade.autoscale.settings.AutoscalingSettings` the same way. The chart-only
 values (worker groups, pods, image, services, metrics, network policy, autoscaler, dashboard, helm
-test) are described below; their descriptions are the `# --` comments of values.yaml. Rules that span several fields (min_replicas <= max_replicas, static.slots >=
-max_batch_size, ...) are beyond JSON Schema: AppConfig checks them when Serve builds the app.
+test) are described below; their descriptions are the `# --` comments of values.yaml. Rules that
+span several fields (min_replicas <= max_replicas, static.slots >= max_batch_size, ...) are beyond
+JSON Schema: AppConfig checks them when Serve builds the app.
 """
 
 from __future__ import annotations

@@ -460,16 +460,21 @@ class EagerGraphs:
     memory budget)."""
 
     def __init__(self, backend, *, max_rows: int, captured):
-        from speccascade.engine.backends.graphs import GraphSet, planned_shapes
+        from speccascade.engine.backends.graphs import (
+            TOKEN_BUCKETS,
+            GraphSet,
+            planned_shapes,
+            row_buckets,
+            window_buckets,
+        )
 
         self.graphset = GraphSet.__new__(GraphSet)
-        planned = planned_shapes(max_rows, backend.max_len + 1)
-        rows, windows = (sorted({getattr(s, key) for s in planned}) for key in ("rows", "window"))
-        vars(self.graphset).update(rows=tuple(rows), windows=tuple(windows), budget_mb=1,
+        planned = planned_shapes(max_rows, backend.max_len)  # the rows and windows GraphSet gets from the backend
+        vars(self.graphset).update(rows=row_buckets(max_rows), windows=window_buckets(backend.max_len), budget_mb=1,
                                    graphs={s: None for s in planned if captured(s)},
                                    skipped=[s for s in planned if not captured(s)])
         self.step = backend._graph_step
-        self.out = torch.empty(rows[-1], 17, backend.vocab_size)
+        self.out = torch.empty(self.graphset.rows[-1], TOKEN_BUCKETS[-1], backend.vocab_size)
         self.replayed = []
 
     def __getattr__(self, name):

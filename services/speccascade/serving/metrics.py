@@ -135,6 +135,12 @@ class RouterMetrics:
                 self.output_tokens.inc(value, tags={**tags, "source": source.value})
 
 
+def _grow(counter, now: int, before: int, tags: dict[str, str]) -> None:
+    """Count what a cumulative figure gained since it was last exported."""
+    if now > before:
+        counter.inc(now - before, tags=tags)
+
+
 class TierMetrics:
     def __init__(self, tier: str) -> None:
         self.tags = {"tier": tier}
@@ -183,25 +189,18 @@ class TierMetrics:
         self.cache_bytes.set(stats.nbytes, tags=self.tags)
         last = self._last_cache_stats
         for how, field_name in (("released", "released"), ("reclaimed", "reclaimed"), ("evicted", "evictions")):
-            delta = getattr(stats, field_name) - (getattr(last, field_name) if last else 0)
-            if delta > 0:
-                self.sessions_ended.inc(delta, tags={**self.tags, "how": how})
-        late = stats.late_calls - (last.late_calls if last else 0)
-        if late > 0:
-            self.late_calls.inc(late, tags=self.tags)
+            _grow(self.sessions_ended, getattr(stats, field_name), getattr(last, field_name) if last else 0,
+                  {**self.tags, "how": how})
+        _grow(self.late_calls, stats.late_calls, last.late_calls if last else 0, self.tags)
         self._last_cache_stats = stats
 
     def observe_steps(self, steps: dict[str, int], slot_evictions: int) -> None:
         """Export the backend's cumulative step kinds and slot evictions by what changed since the
         last observation."""
         for how, count in steps.items():
-            delta = count - self._last_steps.get(how, 0)
-            if delta > 0:
-                self.steps.inc(delta, tags={**self.tags, "how": how})
-        self._last_steps = dict(steps)
-        if slot_evictions > self._last_slot_evictions:
-            self.slot_evictions.inc(slot_evictions - self._last_slot_evictions, tags=self.tags)
-        self._last_slot_evictions = slot_evictions
+            _grow(self.steps, count, self._last_steps.get(how, 0), {**self.tags, "how": how})
+        _grow(self.slot_evictions, slot_evictions, self._last_slot_evictions, self.tags)
+        self._last_steps, self._last_slot_evictions = dict(steps), slot_evictions
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         self.busy_seconds += seconds

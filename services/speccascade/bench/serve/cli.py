@@ -193,8 +193,8 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
         return dict(messages=[{"role": "user", "content": task}], **policy, max_new_tokens=n, seed=0, **sampling)
 
     modes = args.pipeline or ["off"]  # served vs in-process compares the serving path itself: no pipelining
-    requests = [(task, PAIRED_SAMPLINGS[name][0], chat(task, args.max_new_tokens, **PAIRED_SAMPLINGS[name][1]))
-                for task in tasks for name in args.sampling]
+    requests = [(task, label, chat(task, args.max_new_tokens, **sampling))
+                for task in tasks for label, sampling in (PAIRED_SAMPLINGS[name] for name in args.sampling)]
 
     steps = (0 if args.skip_in_process else len(requests)) + (len(requests) if args.pipeline else 0) + \
         len(args.streams) * len(modes) + (2 if args.load_streams else 0) + 1
