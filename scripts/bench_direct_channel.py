@@ -9,7 +9,10 @@ Prints each channel's round-trip time (median, p10, p90) and the per-call ratio 
 `--beside-mib 4` times the same small calls while another task keeps a call of that many MiB each
 way in flight on the same channel (sessions whose rounds carry whole float rows): what a small call
 waits behind a large one. `--payload-mib 3` times calls that themselves carry that many MiB each
-way (a round's whole float rows) instead of the small ones.
+way (a round's whole float rows) instead of the small ones. Both processes run as the replicas and
+the router do: their event loops on uvloop (Ray's, where it is installed: it comes with ray[serve];
+`--loop asyncio` for asyncio's own) and their memory from the allocator the deployments preload
+(`--allocator`, default `auto`: tcmalloc; the script starts itself again with it preloaded).
 """
 
 from __future__ import annotations
@@ -17,16 +20,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import pickle
 import statistics
+import sys
 import time
 
 import grpc
 import numpy as np
 from speccascade.serving.direct import DirectChannels, DirectServer
+from speccascade.serving.heap import AUTO_ALLOCATOR, allocator_env, allocator_installed, running_allocator
 from speccascade.serving.wire import GRPC_MESSAGE_BYTES
 
 GRPC_METHOD = "/bench.Echo/echo"
+RESTARTED = "SPECCASCADE_BENCH_RESTARTED"  # set when the script started itself again with an allocator preloaded
 LIMITS = [("grpc.max_send_message_length", GRPC_MESSAGE_BYTES), ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES)]
 
 
@@ -49,8 +56,16 @@ async def _serve(ready) -> None:
     await asyncio.Event().wait()
 
 
-def _server_process(ready) -> None:
-    asyncio.run(_serve(ready))
+def _run(loop: str, coroutine):
+    if loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(coroutine)
+    return asyncio.run(coroutine)
+
+
+def _server_process(ready, loop: str) -> None:
+    _run(loop, _serve(ready))
 
 
 async def _measure(grpc_address: str, endpoint, calls: int, pause_s: float,
@@ -99,17 +114,31 @@ def main() -> None:
                         help="time calls carrying this many MiB each way (default: a few small arrays)")
     parser.add_argument("--beside-mib", type=float, default=0.0,
                         help="keep a call of this many MiB each way in flight beside the timed ones (default none)")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="both processes' event loop (default uvloop, as under Ray)")
+    parser.add_argument("--allocator", choices=("auto", "glibc", "jemalloc", "tcmalloc"), default="auto",
+                        help="both processes' allocator, as the deployments' `allocator` (default auto: tcmalloc)")
     args = parser.parse_args()
+    allocator = AUTO_ALLOCATOR if args.allocator == "auto" else args.allocator
+    if running_allocator() != allocator:
+        if allocator != "glibc" and not allocator_installed(allocator):
+            parser.error(f"--allocator={args.allocator}: {allocator} is not installed here (scripts/install_allocators.sh)")
+        if os.environ.get(RESTARTED):
+            parser.error(f"--allocator={args.allocator}: started again with it preloaded and still on {running_allocator()}")
+        # Preloaded only when a process starts: this one starts again with it (and the server inherits it).
+        env = {key: value for key, value in os.environ.items() if key not in ("LD_PRELOAD", "MALLOC_CONF")}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env | allocator_env(allocator) | {RESTARTED: "1"})
+    print(f"event loop {args.loop}, {running_allocator()} allocator")
     if args.calls < 1 or args.pause_ms < 0 or not 0 <= args.beside_mib <= 64 or not 0 <= args.payload_mib <= 64:
         parser.error(f"--calls={args.calls} must be >= 1, --pause-ms={args.pause_ms} >= 0, and "
                      f"--beside-mib={args.beside_mib} and --payload-mib={args.payload_mib} between 0 and 64")
     ready, told = multiprocessing.Pipe()
-    server = multiprocessing.get_context("spawn").Process(target=_server_process, args=(told,), daemon=True)
+    server = multiprocessing.get_context("spawn").Process(target=_server_process, args=(told, args.loop), daemon=True)
     server.start()
     try:
         grpc_address, endpoint = ready.recv()
-        times = asyncio.run(_measure(grpc_address, endpoint, args.calls, args.pause_ms / 1e3,
-                                     int(args.beside_mib * (1 << 20)), int(args.payload_mib * (1 << 20))))
+        times = _run(args.loop, _measure(grpc_address, endpoint, args.calls, args.pause_ms / 1e3,
+                                int(args.beside_mib * (1 << 20)), int(args.payload_mib * (1 << 20))))
     finally:
         server.terminate()
         server.join()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import random
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -20,12 +22,20 @@ from speccascade.serving.direct import (
     DirectServer,
     DirectUnavailableError,
     _dumps,
+    _Frames,
     _loads,
 )
 from speccascade.serving.wire import Endpoint
 
+try:
+    import uvloop
+except ImportError:  # (ray[serve] brings it, with uvicorn[standard])
+    uvloop = None
+
 MESSAGE_BYTES = 64 * 2**20
-HEADER = struct.Struct("!IBQ")  # the frame header as the module documents it: payload bytes, kind, call id
+LOOPS = {"asyncio": asyncio.run, **({"uvloop": uvloop.run} if uvloop is not None else {})}
+run_loop = asyncio.run  # the event loop a scenario runs on: each test runs on each of LOOPS
+HEADER = struct.Struct("!IBQQ")  # the frame header as the module documents it: payload bytes, kind, call id, message bytes
 CALL, RESULT, ERROR, REFUSED = 1, 3, 4, 7
 
 
@@ -68,6 +78,13 @@ class StandInTier:
         return "moving"
 
 
+@pytest.fixture(autouse=True, params=sorted(LOOPS))
+def on_each_event_loop(request, monkeypatch):
+    """Ray runs the replicas' and the router's event loops on uvloop where it is installed, whose
+    transports call a protocol's buffer methods in their own way; the channel must hold on both."""
+    monkeypatch.setattr(sys.modules[__name__], "run_loop", LOOPS[request.param])
+
+
 def scenario(body, *, tier_class=StandInTier, message_bytes: int = MESSAGE_BYTES):
     """Run `body(tier, server, channels, endpoint)` against a stand-in tier's direct server."""
 
@@ -82,7 +99,7 @@ def scenario(body, *, tier_class=StandInTier, message_bytes: int = MESSAGE_BYTES
             await channels.close()
             await server.stop()
 
-    return asyncio.run(run())
+    return run_loop(run())
 
 
 async def raw_exchange(endpoint: Endpoint, opening: bytes, frame: bytes) -> tuple[int, int, bytes]:
@@ -91,7 +108,8 @@ async def raw_exchange(endpoint: Endpoint, opening: bytes, frame: bytes) -> tupl
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(opening + frame)
-        size, kind, call_id = HEADER.unpack(await asyncio.wait_for(reader.readexactly(HEADER.size), 10))
+        size, kind, call_id, total = HEADER.unpack(await asyncio.wait_for(reader.readexactly(HEADER.size), 10))
+        assert size == total  # (the answers in these tests are short)
         return kind, call_id, await reader.readexactly(size)
     finally:
         writer.close()
@@ -99,7 +117,7 @@ async def raw_exchange(endpoint: Endpoint, opening: bytes, frame: bytes) -> tupl
 
 def call_frame(call_id: int, method: str, pickled: bytes) -> bytes:
     payload = bytes((len(method),)) + method.encode() + pickled
-    return HEADER.pack(len(payload), CALL, call_id) + payload
+    return HEADER.pack(len(payload), CALL, call_id, len(payload)) + payload
 
 
 def test_every_tier_method_answers_over_the_channel_and_the_server_starts_once():
@@ -170,24 +188,36 @@ def test_long_messages_interleave_arrive_whole_and_a_cancelled_one_is_forgotten_
         assert await channels.call(endpoint, "draft", "after") == {"echo": "after"}  # the connection goes on
         connection = channels._connections[endpoint]
         assert not connection.pending and not (await connection._opened)._long  # nothing more of it sent
-        assert link.incoming._partial == {}  # and what arrived of it forgotten, never run
+        assert link.frames._partial == {}  # and what arrived of it forgotten, never run
         assert server.calls == verified + 1
 
     scenario(body)
 
 
 def test_payloads_carry_array_data_out_of_band_and_arrays_come_back_writable():
-    """A round's whole float rows are not copied into the pickle stream: the payload is the count and
-    sizes of the buffers, the stream, then the arrays' bytes as they are."""
+    """A round's whole float rows are not copied into the pickle stream: the payload is the count of
+    the buffers, the stream's size and theirs, the stream, then the arrays' bytes as they are, each
+    aligned from the payload's first byte. Received into a bytearray (a long message), the arrays
+    are built on it where they arrived; from immutable bytes, on a copy."""
     rows = np.arange(5 * 1000, dtype=np.float16).reshape(5, 1000)
-    payload = _dumps({"rows": rows, "ids": [1, 2]})
-    assert payload.endswith(rows.tobytes()) and struct.unpack_from("!IQ", payload) == (1, rows.nbytes)
-    back = _loads(payload)
-    np.testing.assert_array_equal(back["rows"], rows)
-    assert back["ids"] == [1, 2] and back["rows"].flags.writeable
-    back["rows"][0, 0] = 7  # the tiers may work on what they receive in place
+    ids = np.arange(3, dtype=np.int64)
+    prefix = b"\x06verify"
+    payload = _dumps({"rows": rows, "ids": ids, "n": 2}, prefix=prefix)
+    assert payload.startswith(prefix) and payload.endswith(ids.tobytes())
+    count, stream_bytes, *sizes = struct.unpack_from("!IQ2Q", payload, len(prefix))
+    assert (count, sizes) == (2, [rows.nbytes, ids.nbytes])
+    assert payload.index(rows.tobytes()) % 64 == 0 and (len(payload) - ids.nbytes) % 64 == 0
+    for received in (payload, bytearray(payload)):
+        back = _loads(received, len(prefix))
+        np.testing.assert_array_equal(back["rows"], rows)
+        np.testing.assert_array_equal(back["ids"], ids)
+        assert back["n"] == 2 and back["rows"].flags.writeable and back["rows"].flags.aligned
+        assert np.shares_memory(back["rows"], np.frombuffer(received, dtype=np.uint8)) == isinstance(received, bytearray)
+        back["rows"][0, 0] = 7  # the tiers may work on what they receive in place
     with pytest.raises(pickle.UnpicklingError, match="not a direct channel payload"):
         _loads(b"\xff\xff\xff\xff")
+    with pytest.raises(pickle.UnpicklingError, match="ends at"):
+        _loads(payload[:-1], len(prefix))
 
 
 def test_a_call_in_pieces_is_answered():
@@ -196,8 +226,8 @@ def test_a_call_in_pieces_is_answered():
         pickled = _dumps(("in pieces",))
         payload = bytes((len("draft"),)) + b"draft" + pickled
         half = len(payload) // 2
-        frames = (HEADER.pack(half, CALL | 0x80, 9) + payload[:half]
-                  + HEADER.pack(len(payload) - half, CALL, 9) + payload[half:])
+        frames = (HEADER.pack(half, CALL | 0x80, 9, len(payload)) + payload[:half]
+                  + HEADER.pack(len(payload) - half, CALL, 9, len(payload)) + payload[half:])
         token = endpoint.token.encode()
         kind, call_id, answer = await raw_exchange(endpoint, GREETING + bytes((len(token),)) + token, frames)
         assert (kind, call_id, _loads(answer)) == (RESULT, 9, {"echo": "in pieces"})
@@ -323,7 +353,7 @@ def test_a_connection_without_the_replicas_token_is_refused_before_anything_on_i
         assert stale not in channels._connections
         garbage = call_frame(1, "draft", b"not a pickle")
         token = endpoint.token.encode()
-        older = b"speccascade-direct/1\n" + bytes((len(token),)) + token  # a peer of the earlier wire format
+        older = b"speccascade-direct/2\n" + bytes((len(token),)) + token  # a peer of the earlier wire format
         for opening in (b"", GREETING + b"\x05guess", b"GET / HTTP/1.1\r\n\r\n", older):
             kind, call_id, _ = await raw_exchange(endpoint, opening, garbage)
             assert (kind, call_id) == (REFUSED, 0)  # not a failed unpickle
@@ -375,8 +405,8 @@ def test_both_ends_probe_an_idle_connection_so_a_vanished_peer_is_noticed_within
         assert await channels.call(endpoint, "progress") == "moving"
         connection = channels._connections[endpoint]
         (link,) = server._links
-        for writer in ((await connection._opened).writer, link.writer):
-            sock = writer.get_extra_info("socket")
+        for frames in ((await connection._opened).frames, link.frames):
+            sock = frames.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
             if hasattr(socket, "TCP_NOTSENT_LOWAT"):  # at most about a piece of a long message unsent
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == direct.PIECE_BYTES
@@ -417,3 +447,112 @@ def test_on_an_open_connection_a_call_is_written_before_the_caller_next_waits_an
         assert await channels.call(endpoint, "progress") == "moving"
 
     scenario(body)
+
+
+class RecordingTransport:
+    """What `_Frames` needs of a transport, recording what is written and whether it was closed."""
+
+    def __init__(self):
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name):
+        return None
+
+    def write(self, data):
+        self.written += data
+
+    def writelines(self, chunks):
+        for chunk in chunks:
+            self.written += chunk
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        self.closed = True
+
+
+def frames_fed(stream: bytes, reads: list[int], *, limit: int = MESSAGE_BYTES, token: bytes | None = None):
+    """A `_Frames` given `stream` as a socket would, `reads[i]` bytes at most at the i-th read (then
+    whatever its buffer takes): the messages it delivered, its transport, and every buffer it offered
+    straight into a message."""
+    delivered: list[tuple[int, int, bytes | bytearray]] = []
+    frames = _Frames(limit, lambda kind, call_id, payload: delivered.append((kind, call_id, payload)),
+                     lambda error: None, token=token)
+    transport = RecordingTransport()
+
+    async def feed():
+        frames.connection_made(transport)
+        straight_in, at, index = [], 0, 0
+        while at < len(stream) and not transport.closed:
+            buffer = frames.get_buffer(-1)
+            assert len(buffer) > 0
+            if frames._into is not None:
+                straight_in.append(buffer)
+            size = min(len(buffer), reads[index % len(reads)], len(stream) - at)
+            buffer[:size] = stream[at:at + size]
+            at += size
+            index += 1
+            frames.buffer_updated(size)
+        frames.connection_lost(None)
+        return delivered, transport, straight_in
+
+    return run_loop(feed())
+
+
+def frame(kind: int, call_id: int, payload: bytes, *, total: int | None = None, more: bool = False) -> bytes:
+    return HEADER.pack(len(payload), kind | (0x80 if more else 0), call_id,
+                       len(payload) if total is None else total) + payload
+
+
+def test_frames_arrive_whole_however_the_socket_splits_them_and_long_ones_straight_into_their_buffer():
+    """Short frames are cut out of the scratch buffer, many a read; a long message's bytes go from
+    the socket into the one buffer the message is delivered in, with short frames of other calls
+    between its pieces. Reads that split headers, odd sizes and reads far larger than a frame all
+    give the same messages."""
+    rng = random.Random(7)
+    long_message = rng.randbytes(700 * 1024)
+    first, second = long_message[:300 * 1024], long_message[300 * 1024:]
+    shorts = [rng.randbytes(size) for size in (0, 1, 40, 64 * 1024, 64 * 1024 + 1, 200 * 1024)]
+    stream = (frame(CALL, 5, first, total=len(long_message), more=True)
+              + b"".join(frame(CALL, 10 + index, short) for index, short in enumerate(shorts))
+              + frame(CALL, 5, second, total=len(long_message)) + frame(2, 5, b""))  # then cancel it
+    expected = [(CALL, 10 + index, short) for index, short in enumerate(shorts)] + [(CALL, 5, long_message), (2, 5, b"")]
+    for reads in ([7, 4093, 13], [HEADER.size + 3, 100_000], [2**22]):
+        delivered, transport, straight_in = frames_fed(stream, reads)
+        assert [(kind, call_id, bytes(payload)) for kind, call_id, payload in delivered] == expected, reads
+        assert not transport.closed
+        long_delivered = delivered[len(shorts)][2]
+        assert any(buffer.obj is long_delivered for buffer in straight_in), "the long message was gathered, not read into place"
+    delivered, _, _ = frames_fed(stream[:HEADER.size + 1000], [1])  # a header a byte at a time; half a piece
+    assert delivered == []
+
+
+@pytest.mark.parametrize(("stream", "why"), [
+    (frame(CALL, 1, b"x" * 10, total=20), "a piece of 10 bytes at 0 of a 20-byte message, nothing more to follow"),
+    (frame(CALL, 1, b"x" * 20, total=20, more=True), "more to follow"),
+    (frame(CALL, 1, b"x" * 10, total=30, more=True) + frame(RESULT, 1, b"y" * 20, total=30), "continuing a CALL message"),
+    (frame(CALL, 1, b"x" * 10, total=30, more=True) + frame(CALL, 1, b"y" * 20, total=40), "of 40 bytes continuing"),
+    (frame(CALL, 1, b"", total=2**30), "over the channel's bound"),
+    (frame(0x7F, 1, b"x"), "unknown kind"),
+    (frame(2, 1, b"x"), "a cancel frame of 1 bytes"),
+])
+def test_a_stream_that_breaks_the_framing_closes_the_connection_before_anything_of_it_is_delivered(stream, why, caplog):
+    delivered, transport, _ = frames_fed(stream + frame(CALL, 2, b"after"), [4096], limit=2**20)
+    assert transport.closed and delivered == []
+    assert why in caplog.text
+
+
+def test_a_replica_end_takes_frames_only_after_the_greeting_and_refuses_at_the_first_wrong_byte():
+    token = b"t0ken"
+    greeting = GREETING + bytes((len(token),)) + token
+    delivered, transport, _ = frames_fed(greeting + frame(CALL, 3, b"call"), [5], token=token)
+    assert delivered == [(CALL, 3, b"call")] and not transport.closed
+    for opening in (b"X", GREETING[:-1] + b"X", GREETING + b"\x05t0kex", b"speccascade-direct/2\n" + b"\x05" + token):
+        delivered, transport, _ = frames_fed(opening + frame(CALL, 3, b"call"), [3], token=token)
+        assert delivered == [] and transport.closed
+        size, kind, call_id, _ = HEADER.unpack_from(transport.written)
+        assert (kind, call_id) == (REFUSED, 0)
+    delivered, transport, _ = frames_fed(GREETING[:10], [4], token=token)  # a partial greeting waits
+    assert delivered == [] and not transport.closed and transport.written == b""
