@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ...commands.serve import non_negative_int, positive_int
 from .measure import Report, backend_options, measure_loops, measure_reference, measure_steps, run_reference_only
 from .report import check_targets, print_report
 from .steps import SHAPES, build_model
@@ -58,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
                     backends = {kind: backend_class(kind)(model, name=spec, **backend_options(kind, args))
                                 for kind in ("hf", "static")}
                     measure_steps(spec, model, backends, args, report, progress)
-                    measure_loops(spec, model, backends, args, report, progress)
+                    if args.loop_rounds:
+                        measure_loops(spec, model, backends, args, report, progress)
+                    else:
+                        progress.update(len(backends))
                 finally:
                     backends = model = None
                 if device.type == "cuda":
@@ -75,8 +79,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _positive_int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {text!r}")
+    return values
 
 
 def register(benches) -> None:
@@ -95,11 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert", help="expert: a shape or a model source (default qwen2.5-7b)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="bf16", choices=DTYPE_NAMES)
-    parser.add_argument("--gamma", type=int, default=5, help="block size: verify steps score gamma + 1 tokens")
-    parser.add_argument("--contexts", type=_int_list, help="contexts in tokens (default 512,2048)")
-    parser.add_argument("--batches", type=_int_list, help="batch sizes (default 1,8)")
-    parser.add_argument("--reps", type=int, default=30, help="timed steps per shape and implementation")
-    parser.add_argument("--loop-rounds", type=int, default=24, help="timed rounds of the loop per backend")
+    parser.add_argument("--gamma", type=positive_int, default=5, help="block size: verify steps score gamma + 1 tokens")
+    parser.add_argument("--contexts", type=_positive_int_list, help="contexts in tokens (default 512,2048)")
+    parser.add_argument("--batches", type=_positive_int_list, help="batch sizes (default 1,8)")
+    parser.add_argument("--reps", type=positive_int, default=30, help="timed steps per shape and implementation")
+    parser.add_argument("--loop-rounds", type=non_negative_int, default=24,
+                        help="timed rounds of the loop per backend (0: the per-step figures only)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on small contexts: seconds on a CPU")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
