@@ -36,6 +36,45 @@ def test_sample_is_reproducible_per_generator():
     b = sample(probs, torch.Generator().manual_seed(3), greedy=False)
     assert torch.equal(a, b)
     assert a.shape == (100,)
+    assert sample(probs.view(4, 25, 50), torch.Generator().manual_seed(3), greedy=False).shape == (4, 25)
+
+
+@pytest.mark.parametrize("scale", [1.0, 7.5e-3], ids=["normalised", "unnormalised"])
+def test_sample_draws_each_token_by_its_probability_and_never_one_without_mass(scale):
+    """Every row drawn with one uniform of the generator: a chi-square test over many rows of one
+    distribution whose first, middle and last tokens have no mass (an inverse-CDF off by one
+    position draws exactly those)."""
+    from scipy.stats import chisquare
+
+    dist = torch.tensor([0.0, 0.05, 0.3, 0.0, 0.15, 1e-3, 0.2, 0.299, 0.0], dtype=torch.float64)
+    rows = 20_000
+    drawn = sample((dist * scale).float().expand(rows, -1), torch.Generator().manual_seed(11), greedy=False)
+    counts = torch.bincount(drawn, minlength=dist.numel()).double()
+    support = dist > 0
+    assert counts[~support].sum() == 0
+    _, pvalue = chisquare(counts[support].numpy(), (dist[support] / dist[support].sum() * rows).numpy())
+    assert pvalue > 1e-3, counts.tolist()
+    wrong = dist[[0, 2, 1, 3, 4, 5, 6, 7, 8]]  # two tokens' masses swapped: the test can fail
+    _, pvalue = chisquare(counts[support].numpy(), (wrong[support] / wrong[support].sum() * rows).numpy())
+    assert pvalue < 1e-6
+
+
+def test_sample_draws_a_token_of_tiny_mass_at_its_rate_beside_a_large_vocabulary():
+    """A Qwen-sized row: one token of mass 0.5, the rest spread thinly. Half the draws land on it."""
+    vocab = 151_936
+    row = torch.full((vocab,), 0.5 / (vocab - 1))
+    row[vocab // 3] = 0.5
+    drawn = sample(row.expand(4000, -1), torch.Generator().manual_seed(2), greedy=False)
+    share = (drawn == vocab // 3).double().mean().item()
+    assert abs(share - 0.5) < 4 * (0.25 / 4000) ** 0.5
+    assert 0 <= int(drawn.min()) and int(drawn.max()) < vocab
+
+
+@pytest.mark.parametrize("row", [[0.5, float("nan"), 0.5], [0.5, -0.1, 0.6], [0.0, 0.0, 0.0], [0.2, float("inf"), 0.1]],
+                         ids=["nan", "negative", "no-mass", "inf"])
+def test_sample_refuses_a_row_that_is_not_a_distribution(row):
+    with pytest.raises(ValueError, match="NaN, inf or a negative value, or has no mass"):
+        sample(torch.tensor([[0.2, 0.3, 0.5], row]), torch.Generator().manual_seed(0), greedy=False)
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

@@ -73,9 +73,26 @@ def logits_to_probs(logits: Tensor) -> Tensor:
 
 
 def sample(probs: Tensor, generator: torch.Generator | None, *, greedy: bool) -> Tensor:
-    """Draw one token per row of [..., V]; returns [...] int64. Greedy takes the argmax."""
+    """Draw one token per row of [..., V] (probabilities, not necessarily normalised); returns
+    [...] int64. Greedy takes the argmax.
+
+    By the inverse of each row's cumulative distribution: one uniform u per row from `generator`,
+    the token is the first whose cumulative mass (in float64) passes u times the row's mass. A
+    token of zero probability adds no mass, so it is never drawn. `torch.multinomial` draws one
+    exponential variate per vocabulary entry (its one-sample path: argmax of p / Exp(1)), and on
+    the CPU those come one at a time from the generator: 3.2 ms a Qwen-sized row on this project's
+    2-core CPU against 0.2 ms here, paid at every sampled draft step and residual draw. On the CPU
+    an invalid row (NaN, infinite or negative probabilities, or none at all) raises, as
+    multinomial's does; on a GPU that check would cost a host sync per draw, and is not made."""
     if greedy:
         return probs.argmax(dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
-    drawn = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+    cumulative = flat.cumsum(dim=-1, dtype=torch.float64)
+    totals = cumulative[:, -1:]
+    if flat.device.type == "cpu" and not bool(((totals > 0) & totals.isfinite()).all() and (flat >= 0).all()):
+        raise ValueError("sample: a row of probabilities holds NaN, inf or a negative value, or has no mass")
+    # float32 uniforms are below 1 - 2**-24, so u * total stays below the total in float64: the
+    # index found is always a token of the row.
+    uniform = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float32, device=flat.device)
+    drawn = torch.searchsorted(cumulative, uniform.double() * totals, right=True).squeeze(-1)
     return drawn.reshape(probs.shape[:-1])
