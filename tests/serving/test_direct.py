@@ -393,6 +393,39 @@ def test_a_stopping_replica_answers_the_calls_in_progress_within_its_grace():
     scenario(body)
 
 
+def test_a_stopping_replica_drops_a_connection_whose_peer_stopped_reading():
+    """A router that stopped reading (hung, or its node gone quiet) leaves an answer unsent: the
+    replica's connection cannot finish closing, and its shutdown must not wait on it for ever."""
+    import socket
+
+    from speccascade.serving import direct
+
+    async def body(tier, server, channels, endpoint):
+        host, port = endpoint.address.rsplit(":", 1)
+        peer = socket.socket()
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # (Linux grows it to 32 MiB otherwise)
+        peer.connect((host, int(port)))
+        reader, writer = await asyncio.open_connection(sock=peer)  # never read from
+        token = endpoint.token.encode()
+        rows = np.ones(8 * 2**20, dtype=np.float32)  # a 32 MiB answer: more than the kernel holds
+        payload = _dumps((rows,), prefix=b"\x06verify")  # (buffers aligned from the payload's first byte)
+        writer.write(GREETING + bytes((len(token),)) + token + frame(CALL, 1, payload))
+        await writer.drain()
+        async with asyncio.timeout(20):  # answered, and its answer stuck behind the full socket
+            stuck_since = None
+            while stuck_since is None or asyncio.get_running_loop().time() - stuck_since < 0.5:
+                await asyncio.sleep(0.05)
+                stuck = any(link.frames._paused for link in server._links)
+                stuck_since = (stuck_since or asyncio.get_running_loop().time()) if stuck else None
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(server.stop(grace_s=1), 30)
+        assert asyncio.get_running_loop().time() - started < direct.STOP_FLUSH_S + 5
+        assert server._links == set()  # the connection was dropped, not left half closed
+        writer.close()
+
+    scenario(body)
+
+
 def test_both_ends_probe_an_idle_connection_so_a_vanished_peer_is_noticed_within_a_minute():
     """A peer whose node went away never closes its connection: without keepalive probes (Linux's
     default starts them after two hours) the router would keep binding sessions to it, and a replica

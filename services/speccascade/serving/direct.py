@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 METHODS = ("draft", "verify", "release", "progress")
 CONNECT_TIMEOUT_S = 2.0  # a replica's port that does not answer (gone, or closed by a firewall) fails this soon
 GREETING_TIMEOUT_S = 10.0  # a connection that does not open with its greeting within this is closed
+# A stopping replica's connections close once what was written on them has gone out; one whose
+# peer has stopped reading is given this long, then dropped (Python 3.12's Server.wait_closed waits
+# for every connection: a stuck one would hold the replica's shutdown for as long as its peer does).
+STOP_FLUSH_S = 2.0
 UNREACHABLE_COOLDOWN_S = 60.0  # an endpoint found unreachable is not bound to again for this long
 # A peer that vanished without closing its connection (its node lost power, or the network between
 # went down) is noticed by TCP keepalive probes: the first after this many idle seconds, then one
@@ -468,6 +472,7 @@ class _Link:
     def __init__(self, server: DirectServer):
         self.server = server
         self.calls: dict[int, asyncio.Task] = {}
+        self.gone = asyncio.Event()  # the connection has closed
         self.frames = _Frames(server.message_bytes, self._frame, self._closed, token=server._token.encode())
         self.out = self.frames.out
         server._links.add(self)
@@ -487,6 +492,7 @@ class _Link:
         for task in self.calls.values():  # the router went away: nobody reads these answers
             task.cancel()
         self.server._links.discard(self)
+        self.gone.set()
 
 
 class DirectServer:
@@ -559,10 +565,18 @@ class DirectServer:
         running = [task for link in self._links for task in link.calls.values()]
         if running and grace_s != 0:
             await asyncio.wait(running, timeout=grace_s)
-        for link in list(self._links):
+        links = list(self._links)
+        for link in links:
             for task in link.calls.values():
                 task.cancel()
-            link.frames.transport.close()
+            link.frames.transport.close()  # once what is written has gone out
+        if links:
+            _, stuck = await asyncio.wait([asyncio.ensure_future(link.gone.wait()) for link in links],
+                                          timeout=STOP_FLUSH_S)
+            if stuck:  # a peer that stopped reading: what it did not take is dropped
+                for link in self._links:
+                    link.frames.transport.abort()
+                await asyncio.wait([asyncio.ensure_future(link.gone.wait()) for link in links])
         await server.wait_closed()
 
 
