@@ -1,7 +1,7 @@
 import pytest
 import torch
 from scipy.stats import chisquare
-from speccascade.cascade import GREEDY, Rule, SamplingParams, adjust_probs, target_distribution, verify_block
+from speccascade.cascade import GREEDY, Rule, SamplingParams, adjust_probs, sample, target_distribution, verify_block
 from speccascade.cascade.rules import mixture_defers
 
 V = 5
@@ -152,6 +152,51 @@ def test_bonus_comes_from_the_expert_after_a_fully_kept_block():
         assert v.is_bonus and v.num_accepted == 2
         bonus.append(v.next_token)
     assert_follows(torch.tensor(bonus), P[2])
+
+
+def inverse_cdf_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """P(F_a^-1(u) = F_b^-1(u)) for u uniform: the length of the unit interval on which both
+    inverse distribution functions give the same token."""
+    a_cum, b_cum = torch.cumsum(a.double(), 0), torch.cumsum(b.double(), 0)
+    a_lo, b_lo = a_cum - a.double(), b_cum - b.double()
+    return float((torch.minimum(a_cum, b_cum) - torch.maximum(a_lo, b_lo)).clamp(min=0).sum())
+
+
+def test_a_bonus_drawn_with_the_drafters_generator_follows_p_and_meets_the_drafters_guess():
+    """The loop draws the bonus with the generator of the drafter's own token at that position:
+    the bonus still follows p there, and the drafter's guess at it (a pre-draft's first token)
+    equals it on the uniforms where both inverse distribution functions agree, far more often
+    than independent draws would meet."""
+    sampling = SamplingParams(temperature=1.0)
+    q_bonus = soft(1, 2, 4, 4, 4)  # the drafter's distribution at the bonus position, near p's
+    bonus, hits = [], 0
+    for trial in range(TRIALS):
+        verify_gen = torch.Generator().manual_seed(10_000 + trial)
+        draft = torch.multinomial(Q, 1, generator=verify_gen).squeeze(-1)
+        v = verify_block("token", 1.0, draft, Q, P, sampling, verify_gen,  # alpha 1: every draft kept
+                         bonus_generator=torch.Generator().manual_seed(trial))
+        assert v.is_bonus
+        guess = sample(q_bonus, torch.Generator().manual_seed(trial), greedy=False)  # the drafter's draw
+        bonus.append(v.next_token)
+        hits += int(guess) == v.next_token
+    assert_follows(torch.tensor(bonus), P[2])
+    coupled, independent = inverse_cdf_overlap(P[2], q_bonus), float((P[2] * q_bonus).sum())
+    assert abs(hits / TRIALS - coupled) < 4 * (coupled * (1 - coupled) / TRIALS) ** 0.5
+    assert coupled > independent + 0.2
+
+
+def test_a_block_cut_short_draws_its_correction_as_before_and_the_bonus_generator_is_not_read():
+    """Only the bonus takes the drafter's uniform: a corrected token comes from the verify
+    generator after the acceptance uniforms, whatever the bonus generator holds."""
+    sampling = SamplingParams(temperature=1.0)
+    q = torch.stack([one_hot(0) * 0.999 + 0.0002, soft(1, 1, 1, 1, 1)])
+    p = torch.stack([one_hot(3) * 0.999 + 0.0002, soft(1, 1, 1, 1, 1), soft(1, 1, 1, 1, 1)])
+    for seed in range(20):
+        alone = verify_block("lossless", 0.0, torch.tensor([0, 1]), q, p, sampling, torch.Generator().manual_seed(seed))
+        paired = verify_block("lossless", 0.0, torch.tensor([0, 1]), q, p, sampling, torch.Generator().manual_seed(seed),
+                              bonus_generator=torch.Generator().manual_seed(1000 + seed))
+        assert alone.num_accepted == paired.num_accepted == 0  # q's token has almost no mass under p
+        assert alone.next_token == paired.next_token
 
 
 def test_the_statistical_check_detects_a_wrong_distribution():

@@ -89,14 +89,22 @@ def verify_blocks(
     sampling: SamplingParams,
     generators: "Sequence[torch.Generator] | None" = None,  # one per block (sampling only)
     q_sample: Tensor | None = None,  # [G, gamma, V] adjust_probs(q, sampling), if already known
+    bonus_generators: "Sequence[torch.Generator] | None" = None,  # one per block: draws the bonus token
 ) -> BatchVerdict:
     """Speculative sampling of G drafted blocks (one rule, one gamma, one sampling; an alpha per
     block) in one set of tensor operations: each block keeps a prefix of its drafted tokens and
     gets one more token from the expert side.
 
     Each block's draws come from its own generator, in the order a block verified alone draws
-    them (gamma uniforms, then the next token), so a block's verdict does not depend on the
-    others in the batch. Greedy verification is deterministic and draws nothing."""
+    them (gamma uniforms, then the corrected token), so a block's verdict does not depend on the
+    others in the batch. The bonus token (every drafted token kept) is drawn from
+    `bonus_generators` where given, else from `generators` after the uniforms. The decoding loop
+    passes the generator the drafter draws its own token at the bonus position with: both draws
+    take the same uniform (`sample`), so the drafter's guess at the bonus, which a pre-draft builds
+    on, is the bonus itself whenever p's and q's cumulative distributions put that uniform on the
+    same token (always, where they agree), not only by chance. The bonus is still distributed as
+    p: that uniform has decided nothing before (the drafter's token at that position was never
+    drawn into the output). Greedy verification is deterministic and draws nothing."""
     rule = Rule.parse(rule)
     alpha = torch.tensor([validate_alpha(rule, a) for a in alphas], dtype=torch.float64)
     blocks, gamma = draft_tokens.shape
@@ -108,6 +116,9 @@ def verify_blocks(
         )
     if not sampling.is_greedy and (generators is None or len(generators) != blocks):
         raise ValueError(f"sampled verification needs one generator per block ({blocks})")
+    if not sampling.is_greedy and bonus_generators is not None and len(bonus_generators) != blocks:
+        raise ValueError(f"sampled verification takes one bonus generator per block ({blocks}), "
+                         f"got {len(bonus_generators)}")
     q = q.float()
     p = p.float()
     q_sample = adjust_probs(q, sampling) if q_sample is None else q_sample.float()
@@ -132,8 +143,16 @@ def verify_blocks(
         resample_from = torch.where(is_bonus.unsqueeze(-1), resample_from, corrected_from)
     if sampling.is_greedy:
         next_token = resample_from.argmax(dim=-1)
-    else:
+    elif bonus_generators is None:
         next_token = torch.cat([sample(resample_from[i: i + 1], g, greedy=False) for i, g in enumerate(generators)])
+    else:
+        # Both candidates drawn, the verdict picks one on the device (no host sync to choose).
+        bonus = torch.cat([sample(p_sample[i: i + 1, gamma], g, greedy=False) for i, g in enumerate(bonus_generators)])
+        if gamma:
+            corrected = torch.cat([sample(resample_from[i: i + 1], g, greedy=False) for i, g in enumerate(generators)])
+            next_token = torch.where(is_bonus, bonus, corrected)
+        else:
+            next_token = bonus
     return BatchVerdict(num_accepted, next_token, is_bonus, deferred)
 
 
@@ -220,6 +239,7 @@ def verify_block(
     sampling: SamplingParams,
     generator: torch.Generator | None = None,
     q_sample: Tensor | None = None,  # [gamma, V] adjust_probs(q, sampling), if already known
+    bonus_generator: torch.Generator | None = None,
 ) -> BlockVerdict:
     """Accept a prefix of the drafted block and produce one more token from the expert side: one
     block of `verify_blocks`.
@@ -240,6 +260,7 @@ def verify_block(
         rule, [alpha], draft_tokens.unsqueeze(0), q.unsqueeze(0), p.unsqueeze(0), sampling,
         None if sampling.is_greedy else [generator if generator is not None else torch.Generator(p.device)],
         None if q_sample is None else q_sample.unsqueeze(0),
+        None if sampling.is_greedy or bonus_generator is None else [bonus_generator],
     )
     return BlockVerdict(int(verdict.num_accepted[0]), int(verdict.next_token[0]), bool(verdict.is_bonus[0]),
                         verdict.deferred[0])

@@ -263,6 +263,10 @@ def verify_blocks_on(backend: ModelBackend, jobs: Sequence[VerifyJob]) -> tuple[
                 None if sampling.is_greedy else [draw_generator(job.seed, job.start, Purpose.VERIFY, device)
                                                  for job in members],
                 q_sample=torch.stack([q_sample for _, q_sample in dense]),
+                # The bonus at start + gamma takes the uniform the drafter's token there takes:
+                # a pre-draft's guess at it hits whenever p and q draw alike (`verify_blocks`).
+                bonus_generators=None if sampling.is_greedy else [
+                    draw_generator(job.seed, job.start + gamma, Purpose.DRAFT, device) for job in members],
             )
         order += indices
         verdicts.append(torch.stack([verdict.num_accepted, verdict.next_token, verdict.is_bonus.long(),
