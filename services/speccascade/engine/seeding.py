@@ -18,8 +18,8 @@ import torch
 
 
 class Purpose(str, enum.Enum):
-    DRAFT = "draft"  # the drafter's token at a position
-    VERIFY = "verify"  # a verify call starting at a position: acceptance draws, then the next token
+    DRAFT = "draft"  # the drafter's token at a position, and the expert's bonus token there (the same uniform)
+    VERIFY = "verify"  # a verify call starting at a position: acceptance draws, then a corrected token
 
 
 def draw_seed(request_seed: int, position: int, purpose: Purpose) -> int:
