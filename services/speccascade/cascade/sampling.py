@@ -81,7 +81,8 @@ def sample(probs: Tensor, generator: torch.Generator | None, *, greedy: bool) ->
     token of zero probability adds no mass, so it is never drawn. `torch.multinomial` draws one
     exponential variate per vocabulary entry (its one-sample path: argmax of p / Exp(1)), and on
     the CPU those come one at a time from the generator: 3.2 ms a Qwen-sized row on this project's
-    2-core CPU against 0.2 ms here, paid at every sampled draft step and residual draw. On the CPU
+    2-core CPU against 0.3-0.6 ms here with tcmalloc (~1.4 ms on glibc, whose fresh 1.2 MB buffers
+    fault their pages in), paid at every sampled draft step and residual draw. On the CPU
     an invalid row (NaN, infinite or negative probabilities, or none at all) raises, as
     multinomial's does; on a GPU that check would cost a host sync per draw, and is not made."""
     if greedy:
