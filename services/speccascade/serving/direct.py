@@ -576,7 +576,7 @@ class DirectServer:
             if stuck:  # a peer that stopped reading: what it did not take is dropped
                 for link in self._links:
                     link.frames.transport.abort()
-                await asyncio.wait([asyncio.ensure_future(link.gone.wait()) for link in links])
+                await asyncio.wait(stuck)  # the same waits, done once the aborts are taken
         await server.wait_closed()
 
 
