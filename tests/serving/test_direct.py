@@ -115,9 +115,14 @@ async def raw_exchange(endpoint: Endpoint, opening: bytes, frame: bytes) -> tupl
         writer.close()
 
 
+def frame(kind: int, call_id: int, payload: bytes, *, total: int | None = None, more: bool = False) -> bytes:
+    """A frame as the module documents it; `total`: its whole message's length, when it is a piece."""
+    return HEADER.pack(len(payload), kind | (0x80 if more else 0), call_id,
+                       len(payload) if total is None else total) + payload
+
+
 def call_frame(call_id: int, method: str, pickled: bytes) -> bytes:
-    payload = bytes((len(method),)) + method.encode() + pickled
-    return HEADER.pack(len(payload), CALL, call_id, len(payload)) + payload
+    return frame(CALL, call_id, bytes((len(method),)) + method.encode() + pickled)
 
 
 def test_every_tier_method_answers_over_the_channel_and_the_server_starts_once():
@@ -226,8 +231,8 @@ def test_a_call_in_pieces_is_answered():
         pickled = _dumps(("in pieces",))
         payload = bytes((len("draft"),)) + b"draft" + pickled
         half = len(payload) // 2
-        frames = (HEADER.pack(half, CALL | 0x80, 9, len(payload)) + payload[:half]
-                  + HEADER.pack(len(payload) - half, CALL, 9, len(payload)) + payload[half:])
+        frames = (frame(CALL, 9, payload[:half], total=len(payload), more=True)
+                  + frame(CALL, 9, payload[half:], total=len(payload)))
         token = endpoint.token.encode()
         kind, call_id, answer = await raw_exchange(endpoint, GREETING + bytes((len(token),)) + token, frames)
         assert (kind, call_id, _loads(answer)) == (RESULT, 9, {"echo": "in pieces"})
@@ -532,11 +537,6 @@ def frames_fed(stream: bytes, reads: list[int], *, limit: int = MESSAGE_BYTES, t
         return delivered, transport, straight_in
 
     return run_loop(feed())
-
-
-def frame(kind: int, call_id: int, payload: bytes, *, total: int | None = None, more: bool = False) -> bytes:
-    return HEADER.pack(len(payload), kind | (0x80 if more else 0), call_id,
-                       len(payload) if total is None else total) + payload
 
 
 def test_frames_arrive_whole_however_the_socket_splits_them_and_long_ones_straight_into_their_buffer():

@@ -149,6 +149,7 @@ def verify_blocks(
         # Both candidates drawn, the verdict picks one on the device (no host sync to choose).
         bonus = torch.cat([sample(p_sample[i: i + 1, gamma], g, greedy=False) for i, g in enumerate(bonus_generators)])
         if gamma:
+            # From resample_from, not corrected_from: a kept block's residual row may have no mass.
             corrected = torch.cat([sample(resample_from[i: i + 1], g, greedy=False) for i, g in enumerate(generators)])
             next_token = torch.where(is_bonus, bonus, corrected)
         else:
