@@ -10,6 +10,17 @@ in every layer: for Qwen2.5-1.5B (6 query heads per key/value head), 8 rows, ~25
 as they are (`enable_gqa`), masked or not, with results identical to the copied heads' (bf16 and
 fp32, tests/engine/test_attention.py), at about half the attention's time in that shape.
 
+A few query tokens a row in bf16 (a draft step, a verify) take another way: SDPA's CPU flash kernel
+converts every key/value block to fp32 once per query head and query block, so with one query token
+it converts the whole cache once per query head (7 times for Qwen2.5-0.5B, 6 for 1.5B) to score one
+token: an 8-row draft step of the 0.5B spent ~2 ms a layer in attention (~40 % of the step's time
+at 24 layers), against 0.26 ms for the same numbers by two fp32 matmuls over the grouped heads
+(keys and values converted once per key/value head, the query heads of a group stacked as rows).
+Those scores, softmax and weighted sum are all fp32, rounded to bf16 once at the end: within the
+flash kernel's own distance of an fp32 reference, or closer. fp32 models keep SDPA (there it is
+as fast or faster); so does every pass of more than `SHORT_QUERY_TOKENS` tokens a row (prefill
+chunks, where the flash kernel's blocking pays).
+
 `use_grouped_query_sdpa(model)` switches a CPU model's `sdpa` attention to this one; other
 attention implementations, and models on other devices, are left as they are.
 """
@@ -20,6 +31,32 @@ import torch
 from torch import Tensor
 
 IMPLEMENTATION = "speccascade_gqa_sdpa"
+# The most query tokens a row that reduced-precision attention scores by fp32 matmuls (a verify of
+# gamma = 5 feeds 6; beyond ~8 tokens a row SDPA's flash kernel is as fast on this work).
+SHORT_QUERY_TOKENS = 8
+
+
+def short_query_attention(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                          scale: float) -> Tensor:
+    """Attention of a few query tokens over a cache, in fp32: query [B, H, q, D], key and value
+    [B, KV, k, D] (H a multiple of KV), `attention_mask` boolean (True: attend) or additive,
+    broadcastable to [B, 1, q, k]; the output [B, H, q, D] in the query's dtype. A query row with
+    nothing to attend (a padding row) attends uniformly rather than becoming NaN, as eager attention."""
+    batch, heads, q_length, dim = query.shape
+    kv_heads, k_length = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    # The heads of a group share their key/value head: stack them as rows of one matmul.
+    scores = torch.matmul(query.reshape(batch, kv_heads, group * q_length, dim).float(),
+                          key.float().transpose(-1, -2))
+    scores = scores.view(batch, kv_heads, group, q_length, k_length).mul_(scale)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, None]  # [B or 1, 1, 1, q, k] against [B, KV, group, q, k]
+        if mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, torch.finfo(torch.float32).min)
+        else:
+            scores.add_(mask.float()).clamp_(min=torch.finfo(torch.float32).min)
+    weights = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * q_length, k_length)
+    return torch.matmul(weights, value.float()).view(batch, heads, q_length, dim).to(query.dtype)
 
 
 def grouped_query_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -36,6 +73,10 @@ def grouped_query_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, valu
     causal = bool(causal and attention_mask is None and q_length > 1)
     if causal and key.shape[2] > q_length:
         key, value = key[:, :, :q_length], value[:, :, :q_length]
+    if query.dtype != torch.float32 and q_length <= SHORT_QUERY_TOKENS and not causal and not dropout \
+            and (attention_mask is None or attention_mask.shape[1] == 1):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return short_query_attention(query, key, value, attention_mask, scale).transpose(1, 2).contiguous(), None
     output = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
         enable_gqa=query.shape[1] != key.shape[1])
