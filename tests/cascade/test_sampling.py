@@ -99,19 +99,46 @@ def full_sort_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.where(keep, probs, torch.zeros_like(probs))
 
 
-@pytest.mark.parametrize("sharpness", [8.0, 0.05], ids=["peaked: within the candidates", "flat: the whole row"])
-def test_the_nucleus_from_the_most_likely_candidates_is_the_nucleus_of_the_whole_row(sharpness):
+def _rows_with_nuclei(heavy_counts: list[int], vocab: int, seed: int = 0) -> torch.Tensor:
+    """One row per count: that many tokens, at random places, share 0.99 of the mass (unevenly), the
+    rest of the vocabulary 0.01, so a top-p of 0.95 keeps roughly that many tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for heavy in heavy_counts:
+        row = torch.rand(vocab, generator=generator) * 0.01 / vocab * 2
+        places = torch.randperm(vocab, generator=generator)[:heavy]
+        weights = torch.rand(heavy, generator=generator) + 0.5
+        row[places] = 0.99 * weights / weights.sum()
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("heavy", [[20], [20, 400], [20, 400, 3000]],
+                         ids=["within the first candidates", "within the second", "the whole row sorted"])
+def test_the_nucleus_from_the_most_likely_candidates_is_the_nucleus_of_the_whole_row(heavy):
     from speccascade.cascade.sampling import NUCLEUS_CANDIDATES, nucleus
 
-    vocab = 20 * NUCLEUS_CANDIDATES
-    generator = torch.Generator().manual_seed(0)
-    probs = torch.softmax(torch.randn(3, 5, vocab, generator=generator) * sharpness, dim=-1)
+    vocab = 20 * NUCLEUS_CANDIDATES[-1]
+    probs = _rows_with_nuclei(heavy, vocab)
     for top_p in (0.5, 0.9, 0.95):
         got = nucleus(probs, top_p)
         assert torch.equal(got > 0, full_sort_nucleus(probs, top_p) > 0), top_p
         torch.testing.assert_close(got, torch.where(got > 0, probs, torch.zeros_like(probs)))
-        kept = (got > 0).sum(dim=-1)
-        if sharpness < 1:  # the flat rows' nuclei reach past the candidates: the fallback ran
-            assert kept.min() > NUCLEUS_CANDIDATES
-        else:
-            assert kept.max() < NUCLEUS_CANDIDATES
+    kept = (nucleus(probs, 0.95) > 0).sum(dim=-1).tolist()
+    # Each row's nucleus lies where the test meant it to: the stages above were all exercised.
+    bounds = [0, *NUCLEUS_CANDIDATES, vocab]
+    for count, nucleus_size in zip(heavy, kept):
+        stage = next(i for i in range(len(bounds) - 1) if count <= bounds[i + 1])
+        assert bounds[stage] < nucleus_size <= bounds[stage + 1], (count, nucleus_size)
+
+
+@pytest.mark.parametrize("sharpness", [8.0, 0.05], ids=["peaked", "flat"])
+def test_the_nucleus_of_softmax_rows_is_the_nucleus_of_the_whole_row(sharpness):
+    from speccascade.cascade.sampling import nucleus
+
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 5, 20_000, generator=generator) * sharpness, dim=-1)
+    for top_p in (0.5, 0.9, 0.95):
+        got = nucleus(probs, top_p)
+        assert torch.equal(got > 0, full_sort_nucleus(probs, top_p) > 0), top_p
+        torch.testing.assert_close(got, torch.where(got > 0, probs, torch.zeros_like(probs)))

@@ -41,7 +41,10 @@ def adjust_probs(probs: Tensor, params: SamplingParams) -> Tensor:
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-NUCLEUS_CANDIDATES = 1024  # most likely tokens looked at first; the nucleus rarely reaches past them
+# The most likely tokens looked at first, fewest first: a peaked row's nucleus (a real model's, at
+# the temperatures people sample at) lies within the first few dozen; a flatter one within 1,024.
+# topk over a Qwen-sized row costs ~0.28 ms for 64 and ~0.7 ms for 1,024 on a 2-core CPU.
+NUCLEUS_CANDIDATES = (64, 1024)
 
 
 def nucleus(probs: Tensor, top_p: float) -> Tensor:
@@ -49,18 +52,19 @@ def nucleus(probs: Tensor, top_p: float) -> Tensor:
 
     A token is kept when the mass strictly before it, in descending order, is below top_p of the
     row's mass: the smallest prefix whose mass reaches top_p, always at least the most likely
-    token. Sorting all V (~152k for Qwen) is the cost of top-p, so the `NUCLEUS_CANDIDATES` most
-    likely tokens are taken first (a partial sort); when their mass reaches top_p, no token past
-    them can be kept and the nucleus is decided among them alone. Only rows whose nucleus reaches
-    further (nearly flat distributions) are sorted whole."""
+    token. Sorting all V (~152k for Qwen) is the cost of top-p, so the most likely tokens are taken
+    first (a partial sort, `NUCLEUS_CANDIDATES` of them, then more): when their mass reaches top_p,
+    no token past them can be kept and the nucleus is decided among them alone. Only rows whose
+    nucleus reaches past the last candidates (nearly flat distributions) are sorted whole."""
     vocab = probs.shape[-1]
     flat = probs.reshape(-1, vocab)
     threshold = top_p * flat.sum(dim=-1, keepdim=True)
-    candidates = min(NUCLEUS_CANDIDATES, vocab)
-    values, order = flat.topk(candidates, dim=-1)  # descending
-    cumulative = values.cumsum(dim=-1)
-    covered = cumulative[:, -1:] >= threshold  # [rows, 1]: the nucleus lies among the candidates
-    if not bool(covered.all()):
+    for candidates in NUCLEUS_CANDIDATES:
+        values, order = flat.topk(min(candidates, vocab), dim=-1)  # descending
+        cumulative = values.cumsum(dim=-1)
+        if candidates >= vocab or bool((cumulative[:, -1:] >= threshold).all()):  # every nucleus among them
+            break
+    else:
         values, order = flat.sort(dim=-1, descending=True)
         cumulative = values.cumsum(dim=-1)
     kept = torch.where((cumulative - values) < threshold, values, torch.zeros_like(values))
