@@ -15,6 +15,10 @@ from speccascade.serving.replicas import replica_ids, tier_replica_stats
 from ..served import PROMPT, app_args, in_process_policy, wait_for_running, wait_until
 
 APP = "speccascade-scale-down"
+# Serve replaces all three deployments when the app is deployed again (a new version of each), so
+# the expert's and the router's replicas drain too: long enough that no stream outlasts them on a
+# loaded machine, leaving the drafter's drain the only one under test.
+OTHERS_DRAIN_S = 120.0
 OPTIONS = dict(seed=3, max_new_tokens=160, block_size=1)  # a round a token: streams that last seconds
 
 
@@ -23,7 +27,8 @@ def test_a_stopping_drafter_replica_finishes_its_sessions_instead_of_losing_them
                                                                                  local_engine, drain_timeout_s):
     expected = in_process_policy(local_engine, "cascade", "lossless", 0.0, {}, **OPTIONS).token_ids
     drafter = {"drain_timeout_s": drain_timeout_s}
-    two = app_args(*tiny_pair, drafter={**drafter, "replicas": {"min_replicas": 2, "max_replicas": 2}})
+    others = {"expert": {"drain_timeout_s": OTHERS_DRAIN_S}, "router": {"drain_timeout_s": OTHERS_DRAIN_S}}
+    two = app_args(*tiny_pair, drafter={**drafter, "replicas": {"min_replicas": 2, "max_replicas": 2}}, **others)
     endpoints = local_stack.deploy(two, name=APP, route_prefix=f"/{APP}")
     try:
         wait_for_running(APP, ["Drafter", "Expert", "Router"])
@@ -45,7 +50,7 @@ def test_a_stopping_drafter_replica_finishes_its_sessions_instead_of_losing_them
             wait_until(lambda: sum(holding()) >= len(streams) - len(finished), timeout=5)
         assert len(held) == 2 and min(held) >= 1, f"sessions per drafter replica: {held}"
 
-        one = app_args(*tiny_pair, drafter={**drafter, "replicas": {"min_replicas": 1, "max_replicas": 1}})
+        one = app_args(*tiny_pair, drafter={**drafter, "replicas": {"min_replicas": 1, "max_replicas": 1}}, **others)
         local_stack.deploy(one, name=APP, route_prefix=f"/{APP}")  # Serve stops one of the two
         assert wait_until(lambda: len(replica_ids(APP, "Drafter")) == 1, timeout=60)
         for thread in streams:
