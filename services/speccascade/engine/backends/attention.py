@@ -13,9 +13,10 @@ fp32, tests/engine/test_attention.py), at about half the attention's time in tha
 A few query tokens a row in bf16 (a draft step, a verify) take another way: SDPA's CPU flash kernel
 converts every key/value block to fp32 once per query head and query block, so with one query token
 it converts the whole cache once per query head (7 times for Qwen2.5-0.5B, 6 for 1.5B) to score one
-token: an 8-row draft step of the 0.5B spent ~2 ms a layer in attention (~40 % of the step's time
-at 24 layers), against 0.26 ms for the same numbers by two fp32 matmuls over the grouped heads
-(keys and values converted once per key/value head, the query heads of a group stacked as rows).
+token: ~2 ms a layer for an 8-row step of the 0.5B over ~300 cached tokens (a quarter of an 8-row
+draft block's time with ~200-token contexts, half with ~1,100), against 0.26 ms for the same
+numbers by two fp32 matmuls over the grouped heads (keys and values converted once per key/value
+head, the query heads of a group stacked as rows).
 Those scores, softmax and weighted sum are all fp32, rounded to bf16 once at the end: within the
 flash kernel's own distance of an fp32 reference, or closer. fp32 models keep SDPA (there it is
 as fast or faster); so does every pass of more than `SHORT_QUERY_TOKENS` tokens a row (prefill
