@@ -137,14 +137,14 @@ def _exact(query, key, value, mask) -> torch.Tensor:
 def test_short_query_attention_is_the_exact_attention_rounded_once(q_length):
     query, key, value, mask = _left_padded_attention(4, q_length, dtype=torch.bfloat16)
     exact = _exact(query, key, value, mask)
-    got = short_query_attention(query, key, value, mask, query.shape[-1] ** -0.5)
+    got = short_query_attention(query, key, value, mask)
     assert got.dtype == torch.bfloat16 and got.shape == query.shape
     # fp32 throughout, one rounding to bf16 at the end: within half a bf16 step (2^-9 relative).
     torch.testing.assert_close(got.double(), exact, rtol=2 ** -8, atol=1e-5)
     sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
     assert (got.double() - exact).abs().max() <= (sdpa.double() - exact).abs().max()
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf")).to(torch.bfloat16)
-    assert torch.equal(short_query_attention(query, key, value, additive, query.shape[-1] ** -0.5), got)
+    assert torch.equal(short_query_attention(query, key, value, additive), got)
 
 
 def test_a_query_with_nothing_to_attend_stays_finite():
@@ -164,7 +164,7 @@ def test_which_way_a_pass_is_computed(dtype, q_length, short):
     query, key, value, mask = _left_padded_attention(3, q_length, dtype=dtype)
     got, _ = grouped_query_sdpa(torch.nn.Module(), query, key, value, mask)
     if short:
-        expected = short_query_attention(query, key, value, mask, query.shape[-1] ** -0.5)
+        expected = short_query_attention(query, key, value, mask)
     else:
         expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask,
                                                                     enable_gqa=True)

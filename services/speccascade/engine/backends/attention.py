@@ -16,9 +16,9 @@ it converts the whole cache once per query head (7 times for Qwen2.5-0.5B, 6 for
 token: ~2 ms a layer for an 8-row step of the 0.5B over ~300 cached tokens (a quarter of an 8-row
 draft block's time with ~200-token contexts, half with ~1,100), against 0.26 ms for the same
 numbers by two fp32 matmuls over the grouped heads (keys and values converted once per key/value
-head, the query heads of a group stacked as rows).
-Those scores, softmax and weighted sum are all fp32, rounded to bf16 once at the end: within the
-flash kernel's own distance of an fp32 reference, or closer. fp32 models keep SDPA (there it is
+head, the query heads of a group stacked as rows). Those scores, softmax and weighted sum are all
+fp32, rounded to bf16 once at the end: within the flash kernel's own distance of an fp32
+reference, or closer. fp32 models keep SDPA (there it is
 as fast or faster); so does every pass of more than `SHORT_QUERY_TOKENS` tokens a row (prefill
 chunks, where the flash kernel's blocking pays).
 
@@ -38,12 +38,14 @@ SHORT_QUERY_TOKENS = 8
 
 
 def short_query_attention(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                          scale: float) -> Tensor:
+                          scale: float | None = None) -> Tensor:
     """Attention of a few query tokens over a cache, in fp32: query [B, H, q, D], key and value
     [B, KV, k, D] (H a multiple of KV), `attention_mask` boolean (True: attend) or additive,
-    broadcastable to [B, 1, q, k]; the output [B, H, q, D] in the query's dtype. A query row with
-    nothing to attend (a padding row) attends uniformly rather than becoming NaN, as eager attention."""
+    broadcastable to [B, 1, q, k], `scale` 1/sqrt(D) unless given (as SDPA's); the output
+    [B, H, q, D] in the query's dtype. A query row with nothing to attend (a padding row) attends
+    uniformly rather than becoming NaN, as eager attention."""
     batch, heads, q_length, dim = query.shape
+    scale = dim ** -0.5 if scale is None else scale
     kv_heads, k_length = key.shape[1], key.shape[2]
     group = heads // kv_heads
     # The heads of a group share their key/value head: stack them as rows of one matmul.
@@ -76,8 +78,7 @@ def grouped_query_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, valu
         key, value = key[:, :, :q_length], value[:, :, :q_length]
     if query.dtype != torch.float32 and q_length <= SHORT_QUERY_TOKENS and not causal and not dropout \
             and (attention_mask is None or attention_mask.shape[1] == 1):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return short_query_attention(query, key, value, attention_mask, scale).transpose(1, 2).contiguous(), None
+        return short_query_attention(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
     output = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=causal,
         enable_gqa=query.shape[1] != key.shape[1])
