@@ -99,6 +99,16 @@ def full_sort_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.where(keep, probs, torch.zeros_like(probs))
 
 
+def assert_nucleus_by_definition(probs: torch.Tensor) -> None:
+    """`nucleus` keeps the tokens the whole row's sort keeps, with their probabilities, at several top-p."""
+    from speccascade.cascade.sampling import nucleus
+
+    for top_p in (0.5, 0.9, 0.95):
+        got = nucleus(probs, top_p)
+        assert torch.equal(got > 0, full_sort_nucleus(probs, top_p) > 0), top_p
+        torch.testing.assert_close(got, torch.where(got > 0, probs, torch.zeros_like(probs)))
+
+
 def _rows_with_nuclei(heavy_counts: list[int], vocab: int, seed: int = 0) -> torch.Tensor:
     """One row per count: that many tokens, at random places, share 0.99 of the mass (unevenly), the
     rest of the vocabulary 0.01, so a top-p of 0.95 keeps roughly that many tokens."""
@@ -120,12 +130,9 @@ def test_the_nucleus_from_the_most_likely_candidates_is_the_nucleus_of_the_whole
 
     vocab = 20 * NUCLEUS_CANDIDATES[-1]
     probs = _rows_with_nuclei(heavy, vocab)
-    for top_p in (0.5, 0.9, 0.95):
-        got = nucleus(probs, top_p)
-        assert torch.equal(got > 0, full_sort_nucleus(probs, top_p) > 0), top_p
-        torch.testing.assert_close(got, torch.where(got > 0, probs, torch.zeros_like(probs)))
+    assert_nucleus_by_definition(probs)
     kept = (nucleus(probs, 0.95) > 0).sum(dim=-1).tolist()
-    # Each row's nucleus lies where the test meant it to: the stages above were all exercised.
+    # Each row's nucleus lies where the test meant it to: every stage of `nucleus` was reached.
     bounds = [0, *NUCLEUS_CANDIDATES, vocab]
     for count, nucleus_size in zip(heavy, kept):
         stage = next(i for i in range(len(bounds) - 1) if count <= bounds[i + 1])
@@ -134,11 +141,6 @@ def test_the_nucleus_from_the_most_likely_candidates_is_the_nucleus_of_the_whole
 
 @pytest.mark.parametrize("sharpness", [8.0, 0.05], ids=["peaked", "flat"])
 def test_the_nucleus_of_softmax_rows_is_the_nucleus_of_the_whole_row(sharpness):
-    from speccascade.cascade.sampling import nucleus
-
     generator = torch.Generator().manual_seed(0)
     probs = torch.softmax(torch.randn(3, 5, 20_000, generator=generator) * sharpness, dim=-1)
-    for top_p in (0.5, 0.9, 0.95):
-        got = nucleus(probs, top_p)
-        assert torch.equal(got > 0, full_sort_nucleus(probs, top_p) > 0), top_p
-        torch.testing.assert_close(got, torch.where(got > 0, probs, torch.zeros_like(probs)))
+    assert_nucleus_by_definition(probs)
