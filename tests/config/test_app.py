@@ -31,6 +31,17 @@ def test_a_static_tier_needs_a_slot_for_every_session_a_router_decodes():
     assert AppConfig.model_validate({"expert": {**static, "backend": "hf"}}).expert.backend == "hf"
 
 
+def test_the_tiers_take_turns_only_on_one_shared_lock_file():
+    def config(drafter_lock, expert_lock):
+        return AppConfig.model_validate({"drafter": {"model": "d", "cpu_lock_file": drafter_lock},
+                                         "expert": {"model": "e", "cpu_lock_file": expert_lock}})
+
+    assert config("/tmp/cpu.lock", "/tmp/cpu.lock").tiers_take_turns
+    assert not config(None, None).tiers_take_turns
+    assert not config("/tmp/cpu.lock", None).tiers_take_turns  # the expert runs whenever it likes
+    assert not config("/tmp/a.lock", "/tmp/b.lock").tiers_take_turns
+
+
 def test_dtype_auto_is_the_default_and_resolves_by_the_machine(monkeypatch):
     import torch
     from speccascade.engine.backends import base

@@ -72,6 +72,7 @@ def test_an_empty_draft_turns_the_round_into_an_expert_step(models):
 
     class DownDrafter:
         computes_apart = True  # a tier that is down
+        overlaps_expert = True
 
         async def draft(self, *args):
             return EMPTY_BLOCK, CallReport()
@@ -234,3 +235,28 @@ def test_the_loop_on_cuda_decodes_greedy_like_the_cpu_and_is_seeded(models, kind
     assert first == second
     for model in models:
         model.cpu()
+
+
+@pytest.mark.parametrize("overlaps", [True, False], ids=["tiers apart", "passes take turns"])
+def test_auto_drafts_ahead_only_where_the_drafters_passes_overlap_the_experts(models, overlaps):
+    """A drafter computing apart whose passes can run beside the expert's gets blocks drafted ahead
+    under auto; one whose passes take turns with the expert's (tiers on shared cores) gets none,
+    and each round says why. The output is the same either way."""
+    request = GenerationRequest(prompt="x", rule="token", alpha=1.0, block_size=3, seed=0, pipeline="auto")
+    expected, _ = decode(*models, "hf", GenerationRequest(prompt="x", rule="token", alpha=1.0, block_size=3,
+                                                          seed=0, pipeline="off"), rounds=6)
+
+    class TierDrafter(LoggedDrafter):
+        computes_apart = True
+        overlaps_expert = overlaps
+
+    drafter = TierDrafter(backend_class("hf")(models[0], name="drafter"), [])
+    expert = LocalExpert(backend_class("hf")(models[1], name="expert"))
+    records = first_rounds(rounds_for(request, drafter, expert, PROMPT, lambda answer: len(answer) >= 12,
+                                      limit=1000), 6)
+    assert [t for r in records for t, _ in r.emitted] == expected
+    predrafts = sum(r.predrafts for r in records)
+    if overlaps:
+        assert predrafts > 0 and records[0].pipeline == "auto: on"
+    else:
+        assert predrafts == 0 and {r.pipeline for r in records} == {"auto: off, passes cannot overlap"}

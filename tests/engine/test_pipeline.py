@@ -1,4 +1,5 @@
-"""auto pipelining: on while a session's pre-drafts hit and the drafter tier has room."""
+"""auto pipelining: on while a session's pre-drafts hit and the drafter tier has room, and only where
+the drafter's passes can run while the expert's do."""
 
 from speccascade.engine.blocks import CallReport
 from speccascade.engine.pipeline import MIN_ATTEMPTS, REPROBE_ROUNDS, PipelineGovernor
@@ -36,3 +37,14 @@ def test_auto_stops_while_the_drafter_tier_is_busy():
     for _ in range(20):
         governor.observe_draft_call(CallReport(queued_s=0.0, forward_s=0.1, decide_s=0.0))
     assert governor.wants_predraft()
+
+
+def test_auto_never_drafts_ahead_where_the_passes_cannot_overlap():
+    """In-process, or tiers taking turns on shared cores: a pre-draft runs before or after the
+    verify, never beside it, so even one that always hits saves nothing."""
+    governor = PipelineGovernor(Pipeline.AUTO, overlaps=False)
+    for _ in range(2 * MIN_ATTEMPTS):
+        governor.observe_predraft(True)
+        governor.observe_round(predrafted=False)
+    assert not governor.wants_predraft() and governor.reason() == "auto: off, passes cannot overlap"
+    assert PipelineGovernor(Pipeline.ON, overlaps=False).wants_predraft()  # asked for: on all the same

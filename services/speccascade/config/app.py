@@ -283,7 +283,8 @@ class CascadePolicy(StrictModel):
     pipeline: Pipeline = Field(
         Pipeline.AUTO, description="Default pipelining: the drafter drafts the next block while the expert verifies "
                                    "(on, off, or auto: on while a session's pre-drafts hit and the drafter tier has "
-                                   "room). The output is the same either way.")
+                                   "room, and never where the tiers' passes take turns on shared cores, "
+                                   "`cpu_lock_file`). The output is the same either way.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "CascadePolicy":
@@ -336,6 +337,12 @@ class AppConfig(StrictModel):
     router: RouterConfig = Field(default_factory=RouterConfig, description="The router / gRPC ingress.")
     policy: CascadePolicy = Field(default_factory=CascadePolicy, description="Default cascade policy and limits.")
     tenancy: TenancyConfig = Field(default_factory=TenancyConfig, description="Tenants, their keys and fair share.")
+
+    @property
+    def tiers_take_turns(self) -> bool:
+        """Whether the drafter's and the expert's passes take turns on shared cores (both tiers lock
+        the same `cpu_lock_file`): then a drafter pass never runs while an expert pass does."""
+        return self.drafter.cpu_lock_file is not None and self.drafter.cpu_lock_file == self.expert.cpu_lock_file
 
     @model_validator(mode="after")
     def _tenants_can_wait_in_the_router(self) -> "AppConfig":

@@ -164,6 +164,7 @@ class _Batches:
 
 class _BatchedDrafter:
     computes_apart = False  # the batches run one model at a time
+    overlaps_expert = False
 
     def __init__(self, batches: _Batches, backend: ModelBackend, log: CallLog):
         self.batches, self.backend, self.log = batches, backend, log

@@ -214,7 +214,7 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
     tokens = list(prompt)
     rule, alpha = request.rule, request.alpha
     payload = DraftPayload.for_request(rule, request.sampling, logprobs=request.logprobs)
-    governor = PipelineGovernor(request.pipeline)
+    governor = PipelineGovernor(request.pipeline, overlaps=drafter.overlaps_expert)
     ahead: _Ahead | None = None
     next_draft: _NextDraft | None = None
     outcome: VerifyOutcome | None = None

@@ -7,11 +7,19 @@ is dropped, and the work it took is wasted. A hit saves the next round's draft (
 about max(draft, verify) instead of their sum); a miss costs drafter work, which only matters
 while the drafter tier has other work to do.
 
-`auto` drafts ahead while (a) the session's pre-drafts hit often enough to pay for the ones
-wasted: after `MIN_ATTEMPTS` pre-drafts, a hit rate below `MIN_HIT_RATE` stops it, and it tries
-again after `REPROBE_ROUNDS` rounds (a text's predictability changes); and (b) the drafter tier is
-not the bottleneck: its calls' time waiting in the tier's batcher, smoothed over calls, must stay
-below `QUEUE_PRESSURE` of their compute time, or wasted pre-drafts would delay other sessions.
+`auto` drafts ahead only where the drafter's passes can run while the expert's do (tiers on
+hardware of their own), and there while (a) the session's pre-drafts hit often enough to pay for
+the ones wasted: after `MIN_ATTEMPTS` pre-drafts, a hit rate below `MIN_HIT_RATE` stops it, and it
+tries again after `REPROBE_ROUNDS` rounds (a text's predictability changes); and (b) the drafter
+tier is not the bottleneck: its calls' time waiting in the tier's batcher, smoothed over calls,
+must stay below `QUEUE_PRESSURE` of their compute time, or wasted pre-drafts would delay other
+sessions.
+
+Where the passes cannot overlap (in-process; tiers that take turns on shared cores), a pre-draft
+saves nothing even when it hits: it runs before or after the verify, never beside it, and when it
+takes the cores first the verify waits for the whole of it. A miss then costs a whole draft on the
+round's critical path (served, the packaged pair on two cores: verifies waited 0.6-0.7 s behind
+pre-drafts, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ class PipelineGovernor:
     """One session's pipelining: whether to draft ahead this round, and why."""
 
     mode: Pipeline
+    overlaps: bool = True  # whether the drafter's passes can run while the expert's do
     attempts: int = 0
     hits: int = 0
     rounds_off: int = 0
@@ -52,6 +61,8 @@ class PipelineGovernor:
         """What the mode decides now: "on" / "off", or auto's choice and why."""
         if self.mode is not Pipeline.AUTO:
             return self.mode.value
+        if not self.overlaps:
+            return "auto: off, passes cannot overlap"
         if self.queue_pressure > QUEUE_PRESSURE:
             return "auto: off, drafter tier busy"
         if self.attempts >= MIN_ATTEMPTS and self.hit_rate < MIN_HIT_RATE and self.rounds_off < REPROBE_ROUNDS:

@@ -28,6 +28,9 @@ class DrafterRole(Protocol):
     # loop's caller takes a round then runs beside the caller's work. In-process (False) it would
     # only run before it, delaying the round.
     computes_apart: bool
+    # Whether the drafter's passes can run while the expert's do (tiers on hardware of their own):
+    # what a block drafted ahead needs to save anything (`PipelineGovernor`, auto).
+    overlaps_expert: bool
 
     async def draft(self, context: Sequence[int], gamma: int, sampling: SamplingParams, seed: int,
                     payload: DraftPayload) -> tuple[DraftedBlock, CallReport]:
@@ -63,6 +66,7 @@ class LocalDrafter(_Local):
     """The drafter role on a backend session in this process."""
 
     computes_apart = False
+    overlaps_expert = False  # one process runs one pass at a time
 
     async def draft(self, context, gamma, sampling, seed, payload) -> tuple[DraftedBlock, CallReport]:
         started = time.perf_counter()

@@ -237,6 +237,11 @@ class RemoteDrafter(_Remote):
 
     computes_apart = True
 
+    def __init__(self, tier: TierClient, session_id: str, transport: Transport, *, tag: str,
+                 share: Share = DEFAULT_SHARE, overlaps_expert: bool = True):
+        super().__init__(tier, session_id, transport, tag=tag, share=share)
+        self.overlaps_expert = overlaps_expert  # False where the tiers take turns on shared cores
+
     async def draft(self, context: Sequence[int], gamma: int, sampling: SamplingParams, seed: int,
                     payload: DraftPayload) -> tuple[DraftedBlock, CallReport]:
         if self.transport.expert_only_fallback:

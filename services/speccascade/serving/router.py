@@ -33,6 +33,7 @@ from ..engine.stats import RoundRecord
 from ..models import PairInfo
 from ..status_board import PIPELINE, TENANT_LOAD, StatusPoster
 from ..tenancy import Admission, TenancyError
+from ..tenancy.fairness import Share
 from ..tenancy.gatekeeper import Caller, Gatekeeper
 from .clients import RemoteDrafter, RemoteExpert, TierClient, TierUnavailableError, Transport, tier_handle
 from .direct import Route
@@ -215,8 +216,7 @@ class RouterCore:
         self.active_sessions.add(session_id)
         transport = Transport()
         tags = metric_tags(request, caller.id)
-        drafter = RemoteDrafter(self.drafter, session_id, transport, tag=tags["rule"], share=caller.share)
-        expert = RemoteExpert(self.expert, session_id, transport, tag=tags["rule"], share=caller.share)
+        drafter, expert = self.roles(session_id, transport, tag=tags["rule"], share=caller.share)
         observers = (self.window.observe, lambda record: self.metrics.observe(record, tags),
                      lambda record: self.pipelining.observe(session_id, record))
         chunks = self.generation.stream_rounds(request, prompt, limit, drafter, expert, observers, delivered)
@@ -230,6 +230,14 @@ class RouterCore:
                 await chunks.aclose()
             finally:  # whatever closing the loop raised, the tiers free the session
                 self._release(session_id, drafter=drafter.route, expert=expert.route)
+
+    def roles(self, session_id: str, transport: Transport, *, tag: str,
+              share: Share) -> tuple[RemoteDrafter, RemoteExpert]:
+        """One request's drafter and expert over the tiers. Where the tiers' passes take turns on
+        shared cores, its drafter says it cannot overlap the expert (auto pipelining stays off)."""
+        return (RemoteDrafter(self.drafter, session_id, transport, tag=tag, share=share,
+                              overlaps_expert=not self.config.tiers_take_turns),
+                RemoteExpert(self.expert, session_id, transport, tag=tag, share=share))
 
     async def serve_request(self, admitted: Admitted) -> AsyncIterator[tuple[GenerationChunk, Transport]]:
         """An admitted request decoded in its fair turn, its output charged to its quota, its
