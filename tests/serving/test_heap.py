@@ -67,7 +67,7 @@ def test_a_large_block_freed_after_warm_up_returns_to_the_os_only_with_the_thres
 
 # A pass's large temporaries: a 4 MiB tensor (1,024 pages; six rows of logits over a 150k-token
 # vocabulary are 3.6 MiB) allocated, written and freed 20 times after a warm-up, in a process that
-# prepared its allocator as a tier does.
+# prepared its allocator as a tier does; the probe prints the median tensor's page faults.
 TENSOR_PROBE = textwrap.dedent("""
     import sys
     import torch
@@ -75,10 +75,12 @@ TENSOR_PROBE = textwrap.dedent("""
     running = prepare_allocator(sys.argv[1])
     for _ in range(3):
         torch.ones(1 << 20).sum()
-    before = page_faults()
+    faults = []
     for _ in range(20):
+        before = page_faults()
         torch.ones(1 << 20).sum()
-    print(running, (page_faults() - before) / 20)
+        faults.append(page_faults() - before)
+    print(running, sorted(faults)[len(faults) // 2])
 """)
 
 
@@ -97,7 +99,9 @@ def test_a_preloaded_allocator_reuses_a_large_tensor_that_pinned_glibc_faults_in
         pytest.skip(f"{heap.ALLOCATOR_LIBRARIES[allocator]} is not installed")
     running, faults = tensor_probe(allocator)
     assert running == allocator
-    assert faults < 50  # the freed 4 MiB came back without faults
+    # The freed 4 MiB comes back without faults (the median tensor: jemalloc's decay may hand the
+    # pages back to the OS once in a while on a loaded machine, and that one tensor faults in whole).
+    assert faults < 50
     if _MALLOPT is not None:
         assert tensor_probe("glibc") == ("glibc", pytest.approx(1024, rel=0.1))  # every page, every time
 
