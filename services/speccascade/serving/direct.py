@@ -75,6 +75,12 @@ UNREACHABLE_COOLDOWN_S = 60.0  # an endpoint found unreachable is not bound to a
 KEEPALIVE_IDLE_S = 30
 KEEPALIVE_INTERVAL_S = 10
 KEEPALIVE_PROBES = 3
+# Keepalive probes only an idle connection. One with data written and not acknowledged (a call sent
+# as the replica's node went away) is retransmitted instead, for ~15 minutes by Linux's default
+# (tcp_retries2), and meanwhile every session bound to that replica would send its calls there and
+# wait for their timeouts. Data unacknowledged for this long ends the connection as keepalive would:
+# its calls fail over to Serve.
+UNACKNOWLEDGED_TIMEOUT_S = KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_PROBES
 
 # A connection opens with GREETING, one byte of token length and the token; then frames both ways.
 GREETING = b"speccascade-direct/3\n"  # /3: every frame says its whole message's length (an older peer is refused)
@@ -433,8 +439,9 @@ class _Frames(asyncio.BufferedProtocol):
 
 
 def _tune(transport: asyncio.BaseTransport) -> None:
-    """Probe the connection while it is idle (`KEEPALIVE_IDLE_S`), and keep at most about a piece
-    unsent in the kernel (`PIECE_BYTES`), where the platform lets us."""
+    """Probe the connection while it is idle (`KEEPALIVE_IDLE_S`), give it up when what was sent
+    stays unacknowledged (`UNACKNOWLEDGED_TIMEOUT_S`), and keep at most about a piece unsent in the
+    kernel (`PIECE_BYTES`), where the platform lets us."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return
@@ -445,6 +452,8 @@ def _tune(transport: asyncio.BaseTransport) -> None:
                           ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
         if hasattr(socket, option):  # Linux; macOS names the first TCP_KEEPALIVE
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKNOWLEDGED_TIMEOUT_S * 1000)
 
 
 async def _raise(error: Exception) -> Any:
