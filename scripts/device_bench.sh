@@ -12,8 +12,9 @@
 #                PYTHON=/some/python-without-ray bash scripts/device_bench.sh --tiny
 #
 # Everything lands in $OUT (what the run tool brings back): `log` (this output), `serve.json` (the
-# figures), and the Serve replicas' logs when the bench fails. The bench runs under its own time limit
-# (LIMIT_S) inside the call's, so the log and the replicas' logs still come back if it runs long.
+# figures), `pipeline.json` (pipelining off against on, when time is left for it), and the Serve
+# replicas' logs when a bench fails. Both benches run within one time limit of their own (LIMIT_S)
+# inside the call's, so the log and the replicas' logs still come back if they run long.
 set -uo pipefail
 
 mode=gpu
@@ -27,6 +28,7 @@ PYTHON=${PYTHON:-python3}
 CARRY=${CARRY:-.device/serving.tar.xz}
 SITE=${SITE:-/tmp/speccascade-carry}
 LIMIT_S=${LIMIT_S:-540}
+PIPELINE_MIN_S=${PIPELINE_MIN_S:-150}  # the pipelining comparison runs only with this much of LIMIT_S left
 
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log") 2>&1
@@ -50,25 +52,49 @@ export PYTHONPATH="$PWD/services:$SITE/site" PYTHONUNBUFFERED=1
 "$PYTHON" -c "import ray, ray.serve, pydantic, fastapi, grpc, speccascade.app; print('ray', ray.__version__)" || exit 1
 
 if [ "$mode" = gpu ]; then
-    models=(--shapes qwen2.5-0.5b,qwen2.5-7b --config deploy/gpu-single.yaml --backend static --device cuda
-            --streams 1,8,32)
+    pair=(--shapes qwen2.5-0.5b,qwen2.5-7b --config deploy/gpu-single.yaml --backend static --device cuda)
+    streams=1,8,32
 else
-    models=(--tiny --streams 1,8)
+    pair=(--tiny)
+    streams=1,8
 fi
-step "bench serve ${models[*]}"
-timeout --kill-after=20 "$LIMIT_S" "$PYTHON" -m speccascade.cli bench serve "${models[@]}" \
-    --tokenizer "$SITE/tokenizer" --prompts 2 --sampling greedy,nucleus,unfiltered --json "$OUT/serve.json"
-status=$?
-step "bench serve exited with $status"
-if [ "$status" -ne 0 ] && [ -d /tmp/ray/session_latest/logs ]; then
-    (cd /tmp/ray/session_latest/logs && tar -czf "$OUT/ray-logs.tgz" --exclude='*.out' serve raylet.err 2>/dev/null)
-    # A bench killed by the limit leaves its Ray cluster running: on the lent machine (ours alone)
-    # stop every Ray process; here, stop only this run's, by the ids Ray wrote for it.
+pair+=(--tokenizer "$SITE/tokenizer")
+
+# A bench killed by its limit leaves its Ray cluster running: on the lent machine (ours alone) stop
+# every Ray process; here, stop only this run's, by the ids Ray wrote for it. Its replicas' logs first.
+after_failure() {
+    [ -d /tmp/ray/session_latest/logs ] || return 0
+    (cd /tmp/ray/session_latest/logs && tar -czf "$OUT/ray-logs-$1.tgz" --exclude='*.out' serve raylet.err 2>/dev/null)
     if [ "$mode" = gpu ]; then
         "$PYTHON" -m ray.scripts.scripts stop --force >/dev/null 2>&1
     else
         session=$(readlink -f /tmp/ray/session_latest)
         pgrep -f -- "$session" | xargs -r kill 2>/dev/null
     fi
+}
+
+started=$SECONDS
+step "bench serve ${pair[*]} --streams $streams"
+timeout --kill-after=20 "$LIMIT_S" "$PYTHON" -m speccascade.cli bench serve "${pair[@]}" --streams "$streams" \
+    --prompts 2 --sampling greedy,nucleus,unfiltered --json "$OUT/serve.json"
+status=$?
+step "bench serve exited with $status"
+[ "$status" -ne 0 ] && after_failure serve
+
+# In the time left: whether a block drafted ahead overlaps the verify on one GPU the tiers share
+# (time-sliced without MPS; docs/gpu.md). Random weights seldom agree, so pre-drafts miss; what
+# tells is the expert's forward time a round with pipelining on against off, in the breakdown.
+left=$((LIMIT_S - (SECONDS - started)))
+if [ "$status" -ne 0 ]; then
+    step "no pipelining comparison: the bench failed"
+elif [ "$left" -lt "$PIPELINE_MIN_S" ]; then
+    step "no pipelining comparison: $left s left, it needs $PIPELINE_MIN_S"
+else
+    step "bench serve ${pair[*]} --pipeline off,on ($left s left)"
+    timeout --kill-after=20 "$left" "$PYTHON" -m speccascade.cli bench serve "${pair[@]}" --streams 1,8 \
+        --skip-in-process --prompts 2 --sampling greedy --pipeline off,on --json "$OUT/pipeline.json"
+    pipeline_status=$?
+    step "bench serve (pipelining) exited with $pipeline_status"
+    [ "$pipeline_status" -ne 0 ] && after_failure pipeline
 fi
 exit "$status"
