@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 
@@ -61,3 +62,45 @@ class _Unbindable:
 
     def bind(self, address):
         raise OSError(98, "Address already in use")
+
+
+def test_the_stack_environment_fills_in_only_what_is_unset_and_only_while_the_cluster_starts(monkeypatch):
+    """The local cluster's processes inherit the defaults; an operator's own value stands, and the
+    process that started the cluster keeps its environment as it was."""
+    monkeypatch.setenv("SPECCASCADE_TEST_OPERATOR_SET", "mine")
+    monkeypatch.delenv("SPECCASCADE_TEST_UNSET", raising=False)
+    with launcher._environment({"SPECCASCADE_TEST_OPERATOR_SET": "default", "SPECCASCADE_TEST_UNSET": "1"}):
+        assert os.environ["SPECCASCADE_TEST_OPERATOR_SET"] == "mine"
+        assert os.environ["SPECCASCADE_TEST_UNSET"] == "1"
+    assert os.environ["SPECCASCADE_TEST_OPERATOR_SET"] == "mine"
+    assert "SPECCASCADE_TEST_UNSET" not in os.environ
+
+
+def test_the_local_clusters_processes_run_serves_periodic_work_once_a_second(ray_cluster):
+    """Serve's controller loop and every Serve process's metrics flush run ten times a second by
+    default, beside the tiers' passes on the same cores: the local stack slows both in every
+    process its cluster starts (the controller and the proxies among them)."""
+    import ray
+    from speccascade.app.launcher import LOCAL_SERVE_ENV
+
+    assert LOCAL_SERVE_ENV == {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+
+    @ray.remote(num_cpus=0)
+    def worker_environment() -> dict:
+        return {name: os.environ.get(name) for name in LOCAL_SERVE_ENV}
+
+    assert ray.get(worker_environment.remote()) == LOCAL_SERVE_ENV
+    for name in LOCAL_SERVE_ENV:  # this process, which started the cluster, is as it was
+        assert os.environ.get(name) is None
+
+
+def test_tier_and_router_replicas_flush_serves_metrics_once_a_second_wherever_they_run():
+    """On a cluster the chart starts, the replicas' own environment is what slows the flush."""
+    from speccascade.app import SERVE_METRICS_ENV, router_actor_options, tier_actor_options
+    from speccascade.config import AppConfig
+
+    assert SERVE_METRICS_ENV == {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+    config = AppConfig.model_validate({})
+    for options in (tier_actor_options(config.drafter), tier_actor_options(config.expert),
+                    router_actor_options(config.router)):
+        assert options["runtime_env"]["env_vars"].items() >= SERVE_METRICS_ENV.items()

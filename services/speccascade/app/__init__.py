@@ -56,22 +56,29 @@ def replica_options(replicas: Replicas) -> dict:
     return {"autoscaling_config": autoscaling}
 
 
+# Every Serve process flushes the request metrics it caches every 100 ms by default: its event loop
+# and the GIL woken ten times a second, beside the forward passes of a tier on the same cores (on two
+# shared cores, Serve's periodic work slowed a 0.5B decode step by 10-13 %; BENCHMARKS.md, "Serve's
+# own work beside the passes"). Prometheus scrapes every several seconds: once a second is enough.
+SERVE_METRICS_ENV = {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+
+
 def tier_actor_options(tier: TierConfig) -> dict:
     """Ray actor options of a tier's replicas: its placement, and the environment its process
-    starts with: the configured C allocator (preloaded), the bound on compiled CPU kernels and how
-    long its idle OpenMP threads spin."""
+    starts with: the configured C allocator (preloaded), the bound on compiled CPU kernels, how
+    long its idle OpenMP threads spin, and how often Serve flushes its metrics."""
     options = tier.placement.ray_actor_options()
     options["runtime_env"] = {"env_vars": allocator_env(tier.allocator) | kernel_cache_env(tier.cpu_kernel_cache)
-                              | cpu_spin_env(tier.cpu_spin_count) | GRPC_MESSAGE_ENV}
+                              | cpu_spin_env(tier.cpu_spin_count) | GRPC_MESSAGE_ENV | SERVE_METRICS_ENV}
     return options
 
 
 def router_actor_options(router: RouterConfig) -> dict:
     """Ray actor options of the router's replicas: its placement, and the environment its process
-    starts with: the configured C allocator and Serve's gRPC message bound (the tiers' answers may
-    carry whole probability rows)."""
+    starts with: the configured C allocator, Serve's gRPC message bound (the tiers' answers may
+    carry whole probability rows) and how often Serve flushes its metrics."""
     return {**router.placement.ray_actor_options(),
-            "runtime_env": {"env_vars": allocator_env(router.allocator) | GRPC_MESSAGE_ENV}}
+            "runtime_env": {"env_vars": allocator_env(router.allocator) | GRPC_MESSAGE_ENV | SERVE_METRICS_ENV}}
 
 
 # Serve waits for the calls it routed to a stopping tier replica (every this many seconds) before

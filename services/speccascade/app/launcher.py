@@ -13,16 +13,26 @@ A Serve config file (`deploy/local-cpu.yaml` by default) gives the ports and the
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import AppConfig
-from . import APP_NAME, DEFAULT_GRPC_PORT, GRPC_SERVICER_FUNCTIONS, build_app
+from . import APP_NAME, DEFAULT_GRPC_PORT, GRPC_SERVICER_FUNCTIONS, SERVE_METRICS_ENV, build_app
 
 LOCAL_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local-cpu.yaml"
 DEFAULT_HTTP_PORT = 8000
+
+# On one machine, Serve's controller and proxy share the cores with the tiers' passes. The
+# controller's loop runs every 0.1 s by default (with its calls to the GCS, ~3 % of a core while
+# nothing is served); once a second is enough for deploying, health and autoscaling, whose delays
+# are seconds. With the metrics flushed once a second in every Serve process (`SERVE_METRICS_ENV`),
+# an idle stack beside a 0.5B decode step on two shared cores slowed it by 4-8 % instead of 10-13 %
+# (BENCHMARKS.md, "Serve's own work beside the passes"). A value set in the environment stands.
+LOCAL_SERVE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1"} | SERVE_METRICS_ENV
 
 
 EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -128,6 +138,20 @@ def load_serve_config(path: Path | None = None):
     return ServeDeploySchema.model_validate(raw)
 
 
+@contextmanager
+def _environment(defaults: dict[str, str]):
+    """`defaults` in this process's environment where it does not set them, until the block ends: the
+    processes a local Ray cluster starts (its GCS, raylet and every worker) inherit it. A job-level
+    runtime environment would reach the workers only, and makes Ray start idle workers of its own."""
+    added = {name: value for name, value in defaults.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 class LocalStack:
     """A Ray cluster started in this process, Serve's proxies on the given ports, and applications.
 
@@ -165,7 +189,8 @@ class LocalStack:
             options["_temp_dir"] = self.temp_dir
         if self.worker_threads:
             options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(self.worker_threads)}}
-        ray.init(**options)
+        with _environment(LOCAL_SERVE_ENV):  # the cluster's processes start with it; this one keeps its own
+            ray.init(**options)
         self.started = True
         try:
             serve.start(http_options=HTTPOptions(host=self.http_host, port=self.http_port),
