@@ -8,8 +8,9 @@ so that the machine's drift falls on both.
     .venv/bin/python scripts/bench_serve_background.py --env RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.1
 
 Prints the median step with the stack running and stopped, and the per-pair ratio running / stopped
-with its quartiles. `--env NAME=VALUE` starts the stack with that in its environment (the stack
-keeps a value the environment sets: `app/launcher.py`, `LOCAL_SERVE_ENV`). The model is the packaged
+with its quartiles. `--env NAME=VALUE` starts the stack with that in its environment (the stack's
+controller and proxies keep a value the environment sets, `app/launcher.py`, `LOCAL_SERVE_ENV`;
+the replicas flush Serve's metrics once a second regardless, `app.SERVE_METRICS_ENV`). The model is the packaged
 drafter (`--model`: any source), in bf16 or fp32 (`--dtype`), with this process's torch threads.
 """
 

@@ -31,7 +31,8 @@ DEFAULT_HTTP_PORT = 8000
 # nothing is served); once a second is enough for deploying, health and autoscaling, whose delays
 # are seconds. With the metrics flushed once a second in every Serve process (`SERVE_METRICS_ENV`),
 # an idle stack beside a 0.5B decode step on two shared cores slowed it by 4-8 % instead of 10-13 %
-# (BENCHMARKS.md, "Serve's own work beside the passes"). A value set in the environment stands.
+# (BENCHMARKS.md, "Serve's own work beside the passes"). A value set in the environment stands for
+# the controller and the proxies; the replicas' own runtime environment sets their flush regardless.
 LOCAL_SERVE_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1"} | SERVE_METRICS_ENV
 
 
