@@ -15,6 +15,7 @@ from speccascade.engine.blocks import (
     block_from_host,
     densify,
     drafted_q,
+    full_rows,
     summarize_draft,
 )
 from speccascade.engine.seeding import Purpose, draw_generator, draw_seed
@@ -106,6 +107,65 @@ def test_sparse_rows_travel_as_int32_indices():
     assert block.sample_indices.dtype == np.int32 and block.sample_indices.shape == (GAMMA, 5)
     assert isinstance(block.sample_values, np.ndarray)  # arrays on the wire, not torch tensors
     assert block.nbytes() == GAMMA * (4 + 4) + GAMMA * 5 * (4 + 4)
+
+
+def sharp(seed: int, rows: int, vocab: int = 2000) -> torch.Tensor:
+    """Rows like a trained model's: most probabilities below float16's smallest (~6e-8)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(rows, vocab, generator=gen) * 6.0, dim=-1)
+
+
+@pytest.mark.parametrize("rule,sampling", [("lossless", SamplingParams(temperature=1.0)),
+                                           ("opt", SamplingParams(temperature=0.7, top_k=20))])
+def test_rows_with_few_nonzero_float16_values_travel_as_those_values_and_rebuild_exactly(rule, sampling):
+    q = sharp(0, GAMMA)
+    q[1] = torch.softmax(torch.randn(2000, generator=torch.Generator().manual_seed(9)) * 9.0, dim=-1)  # fewer
+    tokens, q_sample = draft(q, sampling, seed=0)
+    payload = DraftPayload.for_request(Rule(rule), sampling)
+    block = ship(tokens, q, q_sample, payload)
+    name = "sample_full" if rule == "lossless" else "decision_full"
+    rows = q_sample if rule == "lossless" else q
+    values, ids = getattr(block, name), getattr(block, f"{name}_ids")
+    counts = (rows.half() != 0).sum(dim=-1)
+    assert ids.dtype == np.int32 and values.dtype == np.float16
+    assert values.shape == ids.shape == (GAMMA, int(counts.max())) and counts.min() < counts.max()
+    assert values.nbytes + ids.nbytes == GAMMA * int(counts.max()) * 6 < GAMMA * 2000 * 2  # dense: 2 bytes an id
+    # The dense float16 rows exactly, so the verdicts are the dense payload's.
+    q_wire, q_sample_wire = densify(block, 2000, "cpu")
+    exact = q_sample.half().float() if rule == "lossless" else q.half().float()
+    rebuilt = q_sample_wire if rule == "lossless" else q_wire
+    assert torch.equal(rebuilt, exact / exact.sum(dim=-1, keepdim=True))
+    dense = replace(block, **{name: rows.half().numpy(), f"{name}_ids": None})
+    p = sharp(100, GAMMA + 1)
+    for trial in range(10):
+        verdicts = [verify_block(rule, 0.5, torch.tensor(tokens), *densify(b, 2000, "cpu")[:1], p, sampling,
+                                 draw_generator(trial, 0, Purpose.VERIFY), q_sample=densify(b, 2000, "cpu")[1])
+                    for b in (block, dense)]
+        assert (verdicts[0].num_accepted, verdicts[0].next_token) == (verdicts[1].num_accepted, verdicts[1].next_token)
+    # A block's first tokens keep their rows' values at their ids.
+    head = block.prefix(2)
+    torch.testing.assert_close(densify(head, 2000, "cpu")[1 if rule == "lossless" else 0], rebuilt[:2], rtol=0, atol=0)
+
+
+def test_near_uniform_rows_stay_dense():
+    """A random model's rows are non-zero everywhere in float16: ids would only add bytes."""
+    rows = torch.softmax(torch.randn(GAMMA, VOCAB) * 0.1, dim=-1)
+    shipped = full_rows(rows, "sample_full")
+    assert set(shipped) == {"sample_full"} and shipped["sample_full"].shape == (GAMMA, VOCAB)
+    # At the break-even a row's non-zeros cost as much as the row: dense still.
+    edge = torch.zeros(GAMMA, 30)
+    edge[:, :10] = 0.1
+    assert set(full_rows(edge, "sample_full")) == {"sample_full"}
+    edge[0, 9] = 0.0
+    edge[:, 8] = 0.0
+    assert set(full_rows(edge, "sample_full")) == {"sample_full", "sample_full_ids"}
+
+
+def test_an_empty_sampled_draft_ships_empty_rows():
+    empty = torch.zeros(0, VOCAB)
+    sampling = SamplingParams(temperature=0.9)
+    block = ship([], empty, empty, DraftPayload.for_request(Rule.TOKEN, sampling))
+    assert block.gamma == 0 and block.sample_full.shape == (0, VOCAB) and block.sample_full_ids is None
 
 
 def test_an_empty_block_verifies_to_the_experts_own_token():

@@ -11,6 +11,9 @@ verification needs (see `DraftPayload.for_request`):
 - pure temperature sampling: the full sampling rows, as float16 (the only lossy encoding; a
   probability below ~6e-8 rounds to 0);
 - the opt rule: the full temperature-1 rows as float16, because D_TV(p, q) needs all of q;
+- either kind of float16 row as its non-zero values and their ids wherever that is fewer bytes
+  (`full_rows`): a trained model's distribution holds a few hundred probabilities of float16 size
+  among Qwen's 151,936 (the rest round to 0), ~2 KB a row instead of ~300 KB, the same rows exactly;
 - the sequence-level cascade: q at each drafted token, for the drafter's confidence in its answer;
 - a request for logprobs (`DraftPayload.logprobs` = k): log q at each drafted token and q's k most
   likely tokens (`TokenLogprobs`, k + 1 numbers and k ids a position), which are the output's
@@ -123,8 +126,10 @@ class DraftedBlock:
     token_q: np.ndarray | None = None  # [gamma] float32, temperature-1 q at each drafted token
     sample_indices: np.ndarray | None = None  # [gamma, k] int32, SPARSE (padded with value 0)
     sample_values: np.ndarray | None = None  # [gamma, k] float32, SPARSE
-    sample_full: np.ndarray | None = None  # [gamma, V] float16, FULL
-    decision_full: np.ndarray | None = None  # [gamma, V] float16, opt
+    sample_full: np.ndarray | None = None  # [gamma, V] float16, FULL; or [gamma, k] at sample_full_ids
+    sample_full_ids: np.ndarray | None = None  # [gamma, k] int32: where sample_full's values lie (`full_rows`)
+    decision_full: np.ndarray | None = None  # [gamma, V] float16, opt; or [gamma, k] at decision_full_ids
+    decision_full_ids: np.ndarray | None = None  # [gamma, k] int32
     # Logprobs requests (`DraftPayload.logprobs`): log q at each drafted token, its top k, and for
     # the token-specific and lossy rules the whole temperature-1 rows (float32, exact).
     logprob_chosen: np.ndarray | None = None  # [gamma] float32
@@ -205,9 +210,9 @@ def summarize_draft(q: Tensor, q_sample: Tensor | None, tokens: Tensor, payload:
         values, indices = q_sample.topk(support, dim=-1)
         out["sample_values"], out["sample_indices"] = values.float(), indices.to(torch.int32)
     elif payload.sample_rows is SampleRows.FULL:
-        out["sample_full"] = q_sample.to(FULL_ROW_DTYPE)
+        out |= full_rows(q_sample, "sample_full")
     if payload.full_decision_rows:
-        out["decision_full"] = q.to(FULL_ROW_DTYPE)
+        out |= full_rows(q, "decision_full")
     if payload.token_probs:
         out["token_q"] = q.gather(-1, tokens.view(-1, 1)).squeeze(-1).float()
     if payload.logprobs is not None:
@@ -220,6 +225,43 @@ def summarize_draft(q: Tensor, q_sample: Tensor | None, tokens: Tensor, payload:
         if payload.exact_rows:
             out["exact_rows"] = q.float()
     return out
+
+
+def full_rows(rows: Tensor, name: str) -> dict[str, Tensor]:
+    """Probability rows [gamma, V] as they travel, still on the device: as float16 under `name`; or,
+    where it is fewer bytes, only their non-zero float16 values under `name` and those values' ids
+    under `name + "_ids"` (int32), both [gamma, k], k the most any row holds (a shorter row padded
+    with value 0 at id 0). `dense_rows` rebuilds the float16 rows exactly from either. A trained
+    model's distribution at temperature 1 rounds to 0 in float16 everywhere but a few hundred ids
+    of Qwen's 151,936 (the packaged 0.5B: 340 a row at the median, 10,539 at most): ~2 KB a row
+    against ~300 KB, of a round's two ~1.5 MB messages under unfiltered sampling. A near-uniform
+    row (a random model's) stays dense. One host sync to learn k (a block's arrays come to the host
+    right after anyway)."""
+    half = rows.to(FULL_ROW_DTYPE)
+    gamma, vocab = half.shape
+    nonzero = half != 0
+    counts = nonzero.sum(dim=-1)
+    width = int(counts.max()) if gamma else vocab  # an empty block: the empty dense rows
+    if width * (TOKEN_BYTES + half.element_size()) >= vocab * half.element_size():
+        return {name: half}
+    flat = nonzero.reshape(-1).nonzero().squeeze(1)  # row-major: each row's ids in order
+    row = flat // vocab
+    slot = torch.arange(flat.numel(), device=half.device) - (counts.cumsum(0) - counts)[row]
+    ids = torch.zeros(gamma, width, dtype=torch.int32, device=half.device)
+    values = torch.zeros(gamma, width, dtype=half.dtype, device=half.device)
+    ids[row, slot] = (flat - row * vocab).to(torch.int32)
+    values[row, slot] = half.reshape(-1)[flat]
+    return {name: values, f"{name}_ids": ids}
+
+
+def dense_rows(values: np.ndarray, ids: np.ndarray | None, vocab_size: int, device: torch.device | str) -> Tensor:
+    """The float16 rows `full_rows` shipped, as float32 [gamma, V] on `device`: exactly the dense
+    rows' values (padding adds 0 to a value or to 0)."""
+    values_on = torch.from_numpy(values).to(device).float()
+    if ids is None:
+        return values_on
+    return torch.zeros(values_on.shape[0], vocab_size, device=device).scatter_add_(
+        -1, torch.from_numpy(ids).to(device).long(), values_on)
 
 
 def block_from_host(arrays: dict[str, Tensor]) -> DraftedBlock:
@@ -239,7 +281,7 @@ def densify(block: DraftedBlock, vocab_size: int, device: torch.device | str) ->
     gamma = block.gamma
     tokens = torch.tensor(block.tokens, dtype=torch.long, device=device).view(-1, 1)
     if block.decision_full is not None:
-        q = torch.from_numpy(block.decision_full).to(device).float()
+        q = dense_rows(block.decision_full, block.decision_full_ids, vocab_size, device)
         q = q / q.sum(dim=-1, keepdim=True)
     else:
         max_q = torch.from_numpy(block.max_q).to(device).float()
@@ -251,7 +293,7 @@ def densify(block: DraftedBlock, vocab_size: int, device: torch.device | str) ->
         q_sample.scatter_add_(-1, torch.from_numpy(block.sample_indices).to(device).long(),
                               torch.from_numpy(block.sample_values).to(device))
     elif block.sample_full is not None:
-        q_sample = torch.from_numpy(block.sample_full).to(device).float()
+        q_sample = dense_rows(block.sample_full, block.sample_full_ids, vocab_size, device)
         q_sample = q_sample / q_sample.sum(dim=-1, keepdim=True)
     else:
         q_sample = torch.zeros(gamma, vocab_size, device=device)

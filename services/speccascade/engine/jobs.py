@@ -201,7 +201,8 @@ def draft_blocks(backend: ModelBackend, jobs: Sequence[DraftJob], *,
             shipped.append(None)
             continue
         if not steps:
-            shipped.append(summarize_draft(torch.zeros(0, backend.vocab_size, device=backend.device), None,
+            empty = torch.zeros(0, backend.vocab_size, device=backend.device)
+            shipped.append(summarize_draft(empty, None if job.sampling.is_greedy else empty,
                                            torch.zeros(0, dtype=torch.long, device=backend.device), job.payload))
             continue
         q_rows = torch.stack([q_row for _, q_row, _ in steps])

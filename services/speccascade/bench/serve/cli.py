@@ -44,7 +44,8 @@ from .measure import Breakdown, Concurrency, Load, Paired, PipelinedRequest
 from .report import print_report
 
 # Sampling modes of the paired comparison (`--sampling`): name -> (label, options). `unfiltered` is
-# the OpenAI API's default (temperature 1, no top-p): its rounds carry whole float rows.
+# the OpenAI API's default (temperature 1, no top-p): its rounds carry whole float16 rows (a trained
+# model's as their non-zero values).
 PAIRED_SAMPLINGS = {
     "greedy": ("greedy", dict(temperature=0.0)),
     "nucleus": ("T=0.7, top-p 0.95", dict(temperature=0.7, top_p=0.95)),
@@ -54,7 +55,7 @@ PAIRED_SAMPLINGS = {
 WIRE_MODES = {
     "greedy (ids + max q)": dict(temperature=0.0),
     "top-p 0.95, T=0.7 (sparse rows)": dict(temperature=0.7, top_p=0.95),
-    "T=1.0 (full float16 rows)": dict(temperature=1.0),
+    "T=1.0 (float16 rows: dense, or their non-zeros)": dict(temperature=1.0),
 }
 
 
