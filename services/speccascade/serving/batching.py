@@ -199,12 +199,12 @@ class ContinuousBatcher(Generic[Item, Result]):
 
     def _prefills_apart(self, queued: Queued) -> bool:
         """Whether the call's uncached context goes through prefill passes before it joins a batch:
-        when it is long (over `Prefill.threshold`), unless the call is alone with it — no other
-        session on the replica decoding or waiting for its prefill — and it fits one pass's whole
-        budget (`Prefill.whole`). Such a call runs in one pass of its own, as
-        in-process: a short prompt and the first block in one verify pass rather than a prefill
-        pass and then a verify pass, each of which reads every weight (nobody's step waits behind
-        it but a call that arrives meanwhile, as behind a prefill pass of the same budget)."""
+        when it is long (over `Prefill.threshold`), unless the call is alone with it (no other
+        session on the replica decoding or waiting for its prefill) and it fits one pass's whole
+        budget (`Prefill.whole`). Such a call runs in one pass of its own, as in-process: a short
+        prompt and the first block in one verify pass rather than a prefill pass and then a verify
+        pass, each of which reads every weight. Nobody's step waits behind it but a call that
+        arrives meanwhile, as it would behind a prefill pass of the same budget."""
         if self.prefill is None:
             return False
         pending = self.prefill.pending(queued.item)
