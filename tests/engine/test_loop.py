@@ -104,7 +104,7 @@ class PrefillingExpert(LocalExpert):
         super().__init__(backend)
         self.events, self.fails = events, fails
 
-    async def prefill(self, prompt, rule, alpha, sampling, seed, gamma):
+    async def prefill(self, prompt, rule, alpha, sampling, seed):
         from speccascade.engine.backends import ScoreJob
         from speccascade.engine.blocks import CallReport
 

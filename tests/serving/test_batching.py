@@ -180,54 +180,6 @@ def test_while_no_stream_decodes_a_pass_budget_is_shared_by_the_prompts_waiting(
     assert passes == [["long0", "long1", "long2"]] * 2 and shares == [CHUNK, CHUNK]
 
 
-def test_a_call_alone_with_a_context_that_fits_the_whole_budget_runs_in_one_pass():
-    """Nothing else live on the replica: a prompt of two chunks under a whole budget of three runs
-    as its call's own batch (prompt and block in one pass, as in-process), not a prefill pass and
-    then a batch. With a stream live it is prefilled apart; and one queued alone that has company
-    by the time its batch forms is prefilled apart after all, the stream's step not made to wait
-    for (or padded to) a whole prompt."""
-    sessions: set[str] = set()
-
-    def run(model, scenario_steps):
-        async def scenario():
-            b = batcher(model, prompts=3, live=lambda: sorted(sessions))
-            await scenario_steps(b)
-            sessions.clear()
-
-        asyncio.run(scenario())
-        return model.log
-
-    async def alone(b):
-        sessions.add("long")
-        assert (await b.submit("long"))[0] == "LONG"
-
-    assert run(Model(chunks_per_prompt=2), alone) == [("batch", ["long"])]
-    too_long = Model(chunks_per_prompt=4)  # 80 tokens over a whole budget of 60: two passes, then the batch
-    assert run(too_long, alone) == [("chunk", ["long"]), ("chunk", ["long"]), ("batch", ["long"])]
-
-    async def beside_a_stream(b):
-        sessions.update({"s", "long"})
-        prompt = asyncio.create_task(b.submit("long"))
-        for step in range(2):
-            assert (await b.submit(f"s.{step}"))[0] == f"S.{step}"
-        assert (await prompt)[0] == "LONG"
-
-    log = run(Model(chunks_per_prompt=2), beside_a_stream)
-    assert [kind for kind, _ in log].count("chunk") == 2 and log[-1] == ("batch", ["long"])
-
-    async def company_before_the_batch(b):
-        sessions.add("long")
-        prompt = asyncio.create_task(b.submit("long"))
-        await asyncio.sleep(0)  # queued alone: ready to run whole
-        sessions.add("s")
-        step = asyncio.create_task(b.submit("s.0"))  # arrives before the batch forms
-        assert (await step)[0] == "S.0" and (await prompt)[0] == "LONG"
-
-    log = run(Model(chunks_per_prompt=2), company_before_the_batch)
-    assert ("batch", ["s.0"]) in log and [kind for kind, _ in log].count("chunk") == 2
-    assert log[-1] == ("batch", ["long"])
-
-
 def test_calls_of_an_ended_session_are_dropped_before_they_run():
     model = Model()
     ended: set[str] = set()

@@ -272,9 +272,9 @@ def test_an_early_prefill_is_a_verify_of_an_empty_block_after_the_prompt_and_onl
     tier = RecordingTier()
     expert = RemoteExpert(tier, "s1", Transport(), tag="lossless")
     short = list(range(3, 3 + PREFILL_THRESHOLD))
-    assert asyncio.run(expert.prefill(short, Rule.LOSSLESS, 0.0, GREEDY, 1, 5)) is None and tier.calls == []
+    assert asyncio.run(expert.prefill(short, Rule.LOSSLESS, 0.0, GREEDY, 1)) is None and tier.calls == []
     prompt = list(range(3, 3 + PREFILL_THRESHOLD + 1))
-    report = asyncio.run(expert.prefill(prompt, Rule.TOKEN, 0.3, GREEDY, 1, 5))
+    report = asyncio.run(expert.prefill(prompt, Rule.TOKEN, 0.3, GREEDY, 1))
     (method, call), = tier.calls
     assert method == "verify" and call.block == EMPTY_BLOCK and call.start == len(prompt)
     assert call.delta.tokens.tolist() == prompt and (call.rule, call.alpha, call.seed) == (Rule.TOKEN, 0.3, 1)
@@ -282,17 +282,3 @@ def test_an_early_prefill_is_a_verify_of_an_empty_block_after_the_prompt_and_onl
     block = DraftedBlock(tokens=(9, 9), max_q=np.array([0.5, 0.5], dtype=np.float32))
     asyncio.run(expert.verify(prompt + [9, 9], len(prompt), block, Rule.TOKEN, 0.3, GREEDY, 1))
     assert tier.calls[-1][1].delta.position == len(prompt) and tier.calls[-1][1].delta.tokens.tolist() == [9, 9]
-
-
-def test_where_the_tiers_take_turns_a_prompt_that_fits_one_pass_with_its_block_is_left_to_the_first_verify():
-    """On shared cores the early prefill cannot run beside the draft; the first verify carries the
-    prompt and the expert's replica, alone with it, runs both in one pass."""
-    from speccascade.options import GREEDY, Rule
-    from speccascade.serving.clients import RemoteExpert
-
-    tier = RecordingTier()
-    expert = RemoteExpert(tier, "s1", Transport(), tag="lossless", one_pass_tokens=40)
-    assert asyncio.run(expert.prefill(list(range(3, 38)), Rule.LOSSLESS, 0.0, GREEDY, 1, 5)) is None  # 35 + 5
-    assert tier.calls == []
-    asyncio.run(expert.prefill(list(range(3, 39)), Rule.LOSSLESS, 0.0, GREEDY, 1, 5))  # 36 + 5: two passes
-    assert [method for method, _ in tier.calls] == ["verify"]

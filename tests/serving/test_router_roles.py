@@ -16,12 +16,9 @@ def test_a_requests_drafter_overlaps_the_expert_unless_the_tiers_take_turns(tiny
     """With both tiers locking one `cpu_lock_file`, a drafter pass never runs beside an expert pass:
     the request's drafter says so, and auto pipelining stays off for it (`PipelineGovernor`)."""
     config = AppConfig.model_validate(app_args(*tiny_pair, drafter={"cpu_lock_file": lock},
-                                               expert={"cpu_lock_file": lock, "prefill_chunk_tokens": 32,
-                                                       "prefill_pass_prompts": 4}))
+                                               expert={"cpu_lock_file": lock}))
     core = RouterCore(UncalledTierHandle("Drafter"), UncalledTierHandle("Expert"), config)
     drafter, expert = core.roles("-/session", Transport(), tag="lossless", share=DEFAULT_SHARE)
     assert drafter.computes_apart
     assert drafter.overlaps_expert is (lock is None)
-    # Taking turns, a prompt that fits one expert pass with its first block is not prefilled early.
-    assert expert.one_pass_tokens == (None if lock is None else 128)
     assert drafter.session_id == expert.session_id == "-/session"

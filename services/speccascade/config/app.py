@@ -122,8 +122,7 @@ class TierConfig(StrictModel):
                     "of new prompts in fewer, larger passes (a pass's fixed cost, reading the weights, is paid once "
                     "for all), while a running stream's step may wait for that larger pass. While no stream decodes "
                     "on the replica, a pass feeds prefill_chunk_tokens x this many, shared evenly by the prompts "
-                    "waiting (a lone prompt gets all of it), and a call alone with a context that short runs in one "
-                    "pass, as in-process.")
+                    "waiting (a lone prompt gets all of it).")
     kv_cache_budget_mb: int = Field(1024, ge=1, description="KV cache memory per replica before LRU eviction.")
     drain_timeout_s: float = Field(
         30.0, ge=0, le=3600,
@@ -203,12 +202,6 @@ class TierConfig(StrictModel):
                 f"max_batch_size)"
             )
         return self
-
-    @property
-    def one_pass_tokens(self) -> int:
-        """The most uncached context tokens one pass feeds while no stream decodes on the replica:
-        a lone prompt's prefill pass, or a call alone with a context this short, run whole."""
-        return self.prefill_chunk_tokens * self.prefill_pass_prompts
 
     def sequence_limit(self, model_window: int) -> int:
         """Longest sequence this tier holds of a model with `model_window` positions: the window,

@@ -190,7 +190,7 @@ class _BatchedExpert:
         return outcome, CallReport(forward_s=times.forward_s, decide_s=times.decide_s,
                                    wall_s=times.forward_s + times.decide_s)
 
-    async def prefill(self, prompt, rule, alpha, sampling, seed, gamma) -> None:
+    async def prefill(self, prompt, rule, alpha, sampling, seed) -> None:
         return None  # the batches run one model at a time: the first verify prefills
 
 

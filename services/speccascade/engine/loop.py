@@ -186,7 +186,7 @@ class _Prefill:
 
     def __init__(self, expert: ExpertRole, prompt: list[int], request: GenerationRequest):
         self.task = asyncio.ensure_future(expert.prefill(list(prompt), request.rule, request.alpha, request.sampling,
-                                                         request.seed, request.block_size))
+                                                         request.seed))
 
     async def wait(self, record: RoundRecord) -> None:
         """Until the prompt is cached; counts what the prefill cost into `record`. A prefill that

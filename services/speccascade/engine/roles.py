@@ -47,11 +47,10 @@ class ExpertRole(Protocol):
         tokens' logprobs with the top k; `prompt_logprobs` (k): those of sequence[1:start] too."""
 
     async def prefill(self, prompt: Sequence[int], rule: Rule, alpha: float, sampling: SamplingParams,
-                      seed: int, gamma: int) -> CallReport | None:
-        """Cache `prompt` ahead of the first verify (of `gamma` drafted tokens), while the drafter
-        drafts the first block: an expert with compute of its own (a tier) works through the prompt
-        meanwhile. Returns what it cost, or None where nothing was sent (in-process the first verify
-        prefills)."""
+                      seed: int) -> CallReport | None:
+        """Cache `prompt` ahead of the first verify, while the drafter drafts the first block: an
+        expert with compute of its own (a tier) works through the prompt meanwhile. Returns what it
+        cost, or None where nothing was sent (in-process the first verify prefills)."""
 
 
 class _Local:
@@ -86,5 +85,5 @@ class LocalExpert(_Local):
         return outcome, CallReport(forward_s=work.forward_s, decide_s=work.decide_s,
                                   wall_s=time.perf_counter() - started)
 
-    async def prefill(self, prompt, rule, alpha, sampling, seed, gamma) -> None:
+    async def prefill(self, prompt, rule, alpha, sampling, seed) -> None:
         return None  # one process, one model at a time: nothing would run beside the draft

@@ -17,11 +17,8 @@ for at most one such pass, and a burst of new prompts is prefilled several to a 
 one chunk of one prompt per batch. While no stream is decoding on the replica (every session it
 serves waits for its prefill: `Prefill.live`), nobody's step waits behind a pass, and a pass's
 whole budget (`Prefill.prompts` chunks) is shared evenly by the prompts waiting: a lone prompt is
-prefilled in a few large passes rather than many small ones, each of which reads every weight;
-and a call alone on the replica whose whole context fits that budget runs in one pass of its own
-(`_prefills_apart`), as in-process: a short prompt and the first block verified in one pass, not
-a prefill pass and then a verify pass. Once its context is cached, a call joins the batches like
-any other.
+prefilled in a few large passes rather than many small ones, each of which reads every weight.
+Once its context is cached, a call joins the batches like any other.
 
 Which queued calls make the next batch (and which prompt gets the next chunk) is decided by
 weighted fair queueing across tenants (`tenancy.FairQueue`; each call says whose share it is), so a
@@ -111,11 +108,6 @@ class Prefill(Generic[Item]):
     # some stream is always decoding.
     live: Callable[[], Iterable[Hashable]] | None = None
 
-    @property
-    def whole(self) -> int:
-        """A pass's whole budget (`budget` x `prompts`), what it feeds while no stream decodes."""
-        return self.budget * self.prompts
-
 
 @dataclass(eq=False)
 class Queued(Generic[Item]):
@@ -189,29 +181,13 @@ class ContinuousBatcher(Generic[Item, Result]):
                 older.future.exception()  # retrieved: nobody awaits a superseded call any more
             self._latest[key] = queued
             queued.future.add_done_callback(lambda _, key=key: self._forget(key, queued))
-        if self._prefills_apart(queued):
+        if self.prefill is not None and self.prefill.pending(item) > self.prefill.threshold:
             queued.prefilling = True
             self._prefilling.push(queued, share)
         else:
             self._ready.push(queued, share)
         self._arrived.set()
         return await queued.future, queued
-
-    def _prefills_apart(self, queued: Queued) -> bool:
-        """Whether the call's uncached context goes through prefill passes before it joins a batch:
-        when it is long (over `Prefill.threshold`), unless the call is alone with it (no other
-        session on the replica decoding or waiting for its prefill) and it fits one pass's whole
-        budget (`Prefill.whole`). Such a call runs in one pass of its own, as in-process: a short
-        prompt and the first block in one verify pass rather than a prefill pass and then a verify
-        pass, each of which reads every weight. Nobody's step waits behind it but a call that
-        arrives meanwhile, as it would behind a prefill pass of the same budget."""
-        if self.prefill is None:
-            return False
-        pending = self.prefill.pending(queued.item)
-        if pending <= self.prefill.threshold:
-            return False
-        return (pending > self.prefill.whole or bool(self._prefilling or self._chunking)
-                or self._decoding(besides=queued))
 
     def _forget(self, key: Hashable, queued: Queued) -> None:
         if self._latest.get(key) is queued:
@@ -241,16 +217,8 @@ class ContinuousBatcher(Generic[Item, Result]):
         taken: list[Queued] = []
         while self._ready and len(taken) < self.max_batch_size:
             queued = self._ready.pop()
-            if not self._alive(queued):
-                continue
-            if self._prefills_apart(queued):
-                # Queued alone with its long context, it has company now (or its cache was evicted):
-                # prefilled apart after all, so that no other row waits for (or, on a GPU, is padded
-                # to) a whole prompt.
-                queued.prefilling = True
-                self._prefilling.push(queued, queued.share)
-                continue
-            taken.append(queued)
+            if self._alive(queued):
+                taken.append(queued)
         return taken
 
     def _next_prefill(self) -> tuple[list[Queued], int, int]:
@@ -268,7 +236,7 @@ class ContinuousBatcher(Generic[Item, Result]):
         if self._decoding():
             budget, share = chunk * min(waiting, self.prefill.prompts), chunk
         else:
-            budget = self.prefill.whole
+            budget = chunk * self.prefill.prompts
             share = max(chunk, -(-budget // waiting))
         tokens = sum(min(self.prefill.pending(queued.item), share) for queued in self._chunking)
         while self._prefilling and tokens < budget:
@@ -278,15 +246,12 @@ class ContinuousBatcher(Generic[Item, Result]):
                 tokens += min(self.prefill.pending(queued.item), share)
         return self._chunking, budget, share
 
-    def _decoding(self, besides: Queued | None = None) -> bool:
-        """Whether some session on the replica (other than `besides`' own) is past its prefill (or
-        might be: `Prefill.live` not given), so that its next step would wait behind a prefill pass."""
+    def _decoding(self) -> bool:
+        """Whether some session on the replica is past its prefill (or might be: `Prefill.live` not
+        given), so that its next step would wait behind a prefill pass."""
         if self.prefill.live is None or self.session_of is None:
             return True
-        own = None if besides is None else self.session_of(besides.item)
         for key in self.prefill.live():
-            if key == own:
-                continue
             latest = self._latest.get(key)
             if latest is None or not latest.prefilling:
                 return True

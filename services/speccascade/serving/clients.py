@@ -258,14 +258,7 @@ class RemoteDrafter(_Remote):
 
 
 class RemoteExpert(_Remote):
-    """The expert role over the expert tier, for one request. `one_pass_tokens`: where the tiers'
-    passes take turns on shared cores, the most uncached context tokens the expert's replica runs
-    in one pass for a call it has alone (`TierConfig.one_pass_tokens`); None elsewhere."""
-
-    def __init__(self, tier: TierClient, session_id: str, transport: Transport, *, tag: str,
-                 share: Share = DEFAULT_SHARE, one_pass_tokens: int | None = None):
-        super().__init__(tier, session_id, transport, tag=tag, share=share)
-        self.one_pass_tokens = one_pass_tokens
+    """The expert role over the expert tier, for one request."""
 
     async def verify(self, sequence: Sequence[int], start: int, block: DraftedBlock, rule: Rule, alpha: float,
                      sampling: SamplingParams, seed: int, *, logprobs: int | None = None,
@@ -276,19 +269,14 @@ class RemoteExpert(_Remote):
         return reply.outcome, report
 
     async def prefill(self, prompt: Sequence[int], rule: Rule, alpha: float, sampling: SamplingParams,
-                      seed: int, gamma: int) -> CallReport | None:
+                      seed: int) -> CallReport | None:
         """A verify of an empty block after the prompt, sent while the drafter drafts: the tier
         prefills the prompt in chunks as it would for the first verify, now in its own turns beside
         the drafter's, and answers once it is cached (its answer, the expert's next token, is not
         used). The first verify then feeds just its block. A prompt the tier would not prefill
         apart (`PREFILL_THRESHOLD` tokens or fewer) is left to the first verify: prefilling it early
-        would cost a pass of its own. So is one that, with the first block, fits one pass of an
-        expert whose passes take turns with the drafter's (`one_pass_tokens`): there the prefill
-        could not run beside the draft anyway, and a replica that has the call alone runs prompt
-        and block in one pass, as in-process, instead of a prefill pass and a verify pass."""
+        would cost a pass of its own."""
         if len(prompt) <= PREFILL_THRESHOLD:
-            return None
-        if self.one_pass_tokens is not None and len(prompt) + gamma <= self.one_pass_tokens:
             return None
         _, report = await self._exchange("verify", prompt, lambda delta: VerifyCall(
             self.session_id, delta, len(prompt), EMPTY_BLOCK, rule, alpha, sampling, seed, self.share), len(prompt))

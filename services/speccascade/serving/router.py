@@ -237,9 +237,7 @@ class RouterCore:
         shared cores, its drafter says it cannot overlap the expert (auto pipelining stays off)."""
         return (RemoteDrafter(self.drafter, session_id, transport, tag=tag, share=share,
                               overlaps_expert=not self.config.tiers_take_turns),
-                RemoteExpert(self.expert, session_id, transport, tag=tag, share=share,
-                             one_pass_tokens=self.config.expert.one_pass_tokens if self.config.tiers_take_turns
-                             else None))
+                RemoteExpert(self.expert, session_id, transport, tag=tag, share=share))
 
     async def serve_request(self, admitted: Admitted) -> AsyncIterator[tuple[GenerationChunk, Transport]]:
         """An admitted request decoded in its fair turn, its output charged to its quota, its
