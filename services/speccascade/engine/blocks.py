@@ -259,8 +259,9 @@ def full_rows(rows: Tensor, name: str) -> dict[str, Tensor]:
 
 
 def dense_rows(values: np.ndarray, ids: np.ndarray | None, vocab_size: int, device: torch.device | str) -> Tensor:
-    """The float16 rows `full_rows` shipped, as float32 [gamma, V] on `device`: exactly the dense
-    rows' values (padding adds 0 to a value or to 0)."""
+    """Rows shipped as `values` at `ids` ([gamma, k], padded with value 0; the sparse top-k/top-p
+    rows, or `full_rows`' float16 ones), or as dense `values` (ids None), as float32 [gamma, V] on
+    `device`: exactly the shipped values (padding adds 0 to a value or to 0)."""
     values_on = torch.from_numpy(values).to(device).float()
     if ids is None:
         return values_on
@@ -293,9 +294,7 @@ def densify(block: DraftedBlock, vocab_size: int, device: torch.device | str) ->
         q = rest.unsqueeze(-1).expand(gamma, vocab_size).clone()
         q.scatter_(-1, tokens, max_q.view(-1, 1))
     if block.sample_indices is not None:
-        q_sample = torch.zeros(gamma, vocab_size, device=device)
-        q_sample.scatter_add_(-1, torch.from_numpy(block.sample_indices).to(device).long(),
-                              torch.from_numpy(block.sample_values).to(device))
+        q_sample = dense_rows(block.sample_values, block.sample_indices, vocab_size, device)
     elif block.sample_full is not None:
         q_sample = dense_rows(block.sample_full, block.sample_full_ids, vocab_size, device)
         q_sample = q_sample / q_sample.sum(dim=-1, keepdim=True)
