@@ -51,3 +51,44 @@ def test_a_core_without_tenants_starts_no_reloads(tiny_pair):
         return started
 
     assert asyncio.run(scenario()) is None
+
+
+def test_the_load_is_posted_from_the_replicas_start_not_its_first_request(tiny_pair, monkeypatch):
+    """The status board's actor is a Ray worker process: made when the replica starts, its start-up
+    does not share the cores with the first request's passes."""
+    from types import SimpleNamespace
+
+    from ray import serve
+    from speccascade.serving import router
+    from speccascade.status_board import PIPELINE, TENANT_LOAD
+
+    posts = []
+
+    class RecordingPoster:
+        def __init__(self, app_name):
+            self.app_name = app_name
+
+        def post(self, topic, source, record):
+            posts.append((self.app_name, topic, source, record))
+
+    context = SimpleNamespace(app_name="app", replica_id=SimpleNamespace(unique_id="replica-1"))
+    monkeypatch.setattr(router, "StatusPoster", RecordingPoster)
+
+    async def scenario():
+        core = RouterCore(tier_handle("Drafter"), tier_handle("Expert"), AppConfig.model_validate(app_args(*tiny_pair)))
+        monkeypatch.setattr(serve, "get_replica_context", lambda: context)  # the core now runs as a replica
+        core.start()
+        publisher = core._load_publisher
+        for _ in range(100):  # no request
+            if len(posts) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        core.close()
+        await asyncio.sleep(0)
+        return publisher
+
+    publisher = asyncio.run(scenario())
+    assert [(app, topic, source) for app, topic, source, _ in posts[:2]] == [
+        ("app", TENANT_LOAD, "replica-1"), ("app", PIPELINE, "replica-1")]
+    assert posts[0][3]["active"] == {}  # nothing in flight yet
+    assert publisher.cancelled()  # nothing left running
