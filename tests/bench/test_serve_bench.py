@@ -28,7 +28,7 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     out = tmp_path / "serve.json"
     command = [sys.executable, "-m", "speccascade.cli", "bench", "serve", "--drafter", drafter, "--expert", expert,
                "--dtype", "fp32", "--prompts", "2", "--sampling", "greedy,unfiltered", "--max-new-tokens", "12",
-               "--streams", "1,2",
+               "--streams", "1,2", "--requests-per-stream", "2",
                "--load-streams", "2", "--load-requests", "4", "--load-prompt-tokens", "40",
                "--load-max-new-tokens", "8", "--pipeline", "on,off", "--grpc-port", str(free_port()),
                "--http-port", str(free_port()), "--cpu-lock-file", str(tmp_path / "cpu.lock"),
@@ -69,6 +69,11 @@ def test_bench_serve_on_tiny_models_pairs_in_process_and_served_requests(tiny_mo
     assert local["drafter queue"] == local["expert queue"] == 0
     assert [(c["streams"], c["pipeline"]) for c in report["concurrency"]] == [(1, "on"), (1, "off"), (2, "on"),
                                                                                (2, "off")]
+    # Each stream sent its two requests one after the other (a closed loop): more than one request's
+    # tokens a stream, all finished.
+    assert all(c["requests_per_stream"] == 2 and not c["failures"] and c["tokens"] > 12 * c["streams"]
+               for c in report["concurrency"])
+    assert "2 requests per stream" in done.stdout
     assert all(p["identical"] for p in report["pipelined"])  # pipelining on and off: the same output
     assert all(p["predrafts"]["off"][0] == 0 and p["predrafts"]["on"][0] > 0 for p in report["pipelined"])
     assert report["load"]["finished"] == report["load"]["requests"] == 4
@@ -81,6 +86,15 @@ def test_an_unknown_sampling_mode_is_refused_naming_the_known_ones():
     with pytest.raises(argparse.ArgumentTypeError, match="unknown sampling mode.*topk.*greedy, nucleus, unfiltered"):
         cli._samplings("greedy,topk")
     assert cli._samplings("unfiltered, greedy") == ["unfiltered", "greedy"]
+
+
+def test_requests_per_stream_must_be_positive():
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    assert parser.parse_args(["serve"]).requests_per_stream == 1
+    assert parser.parse_args(["serve", "--requests-per-stream", "3"]).requests_per_stream == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 1, got 0"):
+        cli._positive_int("0")
 
 
 def test_tiers_pinned_to_a_core_each_or_taking_turns():

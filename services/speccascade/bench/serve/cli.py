@@ -9,8 +9,8 @@ same rule, same requests, in one run.
    tokens, expert queueing / forward passes / verification, the tier calls (through Serve or the
    direct channel) and (de)serialisation, and the router's loop itself, read from every request's
    own stats.
-3. Aggregate throughput at 1, 8 and 32 concurrent streams, with the tiers' mean batch sizes and
-   the same split.
+3. Aggregate throughput at 1, 8 and 32 concurrent streams (each sending --requests-per-stream
+   requests one after the other), with the tiers' mean batch sizes and the same split.
 4. With --load-streams: a guidellm-style load (that many streams of --load-prompt-tokens-token
    prompts), against the same prompts one at a time: TTFT and inter-token latency, and whether
    every request finished.
@@ -230,7 +230,8 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
                 progress.update(bar, description=f"bench serve: {streams} concurrent streams, pipelining {mode}")
                 report.concurrency.append(measure.concurrent(
                     target, app, lambda i: build_request(**chat(TASKS[i % len(TASKS)], args.max_new_tokens),
-                                                         pipeline=mode), streams, handles, mode))
+                                                         pipeline=mode), streams, handles, mode,
+                    args.requests_per_stream))
                 progress.advance(bar)
         if args.load_streams:
             from transformers import AutoTokenizer
@@ -258,6 +259,13 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
 
 def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _samplings(text: str) -> list[str]:
@@ -299,6 +307,9 @@ def register(benches) -> None:
                         help=f"sampling modes of the paired comparison, of {', '.join(PAIRED_SAMPLINGS)} "
                              "(default greedy,nucleus; unfiltered: the OpenAI API's defaults, whole rows on the wire)")
     parser.add_argument("--streams", type=_int_list, default=[1, 8, 32], help="concurrent streams (default 1,8,32)")
+    parser.add_argument("--requests-per-stream", type=_positive_int, default=1,
+                        help="requests each concurrent stream sends one after the other (default 1: a burst; more "
+                             "weigh the burst's start and its stragglers' end less, as a steady load)")
     parser.add_argument("--load-streams", type=int, default=0, help="a load of this many concurrent streams")
     parser.add_argument("--load-prompt-tokens", type=int, default=128)
     parser.add_argument("--load-requests", type=int, default=16)

@@ -97,6 +97,7 @@ class Concurrency:
     # Per tier: its forward passes by how they ran (graph, eager, wide, uncaptured: `STEP_KINDS`) and
     # the sessions that lost their static slot to another's (slot_evictions).
     tier_steps: dict[str, dict[str, int]] = field(default_factory=dict)
+    requests_per_stream: int = 1  # sent one after the other by each stream (a closed loop)
 
     @property
     def tokens_per_s(self) -> float:
@@ -190,8 +191,13 @@ def run_pipelined(client, requests: Sequence[tuple[str, str, dict]], modes: Sequ
 
 
 def concurrent(target: str, app: str, build: Callable[[int], object], streams: int, handles,
-               pipeline: str = "off") -> Concurrency:
-    """`streams` requests at once, one per client thread; a stream that fails is counted, not timed."""
+               pipeline: str = "off", requests_per_stream: int = 1) -> Concurrency:
+    """`streams` client threads at once, each sending `requests_per_stream` requests one after the
+    other (a closed loop, as load tools run a fixed concurrency); stream `i`'s `j`-th request is
+    `build(i + j)`. With one request per stream the figure is a burst's: all prompts arrive together
+    and the wall time runs to the slowest stream's last round, while the others have finished and
+    the batch shrinks; more requests per stream weigh those edges less, as a service's steady load
+    would. A stream that fails is counted, not timed, and sends no more."""
     import grpc
 
     from ...api.client import SpecCascadeClient
@@ -203,15 +209,16 @@ def concurrent(target: str, app: str, build: Callable[[int], object], streams: i
     lock = threading.Lock()
 
     def one(index: int) -> None:
-        try:
-            with SpecCascadeClient(target, application=app) as client:
-                timed = Timed(client.stream(build(index)))
-        except grpc.RpcError as error:
-            with lock:
-                failures.append(f"{error.code().name}: {error.details()}")
-            return
-        with lock:
-            results.append(timed)
+        with SpecCascadeClient(target, application=app) as client:
+            for sent in range(requests_per_stream):
+                try:
+                    timed = Timed(client.stream(build(index + sent)))
+                except grpc.RpcError as error:
+                    with lock:
+                        failures.append(f"{error.code().name}: {error.details()}")
+                    return
+                with lock:
+                    results.append(timed)
 
     started = time.perf_counter()
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
@@ -238,7 +245,7 @@ def concurrent(target: str, app: str, build: Callable[[int], object], streams: i
     faults = {name: g["page_faults"] / rounds for name, g in grew.items()}
     return Concurrency(streams, sum(t.timing.tokens for t in results), wall, 1e3 * percentile(gaps, 0.5),
                        means["Drafter"], means["Expert"], breakdown, pipeline, predrafts, failures, faults, activity,
-                       steps)
+                       steps, requests_per_stream)
 
 
 def synthetic_prompt(tokenizer, tokens: int, seed: int) -> str:

@@ -79,7 +79,9 @@ def print_report(report) -> None:
                           f" ({used / max(made, 1):.0%}), {wasted} drafter steps wasted; identical outputs "
                           f"{sum(p.identical for p in report.pipelined)}/{len(report.pipelined)}")
     if report.concurrency:
-        table = Table(title="aggregate throughput (served)")
+        per_stream = report.concurrency[0].requests_per_stream
+        table = Table(title="aggregate throughput (served" + (f"; {per_stream} requests per stream, one after the other)"
+                                                             if per_stream > 1 else ")"))
         for column in ("streams", "pipelining", "finished", "tokens", "wall s", "tokens/s", "x vs 1",
                        "per-token p50 ms", "pre-drafts used", "drafter batch", "expert batch"):
             table.add_column(column, justify="right")
