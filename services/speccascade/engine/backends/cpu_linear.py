@@ -2,17 +2,20 @@
 
 torch computes an fp32 `nn.Linear` on the CPU with its BLAS's sgemm (MKL in the x86 wheels). For
 the few rows a decoding pass feeds (one token a row in a draft step, γ + 1 in a verify, a handful of
-sessions) that is far from the weights' memory traffic on an AMD EPYC with AVX2 only: a
-[8960 × 1536] projection (Qwen2.5-1.5B's MLP) takes 3.5 ms for one row and 12.5 ms for six, where
-reading the weights once bounds both near 2.4 ms; the 151,936-row output layer 49 and 194 ms. oneDNN's
-own fp32 matmul, on the same dense weights (no repacked copy), takes 2.4 and 4.3 ms, and 36 and
-72 ms (2 threads, BENCHMARKS.md "fp32 linears through oneDNN"). Both sum in fp32 with fused
-multiply-adds over the same order; their outputs were bitwise equal in every shape measured
-(tests/engine/test_cpu_linear.py checks them against `torch.nn.functional.linear`).
+sessions) that is slow on an AMD EPYC with AVX2 only, where each such pass should cost little more
+than reading the weights once: a [8960 × 1536] projection (Qwen2.5-1.5B's MLP) takes 3.5 ms for one
+row and 12.5 ms for six, the 151,936-row output layer 49 and 194 ms. oneDNN's own fp32 matmul, on
+the same dense weights (no repacked copy), takes 2.4 and 4.3 ms, and 36 and 72 ms (2 threads,
+BENCHMARKS.md "fp32 linear layers through oneDNN"). It is the same fp32 arithmetic summed in
+another order: outputs within fp32 rounding of torch's (~1e-6 relative; neither kernel gives a row
+the same bits in batches of different sizes, tests/engine/test_cpu_linear.py). Small layers keep the
+BLAS: below `MIN_WEIGHT_ELEMENTS` their weights sit in cache and oneDNN's ~0.06 ms a call of its own
+costs more than it saves (a 0.5B key/value projection, one row: 0.02 ms by the BLAS, 0.08 by oneDNN).
 
-`use_onednn_linear(model)` switches every `nn.Linear` of an fp32 CPU model to it (the module's
-class becomes `OneDnnLinear`: same parameters, same state dict); other dtypes and devices keep
-torch's own path (bf16 already goes through oneDNN; CUDA has cuBLAS). Both the in-process engine and
+`use_onednn_linear(model)` switches the larger `nn.Linear` layers of an fp32 CPU model to it (the
+module's class becomes `OneDnnLinear`: same parameters, same state dict); other dtypes and devices keep
+torch's own path (bf16, which `dtype: auto` picks only on CPUs with bf16 matrix units, already goes
+through oneDNN there; CUDA has cuBLAS). Both the in-process engine and
 the tiers build their models through `ModelBackend`, so both run the same kernels.
 """
 
@@ -20,6 +23,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+# Layers with fewer weights keep the BLAS (see above): the key/value projections of Qwen2.5-0.5B and
+# -1.5B (115k and 393k weights) stay, their query/output projections (803k, 2.4M) switch.
+MIN_WEIGHT_ELEMENTS = 1 << 19
 
 
 def onednn_linear_available() -> bool:
@@ -35,7 +42,8 @@ class OneDnnLinear(nn.Linear):
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 (nn.Linear's parameter name)
         weight = self.weight
         if input.dtype != torch.float32 or weight.dtype != torch.float32 or input.device.type != "cpu" \
-                or weight.device.type != "cpu" or (torch.is_grad_enabled() and weight.requires_grad):
+                or weight.device.type != "cpu" or not weight.is_contiguous() \
+                or (torch.is_grad_enabled() and weight.requires_grad):
             return super().forward(input)
         rows = input.reshape(-1, input.shape[-1])
         output = torch.ops.mkldnn._linear_pointwise(rows, weight, self.bias, "none", [], "")
@@ -43,14 +51,15 @@ class OneDnnLinear(nn.Linear):
 
 
 def use_onednn_linear(model: nn.Module) -> int:
-    """Switch the `nn.Linear` layers of an fp32 model on the CPU to `OneDnnLinear`; the number of
-    layers switched (0 for another dtype or device, or a torch without oneDNN)."""
+    """Switch the `nn.Linear` layers of an fp32 model on the CPU with at least `MIN_WEIGHT_ELEMENTS`
+    weights to `OneDnnLinear`; the number of layers switched (0 for another dtype or device, or a
+    torch without oneDNN)."""
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu" or first.dtype != torch.float32 or not onednn_linear_available():
         return 0
     switched = 0
     for module in model.modules():
-        if type(module) is nn.Linear:
+        if type(module) is nn.Linear and module.weight.numel() >= MIN_WEIGHT_ELEMENTS:
             module.__class__ = OneDnnLinear
             switched += 1
     return switched
