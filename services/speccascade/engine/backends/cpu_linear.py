@@ -7,19 +7,23 @@ than reading the weights once: a [8960 × 1536] projection (Qwen2.5-1.5B's MLP) 
 row and 12.5 ms for six, the 151,936-row output layer 49 and 194 ms. oneDNN's own fp32 matmul, on
 the same dense weights (no repacked copy), takes 2.4 and 4.3 ms, and 36 and 72 ms (2 threads,
 BENCHMARKS.md "fp32 linear layers through oneDNN"). It is the same fp32 arithmetic summed in
-another order: outputs within fp32 rounding of torch's (~1e-6 relative; neither kernel gives a row
-the same bits in batches of different sizes, tests/engine/test_cpu_linear.py). Small layers keep the
-BLAS: below `MIN_WEIGHT_ELEMENTS` their weights sit in cache and oneDNN's ~0.06 ms a call of its own
-costs more than it saves (a 0.5B key/value projection, one row: 0.02 ms by the BLAS, 0.08 by oneDNN).
+another order: outputs within fp32 rounding of torch's (~1e-6 relative, tests/engine/
+test_cpu_linear.py; neither kernel gives a row the same bits in batches of different sizes). Small
+layers keep the BLAS: below `MIN_WEIGHT_ELEMENTS` their weights sit in cache and oneDNN's ~0.06 ms
+a call of its own costs more than it saves (a 0.5B key/value projection, one row: 0.02 ms by the
+BLAS, 0.08 by oneDNN).
 
-`use_onednn_linear(model)` switches the larger `nn.Linear` layers of an fp32 CPU model to it (the
-module's class becomes `OneDnnLinear`: same parameters, same state dict); other dtypes and devices keep
-torch's own path (bf16, which `dtype: auto` picks only on CPUs with bf16 matrix units, already goes
-through oneDNN there; CUDA has cuBLAS). Both the in-process engine and
-the tiers build their models through `ModelBackend`, so both run the same kernels.
+On x86-64 (other CPUs keep their BLAS: not measured), `use_onednn_linear(model)` switches the larger
+`nn.Linear` layers of an fp32 CPU model to it (the module's class becomes `OneDnnLinear`: same
+parameters, same state dict); other dtypes and devices keep torch's own path (bf16, which `dtype:
+auto` picks only on CPUs with bf16 matrix units, already goes through oneDNN there; CUDA has
+cuBLAS). Both the in-process engine and the tiers build their models through `ModelBackend`, so
+both run the same kernels.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +34,10 @@ MIN_WEIGHT_ELEMENTS = 1 << 19
 
 
 def onednn_linear_available() -> bool:
-    """Whether this torch has oneDNN on the CPU and its linear operator (the one torch's own CPU
-    compiler emits for linear layers)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this is an x86-64 CPU (where it was measured; other CPUs keep their BLAS) and torch
+    has oneDNN and its linear operator (the one torch's own CPU compiler emits for linear layers)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available() \
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class OneDnnLinear(nn.Linear):
