@@ -89,7 +89,7 @@ def read_tenant_load(app: str) -> dict:
 
 def format_tenant_load(load: dict) -> str:
     if not load["replicas"]:
-        return "tenants: no router replica has posted yet"
+        return "tenants: no router replica has served a request yet"
     active = ", ".join(f"{tenant or '(no tenants file)'} {count}" for tenant, count in
                        sorted(load["active"].items(), key=lambda item: -item[1])) or "none"
     return (f"tenants: requests in flight {active}; {load['decoding']} decoding, {load['waiting']} waiting for a "
@@ -112,7 +112,7 @@ def read_pipelining(app: str) -> dict:
 def format_pipelining(pipelining: dict) -> str:
     """What pipelining does, and for `auto` why: sessions by state, and the hit rate so far."""
     if not pipelining["replicas"]:
-        return "pipelining: no router replica has posted yet"
+        return "pipelining: no router replica has served a request yet"
     states = ", ".join(f"{count} {state}" for state, count in sorted(pipelining["sessions"].items())) or "no sessions"
     made, used = pipelining["predrafts"], pipelining["predrafts_used"]
     rate = f"{used}/{made} pre-drafts used ({used / made:.0%})" if made else "no pre-drafts yet"

@@ -129,13 +129,8 @@ class RouterCore:
         return SharedQuotas(app_name, tenancy, self.metrics)
 
     def start(self) -> None:
-        """Start the replica's clock-driven work, on the running event loop (`close` stops it): its
-        load posted on the status board from now on, and the tenants file looked at every
-        `tenancy.reload_period_s`, with or without traffic.
-
-        Posting from the start makes the board's actor (a Ray worker process, ~1.4 s of CPU to
-        start) while the replica starts, not beside the first request on the cores its passes use."""
-        self._publish_tenant_load()
+        """Start the replica's clock-driven work, on the running event loop: the tenants file is
+        looked at every `tenancy.reload_period_s`, with or without traffic (`close` stops it)."""
         if self.access.open or self._tenant_reloader is not None:
             return
 
@@ -315,7 +310,7 @@ class RouterCore:
         return self.window_totals.including(self.window.as_dict())
 
     def _publish_tenant_load(self) -> None:
-        """From the replica's start on, TENANT_LOAD_SETTLE_S after each change and every
+        """From the first request on, TENANT_LOAD_SETTLE_S after each change and every
         TENANT_LOAD_PERIOD_S at least: this replica's per-tenant load on the application's status
         board, where `speccascade status` sums the replicas' posts. Posting after changes keeps a
         short request visible; the settling time bounds the posts under heavy churn to two a second."""
