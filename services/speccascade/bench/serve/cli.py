@@ -261,13 +261,6 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _samplings(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in PAIRED_SAMPLINGS]
@@ -280,7 +273,7 @@ def _samplings(text: str) -> list[str]:
 def register(benches) -> None:
     from typing import get_args
 
-    from ...commands.serve import add_tier_process_arguments
+    from ...commands.serve import add_tier_process_arguments, positive_int
     from ...config.app import DTYPE_NAMES, TierTransport
 
     parser = benches.add_parser("serve", help="served (gRPC) vs in-process per request, where a round's time goes, "
@@ -307,7 +300,7 @@ def register(benches) -> None:
                         help=f"sampling modes of the paired comparison, of {', '.join(PAIRED_SAMPLINGS)} "
                              "(default greedy,nucleus; unfiltered: the OpenAI API's defaults, whole rows on the wire)")
     parser.add_argument("--streams", type=_int_list, default=[1, 8, 32], help="concurrent streams (default 1,8,32)")
-    parser.add_argument("--requests-per-stream", type=_positive_int, default=1,
+    parser.add_argument("--requests-per-stream", type=positive_int, default=1,
                         help="requests each concurrent stream sends one after the other (default 1: a burst; more "
                              "weigh the burst's start and its stragglers' end less, as a steady load)")
     parser.add_argument("--load-streams", type=int, default=0, help="a load of this many concurrent streams")
