@@ -12,13 +12,14 @@ import torch
 TOKENIZER_VOCAB = 49152  # SmolLM2's tokenizer
 
 
-def tiny_qwen2(vocab_size: int, *, seed: int, layers: int = 2, hidden: int = 64, context: int = 512):
+def tiny_qwen2(vocab_size: int, *, seed: int, layers: int = 2, hidden: int = 64, context: int = 512,
+               tied: bool = True):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=context, tie_word_embeddings=True,
+        max_position_embeddings=context, tie_word_embeddings=tied,
         # A wide init makes next-token distributions peaked, like a trained model's, so rules
         # that compare confidences take both branches.
         initializer_range=1.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,

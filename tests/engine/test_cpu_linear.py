@@ -1,5 +1,6 @@
 """fp32 linear layers on the CPU through oneDNN (`engine/backends/cpu_linear.py`): a CPU backend of an
-fp32 model switches its larger linear layers, their outputs are torch's own up to fp32 rounding,
+fp32 model switches its larger linear layers, those with a weight of their own to oneDNN's blocked
+layout; their outputs are torch's own up to fp32 rounding, the state dict stays the dense one,
 models and layers it does not apply to are left alone, and autograd still works through a switched
 layer."""
 
@@ -14,6 +15,7 @@ from speccascade.engine.backends.cpu_linear import (
     MIN_WEIGHT_ELEMENTS,
     OneDnnLinear,
     onednn_linear_available,
+    packed_linears,
     use_onednn_linear,
 )
 from torch import nn
@@ -26,11 +28,15 @@ needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this to
 @needs_onednn
 @pytest.mark.parametrize("rows", [1, 2, 6, 8, 40])
 @pytest.mark.parametrize("bias", [True, False])
-def test_a_switched_layer_gives_torchs_own_outputs(rows, bias):
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "blocked"])
+def test_a_switched_layer_gives_torchs_own_outputs(rows, bias, packed):
     torch.manual_seed(rows)
     reference = nn.Linear(96, 200, bias=bias)
     switched = copy.deepcopy(reference)
     switched.__class__ = OneDnnLinear
+    if packed:
+        switched.pack()
+        assert switched.packed and switched.weight.is_mkldnn
     x = torch.randn(rows, 3, 96)  # a batch of rows, a few tokens each: leading dimensions kept
     with torch.inference_mode():
         expected, got = reference(x), switched(x)
@@ -56,6 +62,55 @@ def test_an_fp32_cpu_backend_switches_its_larger_linears_and_scores_as_before(ti
         torch.testing.assert_close(backend.model(input_ids=ids).logits, plain(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
     assert set(backend.model.state_dict()) == set(plain.state_dict())  # same parameters, same names
+    # The output layer shares its weight with the token embedding (tied): it runs on the dense weight.
+    assert backend.packed_linears == 0 and not backend.model.get_output_embeddings().packed
+
+
+@needs_onednn
+def test_a_layer_with_its_own_weight_runs_on_the_blocked_layout_and_keeps_a_dense_state_dict():
+    model = tiny_qwen2(10_000, seed=4, tied=False)  # its output layer, 10,000 x 64, is the one large layer
+    plain = copy.deepcopy(model)
+    backend = backend_class("hf")(model, name="untied")
+    output = backend.model.get_output_embeddings()
+    assert backend.onednn_linears == backend.packed_linears == 1 == packed_linears(backend.model)
+    assert type(output) is OneDnnLinear and output.weight.is_mkldnn  # the dense weight is not kept beside it
+    assert not backend.model.get_input_embeddings().weight.is_mkldnn
+    ids = torch.randint(3, 10_000, (3, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(backend.model(input_ids=ids).logits, plain(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    state, expected = backend.model.state_dict(), plain.state_dict()
+    assert set(state) == set(expected)
+    assert all(not t.is_mkldnn and torch.equal(t, expected[name]) for name, t in state.items())
+
+
+@needs_onednn
+def test_loading_a_state_dict_into_a_blocked_layer_reorders_the_new_weight():
+    layer = nn.Linear(64, 32)
+    layer.__class__ = OneDnnLinear
+    layer.pack()
+    source = nn.Linear(64, 32)
+    layer.load_state_dict(source.state_dict())
+    assert layer.packed
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), source(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_blocked_layer_takes_gradients_and_other_dtypes_through_torchs_own_linear():
+    torch.manual_seed(0)
+    reference = nn.Linear(32, 16)
+    layer = copy.deepcopy(reference)
+    layer.__class__ = OneDnnLinear
+    layer.pack()
+    inputs = torch.randn(3, 32, requires_grad=True)
+    layer(inputs).sum().backward()  # gradients flow to the input (the weight is inference-only)
+    expected = inputs.detach().clone().requires_grad_(True)
+    reference(expected).sum().backward()
+    torch.testing.assert_close(inputs.grad, expected.grad)
+    with pytest.raises(RuntimeError, match="dtype"):  # torch's own error for a float64 input, as nn.Linear gives
+        layer(torch.randn(2, 32, dtype=torch.float64))
 
 
 def test_models_it_does_not_apply_to_are_left_alone():

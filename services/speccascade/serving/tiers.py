@@ -138,7 +138,8 @@ class ModelTier:
         self.cpu_spin = cpu_spin_count()
         log.info("%s tier loaded %s (%s backend, %s, %s%s, %d threads, %s, CPU kernel cache %s, OpenMP spin %s%s)",
                  role, resolved.source, config.backend, self.backend.dtype, self.backend.device,
-                 f", {self.backend.onednn_linears} linear layers on oneDNN" if self.backend.onednn_linears else "",
+                 f", {self.backend.onednn_linears} linear layers on oneDNN ({self.backend.packed_linears} in its blocked "
+                 "layout)" if self.backend.onednn_linears else "",
                  torch.get_num_threads(), describe_allocator(config.allocator, self.allocator),
                  "at the libraries' default" if self.kernel_cache is None else f"{self.kernel_cache} entries",
                  "libgomp's default" if self.cpu_spin is None else self.cpu_spin,

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ...cascade import logits_to_probs
 from .attention import use_grouped_query_sdpa
-from .cpu_linear import use_onednn_linear
+from .cpu_linear import packed_linears, use_onednn_linear
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class ModelBackend(abc.ABC):
         self.grouped_query_sdpa = use_grouped_query_sdpa(self.model)
         # fp32 linear layers on the CPU through oneDNN, not the BLAS's slow few-row sgemm (cpu_linear.py).
         self.onednn_linears = use_onednn_linear(self.model)
+        self.packed_linears = packed_linears(self.model)  # of those, on a weight in oneDNN's blocked layout
         self.name = name
         self.config = model.config
         self.output_rows = int(model.get_output_embeddings().weight.shape[0])
