@@ -1,7 +1,8 @@
-"""The packaged pair in-process with torch's fp32 linear layers (the BLAS) against `OneDnnLinear`,
-prompt by prompt (BLAS, oneDNN, BLAS, ...): per-token latency and whether the outputs are equal.
-Lossless, γ = 5, greedy; one engine, the layers its backends switched put back to `nn.Linear` and
-switched again between runs.
+"""The packaged pair in-process with torch's fp32 linear layers (the BLAS) against `OneDnnLinear` as
+the backends set it up (blocked weights where a weight is a layer's own), prompt by prompt (BLAS,
+oneDNN, BLAS, ...): per-token latency and whether the outputs are equal. Lossless, γ = 5, greedy;
+one engine, the layers its backends switched put back to dense `nn.Linear` and switched again
+between runs. `alternate` runs any such pair of set-ups (packed_ab.py).
 
     .venv/bin/python benchmarks/serve/onednn/in_process_ab.py [PROMPTS [NEW_TOKENS]]
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 from speccascade.bench.workload import TASKS
 from speccascade.engine.backends.cpu_linear import OneDnnLinear
@@ -19,17 +21,16 @@ from speccascade.engine.request import GenerationRequest
 from torch import nn
 
 
-def main(prompts: int = 4, new_tokens: int = 48) -> None:
-    engine = CascadeEngine.load(dtype="auto", progress=False)
-    print(f"dtype {engine.drafter.dtype}; linear layers switched: drafter {engine.drafter.onednn_linears}, "
-          f"expert {engine.expert.onednn_linears}", flush=True)
+def switched_linears(engine: CascadeEngine) -> list[OneDnnLinear]:
+    """The layers the engine's backends switched to oneDNN (the larger ones)."""
+    return [module for backend in (engine.drafter, engine.expert) for module in backend.model.modules()
+            if isinstance(module, OneDnnLinear)]
 
-    switched = [module for backend in (engine.drafter, engine.expert) for module in backend.model.modules()
-                if type(module) is OneDnnLinear]  # the layers the backends switched (the larger ones)
 
-    def linears_as(cls: type[nn.Linear]) -> None:
-        for module in switched:
-            module.__class__ = cls
+def alternate(engine: CascadeEngine, set_up: Callable[[bool], None], names: tuple[str, str], prompts: int,
+              new_tokens: int) -> None:
+    """Each prompt run with `set_up(False)` (`names[0]`) and then `set_up(True)` (`names[1]`): per-token
+    latency of each, the speed-up and whether the outputs are equal; the median speed-up at the end."""
 
     def run(task: str):
         request = GenerationRequest(messages=[{"role": "user", "content": task}], rule="lossless", alpha=0.0,
@@ -42,14 +43,34 @@ def main(prompts: int = 4, new_tokens: int = 48) -> None:
     speedups = []
     for index in range(prompts):
         task = TASKS[index % len(TASKS)]
-        linears_as(nn.Linear)
-        blas_tokens, blas_s = run(task)
-        linears_as(OneDnnLinear)
-        onednn_tokens, onednn_s = run(task)
-        speedups.append(blas_s / onednn_s)
-        print(f"prompt {index}: blas {1e3 * blas_s:.0f} ms/token, onednn {1e3 * onednn_s:.0f} ms/token, "
-              f"x{speedups[-1]:.2f}, identical {blas_tokens == onednn_tokens}", flush=True)
+        set_up(False)
+        before_tokens, before_s = run(task)
+        set_up(True)
+        after_tokens, after_s = run(task)
+        speedups.append(before_s / after_s)
+        print(f"prompt {index}: {names[0]} {1e3 * before_s:.0f} ms/token, {names[1]} {1e3 * after_s:.0f} ms/token, "
+              f"x{speedups[-1]:.2f}, identical {before_tokens == after_tokens}", flush=True)
     print(f"speed-up median {statistics.median(speedups):.2f} [{min(speedups):.2f}-{max(speedups):.2f}]")
+
+
+def main(prompts: int = 4, new_tokens: int = 48) -> None:
+    engine = CascadeEngine.load(dtype="auto", progress=False)
+    print(f"dtype {engine.drafter.dtype}; linear layers switched: drafter {engine.drafter.onednn_linears}, "
+          f"expert {engine.expert.onednn_linears}", flush=True)
+    switched = switched_linears(engine)
+    blocked = [module for module in switched if module.packed]
+
+    def onednn(on: bool) -> None:
+        for module in switched:
+            if on:
+                module.__class__ = OneDnnLinear
+            else:
+                module.unpack()  # nn.Linear runs on the dense weight only
+                module.__class__ = nn.Linear
+        for module in blocked if on else ():
+            module.pack()
+
+    alternate(engine, onednn, ("blas", "onednn"), prompts, new_tokens)
 
 
 if __name__ == "__main__":
