@@ -85,6 +85,23 @@ def test_a_layer_with_its_own_weight_runs_on_the_blocked_layout_and_keeps_a_dens
 
 
 @needs_onednn
+def test_a_torch_that_cannot_reorder_weights_keeps_them_dense_on_onednn(monkeypatch):
+    from speccascade.engine.backends import cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "blocked_layout_available", lambda: False)
+    model = tiny_qwen2(10_000, seed=4, tied=False)
+    plain = copy.deepcopy(model)
+    backend = backend_class("hf")(model, name="untied")
+    output = backend.model.get_output_embeddings()
+    assert backend.onednn_linears == 1 and backend.packed_linears == 0
+    assert type(output) is OneDnnLinear and not output.weight.is_mkldnn
+    ids = torch.randint(3, 10_000, (2, 7))
+    with torch.inference_mode():
+        torch.testing.assert_close(backend.model(input_ids=ids).logits, plain(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
 def test_loading_a_state_dict_into_a_blocked_layer_reorders_the_new_weight():
     layer = nn.Linear(64, 32)
     layer.__class__ = OneDnnLinear

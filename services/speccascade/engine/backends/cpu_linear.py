@@ -53,6 +53,12 @@ def onednn_linear_available() -> bool:
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def blocked_layout_available() -> bool:
+    """Whether torch can reorder a linear weight into oneDNN's blocked layout (the operator torch's
+    CPU compiler packs constant weights with); without it, switched layers run on the dense weight."""
+    return hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 class OneDnnLinear(nn.Linear):
     """An `nn.Linear` whose fp32 CPU forward is oneDNN's matmul, on its dense weight or on that weight
     reordered into oneDNN's blocked layout (`pack`); anything else (another dtype or device,
@@ -104,7 +110,8 @@ class OneDnnLinear(nn.Linear):
 
 def use_onednn_linear(model: nn.Module) -> int:
     """Switch the `nn.Linear` layers of an fp32 model on the CPU with at least `MIN_WEIGHT_ELEMENTS`
-    weights to `OneDnnLinear`, those with a weight of their own in oneDNN's blocked layout; the number
+    weights to `OneDnnLinear`, those with a weight of their own in oneDNN's blocked layout where torch
+    can reorder it (`blocked_layout_available`); the number
     of layers switched (0 for another dtype or device, or a torch without oneDNN)."""
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu" or first.dtype != torch.float32 or not onednn_linear_available():
@@ -112,11 +119,11 @@ def use_onednn_linear(model: nn.Module) -> int:
     users: dict[int, int] = {}  # a weight tensor's id -> how many modules hold it (tied weights: several)
     for _, parameter in model.named_parameters(remove_duplicate=False):
         users[id(parameter)] = users.get(id(parameter), 0) + 1
-    switched = 0
+    switched, blocked = 0, blocked_layout_available()
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.numel() >= MIN_WEIGHT_ELEMENTS:
             module.__class__ = OneDnnLinear
-            if users[id(module.weight)] == 1:
+            if blocked and users[id(module.weight)] == 1:
                 module.pack()
             switched += 1
     return switched
