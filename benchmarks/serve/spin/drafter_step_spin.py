@@ -1,3 +1,7 @@
+"""A drafter step in-process, one and several rows (BENCHMARKS.md, the OpenMP spin count).
+
+    GOMP_SPINCOUNT=N python drafter_step_spin.py MODEL_DIR 1,8 [CONTEXT]   (PROF=1: a profile of the last)
+"""
 import os, sys, time, torch
 from speccascade.engine.backends import load_backend, ScoreJob
 path = os.path.expanduser(sys.argv[1]); rows = [int(x) for x in sys.argv[2].split(",")]
