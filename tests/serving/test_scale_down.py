@@ -56,13 +56,15 @@ def test_a_stopping_drafter_replica_finishes_its_sessions_instead_of_losing_them
         for thread in streams:
             thread.join(timeout=120)
         assert len(finished) == len(streams)
-        moved = 0
+        moved, how = 0, []
         for chunks in finished:
             assert [t for c in chunks for t in c.token_ids] == expected
             stats = chunks[-1].stats
             moved += stats.context_resends > 0 or stats.tier_retries > 0
+            how.append((stats.context_resends, stats.tier_retries))
         if drain_timeout_s:
-            assert moved == 0  # no session lost its drafter: none sent again whole, no call retried
+            # No session lost its drafter: none sent again whole, no call retried.
+            assert moved == 0, f"(context resends, tier retries) per stream: {how}"
         else:
             assert moved >= 1  # the stopped replica's sessions moved and were recomputed
     finally:
