@@ -1,30 +1,53 @@
-"""A drafter step in-process, one and several rows (BENCHMARKS.md, the OpenMP spin count).
+"""A drafter step in-process at one and several rows (BENCHMARKS.md, the OpenMP spin count): each
+row a session with a random context, six steps timed a batch size (the first is the warm-up).
 
-    GOMP_SPINCOUNT=N python drafter_step_spin.py MODEL_DIR 1,8 [CONTEXT]   (PROF=1: a profile of the last)
+    GOMP_SPINCOUNT=N .venv/bin/python benchmarks/serve/spin/drafter_step_spin.py MODEL_DIR 1,8 [CONTEXT]
+
+PROF=1 also prints torch's profile of three steps at the last batch size. (`speccascade bench
+backend` times steps per backend and batch size too, over random-weight shapes and a CUDA-graph
+reference; this script takes the model as the tiers load it, blocked fp32 weights included.)
 """
-import os, sys, time, torch
-from speccascade.engine.backends import load_backend, ScoreJob
-path = os.path.expanduser(sys.argv[1]); rows = [int(x) for x in sys.argv[2].split(",")]
-ctx = int(sys.argv[3]) if len(sys.argv) > 3 else 200
-torch.set_num_threads(2)
-b = load_backend("hf", path, dtype="float32", device="cpu")
-print("onednn", b.onednn_linears, "packed", b.packed_linears)
-g = torch.Generator().manual_seed(0)
-def sessions(n):
-    ss = [b.new_session() for _ in range(n)]
-    toks = [torch.randint(0, 150000, (ctx,), generator=g).tolist() for _ in ss]
-    for s, t in zip(ss, toks): b.score([ScoreJob(s, t, len(t))])
-    return ss
-for n in rows:
-    ss = sessions(n)
-    tok = torch.zeros(n, dtype=torch.long)
-    ts = []
-    for i in range(6):
-        t0 = time.perf_counter(); d = b.step(ss, tok); tok = d.argmax(-1); ts.append(time.perf_counter() - t0)
-    print(f"rows {n}: step ms", [round(x*1000) for x in ts])
-    if n == rows[-1] and os.environ.get("PROF"):
-        from torch.profiler import profile
-        with profile() as p:
-            for i in range(3): d = b.step(ss, tok); tok = d.argmax(-1)
-        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    for s in ss: b.release(s)
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+from speccascade.engine.backends import ScoreJob, load_backend
+
+STEPS = 6
+
+
+def main(path: str, batches: str, context: int = 200) -> None:
+    torch.set_num_threads(2)
+    backend = load_backend("hf", os.path.expanduser(path), dtype="float32", device="cpu")
+    print("onednn", backend.onednn_linears, "packed", backend.packed_linears)
+    generator = torch.Generator().manual_seed(0)
+    sizes = [int(size) for size in batches.split(",")]
+    for rows in sizes:
+        sessions = [backend.new_session() for _ in range(rows)]
+        for session in sessions:
+            tokens = torch.randint(0, 150_000, (context,), generator=generator).tolist()
+            backend.score([ScoreJob(session, tokens, len(tokens))])
+        token = torch.zeros(rows, dtype=torch.long)
+        times = []
+        for _ in range(STEPS):
+            started = time.perf_counter()
+            token = backend.step(sessions, token).argmax(-1)
+            times.append(time.perf_counter() - started)
+        print(f"rows {rows}: step ms", [round(1e3 * t) for t in times])
+        if rows == sizes[-1] and os.environ.get("PROF"):
+            from torch.profiler import profile
+
+            with profile() as profiled:
+                for _ in range(3):
+                    token = backend.step(sessions, token).argmax(-1)
+            print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        for session in sessions:
+            backend.release(session)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], *(int(arg) for arg in sys.argv[3:4]))

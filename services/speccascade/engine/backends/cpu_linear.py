@@ -111,8 +111,8 @@ class OneDnnLinear(nn.Linear):
 def use_onednn_linear(model: nn.Module) -> int:
     """Switch the `nn.Linear` layers of an fp32 model on the CPU with at least `MIN_WEIGHT_ELEMENTS`
     weights to `OneDnnLinear`, those with a weight of their own in oneDNN's blocked layout where torch
-    can reorder it (`blocked_layout_available`); the number
-    of layers switched (0 for another dtype or device, or a torch without oneDNN)."""
+    can reorder it (`blocked_layout_available`); the number of layers switched (0 for another dtype or
+    device, or a torch without oneDNN)."""
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu" or first.dtype != torch.float32 or not onednn_linear_available():
         return 0
