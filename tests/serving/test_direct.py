@@ -36,7 +36,7 @@ MESSAGE_BYTES = 64 * 2**20
 LOOPS = {"asyncio": asyncio.run, **({"uvloop": uvloop.run} if uvloop is not None else {})}
 run_loop = asyncio.run  # the event loop a scenario runs on: each test runs on each of LOOPS
 HEADER = struct.Struct("!IBQQ")  # the frame header as the module documents it: payload bytes, kind, call id, message bytes
-CALL, RESULT, ERROR, REFUSED = 1, 3, 4, 7
+CALL, CANCEL, RESULT, ERROR, REFUSED = 1, 2, 3, 4, 7
 
 
 class StandInTier:
@@ -464,7 +464,8 @@ def test_both_ends_notice_a_vanished_peer_within_a_minute_whether_the_connection
 def test_on_an_open_connection_a_call_is_written_before_the_caller_next_waits_and_a_cancel_then_reaches_the_tier():
     """The decoding loop sends the next block's draft and goes on streaming the round: the call must
     be on its way before the loop's next await, and a call cancelled before its task ever ran must
-    still stop the tier's work and leave nothing behind."""
+    still reach the tier's method (which applies the call's tokens), stop the tier's work and leave
+    nothing behind."""
     async def body(tier, server, channels, endpoint):
         assert await channels.call(endpoint, "progress") == "moving"  # the connection is open
         connection = channels._connections[endpoint]
@@ -481,11 +482,33 @@ def test_on_an_open_connection_a_call_is_written_before_the_caller_next_waits_an
         response.cancel()  # before its task first runs
         with pytest.raises(asyncio.CancelledError):
             await response
+        await asyncio.wait_for(tier.cancelled.wait(), 10)
+        # Its CALL and CANCEL reach the replica in one read here: the call's method still starts
+        # (where a tier applies the tokens the call carries) before the cancellation stops it.
+        assert tier.started.is_set()
         await asyncio.sleep(0.2)
         assert connection.pending == {}
         assert all(not link.calls for link in server._links)  # the tier holds no call of it
-        assert tier.cancelled.is_set() or not tier.started.is_set()
         assert await channels.call(endpoint, "progress") == "moving"
+
+    scenario(body)
+
+
+def test_a_call_cancelled_in_the_same_read_as_it_arrives_still_reaches_the_tiers_method():
+    """A busy replica reads a call and its cancellation together: the tier's method must still run
+    up to its first wait (where a tier applies the tokens the call carries, which the router counts
+    as applied) before the cancellation stops it; otherwise the session's next call is refused and
+    its whole context sent again."""
+    async def body(tier, server, channels, endpoint):
+        host, port = endpoint.address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        token = endpoint.token.encode()
+        writer.write(GREETING + bytes((len(token),)) + token + call_frame(1, "draft", _dumps(("slow",)))
+                     + frame(CANCEL, 1, b""))
+        await writer.drain()
+        await asyncio.wait_for(tier.cancelled.wait(), 10)
+        assert tier.started.is_set()
+        writer.close()
 
     scenario(body)
 

@@ -493,7 +493,13 @@ class _Link:
             task.add_done_callback(lambda _, call_id=call_id: self.calls.pop(call_id, None))
         elif kind == _Kind.CANCEL:
             if call_id in self.calls:
-                self.calls[call_id].cancel()
+                # After the call's first step, not before: a CANCEL read in the same chunk as its
+                # CALL would otherwise stop the task before its method ever ran, and a tier applies
+                # the tokens a call carries in that first step (the router counts a call written as
+                # applied: `wire.SentTokens`; one that is not makes the session's next call be
+                # refused and sent again whole). The task's first step is already queued; this
+                # runs after it.
+                asyncio.get_running_loop().call_soon(self.calls[call_id].cancel)
         else:
             raise _ProtocolError(f"a frame of kind {kind.name} from the router")
 
