@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 from speccascade.engine.backends import backend_class
-from speccascade.engine.loop import rounds_for
+from speccascade.engine.loop import FIRST_BLOCK_SIZE, rounds_for
 from speccascade.engine.request import GenerationRequest
 from speccascade.engine.roles import LocalDrafter, LocalExpert
 from speccascade.options import SamplingParams
@@ -52,11 +52,12 @@ def models():
 def test_round_records_count_what_the_round_did(models):
     request = GenerationRequest(prompt="x", rule="lossless", block_size=4, seed=0)
     tokens, records = decode(*models, "hf", request, rounds=10)
-    for record in records:
-        assert record.drafted == record.drafter_passes == 4 and record.drafter_calls == 1
+    for index, record in enumerate(records):
+        gamma = FIRST_BLOCK_SIZE if index == 0 else 4  # the first block is short: the time to the first token
+        assert record.drafted == record.drafter_passes == gamma and record.drafter_calls == 1
         assert record.expert_passes == 1 and record.corrected + record.bonus == 1
         assert len(record.emitted) == record.accepted + 1
-        assert record.bonus == (record.accepted == 4)
+        assert record.bonus == (record.accepted == gamma)
         assert record.wire_bytes == record.context_bytes == 0  # in-process: nothing travels
         # Where the calls' time went: model passes and deciding, inside the calls' wall time.
         assert record.drafter_forward_seconds > 0 and record.expert_forward_seconds > 0
@@ -64,6 +65,29 @@ def test_round_records_count_what_the_round_did(models):
         assert record.drafter_forward_seconds + record.drafter_decide_seconds <= record.drafter_seconds
         assert record.expert_forward_seconds + record.expert_decide_seconds <= record.expert_seconds
     assert len(tokens) == sum(r.accepted + 1 for r in records)
+
+
+@pytest.mark.parametrize("pipeline", ["off", "on"])
+def test_the_first_block_is_short_every_later_one_full_and_a_resumed_stream_goes_on_with_full_ones(models, pipeline):
+    """The first token waits for one drafted token, not a whole block; blocks drafted ahead of a
+    short first block are full ones; greedy output is the expert's whatever the blocks; a stream
+    resumed after delivered output drafts the full blocks it would have. Drafting ahead, the expert
+    drafts for itself, so that every block drafted ahead is used (the first one included)."""
+    pair = models if pipeline == "off" else (models[1], models[1])
+    request = GenerationRequest(prompt="x", rule="lossless", block_size=4, seed=0, pipeline=pipeline)
+    tokens, records = decode(*pair, "hf", request, rounds=8)
+    assert [r.drafted for r in records] == [FIRST_BLOCK_SIZE] + [4] * 7
+    if pipeline == "on":
+        assert [r.predrafts_used for r in records] == [0] + [1] * 7
+    expert_only, _ = decode(*pair, "hf", GenerationRequest(prompt="x", method="expert", seed=0), rounds=len(tokens))
+    assert tokens == expert_only
+    drafter = LocalDrafter(backend_class("hf")(pair[0], name="drafter"))
+    expert = LocalExpert(backend_class("hf")(pair[1], name="expert"))
+    delivered = records[0].emitted
+    resumed = first_rounds(rounds_for(request, drafter, expert, PROMPT + [t for t, _ in delivered],
+                                      lambda answer: False, limit=1000, resumed=True), 3)
+    assert [r.drafted for r in resumed] == [4] * 3
+    assert [t for r in resumed for t, _ in r.emitted] == tokens[len(delivered):][:sum(len(r.emitted) for r in resumed)]
 
 
 def test_an_empty_draft_turns_the_round_into_an_expert_step(models):

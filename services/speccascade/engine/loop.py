@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 
 Rounds = AsyncIterator[RoundRecord]
 
+# The first block of a request's speculative rounds: its first token waits for the drafter's prefill
+# (whose last row already drafts one token) and one expert pass, not for gamma - 1 drafter steps
+# more and a (gamma + 1)-token verify. Every later block is `request.block_size` long.
+FIRST_BLOCK_SIZE = 1
+
 
 @contextmanager
 def _timed(record: RoundRecord, field: str):
@@ -132,15 +137,16 @@ def _chow_keeps(block: DraftedBlock, alpha: float) -> bool:
 
 class _Ahead:
     """A block drafted ahead, while the expert verifies `block` after `context`: gamma + 1 tokens
-    after context + block, the first being the drafter's guess at the expert's bonus token. The
+    after context + block (gamma: the request's block size), the first being the drafter's guess at
+    the expert's bonus token. The
     token at position n is drawn with the key (seed, n, draft), as a draft after the verdict would
     draw it, so a used pre-draft is exactly the block that draft would have made."""
 
     def __init__(self, drafter: DrafterRole, context: list[int], block: DraftedBlock, request: GenerationRequest,
                  payload: DraftPayload):
-        self.gamma = block.gamma
+        self.gamma = request.block_size  # the next block's (the one verified may be the shorter first)
         self.started = time.perf_counter()
-        self.task = asyncio.ensure_future(drafter.draft(context + list(block.tokens), block.gamma + 1,
+        self.task = asyncio.ensure_future(drafter.draft(context + list(block.tokens), self.gamma + 1,
                                                         request.sampling, request.seed, payload))
 
     async def take(self, record: RoundRecord, outcome: VerifyOutcome, governor: PipelineGovernor
@@ -202,8 +208,12 @@ class _Prefill:
 
 
 async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: list[int], request: GenerationRequest,
-                             limit: int) -> Rounds:
-    """Draft gamma tokens, score them with one expert pass, keep what the rule accepts. The expert
+                             limit: int, *, resumed: bool = False) -> Rounds:
+    """Draft gamma tokens, score them with one expert pass, keep what the rule accepts. The first
+    block is `FIRST_BLOCK_SIZE` tokens (the time to the first token), unless `resumed` (`prompt`
+    ends with output already delivered: the stream goes on with full blocks, as it would have).
+    The rule decides each position from that position's q and p given the prefix, and every draw
+    is keyed by position, so greedy output does not depend on where blocks begin. The expert
     caches the prompt while the first block is drafted (`_Prefill`). With pipelining
     (`request.pipeline`), the drafter drafts the next block ahead while the expert verifies
     (`_Ahead`); without a block drafted ahead, a drafter that computes apart (a tier) gets the next
@@ -219,6 +229,7 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
     next_draft: _NextDraft | None = None
     outcome: VerifyOutcome | None = None
     prefill: _Prefill | None = _Prefill(expert, tokens, request)
+    gamma = request.block_size if resumed else min(FIRST_BLOCK_SIZE, request.block_size)
     try:
         while True:
             record = RoundRecord(skippable_rounds=int(not rule.needs_expert_to_decide), pipeline=governor.reason())
@@ -228,7 +239,8 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
                 block = await next_draft.take(record, governor)
             next_draft = None
             if block is None:
-                block = await _draft(drafter, tokens, request.block_size, request, payload, record, governor)
+                block = await _draft(drafter, tokens, gamma, request, payload, record, governor)
+            gamma = request.block_size
             if rule is Rule.CHOW and block.gamma and _chow_keeps(block, alpha):
                 # Confident everywhere: pi = q at every position, so every token is kept and the
                 # expert is not needed. It catches up on these tokens in its next pass.
@@ -237,7 +249,7 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
                 # A block drafted ahead must fit the context window: only while a round after
                 # this one still fits the request's tokens (generation_limit keeps a round's room).
                 produced = len(tokens) - len(prompt)
-                if block.gamma and produced + 2 * block.gamma + 1 < limit and governor.wants_predraft():
+                if block.gamma and produced + block.gamma + 1 + request.block_size < limit and governor.wants_predraft():
                     ahead = _Ahead(drafter, tokens, block, request, payload)
                     record.predrafts += 1
                 if prefill is not None:
@@ -359,7 +371,7 @@ def rounds_for(request: GenerationRequest, drafter: DrafterRole, expert: ExpertR
         return token_cascade_steps(drafter, expert, prompt, request)
     if method is Method.SEQUENCE_CASCADE:
         return sequence_cascade_rounds(drafter, expert, prompt, request, answer_is_complete)
-    return speculative_rounds(drafter, expert, prompt, request, limit)
+    return speculative_rounds(drafter, expert, prompt, request, limit, resumed=resumed)
 
 
 async def prompt_scoring_round(expert: ExpertRole, prompt: list[int], request: GenerationRequest
