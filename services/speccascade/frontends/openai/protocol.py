@@ -10,7 +10,7 @@ policy and method are extra body fields, which OpenAI clients send through `extr
     method      cascade (default), expert, drafter, token-cascade, sequence-cascade
     rule        lossless, chow, diff, opt, token, lossy (default: the server's)
     alpha       the rule's trade-off knob (range depends on the rule)
-    block_size  tokens drafted per round (gamma)
+    block_size  tokens drafted per round (gamma; the first round drafts one)
     top_k       top-k sampling (0 disables it)
     pipeline    on, off or auto: draft the next block while the expert verifies (same output)
     resume_token  continue a stream that broke off: the `resume_token` of the last event received,
