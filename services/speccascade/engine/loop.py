@@ -138,9 +138,9 @@ def _chow_keeps(block: DraftedBlock, alpha: float) -> bool:
 class _Ahead:
     """A block drafted ahead, while the expert verifies `block` after `context`: gamma + 1 tokens
     after context + block (gamma: the request's block size), the first being the drafter's guess at
-    the expert's bonus token. The
-    token at position n is drawn with the key (seed, n, draft), as a draft after the verdict would
-    draw it, so a used pre-draft is exactly the block that draft would have made."""
+    the expert's bonus token. The token at position n is drawn with the key (seed, n, draft), as a
+    draft after the verdict would draw it, so a used pre-draft is exactly the block that draft would
+    have made."""
 
     def __init__(self, drafter: DrafterRole, context: list[int], block: DraftedBlock, request: GenerationRequest,
                  payload: DraftPayload):
