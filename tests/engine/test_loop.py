@@ -33,13 +33,15 @@ def first_rounds(loop, rounds: int) -> list:
     return asyncio.run(collect())
 
 
-def decode(drafter_model, expert_model, kind: str, request: GenerationRequest, rounds: int, **options):
-    """(emitted tokens, records) of the first `rounds` rounds."""
+def decode(drafter_model, expert_model, kind: str, request: GenerationRequest, rounds: int, *,
+           prompt: list[int] = PROMPT, resumed: bool = False, **options):
+    """(emitted tokens, records) of the first `rounds` rounds after `prompt` (`resumed`: it ends with
+    output a stream delivered)."""
     cls = backend_class(kind)
     drafter = LocalDrafter(cls(drafter_model, name="drafter", **options))
     expert = LocalExpert(cls(expert_model, name="expert", **options))
-    records = first_rounds(rounds_for(request, drafter, expert, PROMPT, lambda answer: len(answer) >= 12, limit=1000),
-                           rounds)
+    records = first_rounds(rounds_for(request, drafter, expert, prompt, lambda answer: len(answer) >= 12, limit=1000,
+                                      resumed=resumed), rounds)
     return [t for r in records for t, _ in r.emitted], records
 
 
@@ -81,13 +83,10 @@ def test_the_first_block_is_short_every_later_one_full_and_a_resumed_stream_goes
         assert [r.predrafts_used for r in records] == [0] + [1] * 7
     expert_only, _ = decode(*pair, "hf", GenerationRequest(prompt="x", method="expert", seed=0), rounds=len(tokens))
     assert tokens == expert_only
-    drafter = LocalDrafter(backend_class("hf")(pair[0], name="drafter"))
-    expert = LocalExpert(backend_class("hf")(pair[1], name="expert"))
-    delivered = records[0].emitted
-    resumed = first_rounds(rounds_for(request, drafter, expert, PROMPT + [t for t, _ in delivered],
-                                      lambda answer: False, limit=1000, resumed=True), 3)
+    delivered = [t for t, _ in records[0].emitted]
+    after, resumed = decode(*pair, "hf", request, rounds=3, prompt=PROMPT + delivered, resumed=True)
     assert [r.drafted for r in resumed] == [4] * 3
-    assert [t for r in resumed for t, _ in r.emitted] == tokens[len(delivered):][:sum(len(r.emitted) for r in resumed)]
+    assert after == tokens[len(delivered):][:len(after)]
 
 
 def test_an_empty_draft_turns_the_round_into_an_expert_step(models):

@@ -115,6 +115,12 @@ async def raw_exchange(endpoint: Endpoint, opening: bytes, frame: bytes) -> tupl
         writer.close()
 
 
+def router_opening(endpoint: Endpoint) -> bytes:
+    """What a router's connection opens with: the greeting and the replica's token."""
+    token = endpoint.token.encode()
+    return GREETING + bytes((len(token),)) + token
+
+
 def frame(kind: int, call_id: int, payload: bytes, *, total: int | None = None, more: bool = False) -> bytes:
     """A frame as the module documents it; `total`: its whole message's length, when it is a piece."""
     return HEADER.pack(len(payload), kind | (0x80 if more else 0), call_id,
@@ -233,8 +239,7 @@ def test_a_call_in_pieces_is_answered():
         half = len(payload) // 2
         frames = (frame(CALL, 9, payload[:half], total=len(payload), more=True)
                   + frame(CALL, 9, payload[half:], total=len(payload)))
-        token = endpoint.token.encode()
-        kind, call_id, answer = await raw_exchange(endpoint, GREETING + bytes((len(token),)) + token, frames)
+        kind, call_id, answer = await raw_exchange(endpoint, router_opening(endpoint), frames)
         assert (kind, call_id, _loads(answer)) == (RESULT, 9, {"echo": "in pieces"})
 
     scenario(body)
@@ -363,7 +368,7 @@ def test_a_connection_without_the_replicas_token_is_refused_before_anything_on_i
             kind, call_id, _ = await raw_exchange(endpoint, opening, garbage)
             assert (kind, call_id) == (REFUSED, 0)  # not a failed unpickle
         # With the token the payload is unpickled, and the failure to is the answer.
-        kind, call_id, answer = await raw_exchange(endpoint, GREETING + bytes((len(token),)) + token, garbage)
+        kind, call_id, answer = await raw_exchange(endpoint, router_opening(endpoint), garbage)
         assert (kind, call_id) == (ERROR, 1) and isinstance(_loads(answer), pickle.UnpicklingError)
         assert tier.released == [] and server.calls == 1
         assert await channels.call(endpoint, "release", "s1") and tier.released == ["s1"]
@@ -411,10 +416,9 @@ def test_a_stopping_replica_drops_a_connection_whose_peer_stopped_reading():
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # (Linux grows it to 32 MiB otherwise)
         peer.connect((host, int(port)))
         reader, writer = await asyncio.open_connection(sock=peer)  # never read from
-        token = endpoint.token.encode()
         rows = np.ones(8 * 2**20, dtype=np.float32)  # a 32 MiB answer: more than the kernel holds
         payload = _dumps((rows,), prefix=b"\x06verify")  # (buffers aligned from the payload's first byte)
-        writer.write(GREETING + bytes((len(token),)) + token + frame(CALL, 1, payload))
+        writer.write(router_opening(endpoint) + frame(CALL, 1, payload))
         await writer.drain()
         async with asyncio.timeout(20):  # answered, and its answer stuck behind the full socket
             stuck_since = None
@@ -501,10 +505,8 @@ def test_a_call_cancelled_in_the_same_read_as_it_arrives_still_reaches_the_tiers
     its whole context sent again."""
     async def body(tier, server, channels, endpoint):
         host, port = endpoint.address.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        token = endpoint.token.encode()
-        writer.write(GREETING + bytes((len(token),)) + token + call_frame(1, "draft", _dumps(("slow",)))
-                     + frame(CANCEL, 1, b""))
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(router_opening(endpoint) + call_frame(1, "draft", _dumps(("slow",))) + frame(CANCEL, 1, b""))
         await writer.drain()
         await asyncio.wait_for(tier.cancelled.wait(), 10)
         assert tier.started.is_set()
