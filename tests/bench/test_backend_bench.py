@@ -1,8 +1,17 @@
+import asyncio
 import json
 
 import pytest
+import torch
+from speccascade.bench.backend.measure import loop_round_times
 from speccascade.bench.backend.steps import IMPLEMENTATIONS
 from speccascade.cli import main
+from speccascade.engine.backends import backend_class
+from speccascade.engine.request import GenerationRequest
+from speccascade.engine.roles import LocalDrafter, LocalExpert
+
+from ..conftest import perturbed_copy, tiny_qwen2
+from ..engine.test_loop import decode
 
 
 def test_bench_backend_tiny_measures_every_backend_the_reference_and_the_loop(tmp_path):
@@ -47,3 +56,22 @@ def test_bench_backend_refuses_a_bad_count_naming_it(argument, value, capsys):
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert argument in error and repr(value) in error
+
+
+def test_the_loop_figure_counts_acceptance_over_the_rounds_it_times():
+    # The first round prefills and drafts one token (FIRST_BLOCK_SIZE): its time is not a round's,
+    # and neither is its one-token acceptance.
+    expert_model = tiny_qwen2(500, seed=0)
+    drafter_model = perturbed_copy(expert_model, seed=1, scale=0.3)
+    request = GenerationRequest(prompt="x", rule="lossless", block_size=4, seed=0, max_new_tokens=200)
+    prompt = list(range(20, 60))
+    _, records = decode(drafter_model, expert_model, "hf", request, rounds=6, prompt=prompt)
+    timed = records[1:]
+    expected = sum(r.accepted for r in timed) / sum(r.drafted for r in timed)
+    with_first = sum(r.accepted for r in records) / sum(r.drafted for r in records)
+    assert records[0].drafted == 1 and with_first != expected  # the first round would move the figure
+
+    hf = backend_class("hf")
+    drafter, expert = LocalDrafter(hf(drafter_model, name="drafter")), LocalExpert(hf(expert_model, name="expert"))
+    times, acceptance = asyncio.run(loop_round_times(drafter, expert, prompt, request, 6, torch.device("cpu")))
+    assert len(times) == 6 and acceptance == pytest.approx(expected)

@@ -136,7 +136,8 @@ def measure_steps(name: str, model, backends: dict, args, report: Report, progre
 async def loop_round_times(drafter, expert, prompt: list[int], request, rounds: int,
                            device: torch.device) -> tuple[list[float], float]:
     """Milliseconds of each of `rounds` rounds of the decoding loop, and the share of drafted
-    tokens accepted."""
+    tokens accepted after the first round (which prefills and drafts one token: the caller's
+    times skip it too)."""
     from ...engine.loop import speculative_rounds
 
     times: list[float] = []
@@ -149,7 +150,8 @@ async def loop_round_times(drafter, expert, prompt: list[int], request, rounds: 
         now = time.perf_counter()
         times.append(1e3 * (now - previous))
         previous = now
-        drafted, accepted = drafted + record.drafted, accepted + record.accepted
+        if len(times) > 1:
+            drafted, accepted = drafted + record.drafted, accepted + record.accepted
         if len(times) == rounds:
             break
     await loop.aclose()
