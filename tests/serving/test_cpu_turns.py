@@ -103,6 +103,21 @@ def test_the_turn_carries_the_sessions_its_last_holder_answered(tmp_path):
     assert drafter.acquire() == ()  # an empty handoff clears the note
 
 
+def test_a_holder_taking_the_turn_again_reads_no_sessions_from_its_own_note(tmp_path):
+    """The drafter answered s1 and s2 and takes the turn again (more calls queued, the expert not yet
+    waiting): s1's and s2's next calls go to the expert, so nothing is handed to the drafter. The
+    expert, taking the turn after that, still reads what the drafter answered last."""
+    path = str(tmp_path / "cpu.lock")
+    drafter, expert = CpuTurns(path), CpuTurns(path)
+    drafter.acquire()
+    drafter.release(["s1", "s2"])
+    assert drafter.acquire() == ()
+    drafter.release(["s3"])
+    assert drafter.try_acquire() == ()
+    drafter.release(["s3"])
+    assert expert.acquire() == ("s3",)
+
+
 def test_a_pass_inside_a_held_turn_takes_nothing_more(tmp_path):
     path = str(tmp_path / "cpu.lock")
     tier, other = CpuTurns(path), CpuTurns(path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 from collections.abc import Sequence
 
 # torch's OpenMP on Linux (libgomp) keeps a pass's worker threads spinning for more work after
@@ -72,6 +73,10 @@ class CpuTurns:
         except OSError as error:
             raise ValueError(f"{field}={str(path)!r}: cannot open it for locking ({error.strerror})") from None
         self._held = 0
+        # The note's first line names who wrote it: a holder that takes the turn again before the other
+        # tier has had it reads its own note, whose sessions it has just answered (their next calls
+        # are on their way to the other tier, not here), and must not wait for them.
+        self._writer = secrets.token_hex(8)
 
     @property
     def held(self) -> bool:
@@ -114,8 +119,8 @@ class CpuTurns:
             except BlockingIOError:
                 return None
         self._held = 1
-        note = os.pread(self._fd, os.fstat(self._fd).st_size, 0)
-        return tuple(note.decode().split("\n")) if note else ()
+        writer, _, sessions = os.pread(self._fd, os.fstat(self._fd).st_size, 0).decode().partition("\n")
+        return tuple(sessions.split("\n")) if sessions and writer != self._writer else ()
 
     def release(self, handoff: Sequence[str] = ()) -> None:
         """Give the turn back, naming the sessions whose calls this turn answered (a release without
@@ -124,10 +129,12 @@ class CpuTurns:
             return
         self._held -= 1
         if self._held == 0:
-            note = "\n".join(handoff).encode()
-            os.pwrite(self._fd, note, 0)
-            os.ftruncate(self._fd, len(note))
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            note = "\n".join((self._writer, *handoff)).encode()
+            try:
+                os.pwrite(self._fd, note, 0)
+                os.ftruncate(self._fd, len(note))
+            finally:  # a note that could not be written must not keep the other tier off the cores
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def __enter__(self) -> CpuTurns:
         self.acquire()
