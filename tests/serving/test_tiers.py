@@ -194,6 +194,35 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_another_session_steps(tiers)
         drafter.sessions.release(session_id)
 
 
+@pytest.mark.parametrize("backend", BACKEND_KINDS)
+def test_a_prompt_between_its_prefill_chunks_is_not_evicted_for_the_budget(tiny_model_dirs, backend):
+    """The replica over its cache budget evicts after each batch, but never a session whose call
+    waits there: evicted, a prompt waiting for (or between) its prefill chunks would go on filling
+    a cache the replica no longer holds nor counts, and its next call would send it all again."""
+    drafter = DrafterTier(tier_config(tiny_model_dirs[0], backend, prefill_chunk_tokens=16))
+    drafter.sessions.budget_bytes = 1  # every session but those kept is evicted after a batch
+    long_prompt = [(7 * i) % 300 + 3 for i in range(80)]
+    stepping = SentTokens()
+    draft(drafter, "stepping", stepping, CONTEXT)
+
+    async def scenario():
+        call = DraftCall("new", SentTokens().delta(long_prompt), 4, GREEDY, 0, DraftPayload(SampleRows.NONE))
+        new = asyncio.create_task(drafter.draft(call))
+        await asyncio.sleep(0)
+        context = list(CONTEXT)
+        for step in range(3):
+            context = context + [step + 3]
+            delta = stepping.delta(context)
+            await drafter.draft(DraftCall("stepping", delta, 4, GREEDY, 0, DraftPayload(SampleRows.NONE)))
+            stepping.sent(delta, context)
+        return await new
+
+    reply = asyncio.run(scenario())
+    assert "new" in drafter.sessions  # held and counted against the budget, not an orphan
+    alone = DrafterTier(tier_config(tiny_model_dirs[0], backend))
+    assert reply.block.tokens == draft(alone, "alone", SentTokens(), long_prompt).block.tokens
+
+
 def test_a_retried_call_supersedes_the_one_still_queued_and_the_session_stays_exact(tiers):
     """A router that timed out sends its call again while the first still queues: the first is
     dropped (its caller is gone), never batched with the retry, which would advance the session's

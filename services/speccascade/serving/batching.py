@@ -189,6 +189,12 @@ class ContinuousBatcher(Generic[Item, Result]):
         self._arrived.set()
         return await queued.future, queued
 
+    def sessions_waiting(self) -> frozenset[Hashable]:
+        """The sessions with a call queued or running (`session_of`), from any thread: a snapshot
+        of a dict the event loop updates (its keys are strings, so copying it runs no Python code
+        and the GIL keeps it whole)."""
+        return frozenset(self._latest)
+
     def _forget(self, key: Hashable, queued: Queued) -> None:
         if self._latest.get(key) is queued:
             del self._latest[key]

@@ -194,7 +194,8 @@ class ModelTier:
             results, times = verify_blocks_on(self.backend, jobs)
         self.metrics.observe_batch(len(jobs), time.perf_counter() - started)
         self.metrics.observe_steps(self.backend.steps, self.backend.slot_evictions)
-        self.sessions.evict_to_budget(keep=frozenset(work.session_id for work in works))
+        # Never a session a call waits for: one between its prefill chunks would lose them and start over.
+        self.sessions.evict_to_budget(keep=frozenset(work.session_id for work in works) | self.batcher.sessions_waiting())
         return [(result, times) if result is not None else
                 asyncio.CancelledError() if queued.future.done() else self.sessions.refuse_late(work.session_id)
                 for queued, work, result in zip(batch, works, results)]
