@@ -282,3 +282,19 @@ def test_an_early_prefill_is_a_verify_of_an_empty_block_after_the_prompt_and_onl
     block = DraftedBlock(tokens=(9, 9), max_q=np.array([0.5, 0.5], dtype=np.float32))
     asyncio.run(expert.verify(prompt + [9, 9], len(prompt), block, Rule.TOKEN, 0.3, GREEDY, 1))
     assert tier.calls[-1][1].delta.position == len(prompt) and tier.calls[-1][1].delta.tokens.tolist() == [9, 9]
+
+
+def test_no_early_prefill_for_a_prompt_the_expert_tier_already_holds():
+    """A request that asked for prompt logprobs had the whole prompt scored first."""
+    from speccascade.engine.jobs import PREFILL_THRESHOLD
+    from speccascade.options import GREEDY, Rule
+    from speccascade.serving.clients import RemoteExpert
+
+    tier = RecordingTier()
+    expert = RemoteExpert(tier, "s1", Transport(), tag="lossless")
+    prompt = list(range(3, 3 + 3 * PREFILL_THRESHOLD))
+    expert.sent.sent(expert.sent.delta(prompt), prompt)  # as the prompt-scoring call leaves it
+    assert asyncio.run(expert.prefill(prompt, Rule.LOSSLESS, 0.0, GREEDY, 1)) is None and tier.calls == []
+    longer = prompt + list(range(PREFILL_THRESHOLD + 1))  # more than a threshold's worth the tier lacks
+    assert asyncio.run(expert.prefill(longer, Rule.LOSSLESS, 0.0, GREEDY, 1)) is not None
+    assert tier.calls[-1][1].delta.position == len(prompt)

@@ -17,6 +17,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 
 from ..config.app import RouterConfig
+from ..engine.backends import common_prefix_length
 from ..engine.blocks import EMPTY_BLOCK, TOKEN_BYTES, CallReport, DraftedBlock, DraftPayload, VerifyOutcome
 from ..engine.jobs import PREFILL_THRESHOLD
 from ..options import Rule, SamplingParams
@@ -275,8 +276,9 @@ class RemoteExpert(_Remote):
         the drafter's, and answers once it is cached (its answer, the expert's next token, is not
         used). The first verify then feeds just its block. A prompt the tier would not prefill
         apart (`PREFILL_THRESHOLD` tokens or fewer) is left to the first verify: prefilling it early
-        would cost a pass of its own."""
-        if len(prompt) <= PREFILL_THRESHOLD:
+        would cost a pass of its own; so is a prompt the tier already holds (scored for its
+        prompt logprobs), which would cost a call for nothing."""
+        if len(prompt) - common_prefix_length(self.sent.tokens, prompt) <= PREFILL_THRESHOLD:
             return None
         _, report = await self._exchange("verify", prompt, lambda delta: VerifyCall(
             self.session_id, delta, len(prompt), EMPTY_BLOCK, rule, alpha, sampling, seed, self.share), len(prompt))
