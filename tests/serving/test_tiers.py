@@ -122,6 +122,16 @@ def test_a_stopping_replica_answers_its_sessions_until_they_end_then_closes_its_
         assert still_running == 1 and timeout_s <= waited < 5
 
 
+def test_a_replica_whose_direct_channel_cannot_open_answers_through_serve(tiny_model_dirs, caplog):
+    drafter = DrafterTier(tier_config(tiny_model_dirs[0], "hf"), direct=True)
+    drafter.direct = DirectServer(drafter, host="192.0.2.1", message_bytes=GRPC_MESSAGE_BYTES)  # not this machine's
+    for session_id in ("a", "b"):
+        reply = draft(drafter, session_id, SentTokens(), CONTEXT)
+        assert len(reply.block.tokens) == 4 and reply.endpoint is None
+    assert drafter.direct is None and asyncio.run(drafter.drain()) == 0
+    assert sum("direct channel could not open" in record.message for record in caplog.records) == 1
+
+
 def test_a_replica_called_through_serve_alone_has_nothing_to_drain(tiny_model_dirs):
     drafter = DrafterTier(tier_config(tiny_model_dirs[0], "hf", drain_timeout_s=60))
     draft(drafter, "s", SentTokens(), CONTEXT)

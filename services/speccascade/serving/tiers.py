@@ -208,7 +208,12 @@ class ModelTier:
         as cancelled (one access-log line, no traceback: its request was cancelled or is over)."""
         self._start_sweeper()
         if self.direct is not None and self.endpoint is None:
-            self.endpoint = await self.direct.endpoint()
+            try:
+                self.endpoint = await self.direct.endpoint()
+            except OSError as error:  # the channel is a shortcut: without it, calls come through Serve
+                log.warning("%s replica: its direct channel could not open (%s); the router calls it through "
+                            "Serve", self.role, error)
+                self.direct = None
         self.calls += 1
         self.in_flight += 1
         try:
