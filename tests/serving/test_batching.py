@@ -117,6 +117,21 @@ def test_a_burst_of_prompts_is_prefilled_several_to_a_pass_within_the_budget():
     assert model.log[second_pass - 1][0] == "batch"  # the stream stepped between the two passes
 
 
+def test_a_prefill_pass_holds_at_most_max_batch_size_prompts_however_large_its_budget():
+    """Short prompts each take less than a chunk, so a budget alone would let one pass hold more
+    sessions than a batch may (the static backend has slots for max_batch_size)."""
+    model = Model(chunks_per_prompt=1)
+
+    async def scenario():
+        b = batcher(model, max_batch_size=2, budget=4 * CHUNK)
+        burst = [asyncio.create_task(b.submit(f"long{i}")) for i in range(5)]
+        assert [(await p)[0] for p in burst] == [f"LONG{i}" for i in range(5)]
+
+    asyncio.run(scenario())
+    passes = [fed for kind, fed in model.log if kind == "chunk"]
+    assert passes == [["long0", "long1"], ["long2", "long3"], ["long4"]]
+
+
 @pytest.mark.parametrize("prompts", [1, 3])
 def test_a_pass_feeds_a_chunk_to_each_waiting_prompt_up_to_prefill_pass_prompts(prompts):
     """Four new prompts of two chunks each: with `prompts` 3, a pass feeds a chunk to each of the

@@ -12,7 +12,8 @@ would make its batch's pass long for everyone in it, and, batched, make every ro
 longest. Such calls (more than `Prefill.threshold` context tokens uncached) queue apart and are
 prefilled in passes of their own, one after each batch, each pass at most `Prefill.budget` tokens
 (`prefill_chunk_tokens`) a prompt, and as many such chunks as prompts wait, up to `Prefill.prompts`
-(`prefill_pass_prompts`), shared in fair order (`Prefill.run`): a running stream's next step waits
+(`prefill_pass_prompts`), shared in fair order (`Prefill.run`), never more prompts than a batch
+holds (`max_batch_size`): a running stream's next step waits
 for at most one such pass, and a burst of new prompts is prefilled several to a pass rather than
 one chunk of one prompt per batch. While no stream is decoding on the replica (every session it
 serves waits for its prefill: `Prefill.live`), nobody's step waits behind a pass, and a pass's
@@ -245,7 +246,8 @@ class ContinuousBatcher(Generic[Item, Result]):
             budget = chunk * self.prefill.prompts
             share = max(chunk, -(-budget // waiting))
         tokens = sum(min(self.prefill.pending(queued.item), share) for queued in self._chunking)
-        while self._prefilling and tokens < budget:
+        # A pass is a batch too: at most max_batch_size sessions (the static backend's slots hold that many).
+        while self._prefilling and tokens < budget and len(self._chunking) < self.max_batch_size:
             queued = self._prefilling.pop()
             if self._alive(queued):
                 self._chunking.append(queued)
