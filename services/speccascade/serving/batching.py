@@ -14,10 +14,11 @@ prefilled in passes of their own, one after each batch, each pass at most `Prefi
 (`prefill_chunk_tokens`) a prompt, and as many such chunks as prompts wait, up to `Prefill.prompts`
 (`prefill_pass_prompts`), shared in fair order (`Prefill.run`), never more prompts than a batch
 holds (`max_batch_size`): a running stream's next step waits for at most one such pass, and a
-burst of new prompts is prefilled several to a pass rather than one chunk of one prompt per batch. While no stream is decoding on the replica (every session it
-serves waits for its prefill: `Prefill.live`), nobody's step waits behind a pass, and a pass's
-whole budget (`Prefill.prompts` chunks) is shared evenly by the prompts waiting: a lone prompt is
-prefilled in a few large passes rather than many small ones, each of which reads every weight.
+burst of new prompts is prefilled several to a pass rather than one chunk of one prompt per batch.
+While no stream is decoding on the replica (every session it serves waits for its prefill:
+`Prefill.live`), nobody's step waits behind a pass, and a pass's whole budget (`Prefill.prompts`
+chunks) is shared evenly by the prompts waiting: a lone prompt is prefilled in a few large passes
+rather than many small ones, each of which reads every weight.
 Once its context is cached, a call joins the batches like any other.
 
 Which queued calls make the next batch (and which prompt gets the next chunk) is decided by

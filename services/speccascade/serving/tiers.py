@@ -194,7 +194,8 @@ class ModelTier:
             results, times = verify_blocks_on(self.backend, jobs)
         self.metrics.observe_batch(len(jobs), time.perf_counter() - started)
         self.metrics.observe_steps(self.backend.steps, self.backend.slot_evictions)
-        # Never a session a call waits for: one between its prefill chunks would lose them and start over.
+        # Never a session a call waits for: evicted, a prompt waiting for its prefill chunks would go on
+        # filling a cache the replica no longer holds nor counts, and its next call would send it all again.
         self.sessions.evict_to_budget(keep=frozenset(work.session_id for work in works) | self.batcher.sessions_waiting())
         return [(result, times) if result is not None else
                 asyncio.CancelledError() if queued.future.done() else self.sessions.refuse_late(work.session_id)
