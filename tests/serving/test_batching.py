@@ -219,6 +219,39 @@ def test_calls_of_an_ended_session_are_dropped_before_they_run():
     assert model.log == [("batch", ["a"])]  # neither ran, not even a prefill chunk
 
 
+def test_a_fault_between_passes_fails_the_calls_held_and_the_worker_goes_on(caplog):
+    """A bug in the batcher's own bookkeeping (here `ended` raising as a batch forms) reaches every
+    caller it strands, with its error, and is logged; the next calls run as usual."""
+    model = Model()
+    broken = {"on": False}
+
+    def ended(item):
+        if broken["on"]:
+            raise KeyError(f"bookkeeping lost {item}")
+        return None
+
+    async def scenario():
+        b = batcher(model, ended=ended)
+        model.gate.clear()
+        running = asyncio.create_task(b.submit("a"))
+        await asyncio.to_thread(model.entered.wait, 10)
+        stranded = [asyncio.create_task(b.submit(x)) for x in ("b", "c", "long-d")]
+        await asyncio.sleep(0.05)
+        broken["on"] = True
+        model.gate.set()
+        assert (await running)[0] == "A"
+        for call in stranded:
+            with pytest.raises(KeyError, match="bookkeeping lost"):
+                await asyncio.wait_for(call, 5)
+        broken["on"] = False
+        assert (await asyncio.wait_for(b.submit("e"), 5))[0] == "E"
+
+    with caplog.at_level("ERROR", logger="speccascade.serving.batching"):
+        asyncio.run(scenario())
+    assert model.log == [("batch", ["a"]), ("batch", ["e"])]
+    assert "test batcher failed between passes; failing the" in caplog.text
+
+
 def test_batches_take_their_turns_by_fair_share():
     model = Model()
 

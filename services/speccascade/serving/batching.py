@@ -33,7 +33,10 @@ the verdict made useless), whose caller has stopped waiting for it. The older ca
 so no batch ever holds two calls of one session, which would advance one cache twice.
 
 Batches run on one worker thread; other work that must not overlap a forward pass (freeing a
-session's cache) runs on the same thread between batches (`run_between_batches`).
+session's cache) runs on the same thread between batches (`run_between_batches`). A pass's error
+goes to its callers; a fault in the batcher's own work between passes (a bug) fails every call it
+holds, with that error, is logged, and the worker goes on with the calls that come next: no caller
+is left waiting.
 
 `progress()` says whether the model is getting through its work: the router asks when a call has
 waited longer than its timeout, to tell a replica that is only busy (the call keeps its place in the
@@ -43,6 +46,7 @@ queue) from one that is stuck (the call is retried elsewhere).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +54,8 @@ from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from ..tenancy.fairness import DEFAULT_SHARE, FairQueue, Share
+
+log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -136,6 +142,7 @@ class ContinuousBatcher(Generic[Item, Result]):
         whether this replica serves the session (a session handed over on the turn that it does
         not hold is not waited for)."""
         self.run_batch = run_batch
+        self.name = name
         self.max_batch_size = max_batch_size
         self.prefill = prefill
         self.ended = ended
@@ -220,13 +227,13 @@ class ContinuousBatcher(Generic[Item, Result]):
             return False
         return True
 
-    def _take_batch(self) -> list[Queued]:
-        taken: list[Queued] = []
+    def _take_batch(self, taken: list[Queued]) -> None:
+        """Fill `taken` with the next batch. A call is in `taken` before it is looked at, so a fault
+        in looking (`_run_forever`) still reaches its caller."""
         while self._ready and len(taken) < self.max_batch_size:
-            queued = self._ready.pop()
-            if self._alive(queued):
-                taken.append(queued)
-        return taken
+            taken.append(self._ready.pop())
+            if not self._alive(taken[-1]):
+                taken.pop()
 
     def _next_prefill(self) -> tuple[list[Queued], int, int]:
         """The calls the next prefill pass feeds, its budget and each call's most: those it fed
@@ -248,10 +255,11 @@ class ContinuousBatcher(Generic[Item, Result]):
         tokens = sum(min(self.prefill.pending(queued.item), share) for queued in self._chunking)
         # A pass is a batch too: at most max_batch_size sessions (the static backend's slots hold that many).
         while self._prefilling and tokens < budget and len(self._chunking) < self.max_batch_size:
-            queued = self._prefilling.pop()
-            if self._alive(queued):
-                self._chunking.append(queued)
-                tokens += min(self.prefill.pending(queued.item), share)
+            self._chunking.append(self._prefilling.pop())  # in hand before it is looked at, as in _take_batch
+            if self._alive(self._chunking[-1]):
+                tokens += min(self.prefill.pending(self._chunking[-1].item), share)
+            else:
+                self._chunking.pop()
         return self._chunking, budget, share
 
     def _decoding(self) -> bool:
@@ -278,20 +286,43 @@ class ContinuousBatcher(Generic[Item, Result]):
             try:
                 if self.turns is not None:
                     await self._take_turn()
-                batch = self._take_batch()
+                self._take_batch(batch)
                 prefilling, budget, share = self._next_prefill() if self.prefill is not None else ([], 0, 0)
                 if batch:
                     await self._run(batch)
                 if prefilling:
                     await self._prefill(list(prefilling), budget, share)
+            except Exception as error:  # the batcher's own bookkeeping failed (a pass's error goes to its callers)
+                log.exception("%s batcher failed between passes; failing the %d call(s) it held",
+                              self.name, len(batch) + self.progress().queued)
+                self._release_turn_after_thread()
+                self._fail_all(batch, error)
+                continue
             except BaseException:
-                if self.turns is not None:
-                    # The forward thread may still be in this turn's pass, or taking the turn: it goes
-                    # back after that, queued there (a release without the turn held does nothing).
-                    self._thread.submit(self.turns.release, ())
+                self._release_turn_after_thread()
                 raise
             if self.turns is not None:
                 self.turns.release(self._answered(batch))
+
+    def _release_turn_after_thread(self) -> None:
+        """Give the turn back once the forward thread is done: it may still be in this turn's pass, or
+        taking the turn (a release without the turn held does nothing)."""
+        if self.turns is not None:
+            self._thread.submit(self.turns.release, ())
+
+    def _fail_all(self, batch: list[Queued], error: Exception) -> None:
+        """Fail every call the batcher holds with `error`: the batch it had taken and all that queued.
+        A fault outside the passes is a bug whose next occurrence may be the same call's, so no call
+        is kept for a retry that could fail forever; each caller hears of it and the worker goes on
+        with the calls that come next."""
+        held = list(batch) + self._chunking
+        self._chunking = []
+        for queue in (self._ready, self._prefilling):
+            while queue:
+                held.append(queue.pop())
+        for queued in held:
+            if not queued.future.done():
+                queued.future.set_exception(error)
 
     async def _take_turn(self) -> None:
         """On cores shared with another tier, the batch forms once this replica has the turn: the
