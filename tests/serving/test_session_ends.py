@@ -193,3 +193,24 @@ def test_a_finished_session_released_normally_frees_its_cache(drafter):
 
     asyncio.run(scenario())
     assert_nothing_cached(drafter)
+
+
+def test_a_release_whose_caller_stops_waiting_behind_a_pass_still_frees_the_cache(drafter):
+    """The router's release call can be cancelled (a timeout, a dropped connection) while the free
+    waits for another session's pass; the session has ended, so the free must still happen."""
+    async def scenario():
+        await drafter.draft(draft_call("s5", 2))
+        gate = Gate(drafter.backend)
+        other = asyncio.create_task(drafter.draft(draft_call("s6", 2)))
+        await gate.wait_entered()
+        release = asyncio.create_task(drafter.release("s5"))
+        await asyncio.sleep(0.05)
+        release.cancel()  # its free is still queued behind s6's pass
+        gate.open.set()
+        await other
+        await drafter.batcher.run_between_batches(lambda: None)  # everything queued on the thread has run
+        assert "s5" not in drafter.sessions
+        assert await drafter.release("s6")
+
+    asyncio.run(scenario())
+    assert_nothing_cached(drafter)

@@ -13,7 +13,7 @@ A session has one live call per tier: a newer one (the router's retry after a ti
 replacing a dropped pre-draft) supersedes the older, which is dropped or, drafting, stops at its
 next step (`batching.py`). Session ends are ordered with the passes: a release ends the session at once (queued calls are
 dropped, a draft in progress stops at its next step) and frees its cache on the forward thread
-between batches, never under a pass. A call for an ended session is answered as cancelled: its
+between batches, never under a pass, even if its caller stops waiting first. A call for an ended session is answered as cancelled: its
 request is over and nobody reads the answer (see `sessions.py`). Sessions whose router vanished are
 reclaimed after `session_idle_timeout_s` by a periodic sweep.
 
@@ -240,7 +240,10 @@ class ModelTier:
         self._start_sweeper()
         self.sessions.end(session_id)
         self.batcher.wake()
-        return await self.batcher.run_between_batches(self.sessions.free, session_id)
+        # Shielded: a caller that stops waiting (its call timed out behind a long pass, its connection
+        # dropped) must not take the free off the forward thread's queue. The session refuses calls
+        # from now on, so nothing but the idle sweep would free its cache after that.
+        return await asyncio.shield(self.batcher.run_between_batches(self.sessions.free, session_id))
 
     def _start_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
