@@ -81,6 +81,9 @@ def test_the_first_block_is_short_every_later_one_full_and_a_resumed_stream_goes
     assert [r.drafted for r in records] == [FIRST_BLOCK_SIZE] + [4] * 7
     if pipeline == "on":
         assert [r.predrafts_used for r in records] == [0] + [1] * 7
+        # Counted in the round that uses it: the eighth round's pre-draft, cut off when the caller
+        # stopped, is in none, so the hit rate used / made is exact.
+        assert [r.predrafts for r in records] == [0] + [1] * 7
     expert_only, _ = decode(*pair, "hf", GenerationRequest(prompt="x", method="expert", seed=0), rounds=len(tokens))
     assert tokens == expert_only
     delivered = [t for t, _ in records[0].emitted]

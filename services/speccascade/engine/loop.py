@@ -152,7 +152,10 @@ class _Ahead:
     async def take(self, record: RoundRecord, outcome: VerifyOutcome, governor: PipelineGovernor
                    ) -> DraftedBlock | None:
         """The next block if the pre-draft hit (the whole block kept, the bonus token guessed),
-        else None; counts what it cost into `record`."""
+        else None; counts it, and what it cost, into `record`: the round that uses or drops it (a
+        request's last pre-draft, cut off by the request's end, has no such round and is not
+        counted, so every counted one is used or wasted)."""
+        record.predrafts += 1
         if not outcome.is_bonus:  # a rejection: the context is not the one drafted ahead of
             self.cancel(record)
             governor.observe_predraft(False)
@@ -251,7 +254,6 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
                 produced = len(tokens) - len(prompt)
                 if block.gamma and produced + block.gamma + 1 + request.block_size < limit and governor.wants_predraft():
                     ahead = _Ahead(drafter, tokens, block, request, payload)
-                    record.predrafts += 1
                 if prefill is not None:
                     await prefill.wait(record)
                     prefill = None

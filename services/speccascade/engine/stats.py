@@ -52,7 +52,8 @@ class RoundCounters:
     expert_decide_seconds: float = _counter("Of expert_seconds: verifying the blocks (the rule's math).", float)
     transport_seconds: float = _counter("Of drafter_seconds and expert_seconds: outside the tiers' own work "
                                         "(Ray calls, (de)serialisation, routing).", float)
-    predrafts: int = _counter("Blocks drafted ahead, while the expert verified the block before (pipelining).")
+    predrafts: int = _counter("Blocks drafted ahead, while the expert verified the block before (pipelining), "
+                              "counted in the round that uses or drops them.")
     predrafts_used: int = _counter("Of predrafts: used as the next block (the expert kept the whole block, and "
                                    "its bonus token was the drafter's guess).")
     predrafts_wasted: int = _counter("Of predrafts: dropped (a rejection, or another bonus token).")
