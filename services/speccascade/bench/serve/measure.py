@@ -35,7 +35,13 @@ class Breakdown:
         self.rounds += stats.rounds
         for phase, name in PHASES.items():
             self.ms[phase] += 1e3 * getattr(stats, name)
-        self.ms[OTHER] += 1e3 * max(0.0, stats.wall_seconds - stats.drafter_seconds - stats.expert_seconds)
+        # The rest is what no tier call covers. A draft that runs while the loop streams the round
+        # before (the next draft, a pre-draft) is counted whole in the drafter's phases, not in its
+        # waited share (drafter_seconds), so the rest is taken from the phases: the time the loop
+        # spent beside such a call is not counted twice, and the phases and the rest make up the wall
+        # time unless calls overlapped each other (a pre-draft beside a verify).
+        covered = sum(getattr(stats, name) for name in PHASES.values())
+        self.ms[OTHER] += 1e3 * max(0.0, stats.wall_seconds - covered)
 
     def per_round(self) -> dict[str, float]:
         return {phase: total / self.rounds for phase, total in self.ms.items()} if self.rounds else {}
