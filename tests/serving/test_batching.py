@@ -271,6 +271,30 @@ def test_batches_take_their_turns_by_fair_share():
     assert "q" in model.log[1][1]  # the quiet tenant's call is in the very next batch
 
 
+def test_prompts_of_different_tenants_take_turns_chunk_by_chunk_and_a_tenants_own_keep_their_order():
+    """With one chunk a pass, a tenant's long prompt no longer holds the prefill passes until it is
+    cached: another tenant's prompt gets every other chunk; the first tenant's second prompt waits
+    for its first."""
+    model = Model(chunks_per_prompt=3)
+
+    async def scenario():
+        b = batcher(model)
+        model.gate.clear()
+        running = asyncio.create_task(b.submit("s0"))
+        await asyncio.to_thread(model.entered.wait, 10)
+        prompts = [asyncio.create_task(b.submit(item, Share(tenant)))
+                   for item, tenant in (("long-a1", "a"), ("long-a2", "a"), ("long-b", "b"))]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(running, *prompts)
+
+    asyncio.run(scenario())
+    fed = [entry[1][0] for entry in model.log if entry[0] == "chunk"]
+    assert [item[5] for item in fed[:4]] == ["a", "b", "a", "b"]  # tenant by tenant, a chunk each
+    assert fed.index("long-a2") > max(i for i, item in enumerate(fed) if item == "long-a1")
+    assert sorted(fed) == ["long-a1"] * 3 + ["long-a2"] * 3 + ["long-b"] * 3
+
+
 def test_a_newer_call_for_a_session_supersedes_its_queued_one_and_no_batch_holds_a_session_twice():
     """A router's retry after a timeout (or a draft replacing a dropped pre-draft) arrives while the
     first call still queues: the first is dropped, so one cache is never advanced twice in a pass."""

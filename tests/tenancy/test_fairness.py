@@ -30,6 +30,27 @@ def test_weights_split_service_in_proportion():
     assert first.count("heavy") == pytest.approx(20, abs=1)
 
 
+def test_pop_with_first_keeps_a_flows_items_in_order_while_the_tags_interleave_the_flows():
+    """An item pushed back after part of its work is retagged behind its flow's later items; with
+    `first` it still goes on before them, and the flows keep alternating as their tags say."""
+    queue: FairQueue[tuple[str, int]] = FairQueue()
+    for item in [("a", 1), ("a", 2), ("b", 1)]:
+        queue.push(item, Share(item[0]))
+    served = []
+    for _ in range(6):
+        item = queue.pop(first=lambda item: item[1])
+        served.append(item)
+        if len(served) < 5:
+            queue.push(item, Share(item[0]))  # part of its work done: back in line
+    assert served[:4] == [("a", 1), ("b", 1), ("a", 1), ("b", 1)]
+    assert [n for flow, n in served if flow == "a"] == sorted(n for flow, n in served if flow == "a")
+    plain: FairQueue[tuple[str, int]] = FairQueue()
+    for item in [("a", 1), ("a", 2)]:
+        plain.push(item, Share("a"))
+    plain.push(plain.pop(), Share("a"))
+    assert plain.pop() == ("a", 2)  # without `first`: by tag, the pushed-back item after its flow's later one
+
+
 def test_admission_gate_lets_waiters_in_fairly_and_skips_the_cancelled():
     async def scenario():
         gate = AdmissionGate(capacity=1)

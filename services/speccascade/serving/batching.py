@@ -23,7 +23,9 @@ Once its context is cached, a call joins the batches like any other.
 
 Which queued calls make the next batch (and which prompt gets the next chunk) is decided by
 weighted fair queueing across tenants (`tenancy.FairQueue`; each call says whose share it is), so a
-tenant flooding the replica only queues behind its own work. Calls of a cancelled caller, or of a
+tenant flooding the replica only queues behind its own work. For prefill it is fair per chunk: a
+tenant's long prompt gives way after each chunk while another tenant's prompt waits
+(`_requeue_for_other_tenants`), and a tenant's own prompts are fed in the order they came. Calls of a cancelled caller, or of a
 session that ended (`ended`), are dropped before they run.
 
 A session has at most one live call: a new call for a session (`session_of`) supersedes one still
@@ -124,6 +126,10 @@ class Queued(Generic[Item]):
     enqueued_at: float = field(default_factory=time.perf_counter)
     prefill_s: float = 0.0  # forward-pass seconds spent on its prefill chunks
     prefilling: bool = False  # waiting for its context to be prefilled
+
+
+def _arrival(queued: Queued) -> float:
+    return queued.enqueued_at
 
 
 class ContinuousBatcher(Generic[Item, Result]):
@@ -245,6 +251,8 @@ class ContinuousBatcher(Generic[Item, Result]):
         self._chunking = [queued for queued in self._chunking if self._alive(queued)]
         if not self._chunking and not self._prefilling:  # the usual case: no session is asked about
             return self._chunking, 0, 0
+        if self._chunking and self._prefilling:
+            self._requeue_for_other_tenants()
         chunk = self.prefill.budget
         waiting = max(len(self._chunking) + len(self._prefilling), 1)
         if self._decoding():
@@ -255,12 +263,27 @@ class ContinuousBatcher(Generic[Item, Result]):
         tokens = sum(min(self.prefill.pending(queued.item), share) for queued in self._chunking)
         # A pass is a batch too: at most max_batch_size sessions (the static backend's slots hold that many).
         while self._prefilling and tokens < budget and len(self._chunking) < self.max_batch_size:
-            self._chunking.append(self._prefilling.pop())  # in hand before it is looked at, as in _take_batch
+            # In hand before it is looked at, as in _take_batch; each tenant's prompts in the order they came.
+            self._chunking.append(self._prefilling.pop(first=_arrival))
             if self._alive(self._chunking[-1]):
                 tokens += min(self.prefill.pending(self._chunking[-1].item), share)
             else:
                 self._chunking.pop()
         return self._chunking, budget, share
+
+    def _requeue_for_other_tenants(self) -> None:
+        """Fairness across tenants per chunk, not per prompt: while another tenant's prompt waits, the
+        prompts fed before go back to the fair queue, their tenants charged a chunk again, rather
+        than keep the pass's budget until they are cached (a long prompt would hold a short one of
+        another tenant back for all its chunks). Within a tenant, prompts are still fed in the order
+        they came (`_arrival`): each cached as soon as its tenant's share allows, not all of them in
+        turn. While only their own tenants' prompts wait, nothing changes and they stay."""
+        feeding = {queued.share.flow for queued in self._chunking}
+        if all(queued.share.flow in feeding for queued in self._prefilling):
+            return
+        for queued in self._chunking:
+            self._prefilling.push(queued, queued.share)
+        self._chunking = []
 
     def _decoding(self) -> bool:
         """Whether some session on the replica is past its prefill (or might be: `Prefill.live` not

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -59,7 +59,7 @@ class FairQueue(Generic[Item]):
 
     def push(self, item: Item, share: Share = DEFAULT_SHARE, cost: float = 1.0) -> Tag:
         tag = self.tag(share, cost)
-        heapq.heappush(self._heap, (tag.start, tag.order, item))
+        heapq.heappush(self._heap, (tag.start, tag.order, tag.flow, item))
         return tag
 
     def serve(self, tag: Tag) -> None:
@@ -67,10 +67,19 @@ class FairQueue(Generic[Item]):
         if self.fair:
             self._virtual_time = max(self._virtual_time, tag.start)
 
-    def pop(self) -> Item:
-        start, order, item = heapq.heappop(self._heap)
+    def pop(self, first: Callable[[Item], float] | None = None) -> Item:
+        """The item with the lowest start tag. With `first`, that tag serves its flow's item that
+        comes first by `first(item)` instead (the tags stay where they are, the flow's items trade
+        places under them): a flow's items keep that order among themselves however they were
+        tagged, e.g. an item pushed back after part of its work goes on before its flow's later ones."""
+        start, order, flow, item = heapq.heappop(self._heap)
         if self.fair:
             self._virtual_time = start
+        if first is not None:
+            earlier = [i for i, entry in enumerate(self._heap) if entry[2] == flow and first(entry[3]) < first(item)]
+            if earlier:
+                i = min(earlier, key=lambda i: first(self._heap[i][3]))
+                self._heap[i], item = (*self._heap[i][:3], item), self._heap[i][3]
         return item
 
     def withdraw(self, tag: Tag) -> None:
@@ -80,6 +89,10 @@ class FairQueue(Generic[Item]):
 
     def __len__(self) -> int:
         return len(self._heap)
+
+    def __iter__(self) -> Iterator[Item]:
+        """The items queued, in no particular order."""
+        return (entry[3] for entry in self._heap)
 
 
 class AdmissionGate:
