@@ -286,3 +286,52 @@ def test_auto_drafts_ahead_only_where_the_drafters_passes_overlap_the_experts(mo
         assert predrafts > 0 and records[0].pipeline == "auto: on"
     else:
         assert predrafts == 0 and {r.pipeline for r in records} == {"auto: off, passes cannot overlap"}
+
+
+def test_a_rejections_pre_draft_that_had_answered_is_counted_as_it_ran():
+    """A pre-draft dropped at a rejection after its call answered did its work: its call, passes and
+    bytes are counted in the round that drops it, its wasted passes exactly; one still running is
+    cancelled and counted at the most it could cost (gamma + 1 passes)."""
+    import numpy as np
+    from speccascade.engine.blocks import CallReport, DraftedBlock, VerifyOutcome
+
+    class Drafter:
+        computes_apart = True
+        overlaps_expert = True
+
+        def __init__(self, delay_s: float):
+            self.delay_s = delay_s
+
+        async def draft(self, tokens, gamma, sampling, seed, payload):
+            if gamma > 1:  # the pre-draft (gamma + 1 after the first block of one)
+                await asyncio.sleep(self.delay_s)
+            return (DraftedBlock(tokens=tuple(range(7, 7 + gamma)), max_q=np.full(gamma, 0.5, dtype=np.float32)),
+                    CallReport(forward_s=0.001, wall_s=0.002, wire_bytes=100))
+
+    class RejectingExpert:
+        async def prefill(self, *args):
+            return None
+
+        async def verify(self, sequence, start, block, *args, **kwargs):
+            await asyncio.sleep(0.02)
+            return (VerifyOutcome(num_accepted=0, next_token=3, is_bonus=False, num_deferred=block.gamma),
+                    CallReport(wire_bytes=10))
+
+    def second_round(delay_s: float):
+        request = GenerationRequest(prompt="x", rule="lossless", block_size=3, seed=0, pipeline="on")
+
+        async def collect():
+            loop = rounds_for(request, Drafter(delay_s), RejectingExpert(), PROMPT, lambda answer: False, limit=1000)
+            records = [await anext(loop) for _ in range(2)]
+            await loop.aclose()
+            return records[1]
+
+        return asyncio.run(collect())
+
+    answered = second_round(delay_s=0.0)  # done before the verify's answer
+    assert (answered.predrafts, answered.predrafts_wasted, answered.predraft_wasted_passes) == (1, 1, 4)
+    assert answered.drafter_calls == 2 and answered.drafter_passes == 4 + 3  # the pre-draft's and the round's draft
+    assert answered.wire_bytes == 100 + 100 + 10
+    running = second_round(delay_s=1.0)  # still drafting when the verify rejects
+    assert (running.predrafts, running.predrafts_wasted, running.predraft_wasted_passes) == (1, 1, 4)
+    assert running.drafter_calls == 1 and running.wire_bytes == 100 + 10

@@ -156,7 +156,7 @@ class _Ahead:
         request's last pre-draft, cut off by the request's end, has no such round and is not
         counted, so every counted one is used or wasted)."""
         record.predrafts += 1
-        if not outcome.is_bonus:  # a rejection: the context is not the one drafted ahead of
+        if not outcome.is_bonus and not self._answered():  # a rejection: the context is not the one drafted ahead of
             self.cancel(record)
             governor.observe_predraft(False)
             return None
@@ -171,7 +171,8 @@ class _Ahead:
         if ahead.gamma:
             record.drafter_calls += 1
             record.drafter_passes += ahead.gamma
-        hit = ahead.gamma == self.gamma + 1 and ahead.tokens[0] == outcome.next_token
+        # A rejection's pre-draft that had already answered is counted as it ran, then dropped.
+        hit = outcome.is_bonus and ahead.gamma == self.gamma + 1 and ahead.tokens[0] == outcome.next_token
         governor.observe_predraft(hit)
         if not hit:
             record.predrafts_wasted += 1
@@ -181,8 +182,12 @@ class _Ahead:
         record.drafted += self.gamma
         return ahead.after_first()
 
+    def _answered(self) -> bool:
+        return self.task.done() and not self.task.cancelled() and self.task.exception() is None
+
     def cancel(self, record: RoundRecord) -> None:
-        """Drop the pre-draft (its tier call is cancelled; a step in progress finishes)."""
+        """Drop the pre-draft before it answered (its tier call is cancelled; a step in progress
+        finishes), counted as the most it could have cost."""
         self.task.cancel()
         record.predrafts_wasted += 1
         record.predraft_wasted_passes += self.gamma + 1

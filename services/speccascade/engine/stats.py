@@ -57,8 +57,9 @@ class RoundCounters:
     predrafts_used: int = _counter("Of predrafts: used as the next block (the expert kept the whole block, and "
                                    "its bonus token was the drafter's guess).")
     predrafts_wasted: int = _counter("Of predrafts: dropped (a rejection, or another bonus token).")
-    predraft_wasted_passes: int = _counter("Drafter forward steps of the dropped pre-drafts (at most: one dropped at "
-                                           "a rejection stops at its next step, or never starts).")
+    predraft_wasted_passes: int = _counter("Drafter forward steps of the dropped pre-drafts (exact for one that had "
+                                           "answered; at most for one dropped while running: it stops at its next "
+                                           "step, or never starts).")
     wire_bytes: int = _counter("Payload bytes exchanged with the tiers, both directions.")
     context_bytes: int = _counter("Of wire_bytes: context token ids sent with tier calls.")
 
