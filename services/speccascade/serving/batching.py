@@ -25,8 +25,8 @@ Which queued calls make the next batch (and which prompt gets the next chunk) is
 weighted fair queueing across tenants (`tenancy.FairQueue`; each call says whose share it is), so a
 tenant flooding the replica only queues behind its own work. For prefill it is fair per chunk: a
 tenant's long prompt gives way after each chunk while another tenant's prompt waits
-(`_requeue_for_other_tenants`), and a tenant's own prompts are fed in the order they came. Calls of a cancelled caller, or of a
-session that ended (`ended`), are dropped before they run.
+(`_requeue_for_other_tenants`), and a tenant's own prompts are fed in the order they came. Calls
+of a cancelled caller, or of a session that ended (`ended`), are dropped before they run.
 
 A session has at most one live call: a new call for a session (`session_of`) supersedes one still
 queued or running for it (a router's retry after a timeout, or a draft that replaces a pre-draft
