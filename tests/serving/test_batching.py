@@ -271,6 +271,29 @@ def test_batches_take_their_turns_by_fair_share():
     assert "q" in model.log[1][1]  # the quiet tenant's call is in the very next batch
 
 
+def test_a_pass_that_returns_too_few_results_fails_its_batch_rather_than_leave_callers_waiting():
+    model = Model()
+    short = {"on": True}
+    run_batch = model.run_batch
+    model.run_batch = lambda batch: run_batch(batch)[: -1 if short["on"] else None]
+
+    async def scenario():
+        b = batcher(model)
+        model.gate.clear()
+        first = asyncio.create_task(b.submit("a"))
+        await asyncio.to_thread(model.entered.wait, 10)
+        pair = [asyncio.create_task(b.submit(x)) for x in ("b", "c")]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        for call in (first, *pair):
+            with pytest.raises(RuntimeError, match="returned 0 results for a batch of 1|returned 1 results for a batch of 2"):
+                await asyncio.wait_for(call, 5)
+        short["on"] = False
+        assert (await asyncio.wait_for(b.submit("d"), 5))[0] == "D"
+
+    asyncio.run(scenario())
+
+
 def test_prompts_of_different_tenants_take_turns_chunk_by_chunk_and_a_tenants_own_keep_their_order():
     """With one chunk a pass, a tenant's long prompt no longer holds the prefill passes until it is
     cached: another tenant's prompt gets every other chunk; the first tenant's second prompt waits

@@ -279,7 +279,7 @@ class ContinuousBatcher(Generic[Item, Result]):
         they came (`_arrival`): each cached as soon as its tenant's share allows, not all of them in
         turn. While only their own tenants' prompts wait, nothing changes and they stay."""
         feeding = {queued.share.flow for queued in self._chunking}
-        if all(queued.share.flow in feeding for queued in self._prefilling):
+        if all(queued.share.flow in feeding or queued.future.done() for queued in self._prefilling):
             return
         for queued in self._chunking:
             self._prefilling.push(queued, queued.share)
@@ -416,6 +416,8 @@ class ContinuousBatcher(Generic[Item, Result]):
         started = time.perf_counter()
         try:
             results = await self._on_thread(self.run_batch, batch)
+            if len(results) != len(batch):  # which result is whose is unknown: none is given out
+                raise RuntimeError(f"{self.name} pass returned {len(results)} results for a batch of {len(batch)}")
         except Exception as error:  # the whole batch failed: every caller gets the error
             for queued in batch:
                 if not queued.future.done():
