@@ -156,7 +156,7 @@ class _Ahead:
         request's last pre-draft, cut off by the request's end, has no such round and is not
         counted, so every counted one is used or wasted)."""
         record.predrafts += 1
-        if not outcome.is_bonus and not self._answered():  # a rejection: the context is not the one drafted ahead of
+        if not outcome.is_bonus and not self._ran():  # a rejection: the context is not the one drafted ahead of
             self.cancel(record)
             governor.observe_predraft(False)
             return None
@@ -171,7 +171,7 @@ class _Ahead:
         if ahead.gamma:
             record.drafter_calls += 1
             record.drafter_passes += ahead.gamma
-        # A rejection's pre-draft that had already answered is counted as it ran, then dropped.
+        # A rejection's pre-draft that had already answered (or failed) is counted as it ran, then dropped.
         hit = outcome.is_bonus and ahead.gamma == self.gamma + 1 and ahead.tokens[0] == outcome.next_token
         governor.observe_predraft(hit)
         if not hit:
@@ -182,8 +182,9 @@ class _Ahead:
         record.drafted += self.gamma
         return ahead.after_first()
 
-    def _answered(self) -> bool:
-        return self.task.done() and not self.task.cancelled() and self.task.exception() is None
+    def _ran(self) -> bool:
+        """Its call is over: it answered or failed (not cancelled)."""
+        return self.task.done() and not self.task.cancelled()
 
     def cancel(self, record: RoundRecord) -> None:
         """Drop the pre-draft before it answered (its tier call is cancelled; a step in progress
