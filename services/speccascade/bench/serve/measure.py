@@ -20,28 +20,29 @@ PHASES = {
     "expert forward": "expert_forward_seconds", "verification": "expert_decide_seconds",
     "tier calls + (de)serialisation": "transport_seconds",  # Serve or the direct channel
 }
-OTHER = "router loop + text"  # the rest of the request's wall time: the loop itself, detokenising, streaming
+OTHER = "router loop + text"  # the loop's own time, waiting for no tier call: the loop itself, detokenising, streaming
+ROUND = "round (wall time)"
 
 
 @dataclass
 class Breakdown:
-    """Milliseconds per round, by phase, summed over some requests."""
+    """Milliseconds per round, by phase, summed over some requests, and the rounds' wall time. A
+    tier call is counted whole in its phases, also where it ran beside the loop's own work (the next
+    draft while the round before streams) or beside another call (a pre-draft beside the verify,
+    the expert's early prefill beside the first draft): the phases and the rest then add up to more
+    than the rounds took."""
 
     rounds: int = 0
-    ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys([*PHASES, OTHER], 0.0))
+    ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys([*PHASES, OTHER, ROUND], 0.0))
 
     def add(self, stats) -> None:
         """`stats`: a request's stats (the engine's GenerationStats or the API's message)."""
         self.rounds += stats.rounds
         for phase, name in PHASES.items():
             self.ms[phase] += 1e3 * getattr(stats, name)
-        # The rest is what no tier call covers. A draft that runs while the loop streams the round
-        # before (the next draft, a pre-draft) is counted whole in the drafter's phases, not in its
-        # waited share (drafter_seconds), so the rest is taken from the phases: the time the loop
-        # spent beside such a call is not counted twice, and the phases and the rest make up the wall
-        # time unless calls overlapped each other (a pre-draft beside a verify).
-        covered = sum(getattr(stats, name) for name in PHASES.values())
-        self.ms[OTHER] += 1e3 * max(0.0, stats.wall_seconds - covered)
+        # drafter_seconds and expert_seconds are what the loop waited for (never two at once).
+        self.ms[OTHER] += 1e3 * max(0.0, stats.wall_seconds - stats.drafter_seconds - stats.expert_seconds)
+        self.ms[ROUND] += 1e3 * stats.wall_seconds
 
     def per_round(self) -> dict[str, float]:
         return {phase: total / self.rounds for phase, total in self.ms.items()} if self.rounds else {}

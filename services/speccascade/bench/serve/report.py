@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 from ..timing import percentile
-from .measure import OTHER, PHASES
+from .measure import OTHER, PHASES, ROUND
 
 
 def spread(values: list[float], digits: int = 2) -> str:
@@ -56,8 +56,11 @@ def print_report(report) -> None:
             table.add_column(name, justify="right")
         for phase in [*PHASES, OTHER]:
             table.add_row(phase, *(f"{split.get(phase, 0.0):.2f}" for split in splits.values()))
-        table.add_row("[bold]total[/]", *(f"{sum(split.values()):.2f}" for split in splits.values()))
+        table.add_row("[bold]round (wall time)[/]", *(f"{split.get(ROUND, 0.0):.2f}" for split in splits.values()))
         console.print(table)
+        console.print("(a tier call counts whole in its phases, also where it ran beside the loop's work or another "
+                      "call: the next draft, a pre-draft, the expert's early prefill; the rows may add up to more "
+                      "than the round)")
     if report.pipelined:
         modes = list(report.pipelined[0].timings)
         table = Table(title="pipelining, each request in every mode (served): per-token p50 ms, pre-drafts used/made")
