@@ -425,6 +425,31 @@ def test_with_turns_the_batch_forms_once_the_turn_is_taken():
     assert turn.released == [["a", "b", "c"]] and not turn.held
 
 
+def test_a_turn_whose_note_cannot_be_written_leaves_the_worker_serving():
+    """Writing the handoff note can fail (a full disk); the batch's callers have their answers, and
+    the calls queued behind it still run."""
+    model = Model()
+
+    class FailingNote(Turn):
+        def release(self, handoff=()):
+            super().release(handoff)
+            if len(self.released) == 1:
+                raise OSError("no space left for the note")
+
+    async def scenario():
+        b = turn_batcher(model, FailingNote())
+        model.gate.clear()
+        first = asyncio.create_task(b.submit("a"))
+        await asyncio.to_thread(model.entered.wait, 10)
+        queued = asyncio.create_task(b.submit("b"))  # waits behind "a"'s batch, then its turn's release
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        assert (await first)[0] == "A"
+        assert (await asyncio.wait_for(queued, 5))[0] == "B"
+
+    asyncio.run(scenario())
+
+
 def test_a_turn_waits_a_moment_for_the_calls_handed_over_and_no_longer():
     """The sessions the other tier just answered are on their way: the batch waits for those this
     replica holds (not for one it does not hold), at most a share of its recent batch time, and

@@ -325,7 +325,10 @@ class ContinuousBatcher(Generic[Item, Result]):
                 self._release_turn_after_thread()
                 raise
             if self.turns is not None:
-                self.turns.release(self._answered(batch))
+                try:
+                    self.turns.release(self._answered(batch))
+                except Exception:  # the turn is given back before the note is written (cpu_turns)
+                    log.exception("%s could not hand the turn over with its note", self.name)
 
     def _release_turn_after_thread(self) -> None:
         """Give the turn back once the forward thread is done: it may still be in this turn's pass, or
