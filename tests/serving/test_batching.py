@@ -4,6 +4,7 @@ contexts are prefilled one chunk at a time between batches, and dead calls never
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -316,6 +317,43 @@ def test_prompts_of_different_tenants_take_turns_chunk_by_chunk_and_a_tenants_ow
     assert [item[5] for item in fed[:4]] == ["a", "b", "a", "b"]  # tenant by tenant, a chunk each
     assert fed.index("long-a2") > max(i for i, item in enumerate(fed) if item == "long-a1")
     assert sorted(fed) == ["long-a1"] * 3 + ["long-a2"] * 3 + ["long-b"] * 3
+
+
+def test_a_cancelled_prompt_never_takes_a_live_prompt_of_its_tenant_out_of_turn():
+    """The first tenant's first prompt is cancelled after a chunk: its second prompt takes the first's
+    place in line (the turns still alternate with the other tenant), not the cancelled one's later
+    place."""
+    model = Model(chunks_per_prompt=3)
+    fed_b, cancelled = threading.Event(), threading.Event()
+    run = model.run
+
+    def run_then_hold(items, budget, most):
+        done = run(items, budget, most)
+        if items == ["long-b"] and not fed_b.is_set():  # a1 fed once, then b: hold until a1 is cancelled
+            fed_b.set()
+            cancelled.wait(10)
+        return done
+
+    async def scenario():
+        b = batcher(model)
+        b.prefill = dataclasses.replace(b.prefill, run=run_then_hold)
+        model.gate.clear()
+        running = asyncio.create_task(b.submit("s0"))
+        await asyncio.to_thread(model.entered.wait, 10)
+        a1 = asyncio.create_task(b.submit("long-a1", Share("a")))
+        rest = [asyncio.create_task(b.submit(item, Share(tenant)))
+                for item, tenant in (("long-a2", "a"), ("long-b", "b"))]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        assert await asyncio.to_thread(fed_b.wait, 10)
+        a1.cancel()
+        cancelled.set()
+        await asyncio.gather(running, *rest)
+
+    asyncio.run(scenario())
+    fed = [entry[1][0] for entry in model.log if entry[0] == "chunk"]
+    assert fed[:3] == ["long-a1", "long-b", "long-a2"]
+    assert [item[5] for item in fed[:6]] == ["a", "b", "a", "b", "a", "b"]
 
 
 def test_a_newer_call_for_a_session_supersedes_its_queued_one_and_no_batch_holds_a_session_twice():

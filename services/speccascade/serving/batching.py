@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -129,7 +130,9 @@ class Queued(Generic[Item]):
 
 
 def _arrival(queued: Queued) -> float:
-    return queued.enqueued_at
+    """A prompt's place among its tenant's; one whose caller left is last, so it never takes a live
+    prompt's turn (it is dropped when its own comes)."""
+    return math.inf if queued.future.done() else queued.enqueued_at
 
 
 class ContinuousBatcher(Generic[Item, Result]):
