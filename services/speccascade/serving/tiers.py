@@ -11,11 +11,12 @@ which replica answers. A new prompt is prefilled in chunks between batches (`bat
 
 A session has one live call per tier: a newer one (the router's retry after a timeout, or a draft
 replacing a dropped pre-draft) supersedes the older, which is dropped or, drafting, stops at its
-next step (`batching.py`). Session ends are ordered with the passes: a release ends the session at once (queued calls are
-dropped, a draft in progress stops at its next step) and frees its cache on the forward thread
-between batches, never under a pass, even if its caller stops waiting first. A call for an ended session is answered as cancelled: its
-request is over and nobody reads the answer (see `sessions.py`). Sessions whose router vanished are
-reclaimed after `session_idle_timeout_s` by a periodic sweep.
+next step (`batching.py`). Session ends are ordered with the passes: a release ends the session at
+once (queued calls are dropped, a draft in progress stops at its next step) and frees its cache on
+the forward thread between batches, never under a pass, even if its caller stops waiting first. A
+call for an ended session is answered as cancelled: its request is over and nobody reads the answer
+(see `sessions.py`). Sessions whose router vanished are reclaimed after `session_idle_timeout_s` by
+a periodic sweep.
 
 Each answer reports where the call's time went (queued, forward passes, deciding), which the
 router counts per round (`engine.stats`).

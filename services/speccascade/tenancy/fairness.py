@@ -76,9 +76,9 @@ class FairQueue(Generic[Item]):
         if self.fair:
             self._virtual_time = start
         if first is not None:
-            earlier = [i for i, entry in enumerate(self._heap) if entry[2] == flow and first(entry[3]) < first(item)]
-            if earlier:
-                i = min(earlier, key=lambda i: first(self._heap[i][3]))
+            i = min((i for i, entry in enumerate(self._heap) if entry[2] == flow),
+                    key=lambda i: first(self._heap[i][3]), default=None)
+            if i is not None and first(self._heap[i][3]) < first(item):
                 self._heap[i], item = (*self._heap[i][:3], item), self._heap[i][3]
         return item
 
