@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 
 import pytest
@@ -104,3 +105,24 @@ def test_tier_and_router_replicas_flush_serves_metrics_once_a_second_wherever_th
     for options in (tier_actor_options(config.drafter), tier_actor_options(config.expert),
                     router_actor_options(config.router)):
         assert options["runtime_env"]["env_vars"].items() >= SERVE_METRICS_ENV.items()
+
+
+def test_starting_the_cluster_keeps_this_process_sigterm_handler(monkeypatch):
+    """`ray.init` puts a failure handler of its own over SIGTERM (it prints a stack trace and kills
+    the process): a command that stops cleanly on SIGTERM (bench serve under `timeout`: print what
+    it measured, stop the cluster) must still have its handler once the cluster runs."""
+    import ray
+    from ray import serve
+
+    def ray_init_taking_sigterm(**options):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what the C++ failure handler does to Python's
+
+    monkeypatch.setattr(ray, "init", ray_init_taking_sigterm)
+    monkeypatch.setattr(serve, "start", lambda **options: None)
+    own = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        launcher.LocalStack(grpc_port=free_port(), http_port=free_port(), num_cpus=1).start()
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)

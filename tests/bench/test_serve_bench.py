@@ -11,12 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 from speccascade.app.launcher import free_port
 from speccascade.bench import machine
-from speccascade.bench.serve import cli
+from speccascade.bench.serve import cli, measure
 from speccascade.bench.serve.measure import OTHER, PHASES, ROUND, Breakdown, Concurrency
 from speccascade.engine.stats import GenerationStats
 
@@ -134,26 +135,60 @@ def test_tiers_pinned_to_a_core_each_or_taking_turns():
 
 def test_a_stopped_bench_serve_still_reports_what_it_measured(tmp_path, monkeypatch, capsys):
     """`timeout` (SIGTERM) mid-run: the figures so far are printed and written, marked incomplete,
-    with the streams that failed counted (a run of 50 minutes is not lost to its last phase)."""
-    def measure_all(args, report):
+    with the streams that failed counted (a run of 50 minutes is not lost to its last phase), and
+    before the cluster stops: Serve's shutdown can take longer than the grace `timeout --kill-after`
+    gives, so figures written after it would die with the process."""
+    figures_path = tmp_path / "figures.json"
+    written_when_the_cluster_stopped = []
+
+    def measure_all(args, report, stack):
+        stack.callback(lambda: written_when_the_cluster_stopped.append(figures_path.exists()))
         report.concurrency.append(Concurrency(4, 96, 2.0, 50.0, 1.5, 1.2, Breakdown(), "off", (0, 0),
                                               ["UNAVAILABLE: the expert tier has no healthy replica"]))
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(cli, "measure_all", measure_all)
     monkeypatch.setattr(machine, "real_model_lock", contextlib.nullcontext)
-    args = argparse.Namespace(tiny=False, shapes=None, drafter=None, expert=None, rule="lossless", alpha=0.0,
-                              block_size=5, max_new_tokens=64, dtype="fp32", json=tmp_path / "figures.json")
+    args = argparse.Namespace(tiny=False, shapes=None, shapes_dir=None, drafter=None, expert=None, rule="lossless",
+                              alpha=0.0, block_size=5, max_new_tokens=64, dtype="fp32", json=figures_path)
     with pytest.raises(SystemExit) as stopped:
         cli.run(args)
     assert stopped.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is not cli._exit_on_sigterm  # the handler is put back
-    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert written_when_the_cluster_stopped == [True]
+    figures = json.loads(figures_path.read_text())
     assert figures["complete"] is False
     assert figures["concurrency"][0]["failures"] == ["UNAVAILABLE: the expert tier has no healthy replica"]
     printed = capsys.readouterr()
     assert "stopped before the end" in printed.err
     assert "3/4" in printed.out and "1 failed with UNAVAILABLE" in printed.out
+
+
+def test_paired_requests_are_kept_one_by_one(monkeypatch):
+    """A bench stopped during the paired comparison keeps the pairs it finished (they are written
+    into the report as they are measured, not returned at the end)."""
+    class Source:
+        def __init__(self, stop_at=None):
+            self.calls, self.stop_at = 0, stop_at
+
+        def stream(self, request):
+            self.calls += 1
+            if self.calls == self.stop_at:
+                raise SystemExit(128 + signal.SIGTERM)
+            return iter(())
+
+    timed = []
+    monkeypatch.setattr(measure, "Timed", lambda chunks: timed.append(chunks) or types.SimpleNamespace(
+        timing=None, tokens=[1, 2], stats=types.SimpleNamespace(rounds=1)))
+    monkeypatch.setattr(measure, "tier_stats", lambda handles: {})
+    monkeypatch.setattr("speccascade.engine.request.GenerationRequest", lambda **options: options)
+    breakdowns = {"in-process": types.SimpleNamespace(add=lambda stats: None),
+                  "served": types.SimpleNamespace(add=lambda stats: None)}
+    paired = []
+    requests = [(f"task {i}", "greedy", {"messages": [{"role": "user", "content": "hi"}]}) for i in range(3)]
+    with pytest.raises(SystemExit):
+        measure.run_paired(Source(), Source(stop_at=3), requests, lambda: None, breakdowns, {}, paired)
+    assert [p.task for p in paired] == ["task 0", "task 1"] and all(p.identical for p in paired)
 
 
 def test_the_device_script_refuses_what_it_cannot_run(tmp_path):

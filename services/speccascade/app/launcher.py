@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +142,22 @@ def load_serve_config(path: Path | None = None):
 
 
 @contextmanager
+def _sigterm_handler_kept():
+    """Keep this process's own SIGTERM handler through the block: `ray.init` installs a failure
+    handler of its own (absl's) over it, which prints a stack trace and kills the process, so a
+    command that meant to stop cleanly on SIGTERM (`timeout`, a job runner: keep what was measured,
+    stop the cluster) would die on the spot instead. A Python handler is put back; signal handlers
+    are set from the main thread only."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if on_main_thread else None
+    try:
+        yield
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
+@contextmanager
 def _environment(defaults: dict[str, str]):
     """`defaults` in this process's environment where it does not set them, until the block ends: the
     processes a local Ray cluster starts (its GCS, raylet and every worker) inherit it. A job-level
@@ -190,7 +208,8 @@ class LocalStack:
             options["_temp_dir"] = self.temp_dir
         if self.worker_threads:
             options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(self.worker_threads)}}
-        with _environment(LOCAL_SERVE_ENV):  # the cluster's processes start with it; this one keeps its own
+        # The cluster's processes start with the environment; this one keeps its own, and its SIGTERM handler.
+        with _environment(LOCAL_SERVE_ENV), _sigterm_handler_kept():
             ray.init(**options)
         self.started = True
         try:

@@ -92,6 +92,7 @@ def shaped_pair(root: Path, shapes: str, tokenizer: str | None) -> tuple[str, st
 def run(args: argparse.Namespace) -> int:
     from ..machine import real_model_lock
 
+
     report = Report("tiny random, Qwen2.5 vocabulary (2 layers, hidden 64)" if args.tiny else
                     f"random weights, shapes {args.shapes}" if args.shapes else
                     f"{args.drafter or 'packaged 0.5B'} / {args.expert or 'packaged 1.5B'}",
@@ -100,34 +101,45 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `timeout` or a job runner: keep what was measured
     try:
         with contextlib.ExitStack() as stack:
-            if args.tiny:
-                args.drafter, args.expert = tiny_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
-                                                      args.tokenizer)
-                args.dtype = report.dtype = "fp32"
-            elif args.shapes:
-                args.drafter, args.expert = shaped_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
-                                                        args.shapes, args.tokenizer)
-            else:
-                stack.enter_context(real_model_lock())
-            measure_all(args, report)
-        complete = True
+            try:
+                if args.tiny:
+                    args.drafter, args.expert = tiny_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                                                          args.tokenizer)
+                    args.dtype = report.dtype = "fp32"
+                elif args.shapes:
+                    args.drafter, args.expert = shaped_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                                                            args.shapes, args.tokenizer)
+                else:
+                    stack.enter_context(real_model_lock())
+                measure_all(args, report, stack)
+                complete = True
+            finally:
+                # Before the cluster stops (`stack`): Serve's shutdown can outlast the grace a kill gives after
+                # its SIGTERM (`timeout --kill-after`), and what was measured must not go with it.
+                publish_report(report, args.json, complete)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if not complete:
-            print("bench serve stopped before the end: what follows is what it measured until then", file=sys.stderr)
-        print_report(report)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            data = asdict(report)
-            data["complete"] = complete
-            data["paired_ratios"] = [{"token": p.token_ratio, "ttft": p.ttft_ratio} for p in report.paired]
-            data["breakdown_ms_per_round"] = {k: b.per_round() for k, b in report.breakdowns.items()}
-            args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
 
+def publish_report(report: Report, json_path: Path | None, complete: bool) -> None:
+    """Write the figures to `json_path` and print them; `complete` says whether every measurement ran.
+    The file first and the print flushed: a process killed soon after keeps both."""
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        data = asdict(report)
+        data["complete"] = complete
+        data["paired_ratios"] = [{"token": p.token_ratio, "ttft": p.ttft_ratio} for p in report.paired]
+        data["breakdown_ms_per_round"] = {k: b.per_round() for k, b in report.breakdowns.items()}
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+    if not complete:
+        print("bench serve stopped before the end: what follows is what it measured until then", file=sys.stderr)
+    print_report(report)
+    sys.stdout.flush()
+
+
 def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)  # unwinds: the stack stops, the figures so far are printed and written
+    raise SystemExit(128 + signum)  # unwinds: the figures so far are printed and written, then the cluster stops
 
 
 def tier_settings(args: argparse.Namespace) -> dict[str, dict]:
@@ -164,7 +176,8 @@ def describe_tiers(config, replica_stats: dict[str, dict]) -> str:
             + f"; tier calls over {config.router.tier_transport}")
 
 
-def measure_all(args: argparse.Namespace, report: Report) -> None:
+def measure_all(args: argparse.Namespace, report: Report, stack: contextlib.ExitStack) -> None:
+    """Start the application and measure into `report`; the cluster stops when `stack` closes."""
     from ray import serve
     from rich.console import Console
     from rich.progress import Progress
@@ -184,6 +197,7 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
                                                               tier_transport=args.tier_transport,
                                                               **tier_process_overrides(args)),
                                   grpc_port=args.grpc_port, http_port=args.http_port)
+    stack.callback(launched.stack.stop)
     target, app = launched.endpoints.grpc_target, launched.endpoints.app_name
     handles = {name: serve.get_deployment_handle(name, app_name=app) for name in ("Drafter", "Expert")}
     report.tiers = describe_tiers(launched.config, {name.lower(): handle.batch_stats.remote().result()
@@ -212,14 +226,13 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
                 engine.generate(GenerationRequest(**chat(tasks[0], 4)))
                 report.breakdowns = {"in-process": Breakdown(), "served": Breakdown()}
                 unpipelined = [(task, label, {**options, "pipeline": "off"}) for task, label, options in requests]
-                report.paired = measure.run_paired(engine, client, unpipelined, lambda: progress.advance(bar),
-                                                   report.breakdowns, handles)
+                measure.run_paired(engine, client, unpipelined, lambda: progress.advance(bar), report.breakdowns,
+                                   handles, report.paired)
                 del engine
             if args.pipeline:
                 progress.update(bar, description=f"bench serve: pipelining {', '.join(args.pipeline)}, request by "
                                                   "request")
-                report.pipelined = measure.run_pipelined(client, requests, args.pipeline,
-                                                         lambda: progress.advance(bar))
+                measure.run_pipelined(client, requests, args.pipeline, lambda: progress.advance(bar), report.pipelined)
             progress.update(bar, description="bench serve: bytes on the wire")
             for mode, sampling in WIRE_MODES.items():
                 stats = measure.Timed(client.stream(build_request(**chat(tasks[0], 16, **sampling)))).stats
@@ -254,7 +267,6 @@ def measure_all(args: argparse.Namespace, report: Report) -> None:
             progress.advance(bar)
     finally:
         progress.stop()
-        launched.stack.stop()
 
 
 def _int_list(text: str) -> list[int]:

@@ -148,15 +148,15 @@ class Timed:
 
 
 def run_paired(engine, client, requests: Sequence[tuple[str, str, dict]], advance: Callable[[], None],
-               breakdowns: dict[str, Breakdown], handles) -> list[Paired]:
+               breakdowns: dict[str, Breakdown], handles, paired: list[Paired]) -> None:
     """Each (task, sampling label, options) in-process then served, interleaved request by request,
-    so the machine's drift hits both alike."""
+    so the machine's drift hits both alike; each pair goes into `paired` as it is measured (a bench
+    stopped midway keeps what it had)."""
     from ...api.client import build_request
     from ...engine.request import GenerationRequest
     from ...options import SamplingParams
     from ...serving.heap import page_faults
 
-    paired = []
     for task, label, options in requests:
         sampling = {k: options[k] for k in ("temperature", "top_p") if k in options}
         common = {k: v for k, v in options.items() if k not in sampling}
@@ -172,7 +172,6 @@ def run_paired(engine, client, requests: Sequence[tuple[str, str, dict]], advanc
         paired.append(Paired(task, label, local.timing, remote.timing, local.tokens == remote.tokens,
                              (local_faults / max(local.stats.rounds, 1), served_faults / max(remote.stats.rounds, 1))))
         advance()
-    return paired
 
 
 def tier_stats(handles) -> dict[str, dict]:
@@ -181,11 +180,11 @@ def tier_stats(handles) -> dict[str, dict]:
 
 
 def run_pipelined(client, requests: Sequence[tuple[str, str, dict]], modes: Sequence[str],
-                  advance: Callable[[], None]) -> list[PipelinedRequest]:
-    """Each (task, sampling label, options) served once per pipelining mode, mode after mode."""
+                  advance: Callable[[], None], results: list[PipelinedRequest]) -> None:
+    """Each (task, sampling label, options) served once per pipelining mode, mode after mode; each
+    request's figures go into `results` as they are measured."""
     from ...api.client import build_request
 
-    results = []
     for task, label, options in requests:
         timed = {mode: Timed(client.stream(build_request(**options, pipeline=mode))) for mode in modes}
         outputs = [t.tokens for t in timed.values()]
@@ -194,7 +193,6 @@ def run_pipelined(client, requests: Sequence[tuple[str, str, dict]], modes: Sequ
             {mode: (t.stats.predrafts, t.stats.predrafts_used, t.stats.predraft_wasted_passes)
              for mode, t in timed.items()}))
         advance()
-    return results
 
 
 def concurrent(target: str, app: str, build: Callable[[int], object], streams: int, handles,
