@@ -52,7 +52,9 @@ export PYTHONPATH="$PWD/services:$SITE/site" PYTHONUNBUFFERED=1
 "$PYTHON" -c "import ray, ray.serve, pydantic, fastapi, grpc, speccascade.app; print('ray', ray.__version__)" || exit 1
 
 if [ "$mode" = gpu ]; then
-    pair=(--shapes qwen2.5-0.5b,qwen2.5-7b --config deploy/gpu-single.yaml --backend static --device cuda)
+    # The random 0.5B and 7B are made once (~16 GB on disk) and used again by the pipelining comparison.
+    pair=(--shapes qwen2.5-0.5b,qwen2.5-7b --shapes-dir "${SHAPES_DIR:-/tmp/speccascade-shapes}"
+          --config deploy/gpu-single.yaml --backend static --device cuda)
     streams=1,8,32
 else
     pair=(--tiny)

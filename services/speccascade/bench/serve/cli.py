@@ -92,6 +92,8 @@ def shaped_pair(root: Path, shapes: str, tokenizer: str | None) -> tuple[str, st
 def run(args: argparse.Namespace) -> int:
     from ..machine import real_model_lock
 
+    if args.shapes_dir is not None and not args.shapes:
+        raise ValueError(f"--shapes-dir={str(args.shapes_dir)!r} keeps the models of --shapes, which was not given")
 
     report = Report("tiny random, Qwen2.5 vocabulary (2 layers, hidden 64)" if args.tiny else
                     f"random weights, shapes {args.shapes}" if args.shapes else
@@ -107,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
                                                           args.tokenizer)
                     args.dtype = report.dtype = "fp32"
                 elif args.shapes:
-                    args.drafter, args.expert = shaped_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
-                                                            args.shapes, args.tokenizer)
+                    root = args.shapes_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                    args.drafter, args.expert = shaped_pair(root, args.shapes, args.tokenizer)
                 else:
                     stack.enter_context(real_model_lock())
                 measure_all(args, report, stack)
@@ -294,6 +296,9 @@ def register(benches) -> None:
                         help="a tiny random pair with Qwen2.5's vocabulary: what remains is the serving path")
     parser.add_argument("--shapes", help="random-weight models of these shapes, e.g. qwen2.5-0.5b,qwen2.5-7b (a GPU "
                                          "machine where real weights cannot travel)")
+    parser.add_argument("--shapes-dir", type=Path,
+                        help="with --shapes: keep the random-weight models in this directory and use them again in "
+                             "later runs (a 7B takes ~15 GB; default: a temporary directory, removed at the end)")
     parser.add_argument("--tokenizer", help="directory of the Qwen2.5 tokenizer for --tiny/--shapes (default: the "
                                             "packaged drafter's)")
     parser.add_argument("--drafter", help="drafter model source (default: the packaged pair)")
