@@ -75,9 +75,12 @@ after_failure() {
     fi
 }
 
+# `timeout --foreground` signals the bench alone: without it, timeout signals its whole process group,
+# where the bench's Ray cluster (GCS, raylet, agents) runs too, so the cluster went down at once and
+# the bench, stopping it and writing what it measured, could hang on it until the kill.
 started=$SECONDS
 step "bench serve ${pair[*]} --streams $streams"
-timeout --kill-after=20 "$LIMIT_S" "$PYTHON" -m speccascade.cli bench serve "${pair[@]}" --streams "$streams" \
+timeout --foreground --kill-after=20 "$LIMIT_S" "$PYTHON" -m speccascade.cli bench serve "${pair[@]}" --streams "$streams" \
     --prompts 2 --sampling greedy,nucleus,unfiltered --json "$OUT/serve.json"
 status=$?
 step "bench serve exited with $status"
@@ -93,7 +96,7 @@ elif [ "$left" -lt "$PIPELINE_MIN_S" ]; then
     step "no pipelining comparison: $left s left, it needs $PIPELINE_MIN_S"
 else
     step "bench serve ${pair[*]} --pipeline off,on ($left s left)"
-    timeout --kill-after=20 "$left" "$PYTHON" -m speccascade.cli bench serve "${pair[@]}" --streams 1,8 \
+    timeout --foreground --kill-after=20 "$left" "$PYTHON" -m speccascade.cli bench serve "${pair[@]}" --streams 1,8 \
         --skip-in-process --prompts 2 --sampling greedy --pipeline off,on --json "$OUT/pipeline.json"
     pipeline_status=$?
     step "bench serve (pipelining) exited with $pipeline_status"

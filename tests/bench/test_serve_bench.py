@@ -143,6 +143,7 @@ def test_a_stopped_bench_serve_still_reports_what_it_measured(tmp_path, monkeypa
 
     def measure_all(args, report, stack):
         stack.callback(lambda: written_when_the_cluster_stopped.append(figures_path.exists()))
+        report.phase = "4 concurrent streams, pipelining off"
         report.concurrency.append(Concurrency(4, 96, 2.0, 50.0, 1.5, 1.2, Breakdown(), "off", (0, 0),
                                               ["UNAVAILABLE: the expert tier has no healthy replica"]))
         os.kill(os.getpid(), signal.SIGTERM)
@@ -157,10 +158,10 @@ def test_a_stopped_bench_serve_still_reports_what_it_measured(tmp_path, monkeypa
     assert signal.getsignal(signal.SIGTERM) is not cli._exit_on_sigterm  # the handler is put back
     assert written_when_the_cluster_stopped == [True]
     figures = json.loads(figures_path.read_text())
-    assert figures["complete"] is False
+    assert figures["complete"] is False and figures["phase"] == "4 concurrent streams, pipelining off"
     assert figures["concurrency"][0]["failures"] == ["UNAVAILABLE: the expert tier has no healthy replica"]
     printed = capsys.readouterr()
-    assert "stopped before the end" in printed.err
+    assert "stopped before the end, while 4 concurrent streams, pipelining off" in printed.err
     assert "3/4" in printed.out and "1 failed with UNAVAILABLE" in printed.out
 
 

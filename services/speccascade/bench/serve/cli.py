@@ -68,6 +68,7 @@ class Report:
     max_new_tokens: int
     dtype: str
     tiers: str = ""  # how the tiers share the machine's cores
+    phase: str = "making the models"  # what the bench was doing last (where a stopped bench stopped)
     paired: list[Paired] = field(default_factory=list)
     breakdowns: dict[str, Breakdown] = field(default_factory=dict)  # in-process / served, paired requests
     concurrency: list[Concurrency] = field(default_factory=list)
@@ -135,7 +136,8 @@ def publish_report(report: Report, json_path: Path | None, complete: bool) -> No
         data["breakdown_ms_per_round"] = {k: b.per_round() for k, b in report.breakdowns.items()}
         json_path.write_text(json.dumps(data, indent=2) + "\n")
     if not complete:
-        print("bench serve stopped before the end: what follows is what it measured until then", file=sys.stderr)
+        print(f"bench serve stopped before the end, while {report.phase}: what follows is what it measured until "
+              "then", file=sys.stderr)
     print_report(report)
     sys.stdout.flush()
 
@@ -192,6 +194,7 @@ def measure_all(args: argparse.Namespace, report: Report, stack: contextlib.Exit
     from . import measure
 
     tasks = TASKS[: args.prompts]
+    report.phase = "starting the application"
     launched = start_serve_config(args.config, ServeOverrides(drafter=args.drafter, expert=args.expert,
                                                               dtype=args.dtype, backend=args.backend,
                                                               device=None if args.device == "cpu" else args.device,
@@ -218,11 +221,17 @@ def measure_all(args: argparse.Namespace, report: Report, stack: contextlib.Exit
     progress = Progress(console=Console(stderr=True), transient=False)
     bar = progress.add_task("bench serve", total=steps)
     progress.start()
+
+    def enter(phase: str) -> None:
+        report.phase = phase
+        progress.update(bar, description=f"bench serve: {phase}")
+
     try:
         with SpecCascadeClient(target, application=app) as client:
+            report.phase = "warming up"
             client.generate(build_request(**chat(tasks[0], 4)))  # warm-up: both tiers loaded and compiled
             if not args.skip_in_process:
-                progress.update(bar, description="bench serve: in-process vs served, request by request")
+                enter("in-process vs served, request by request")
                 engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, device=args.device,
                                             backend=args.backend or "hf", progress=False)
                 engine.generate(GenerationRequest(**chat(tasks[0], 4)))
@@ -232,17 +241,16 @@ def measure_all(args: argparse.Namespace, report: Report, stack: contextlib.Exit
                                    handles, report.paired)
                 del engine
             if args.pipeline:
-                progress.update(bar, description=f"bench serve: pipelining {', '.join(args.pipeline)}, request by "
-                                                  "request")
+                enter(f"pipelining {', '.join(args.pipeline)}, request by request")
                 measure.run_pipelined(client, requests, args.pipeline, lambda: progress.advance(bar), report.pipelined)
-            progress.update(bar, description="bench serve: bytes on the wire")
+            enter("bytes on the wire")
             for mode, sampling in WIRE_MODES.items():
                 stats = measure.Timed(client.stream(build_request(**chat(tasks[0], 16, **sampling)))).stats
                 report.wire[mode] = (stats.rounds, stats.wire_bytes / max(stats.rounds, 1))
             progress.advance(bar)
         for streams in args.streams:
             for mode in modes:  # modes alternate at each concurrency, so the machine's drift hits all alike
-                progress.update(bar, description=f"bench serve: {streams} concurrent streams, pipelining {mode}")
+                enter(f"{streams} concurrent streams, pipelining {mode}")
                 report.concurrency.append(measure.concurrent(
                     target, app, lambda i: build_request(**chat(TASKS[i % len(TASKS)], args.max_new_tokens),
                                                          pipeline=mode), streams, handles, mode,
@@ -257,11 +265,11 @@ def measure_all(args: argparse.Namespace, report: Report, stack: contextlib.Exit
                                                                     progress=False).path)
             prompts = [measure.synthetic_prompt(tokenizer, args.load_prompt_tokens, seed) for seed in
                        range(args.load_requests)]
-            progress.update(bar, description="bench serve: load prompts one at a time (baseline)")
+            enter("load prompts one at a time (baseline)")
             baseline = measure.load(target, app, prompts[: max(2, args.load_requests // args.load_streams)],
                                     streams=1, max_new_tokens=args.load_max_new_tokens, timeout_s=args.load_timeout_s)
             progress.advance(bar)
-            progress.update(bar, description=f"bench serve: load, {args.load_streams} streams")
+            enter(f"load, {args.load_streams} streams")
             finished, ttfts, gaps = measure.load(target, app, prompts, streams=args.load_streams,
                                                  max_new_tokens=args.load_max_new_tokens, timeout_s=args.load_timeout_s)
             report.load = Load(args.load_streams, args.load_prompt_tokens, len(prompts), finished, ttfts, gaps,
