@@ -126,3 +126,30 @@ def test_starting_the_cluster_keeps_this_process_sigterm_handler(monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is own
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stack_stopped_by_its_caller_stops_after_a_failed_deployment_only_when_the_caller_closes(monkeypatch):
+    """With `stop_with`, the cluster's stop is the caller's from the moment it runs: a deployment
+    that fails (or is interrupted: bench serve under `timeout`) leaves it to the caller, who first
+    writes what it measured; without, a failed deployment stops the stack at once."""
+    from contextlib import ExitStack
+
+    events = []
+    monkeypatch.setattr(launcher.LocalStack, "start", lambda self: events.append("start") or self)
+    monkeypatch.setattr(launcher.LocalStack, "stop", lambda self: events.append("stop"))
+
+    def deploy_interrupted(self, config, **where):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(launcher.LocalStack, "deploy", deploy_interrupted)
+    with pytest.raises(SystemExit), ExitStack() as caller:
+        caller.callback(events.append, "caller's own cleanup")
+        try:
+            launcher.start_serve_config(None, stop_with=caller, grpc_port=free_port(), http_port=free_port())
+        finally:
+            events.append("figures written")
+    assert events == ["start", "figures written", "stop", "caller's own cleanup"]
+    events.clear()
+    with pytest.raises(SystemExit):
+        launcher.start_serve_config(None, grpc_port=free_port(), http_port=free_port())
+    assert events == ["start", "stop"]

@@ -18,7 +18,7 @@ import random
 import signal
 import socket
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,16 +269,23 @@ class Launched:
 
 
 def start_serve_config(path: Path | None, overrides: ServeOverrides = ServeOverrides(), *,
-                       grpc_port: int | None = None, http_port: int | None = None, **stack_options) -> Launched:
+                       grpc_port: int | None = None, http_port: int | None = None,
+                       stop_with: ExitStack | None = None, **stack_options) -> Launched:
     """Start a local stack with the application of a Serve config (the local one by default),
     changed by `overrides`, as `speccascade serve` does. A bad configuration fails before Ray
-    starts, naming the bad value."""
+    starts, naming the bad value. With `stop_with`, the stack stops when that closes, as soon as
+    the cluster runs (also when the deployment fails or is interrupted: the caller decides what
+    comes before the stop, e.g. writing what it measured); otherwise a failed deployment stops it
+    here."""
     schema = load_serve_config(path)
     (app,) = schema.applications
     config = AppConfig.model_validate(overrides.apply(app.args))
     stack = LocalStack.from_serve_config(schema, grpc_port=grpc_port, http_port=http_port, **stack_options).start()
+    if stop_with is not None:
+        stop_with.callback(stack.stop)
     try:
         return Launched(stack, stack.deploy(config, name=app.name, route_prefix=app.route_prefix), config)
     except BaseException:
-        stack.stop()
+        if stop_with is None:
+            stack.stop()
         raise

@@ -53,35 +53,40 @@ def save_pair(root: Path, tokenizer, *, hidden: int, layers: tuple[int, int], dr
 # Random weights of a shape's model are tiled from one bank of normal draws of this many values.
 WEIGHT_BANK_SIZE = 1 << 24
 WEIGHT_SCALE = 0.02  # Qwen2's initializer_range: the scale of the weights it initialises
+# Written last into a saved model's directory: what it holds. A directory without it was cut off
+# while saving; one whose marker differs (another shape, tokenizer or way of making the weights)
+# is made again.
+SHAPE_MARKER = "speccascade-shape"
+SHAPE_FORMAT = "tiled normal draws, v1"
 
 
 def save_shaped_pair(root: Path, tokenizer, drafter_shape: str, expert_shape: str) -> tuple[str, str]:
     """A (drafter, expert) pair of random-weight models of real shapes (`bench.backend.steps.SHAPES`,
     e.g. qwen2.5-0.5b and qwen2.5-7b) with `tokenizer`, saved in bf16 under `root`: speed does not
-    depend on the weights, and weights too large to travel to a GPU machine are made there. A
-    directory that already holds a shape's model (saved by an earlier run into the same `root`)
-    is used as it is."""
+    depend on the weights, and weights too large to travel to a GPU machine are made there. A model
+    that an earlier run saved whole into the same `root` is used as it is."""
     from .backend.steps import SHAPES
 
-    dirs = []
-    for index, (name, shape) in enumerate((("drafter", drafter_shape), ("expert", expert_shape))):
+    for shape in (drafter_shape, expert_shape):
         if shape not in SHAPES:
             raise ValueError(f"unknown model shape {shape!r}; expected one of: {', '.join(SHAPES)}")
+    dirs = []
+    for seed, (name, shape) in enumerate((("drafter", drafter_shape), ("expert", expert_shape))):
         path = Path(root) / f"{name}-{shape}"
-        if not (path / SHAPE_DONE).is_file():
-            _save_shaped_model(path, tokenizer, shape, seed=index)
+        marker = f"{shape}\n{SHAPE_FORMAT}\n{tokenizer.name_or_path} ({len(tokenizer)} ids)\n"
+        if not (path / SHAPE_MARKER).is_file() or (path / SHAPE_MARKER).read_text() != marker:
+            _save_shaped_model(path, tokenizer, shape, seed)
+            (path / SHAPE_MARKER).write_text(marker)
         dirs.append(str(path))
     return dirs[0], dirs[1]
-
-
-SHAPE_DONE = "speccascade-shape-complete"  # written last: a directory without it was cut off while saving
 
 
 def _save_shaped_model(path: Path, tokenizer, shape: str, seed: int) -> None:
     """One random-weight bf16 model of `shape`, saved to `path`. It is built on the meta device and
     filled in place: the usual initialisation draws every weight on one CPU thread (~170 M values
-    a second: ~45 s for a 7B, before saving), while here each weight matrix is a window of one
-    bank of normal draws at its own offset (copies, at memory speed); norms are ones, biases zeros."""
+    a second: ~45 s for a 7B, before saving), while here each weight matrix is copied, at memory
+    speed, from windows of one bank of normal draws, each window at a random place in the bank
+    (no two matrices, nor two parts of one, alike); norms are ones, biases zeros."""
     import shutil
 
     import torch
@@ -97,7 +102,7 @@ def _save_shaped_model(path: Path, tokenizer, shape: str, seed: int) -> None:
     model.tie_weights()  # to_empty gives each module its own storage: a tied output layer is the embedding again
     generator = torch.Generator().manual_seed(seed)
     bank = (torch.randn(WEIGHT_BANK_SIZE, generator=generator) * WEIGHT_SCALE).to(torch.bfloat16)
-    offset = 0
+    window = WEIGHT_BANK_SIZE // 2  # at most half the bank, so a window can start in as many places
     with torch.no_grad():
         for name, param in model.named_parameters():  # a tied weight is listed once
             flat = param.view(-1)
@@ -106,16 +111,14 @@ def _save_shaped_model(path: Path, tokenizer, shape: str, seed: int) -> None:
             elif name.endswith(".bias"):
                 flat.zero_()
             else:
-                for start in range(0, flat.numel(), WEIGHT_BANK_SIZE):
-                    width = min(WEIGHT_BANK_SIZE, flat.numel() - start)
-                    begin = (offset + start) % (WEIGHT_BANK_SIZE - width + 1)
+                for start in range(0, flat.numel(), window):
+                    width = min(window, flat.numel() - start)
+                    begin = int(torch.randint(0, WEIGHT_BANK_SIZE - width + 1, (), generator=generator))
                     flat[start:start + width].copy_(bank[begin:begin + width])
-                offset += 7919  # the next matrix starts elsewhere in the bank
     if path.exists():
         shutil.rmtree(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / SHAPE_DONE).write_text(shape + "\n")
 
 
 def smollm2_tokenizer():

@@ -68,7 +68,7 @@ class Report:
     max_new_tokens: int
     dtype: str
     tiers: str = ""  # how the tiers share the machine's cores
-    phase: str = "making the models"  # what the bench was doing last (where a stopped bench stopped)
+    phase: str = "starting"  # what the bench was doing last (where a stopped bench stopped)
     paired: list[Paired] = field(default_factory=list)
     breakdowns: dict[str, Breakdown] = field(default_factory=dict)  # in-process / served, paired requests
     concurrency: list[Concurrency] = field(default_factory=list)
@@ -93,6 +93,8 @@ def shaped_pair(root: Path, shapes: str, tokenizer: str | None) -> tuple[str, st
 def run(args: argparse.Namespace) -> int:
     from ..machine import real_model_lock
 
+    if args.tiny and args.shapes:
+        raise ValueError(f"--tiny and --shapes={args.shapes!r} each choose the pair: give one")
     if args.shapes_dir is not None and not args.shapes:
         raise ValueError(f"--shapes-dir={str(args.shapes_dir)!r} keeps the models of --shapes, which was not given")
 
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as stack:
             try:
+                report.phase = "making the models" if args.tiny or args.shapes else "waiting for the real-model lock"
                 if args.tiny:
                     args.drafter, args.expert = tiny_pair(Path(stack.enter_context(tempfile.TemporaryDirectory())),
                                                           args.tokenizer)
@@ -134,7 +137,9 @@ def publish_report(report: Report, json_path: Path | None, complete: bool) -> No
         data["complete"] = complete
         data["paired_ratios"] = [{"token": p.token_ratio, "ttft": p.ttft_ratio} for p in report.paired]
         data["breakdown_ms_per_round"] = {k: b.per_round() for k, b in report.breakdowns.items()}
-        json_path.write_text(json.dumps(data, indent=2) + "\n")
+        partial = json_path.with_name(json_path.name + ".partial")  # a kill mid-write leaves no half a file
+        partial.write_text(json.dumps(data, indent=2) + "\n")
+        partial.replace(json_path)
     if not complete:
         print(f"bench serve stopped before the end, while {report.phase}: what follows is what it measured until "
               "then", file=sys.stderr)
@@ -201,8 +206,7 @@ def measure_all(args: argparse.Namespace, report: Report, stack: contextlib.Exit
                                                               tier_settings=tier_settings(args),
                                                               tier_transport=args.tier_transport,
                                                               **tier_process_overrides(args)),
-                                  grpc_port=args.grpc_port, http_port=args.http_port)
-    stack.callback(launched.stack.stop)
+                                  grpc_port=args.grpc_port, http_port=args.http_port, stop_with=stack)
     target, app = launched.endpoints.grpc_target, launched.endpoints.app_name
     handles = {name: serve.get_deployment_handle(name, app_name=app) for name in ("Drafter", "Expert")}
     report.tiers = describe_tiers(launched.config, {name.lower(): handle.batch_stats.remote().result()
@@ -222,16 +226,16 @@ def measure_all(args: argparse.Namespace, report: Report, stack: contextlib.Exit
     bar = progress.add_task("bench serve", total=steps)
     progress.start()
 
-    def enter(phase: str) -> None:
+    def enter_phase(phase: str) -> None:
         report.phase = phase
         progress.update(bar, description=f"bench serve: {phase}")
 
     try:
         with SpecCascadeClient(target, application=app) as client:
-            report.phase = "warming up"
+            enter_phase("warming up")
             client.generate(build_request(**chat(tasks[0], 4)))  # warm-up: both tiers loaded and compiled
             if not args.skip_in_process:
-                enter("in-process vs served, request by request")
+                enter_phase("in-process vs served, request by request")
                 engine = CascadeEngine.load(args.drafter, args.expert, dtype=args.dtype, device=args.device,
                                             backend=args.backend or "hf", progress=False)
                 engine.generate(GenerationRequest(**chat(tasks[0], 4)))
@@ -241,16 +245,16 @@ def measure_all(args: argparse.Namespace, report: Report, stack: contextlib.Exit
                                    handles, report.paired)
                 del engine
             if args.pipeline:
-                enter(f"pipelining {', '.join(args.pipeline)}, request by request")
+                enter_phase(f"pipelining {', '.join(args.pipeline)}, request by request")
                 measure.run_pipelined(client, requests, args.pipeline, lambda: progress.advance(bar), report.pipelined)
-            enter("bytes on the wire")
+            enter_phase("bytes on the wire")
             for mode, sampling in WIRE_MODES.items():
                 stats = measure.Timed(client.stream(build_request(**chat(tasks[0], 16, **sampling)))).stats
                 report.wire[mode] = (stats.rounds, stats.wire_bytes / max(stats.rounds, 1))
             progress.advance(bar)
         for streams in args.streams:
             for mode in modes:  # modes alternate at each concurrency, so the machine's drift hits all alike
-                enter(f"{streams} concurrent streams, pipelining {mode}")
+                enter_phase(f"{streams} concurrent streams, pipelining {mode}")
                 report.concurrency.append(measure.concurrent(
                     target, app, lambda i: build_request(**chat(TASKS[i % len(TASKS)], args.max_new_tokens),
                                                          pipeline=mode), streams, handles, mode,
@@ -265,11 +269,11 @@ def measure_all(args: argparse.Namespace, report: Report, stack: contextlib.Exit
                                                                     progress=False).path)
             prompts = [measure.synthetic_prompt(tokenizer, args.load_prompt_tokens, seed) for seed in
                        range(args.load_requests)]
-            enter("load prompts one at a time (baseline)")
+            enter_phase("load prompts one at a time (baseline)")
             baseline = measure.load(target, app, prompts[: max(2, args.load_requests // args.load_streams)],
                                     streams=1, max_new_tokens=args.load_max_new_tokens, timeout_s=args.load_timeout_s)
             progress.advance(bar)
-            enter(f"load, {args.load_streams} streams")
+            enter_phase(f"load, {args.load_streams} streams")
             finished, ttfts, gaps = measure.load(target, app, prompts, streams=args.load_streams,
                                                  max_new_tokens=args.load_max_new_tokens, timeout_s=args.load_timeout_s)
             report.load = Load(args.load_streams, args.load_prompt_tokens, len(prompts), finished, ttfts, gaps,
