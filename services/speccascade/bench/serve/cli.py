@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     stack.enter_context(real_model_lock())
                 measure_all(args, report, stack)
-                complete = True
+                complete, report.phase = True, "done"
             finally:
                 # Before the cluster stops (`stack`): Serve's shutdown can outlast the grace a kill gives after
                 # its SIGTERM (`timeout --kill-after`), and what was measured must not go with it.
