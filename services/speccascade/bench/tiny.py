@@ -90,12 +90,12 @@ def _save_shaped_model(path: Path, tokenizer, shape: str, seed: int) -> None:
     import shutil
 
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    from .backend.steps import SHAPES
+    from .backend.steps import shape_config
 
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, torch_dtype="bfloat16",
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = shape_config(shape, torch_dtype="bfloat16", bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.to_empty(device="cpu")

@@ -31,13 +31,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def shape_config(shape: str, **settings):
+    """The Qwen2 configuration of a shape preset (`SHAPES`) with Qwen2.5's context and rotary base."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, **settings)
+
+
 def build_model(spec: str, device: torch.device, dtype: torch.dtype):
     """A shape preset with random weights, or a model source (packaged name, directory, hub id)."""
     if spec in SHAPES:
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from transformers import Qwen2ForCausalLM
 
-        config = Qwen2Config(**SHAPES[spec], max_position_embeddings=32768, rope_theta=1e6,
-                             attn_implementation="sdpa")
+        config = shape_config(spec, attn_implementation="sdpa")
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
