@@ -57,3 +57,96 @@ def test_the_helm_test_pod_commands_pass_against_a_served_application(served, op
     response = json.loads(generate)
     assert response["text"] and 0 < response["usage"]["completion_tokens"] <= 8
     assert models == f"{openai_base_url}/models: SERVING"
+
+
+# ---- stopping: Ctrl-C drains, a second Ctrl-C cuts the drain short ----
+
+@pytest.fixture
+def restored_signal_handlers():
+    import signal
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+class DrainingStack:
+    """A started stack whose graceful stop (Serve's drain) takes `drain_s`, with LocalStack's shape:
+    `stop_now` from another thread ends the drain's wait as Ray does (SystemExit in the waiting
+    thread), and the graceful stop stops the cluster in its `finally`."""
+
+    def __init__(self, drain_s: float):
+        import threading
+
+        self.drain_s = drain_s
+        self.draining = threading.Event()
+        self.cut_off = threading.Event()
+        self.cluster_stops = 0
+
+    def stop(self) -> None:
+        try:
+            self.draining.set()
+            if self.cut_off.wait(timeout=self.drain_s):
+                raise SystemExit(0)
+        finally:
+            self.stop_now()
+
+    def stop_now(self) -> None:  # idempotent, as LocalStack's
+        if not self.cut_off.is_set():
+            self.cluster_stops += 1
+            self.cut_off.set()
+
+
+def serve_until_signalled(monkeypatch, stack: DrainingStack, signals_during_drain: int) -> tuple[int, float]:
+    """`speccascade serve` over `stack`, with one SIGINT to stop it and `signals_during_drain` more
+    once it drains; (exit code, seconds from the first signal to the command's return)."""
+    import os
+    import signal
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from speccascade.app import launcher
+
+    config = SimpleNamespace(router=SimpleNamespace(drain_timeout_s=30.0), tenancy=SimpleNamespace(tenants_file=None))
+    endpoints = Endpoints("speccascade", "localhost:9000", "http://127.0.0.1:8000/v1")
+    monkeypatch.setattr(launcher, "start_serve_config",
+                        lambda *args, **kwargs: SimpleNamespace(stack=stack, endpoints=endpoints, config=config))
+    sent = []
+
+    def press_ctrl_c():
+        time.sleep(0.2)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+        if signals_during_drain:
+            assert stack.draining.wait(timeout=5)
+            for _ in range(signals_during_drain):
+                time.sleep(0.1)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c)
+    presser.start()
+    code = main(["serve"])
+    returned = time.monotonic()
+    presser.join()
+    return code, returned - sent[0]
+
+
+def test_serve_stops_gracefully_on_ctrl_c_and_says_how_long_streams_may_drain(monkeypatch, capsys,
+                                                                                restored_signal_handlers):
+    stack = DrainingStack(drain_s=0.5)
+    code, took = serve_until_signalled(monkeypatch, stack, signals_during_drain=0)
+    err = capsys.readouterr().err
+    assert code == 0 and stack.cluster_stops == 1 and took >= 0.5
+    assert "streams still running get up to 30s to finish" in err and "Ctrl-C again" in err
+    assert "stopped." in err and "cut off" not in err.split("Ctrl-C again")[1]
+
+
+def test_a_second_ctrl_c_cuts_the_drain_short_and_later_ones_change_nothing(monkeypatch, capsys,
+                                                                             restored_signal_handlers):
+    stack = DrainingStack(drain_s=30.0)
+    code, took = serve_until_signalled(monkeypatch, stack, signals_during_drain=3)
+    err = capsys.readouterr().err
+    assert code == 0 and stack.cluster_stops == 1 and took < 10
+    assert "stopped at once: streams still running were cut off" in err

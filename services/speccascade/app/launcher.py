@@ -189,6 +189,8 @@ class LocalStack:
         self.log_to_driver = log_to_driver
         self.temp_dir = temp_dir
         self.started = False
+        self._cluster_up = False  # ray.init ran and ray.shutdown has not (`stop_now`)
+        self._cluster_lock = threading.Lock()
 
     @classmethod
     def from_serve_config(cls, schema, *, grpc_port: int | None = None, http_port: int | None = None,
@@ -211,7 +213,7 @@ class LocalStack:
         # The cluster's processes start with the environment; this one keeps its own, and its SIGTERM handler.
         with _environment(LOCAL_SERVE_ENV), _sigterm_handler_kept():
             ray.init(**options)
-        self.started = True
+        self.started = self._cluster_up = True
         try:
             serve.start(http_options=HTTPOptions(host=self.http_host, port=self.http_port),
                         grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
@@ -240,8 +242,8 @@ class LocalStack:
         serve.delete(name)
 
     def stop(self) -> None:
-        """Shut down Serve and the Ray cluster (idempotent)."""
-        import ray
+        """Shut down Serve gracefully (routers' streams and tiers' sessions drain), then the Ray
+        cluster (idempotent). Another thread can cut the drain short with `stop_now`."""
         from ray import serve
 
         if not self.started:
@@ -250,6 +252,18 @@ class LocalStack:
         try:
             serve.shutdown()
         finally:
+            self.stop_now()
+
+    def stop_now(self) -> None:
+        """Stop the Ray cluster at once, every replica with it (idempotent; callable from another
+        thread while `stop` waits on Serve's drain, whose wait then ends with Ray's SystemExit)."""
+        import ray
+
+        with self._cluster_lock:
+            if not self._cluster_up:
+                return
+            self._cluster_up = False
+            self.started = False
             ray.shutdown()
 
     def __enter__(self) -> "LocalStack":

@@ -123,17 +123,71 @@ def run(args: argparse.Namespace) -> int:
                       "(speccascade serve --tenants FILE)\n", soft_wrap=True)
     console.print(usage(endpoints), markup=False, soft_wrap=True)
     console.print("Ctrl-C to stop.")
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    signals = ShutdownSignals()
     try:
-        while not stop.wait(timeout=1.0):
-            pass
+        signals.wait_first()
     finally:
-        console.print("\nshutting down...")
-        launched.stack.stop()
-        console.print("stopped.")
+        drain = launched.config.router.drain_timeout_s
+        console.print(f"\nshutting down: streams still running get up to {drain:g}s to finish "
+                      "(router.drain_timeout_s); Ctrl-C again to cut them off now", soft_wrap=True)
+        if stop_gracefully_unless_signalled(launched.stack, signals):
+            console.print("stopped.")
+        else:
+            console.print("stopped at once: streams still running were cut off.")
     return 0
+
+
+class ShutdownSignals:
+    """Ctrl-C and SIGTERM for a foreground server, as uvicorn and vLLM take them: the first asks for a
+    graceful stop, a second one cuts that stop short. The handlers only count: nothing is raised into
+    whatever the main thread runs (an exception raised inside Ray's blocking calls comes out mangled,
+    after their own timeout). Installed from the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self._first = threading.Event()
+        self._second = threading.Event()
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        (self._second if self._first.is_set() else self._first).set()
+
+    def wait_first(self) -> None:
+        """Until the first signal (a short timeout per wait, so that the handler gets to run)."""
+        while not self._first.wait(timeout=1.0):
+            pass
+
+    def second_within(self, seconds: float) -> bool:
+        return self._second.wait(timeout=seconds)
+
+
+def stop_gracefully_unless_signalled(stack, signals: ShutdownSignals) -> bool:
+    """Stop `stack` gracefully (`LocalStack.stop`: Serve drains, then the cluster stops) on another
+    thread; a second signal meanwhile stops the cluster at once from this one (`stop_now`), which
+    also ends the graceful stop's wait. True when the graceful stop ran to its end; its error, if
+    it raised one, is raised here."""
+    failures: list[BaseException] = []
+
+    def stop() -> None:
+        try:
+            stack.stop()
+        except SystemExit:  # Ray's answer to a wait whose cluster `stop_now` took away
+            pass
+        except BaseException as error:
+            failures.append(error)
+
+    graceful = threading.Thread(target=stop, name="graceful-stop", daemon=True)
+    graceful.start()
+    while graceful.is_alive():
+        if signals.second_within(0.2):
+            stack.stop_now()
+            graceful.join(timeout=10.0)
+            return False
+    if failures:
+        raise failures[0]
+    return True
 
 
 def register(subparsers) -> None:
