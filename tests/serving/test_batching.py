@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import traceback
 
 import pytest
 from speccascade.serving.batching import GATHER_MAX_S, GATHER_SHARE, ContinuousBatcher, Prefill, SupersededError
@@ -293,6 +294,48 @@ def test_a_pass_that_returns_too_few_results_fails_its_batch_rather_than_leave_c
         assert (await asyncio.wait_for(b.submit("d"), 5))[0] == "D"
 
     asyncio.run(scenario())
+
+
+class PassError(Exception):
+    pass
+
+
+def test_a_failed_pass_gives_each_caller_its_own_error_whose_traceback_is_its_own():
+    """One exception object raised by every caller of a failed batch would gather all their frames in
+    one traceback (and mix them); each caller gets a copy with the pass's own traceback under it."""
+    model = Model()
+    run_batch = model.run_batch
+
+    def failing(batch):
+        run_batch(batch)
+        raise PassError("out of memory in the pass", len(batch))
+
+    model.run_batch = failing
+
+    async def caller(b, item):
+        try:
+            await b.submit(item)
+        except PassError as error:
+            return error
+
+    async def scenario():
+        b = batcher(model)
+        model.gate.clear()
+        first = asyncio.create_task(b.submit("a"))
+        await asyncio.to_thread(model.entered.wait, 10)
+        callers = [asyncio.create_task(caller(b, x)) for x in ("b", "c", "d")]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        with pytest.raises(PassError):
+            await asyncio.wait_for(first, 5)
+        return [await asyncio.wait_for(call, 5) for call in callers]
+
+    errors = asyncio.run(scenario())
+    assert len({id(error) for error in errors}) == 3
+    assert all(error.args == ("out of memory in the pass", 3) for error in errors)
+    frames = [[frame.name for frame in traceback.extract_tb(error.__traceback__)] for error in errors]
+    assert frames[0] == frames[1] == frames[2]  # no caller's frames in another's traceback
+    assert frames[0].count("caller") == 1 and frames[0][-1] == "failing"  # its own frame, then the pass's
 
 
 def test_prompts_of_different_tenants_take_turns_chunk_by_chunk_and_a_tenants_own_keep_their_order():

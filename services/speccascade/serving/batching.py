@@ -48,6 +48,7 @@ queue) from one that is stuck (the call is retried elsewhere).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import time
@@ -349,9 +350,7 @@ class ContinuousBatcher(Generic[Item, Result]):
         for queue in (self._ready, self._prefilling):
             while queue:
                 held.append(queue.pop())
-        for queued in held:
-            if not queued.future.done():
-                queued.future.set_exception(error)
+        fail_each(held, error)
 
     async def _take_turn(self) -> None:
         """On cores shared with another tier, the batch forms once this replica has the turn: the
@@ -406,9 +405,7 @@ class ContinuousBatcher(Generic[Item, Result]):
             done = await self._on_thread(self.prefill.run, [queued.item for queued in calls], budget, share)
         except Exception as error:  # the pass's calls fail (the caches of a failed pass are emptied)
             self._chunking = [queued for queued in self._chunking if queued not in calls]
-            for queued in calls:
-                if not queued.future.done():
-                    queued.future.set_exception(error)
+            fail_each(calls, error)
             return
         elapsed = time.perf_counter() - started
         for queued, cached in zip(calls, done):
@@ -425,9 +422,7 @@ class ContinuousBatcher(Generic[Item, Result]):
             if len(results) != len(batch):  # which result is whose is unknown: none is given out
                 raise RuntimeError(f"{self.name} pass returned {len(results)} results for a batch of {len(batch)}")
         except Exception as error:  # the whole batch failed: every caller gets the error
-            for queued in batch:
-                if not queued.future.done():
-                    queued.future.set_exception(error)
+            fail_each(batch, error)
             return
         elapsed = time.perf_counter() - started
         self._batch_s = elapsed if self._batch_s == 0.0 else 0.8 * self._batch_s + 0.2 * elapsed
@@ -438,3 +433,23 @@ class ContinuousBatcher(Generic[Item, Result]):
                 queued.future.set_exception(result)
             else:
                 queued.future.set_result(result)
+
+
+def fail_each(calls: Iterable[Queued], error: Exception) -> None:
+    """Fail every call not yet answered with `error`, each caller with an exception object of its
+    own: an exception collects the frames it is raised through in its traceback, so one object
+    re-raised by many callers grows with each of them and mixes their tracebacks. An exception that
+    cannot be copied (its constructor takes other arguments than it keeps) is shared."""
+    for queued in calls:
+        if not queued.future.done():
+            queued.future.set_exception(_own_copy(error))
+
+
+def _own_copy(error: Exception) -> Exception:
+    try:
+        clone = copy.copy(error)
+    except Exception:
+        return error
+    clone.__cause__, clone.__suppress_context__ = error.__cause__, error.__suppress_context__
+    clone.__context__ = error.__context__
+    return clone.with_traceback(error.__traceback__)
