@@ -82,6 +82,119 @@ def test_bench_soak_on_tiny_models_with_cancels_deadlines_and_a_kill(tiny_model_
     assert json.loads((tmp_path / "tiny.json").read_text())["summary"] == summary
 
 
+def test_a_soak_stopped_by_ctrl_c_ends_its_load_early_still_checks_and_writes_what_it_measured(tiny_model_dirs,
+                                                                                                 tmp_path):
+    """A 10-minute soak interrupted after its first samples: the load ends, the clients finish their
+    requests, the settle and the replay still run, and the report says it was stopped early."""
+    import signal
+    import time
+
+    drafter, expert = tiny_model_dirs
+    command = [sys.executable, "-m", "speccascade.cli", "bench", "soak", "--drafter", drafter, "--expert", expert,
+               "--dtype", "fp32", "--clients", "2", "--minutes", "10", "--sample-every", "3", "--max-new-tokens", "16",
+               "--settle-s", "2", "--slope-skip-minutes", "0", "--reference-limit", "4",
+               "--grpc-port", str(free_port()), "--http-port", str(free_port()), "--out", str(tmp_path),
+               "--name", "stopped"]
+    soak = subprocess.Popen(command, env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in soak.stdout:  # progress lines: the start's, then one per sample
+            lines.append(line)
+            if sum("min] ok" in seen for seen in lines) >= 3:
+                break
+        interrupted_at = time.monotonic()
+        soak.send_signal(signal.SIGINT)
+        lines.extend(soak.stdout)
+        assert soak.wait(timeout=300) == 0, "".join(lines)[-4000:]
+    finally:
+        if soak.poll() is None:
+            soak.kill()
+    output = "".join(lines)
+    assert time.monotonic() - interrupted_at < 240, output[-2000:]
+    summary = json.loads((tmp_path / "stopped.json").read_text())["summary"]
+    assert summary["interrupted"]["checks_skipped"] is False
+    assert summary["interrupted"]["load_ended_at_min"] < 2 and summary["clients_stopped_at_min"] < 2
+    assert summary["failed"] == 0 and summary["ok"] > 0
+    assert summary["sessions_left"]["Drafter"] == 0 and summary["sessions_left"]["Expert"] == 0
+    reference = summary["reference"]
+    assert reference["compared"] > 0 and "skipped" not in reference
+    assert reference["greedy"]["identical"] == reference["greedy"]["compared"]
+    assert "stopping early" in output and "stopped early: the load ended at" in output
+
+
+class StillProbe:
+    """A service probe with nothing to report (no replicas to sample or kill)."""
+
+    def tiers(self):
+        return {}
+
+    def routers(self):
+        return []
+
+    def router_active_sessions(self):
+        return 0
+
+    def wait_until_running(self, timeout_s):
+        pass
+
+
+def soak_with_stand_in_requests(monkeypatch, replay_s: float, **options):
+    """A Soak whose requests complete at once (each's tokens: its index) and whose replayed ones take
+    `replay_s` each, over a probe with nothing to report."""
+    import argparse
+    import contextlib
+    import threading
+    import time
+
+    from rich.console import Console
+    from speccascade.api import client as api_client
+    from speccascade.bench.soak import runner
+    from speccascade.bench.soak.workload import Outcome
+
+    def request(client, spec, *, deadline_s, clock_zero, request_id=None):
+        time.sleep(replay_s if "replay" in request_id else 0.01)
+        return Outcome(spec.index, spec.label, spec.action, "ok", time.monotonic() - clock_zero, 0.01,
+                       token_ids=[spec.index])
+
+    monkeypatch.setattr(runner, "run_request", request)
+    monkeypatch.setattr(api_client, "SpecCascadeClient", lambda *args, **kwargs: contextlib.nullcontext())
+    args = argparse.Namespace(**{"minutes": 10.0, "sample_every": 0.2, "clients": 2, "settle_s": 0.1, "seed": 0,
+                                 "cancel_share": 0.0, "deadline_share": 0.0, "deadline_s": 1.0, "max_new_tokens": 8,
+                                 "block_size": 5, "kill_every": None, "reference_limit": 8, "reference_repeats": 2,
+                                 **options})
+    return runner.Soak(args, "localhost:1", "speccascade", StillProbe(), Console(quiet=True),
+                       end_load=threading.Event(), skip_checks=threading.Event())
+
+
+def test_a_second_ctrl_c_skips_the_soaks_settle_and_its_replay(monkeypatch):
+    import threading
+    import time
+
+    soak = soak_with_stand_in_requests(monkeypatch, replay_s=0.0, settle_s=600.0)
+    threading.Timer(0.5, soak.end_load.set).start()
+    threading.Timer(1.0, soak.skip_checks.set).start()
+    started = time.monotonic()
+    soak.run()
+    assert time.monotonic() - started < 30  # neither the 10 minutes nor the 600 s settle
+    assert soak.load_ended_early_s is not None and soak.load_ended_early_s < 5
+    assert [sample.phase for sample in soak.samples][-1] == "load"  # no settled sample: not counted
+    assert soak.reference() == {"compared": 0, "skipped": True}
+
+
+def test_a_replay_cut_short_compares_what_it_replayed_and_says_so(monkeypatch):
+    import threading
+
+    soak = soak_with_stand_in_requests(monkeypatch, replay_s=0.4)
+    threading.Timer(0.5, soak.end_load.set).start()
+    soak.run()
+    assert [sample.phase for sample in soak.samples][-1] == "settled"
+    threading.Timer(1.0, soak.skip_checks.set).start()  # while the first replay runs (8 requests, ~1.6 s)
+    reference = soak.reference()
+    assert reference["skipped"] is True and "replay_vs_replay" not in reference  # the second replay never ran
+    assert 0 < reference["compared"] < 8 and not reference["differed"]
+
+
 def test_the_kill_order_names_deployments_and_refuses_others():
     import argparse
 

@@ -138,29 +138,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 class ShutdownSignals:
-    """Ctrl-C and SIGTERM for a foreground server, as uvicorn and vLLM take them: the first asks for a
-    graceful stop, a second one cuts that stop short. The handlers only count: nothing is raised into
-    whatever the main thread runs (an exception raised inside Ray's blocking calls comes out mangled,
-    after their own timeout). Installed from the main thread."""
+    """Ctrl-C and SIGTERM for a foreground command, as uvicorn and vLLM take them: the first asks for a
+    graceful stop (`first`), a second one cuts that stop short (`second`). The handlers only set
+    these events: nothing is raised into whatever the main thread runs (an exception raised inside
+    Ray's blocking calls comes out mangled, after their own timeout). Installed from the main
+    thread; `restore` puts the previous handlers back."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self._first = threading.Event()
-        self._second = threading.Event()
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._on_signal)
+        self.first = threading.Event()
+        self.second = threading.Event()
+        self._previous = {signum: signal.signal(signum, self._on_signal) for signum in self.SIGNALS}
 
     def _on_signal(self, signum, frame) -> None:
-        (self._second if self._first.is_set() else self._first).set()
+        (self.second if self.first.is_set() else self.first).set()
 
     def wait_first(self) -> None:
         """Until the first signal (a short timeout per wait, so that the handler gets to run)."""
-        while not self._first.wait(timeout=1.0):
+        while not self.first.wait(timeout=1.0):
             pass
 
-    def second_within(self, seconds: float) -> bool:
-        return self._second.wait(timeout=seconds)
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def stop_gracefully_unless_signalled(stack, signals: ShutdownSignals) -> bool:
@@ -181,7 +182,7 @@ def stop_gracefully_unless_signalled(stack, signals: ShutdownSignals) -> bool:
     graceful = threading.Thread(target=stop, name="graceful-stop", daemon=True)
     graceful.start()
     while graceful.is_alive():
-        if signals.second_within(0.2):
+        if signals.second.wait(timeout=0.2):
             stack.stop_now()
             graceful.join(timeout=10.0)
             return False

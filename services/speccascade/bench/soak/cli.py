@@ -8,7 +8,9 @@ latency percentiles, the resident memory of every tier replica's process and its
 and prints a progress line. When the clients stop it waits `--settle-s` (10 s) and counts the
 sessions left; then it replays a sample of the completed requests fault-free (no cancels,
 deadlines or kills; the same seeds) and counts identical outputs. Writes `NAME.json` (every
-sample, kill and request) and `NAME.png` (memory and sessions over time) under `--out`.
+sample, kill and request) and `NAME.png` (memory and sessions over time) under `--out`. Ctrl-C
+(or SIGTERM) ends the load early and the settle and the replay still run; a second one skips them;
+what was measured is written either way.
 
 Against a running service (`--target host:port`, and a Ray connection to its cluster through
 `--ray-address`, for the replicas' statistics and kills; a service with tenants takes the key from
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from rich.console import Console
 
+    from ...commands.serve import ShutdownSignals
     from .report import report_again, summarize, write_outputs
 
     if args.report:
@@ -66,15 +69,23 @@ def run(args: argparse.Namespace) -> int:
         target, app = args.target, args.application
         if not ray.is_initialized():
             ray.init(address=args.ray_address, log_to_driver=False)
-    soak = Soak(args, target, app, ServiceProbe(app), console)
+    # Ctrl-C or SIGTERM: the load ends early and the soak's checks still run; a second one skips them.
+    # Either way what was measured is written, before the service (started here) is stopped.
+    signals = ShutdownSignals()
+    soak = Soak(args, target, app, ServiceProbe(app), console, end_load=signals.first, skip_checks=signals.second)
     try:
         soak.run()
         reference = soak.reference()
+        interrupted = None if soak.load_ended_early_s is None and not soak.skip_checks.is_set() else {
+            "load_ended_at_min": (soak.load_ended_early_s or soak.stopped_s) / 60,
+            "checks_skipped": soak.skip_checks.is_set()}
+        summary = summarize(args, soak.samples, soak.outcomes, soak.kills, reference, stopped_s=soak.stopped_s,
+                            interrupted=interrupted)
+        write_outputs(args, soak.samples, soak.outcomes, soak.kills, summary, stopped_s=soak.stopped_s)
     finally:
+        signals.restore()
         if launched is not None:
             launched.stack.stop()
-    summary = summarize(args, soak.samples, soak.outcomes, soak.kills, reference, stopped_s=soak.stopped_s)
-    write_outputs(args, soak.samples, soak.outcomes, soak.kills, summary, stopped_s=soak.stopped_s)
     return 0
 
 

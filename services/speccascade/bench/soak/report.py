@@ -64,7 +64,9 @@ def memory_slopes(samples: list[Sample], *, skip_s: float) -> dict[str, list[dic
 
 
 def summarize(args: argparse.Namespace, samples: list[Sample], outcomes: list[Outcome], kills: list[KillEvent],
-              reference: dict, *, stopped_s: float) -> dict:
+              reference: dict, *, stopped_s: float, interrupted: dict | None = None) -> dict:
+    """`interrupted`: the load ended early (Ctrl-C: `load_ended_at_min`), and whether the settle and
+    the replay were skipped too (`checks_skipped`); None for a soak that ran its course."""
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "failed", "cancelled", "deadline")}
     ok = [o for o in outcomes if o.status == "ok"]
     latencies = [o.latency_s for o in ok]
@@ -91,6 +93,7 @@ def summarize(args: argparse.Namespace, samples: list[Sample], outcomes: list[Ou
         "sessions_reclaimed_idle": ({tier: sum(r.reclaimed for r in settled.tiers.get(tier, [])) for tier in TIERS}
                                     if settled else None),
         "reference": reference,
+        "interrupted": interrupted,
     }
 
 
@@ -102,6 +105,11 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
     console.print(f"[bold]bench soak[/]: {args.clients} clients, {args.minutes:g} min, cancels "
                   f"{args.cancel_share:.0%}, deadlines {args.deadline_share:.0%}, "
                   + (f"a replica kill every {args.kill_every:g}s" if args.kill_every else "no kills"))
+    interrupted = summary.get("interrupted")
+    if interrupted:
+        console.print(f"[yellow]stopped early: the load ended at {interrupted['load_ended_at_min']:.1f} of "
+                      f"{args.minutes:g} min" + ("; the settle and the replay were cut short" if
+                                                 interrupted["checks_skipped"] else "") + "[/]")
     failed_style = "green" if summary["failed"] == 0 else "red"
     console.print(f"requests {summary['requests']}: ok {summary['ok']}, [{failed_style}]failed {summary['failed']}[/], "
                   f"cancelled by the client {summary['cancelled']}, deadline expired {summary['deadline']} "
@@ -221,7 +229,8 @@ def report_again(json_path: Path) -> dict:
     outcomes = [Outcome(**r) for r in data["requests"]]
     kills = [KillEvent(**k) for k in data["summary"]["kills"]]
     stopped_s = data["summary"]["clients_stopped_at_min"] * 60
-    summary = summarize(args, samples, outcomes, kills, data["summary"]["reference"], stopped_s=stopped_s)
+    summary = summarize(args, samples, outcomes, kills, data["summary"]["reference"], stopped_s=stopped_s,
+                        interrupted=data["summary"].get("interrupted"))
     write_outputs(args, samples, outcomes, kills, summary, stopped_s=stopped_s)
     return summary
 

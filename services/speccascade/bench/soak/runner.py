@@ -19,8 +19,16 @@ MIN_COMPLETIONS_FOR_DEADLINES = 3  # before this many completions, deadlines use
 
 
 class Soak:
-    def __init__(self, args: argparse.Namespace, target: str, app: str, probe: ServiceProbe, console):
+    """`end_load` set: the load ends before its minutes are up, and the settle and the replay follow
+    as usual; `skip_checks` set: the settle's wait and the replay's remaining requests are skipped
+    (a first and a second Ctrl-C: `cli.run`)."""
+
+    def __init__(self, args: argparse.Namespace, target: str, app: str, probe: ServiceProbe, console, *,
+                 end_load: threading.Event | None = None, skip_checks: threading.Event | None = None):
         self.args, self.target, self.app, self.probe, self.console = args, target, app, probe, console
+        self.end_load = end_load or threading.Event()
+        self.skip_checks = skip_checks or threading.Event()
+        self.load_ended_early_s: float | None = None
         self.outcomes: list[Outcome] = []
         self.samples: list[Sample] = []
         self.kills: list[KillEvent] = []
@@ -126,7 +134,13 @@ class Soak:
             killer.start()
         try:
             while self.now() < duration:
-                time.sleep(min(a.sample_every - self.now() % a.sample_every, duration - self.now()) + 1e-3)
+                if self.end_load.wait(timeout=min(a.sample_every - self.now() % a.sample_every,
+                                                  duration - self.now()) + 1e-3):
+                    self.load_ended_early_s = self.now()
+                    self.console.print(f"[{self.now() / 60:5.1f} min] stopping early: the load ends now, the settle "
+                                       "and the fault-free replay follow (Ctrl-C again to skip them)")
+                    self.sample("load")
+                    break
                 self.sample("load")
         finally:
             self._stop.set()
@@ -136,7 +150,9 @@ class Soak:
             if killer is not None:
                 killer.join()
         self.stopped_s = self.now()
-        time.sleep(a.settle_s)
+        if self.skip_checks.wait(timeout=a.settle_s):
+            self.console.print(f"[{self.now() / 60:5.1f} min] settle skipped: sessions left are not counted")
+            return
         self.console.print(f"[{self.now() / 60:5.1f} min] {a.settle_s:g}s after the clients stopped:")
         self.sample("settled")
 
@@ -151,16 +167,22 @@ class Soak:
         others = [i for i in completed if i not in set(faulted)]
         random.Random(f"{a.seed}:reference").shuffle(others)
         chosen = sorted((faulted + others)[: a.reference_limit]) if a.reference_limit else []
+        if self.skip_checks.is_set():
+            return {"compared": 0, "skipped": True}
         if not chosen:
             return {"compared": 0}
         self.probe.wait_until_running(timeout_s=600)
         replays = []
         for repeat in range(a.reference_repeats):
+            if replays and self.skip_checks.is_set():
+                break
             self.console.print(f"reference run {repeat + 1}/{a.reference_repeats}: {len(chosen)} completed requests "
                                f"replayed fault-free ({len(faulted)} of them met a retry, fallback or resume)...")
             replays.append(self._replay(chosen, repeat + 1))
         report = compare_with_reference({o.index: o.token_ids for o in self.outcomes if o.status == "ok"},
                                         replays[0], self.plan, self.outcomes)
+        if self.skip_checks.is_set():  # cut short: what was compared stands, the rest is not counted
+            report["skipped"] = True
         if len(replays) > 1:
             report["replay_vs_replay"] = compare_with_reference(
                 {i: t for i, t in replays[1].items() if not isinstance(t, str)}, replays[0], self.plan)
@@ -175,7 +197,7 @@ class Soak:
             from ...api.client import SpecCascadeClient
 
             with SpecCascadeClient(self.target, application=self.app) as client:
-                while True:
+                while not self.skip_checks.is_set():
                     with self._lock:
                         if not queue:
                             return
@@ -183,14 +205,18 @@ class Soak:
                     spec = RequestSpec(**{**asdict(self.plan(index)), "action": "complete", "unary": False})
                     outcome = run_request(client, spec, deadline_s=None, clock_zero=self._zero,
                                           request_id=f"soak-{self.args.seed}-{index}-replay{repeat}")
-                    results[index] = outcome.token_ids if outcome.status == "ok" else outcome.code
+                    with self._lock:
+                        results[index] = outcome.token_ids if outcome.status == "ok" else outcome.code
 
         threads = [threading.Thread(target=replay, daemon=True) for _ in range(self.args.clients)]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
-        return results
+        while any(thread.is_alive() for thread in threads) and not self.skip_checks.wait(timeout=0.2):
+            pass
+        if self.skip_checks.is_set():
+            self.console.print("replay cut short: the requests in flight are left to finish, not compared")
+        with self._lock:  # a copy: threads still in a request may answer later, uncompared
+            return dict(results)
 
 
 def compare_with_reference(tokens_by_index: dict[int, list[int]], reference: dict[int, list[int] | str], plan,
