@@ -171,6 +171,12 @@ def _environment(defaults: dict[str, str]):
             os.environ.pop(name, None)
 
 
+# How long `serve.shutdown()` waits for Serve's controller to stop every replica gracefully before it
+# gives up (Ray's own limit, not configurable through its public API); the cluster's stop then ends
+# what is left. A local stack's drain is therefore at most this long, whatever drain_timeout_s says.
+SERVE_SHUTDOWN_WAIT_S = 30.0
+
+
 class LocalStack:
     """A Ray cluster started in this process, Serve's proxies on the given ports, and applications.
 

@@ -127,9 +127,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         signals.wait_first()
     finally:
-        drain = launched.config.router.drain_timeout_s
+        from ..app.launcher import SERVE_SHUTDOWN_WAIT_S
+
+        drain = min(launched.config.router.drain_timeout_s, SERVE_SHUTDOWN_WAIT_S)
         console.print(f"\nshutting down: streams still running get up to {drain:g}s to finish "
-                      "(router.drain_timeout_s); Ctrl-C again to cut them off now", soft_wrap=True)
+                      f"(router.drain_timeout_s, at most {SERVE_SHUTDOWN_WAIT_S:g}s here); Ctrl-C again to cut "
+                      "them off now", soft_wrap=True)
         if stop_gracefully_unless_signalled(launched.stack, signals):
             console.print("stopped.")
         else:
