@@ -56,7 +56,7 @@ def metric_tags(request: GenerationRequest | None, tenant: str = "") -> dict[str
 @dataclass
 class WindowCounters(RoundCounts):
     """Round counts the router accumulated since the last `take()`: what an autoscaling policy
-    needs to estimate each tier's demand (see DESIGN.md section 3)."""
+    needs to estimate each tier's demand (docs/autoscaling.md)."""
 
     started_at: float = field(default_factory=time.monotonic)
 

@@ -8,7 +8,7 @@ A shape is (rows, tokens per row, attended window), each from a short list of bu
 - tokens: 1 (a drafter step), 2 (a drafter catching up on a bonus token), 4, 8 and 17 (the verify
   of a block of up to 16): a row with fewer tokens is left-padded;
 - window: 256, 512, 1024, 1536, 2048, 3072, 4096, ... up to the slots' capacity. Attending over
-  twice the keys costs a 7B batch-8 step a third more on an H100 (DESIGN.md section 8), so windows
+  twice the keys costs a 7B batch-8 step a third more on an H100 (the design brief's GPU measurements), so windows
   grow by 1.5x-2x, not 128 at a time: few graphs, little waste.
 
 Every graph writes its probabilities into one shared output buffer sized for the largest shape,
