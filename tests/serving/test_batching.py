@@ -56,10 +56,10 @@ CHUNK = 20  # a prompt's tokens per chunk
 
 
 def batcher(model: Model, ended=lambda item: None, max_batch_size: int = 8, budget: int = CHUNK,
-            prompts: int = 1, live=None, into_batch: bool = False) -> ContinuousBatcher:
+            prompts: int = 1, live=None) -> ContinuousBatcher:
     return ContinuousBatcher(model.run_batch, max_batch_size=max_batch_size, name="test", ended=ended,
                              prefill=Prefill(model.pending, model.run, threshold=16, budget=budget, prompts=prompts,
-                                             live=live, into_batch=into_batch),
+                                             live=live),
                              session_of=lambda item: item.split(".")[0])  # "b.2": session b's second call
 
 
@@ -198,16 +198,15 @@ def test_while_no_stream_decodes_a_pass_budget_is_shared_by_the_prompts_waiting(
 
 
 def test_while_no_stream_decodes_prompts_that_fit_one_pass_skip_their_prefill_and_run_in_the_batch():
-    """With `into_batch` (the expert where the tiers take turns), a new prompt that fits one pass's
-    budget, with nothing else live, goes straight into the batch: the batch's pass feeds its context
-    and its step (one pass, not a chunk and then the step), and so do several that fit together.
-    Beside a decoding stream, too long for one pass, or without `into_batch` (the drafter), prompts
-    are prefilled in chunks first, as before."""
+    """A new prompt that fits one pass's budget, with nothing else live, goes straight into the batch:
+    the batch's pass feeds its context and its step (one pass, not a chunk and then the step), and
+    so do several that fit together. Beside a decoding stream, or too long for one pass, prompts are
+    prefilled in chunks first, as before."""
     sessions: set[str] = set()
 
-    def run(model, prompts, prompts_per_pass=3, into_batch=True):
+    def run(model, prompts, prompts_per_pass=3):
         async def scenario():
-            b = batcher(model, prompts=prompts_per_pass, live=lambda: sorted(sessions), into_batch=into_batch)
+            b = batcher(model, prompts=prompts_per_pass, live=lambda: sorted(sessions))
             sessions.update(prompts)
             calls = [asyncio.create_task(b.submit(p)) for p in prompts]
             assert [(await c)[0] for c in calls] == [p.upper() for p in prompts]
@@ -220,7 +219,6 @@ def test_while_no_stream_decodes_prompts_that_fit_one_pass_skip_their_prefill_an
     assert run(Model(chunks_per_prompt=1), ["long0", "long1", "long2"]) == [("batch", ["long0", "long1", "long2"])]
     assert run(Model(chunks_per_prompt=4), ["long"])[0] == ("chunk", ["long"])  # 80 tokens: chunked
     assert run(Model(chunks_per_prompt=2), ["long0", "long1"])[0] == ("chunk", ["long0", "long1"])  # 80 together
-    assert run(Model(chunks_per_prompt=3), ["long"], into_batch=False) == [("chunk", ["long"]), ("batch", ["long"])]
     sessions.add("s")  # a stream that decodes: its next step must not wait behind a whole prompt
     assert run(Model(chunks_per_prompt=1), ["long"]) == [("chunk", ["long"]), ("batch", ["long"])]
 

@@ -118,12 +118,6 @@ class Prefill(Generic[Item]):
     # (`budget` x `prompts`) is shared by the prompts waiting, all of it to a lone one. None: assume
     # some stream is always decoding.
     live: Callable[[], Iterable[Hashable]] | None = None
-    # New prompts that all fit one pass, while nothing decodes, skip their prefill passes and go
-    # straight into the batch (`ContinuousBatcher._promote_whole_prompts`): for the expert where the
-    # tiers take turns, whose first verify then feeds the prompt with its block. Not for calls that
-    # arrive one by one as a burst starts (the drafter's first calls): the first would run whole
-    # while the rest queue behind it, and the sessions would start, and stay, out of step.
-    into_batch: bool = False
 
 
 @dataclass(eq=False)
@@ -301,9 +295,7 @@ class ContinuousBatcher(Generic[Item, Result]):
         `max_batch_size` calls) skip their prefill passes: their calls join the next batch, whose
         pass feeds each context with the call's step, as the in-process engine does. One pass
         instead of a prefill pass and then the step's: where every pass reads every weight (a CPU,
-        a GPU at small batches) the first token comes a pass sooner. Where the tiers take turns, the
-        first verifies of a burst reach the expert together (handed over on the turn: `_gather`),
-        so they are promoted together, or not at all, and stay in step."""
+        a GPU at small batches) the first token comes a pass sooner."""
         if self._chunking or not self._prefilling or len(self._prefilling) > self.max_batch_size - len(self._ready):
             return
         waiting = [queued for queued in self._prefilling if not queued.future.done()]
@@ -340,7 +332,7 @@ class ContinuousBatcher(Generic[Item, Result]):
             try:
                 if self.turns is not None:
                     await self._take_turn()
-                if self.prefill is not None and self.prefill.into_batch:
+                if self.prefill is not None:
                     self._promote_whole_prompts()
                 self._take_batch(batch)
                 prefilling, budget, share = self._next_prefill() if self.prefill is not None else ([], 0, 0)

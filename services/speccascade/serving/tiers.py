@@ -130,8 +130,7 @@ class ModelTier:
         self.batcher = ContinuousBatcher(
             self._run_batch, max_batch_size=config.max_batch_size, name=role, ended=self._ended,
             prefill=Prefill(self._pending_context, self._prefill, PREFILL_THRESHOLD, config.prefill_chunk_tokens,
-                            config.prefill_pass_prompts, live=self.sessions.live,
-                            into_batch=role == "expert" and turns is not None),
+                            config.prefill_pass_prompts, live=self.sessions.live),
             session_of=lambda work: work.session_id, turns=turns, holds=self._holds)
         self._sweeper: asyncio.Task | None = None
         self.direct = DirectServer(self, message_bytes=GRPC_MESSAGE_BYTES) if direct else None
