@@ -161,13 +161,6 @@ class LoggedDrafter(LocalDrafter):
         return answer
 
 
-class ApartDrafter(LoggedDrafter):
-    """A drafter tier whose passes run beside the expert's (tiers on hardware of their own)."""
-
-    computes_apart = True
-    overlaps_expert = True
-
-
 @pytest.mark.parametrize("fails", [False, True], ids=["prefilled", "prefill failed"])
 def test_the_expert_prefills_the_prompt_while_the_first_block_is_drafted(models, fails):
     """The prefill is sent before the first draft; the first verify waits for it (it never overtakes
@@ -175,7 +168,7 @@ def test_the_expert_prefills_the_prompt_while_the_first_block_is_drafted(models,
     request = GenerationRequest(prompt="x", rule="lossless", block_size=4, seed=0)
     expected, _ = decode(*models, "hf", request, rounds=4)
     events: list = []
-    drafter = ApartDrafter(backend_class("hf")(models[0], name="drafter"), events)
+    drafter = LoggedDrafter(backend_class("hf")(models[0], name="drafter"), events)
     expert = PrefillingExpert(backend_class("hf")(models[1], name="expert"), events, fails=fails)
     records = first_rounds(rounds_for(request, drafter, expert, PROMPT, lambda answer: False, limit=1000), 4)
     assert [t for r in records for t, _ in r.emitted] == expected
@@ -189,31 +182,10 @@ def test_the_expert_prefills_the_prompt_while_the_first_block_is_drafted(models,
     assert records[0].expert_seconds >= 0.04  # the loop waited for the prefill
 
 
-def test_where_the_tiers_take_turns_the_first_verify_feeds_the_prompt_itself(models):
-    """Tiers on shared cores run one pass at a time: a prefill sent early would overlap nothing and
-    cost a pass of its own, so none is sent; the first verify feeds the prompt with its block, and
-    the output is the same."""
-    request = GenerationRequest(prompt="x", rule="lossless", block_size=4, seed=0)
-    expected, _ = decode(*models, "hf", request, rounds=4)
-    events: list = []
-
-    class TurnTakingDrafter(LoggedDrafter):
-        computes_apart = True
-        overlaps_expert = False
-
-    drafter = TurnTakingDrafter(backend_class("hf")(models[0], name="drafter"), events)
-    expert = PrefillingExpert(backend_class("hf")(models[1], name="expert"), events)
-    records = first_rounds(rounds_for(request, drafter, expert, PROMPT, lambda answer: False, limit=1000), 4)
-    assert [t for r in records for t, _ in r.emitted] == expected
-    assert "prefill sent" not in events
-    first_verify = next(event for event in events if isinstance(event, tuple))
-    assert first_verify[2] == 0  # nothing cached before it: it fed the prompt
-
-
 def test_a_request_closed_before_its_first_verify_cancels_the_prefill(models):
     events: list = []
     request = GenerationRequest(prompt="x", rule="chow", alpha=1.0, block_size=4, seed=0)  # chow never defers
-    drafter = ApartDrafter(backend_class("hf")(models[0], name="drafter"), events)
+    drafter = LoggedDrafter(backend_class("hf")(models[0], name="drafter"), events)
     expert = PrefillingExpert(backend_class("hf")(models[1], name="expert"), events)
 
     async def scenario():

@@ -197,32 +197,6 @@ def test_while_no_stream_decodes_a_pass_budget_is_shared_by_the_prompts_waiting(
     assert passes == [["long0", "long1", "long2"]] * 2 and shares == [CHUNK, CHUNK]
 
 
-def test_while_no_stream_decodes_prompts_that_fit_one_pass_skip_their_prefill_and_run_in_the_batch():
-    """A new prompt that fits one pass's budget, with nothing else live, goes straight into the batch:
-    the batch's pass feeds its context and its step (one pass, not a chunk and then the step), and
-    so do several that fit together. Beside a decoding stream, or too long for one pass, prompts are
-    prefilled in chunks first, as before."""
-    sessions: set[str] = set()
-
-    def run(model, prompts, prompts_per_pass=3):
-        async def scenario():
-            b = batcher(model, prompts=prompts_per_pass, live=lambda: sorted(sessions))
-            sessions.update(prompts)
-            calls = [asyncio.create_task(b.submit(p)) for p in prompts]
-            assert [(await c)[0] for c in calls] == [p.upper() for p in prompts]
-            sessions.clear()
-
-        asyncio.run(scenario())
-        return model.log
-
-    assert run(Model(chunks_per_prompt=3), ["long"]) == [("batch", ["long"])]  # 60 tokens, a 60-token pass
-    assert run(Model(chunks_per_prompt=1), ["long0", "long1", "long2"]) == [("batch", ["long0", "long1", "long2"])]
-    assert run(Model(chunks_per_prompt=4), ["long"])[0] == ("chunk", ["long"])  # 80 tokens: chunked
-    assert run(Model(chunks_per_prompt=2), ["long0", "long1"])[0] == ("chunk", ["long0", "long1"])  # 80 together
-    sessions.add("s")  # a stream that decodes: its next step must not wait behind a whole prompt
-    assert run(Model(chunks_per_prompt=1), ["long"]) == [("chunk", ["long"]), ("batch", ["long"])]
-
-
 def test_calls_of_an_ended_session_are_dropped_before_they_run():
     model = Model()
     ended: set[str] = set()

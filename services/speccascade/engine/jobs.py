@@ -72,9 +72,8 @@ class VerifyJob:
 
 
 # A call with more uncached context tokens than this is prefilled apart before it joins the
-# batches (the tiers in chunks, unless no stream decodes and the new prompts fit one pass; batched
-# evaluation alone): a verify after a normal round has 1 (the round's last token), after a chow
-# skip gamma + 1.
+# batches (the tiers in chunks, batched evaluation alone): a verify after a normal round has 1
+# (the round's last token), after a chow skip gamma + 1.
 PREFILL_THRESHOLD = 16
 
 

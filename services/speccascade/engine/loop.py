@@ -222,8 +222,8 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
     block is `FIRST_BLOCK_SIZE` tokens (the time to the first token), unless `resumed` (`prompt`
     ends with output already delivered: the stream goes on with full blocks, as it would have).
     The rule decides each position from that position's q and p given the prefix, and every draw
-    is keyed by position, so greedy output does not depend on where blocks begin. An expert whose
-    passes can run beside the drafter's caches the prompt while the first block is drafted (`_Prefill`). With pipelining
+    is keyed by position, so greedy output does not depend on where blocks begin. The expert
+    caches the prompt while the first block is drafted (`_Prefill`). With pipelining
     (`request.pipeline`), the drafter drafts the next block ahead while the expert verifies
     (`_Ahead`); without a block drafted ahead, a drafter that computes apart (a tier) gets the next
     block's draft before the round is yielded, so the caller's work on the round (streaming it)
@@ -237,9 +237,7 @@ async def speculative_rounds(drafter: DrafterRole, expert: ExpertRole, prompt: l
     ahead: _Ahead | None = None
     next_draft: _NextDraft | None = None
     outcome: VerifyOutcome | None = None
-    # Where the two take turns on shared cores the early prefill overlaps nothing and only adds a pass
-    # (the first verify would then feed just its block): the first verify feeds the prompt itself.
-    prefill: _Prefill | None = _Prefill(expert, tokens, request) if drafter.overlaps_expert else None
+    prefill: _Prefill | None = _Prefill(expert, tokens, request)
     gamma = request.block_size if resumed else min(FIRST_BLOCK_SIZE, request.block_size)
     try:
         while True:

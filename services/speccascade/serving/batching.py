@@ -289,25 +289,6 @@ class ContinuousBatcher(Generic[Item, Result]):
             self._prefilling.push(queued, queued.share)
         self._chunking = []
 
-    def _promote_whole_prompts(self) -> None:
-        """While no stream decodes (none would wait behind the pass) and no prompt is half fed, new
-        prompts that all fit one prefill pass (`Prefill.budget` x `Prefill.prompts` tokens, at most
-        `max_batch_size` calls) skip their prefill passes: their calls join the next batch, whose
-        pass feeds each context with the call's step, as the in-process engine does. One pass
-        instead of a prefill pass and then the step's: where every pass reads every weight (a CPU,
-        a GPU at small batches) the first token comes a pass sooner."""
-        if self._chunking or not self._prefilling or len(self._prefilling) > self.max_batch_size - len(self._ready):
-            return
-        waiting = [queued for queued in self._prefilling if not queued.future.done()]
-        if sum(self.prefill.pending(queued.item) for queued in waiting) > self.prefill.budget * self.prefill.prompts:
-            return
-        if self._decoding():
-            return
-        while self._prefilling:
-            queued = self._prefilling.pop(first=_arrival)
-            queued.prefilling = False
-            self._ready.push(queued, queued.share)  # a call whose caller left is dropped as the batch forms
-
     def _decoding(self) -> bool:
         """Whether some session on the replica is past its prefill (or might be: `Prefill.live` not
         given), so that its next step would wait behind a prefill pass."""
@@ -332,8 +313,6 @@ class ContinuousBatcher(Generic[Item, Result]):
             try:
                 if self.turns is not None:
                     await self._take_turn()
-                if self.prefill is not None:
-                    self._promote_whole_prompts()
                 self._take_batch(batch)
                 prefilling, budget, share = self._next_prefill() if self.prefill is not None else ([], 0, 0)
                 if batch:
