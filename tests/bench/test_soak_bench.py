@@ -87,16 +87,19 @@ def test_a_soak_stopped_by_ctrl_c_ends_its_load_early_still_checks_and_writes_wh
     """A 10-minute soak interrupted after its first samples: the load ends, the clients finish their
     requests, the settle and the replay still run, and the report says it was stopped early."""
     import signal
+    import threading
     import time
 
     drafter, expert = tiny_model_dirs
     command = [sys.executable, "-m", "speccascade.cli", "bench", "soak", "--drafter", drafter, "--expert", expert,
                "--dtype", "fp32", "--clients", "2", "--minutes", "10", "--sample-every", "3", "--max-new-tokens", "16",
-               "--settle-s", "2", "--slope-skip-minutes", "0", "--reference-limit", "4",
+               "--settle-s", "5", "--slope-skip-minutes", "0", "--reference-limit", "4",
                "--grpc-port", str(free_port()), "--http-port", str(free_port()), "--out", str(tmp_path),
                "--name", "stopped"]
     soak = subprocess.Popen(command, env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(600, soak.kill)  # reading its output has no timeout of its own
+    watchdog.start()
     lines = []
     try:
         for line in soak.stdout:  # progress lines: the start's, then one per sample
@@ -108,6 +111,7 @@ def test_a_soak_stopped_by_ctrl_c_ends_its_load_early_still_checks_and_writes_wh
         lines.extend(soak.stdout)
         assert soak.wait(timeout=300) == 0, "".join(lines)[-4000:]
     finally:
+        watchdog.cancel()
         if soak.poll() is None:
             soak.kill()
     output = "".join(lines)

@@ -338,6 +338,23 @@ def test_a_failed_pass_gives_each_caller_its_own_error_whose_traceback_is_its_ow
     assert frames[0].count("caller") == 1 and frames[0][-1] == "failing"  # its own frame, then the pass's
 
 
+def test_an_error_that_copies_differently_is_shared_and_a_copys_notes_are_its_own():
+    """A copy is made by calling the class again with the error's args: an error whose constructor
+    builds its message from them would come out garbled (the session-ended error did), so it is
+    given as it is; a copy gets a list of notes of its own."""
+    from speccascade.serving.batching import _own_copy
+    from speccascade.serving.sessions import SessionEndedError
+
+    ended = SessionEndedError("abc")
+    assert _own_copy(ended) is ended and str(ended) == str(SessionEndedError("abc"))
+    error = ValueError("out of memory")
+    error.add_note("in the expert's pass")
+    copied = _own_copy(error)
+    copied.add_note("seen by caller 2")
+    assert copied is not error and str(copied) == str(error)
+    assert error.__notes__ == ["in the expert's pass"] and copied.__notes__[-1] == "seen by caller 2"
+
+
 def test_prompts_of_different_tenants_take_turns_chunk_by_chunk_and_a_tenants_own_keep_their_order():
     """With one chunk a pass, a tenant's long prompt no longer holds the prefill passes until it is
     cached: another tenant's prompt gets every other chunk; the first tenant's second prompt waits

@@ -195,7 +195,8 @@ class LocalStack:
         self.log_to_driver = log_to_driver
         self.temp_dir = temp_dir
         self.started = False
-        self._cluster_up = False  # ray.init ran and ray.shutdown has not (`stop_now`)
+        self._cluster_up = False  # ray.init ran and `stop_now` has not
+        self._started_cluster = False  # ray.init ran here (a cluster `stop_now` may stop)
         self._cluster_lock = threading.Lock()
 
     @classmethod
@@ -219,7 +220,7 @@ class LocalStack:
         # The cluster's processes start with the environment; this one keeps its own, and its SIGTERM handler.
         with _environment(LOCAL_SERVE_ENV), _sigterm_handler_kept():
             ray.init(**options)
-        self.started = self._cluster_up = True
+        self.started = self._cluster_up = self._started_cluster = True
         try:
             serve.start(http_options=HTTPOptions(host=self.http_host, port=self.http_port),
                         grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
@@ -252,9 +253,10 @@ class LocalStack:
         cluster (idempotent). Another thread can cut the drain short with `stop_now`."""
         from ray import serve
 
-        if not self.started:
-            return
-        self.started = False
+        with self._cluster_lock:
+            if not self.started or not self._cluster_up:  # stopped, or stopped at once meanwhile
+                return
+            self.started = False
         try:
             serve.shutdown()
         finally:
@@ -262,15 +264,15 @@ class LocalStack:
 
     def stop_now(self) -> None:
         """Stop the Ray cluster at once, every replica with it (idempotent; callable from another
-        thread while `stop` waits on Serve's drain, whose wait then ends with Ray's SystemExit)."""
+        thread while `stop` waits on Serve's drain, whose wait then ends with Ray's SystemExit).
+        Also stops a cluster this process connected to after the first `stop_now` (Serve's shutdown,
+        finding Ray gone, starts one to look for its controller)."""
         import ray
 
         with self._cluster_lock:
-            if not self._cluster_up:
-                return
-            self._cluster_up = False
-            self.started = False
-            ray.shutdown()
+            self._cluster_up = self.started = False
+            if self._started_cluster and ray.is_initialized():
+                ray.shutdown()
 
     def __enter__(self) -> "LocalStack":
         return self.start()

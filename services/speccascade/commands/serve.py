@@ -157,6 +157,10 @@ class ShutdownSignals:
     def _on_signal(self, signum, frame) -> None:
         (self.second if self.first.is_set() else self.first).set()
 
+    def ask_to_stop(self) -> None:
+        """A stop asked for otherwise (the command's work is done): the next signal cuts it short."""
+        self.first.set()
+
     def wait_first(self) -> None:
         """Until the first signal (a short timeout per wait, so that the handler gets to run)."""
         while not self.first.wait(timeout=1.0):
@@ -169,9 +173,15 @@ class ShutdownSignals:
 
 def stop_gracefully_unless_signalled(stack, signals: ShutdownSignals) -> bool:
     """Stop `stack` gracefully (`LocalStack.stop`: Serve drains, then the cluster stops) on another
-    thread; a second signal meanwhile stops the cluster at once from this one (`stop_now`), which
-    also ends the graceful stop's wait. True when the graceful stop ran to its end; its error, if
-    it raised one, is raised here."""
+    thread; a second signal, before or meanwhile, stops the cluster at once from this one
+    (`stop_now`), which also ends the graceful stop's wait. From the second signal on, the
+    process's own handlers are back: should the forced stop hang, a third Ctrl-C interrupts it and
+    SIGTERM ends the process. True when the graceful stop ran to its end; its error, if it raised
+    one, is raised here."""
+    if signals.second.is_set():
+        signals.restore()
+        stack.stop_now()
+        return False
     failures: list[BaseException] = []
 
     def stop() -> None:
@@ -186,8 +196,10 @@ def stop_gracefully_unless_signalled(stack, signals: ShutdownSignals) -> bool:
     graceful.start()
     while graceful.is_alive():
         if signals.second.wait(timeout=0.2):
+            signals.restore()
             stack.stop_now()
             graceful.join(timeout=10.0)
+            stack.stop_now()  # a cluster the graceful stop's Serve call may have connected to meanwhile
             return False
     if failures:
         raise failures[0]

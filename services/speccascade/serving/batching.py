@@ -439,7 +439,8 @@ def fail_each(calls: Iterable[Queued], error: Exception) -> None:
     """Fail every call not yet answered with `error`, each caller with an exception object of its
     own: an exception collects the frames it is raised through in its traceback, so one object
     re-raised by many callers grows with each of them and mixes their tracebacks. An exception that
-    cannot be copied (its constructor takes other arguments than it keeps) is shared."""
+    cannot be copied as it is (its constructor takes other arguments than it keeps, or builds its
+    message from them) is shared."""
     for queued in calls:
         if not queued.future.done():
             queued.future.set_exception(_own_copy(error))
@@ -447,9 +448,13 @@ def fail_each(calls: Iterable[Queued], error: Exception) -> None:
 
 def _own_copy(error: Exception) -> Exception:
     try:
-        clone = copy.copy(error)
+        clone = copy.copy(error)  # the class called again with `error.args`, and its __dict__ copied
     except Exception:
         return error
+    if type(clone) is not type(error) or clone.args != error.args or str(clone) != str(error):
+        return error
+    if isinstance(getattr(error, "__notes__", None), list):
+        clone.__notes__ = list(error.__notes__)  # a note added to one caller's copy is its own
     clone.__cause__, clone.__suppress_context__ = error.__cause__, error.__suppress_context__
     clone.__context__ = error.__context__
     return clone.with_traceback(error.__traceback__)

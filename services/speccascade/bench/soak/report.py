@@ -142,6 +142,8 @@ def print_summary(summary: dict, args: argparse.Namespace) -> None:
                       f"late calls refused: {summary['late_calls_refused']}; idle sessions reclaimed: "
                       f"{summary['sessions_reclaimed_idle']}")
     reference = summary["reference"]
+    if reference.get("error"):
+        console.print(f"[red]no fault-free replay: {reference['error']}[/]")
     if reference.get("compared"):
         parts = [f"{k} {reference[k]['identical']}/{reference[k]['compared']}" for k in ("greedy", "sampled")
                  if reference[k]["compared"]]

@@ -16,6 +16,7 @@ from .workload import SAMPLINGS, Outcome, RequestSpec, plan_request, run_request
 
 DEADLINE_FRACTIONS = (0.2, 1.0)  # a deadline is this share of the median latency so far: most expire mid-way
 MIN_COMPLETIONS_FOR_DEADLINES = 3  # before this many completions, deadlines use --deadline-s
+REPLAY_WAIT_S = 600.0  # how long the replay waits for every replica to run again after the load
 
 
 class Soak:
@@ -38,6 +39,11 @@ class Soak:
         self._zero = time.monotonic()
         self._last_sampled = 0
         self.stopped_s = 0.0
+
+    def outcomes_so_far(self) -> list[Outcome]:
+        """The requests' outcomes as they stand (clients left in a request may still add theirs)."""
+        with self._lock:
+            return list(self.outcomes)
 
     def now(self) -> float:
         return time.monotonic() - self._zero
@@ -142,14 +148,22 @@ class Soak:
                     self.sample("load")
                     break
                 self.sample("load")
+            else:  # the load ran its course: from now on a signal skips what follows
+                self.end_load.set()
+                self.console.print(f"[{self.now() / 60:5.1f} min] the load is over: the settle and the fault-free "
+                                   "replay follow (Ctrl-C to skip them)")
         finally:
             self._stop.set()
             self.console.print(f"[{self.now() / 60:5.1f} min] clients stopping (finishing their requests)...")
-            for thread in clients:
-                thread.join()
+            while any(thread.is_alive() for thread in clients) and not self.skip_checks.wait(timeout=0.2):
+                pass
             if killer is not None:
                 killer.join()
         self.stopped_s = self.now()
+        if any(thread.is_alive() for thread in clients):
+            self.console.print(f"[{self.now() / 60:5.1f} min] clients still in a request are left to it; "
+                               "what they answer from now on is not counted")
+            return
         if self.skip_checks.wait(timeout=a.settle_s):
             self.console.print(f"[{self.now() / 60:5.1f} min] settle skipped: sessions left are not counted")
             return
@@ -162,7 +176,8 @@ class Soak:
         --reference-repeats 2 the replay runs twice and the two are compared too: how often two
         fault-free runs differ (bf16 results depend on how requests were batched together)."""
         a = self.args
-        completed = {o.index: o for o in self.outcomes if o.status == "ok"}
+        outcomes = self.outcomes_so_far()
+        completed = {o.index: o for o in outcomes if o.status == "ok"}
         faulted = [i for i, o in completed.items() if o.tier_retries or o.expert_only_fallback or o.resumes]
         others = [i for i in completed if i not in set(faulted)]
         random.Random(f"{a.seed}:reference").shuffle(others)
@@ -171,7 +186,17 @@ class Soak:
             return {"compared": 0, "skipped": True}
         if not chosen:
             return {"compared": 0}
-        self.probe.wait_until_running(timeout_s=600)
+        deadline = time.monotonic() + REPLAY_WAIT_S
+        while True:  # a replica killed last may still be starting; a second Ctrl-C ends the wait
+            try:
+                self.probe.wait_until_running(timeout_s=1.0)
+                break
+            except TimeoutError:
+                if self.skip_checks.is_set():
+                    return {"compared": 0, "skipped": True}
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the service's replicas were not all running {REPLAY_WAIT_S:g}s after the "
+                                       "load: no fault-free replay") from None
         replays = []
         for repeat in range(a.reference_repeats):
             if replays and self.skip_checks.is_set():
@@ -179,8 +204,8 @@ class Soak:
             self.console.print(f"reference run {repeat + 1}/{a.reference_repeats}: {len(chosen)} completed requests "
                                f"replayed fault-free ({len(faulted)} of them met a retry, fallback or resume)...")
             replays.append(self._replay(chosen, repeat + 1))
-        report = compare_with_reference({o.index: o.token_ids for o in self.outcomes if o.status == "ok"},
-                                        replays[0], self.plan, self.outcomes)
+        report = compare_with_reference({o.index: o.token_ids for o in outcomes if o.status == "ok"},
+                                        replays[0], self.plan, outcomes)
         if self.skip_checks.is_set():  # cut short: what was compared stands, the rest is not counted
             report["skipped"] = True
         if len(replays) > 1:
