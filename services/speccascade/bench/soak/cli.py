@@ -9,8 +9,8 @@ and prints a progress line. When the clients stop it waits `--settle-s` (10 s) a
 sessions left; then it replays a sample of the completed requests fault-free (no cancels,
 deadlines or kills; the same seeds) and counts identical outputs. Writes `NAME.json` (every
 sample, kill and request) and `NAME.png` (memory and sessions over time) under `--out`. Ctrl-C
-(or SIGTERM) ends the load early and the settle and the replay still run; a second one skips them;
-what was measured is written either way.
+(or SIGTERM) ends the load early and the settle and the replay still run; a second one (or the
+first, once the load has run its course) skips them; what was measured is written either way.
 
 Against a running service (`--target host:port`, and a Ray connection to its cluster through
 `--ray-address`, for the replicas' statistics and kills; a service with tenants takes the key from
