@@ -195,7 +195,6 @@ class LocalStack:
         self.log_to_driver = log_to_driver
         self.temp_dir = temp_dir
         self.started = False
-        self._cluster_up = False  # ray.init ran and `stop_now` has not
         self._started_cluster = False  # ray.init ran here (a cluster `stop_now` may stop)
         self._cluster_lock = threading.Lock()
 
@@ -220,7 +219,7 @@ class LocalStack:
         # The cluster's processes start with the environment; this one keeps its own, and its SIGTERM handler.
         with _environment(LOCAL_SERVE_ENV), _sigterm_handler_kept():
             ray.init(**options)
-        self.started = self._cluster_up = self._started_cluster = True
+        self.started = self._started_cluster = True
         try:
             serve.start(http_options=HTTPOptions(host=self.http_host, port=self.http_port),
                         grpc_options=gRPCOptions(port=self.grpc_port, grpc_servicer_functions=GRPC_SERVICER_FUNCTIONS))
@@ -254,7 +253,7 @@ class LocalStack:
         from ray import serve
 
         with self._cluster_lock:
-            if not self.started or not self._cluster_up:  # stopped, or stopped at once meanwhile
+            if not self.started:  # stopped, or stopped at once meanwhile (`stop_now`)
                 return
             self.started = False
         try:
@@ -270,7 +269,7 @@ class LocalStack:
         import ray
 
         with self._cluster_lock:
-            self._cluster_up = self.started = False
+            self.started = False
             if self._started_cluster and ray.is_initialized():
                 ray.shutdown()
 

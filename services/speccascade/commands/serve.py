@@ -102,7 +102,7 @@ def overrides_of(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..app.launcher import start_serve_config
+    from ..app.launcher import SERVE_SHUTDOWN_WAIT_S, start_serve_config
 
     console = Console(stderr=True, highlight=False)
     overrides = overrides_of(args)
@@ -127,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         signals.wait_first()
     finally:
-        from ..app.launcher import SERVE_SHUTDOWN_WAIT_S
-
         drain = min(launched.config.router.drain_timeout_s, SERVE_SHUTDOWN_WAIT_S)
         console.print(f"\nshutting down: streams still running get up to {drain:g}s to finish "
                       f"(router.drain_timeout_s, at most {SERVE_SHUTDOWN_WAIT_S:g}s here); Ctrl-C again to cut "

@@ -80,12 +80,9 @@ def run(args: argparse.Namespace) -> int:
         except Exception as error:  # what the load measured is written all the same
             console.print(f"[red]no fault-free replay: {error}[/]")
             reference = {"compared": 0, "error": f"{type(error).__name__}: {error}"}
-        interrupted = None if soak.load_ended_early_s is None and not soak.skip_checks.is_set() else {
-            "load_ended_at_min": (soak.load_ended_early_s or soak.stopped_s) / 60,
-            "checks_skipped": soak.skip_checks.is_set()}
         outcomes = soak.outcomes_so_far()
         summary = summarize(args, soak.samples, outcomes, soak.kills, reference, stopped_s=soak.stopped_s,
-                            interrupted=interrupted)
+                            interrupted=soak.interrupted())
         write_outputs(args, soak.samples, outcomes, soak.kills, summary, stopped_s=soak.stopped_s)
     finally:
         signals.ask_to_stop()  # from here a signal stops the service at once

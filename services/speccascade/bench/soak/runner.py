@@ -40,6 +40,20 @@ class Soak:
         self._last_sampled = 0
         self.stopped_s = 0.0
 
+    def _join_unless_skipped(self, threads: list[threading.Thread]) -> bool:
+        """Wait for `threads` to end, or for the checks to be skipped; whether they all ended."""
+        while any(thread.is_alive() for thread in threads):
+            if self.skip_checks.wait(timeout=0.2):
+                return False
+        return True
+
+    def interrupted(self) -> dict | None:
+        """Where a signal cut the soak short (`report.summarize`); None for a soak that ran its course."""
+        if self.load_ended_early_s is None and not self.skip_checks.is_set():
+            return None
+        return {"load_ended_at_min": (self.load_ended_early_s or self.stopped_s) / 60,
+                "checks_skipped": self.skip_checks.is_set()}
+
     def outcomes_so_far(self) -> list[Outcome]:
         """The requests' outcomes as they stand (clients left in a request may still add theirs)."""
         with self._lock:
@@ -155,12 +169,11 @@ class Soak:
         finally:
             self._stop.set()
             self.console.print(f"[{self.now() / 60:5.1f} min] clients stopping (finishing their requests)...")
-            while any(thread.is_alive() for thread in clients) and not self.skip_checks.wait(timeout=0.2):
-                pass
+            clients_done = self._join_unless_skipped(clients)
             if killer is not None:
                 killer.join()
         self.stopped_s = self.now()
-        if any(thread.is_alive() for thread in clients):
+        if not clients_done:
             self.console.print(f"[{self.now() / 60:5.1f} min] clients still in a request are left to it; "
                                "what they answer from now on is not counted")
             return
@@ -176,14 +189,14 @@ class Soak:
         --reference-repeats 2 the replay runs twice and the two are compared too: how often two
         fault-free runs differ (bf16 results depend on how requests were batched together)."""
         a = self.args
+        if self.skip_checks.is_set():
+            return {"compared": 0, "skipped": True}
         outcomes = self.outcomes_so_far()
         completed = {o.index: o for o in outcomes if o.status == "ok"}
         faulted = [i for i, o in completed.items() if o.tier_retries or o.expert_only_fallback or o.resumes]
         others = [i for i in completed if i not in set(faulted)]
         random.Random(f"{a.seed}:reference").shuffle(others)
         chosen = sorted((faulted + others)[: a.reference_limit]) if a.reference_limit else []
-        if self.skip_checks.is_set():
-            return {"compared": 0, "skipped": True}
         if not chosen:
             return {"compared": 0}
         deadline = time.monotonic() + REPLAY_WAIT_S
@@ -236,9 +249,7 @@ class Soak:
         threads = [threading.Thread(target=replay, daemon=True) for _ in range(self.args.clients)]
         for thread in threads:
             thread.start()
-        while any(thread.is_alive() for thread in threads) and not self.skip_checks.wait(timeout=0.2):
-            pass
-        if self.skip_checks.is_set():
+        if not self._join_unless_skipped(threads):
             self.console.print("replay cut short: the requests in flight are left to finish, not compared")
         with self._lock:  # a copy: threads still in a request may answer later, uncompared
             return dict(results)
